@@ -1,0 +1,512 @@
+//! The command line: `mount`, `unmount`, `fsck`, `ls`.
+//!
+//! Owns argument parsing (clap), daemonising a mount (a re-executed `--foreground` child that
+//! reports readiness through a pipe), signal handling for a clean unmount, and the read-only
+//! store commands that work without FUSE.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::fs::{ArtifactFs, FsOptions};
+use crate::fuse::FuseAdapter;
+use crate::store::index::{Kind, State};
+use crate::store::{self, Store};
+
+/// Environment variable set on the re-executed daemon: report readiness on stdout.
+const READY_ENV: &str = "ARTIFACTFS_READY_PIPE";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "artifactfs",
+    version,
+    about = "A write-once, content-addressed FUSE file system for ML artifacts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Mount a store; returns once the mount is live (the daemon keeps running).
+    Mount(MountArgs),
+    /// Unmount a mount point and wait for its daemon to finish.
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach even if files are open (lazy unmount).
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Check that every index row has its blob; with --verify, re-hash every blob.
+    Fsck {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        verify: bool,
+    },
+    /// List a path of the store without mounting (e.g. `runs`, `runs/<id>/artifacts`).
+    Ls {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(default_value = "runs")]
+        path: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StoreArg {
+    /// Store directory [default: $XDG_DATA_HOME/artifactfs or ~/.local/share/artifactfs]
+    #[arg(long, env = "ARTIFACTFS_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn dir(&self) -> PathBuf {
+        absolute(&self.store.clone().unwrap_or_else(store::default_store_dir))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub store: StoreArg,
+    pub mountpoint: PathBuf,
+    /// Stay attached (for systemd and containers); SIGINT/SIGTERM unmount cleanly.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Refuse every change with EROFS.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let other users use the mount (the kernel then checks mode bits).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Owner reported for every entry and recorded for new ones [default: the caller's]
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Group reported for every entry and recorded for new ones [default: the caller's]
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Threads serving requests [default: number of CPUs]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Where a detached daemon logs [default: STORE/artifactfs.log]
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Runs the command line; the process exit code comes back.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Mount(args) if args.foreground => mount_foreground(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::Mount(args) => mount_detached(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::Unmount { mountpoint, lazy } => unmount(&mountpoint, lazy).map(|_| ExitCode::SUCCESS),
+        Cmd::Fsck { store, verify } => fsck(&store.dir(), verify),
+        Cmd::Ls { store, path } => ls(&store.dir(), &path).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+/// The default log filter when RUST_LOG is not set.
+pub fn default_log_filter(cli: &Cli) -> &'static str {
+    match cli.command {
+        Cmd::Mount(_) => "info",
+        _ => "warn",
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> Result<()> {
+    let meta = std::fs::metadata(mp)
+        .with_context(|| format!("mount point {} is not usable", mp.display()))?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", mp.display());
+    }
+    Ok(())
+}
+
+/// Re-executes this program with `--foreground` in a new session and waits until it reports
+/// that the mount is live (exit 0) or that it failed (exit non-zero with its reason).
+fn mount_detached(args: &MountArgs) -> Result<()> {
+    let store = args.store.dir();
+    let mp = absolute(&args.mountpoint);
+    check_mountpoint(&mp)?;
+    std::fs::create_dir_all(&store)
+        .with_context(|| format!("cannot create store {}", store.display()))?;
+    let log_path = args
+        .log_file
+        .clone()
+        .map(|p| absolute(&p))
+        .unwrap_or_else(|| store.join("artifactfs.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("mount")
+        .arg("--foreground")
+        .arg("--store")
+        .arg(&store);
+    for (flag, on) in [
+        ("--read-only", args.read_only),
+        ("--allow-other", args.allow_other),
+    ] {
+        if on {
+            cmd.arg(flag);
+        }
+    }
+    for (flag, v) in [("--uid", args.uid), ("--gid", args.gid)] {
+        if let Some(v) = v {
+            cmd.arg(flag).arg(v.to_string());
+        }
+    }
+    if let Some(t) = args.threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
+    cmd.arg(&mp)
+        .env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut problems = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if line == "ready" {
+            eprintln!(
+                "artifactfs: mounted {} at {} (pid {}, log {})",
+                store.display(),
+                mp.display(),
+                child.id(),
+                log_path.display()
+            );
+            return Ok(());
+        }
+        problems.push(line);
+    }
+    let status = child.wait()?;
+    let reason = if problems.is_empty() {
+        format!("the daemon exited ({status}) before the mount was live")
+    } else {
+        problems.join("; ")
+    };
+    Err(anyhow!("{reason} (log: {})", log_path.display()))
+}
+
+fn mount_foreground(args: &MountArgs) -> Result<()> {
+    let report = std::env::var_os(READY_ENV).is_some();
+    let result = serve(args, report);
+    if let Err(e) = &result
+        && report
+    {
+        println!("{e:#}");
+        let _ = std::io::stdout().flush();
+    }
+    result
+}
+
+fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
+    let store_dir = args.store.dir();
+    let mp = absolute(&args.mountpoint);
+    check_mountpoint(&mp)?;
+    let store = if args.read_only {
+        Store::open_readonly(&store_dir)
+    } else {
+        Store::open_writable(&store_dir)
+    }
+    .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+
+    // Block the stop signals before any thread exists, so only the signal thread sees them.
+    let sigs = stop_signals();
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
+
+    let opts = FsOptions {
+        read_only: args.read_only,
+        uid: args.uid,
+        gid: args.gid,
+    };
+    let fs = ArtifactFs::new(store, opts);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(store_dir.display().to_string()),
+        fuser::MountOption::Subtype("artifactfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        if args.read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        },
+    ];
+    if args.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+
+    let mut session = fuser::Session::new(FuseAdapter::new(fs), &mp, &config)
+        .with_context(|| format!("cannot mount at {}", mp.display()))?;
+    let unmounter = session.unmount_callable();
+    let mp_for_signal = mp.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || wait_for_stop(sigs, unmounter, &mp_for_signal))?;
+
+    log::info!(
+        "mounted store {} at {} ({} threads{})",
+        store_dir.display(),
+        mp.display(),
+        threads,
+        if args.read_only { ", read-only" } else { "" }
+    );
+    if report_ready {
+        println!("ready");
+        std::io::stdout().flush()?;
+        // Nothing more goes to the parent; it has exited.
+        let devnull = std::fs::File::open("/dev/null")?;
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&devnull), 1) };
+    }
+    session.run().context("session ended with an error")?;
+    log::info!("unmounted {}", mp.display());
+    Ok(())
+}
+
+fn stop_signals() -> libc::sigset_t {
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+fn wait_for_stop(sigs: libc::sigset_t, mut unmounter: fuser::SessionUnmounter, mp: &Path) {
+    let mut sig = 0;
+    unsafe { libc::sigwait(&sigs, &mut sig) };
+    log::info!("signal {sig} received: unmounting {}", mp.display());
+    if let Err(e) = unmounter.unmount() {
+        log::warn!("unmount failed ({e}); detaching lazily");
+        let _ = umount(mp, libc::MNT_DETACH);
+    }
+}
+
+fn umount(mp: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mp.as_os_str().as_bytes())?;
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The store behind an artifactfs mount point, from /proc/mounts.
+fn store_of_mount(mp: &Path) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let want = mp.as_os_str().as_bytes();
+    mounts.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        (f.len() > 2 && f[2] == "fuse.artifactfs" && unescape_mount(f[1]) == want)
+            .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[0]))))
+    })
+}
+
+/// Undoes the octal escapes of /proc/mounts (`\040` for a space).
+fn unescape_mount(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let mp = absolute(mountpoint);
+    let store = store_of_mount(&mp);
+    umount(&mp, if lazy { libc::MNT_DETACH } else { 0 }).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => anyhow!(
+            "{} is busy (files are open); close them or use --lazy",
+            mp.display()
+        ),
+        Some(libc::EINVAL) => anyhow!("{} is not mounted", mp.display()),
+        _ => anyhow!("cannot unmount {}: {e}", mp.display()),
+    })?;
+    if let Some(store) = store
+        && !lazy
+        && !store::wait_unlocked(&store, Duration::from_secs(30))
+    {
+        bail!(
+            "unmounted, but the daemon of {} is still running after 30 s",
+            store.display()
+        );
+    }
+    Ok(())
+}
+
+fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
+    let store = Store::open_readonly(store_dir)
+        .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    let rows = store.index().file_rows()?;
+    let mut problems = store.index().integrity_problems()?;
+    let mut by_hash: std::collections::BTreeMap<store::Hash, Vec<&store::index::FileRow>> =
+        Default::default();
+    for row in &rows {
+        by_hash.entry(row.hash).or_default().push(row);
+    }
+    let mut bytes = 0u64;
+    for (hash, users) in &by_hash {
+        let paths = || {
+            users
+                .iter()
+                .map(|r| {
+                    format!(
+                        "/{}{}",
+                        r.path.display(),
+                        if r.state == State::Tombstone {
+                            " (removed)"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match store.blobs.size(hash)? {
+            None => problems.push(format!("blob {hash} is missing; used by {}", paths())),
+            Some(size) => {
+                bytes += size;
+                if let Some(r) = users.iter().find(|r| r.size != size) {
+                    problems.push(format!(
+                        "blob {hash} has {size} bytes, the index says {} for /{}",
+                        r.size,
+                        r.path.display()
+                    ));
+                } else if verify {
+                    let actual = store.blobs.rehash(hash)?;
+                    if actual != *hash {
+                        problems.push(format!(
+                            "blob {hash} is corrupt (its bytes hash to {actual}); used by {}",
+                            paths()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let live = rows.iter().filter(|r| r.state != State::Tombstone).count();
+    println!(
+        "{} files ({} live, {} removed), {} blobs, {} bytes{}",
+        rows.len(),
+        live,
+        rows.len() - live,
+        by_hash.len(),
+        bytes,
+        if verify { ", all re-hashed" } else { "" }
+    );
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    if problems.is_empty() {
+        println!("ok");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problem(s)", problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn mode_string(kind: Kind, mode: u32) -> String {
+    let mut s = String::from(if kind == Kind::Dir { "d" } else { "-" });
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn ls(store_dir: &Path, path: &Path) -> Result<()> {
+    let store = Store::open_readonly(store_dir)
+        .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    let idx = store.index();
+    let entry = idx.resolve(path)?.ok_or_else(|| {
+        anyhow!(
+            "{}: no such entry in {}",
+            path.display(),
+            store_dir.display()
+        )
+    })?;
+    let line = |e: &store::index::Entry| {
+        let hash = e
+            .hash
+            .map(|h| h.to_hex()[..16].to_string())
+            .unwrap_or_else(|| "-".into());
+        let name = String::from_utf8_lossy(&e.name).into_owned();
+        let writing = if e.state == State::Writing {
+            " (being written)"
+        } else {
+            ""
+        };
+        println!(
+            "{} {:>12} {:<16} {}{}{}",
+            mode_string(e.kind, e.mode),
+            e.size,
+            hash,
+            name,
+            if e.kind == Kind::Dir { "/" } else { "" },
+            writing
+        );
+    };
+    if entry.kind == Kind::File {
+        line(&entry);
+        return Ok(());
+    }
+    let mut after = 0;
+    loop {
+        let batch = idx.children(entry.ino, after, 1000)?;
+        let Some(last) = batch.last() else { break };
+        after = last.ino;
+        let mut batch = batch;
+        batch.sort_by(|a, b| a.name.cmp(&b.name));
+        batch.iter().for_each(line);
+    }
+    Ok(())
+}

@@ -1,0 +1,1030 @@
+//! The file-system logic: inodes, open handles and the write-once state machine.
+//!
+//! Every operation of the mount is a method here that takes plain values and returns plain
+//! values or a [`FsError`]; nothing in this module knows about FUSE, so it is tested without a
+//! kernel. The adapter in `fuse.rs` only translates.
+//!
+//! A regular file goes through three states:
+//! 1. **writing** — created by `create`; its bytes go to a temp file in the store, hashed as they
+//!    arrive when the writes are sequential. No other handle may open it (`Busy`).
+//! 2. **committed** — at each `flush` (every `close()` of a descriptor) with new bytes, and at
+//!    `fsync`, the content is hashed, published as a blob and recorded in the index, so
+//!    `close()` returns only after that, and reports a failure. More writes through the same
+//!    open file (a shell redirect flushes before it writes; a forked child closes its copy
+//!    first) simply commit again; nobody else can have seen the earlier content.
+//! 3. **sealed** — when the last reference is released. From then on the content never changes:
+//!    writing, truncating or replacing it is refused, which lets the kernel cache it for long.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Seek};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{FsError, FsResult, Refusal};
+use crate::namespace::{self, Place, Zone};
+use crate::store::index::{Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
+use crate::store::{Hash, Store, now_ns, to_ns};
+
+/// The extended attribute that carries a sealed file's content hash.
+pub const XATTR_SHA256: &str = "user.artifactfs.sha256";
+
+/// Mount-wide behaviour chosen on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct FsOptions {
+    pub read_only: bool,
+    /// Report (and record for new entries) this owner instead of the caller's.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attributes of an entry, as `stat` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub crtime: SystemTime,
+    /// Content and size can never change again: safe to cache for long.
+    pub sealed: bool,
+}
+
+/// A time given to `utimens`.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// What `setattr` may change.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SetTime>,
+}
+
+/// One directory entry for `readdir`; `cookie` is the offset to continue after it.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub cookie: u64,
+    pub name: Vec<u8>,
+    pub attr: Attr,
+}
+
+/// How an opened file may be cached by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// A sealed file: its pages may be kept across opens.
+    Sealed,
+    /// A file being written by this handle.
+    Writing,
+}
+
+/// `statfs` figures.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub frsize: u32,
+    pub namelen: u32,
+}
+
+/// The state of a file being written through one open handle.
+struct Writer {
+    ino: u64,
+    /// The bytes so far. After a commit this is the published (or dropped) temp file, which must
+    /// not change any more; the next write first copies it to a fresh temp file.
+    file: File,
+    /// `Some` while `file` is a private temp file that may be written.
+    tmp: Option<PathBuf>,
+    hasher: Sha256,
+    /// Bytes `hasher` has seen; the incremental hash is usable while `hash_ok`.
+    hashed: u64,
+    hash_ok: bool,
+    size: u64,
+    mtime: i64,
+    /// Bytes or size changed since the last commit.
+    dirty: bool,
+    /// Content was committed at least once (so the path now holds a file).
+    committed: bool,
+}
+
+enum Handle {
+    Read(Arc<File>),
+    Write(Arc<Mutex<Writer>>),
+}
+
+/// The file system.
+pub struct ArtifactFs {
+    store: Store,
+    opts: FsOptions,
+    handles: RwLock<HashMap<u64, Handle>>,
+    /// Inodes being written, with the handle writing each.
+    writing: Mutex<HashMap<u64, u64>>,
+    next_fh: AtomicU64,
+}
+
+fn from_ns(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ArtifactFs {
+    pub fn new(store: Store, opts: FsOptions) -> ArtifactFs {
+        ArtifactFs {
+            store,
+            opts,
+            handles: RwLock::new(HashMap::new()),
+            writing: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn options(&self) -> &FsOptions {
+        &self.opts
+    }
+
+    // ----- helpers -------------------------------------------------------------------------
+
+    /// Logs one line saying what was refused and why, and returns the refusal.
+    fn deny(
+        idx: &Index,
+        op: &str,
+        dir: u64,
+        name: Option<&[u8]>,
+        rule: (Refusal, String),
+    ) -> FsError {
+        let mut path = idx.path_of(dir).unwrap_or_default();
+        if let Some(n) = name {
+            path.push(std::ffi::OsStr::from_bytes(n));
+        }
+        log::info!(
+            "refused {op} /{}: {} [{:?}]",
+            path.display(),
+            rule.1,
+            rule.0
+        );
+        FsError::Refused(rule.0)
+    }
+
+    fn read_only(&self, idx: &Index, op: &str, dir: u64, name: Option<&[u8]>) -> FsResult<()> {
+        if self.opts.read_only {
+            return Err(Self::deny(
+                idx,
+                op,
+                dir,
+                name,
+                (Refusal::ReadOnly, "the mount is read-only".into()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn owner(&self, caller: Caller) -> (u32, u32) {
+        (
+            self.opts.uid.unwrap_or(caller.uid),
+            self.opts.gid.unwrap_or(caller.gid),
+        )
+    }
+
+    fn writer_of(&self, ino: u64) -> Option<Arc<Mutex<Writer>>> {
+        let fh = *lock(&self.writing).get(&ino)?;
+        match self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+        {
+            Some(Handle::Write(w)) => Some(w.clone()),
+            _ => None,
+        }
+    }
+
+    fn attr_of(&self, e: &Entry) -> Attr {
+        let mut attr = Attr {
+            ino: e.ino,
+            kind: e.kind,
+            size: if e.kind == Kind::Dir { 4096 } else { e.size },
+            perm: (e.mode & 0o7777) as u16,
+            uid: self.opts.uid.unwrap_or(e.uid),
+            gid: self.opts.gid.unwrap_or(e.gid),
+            mtime: from_ns(e.mtime),
+            ctime: from_ns(e.ctime),
+            crtime: from_ns(e.crtime),
+            sealed: e.kind == Kind::File && e.state == State::Live,
+        };
+        if e.kind == Kind::File
+            && let Some(w) = self.writer_of(e.ino)
+        {
+            let w = lock(&w);
+            attr.size = w.size;
+            attr.mtime = from_ns(w.mtime);
+            attr.sealed = false;
+        }
+        attr
+    }
+
+    /// The live directory `ino`, or the refusal to use.
+    fn dir(idx: &Index, ino: u64) -> FsResult<Entry> {
+        match idx.get(ino)? {
+            Some(e) if e.state != State::Tombstone && e.kind == Kind::Dir => Ok(e),
+            Some(e) if e.state != State::Tombstone => Err(FsError::Refused(Refusal::NotDir)),
+            _ => Err(FsError::Refused(Refusal::NotFound)),
+        }
+    }
+
+    fn visible(idx: &Index, ino: u64) -> FsResult<Entry> {
+        match idx.get(ino)? {
+            Some(e) if e.state != State::Tombstone => Ok(e),
+            _ => Err(FsError::Refused(Refusal::NotFound)),
+        }
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ----- lookups ---------------------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > namespace::NAME_MAX {
+            return Err(FsError::Refused(Refusal::NameTooLong));
+        }
+        let entry = {
+            let idx = self.store.index();
+            Self::dir(&idx, parent)?;
+            match idx.lookup(parent, name)? {
+                Some(e) if e.state != State::Tombstone => e,
+                _ => return Err(FsError::Refused(Refusal::NotFound)),
+            }
+        };
+        Ok(self.attr_of(&entry))
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let entry = Self::visible(&self.store.index(), ino)?;
+        Ok(self.attr_of(&entry))
+    }
+
+    /// Up to `max` entries of directory `ino` after `offset` (0 = from the start).
+    pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
+        let (dir, children) = {
+            let idx = self.store.index();
+            let dir = Self::dir(&idx, ino)?;
+            // Cookies: 1 = ".", 2 = "..", then each child's inode number (always > 3).
+            let after = if offset < 3 { 0 } else { offset };
+            let children = idx.children(ino, after, max)?;
+            let parent = if ino == ROOT_INO {
+                dir.clone()
+            } else {
+                Self::dir(&idx, dir.parent)?
+            };
+            (
+                vec![(1, b".".to_vec(), dir), (2, b"..".to_vec(), parent)],
+                children,
+            )
+        };
+        let mut out = Vec::new();
+        for (cookie, name, e) in dir {
+            if offset < cookie {
+                out.push(DirEntry {
+                    cookie,
+                    name,
+                    attr: self.attr_of(&e),
+                });
+            }
+        }
+        for e in children {
+            out.push(DirEntry {
+                cookie: e.ino,
+                name: e.name.clone(),
+                attr: self.attr_of(&e),
+            });
+        }
+        Ok(out)
+    }
+
+    // ----- directories ---------------------------------------------------------------------
+
+    pub fn mkdir(&self, caller: Caller, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
+        let (uid, gid) = self.owner(caller);
+        let entry = {
+            let idx = self.store.index();
+            self.read_only(&idx, "mkdir", parent, Some(name))?;
+            let pdir = Self::dir(&idx, parent)?;
+            let place = namespace::place_of(pdir.ino, pdir.zone);
+            let zone = namespace::mkdir(place, name)
+                .map_err(|r| Self::deny(&idx, "mkdir", parent, Some(name), r))?;
+            let now = now_ns();
+            let ino = self.make_dir(
+                &idx,
+                parent,
+                name,
+                zone,
+                mode & 0o7777,
+                uid,
+                gid,
+                now,
+                "mkdir",
+            )?;
+            if place == Place::Runs {
+                // Every run has artifacts/.
+                self.make_dir(
+                    &idx,
+                    ino,
+                    namespace::ARTIFACTS,
+                    Zone::RunTree,
+                    0o755,
+                    uid,
+                    gid,
+                    now,
+                    "mkdir",
+                )
+                .or_else(|e| match e {
+                    FsError::Refused(Refusal::Exists) => Ok(0),
+                    e => Err(e),
+                })?;
+            }
+            idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?
+        };
+        Ok(self.attr_of(&entry))
+    }
+
+    /// Creates directory `name` in `parent`, or revives it if it was removed before.
+    #[allow(clippy::too_many_arguments)]
+    fn make_dir(
+        &self,
+        idx: &Index,
+        parent: u64,
+        name: &[u8],
+        zone: Zone,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        now: i64,
+        op: &str,
+    ) -> FsResult<u64> {
+        let new = NewEntry {
+            parent,
+            name,
+            kind: Kind::Dir,
+            state: State::Live,
+            zone: zone as u8,
+            hash: None,
+            size: 0,
+            mode,
+            uid,
+            gid,
+            time: now,
+        };
+        if let Some(ino) = idx.insert(&new)? {
+            return Ok(ino);
+        }
+        match idx.lookup(parent, name)? {
+            Some(e) if e.kind == Kind::Dir && e.state == State::Tombstone => {
+                idx.revive_dir(e.ino, mode, uid, gid, now)?;
+                Ok(e.ino)
+            }
+            Some(e) if e.state == State::Tombstone => Err(Self::deny(
+                idx,
+                op,
+                parent,
+                Some(name),
+                (
+                    Refusal::Exists,
+                    "the path held a file before; paths are write-once".into(),
+                ),
+            )),
+            _ => Err(FsError::Refused(Refusal::Exists)),
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let idx = self.store.index();
+        self.read_only(&idx, "rmdir", parent, Some(name))?;
+        let pdir = Self::dir(&idx, parent)?;
+        let dir = match idx.lookup(parent, name)? {
+            Some(e) if e.state != State::Tombstone => e,
+            _ => return Err(FsError::Refused(Refusal::NotFound)),
+        };
+        if dir.kind != Kind::Dir {
+            return Err(FsError::Refused(Refusal::NotDir));
+        }
+        let place = namespace::place_of(pdir.ino, pdir.zone);
+        namespace::rmdir(place, name)
+            .map_err(|r| Self::deny(&idx, "rmdir", parent, Some(name), r))?;
+        let children = idx.children(dir.ino, 0, 2)?;
+        let mut also = None;
+        let empty = match children.as_slice() {
+            [] => true,
+            // A run whose only entry is an empty artifacts/ counts as empty.
+            [a] if place == Place::Runs
+                && a.name == namespace::ARTIFACTS
+                && a.kind == Kind::Dir =>
+            {
+                also = Some(a.ino);
+                idx.children(a.ino, 0, 1)?.is_empty()
+            }
+            _ => false,
+        };
+        if !empty {
+            return Err(FsError::Refused(Refusal::NotEmpty));
+        }
+        let now = now_ns();
+        if let Some(a) = also {
+            idx.tombstone(a, now)?;
+        }
+        idx.tombstone(dir.ino, now)?;
+        Ok(())
+    }
+
+    // ----- files -----------------------------------------------------------------------------
+
+    /// Creates a new file and opens it for writing.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> FsResult<(Attr, u64)> {
+        let (uid, gid) = self.owner(caller);
+        let now = now_ns();
+        let idx = self.store.index();
+        self.read_only(&idx, "create", parent, Some(name))?;
+        let pdir = Self::dir(&idx, parent)?;
+        let zone = namespace::create_file(namespace::place_of(pdir.ino, pdir.zone), name)
+            .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
+        let (file, tmp) = self.store.blobs.new_temp()?;
+        let new = NewEntry {
+            parent,
+            name,
+            kind: Kind::File,
+            state: State::Writing,
+            zone: zone as u8,
+            hash: None,
+            size: 0,
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            time: now,
+        };
+        let ino = match idx.insert(&new) {
+            Ok(Some(ino)) => ino,
+            other => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(match other {
+                    Err(e) => e.into(),
+                    _ => {
+                        let why = match idx.lookup(parent, name)? {
+                            Some(e) if e.state == State::Tombstone => {
+                                "the path held a file before; paths are write-once"
+                            }
+                            _ => "the path exists",
+                        };
+                        Self::deny(
+                            &idx,
+                            "create",
+                            parent,
+                            Some(name),
+                            (Refusal::Exists, why.into()),
+                        )
+                    }
+                });
+            }
+        };
+        let fh = self.new_fh();
+        let writer = Writer {
+            ino,
+            file,
+            tmp: Some(tmp),
+            hasher: Sha256::new(),
+            hashed: 0,
+            hash_ok: true,
+            size: 0,
+            mtime: now,
+            dirty: true,
+            committed: false,
+        };
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Handle::Write(Arc::new(Mutex::new(writer))));
+        lock(&self.writing).insert(ino, fh);
+        let entry = idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?;
+        drop(idx);
+        Ok((self.attr_of(&entry), fh))
+    }
+
+    /// Opens an existing file. Only sealed files can be opened, and only for reading.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
+        let busy = lock(&self.writing).contains_key(&ino);
+        let idx = self.store.index();
+        let e = Self::visible(&idx, ino)?;
+        if e.kind == Kind::Dir {
+            return Err(FsError::Refused(Refusal::IsDir));
+        }
+        let writes = (flags & libc::O_ACCMODE) != libc::O_RDONLY
+            || flags & (libc::O_TRUNC | libc::O_APPEND) != 0;
+        if busy || e.state == State::Writing {
+            return Err(Self::deny(
+                &idx,
+                "open",
+                ino,
+                None,
+                (
+                    Refusal::Busy,
+                    "the file is still being written through another handle".into(),
+                ),
+            ));
+        }
+        if writes {
+            self.read_only(&idx, "open for writing", ino, None)?;
+            return Err(Self::deny(
+                &idx,
+                "open for writing",
+                ino,
+                None,
+                (
+                    Refusal::NotPermitted,
+                    "the file is sealed: files are write-once".into(),
+                ),
+            ));
+        }
+        let hash = e.hash.ok_or(FsError::Refused(Refusal::NotFound))?;
+        drop(idx);
+        let file = self.store.blobs.open_blob(&hash).map_err(|err| {
+            log::warn!("blob {hash} of inode {ino} cannot be opened: {err}");
+            FsError::Io(io::Error::from_raw_os_error(libc::EIO))
+        })?;
+        let fh = self.new_fh();
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Handle::Read(Arc::new(file)));
+        Ok((fh, Opened::Sealed))
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<HandleRef> {
+        match self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+        {
+            Some(Handle::Read(f)) => Ok(HandleRef::Read(f.clone())),
+            Some(Handle::Write(w)) => Ok(HandleRef::Write(w.clone())),
+            None => Err(FsError::Refused(Refusal::BadHandle)),
+        }
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        let n = match self.handle(fh)? {
+            HandleRef::Read(f) => read_full_at(&f, &mut buf, offset)?,
+            HandleRef::Write(w) => {
+                let w = lock(&w);
+                let want = (w.size.saturating_sub(offset)).min(size as u64) as usize;
+                read_full_at(&w.file, &mut buf[..want], offset)?
+            }
+        };
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let HandleRef::Write(w) = self.handle(fh)? else {
+            return Err(FsError::Refused(Refusal::BadHandle));
+        };
+        let mut w = lock(&w);
+        self.thaw(&mut w)?;
+        let end = offset + data.len() as u64;
+        if let Err(e) = w.file.write_all_at(data, offset) {
+            // Part of the range may have been written: the incremental hash no longer applies.
+            w.hash_ok = false;
+            return Err(e.into());
+        }
+        if w.hash_ok {
+            if offset == w.hashed {
+                w.hasher.update(data);
+                w.hashed = end;
+            } else {
+                w.hash_ok = false;
+            }
+        }
+        w.size = w.size.max(end);
+        w.mtime = now_ns();
+        w.dirty = true;
+        Ok(data.len() as u32)
+    }
+
+    /// Makes a committed writer's file private again before it is changed.
+    fn thaw(&self, w: &mut Writer) -> io::Result<()> {
+        if w.tmp.is_some() {
+            return Ok(());
+        }
+        let (mut fresh, path) = self.store.blobs.new_temp()?;
+        let mut old = w.file.try_clone()?;
+        old.rewind()?;
+        let copied = io::copy(&mut io::Read::take(old, w.size), &mut fresh);
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        w.file = fresh;
+        w.tmp = Some(path);
+        Ok(())
+    }
+
+    /// `close()` of a descriptor: commit what this handle wrote.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        match self.handle(fh)? {
+            HandleRef::Read(_) => Ok(()),
+            HandleRef::Write(w) => self.commit(&mut lock(&w), false),
+        }
+    }
+
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        match self.handle(fh)? {
+            HandleRef::Read(_) => Ok(self.store.index().sync()?),
+            HandleRef::Write(w) => self.commit(&mut lock(&w), true),
+        }
+    }
+
+    /// The last reference is gone: commit anything left and seal the file.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let handle = self
+            .handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        let Some(Handle::Write(w)) = handle else {
+            return Ok(());
+        };
+        let mut w = lock(&w);
+        let result = self.commit(&mut w, false);
+        if let Err(e) = &result {
+            log::warn!("inode {}: commit at release failed: {e}", w.ino);
+        }
+        if !w.committed {
+            // The content never reached the index: the half file disappears.
+            self.store.index().delete_uncommitted(w.ino)?;
+        }
+        if let Some(tmp) = w.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        lock(&self.writing).remove(&w.ino);
+        result
+    }
+
+    /// Hashes, publishes and records the writer's content if it changed.
+    fn commit(&self, w: &mut Writer, durable: bool) -> FsResult<()> {
+        if !w.dirty {
+            if durable {
+                self.store.index().sync()?;
+            }
+            return Ok(());
+        }
+        let hash = if w.hash_ok && w.hashed == w.size {
+            Hash::from_digest(w.hasher.clone())
+        } else {
+            w.file.set_len(w.size)?;
+            let mut f = w.file.try_clone()?;
+            f.rewind()?;
+            crate::store::blobs::hash_reader(io::Read::take(f, w.size))?
+        };
+        if let Some(tmp) = w.tmp.take()
+            && let Err(e) = self.store.blobs.publish(&w.file, &tmp, &hash)
+        {
+            w.tmp = Some(tmp);
+            return Err(e.into());
+        }
+        if durable {
+            self.store.blobs.sync_published(&hash)?;
+        }
+        let idx = self.store.index();
+        if !idx.commit_file(w.ino, &hash, w.size, w.mtime)? {
+            log::debug!(
+                "inode {} was removed while open; its content is not recorded",
+                w.ino
+            );
+        }
+        if durable {
+            idx.sync()?;
+        }
+        w.dirty = false;
+        w.committed = true;
+        Ok(())
+    }
+
+    // ----- metadata --------------------------------------------------------------------------
+
+    pub fn setattr(&self, ino: u64, change: SetAttr) -> FsResult<Attr> {
+        let now = now_ns();
+        {
+            let idx = self.store.index();
+            let e = Self::visible(&idx, ino)?;
+            self.read_only(&idx, "setattr", ino, None)?;
+            if e.kind == Kind::Dir && e.zone == Zone::Fixed as u8 {
+                return Err(Self::deny(
+                    &idx,
+                    "setattr",
+                    ino,
+                    None,
+                    (
+                        Refusal::NotPermitted,
+                        "the fixed directories cannot be changed".into(),
+                    ),
+                ));
+            }
+            if let Some(size) = change.size {
+                if e.kind == Kind::Dir {
+                    return Err(FsError::Refused(Refusal::IsDir));
+                }
+                let writer = self.writer_of(ino);
+                match writer {
+                    Some(w) => {
+                        drop(idx);
+                        let mut w = lock(&w);
+                        self.thaw(&mut w)?;
+                        w.file.set_len(size)?;
+                        if size != w.size {
+                            w.hash_ok = false;
+                        }
+                        w.size = size;
+                        w.mtime = now;
+                        w.dirty = true;
+                        return self.setattr(
+                            ino,
+                            SetAttr {
+                                size: None,
+                                ..change
+                            },
+                        );
+                    }
+                    None if size != e.size => {
+                        return Err(Self::deny(
+                            &idx,
+                            "truncate",
+                            ino,
+                            None,
+                            (
+                                Refusal::NotPermitted,
+                                "the file is sealed: its size cannot change".into(),
+                            ),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            let mtime = change.mtime.map(|t| match t {
+                SetTime::Now => now,
+                SetTime::At(t) => to_ns(t),
+            });
+            idx.change_meta(
+                ino,
+                &MetaChange {
+                    mode: change.mode.map(|m| m & 0o7777),
+                    uid: change.uid,
+                    gid: change.gid,
+                    mtime,
+                    ctime: now,
+                },
+            )?;
+            drop(idx);
+            if let (Some(t), Some(w)) = (mtime, self.writer_of(ino)) {
+                // cp -a and shutil.copy2 set times before close(); the commit must keep them.
+                lock(&w).mtime = t;
+            }
+        }
+        self.getattr(ino)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let idx = self.store.index();
+        self.read_only(&idx, "unlink", parent, Some(name))?;
+        let pdir = Self::dir(&idx, parent)?;
+        let e = match idx.lookup(parent, name)? {
+            Some(e) if e.state != State::Tombstone => e,
+            _ => return Err(FsError::Refused(Refusal::NotFound)),
+        };
+        if e.kind == Kind::Dir {
+            return Err(FsError::Refused(Refusal::IsDir));
+        }
+        namespace::unlink(namespace::place_of(pdir.ino, pdir.zone))
+            .map_err(|r| Self::deny(&idx, "unlink", parent, Some(name), r))?;
+        match e.state {
+            State::Writing => idx.delete_uncommitted(e.ino)?,
+            _ => idx.tombstone(e.ino, now_ns())?,
+        }
+        log::debug!("unlinked inode {} (tombstone kept)", e.ino);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        exchange: bool,
+    ) -> FsResult<()> {
+        let mut idx = self.store.index();
+        self.read_only(&idx, "rename", parent, Some(name))?;
+        if exchange {
+            return Err(Self::deny(
+                &idx,
+                "rename",
+                parent,
+                Some(name),
+                (Refusal::Invalid, "RENAME_EXCHANGE is not supported".into()),
+            ));
+        }
+        let src_dir = Self::dir(&idx, parent)?;
+        let dst_dir = Self::dir(&idx, new_parent)?;
+        let e = match idx.lookup(parent, name)? {
+            Some(e) if e.state != State::Tombstone => e,
+            _ => return Err(FsError::Refused(Refusal::NotFound)),
+        };
+        if parent == new_parent && name == new_name {
+            return Ok(());
+        }
+        if e.kind == Kind::Dir {
+            return Err(Self::deny(
+                &idx,
+                "rename",
+                parent,
+                Some(name),
+                (
+                    Refusal::NotPermitted,
+                    "directories cannot be renamed".into(),
+                ),
+            ));
+        }
+        namespace::unlink(namespace::place_of(src_dir.ino, src_dir.zone))
+            .map_err(|r| Self::deny(&idx, "rename", parent, Some(name), r))?;
+        let zone = namespace::create_file(namespace::place_of(dst_dir.ino, dst_dir.zone), new_name)
+            .map_err(|r| Self::deny(&idx, "rename to", new_parent, Some(new_name), r))?;
+        if let Some(existing) = idx.lookup(new_parent, new_name)? {
+            let why = if existing.state == State::Tombstone {
+                "the target path held a file before; paths are write-once"
+            } else {
+                "the target exists; files are never replaced"
+            };
+            return Err(Self::deny(
+                &idx,
+                "rename to",
+                new_parent,
+                Some(new_name),
+                (Refusal::Exists, why.into()),
+            ));
+        }
+        if !idx.rename_file(e.ino, new_parent, new_name, zone as u8, now_ns())? {
+            return Err(FsError::Refused(Refusal::Exists));
+        }
+        Ok(())
+    }
+
+    /// `mknod`: regular files are created empty and sealed; anything else is refused.
+    pub fn mknod(&self, caller: Caller, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            let idx = self.store.index();
+            self.read_only(&idx, "mknod", parent, Some(name))?;
+            return Err(Self::deny(
+                &idx,
+                "mknod",
+                parent,
+                Some(name),
+                namespace::special_file("device nodes, FIFOs and sockets").unwrap_err(),
+            ));
+        }
+        let (attr, fh) = self.create(caller, parent, name, mode)?;
+        self.release(fh)?;
+        self.getattr(attr.ino)
+    }
+
+    /// Symbolic and hard links are refused.
+    pub fn refuse_link(&self, op: &str, parent: u64, name: &[u8]) -> FsError {
+        let idx = self.store.index();
+        if let Err(e) = self.read_only(&idx, op, parent, Some(name)) {
+            return e;
+        }
+        Self::deny(
+            &idx,
+            op,
+            parent,
+            Some(name),
+            namespace::special_file("symbolic and hard links").unwrap_err(),
+        )
+    }
+
+    // ----- extended attributes -----------------------------------------------------------------
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let e = Self::visible(&self.store.index(), ino)?;
+        if name != XATTR_SHA256.as_bytes() {
+            return Err(FsError::Refused(Refusal::NoData));
+        }
+        match (e.state, e.hash) {
+            (State::Live, Some(h)) if !lock(&self.writing).contains_key(&ino) => {
+                Ok(h.to_hex().into_bytes())
+            }
+            _ => Err(FsError::Refused(Refusal::NoData)),
+        }
+    }
+
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let e = Self::visible(&self.store.index(), ino)?;
+        let mut out = Vec::new();
+        if e.kind == Kind::File && e.state == State::Live && !lock(&self.writing).contains_key(&ino)
+        {
+            out.extend_from_slice(XATTR_SHA256.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8]) -> FsError {
+        let idx = self.store.index();
+        if let Err(e) = self.read_only(&idx, "setxattr", ino, None) {
+            return e;
+        }
+        let why = format!(
+            "extended attribute {:?} cannot be written: only {XATTR_SHA256} exists, and it is read-only",
+            String::from_utf8_lossy(name)
+        );
+        Self::deny(&idx, "setxattr", ino, None, (Refusal::NotSupported, why))
+    }
+
+    // ----- file system -----------------------------------------------------------------------
+
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let st = self.store.statvfs()?;
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            frsize: st.f_frsize as u32,
+            namelen: namespace::NAME_MAX as u32,
+        })
+    }
+}
+
+enum HandleRef {
+    Read(Arc<File>),
+    Write(Arc<Mutex<Writer>>),
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+use std::os::unix::ffi::OsStrExt;

@@ -1,0 +1,491 @@
+//! The FUSE adapter: translates kernel requests into calls of [`ArtifactFs`] and back.
+//!
+//! The only module that imports `fuser`. It holds no state and makes no decisions beyond two
+//! tables: [`errno`] (refusal kind → errno, mirrored in the README) and [`ttl`] (how long the
+//! kernel may cache what it is told: long for sealed files, whose content never changes).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use fuser::{
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::error::{FsError, Refusal};
+use crate::fs::{ArtifactFs, Attr, Caller, Opened, SetAttr, SetTime};
+use crate::store::index::Kind;
+
+/// The one errno table: what each refusal means at the syscall.
+pub fn errno(e: &FsError) -> Errno {
+    let code = match e {
+        FsError::Refused(kind) => match kind {
+            Refusal::NotFound => libc::ENOENT,
+            Refusal::Exists => libc::EEXIST,
+            Refusal::NotPermitted => libc::EPERM,
+            Refusal::Busy => libc::EBUSY,
+            Refusal::Invalid => libc::EINVAL,
+            Refusal::NameTooLong => libc::ENAMETOOLONG,
+            Refusal::NotEmpty => libc::ENOTEMPTY,
+            Refusal::NotDir => libc::ENOTDIR,
+            Refusal::IsDir => libc::EISDIR,
+            Refusal::ReadOnly => libc::EROFS,
+            Refusal::NoData => libc::ENODATA,
+            Refusal::NotSupported => libc::ENOTSUP,
+            Refusal::BadHandle => libc::EBADF,
+            Refusal::Range => libc::ERANGE,
+        },
+        FsError::Io(io) => {
+            let code = io.raw_os_error().unwrap_or(libc::EIO);
+            if code != libc::ENOSPC && code != libc::EDQUOT {
+                log::warn!("I/O error: {io}");
+            }
+            code
+        }
+    };
+    Errno::from_i32(code)
+}
+
+/// How long the kernel may cache an entry's attributes.
+pub fn ttl(attr: &Attr) -> Duration {
+    if attr.sealed {
+        Duration::from_secs(3600)
+    } else if attr.kind == Kind::Dir {
+        Duration::from_secs(1)
+    } else {
+        Duration::ZERO
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.crtime,
+        kind: match a.kind {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        // 1 for directories means "unknown", which keeps find(1) from guessing from nlink.
+        nlink: 1,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// The `fuser::Filesystem` implementation.
+pub struct FuseAdapter {
+    fs: ArtifactFs,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: ArtifactFs) -> Self {
+        FuseAdapter { fs }
+    }
+}
+
+macro_rules! reply_entry {
+    ($reply:expr, $res:expr) => {
+        match $res {
+            Ok(attr) => $reply.entry(&ttl(&attr), &file_attr(&attr), Generation(0)),
+            Err(e) => $reply.error(errno(&e)),
+        }
+    };
+}
+
+macro_rules! reply_empty {
+    ($reply:expr, $res:expr) => {
+        match $res {
+            Ok(()) => $reply.ok(),
+            Err(e) => $reply.error(errno(&e)),
+        }
+    };
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // O_TRUNC reaches open() (and is refused there) instead of arriving as a truncate.
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry!(reply, self.fs.lookup(parent.0, name.as_bytes()))
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(|t| match t {
+                TimeOrNow::Now => SetTime::Now,
+                TimeOrNow::SpecificTime(t) => SetTime::At(t),
+            }),
+        };
+        match self.fs.setattr(ino.0, change) {
+            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry!(
+            reply,
+            self.fs
+                .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask)
+        )
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry!(
+            reply,
+            self.fs
+                .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask)
+        )
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty!(reply, self.fs.unlink(parent.0, name.as_bytes()))
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty!(reply, self.fs.rmdir(parent.0, name.as_bytes()))
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let e = self
+            .fs
+            .refuse_link("symlink", parent.0, link_name.as_bytes());
+        reply.error(errno(&e));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty!(
+            reply,
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.contains(RenameFlags::RENAME_EXCHANGE),
+            )
+        )
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let e = self.fs.refuse_link("link", newparent.0, newname.as_bytes());
+        reply.error(errno(&e));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0, flags.0) {
+            Ok((fh, Opened::Sealed)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty!(reply, self.fs.flush(fh.0))
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty!(reply, self.fs.release(fh.0))
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty!(reply, self.fs.fsync(fh.0))
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir(ino.0, offset, 256) {
+            Ok(entries) => {
+                for e in entries {
+                    let kind = match e.attr.kind {
+                        Kind::Dir => FileType::Directory,
+                        Kind::File => FileType::RegularFile,
+                    };
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.attr.ino), e.cookie, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.fs.readdir(ino.0, offset, 128) {
+            Ok(entries) => {
+                for e in entries {
+                    let name = OsStr::from_bytes(&e.name);
+                    // "." and ".." must not be looked up by the kernel through readdirplus.
+                    let attr = file_attr(&e.attr);
+                    let t = if e.name == b"." || e.name == b".." {
+                        Duration::ZERO
+                    } else {
+                        ttl(&e.attr)
+                    };
+                    if reply.add(
+                        INodeNo(e.attr.ino),
+                        e.cookie,
+                        name,
+                        &t,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty!(reply, self.fs.store().index().sync().map_err(FsError::from))
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno(&self.fs.setxattr(ino.0, name.as_bytes())));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(&self.fs.setxattr(ino.0, name.as_bytes())));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self
+            .fs
+            .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
+        {
+            Ok((attr, fh)) => reply.created(
+                &ttl(&attr),
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(errno(&FsError::Refused(Refusal::Range)));
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,228 @@
+//! The path grammar of the mount: what may exist where.
+//!
+//! ```text
+//! /                      fixed: runs/ and models/ only
+//! /runs/                 one directory per run id (mkdir creates a run)
+//! /runs/<id>/            a run; always has artifacts/
+//! /runs/<id>/...         any tree of directories and write-once files
+//! /models/               the model registry (nothing can be created here yet)
+//! ```
+//! Pure rules over names and places: no I/O, no index, no kernel. The file-system logic asks
+//! these functions before it changes anything, and logs the reason they give when they refuse.
+
+use crate::error::Refusal;
+use crate::store::index::{MODELS_INO, ROOT_INO, RUNS_INO};
+
+/// The directory every run has.
+pub const ARTIFACTS: &[u8] = b"artifacts";
+/// Longest name of one path component, in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// Which part of the namespace an entry belongs to; stored with each index row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Zone {
+    /// `/`, `runs/`, `models/`.
+    Fixed = 0,
+    /// `runs/<id>` itself.
+    RunRoot = 1,
+    /// Anything below `runs/<id>/`.
+    RunTree = 2,
+    /// Anything below `models/`.
+    ModelTree = 3,
+}
+
+/// Where a directory sits, which decides what may be created in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Root,
+    Runs,
+    Models,
+    RunRoot,
+    RunTree,
+    ModelTree,
+}
+
+/// The place of directory `ino` whose row carries `zone`.
+pub fn place_of(ino: u64, zone: u8) -> Place {
+    match ino {
+        ROOT_INO => Place::Root,
+        RUNS_INO => Place::Runs,
+        MODELS_INO => Place::Models,
+        _ => match zone {
+            z if z == Zone::RunRoot as u8 => Place::RunRoot,
+            z if z == Zone::ModelTree as u8 => Place::ModelTree,
+            _ => Place::RunTree,
+        },
+    }
+}
+
+/// A refusal with the sentence that explains it in the log.
+pub type Rule<T> = Result<T, (Refusal, String)>;
+
+fn refuse<T>(kind: Refusal, why: impl Into<String>) -> Rule<T> {
+    Err((kind, why.into()))
+}
+
+/// Any component name: 1–255 bytes, no `/` or NUL, not `.` or `..`.
+pub fn check_name(name: &[u8]) -> Rule<()> {
+    if name.len() > NAME_MAX {
+        return refuse(
+            Refusal::NameTooLong,
+            format!("name is {} bytes, the limit is {NAME_MAX}", name.len()),
+        );
+    }
+    if name.is_empty() || name == b"." || name == b".." {
+        return refuse(Refusal::Invalid, "empty, '.' and '..' are not names");
+    }
+    if name.iter().any(|&b| b == b'/' || b == 0) {
+        return refuse(Refusal::Invalid, "names cannot contain '/' or NUL");
+    }
+    Ok(())
+}
+
+/// A run id: a name without control characters.
+pub fn check_run_id(name: &[u8]) -> Rule<()> {
+    check_name(name)?;
+    if name.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return refuse(
+            Refusal::Invalid,
+            "run ids cannot contain control characters",
+        );
+    }
+    Ok(())
+}
+
+/// May a directory `name` be created in `parent`? Returns the new directory's zone.
+pub fn mkdir(parent: Place, name: &[u8]) -> Rule<Zone> {
+    match parent {
+        Place::Root => refuse(
+            Refusal::NotPermitted,
+            "nothing can be created at the root; use runs/ or models/",
+        ),
+        Place::Runs => check_run_id(name).map(|_| Zone::RunRoot),
+        Place::RunRoot | Place::RunTree => check_name(name).map(|_| Zone::RunTree),
+        Place::Models | Place::ModelTree => refuse(
+            Refusal::NotPermitted,
+            "the model registry (models/) does not accept entries yet",
+        ),
+    }
+}
+
+/// May a regular file `name` be created (or renamed to) in `parent`? Returns its zone.
+pub fn create_file(parent: Place, name: &[u8]) -> Rule<Zone> {
+    match parent {
+        Place::Root => refuse(
+            Refusal::NotPermitted,
+            "nothing can be created at the root; use runs/ or models/",
+        ),
+        Place::Runs => refuse(
+            Refusal::NotPermitted,
+            "runs/ holds only run directories (mkdir runs/<id>)",
+        ),
+        Place::RunRoot | Place::RunTree => check_name(name).map(|_| Zone::RunTree),
+        Place::Models | Place::ModelTree => refuse(
+            Refusal::NotPermitted,
+            "the model registry (models/) does not accept entries yet",
+        ),
+    }
+}
+
+/// May directory `name` in `parent` be removed (it is known to be empty)?
+pub fn rmdir(parent: Place, name: &[u8]) -> Rule<()> {
+    match parent {
+        Place::Root => refuse(Refusal::NotPermitted, "runs/ and models/ cannot be removed"),
+        Place::RunRoot if name == ARTIFACTS => refuse(
+            Refusal::NotPermitted,
+            "every run has artifacts/; remove the run instead",
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// May a file in `parent` be unlinked (soft-deleted into a tombstone)?
+pub fn unlink(parent: Place) -> Rule<()> {
+    match parent {
+        Place::RunRoot | Place::RunTree => Ok(()),
+        _ => refuse(
+            Refusal::NotPermitted,
+            "only files below runs/<id>/ can be removed",
+        ),
+    }
+}
+
+/// Special files (symlinks, hard links, devices, FIFOs, sockets) are refused everywhere.
+pub fn special_file(kind: &str) -> Rule<()> {
+    refuse(
+        Refusal::NotPermitted,
+        format!("{kind} are not supported: only directories and regular files"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name(b"model.pkl").is_ok());
+        assert!(check_name(&[b'a'; 255]).is_ok());
+        assert_eq!(
+            check_name(&[b'a'; 256]).unwrap_err().0,
+            Refusal::NameTooLong
+        );
+        for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
+            assert_eq!(check_name(bad).unwrap_err().0, Refusal::Invalid, "{bad:?}");
+        }
+        // Non-UTF-8 bytes are names like any other.
+        assert!(check_name(b"\xff\xfe").is_ok());
+        assert_eq!(check_run_id(b"run\n1").unwrap_err().0, Refusal::Invalid);
+        assert!(check_run_id("ü-run_1".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn places_decide_what_may_be_created() {
+        assert_eq!(
+            mkdir(Place::Root, b"x").unwrap_err().0,
+            Refusal::NotPermitted
+        );
+        assert_eq!(mkdir(Place::Runs, b"r1").unwrap(), Zone::RunRoot);
+        assert_eq!(mkdir(Place::RunRoot, b"artifacts").unwrap(), Zone::RunTree);
+        assert_eq!(mkdir(Place::RunTree, b"sub").unwrap(), Zone::RunTree);
+        assert_eq!(
+            create_file(Place::Runs, b"f").unwrap_err().0,
+            Refusal::NotPermitted
+        );
+        assert_eq!(
+            create_file(Place::Root, b"f").unwrap_err().0,
+            Refusal::NotPermitted
+        );
+        assert_eq!(create_file(Place::RunTree, b"f").unwrap(), Zone::RunTree);
+        assert_eq!(
+            create_file(Place::Models, b"f").unwrap_err().0,
+            Refusal::NotPermitted
+        );
+        assert_eq!(
+            rmdir(Place::RunRoot, ARTIFACTS).unwrap_err().0,
+            Refusal::NotPermitted
+        );
+        assert!(rmdir(Place::RunTree, ARTIFACTS).is_ok());
+        assert!(rmdir(Place::Runs, b"r1").is_ok());
+        assert_eq!(
+            rmdir(Place::Root, b"runs").unwrap_err().0,
+            Refusal::NotPermitted
+        );
+        assert!(unlink(Place::RunTree).is_ok());
+        assert!(unlink(Place::Runs).is_err());
+    }
+
+    #[test]
+    fn place_of_fixed_and_zoned_inodes() {
+        assert_eq!(place_of(ROOT_INO, 0), Place::Root);
+        assert_eq!(place_of(RUNS_INO, 0), Place::Runs);
+        assert_eq!(place_of(MODELS_INO, 0), Place::Models);
+        assert_eq!(place_of(10, Zone::RunRoot as u8), Place::RunRoot);
+        assert_eq!(place_of(11, Zone::RunTree as u8), Place::RunTree);
+        assert_eq!(place_of(12, Zone::ModelTree as u8), Place::ModelTree);
+    }
+}

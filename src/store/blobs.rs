@@ -1,0 +1,194 @@
+//! The blob directory: content-addressed, immutable byte files.
+//!
+//! Owns `STORE/blobs/sha256/<2 hex>/<62 hex>` and `STORE/tmp/`. New content is written to a
+//! temp file, hashed by the caller, then published by `rename` into its address — or dropped
+//! when that address already exists, which is how identical content is stored once. A blob is
+//! never modified after it is published; nothing here deletes one (that is garbage collection's
+//! job, which must consult the index first).
+//!
+//! This module knows nothing about paths, runs or SQLite: a second backend (S3, say) would
+//! implement the same operations behind `Store`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::Hash;
+
+/// The blob directory of one store.
+#[derive(Debug)]
+pub struct BlobStore {
+    blobs: PathBuf,
+    tmp: PathBuf,
+    next_tmp: AtomicU64,
+    /// fsync each blob before it is renamed into place (the index row that follows must never
+    /// point at bytes that a power loss could take away).
+    sync_before_publish: bool,
+}
+
+impl BlobStore {
+    /// Opens (and creates) the blob and temp directories below `root`.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let blobs = root.join("blobs").join("sha256");
+        let tmp = root.join("tmp");
+        for dir in [&blobs, &tmp] {
+            fs::create_dir_all(dir)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(BlobStore {
+            blobs,
+            tmp,
+            next_tmp: AtomicU64::new(0),
+            sync_before_publish: true,
+        })
+    }
+
+    /// The blob directory of an existing store, creating nothing (read-only use).
+    pub fn open_existing(root: &Path) -> Self {
+        BlobStore {
+            blobs: root.join("blobs").join("sha256"),
+            tmp: root.join("tmp"),
+            next_tmp: AtomicU64::new(0),
+            sync_before_publish: true,
+        }
+    }
+
+    /// Where the blob with this hash lives.
+    pub fn path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.blobs.join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Removes every temp file: they belong to writes whose `close()` never returned.
+    pub fn clean_tmp(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Creates a new, empty temp file open for reading and writing.
+    pub fn new_temp(&self) -> io::Result<(File, PathBuf)> {
+        loop {
+            let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+            let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => return Ok((file, path)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Publishes the finished temp file `tmp` (whose open handle is `file`) as the blob `hash`.
+    /// Returns `true` when new bytes were stored, `false` when the blob already existed and the
+    /// temp file was dropped. Either way `tmp` no longer exists afterwards.
+    pub fn publish(&self, file: &File, tmp: &Path, hash: &Hash) -> io::Result<bool> {
+        let dest = self.path(hash);
+        if dest.exists() {
+            fs::remove_file(tmp)?;
+            return Ok(false);
+        }
+        if self.sync_before_publish {
+            file.sync_all()?;
+        }
+        // Published blobs are read-only for everyone but root; the store directory is 0700.
+        file.set_permissions(fs::Permissions::from_mode(0o444))?;
+        match fs::rename(tmp, &dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
+                fs::rename(tmp, &dest)?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes a published blob's directory entry durable (its bytes were synced before publish).
+    pub fn sync_published(&self, hash: &Hash) -> io::Result<()> {
+        let path = self.path(hash);
+        File::open(path.parent().expect("blob path has a parent"))?.sync_all()
+    }
+
+    /// Opens a blob for reading.
+    pub fn open_blob(&self, hash: &Hash) -> io::Result<File> {
+        File::open(self.path(hash))
+    }
+
+    /// Size of a blob on disk, or `None` if it is missing.
+    pub fn size(&self, hash: &Hash) -> io::Result<Option<u64>> {
+        match fs::metadata(self.path(hash)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Re-hashes a blob and returns the hash its bytes actually have.
+    pub fn rehash(&self, hash: &Hash) -> io::Result<Hash> {
+        hash_reader(self.open_blob(hash)?)
+    }
+}
+
+/// SHA-256 of everything `reader` yields.
+pub fn hash_reader(mut reader: impl Read) -> io::Result<Hash> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(Hash::from_digest(hasher))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn publish_dedups_identical_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let mut stored = Vec::new();
+        for _ in 0..2 {
+            let (mut f, tmp) = blobs.new_temp().unwrap();
+            f.write_all(b"same bytes").unwrap();
+            let hash = hash_reader(File::open(&tmp).unwrap()).unwrap();
+            stored.push(blobs.publish(&f, &tmp, &hash).unwrap());
+            assert!(!tmp.exists());
+            assert_eq!(fs::read(blobs.path(&hash)).unwrap(), b"same bytes");
+            assert_eq!(blobs.rehash(&hash).unwrap(), hash);
+        }
+        assert_eq!(stored, [true, false]);
+    }
+
+    #[test]
+    fn clean_tmp_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let (_f, tmp) = blobs.new_temp().unwrap();
+        assert!(tmp.exists());
+        assert_eq!(blobs.clean_tmp().unwrap(), 1);
+        assert!(!tmp.exists());
+    }
+}

@@ -1,0 +1,661 @@
+//! The SQLite index: which path holds which content, and every path that ever held a file.
+//!
+//! This is the only module in the crate that touches SQLite. One table, `entries`, holds one row
+//! per directory, file and tombstone, keyed by inode number (the SQLite rowid, never reused) and
+//! unique by `(parent, name)`. A tombstone is a row in state [`State::Tombstone`]: the path stays
+//! taken forever, so it can never resolve to other content. A file being written is a row in state
+//! [`State::Writing`]; such rows only exist while a daemon has the file open and are dropped on
+//! start (their `close()` never returned). Errors come back as `io::Error` so that a full disk
+//! (`SQLITE_FULL`) reaches the caller as `ENOSPC`.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
+
+use super::Hash;
+
+/// Schema version stored in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+pub const ROOT_INO: u64 = 1;
+pub const RUNS_INO: u64 = 2;
+pub const MODELS_INO: u64 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Live,
+    Tombstone,
+    Writing,
+}
+
+/// One row of the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: Vec<u8>,
+    pub kind: Kind,
+    pub state: State,
+    /// Which part of the namespace the entry lives in (see `namespace::Zone`); stored so that
+    /// the rules for a directory need no walk up to the root on every create.
+    pub zone: u8,
+    pub hash: Option<Hash>,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Nanoseconds since the Unix epoch.
+    pub mtime: i64,
+    pub ctime: i64,
+    pub crtime: i64,
+}
+
+/// What a new row needs; the index assigns the inode number.
+#[derive(Debug, Clone)]
+pub struct NewEntry<'a> {
+    pub parent: u64,
+    pub name: &'a [u8],
+    pub kind: Kind,
+    pub state: State,
+    pub zone: u8,
+    pub hash: Option<Hash>,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub time: i64,
+}
+
+/// Metadata changes (`chmod`, `chown`, `utimens`).
+#[derive(Debug, Clone, Default)]
+pub struct MetaChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<i64>,
+    pub ctime: i64,
+}
+
+/// A file row as `fsck` sees it.
+#[derive(Debug, Clone)]
+pub struct FileRow {
+    pub path: PathBuf,
+    pub hash: Hash,
+    pub size: u64,
+    pub state: State,
+}
+
+pub struct Index {
+    conn: Connection,
+}
+
+const COLUMNS: &str =
+    "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime";
+
+fn to_io(e: rusqlite::Error) -> io::Error {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => io::Error::from_raw_os_error(libc::ENOSPC),
+        Some(ErrorCode::ReadOnly) => io::Error::from_raw_os_error(libc::EROFS),
+        _ => io::Error::other(format!("index: {e}")),
+    }
+}
+
+fn kind_code(k: Kind) -> i64 {
+    match k {
+        Kind::Dir => 1,
+        Kind::File => 2,
+    }
+}
+
+fn state_code(s: State) -> i64 {
+    match s {
+        State::Live => 0,
+        State::Tombstone => 1,
+        State::Writing => 2,
+    }
+}
+
+fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
+    let kind = match row.get::<_, i64>(3)? {
+        1 => Kind::Dir,
+        _ => Kind::File,
+    };
+    let state = match row.get::<_, i64>(4)? {
+        0 => State::Live,
+        1 => State::Tombstone,
+        _ => State::Writing,
+    };
+    let hash: Option<String> = row.get(6)?;
+    Ok(Entry {
+        ino: row.get::<_, i64>(0)? as u64,
+        parent: row.get::<_, i64>(1)? as u64,
+        name: row.get(2)?,
+        kind,
+        state,
+        zone: row.get::<_, i64>(5)? as u8,
+        hash: hash.as_deref().and_then(Hash::from_hex),
+        size: row.get::<_, i64>(7)? as u64,
+        mode: row.get::<_, i64>(8)? as u32,
+        uid: row.get::<_, i64>(9)? as u32,
+        gid: row.get::<_, i64>(10)? as u32,
+        mtime: row.get(11)?,
+        ctime: row.get(12)?,
+        crtime: row.get(13)?,
+    })
+}
+
+impl Index {
+    /// Opens the index for the daemon: creates or migrates the schema, and drops rows of writes
+    /// that never completed.
+    pub fn open(path: &Path, owner: (u32, u32), now: i64) -> io::Result<Index> {
+        let conn = Connection::open(path).map_err(to_io)?;
+        let index = Index { conn };
+        index.configure()?;
+        index.migrate(owner, now)?;
+        index
+            .conn
+            .execute("DELETE FROM entries WHERE state = 2", [])
+            .map_err(to_io)?;
+        Ok(index)
+    }
+
+    /// Opens an existing index without changing it (for `ls` and `fsck`, also while mounted).
+    pub fn open_readonly(path: &Path) -> io::Result<Index> {
+        if !path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no index at {}", path.display()),
+            ));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(to_io)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(to_io)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(to_io)?;
+        if version != SCHEMA_VERSION {
+            return Err(io::Error::other(format!(
+                "index schema version {version}, this artifactfs reads {SCHEMA_VERSION}"
+            )));
+        }
+        Ok(Index { conn })
+    }
+
+    fn configure(&self) -> io::Result<()> {
+        self.conn
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(to_io)?;
+        self.conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA foreign_keys = OFF;",
+            )
+            .map_err(to_io)
+    }
+
+    fn migrate(&self, owner: (u32, u32), now: i64) -> io::Result<()> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(to_io)?;
+        if version > SCHEMA_VERSION {
+            return Err(io::Error::other(format!(
+                "index schema version {version} is newer than this artifactfs ({SCHEMA_VERSION})"
+            )));
+        }
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        // Version 0 -> 1: the initial schema. Later versions add steps here.
+        let (uid, gid) = owner;
+        self.conn
+            .execute_batch(&format!(
+                "BEGIN;
+                 CREATE TABLE entries (
+                     ino    INTEGER PRIMARY KEY AUTOINCREMENT,
+                     parent INTEGER NOT NULL,
+                     name   BLOB    NOT NULL,
+                     kind   INTEGER NOT NULL,
+                     state  INTEGER NOT NULL,
+                     zone   INTEGER NOT NULL,
+                     hash   TEXT,
+                     size   INTEGER NOT NULL DEFAULT 0,
+                     mode   INTEGER NOT NULL,
+                     uid    INTEGER NOT NULL,
+                     gid    INTEGER NOT NULL,
+                     mtime  INTEGER NOT NULL,
+                     ctime  INTEGER NOT NULL,
+                     crtime INTEGER NOT NULL,
+                     UNIQUE (parent, name)
+                 );
+                 CREATE INDEX entries_by_parent ON entries (parent, ino);
+                 CREATE INDEX entries_by_hash ON entries (hash);
+                 INSERT INTO entries VALUES
+                     ({ROOT_INO}, 0, x'', 1, 0, 0, NULL, 0, 493, {uid}, {gid}, {now}, {now}, {now}),
+                     ({RUNS_INO}, {ROOT_INO}, CAST('runs' AS BLOB), 1, 0, 0, NULL, 0, 493,
+                      {uid}, {gid}, {now}, {now}, {now}),
+                     ({MODELS_INO}, {ROOT_INO}, CAST('models' AS BLOB), 1, 0, 0, NULL, 0, 493,
+                      {uid}, {gid}, {now}, {now}, {now});
+                 PRAGMA user_version = {SCHEMA_VERSION};
+                 COMMIT;"
+            ))
+            .map_err(to_io)
+    }
+
+    /// The row with this inode number, in any state.
+    pub fn get(&self, ino: u64) -> io::Result<Option<Entry>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"))
+            .map_err(to_io)?
+            .query_row([ino as i64], row_to_entry)
+            .optional()
+            .map_err(to_io)
+    }
+
+    /// The row at `(parent, name)`, in any state (tombstones included).
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<Option<Entry>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2"
+            ))
+            .map_err(to_io)?
+            .query_row(params![parent as i64, name], row_to_entry)
+            .optional()
+            .map_err(to_io)
+    }
+
+    /// Up to `limit` visible (live or being written) children of `parent` with an inode number
+    /// above `after`, in inode order — a stable order for `readdir` offsets.
+    pub fn children(&self, parent: u64, after: u64, limit: usize) -> io::Result<Vec<Entry>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM entries
+                 WHERE parent = ?1 AND ino > ?2 AND state != 1 ORDER BY ino LIMIT ?3"
+            ))
+            .map_err(to_io)?;
+        let rows = stmt
+            .query_map(
+                params![parent as i64, after as i64, limit as i64],
+                row_to_entry,
+            )
+            .map_err(to_io)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(to_io)
+    }
+
+    /// Inserts a row; `Ok(None)` when `(parent, name)` is already taken (in any state).
+    pub fn insert(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        let res = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO entries
+                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)",
+            )
+            .map_err(to_io)?
+            .execute(params![
+                e.parent as i64,
+                e.name,
+                kind_code(e.kind),
+                state_code(e.state),
+                e.zone as i64,
+                e.hash.map(|h| h.to_hex()),
+                e.size as i64,
+                e.mode as i64,
+                e.uid as i64,
+                e.gid as i64,
+                e.time,
+            ]);
+        match res {
+            Ok(_) => Ok(Some(self.conn.last_insert_rowid() as u64)),
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    /// Records committed content for a file that is being written or was committed before by
+    /// the same open handle. Returns `false` if the row is gone or tombstoned (the file was
+    /// removed while open), in which case nothing changes.
+    pub fn commit_file(&self, ino: u64, hash: &Hash, size: u64, mtime: i64) -> io::Result<bool> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?4, state = 0
+                 WHERE ino = ?1 AND state != 1",
+            )
+            .map_err(to_io)?
+            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime])
+            .map_err(to_io)?;
+        Ok(n == 1)
+    }
+
+    /// Applies `chmod`/`chown`/`utimens`.
+    pub fn change_meta(&self, ino: u64, c: &MetaChange) -> io::Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
+                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, mtime), ctime = ?6
+                 WHERE ino = ?1",
+            )
+            .map_err(to_io)?
+            .execute(params![
+                ino as i64,
+                c.mode.map(|m| m as i64),
+                c.uid.map(|u| u as i64),
+                c.gid.map(|g| g as i64),
+                c.mtime,
+                c.ctime
+            ])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Turns a row into a tombstone (files) or a removed directory (which `mkdir` may revive, so
+    /// the tombstones below it keep applying).
+    pub fn tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
+            .map_err(to_io)?
+            .execute(params![ino as i64, now])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Brings a removed directory back (`mkdir` on the path of an `rmdir`ed directory).
+    pub fn revive_dir(&self, ino: u64, mode: u32, uid: u32, gid: u32, now: i64) -> io::Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
+                 mtime = ?5, ctime = ?5 WHERE ino = ?1 AND kind = 1",
+            )
+            .map_err(to_io)?
+            .execute(params![
+                ino as i64,
+                mode as i64,
+                uid as i64,
+                gid as i64,
+                now
+            ])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Deletes a row outright: only for a file that never committed any content.
+    pub fn delete_uncommitted(&self, ino: u64) -> io::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM entries WHERE ino = ?1 AND state = 2")
+            .map_err(to_io)?
+            .execute([ino as i64])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Moves file `ino` to `(new_parent, new_name)`; if it had committed content, the old path
+    /// becomes a tombstone in the same transaction. `Ok(false)` if the new path is taken.
+    pub fn rename_file(
+        &mut self,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+        new_zone: u8,
+        now: i64,
+    ) -> io::Result<bool> {
+        let tx = self.conn.transaction().map_err(to_io)?;
+        let old = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
+                [ino as i64],
+                row_to_entry,
+            )
+            .map_err(to_io)?;
+        let moved = tx.execute(
+            "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
+            params![
+                ino as i64,
+                new_parent as i64,
+                new_name,
+                new_zone as i64,
+                now
+            ],
+        );
+        match moved {
+            Ok(_) => {}
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(to_io(e)),
+        }
+        if old.state == State::Live {
+            tx.execute(
+                "INSERT INTO entries
+                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
+                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    old.parent as i64,
+                    old.name,
+                    old.zone as i64,
+                    old.hash.map(|h| h.to_hex()),
+                    old.size as i64,
+                    old.mode as i64,
+                    old.uid as i64,
+                    old.gid as i64,
+                    old.mtime,
+                    now,
+                    old.crtime
+                ],
+            )
+            .map_err(to_io)?;
+        }
+        tx.commit().map_err(to_io)?;
+        Ok(true)
+    }
+
+    /// Makes everything committed so far durable (fsyncs the WAL via a passive checkpoint).
+    pub fn sync(&self) -> io::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(to_io)
+    }
+
+    /// The full path of a row below the root, e.g. `runs/r1/artifacts/model.pkl`.
+    pub fn path_of(&self, ino: u64) -> io::Result<PathBuf> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO && cur != 0 {
+            match self.get(cur)? {
+                Some(e) => {
+                    parts.push(e.name);
+                    cur = e.parent;
+                }
+                None => break,
+            }
+            if parts.len() > 4096 {
+                break;
+            }
+        }
+        let mut path = PathBuf::new();
+        for p in parts.iter().rev() {
+            path.push(OsStr::from_bytes(p));
+        }
+        Ok(path)
+    }
+
+    /// Resolves a `/`-separated path below the root to its row (live entries only).
+    pub fn resolve(&self, path: &Path) -> io::Result<Option<Entry>> {
+        let mut cur = self.get(ROOT_INO)?;
+        for comp in path.components() {
+            let name = match comp {
+                std::path::Component::Normal(n) => n.as_bytes(),
+                std::path::Component::RootDir | std::path::Component::CurDir => continue,
+                _ => return Ok(None),
+            };
+            cur = match cur {
+                Some(dir) if dir.kind == Kind::Dir => self
+                    .lookup(dir.ino, name)?
+                    .filter(|e| e.state != State::Tombstone),
+                _ => return Ok(None),
+            };
+        }
+        Ok(cur)
+    }
+
+    /// Every file row with content (live and tombstoned), with its path: what `fsck` checks.
+    pub fn file_rows(&self) -> io::Result<Vec<FileRow>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT ino, hash, size, state FROM entries WHERE kind = 2 AND hash IS NOT NULL",
+            )
+            .map_err(to_io)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(to_io)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(to_io)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (ino, hex, size, state) in rows {
+            let hash = Hash::from_hex(&hex).ok_or_else(|| {
+                io::Error::other(format!("row {ino} has a malformed hash {hex:?}"))
+            })?;
+            out.push(FileRow {
+                path: self.path_of(ino)?,
+                hash,
+                size,
+                state: if state == 1 {
+                    State::Tombstone
+                } else {
+                    State::Live
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs `PRAGMA integrity_check`; returns the problems it reports (empty when fine).
+    pub fn integrity_problems(&self) -> io::Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check").map_err(to_io)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(to_io)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(to_io)?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// Counts of live files, tombstones and directories (for `statfs` and reports).
+    pub fn counts(&self) -> io::Result<(u64, u64, u64)> {
+        self.conn
+            .query_row(
+                "SELECT
+                   COALESCE(SUM(kind = 2 AND state != 1), 0),
+                   COALESCE(SUM(state = 1), 0),
+                   COALESCE(SUM(kind = 1 AND state != 1), 0)
+                 FROM entries",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                },
+            )
+            .map_err(to_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_file<'a>(parent: u64, name: &'a [u8]) -> NewEntry<'a> {
+        NewEntry {
+            parent,
+            name,
+            kind: Kind::File,
+            state: State::Writing,
+            zone: 2,
+            hash: None,
+            size: 0,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            time: 1,
+        }
+    }
+
+    #[test]
+    fn schema_has_fixed_roots_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        {
+            let idx = Index::open(&path, (0, 0), 5).unwrap();
+            assert_eq!(
+                idx.lookup(ROOT_INO, b"runs").unwrap().unwrap().ino,
+                RUNS_INO
+            );
+            assert_eq!(
+                idx.lookup(ROOT_INO, b"models").unwrap().unwrap().ino,
+                MODELS_INO
+            );
+        }
+        let idx = Index::open(&path, (0, 0), 6).unwrap();
+        assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().mtime, 5);
+    }
+
+    #[test]
+    fn writing_rows_are_dropped_on_open_and_names_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let hash = Hash([7; 32]);
+        {
+            let idx = Index::open(&path, (0, 0), 5).unwrap();
+            let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+            assert!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap().is_none());
+            assert!(idx.commit_file(a, &hash, 3, 9).unwrap());
+            idx.insert(&new_file(RUNS_INO, b"half")).unwrap().unwrap();
+        }
+        let idx = Index::open(&path, (0, 0), 6).unwrap();
+        assert!(idx.lookup(RUNS_INO, b"half").unwrap().is_none());
+        let a = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
+        assert_eq!((a.state, a.hash, a.size), (State::Live, Some(hash), 3));
+    }
+
+    #[test]
+    fn rename_leaves_a_tombstone_with_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        let hash = Hash([1; 32]);
+        let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+        idx.commit_file(a, &hash, 1, 6).unwrap();
+        assert!(idx.rename_file(a, RUNS_INO, b"b", 2, 7).unwrap());
+        let old = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
+        assert_eq!((old.state, old.hash), (State::Tombstone, Some(hash)));
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap().unwrap().ino, a);
+        // Renaming back onto the tombstone is refused.
+        assert!(!idx.rename_file(a, RUNS_INO, b"a", 2, 8).unwrap());
+        assert_eq!(idx.path_of(a).unwrap(), PathBuf::from("runs/b"));
+        assert_eq!(idx.file_rows().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,252 @@
+//! The store: a directory holding the SQLite index and the content-addressed blobs.
+//!
+//! Layout: `STORE/index.sqlite` (WAL), `STORE/blobs/sha256/<2 hex>/<62 hex>`, `STORE/tmp/`,
+//! `STORE/lock` (held by the one writable daemon). This module owns that layout, the single-
+//! writer lock and the start-up clean-up; [`blobs`] owns the bytes and [`index`] the rows. The
+//! file-system logic above talks to `Store` only, so a second index engine or blob backend can be
+//! added here without touching it or the FUSE adapter.
+
+pub mod blobs;
+pub mod index;
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+pub use blobs::BlobStore;
+pub use index::Index;
+
+/// A SHA-256 content hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn from_digest(hasher: Sha256) -> Hash {
+        Hash(hasher.finalize().into())
+    }
+
+    pub fn of(bytes: &[u8]) -> Hash {
+        Hash(Sha256::digest(bytes).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            let hex = std::str::from_utf8(chunk).ok()?;
+            out[i] = u8::from_str_radix(hex, 16).ok()?;
+        }
+        Some(Hash(out))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Nanoseconds since the Unix epoch, the index's time unit.
+pub fn now_ns() -> i64 {
+    to_ns(SystemTime::now())
+}
+
+pub fn to_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+/// The default store: `$XDG_DATA_HOME/artifactfs`, else `~/.local/share/artifactfs`.
+pub fn default_store_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("artifactfs");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/share/artifactfs")
+}
+
+/// An open store.
+pub struct Store {
+    root: PathBuf,
+    pub blobs: BlobStore,
+    index: Mutex<Index>,
+    /// Held for the daemon's lifetime by a writable mount; `None` for read-only use.
+    _lock: Option<File>,
+}
+
+impl Store {
+    /// Opens (creating on first use) a store for a writable daemon: takes the single-writer
+    /// lock, creates or migrates the schema, drops unfinished writes and cleans `tmp/`.
+    pub fn open_writable(root: &Path) -> io::Result<Store> {
+        create_store_dir(root)?;
+        let lock = take_lock(root)?;
+        let blobs = BlobStore::open(root)?;
+        let stale = blobs.clean_tmp()?;
+        if stale > 0 {
+            log::info!("removed {stale} stale temp file(s) of unfinished writes");
+        }
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
+        let index = Index::open(&root.join("index.sqlite"), owner, now_ns())?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            blobs,
+            index: Mutex::new(index),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens an existing store without the writer lock and without changing anything (for a
+    /// read-only mount, `ls` and `fsck`). A store that was never created is an error.
+    pub fn open_readonly(root: &Path) -> io::Result<Store> {
+        let index = Index::open_readonly(&root.join("index.sqlite"))?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            blobs: BlobStore::open_existing(root),
+            index: Mutex::new(index),
+            _lock: None,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The index, locked. Keep the guard short: every file-system operation goes through it.
+    pub fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Free space of the file system holding the store, as `statvfs` reports it.
+    pub fn statvfs(&self) -> io::Result<libc::statvfs> {
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut st = unsafe { std::mem::zeroed::<libc::statvfs>() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+}
+
+fn create_store_dir(root: &Path) -> io::Result<()> {
+    if root.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create store {}: {e}", root.display()),
+            )
+        })
+}
+
+/// Takes the exclusive writer lock `STORE/lock` (flock), recording our pid in it.
+fn take_lock(root: &Path) -> io::Result<File> {
+    let path = root.join("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "store {} is already mounted writable by another artifactfs daemon (pid {}); \
+                     unmount it first, or mount this one with --read-only",
+                    root.display(),
+                    pid.trim()
+                ),
+            ));
+        }
+        return Err(err);
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Waits until no daemon holds the writer lock of `root` (used by `unmount`), up to `timeout`.
+pub fn wait_unlocked(root: &Path, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let Ok(file) = File::open(root.join("lock")) else {
+        return true;
+    };
+    loop {
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_hex_round_trips() {
+        let h = Hash::of(b"abc");
+        assert_eq!(
+            h.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(Hash::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn second_writer_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open_writable(dir.path()).unwrap();
+        let err = match Store::open_writable(dir.path()) {
+            Err(e) => e,
+            Ok(_) => panic!("second writable open succeeded"),
+        };
+        assert!(
+            err.to_string().contains("already mounted writable"),
+            "{err}"
+        );
+        assert!(Store::open_readonly(dir.path()).is_ok());
+    }
+}
