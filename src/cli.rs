@@ -325,14 +325,16 @@ fn umount(mp: &Path, flags: libc::c_int) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The store behind an artifactfs mount point, from /proc/mounts.
+/// The store behind an artifactfs mount point, from /proc/mounts (its source is the store path;
+/// the pure-Rust mount records the type as plain `fuse`).
 fn store_of_mount(mp: &Path) -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
     let want = mp.as_os_str().as_bytes();
     mounts.lines().find_map(|line| {
         let f: Vec<&str> = line.split(' ').collect();
-        (f.len() > 2 && f[2] == "fuse.artifactfs" && unescape_mount(f[1]) == want)
+        (f.len() > 2 && f[2].starts_with("fuse") && unescape_mount(f[1]) == want)
             .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[0]))))
+            .filter(|store| store.join("lock").exists())
     })
 }
 

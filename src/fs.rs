@@ -1028,3 +1028,374 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 }
 
 use std::os::unix::ffi::OsStrExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::index::{MODELS_INO, RUNS_INO};
+
+    const ME: Caller = Caller {
+        uid: 1000,
+        gid: 1000,
+    };
+
+    fn new_fs() -> (tempfile::TempDir, ArtifactFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable(dir.path()).unwrap();
+        (dir, ArtifactFs::new(store, FsOptions::default()))
+    }
+
+    fn refusal<T: std::fmt::Debug>(r: FsResult<T>) -> Refusal {
+        match r {
+            Err(FsError::Refused(k)) => k,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Creates run `id` and returns the inode of its artifacts/ directory.
+    fn run_dir(fs: &ArtifactFs, id: &str) -> u64 {
+        let run = fs.mkdir(ME, RUNS_INO, id.as_bytes(), 0o755).unwrap();
+        fs.lookup(run.ino, b"artifacts").unwrap().ino
+    }
+
+    fn write_file(fs: &ArtifactFs, dir: u64, name: &str, data: &[u8]) -> u64 {
+        let (attr, fh) = fs.create(ME, dir, name.as_bytes(), 0o644).unwrap();
+        fs.write(fh, 0, data).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        attr.ino
+    }
+
+    fn read_all(fs: &ArtifactFs, ino: u64) -> Vec<u8> {
+        let (fh, _) = fs.open(ino, libc::O_RDONLY).unwrap();
+        let data = fs.read(fh, 0, 1 << 20).unwrap();
+        fs.release(fh).unwrap();
+        data
+    }
+
+    #[test]
+    fn a_written_file_is_sealed_and_hashed() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let ino = write_file(&fs, art, "a.txt", b"hello");
+        let attr = fs.getattr(ino).unwrap();
+        assert!(attr.sealed);
+        assert_eq!((attr.size, attr.uid), (5, 1000));
+        assert_eq!(read_all(&fs, ino), b"hello");
+        assert_eq!(
+            fs.getxattr(ino, XATTR_SHA256.as_bytes()).unwrap(),
+            Hash::of(b"hello").to_hex().into_bytes()
+        );
+        // Write-once: no writing, truncating or appending any more.
+        for flags in [
+            libc::O_WRONLY,
+            libc::O_RDWR,
+            libc::O_RDONLY | libc::O_TRUNC,
+            libc::O_WRONLY | libc::O_APPEND,
+        ] {
+            assert_eq!(
+                refusal(fs.open(ino, flags)),
+                Refusal::NotPermitted,
+                "flags {flags:#x}"
+            );
+        }
+        assert_eq!(
+            refusal(fs.setattr(
+                ino,
+                SetAttr {
+                    size: Some(0),
+                    ..Default::default()
+                }
+            )),
+            Refusal::NotPermitted
+        );
+        assert!(
+            fs.setattr(
+                ino,
+                SetAttr {
+                    size: Some(5),
+                    ..Default::default()
+                }
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            refusal(fs.create(ME, art, b"a.txt", 0o644)),
+            Refusal::Exists
+        );
+    }
+
+    #[test]
+    fn flush_before_and_after_writes_commits_each_time_and_release_seals() {
+        // The shell-redirect pattern: a flush with no data, then writes, then flush + release.
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"out", 0o644).unwrap();
+        fs.flush(fh).unwrap();
+        assert_eq!(fs.getattr(attr.ino).unwrap().size, 0);
+        assert!(!fs.getattr(attr.ino).unwrap().sealed);
+        fs.write(fh, 0, b"a\n").unwrap();
+        fs.flush(fh).unwrap(); // a forked child closing its copy
+        fs.write(fh, 2, b"b\n").unwrap();
+        // Another process cannot open a file that is still being written.
+        assert_eq!(refusal(fs.open(attr.ino, libc::O_RDONLY)), Refusal::Busy);
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert!(fs.getattr(attr.ino).unwrap().sealed);
+        assert_eq!(read_all(&fs, attr.ino), b"a\nb\n");
+    }
+
+    #[test]
+    fn random_writes_and_read_back_within_the_handle() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"zip", 0o644).unwrap();
+        fs.write(fh, 0, b"xxxxBODY").unwrap();
+        fs.write(fh, 0, b"HEAD").unwrap(); // seek back and patch
+        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"HEADBODY");
+        fs.write(fh, 12, b"!").unwrap(); // a gap reads as zeros
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"HEADBODY\0\0\0\0!");
+        assert_eq!(
+            fs.getxattr(attr.ino, XATTR_SHA256.as_bytes()).unwrap(),
+            Hash::of(b"HEADBODY\0\0\0\0!").to_hex().into_bytes()
+        );
+    }
+
+    #[test]
+    fn identical_content_is_stored_once() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        write_file(&fs, art, "a", b"same");
+        write_file(&fs, art, "b", b"same");
+        let blobs: usize = std::fs::read_dir(d.path().join("blobs/sha256"))
+            .unwrap()
+            .map(|e| std::fs::read_dir(e.unwrap().path()).unwrap().count())
+            .sum();
+        assert_eq!(blobs, 1);
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn writes_after_a_commit_never_change_the_published_blob() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"first").unwrap();
+        fs.flush(fh).unwrap();
+        fs.write(fh, 5, b"+more").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"first+more");
+        let first = fs.store.blobs.path(&Hash::of(b"first"));
+        assert_eq!(std::fs::read(first).unwrap(), b"first");
+        assert!(d.path().join("tmp").read_dir().unwrap().next().is_none());
+    }
+
+    #[test]
+    fn unlink_and_rename_leave_tombstones() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let a = write_file(&fs, art, "a", b"1");
+        fs.rename(art, b"a", art, b"b", false).unwrap();
+        assert_eq!(fs.lookup(art, b"b").unwrap().ino, a);
+        assert_eq!(refusal(fs.lookup(art, b"a")), Refusal::NotFound);
+        assert_eq!(refusal(fs.create(ME, art, b"a", 0o644)), Refusal::Exists);
+        write_file(&fs, art, "c", b"2");
+        assert_eq!(
+            refusal(fs.rename(art, b"b", art, b"c", false)),
+            Refusal::Exists
+        );
+        assert_eq!(
+            refusal(fs.rename(art, b"b", art, b"a", false)),
+            Refusal::Exists
+        );
+        assert_eq!(
+            refusal(fs.rename(art, b"b", art, b"z", true)),
+            Refusal::Invalid
+        );
+        fs.unlink(art, b"b").unwrap();
+        assert_eq!(refusal(fs.lookup(art, b"b")), Refusal::NotFound);
+        assert_eq!(refusal(fs.create(ME, art, b"b", 0o644)), Refusal::Exists);
+        assert_eq!(refusal(fs.mkdir(ME, art, b"b", 0o755)), Refusal::Exists);
+    }
+
+    #[test]
+    fn a_file_removed_before_its_first_commit_leaves_no_trace() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (_attr, fh) = fs.create(ME, art, b"scratch", 0o644).unwrap();
+        fs.unlink(art, b"scratch").unwrap();
+        fs.write(fh, 0, b"gone").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(refusal(fs.lookup(art, b"scratch")), Refusal::NotFound);
+        write_file(&fs, art, "scratch", b"allowed: the path never held content");
+    }
+
+    #[test]
+    fn directories_follow_the_namespace() {
+        let (_d, fs) = new_fs();
+        assert_eq!(
+            refusal(fs.mkdir(ME, ROOT_INO, b"x", 0o755)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(
+            refusal(fs.mkdir(ME, RUNS_INO, b"bad\nid", 0o755)),
+            Refusal::Invalid
+        );
+        assert_eq!(
+            refusal(fs.mkdir(ME, MODELS_INO, b"m", 0o755)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(
+            refusal(fs.create(ME, RUNS_INO, b"f", 0o644)),
+            Refusal::NotPermitted
+        );
+        let art = run_dir(&fs, "r1");
+        let run = fs.lookup(RUNS_INO, b"r1").unwrap().ino;
+        assert_eq!(
+            refusal(fs.mkdir(ME, RUNS_INO, b"r1", 0o755)),
+            Refusal::Exists
+        );
+        let sub = fs.mkdir(ME, art, b"sub", 0o755).unwrap().ino;
+        write_file(&fs, sub, "f", b"x");
+        assert_eq!(refusal(fs.rmdir(art, b"sub")), Refusal::NotEmpty);
+        assert_eq!(
+            refusal(fs.rename(art, b"sub", art, b"sub2", false)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(refusal(fs.rmdir(run, b"artifacts")), Refusal::NotPermitted);
+        fs.unlink(sub, b"f").unwrap();
+        fs.rmdir(art, b"sub").unwrap();
+        // mkdir revives the same directory, so its tombstones still apply.
+        assert_eq!(fs.mkdir(ME, art, b"sub", 0o700).unwrap().ino, sub);
+        assert_eq!(refusal(fs.create(ME, sub, b"f", 0o644)), Refusal::Exists);
+        // A run whose only entry is an empty artifacts/ can be removed, and made again.
+        let art2 = run_dir(&fs, "r2");
+        fs.rmdir(RUNS_INO, b"r2").unwrap();
+        assert_eq!(run_dir(&fs, "r2"), art2);
+        let names: Vec<_> = fs
+            .readdir(RUNS_INO, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                b".".to_vec(),
+                b"..".to_vec(),
+                b"r1".to_vec(),
+                b"r2".to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn metadata_changes_are_stored_and_survive_the_commit() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"data").unwrap();
+        let old = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // cp -a: fchmod + futimens before close.
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                mode: Some(0o600),
+                mtime: Some(SetTime::At(old)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        let a = fs.getattr(attr.ino).unwrap();
+        assert_eq!((a.perm, a.mtime), (0o600, old));
+        assert_eq!(
+            refusal(fs.setattr(
+                RUNS_INO,
+                SetAttr {
+                    mode: Some(0o777),
+                    ..Default::default()
+                }
+            )),
+            Refusal::NotPermitted
+        );
+    }
+
+    #[test]
+    fn special_files_and_foreign_xattrs_are_refused() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        assert!(matches!(
+            fs.refuse_link("symlink", art, b"l"),
+            FsError::Refused(Refusal::NotPermitted)
+        ));
+        assert_eq!(
+            refusal(fs.mknod(ME, art, b"fifo", libc::S_IFIFO | 0o644)),
+            Refusal::NotPermitted
+        );
+        let f = fs.mknod(ME, art, b"empty", libc::S_IFREG | 0o644).unwrap();
+        assert!(f.sealed && f.size == 0);
+        assert!(matches!(
+            fs.setxattr(f.ino, b"user.x"),
+            FsError::Refused(Refusal::NotSupported)
+        ));
+        assert_eq!(refusal(fs.getxattr(f.ino, b"user.x")), Refusal::NoData);
+        assert_eq!(fs.listxattr(f.ino).unwrap(), b"user.artifactfs.sha256\0");
+        assert_eq!(
+            refusal(fs.create(ME, art, &[b'n'; 256], 0o644)),
+            Refusal::NameTooLong
+        );
+    }
+
+    #[test]
+    fn read_only_refuses_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let fs = ArtifactFs::new(
+                Store::open_writable(dir.path()).unwrap(),
+                FsOptions::default(),
+            );
+            let art = run_dir(&fs, "r1");
+            write_file(&fs, art, "a", b"1");
+        }
+        let fs = ArtifactFs::new(
+            Store::open_readonly(dir.path()).unwrap(),
+            FsOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        );
+        let run = fs.lookup(RUNS_INO, b"r1").unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        let a = fs.lookup(art, b"a").unwrap().ino;
+        assert_eq!(read_all(&fs, a), b"1");
+        assert_eq!(refusal(fs.mkdir(ME, art, b"d", 0o755)), Refusal::ReadOnly);
+        assert_eq!(refusal(fs.create(ME, art, b"n", 0o644)), Refusal::ReadOnly);
+        assert_eq!(refusal(fs.unlink(art, b"a")), Refusal::ReadOnly);
+        assert_eq!(
+            refusal(fs.rename(art, b"a", art, b"b", false)),
+            Refusal::ReadOnly
+        );
+        assert_eq!(
+            refusal(fs.setattr(
+                a,
+                SetAttr {
+                    mode: Some(0o600),
+                    ..Default::default()
+                }
+            )),
+            Refusal::ReadOnly
+        );
+        assert!(matches!(
+            fs.setxattr(a, b"user.x"),
+            FsError::Refused(Refusal::ReadOnly)
+        ));
+        assert!(matches!(
+            fs.refuse_link("symlink", art, b"l"),
+            FsError::Refused(Refusal::ReadOnly)
+        ));
+        assert_eq!(refusal(fs.open(a, libc::O_WRONLY)), Refusal::ReadOnly);
+    }
+}

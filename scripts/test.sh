@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit tests and the real-mount integration tests.
+# Mount tests need root and /dev/fuse; with CI=true they fail instead of skipping without them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tools the tests drive that a minimal Debian may lack.
+need=()
+for tool in python3 tar find dd cmp diff; do
+    command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing missing tools: ${need[*]}"
+        apt-get update -qq && apt-get install -y -qq python3 tar findutils coreutils diffutils >/dev/null
+    else
+        echo "missing tools: ${need[*]} (install them, or run as root to let this script do it)" >&2
+        exit 1
+    fi
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,243 @@
+//! Shared harness for tests that mount a real artifactfs: a guard that mounts a fresh store in a
+//! temp dir with the real binary and always unmounts on drop, plus small helpers to run tools.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_artifactfs");
+
+/// Whether this machine can mount FUSE file systems. In CI (`CI=true`) a missing FUSE is a
+/// failure, not a skip; elsewhere the test prints why it is skipped.
+pub fn fuse_available(test: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let dev = std::fs::metadata("/dev/fuse")
+        .map(|m| m.file_type().is_char_device())
+        .unwrap_or(false);
+    let ok = root
+        && dev
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .is_ok();
+    if !ok {
+        let why = format!(
+            "{test}: skipped: needs root and a usable /dev/fuse (root={root}, /dev/fuse={dev})"
+        );
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{why} — but CI=true, where mount tests must run");
+        }
+        eprintln!("{why}");
+    }
+    ok
+}
+
+/// A mounted store in a temp dir; unmounted (and its daemon gone) when dropped.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    /// Mounts a fresh store. Returns `None` (after printing why) where FUSE is unavailable.
+    pub fn new(test: &str) -> Option<Mount> {
+        Self::with_args(test, &[])
+    }
+
+    pub fn with_args(test: &str, args: &[&str]) -> Option<Mount> {
+        if !fuse_available(test) {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("afs-test-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
+        m.mount(args);
+        Some(m)
+    }
+
+    /// Mounts (again) the same store at the same place.
+    pub fn mount(&mut self, args: &[&str]) {
+        let out = Command::new(BIN)
+            .arg("mount")
+            .arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .arg(&self.mnt)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounted = true;
+    }
+
+    /// Unmounts cleanly and waits for the daemon to exit.
+    pub fn unmount(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let out = Command::new(BIN)
+            .arg("unmount")
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            // Busy or stale: detach so nothing is left behind.
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        self.mounted = false;
+    }
+
+    /// Forgets the mount without unmounting (after the daemon was killed; `umount` still runs on drop).
+    pub fn mark_stale(&mut self) {
+        self.mounted = false;
+        let _ = Command::new("umount")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The store's daemon log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.join("artifactfs.log")).unwrap_or_default()
+    }
+
+    /// Runs `artifactfs <args> --store STORE`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--store")
+            .arg(&self.store)
+            .output()
+            .unwrap()
+    }
+
+    /// The pid of the daemon serving this store (from its lock file).
+    pub fn daemon_pid(&self) -> i32 {
+        std::fs::read_to_string(self.store.join("lock"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted {
+            self.unmount();
+        }
+        // Whatever happened, never leave a (stale) mount behind.
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let want = mnt.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(&want))
+}
+
+/// Runs a shell command line with `cwd`; returns the output (never panics on failure).
+pub fn sh(cwd: &Path, script: &str) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+/// Runs a shell command and asserts it succeeded; returns stdout.
+pub fn sh_ok(cwd: &Path, script: &str) -> String {
+    let out = sh(cwd, script);
+    assert!(
+        out.status.success(),
+        "`{script}` failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command (no shell) and returns its output.
+pub fn run<I, S>(cwd: &Path, prog: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(prog)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+/// The errno of an io::Error (panics if it has none).
+pub fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error()
+        .unwrap_or_else(|| panic!("no errno in {e:?}"))
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// SHA-256 hex of bytes, computed by the test itself (not by artifactfs).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

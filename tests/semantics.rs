@@ -1,0 +1,341 @@
+//! The semantics table of the README, syscall by syscall, against a real mount: every refusal is
+//! asserted by its errno.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+
+#[test]
+fn root_lists_runs_and_models_and_refuses_creation() {
+    let Some(m) = Mount::new("root_lists_runs_and_models_and_refuses_creation") else {
+        return;
+    };
+    let mut names: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["models", "runs"]);
+    assert_eq!(
+        errno(&fs::create_dir(m.path("x")).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(errno(&File::create(m.path("x")).unwrap_err()), libc::EPERM);
+    assert_eq!(
+        errno(&File::create(m.path("runs/file")).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(&fs::remove_dir(m.path("runs")).unwrap_err()),
+        libc::EPERM
+    );
+    assert!(m.log().contains("refused create /runs/file"), "{}", m.log());
+}
+
+fn setup_run(m: &Mount, id: &str) -> std::path::PathBuf {
+    fs::create_dir(m.path(&format!("runs/{id}"))).unwrap();
+    let art = m.path(&format!("runs/{id}/artifacts"));
+    assert!(art.is_dir(), "mkdir runs/<id> creates artifacts/");
+    art
+}
+
+#[test]
+fn sealed_files_refuse_every_change_of_content() {
+    let Some(m) = Mount::new("sealed_files_refuse_every_change_of_content") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let f = art.join("weights.bin");
+    fs::write(&f, b"0123456789").unwrap();
+    let write = OpenOptions::new().write(true).open(&f).unwrap_err();
+    assert_eq!(errno(&write), libc::EPERM);
+    assert_eq!(
+        errno(
+            &OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&f)
+                .unwrap_err()
+        ),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(&OpenOptions::new().append(true).open(&f).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(&File::create(&f).unwrap_err()),
+        libc::EPERM,
+        "O_TRUNC on a sealed file"
+    );
+    assert_eq!(
+        errno(
+            &OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&f)
+                .unwrap_err()
+        ),
+        libc::EEXIST
+    );
+    let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 3) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // What ls -l / stat shows after the refusals is still the truth.
+    assert_eq!(fs::metadata(&f).unwrap().len(), 10);
+    assert_eq!(fs::read(&f).unwrap(), b"0123456789");
+    // Metadata is not content: chmod and utimens are allowed and stored.
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    File::open(&f).unwrap().set_modified(t).unwrap();
+    let meta = fs::metadata(&f).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.modified().unwrap(), t);
+    let log = m.log();
+    assert!(
+        log.contains("refused open for writing /runs/r1/artifacts/weights.bin"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_file_being_written_is_busy_for_other_opens() {
+    let Some(m) = Mount::new("a_file_being_written_is_busy_for_other_opens") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let f = art.join("partial");
+    let mut w = File::create(&f).unwrap();
+    w.write_all(b"half").unwrap();
+    assert_eq!(errno(&File::open(&f).unwrap_err()), libc::EBUSY);
+    assert_eq!(
+        fs::metadata(&f).unwrap().len(),
+        4,
+        "stat works and shows the bytes so far"
+    );
+    // Within the writing handle, seeking back and reading is allowed.
+    drop(w);
+    // Sealing happens at RELEASE, which the kernel sends right after the last close.
+    assert!(wait_until(std::time::Duration::from_secs(2), || {
+        File::open(&f).is_ok()
+    }));
+    let mut rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(art.join("rw"))
+        .unwrap();
+    rw.write_all(b"abcdef").unwrap();
+    rw.seek(SeekFrom::Start(0)).unwrap();
+    rw.write_all(b"AB").unwrap();
+    rw.seek(SeekFrom::Start(0)).unwrap();
+    let mut back = String::new();
+    rw.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "ABcdef");
+}
+
+#[test]
+fn paths_are_write_once_across_unlink_and_rename() {
+    let Some(m) = Mount::new("paths_are_write_once_across_unlink_and_rename") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    fs::write(art.join("a"), b"first").unwrap();
+    fs::write(art.join("b"), b"other").unwrap();
+    assert_eq!(
+        errno(&fs::rename(art.join("a"), art.join("b")).unwrap_err()),
+        libc::EEXIST
+    );
+    fs::rename(art.join("a"), art.join("c")).unwrap();
+    assert_eq!(fs::read(art.join("c")).unwrap(), b"first");
+    assert_eq!(
+        errno(&fs::metadata(art.join("a")).unwrap_err()),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(&File::create(art.join("a")).unwrap_err()),
+        libc::EEXIST,
+        "tombstone"
+    );
+    assert_eq!(
+        errno(&fs::rename(art.join("c"), art.join("a")).unwrap_err()),
+        libc::EEXIST
+    );
+    fs::remove_file(art.join("b")).unwrap();
+    assert_eq!(
+        errno(&File::create(art.join("b")).unwrap_err()),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(&fs::create_dir(art.join("b")).unwrap_err()),
+        libc::EEXIST
+    );
+    fs::create_dir(art.join("d1")).unwrap();
+    assert_eq!(
+        errno(&fs::rename(art.join("d1"), art.join("d2")).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(&fs::remove_dir(art.join("c")).unwrap_err()),
+        libc::ENOTDIR
+    );
+    fs::write(art.join("d1/x"), b"x").unwrap();
+    assert_eq!(
+        errno(&fs::remove_dir(art.join("d1")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    let mut names: Vec<_> = fs::read_dir(&art)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["c", "d1"]);
+}
+
+#[test]
+fn links_and_special_files_are_refused() {
+    let Some(m) = Mount::new("links_and_special_files_are_refused") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    fs::write(art.join("f"), b"x").unwrap();
+    assert_eq!(
+        errno(&std::os::unix::fs::symlink("f", art.join("l")).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(&fs::hard_link(art.join("f"), art.join("h")).unwrap_err()),
+        libc::EPERM
+    );
+    let fifo = std::ffi::CString::new(art.join("p").as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
+}
+
+#[test]
+fn names_ids_and_the_models_dir() {
+    let Some(m) = Mount::new("names_ids_and_the_models_dir") else {
+        return;
+    };
+    assert_eq!(
+        errno(&fs::create_dir(m.path("runs/bad\x01id")).unwrap_err()),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(&fs::create_dir(m.path("models/iris")).unwrap_err()),
+        libc::EPERM
+    );
+    // mkdir -p / os.makedirs deep below a run.
+    fs::create_dir_all(m.path("runs/r2/artifacts/a/b/c")).unwrap();
+    let art = m.path("runs/r2/artifacts");
+    fs::write(art.join("n".repeat(255)), b"ok").unwrap();
+    assert_eq!(
+        errno(&File::create(art.join("n".repeat(256))).unwrap_err()),
+        libc::ENAMETOOLONG
+    );
+    // rmdir of the artifacts dir is refused; an empty run can be removed.
+    fs::create_dir(m.path("runs/empty")).unwrap();
+    assert_eq!(
+        errno(&fs::remove_dir(m.path("runs/empty/artifacts")).unwrap_err()),
+        libc::EPERM
+    );
+    fs::remove_dir(m.path("runs/empty")).unwrap();
+    assert!(!m.path("runs/empty").exists());
+}
+
+#[test]
+fn xattrs_fsync_and_statfs() {
+    let Some(m) = Mount::new("xattrs_fsync_and_statfs") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let data = pseudo_random(7, 300_000);
+    let mut f = File::create(art.join("blob")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let out = sh_ok(
+        &art,
+        "python3 -c \"import os; print(os.getxattr('blob', 'user.artifactfs.sha256').decode())\"",
+    );
+    assert_eq!(out.trim(), sha256_hex(&data));
+    let set = sh(
+        &art,
+        "python3 -c \"import os; os.setxattr('blob', 'user.x', b'1')\"",
+    );
+    assert!(
+        String::from_utf8_lossy(&set.stderr).contains("Errno 95"),
+        "ENOTSUP expected: {set:?}"
+    );
+    let df = sh_ok(&m.mnt, "df -P . | tail -1");
+    let total: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(total > 0, "df shows the store's real size: {df}");
+}
+
+#[test]
+fn read_only_mount_refuses_changes_with_erofs() {
+    let Some(mut m) = Mount::new("read_only_mount_refuses_changes_with_erofs") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    fs::write(art.join("a"), b"kept").unwrap();
+    m.unmount();
+    m.mount(&["--read-only"]);
+    assert_eq!(fs::read(art.join("a")).unwrap(), b"kept");
+    assert_eq!(
+        errno(&fs::create_dir(art.join("d")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(&File::create(art.join("n")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(&fs::remove_file(art.join("a")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(&fs::rename(art.join("a"), art.join("b")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(&fs::set_permissions(art.join("a"), fs::Permissions::from_mode(0o600)).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(&std::os::unix::fs::symlink("a", art.join("l")).unwrap_err()),
+        libc::EROFS
+    );
+}
+
+#[test]
+fn remount_shows_the_same_tree() {
+    let Some(mut m) = Mount::new("remount_shows_the_same_tree") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    fs::create_dir_all(art.join("x/y")).unwrap();
+    fs::write(art.join("x/y/z"), b"deep").unwrap();
+    fs::write(art.join("top"), b"top").unwrap();
+    fs::remove_file(art.join("top")).unwrap();
+    let before = sh_ok(&m.mnt, "find . -printf '%p %s %m\\n' | sort");
+    m.unmount();
+    m.mount(&[]);
+    assert_eq!(sh_ok(&m.mnt, "find . -printf '%p %s %m\\n' | sort"), before);
+    assert_eq!(fs::read(art.join("x/y/z")).unwrap(), b"deep");
+    assert_eq!(
+        errno(&File::create(art.join("top")).unwrap_err()),
+        libc::EEXIST,
+        "tombstones persist"
+    );
+}
