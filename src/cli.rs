@@ -94,7 +94,7 @@ pub struct MountArgs {
     /// Group reported for every entry and recorded for new ones [default: the caller's]
     #[arg(long)]
     pub gid: Option<u32>,
-    /// Threads serving requests [default: number of CPUs]
+    /// Threads serving requests [default: number of CPUs, at least 4]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Where a detached daemon logs [default: STORE/artifactfs.log]
@@ -261,10 +261,12 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     if args.allow_other {
         config.acl = fuser::SessionACL::All;
     }
+    // At least 4: an open() may briefly wait for a RELEASE that another thread must serve.
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
+            .max(4)
     });
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;

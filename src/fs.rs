@@ -21,7 +21,7 @@ use std::io::{self, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -33,6 +33,9 @@ use crate::store::{Hash, Store, now_ns, to_ns};
 
 /// The extended attribute that carries a sealed file's content hash.
 pub const XATTR_SHA256: &str = "user.artifactfs.sha256";
+
+/// How long `open` of a file being written waits for its release before answering `Busy`.
+const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
 /// Mount-wide behaviour chosen on the command line.
 #[derive(Debug, Clone, Default)]
@@ -145,6 +148,8 @@ pub struct ArtifactFs {
     handles: RwLock<HashMap<u64, Handle>>,
     /// Inodes being written, with the handle writing each.
     writing: Mutex<HashMap<u64, u64>>,
+    /// Signalled whenever an inode leaves `writing` (its file was sealed).
+    sealed: Condvar,
     next_fh: AtomicU64,
 }
 
@@ -167,6 +172,7 @@ impl ArtifactFs {
             opts,
             handles: RwLock::new(HashMap::new()),
             writing: Mutex::new(HashMap::new()),
+            sealed: Condvar::new(),
             next_fh: AtomicU64::new(1),
         }
     }
@@ -273,6 +279,21 @@ impl ArtifactFs {
             Some(e) if e.state != State::Tombstone => Ok(e),
             _ => Err(FsError::Refused(Refusal::NotFound)),
         }
+    }
+
+    /// Whether `ino` is still being written, after giving a RELEASE already on its way a moment
+    /// to arrive: the kernel sends it when the last descriptor closes but does not wait for it,
+    /// so `echo x > f; cat f` may bring the open of `cat` to another thread first.
+    fn wait_sealed(&self, ino: u64) -> bool {
+        let writing = lock(&self.writing);
+        if !writing.contains_key(&ino) {
+            return false;
+        }
+        let (writing, _) = self
+            .sealed
+            .wait_timeout_while(writing, RELEASE_GRACE, |w| w.contains_key(&ino))
+            .unwrap_or_else(|p| p.into_inner());
+        writing.contains_key(&ino)
     }
 
     fn new_fh(&self) -> u64 {
@@ -553,7 +574,7 @@ impl ArtifactFs {
 
     /// Opens an existing file. Only sealed files can be opened, and only for reading.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
-        let busy = lock(&self.writing).contains_key(&ino);
+        let busy = self.wait_sealed(ino);
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;
         if e.kind == Kind::Dir {
@@ -709,6 +730,7 @@ impl ArtifactFs {
             let _ = std::fs::remove_file(tmp);
         }
         lock(&self.writing).remove(&w.ino);
+        self.sealed.notify_all();
         result
     }
 
