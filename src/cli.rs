@@ -59,6 +59,54 @@ pub enum Cmd {
         #[arg(default_value = "runs")]
         path: PathBuf,
     },
+    /// The model registry: list, show, alias, wait for a registration, register without copying.
+    #[command(subcommand)]
+    Models(ModelsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCmd {
+    /// Registered models with their latest version and aliases.
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// A model's versions, or one version in detail (status, message, run, signature, digest, files).
+    Show {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        version: Option<u64>,
+    },
+    /// Point alias `@ALIAS` of a model at a READY version.
+    Alias {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        alias: String,
+        version: u64,
+    },
+    /// Wait until models/<name>/<dir> is READY (exit 0) or FAILED (exit 1).
+    Wait {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        dir: String,
+        /// Seconds to wait at most (exit 2 on time-out).
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+    },
+    /// Register a directory of the store (e.g. runs/<id>/artifacts/model) as a new version,
+    /// without copying bytes.
+    Register {
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+        path: String,
+        /// Name of the version directory [default: the run id, else the source's last component]
+        #[arg(long = "as")]
+        dir: Option<String>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -69,7 +117,7 @@ pub struct StoreArg {
 }
 
 impl StoreArg {
-    fn dir(&self) -> PathBuf {
+    pub fn dir(&self) -> PathBuf {
         absolute(&self.store.clone().unwrap_or_else(store::default_store_dir))
     }
 }
@@ -100,6 +148,9 @@ pub struct MountArgs {
     /// Where a detached daemon logs [default: STORE/artifactfs.log]
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Seconds a model directory must be quiet before its version is validated
+    #[arg(long, default_value_t = 2.0)]
+    pub settle: f64,
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -114,6 +165,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Unmount { mountpoint, lazy } => unmount(&mountpoint, lazy).map(|_| ExitCode::SUCCESS),
         Cmd::Fsck { store, verify } => fsck(&store.dir(), verify),
         Cmd::Ls { store, path } => ls(&store.dir(), &path).map(|_| ExitCode::SUCCESS),
+        Cmd::Models(cmd) => crate::cli_models::run(cmd),
     }
 }
 
@@ -174,6 +226,7 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     if let Some(t) = args.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    cmd.arg("--settle").arg(args.settle.to_string());
     cmd.arg(&mp)
         .env(READY_ENV, "1")
         .stdin(Stdio::null())
@@ -243,8 +296,22 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         read_only: args.read_only,
         uid: args.uid,
         gid: args.gid,
+        settle: Duration::from_secs_f64(args.settle.max(0.0)),
     };
-    let fs = ArtifactFs::new(store, opts);
+    let fs = std::sync::Arc::new(ArtifactFs::new(store, opts));
+    if !args.read_only {
+        // The registry validates models once they have been quiet for the settle time.
+        let fs = std::sync::Arc::downgrade(&fs);
+        std::thread::Builder::new()
+            .name("registry".into())
+            .spawn(move || {
+                while let Some(fs) = fs.upgrade() {
+                    fs.tick(std::time::Instant::now());
+                    drop(fs);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })?;
+    }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(store_dir.display().to_string()),
@@ -325,6 +392,20 @@ fn umount(mp: &Path, flags: libc::c_int) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Where store `store` is mounted writable, from /proc/mounts.
+pub fn mount_of_store(store: &Path) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let want = store.as_os_str().as_bytes();
+    mounts.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        (f.len() > 3
+            && f[2].starts_with("fuse")
+            && unescape_mount(f[0]) == want
+            && f[3].split(',').any(|o| o == "rw"))
+        .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[1]))))
+    })
 }
 
 /// The store behind an artifactfs mount point, from /proc/mounts (its source is the store path;

@@ -16,8 +16,7 @@ use fuser::{
 };
 
 use crate::error::{FsError, Refusal};
-use crate::fs::{ArtifactFs, Attr, Caller, Opened, SetAttr, SetTime};
-use crate::store::index::Kind;
+use crate::fs::{ArtifactFs, Attr, Caller, NodeKind, Opened, SetAttr, SetTime};
 
 /// The one errno table: what each refusal means at the syscall.
 pub fn errno(e: &FsError) -> Errno {
@@ -53,7 +52,7 @@ pub fn errno(e: &FsError) -> Errno {
 pub fn ttl(attr: &Attr) -> Duration {
     if attr.sealed {
         Duration::from_secs(3600)
-    } else if attr.kind == Kind::Dir {
+    } else if attr.kind == NodeKind::Dir {
         Duration::from_secs(1)
     } else {
         Duration::ZERO
@@ -69,10 +68,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.crtime,
-        kind: match a.kind {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-        },
+        kind: file_type(a.kind),
         perm: a.perm,
         // 1 for directories means "unknown", which keeps find(1) from guessing from nlink.
         nlink: 1,
@@ -81,6 +77,14 @@ fn file_attr(a: &Attr) -> FileAttr {
         rdev: 0,
         blksize: 128 * 1024,
         flags: 0,
+    }
+}
+
+fn file_type(k: NodeKind) -> FileType {
+    match k {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
     }
 }
 
@@ -93,11 +97,11 @@ fn caller(req: &Request) -> Caller {
 
 /// The `fuser::Filesystem` implementation.
 pub struct FuseAdapter {
-    fs: ArtifactFs,
+    fs: std::sync::Arc<ArtifactFs>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: ArtifactFs) -> Self {
+    pub fn new(fs: std::sync::Arc<ArtifactFs>) -> Self {
         FuseAdapter { fs }
     }
 }
@@ -217,16 +221,28 @@ impl Filesystem for FuseAdapter {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
-        _target: &std::path::Path,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let e = self
-            .fs
-            .refuse_link("symlink", parent.0, link_name.as_bytes());
-        reply.error(errno(&e));
+        reply_entry!(
+            reply,
+            self.fs.symlink(
+                caller(req),
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes()
+            )
+        )
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn rename(
@@ -352,10 +368,7 @@ impl Filesystem for FuseAdapter {
         match self.fs.readdir(ino.0, offset, 256) {
             Ok(entries) => {
                 for e in entries {
-                    let kind = match e.attr.kind {
-                        Kind::Dir => FileType::Directory,
-                        Kind::File => FileType::RegularFile,
-                    };
+                    let kind = file_type(e.attr.kind);
                     let name = OsStr::from_bytes(&e.name);
                     if reply.add(INodeNo(e.attr.ino), e.cookie, kind, name) {
                         break;
@@ -425,15 +438,18 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
-        _value: &[u8],
+        value: &[u8],
         _flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&self.fs.setxattr(ino.0, name.as_bytes())));
+        reply_empty!(
+            reply,
+            self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -450,8 +466,15 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.fs.setxattr(ino.0, name.as_bytes())));
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        // Removing is writing: refused the same way (never a registration).
+        let res = match name.as_bytes() {
+            n if n.starts_with(b"user.artifactfs.register.") => {
+                Err(FsError::Refused(Refusal::NotSupported))
+            }
+            n => self.fs.setxattr(caller(req), ino.0, n, b""),
+        };
+        reply_empty!(reply, res)
     }
 
     fn create(

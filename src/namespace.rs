@@ -5,7 +5,10 @@
 //! /runs/                 one directory per run id (mkdir creates a run)
 //! /runs/<id>/            a run; always has artifacts/
 //! /runs/<id>/...         any tree of directories and write-once files
-//! /models/               the model registry (nothing can be created here yet)
+//! /models/               one directory per registered model (mkdir registers a name)
+//! /models/<name>/         version directories, or one model copied in directly (MLmodel
+//!                         at its top); numeric names, `latest` and `@…` are the registry's
+//! /models/<name>/...      the model's files, until the version is READY and sealed
 //! ```
 //! Pure rules over names and places: no I/O, no index, no kernel. The file-system logic asks
 //! these functions before it changes anything, and logs the reason they give when they refuse.
@@ -28,8 +31,10 @@ pub enum Zone {
     RunRoot = 1,
     /// Anything below `runs/<id>/`.
     RunTree = 2,
-    /// Anything below `models/`.
+    /// Anything below `models/<name>/`.
     ModelTree = 3,
+    /// `models/<name>` itself: a registered model.
+    ModelRoot = 4,
 }
 
 /// Where a directory sits, which decides what may be created in it.
@@ -40,6 +45,7 @@ pub enum Place {
     Models,
     RunRoot,
     RunTree,
+    ModelRoot,
     ModelTree,
 }
 
@@ -51,6 +57,7 @@ pub fn place_of(ino: u64, zone: u8) -> Place {
         MODELS_INO => Place::Models,
         _ => match zone {
             z if z == Zone::RunRoot as u8 => Place::RunRoot,
+            z if z == Zone::ModelRoot as u8 => Place::ModelRoot,
             z if z == Zone::ModelTree as u8 => Place::ModelTree,
             _ => Place::RunTree,
         },
@@ -102,10 +109,9 @@ pub fn mkdir(parent: Place, name: &[u8]) -> Rule<Zone> {
         ),
         Place::Runs => check_run_id(name).map(|_| Zone::RunRoot),
         Place::RunRoot | Place::RunTree => check_name(name).map(|_| Zone::RunTree),
-        Place::Models | Place::ModelTree => refuse(
-            Refusal::NotPermitted,
-            "the model registry (models/) does not accept entries yet",
-        ),
+        Place::Models => check_model_name(name).map(|_| Zone::ModelRoot),
+        Place::ModelRoot => check_version_dir_name(name).map(|_| Zone::ModelTree),
+        Place::ModelTree => check_name(name).map(|_| Zone::ModelTree),
     }
 }
 
@@ -121,10 +127,12 @@ pub fn create_file(parent: Place, name: &[u8]) -> Rule<Zone> {
             "runs/ holds only run directories (mkdir runs/<id>)",
         ),
         Place::RunRoot | Place::RunTree => check_name(name).map(|_| Zone::RunTree),
-        Place::Models | Place::ModelTree => refuse(
+        Place::Models => refuse(
             Refusal::NotPermitted,
-            "the model registry (models/) does not accept entries yet",
+            "models/ holds only registered model directories (mkdir models/<name>, cp -r a model dir)",
         ),
+        Place::ModelRoot => check_version_dir_name(name).map(|_| Zone::ModelTree),
+        Place::ModelTree => check_name(name).map(|_| Zone::ModelTree),
     }
 }
 
@@ -143,12 +151,75 @@ pub fn rmdir(parent: Place, name: &[u8]) -> Rule<()> {
 /// May a file in `parent` be unlinked (soft-deleted into a tombstone)?
 pub fn unlink(parent: Place) -> Rule<()> {
     match parent {
-        Place::RunRoot | Place::RunTree => Ok(()),
+        Place::RunRoot | Place::RunTree | Place::ModelRoot | Place::ModelTree => Ok(()),
         _ => refuse(
             Refusal::NotPermitted,
-            "only files below runs/<id>/ can be removed",
+            "only files below runs/<id>/ and model drafts can be removed",
         ),
     }
+}
+
+/// A registered model name, as MLflow allows: not empty, no `/`, `:`, `%`, no `..`, no control
+/// characters, at most 255 bytes, UTF-8.
+pub fn check_model_name(name: &[u8]) -> Rule<()> {
+    check_name(name)?;
+    if name
+        .iter()
+        .any(|&b| b == b':' || b == b'%' || b < 0x20 || b == 0x7f)
+    {
+        return refuse(
+            Refusal::Invalid,
+            "model names cannot contain ':', '%' or control characters",
+        );
+    }
+    if name.windows(2).any(|w| w == b"..") {
+        return refuse(Refusal::Invalid, "model names cannot contain '..'");
+    }
+    if std::str::from_utf8(name).is_err() {
+        return refuse(Refusal::Invalid, "model names must be UTF-8");
+    }
+    Ok(())
+}
+
+/// Names in `models/<name>/` that the registry's links use: version numbers, `latest`, `@alias`.
+pub fn is_registry_name(name: &[u8]) -> bool {
+    name == b"latest"
+        || name.first() == Some(&b'@')
+        || (!name.is_empty() && name.iter().all(u8::is_ascii_digit))
+}
+
+fn check_version_dir_name(name: &[u8]) -> Rule<()> {
+    check_name(name)?;
+    if is_registry_name(name) {
+        return refuse(
+            Refusal::NotPermitted,
+            "numeric names, 'latest' and '@...' are reserved for the registry's links in models/<name>/",
+        );
+    }
+    Ok(())
+}
+
+/// An alias name, as MLflow allows: `[A-Za-z0-9_-]`, not `latest`, not `v<digits>` (and short
+/// enough that `@alias` is a valid name).
+pub fn check_alias(alias: &[u8]) -> Rule<()> {
+    let ok_chars = !alias.is_empty()
+        && alias.len() < NAME_MAX
+        && alias
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok_chars {
+        return refuse(
+            Refusal::Invalid,
+            "aliases are 1-254 characters of [A-Za-z0-9_-]",
+        );
+    }
+    let versionlike = alias.len() > 1
+        && (alias[0] == b'v' || alias[0] == b'V')
+        && alias[1..].iter().all(u8::is_ascii_digit);
+    if alias.eq_ignore_ascii_case(b"latest") || versionlike {
+        return refuse(Refusal::Invalid, "'latest' and v<digits> cannot be aliases");
+    }
+    Ok(())
 }
 
 /// Special files (symlinks, hard links, devices, FIFOs, sockets) are refused everywhere.
@@ -224,5 +295,6 @@ mod tests {
         assert_eq!(place_of(10, Zone::RunRoot as u8), Place::RunRoot);
         assert_eq!(place_of(11, Zone::RunTree as u8), Place::RunTree);
         assert_eq!(place_of(12, Zone::ModelTree as u8), Place::ModelTree);
+        assert_eq!(place_of(13, Zone::ModelRoot as u8), Place::ModelRoot);
     }
 }

@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
 
+mod registry;
+pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
+
 use super::Hash;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -217,10 +220,17 @@ impl Index {
                 "index schema version {version} is newer than this artifactfs ({SCHEMA_VERSION})"
             )));
         }
-        if version == SCHEMA_VERSION {
-            return Ok(());
+        if version < 1 {
+            self.migrate_to_1(owner, now)?;
         }
-        // Version 0 -> 1: the initial schema. Later versions add steps here.
+        if version < 2 {
+            self.migrate_to_2()?;
+        }
+        Ok(())
+    }
+
+    /// Version 1: the namespace (entries, with the three fixed directories).
+    fn migrate_to_1(&self, owner: (u32, u32), now: i64) -> io::Result<()> {
         let (uid, gid) = owner;
         self.conn
             .execute_batch(&format!(
@@ -250,9 +260,53 @@ impl Index {
                       {uid}, {gid}, {now}, {now}, {now}),
                      ({MODELS_INO}, {ROOT_INO}, CAST('models' AS BLOB), 1, 0, 0, NULL, 0, 493,
                       {uid}, {gid}, {now}, {now}, {now});
-                 PRAGMA user_version = {SCHEMA_VERSION};
+                 PRAGMA user_version = 1;
                  COMMIT;"
             ))
+            .map_err(to_io)
+    }
+
+    /// Version 2: the model registry (registered models, versions, aliases).
+    fn migrate_to_2(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 CREATE TABLE registered_models (
+                     ino          INTEGER PRIMARY KEY,
+                     name         TEXT    NOT NULL UNIQUE,
+                     next_version INTEGER NOT NULL DEFAULT 1,
+                     created      INTEGER NOT NULL
+                 );
+                 CREATE TABLE model_versions (
+                     dir_ino          INTEGER PRIMARY KEY,
+                     model_ino        INTEGER NOT NULL,
+                     version          INTEGER,
+                     status           TEXT    NOT NULL,
+                     message          TEXT    NOT NULL DEFAULT '',
+                     run_id           TEXT,
+                     artifact_path    TEXT,
+                     model_uuid       TEXT,
+                     model_id         TEXT,
+                     flavors          TEXT,
+                     signature        TEXT,
+                     utc_time_created TEXT,
+                     total_size       INTEGER,
+                     file_count       INTEGER,
+                     digest           TEXT,
+                     source           TEXT,
+                     updated          INTEGER NOT NULL,
+                     UNIQUE (model_ino, version)
+                 );
+                 CREATE INDEX model_versions_by_model ON model_versions (model_ino, status);
+                 CREATE TABLE model_aliases (
+                     model_ino INTEGER NOT NULL,
+                     alias     TEXT    NOT NULL,
+                     version   INTEGER NOT NULL,
+                     PRIMARY KEY (model_ino, alias)
+                 );
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )
             .map_err(to_io)
     }
 
@@ -404,8 +458,46 @@ impl Index {
         Ok(())
     }
 
-    /// Moves file `ino` to `(new_parent, new_name)`; if it had committed content, the old path
-    /// becomes a tombstone in the same transaction. `Ok(false)` if the new path is taken.
+    /// Deletes a row outright, leaving no tombstone: only for drafts of model versions that
+    /// never became READY (their names may be reused).
+    pub fn delete_draft(&self, ino: u64) -> io::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM entries WHERE ino = ?1")
+            .map_err(to_io)?
+            .execute([ino as i64])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Every visible entry below directory `dir`, with its path relative to `dir`
+    /// (`/`-separated bytes), parents before children.
+    pub fn descendants(&self, dir: u64) -> io::Result<Vec<(Vec<u8>, Entry)>> {
+        let mut out = Vec::new();
+        let mut stack = vec![(Vec::new(), dir)];
+        while let Some((prefix, ino)) = stack.pop() {
+            let mut after = 0;
+            loop {
+                let batch = self.children(ino, after, 1000)?;
+                let Some(last) = batch.last() else { break };
+                after = last.ino;
+                for e in batch {
+                    let mut rel = prefix.clone();
+                    if !rel.is_empty() {
+                        rel.push(b'/');
+                    }
+                    rel.extend_from_slice(&e.name);
+                    if e.kind == Kind::Dir {
+                        stack.push((rel.clone(), e.ino));
+                    }
+                    out.push((rel, e));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves file `ino` to `(new_parent, new_name)`; if it had committed content and
+    /// `leave_tombstone`, the old path becomes a tombstone in the same transaction. `Ok(false)` if the new path is taken.
     pub fn rename_file(
         &mut self,
         ino: u64,
@@ -413,6 +505,7 @@ impl Index {
         new_name: &[u8],
         new_zone: u8,
         now: i64,
+        leave_tombstone: bool,
     ) -> io::Result<bool> {
         let tx = self.conn.transaction().map_err(to_io)?;
         let old = tx
@@ -439,7 +532,7 @@ impl Index {
             }
             Err(e) => return Err(to_io(e)),
         }
-        if old.state == State::Live {
+        if leave_tombstone && old.state == State::Live {
             tx.execute(
                 "INSERT INTO entries
                  (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
@@ -649,12 +742,12 @@ mod tests {
         let hash = Hash([1; 32]);
         let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
         idx.commit_file(a, &hash, 1, 6).unwrap();
-        assert!(idx.rename_file(a, RUNS_INO, b"b", 2, 7).unwrap());
+        assert!(idx.rename_file(a, RUNS_INO, b"b", 2, 7, true).unwrap());
         let old = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
         assert_eq!((old.state, old.hash), (State::Tombstone, Some(hash)));
         assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap().unwrap().ino, a);
         // Renaming back onto the tombstone is refused.
-        assert!(!idx.rename_file(a, RUNS_INO, b"a", 2, 8).unwrap());
+        assert!(!idx.rename_file(a, RUNS_INO, b"a", 2, 8, true).unwrap());
         assert_eq!(idx.path_of(a).unwrap(), PathBuf::from("runs/b"));
         assert_eq!(idx.file_rows().unwrap().len(), 2);
     }

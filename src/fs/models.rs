@@ -1,0 +1,968 @@
+//! The file-system side of the model registry: what `models/` looks like and how changes in it
+//! reach [`crate::registry`].
+//!
+//! - Every change below `models/<name>/` first asks whether a READY version seals it
+//!   ([`ArtifactFs::model_guard`]) and afterwards marks its version directory PENDING and the
+//!   model active ([`ArtifactFs::model_touch`]).
+//! - [`ArtifactFs::tick`] (called periodically by the daemon, directly by tests) validates the
+//!   pending versions of every model that has been quiet for the settle time.
+//! - The registry's links (`3`, `latest`, `@alias`) are virtual symlinks with inode numbers from
+//!   [`VIRT_BASE`] up; `ln -s`/`ln -sfn` and `rm` on `@alias` names set and remove aliases.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{ArtifactFs, Attr, Caller, NodeKind, from_ns, lock};
+use crate::error::{FsError, FsResult, Refusal};
+use crate::namespace::{self, Place, Zone};
+use crate::registry::{self, Outcome, Unit};
+use crate::store::index::{Entry, Index, Kind, MODELS_INO, NewEntry, State, VersionStatus};
+use crate::store::now_ns;
+
+/// An extended attribute: name and value.
+type NamedValue = (&'static str, Vec<u8>);
+
+/// Inode numbers of registry links start here (index rows never get this high).
+pub const VIRT_BASE: u64 = 1 << 56;
+
+/// Extended attributes of a version directory.
+pub const XATTR_STATUS: &str = "user.artifactfs.status";
+pub const XATTR_VERSION: &str = "user.artifactfs.version";
+pub const XATTR_MESSAGE: &str = "user.artifactfs.message";
+pub const XATTR_DIGEST: &str = "user.artifactfs.digest";
+/// `setxattr models/<name> user.artifactfs.register.<dir> <store path>` registers a directory of
+/// the store as a new version `<dir>` without copying its bytes.
+pub const XATTR_REGISTER_PREFIX: &str = "user.artifactfs.register.";
+
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    last: Instant,
+    /// Files open for writing below the model.
+    open: usize,
+}
+
+#[derive(Default)]
+struct Links {
+    by_key: HashMap<(u64, Vec<u8>), u64>,
+    by_ino: HashMap<u64, (u64, Vec<u8>)>,
+    next: u64,
+}
+
+/// Registry state kept in memory by the daemon.
+#[derive(Default)]
+pub struct ModelState {
+    activity: Mutex<HashMap<u64, Activity>>,
+    links: Mutex<Links>,
+    /// Symlinks `ln -sf` creates under a temporary name before renaming them to `@alias`:
+    /// (model, name) → version number.
+    temp_links: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+}
+
+fn in_models(e: &Entry) -> bool {
+    e.zone == Zone::ModelRoot as u8 || e.zone == Zone::ModelTree as u8
+}
+
+impl ModelState {
+    fn bump(&self, model: u64, open_delta: isize) {
+        let mut act = lock(&self.activity);
+        let a = act.entry(model).or_insert(Activity {
+            last: Instant::now(),
+            open: 0,
+        });
+        a.last = Instant::now();
+        a.open = a.open.saturating_add_signed(open_delta);
+    }
+
+    fn link_ino(&self, model: u64, name: &[u8]) -> u64 {
+        let mut l = lock(&self.links);
+        let key = (model, name.to_vec());
+        if let Some(&ino) = l.by_key.get(&key) {
+            return ino;
+        }
+        let ino = VIRT_BASE + l.next;
+        l.next += 1;
+        l.by_key.insert(key.clone(), ino);
+        l.by_ino.insert(ino, key);
+        ino
+    }
+
+    fn link_key(&self, ino: u64) -> Option<(u64, Vec<u8>)> {
+        lock(&self.links).by_ino.get(&ino).cloned()
+    }
+}
+
+impl ArtifactFs {
+    /// After a restart, versions left PENDING are validated once the settle time has passed.
+    pub(super) fn resume_pending(&self) {
+        let pending = self.store.index().models_with_pending().unwrap_or_default();
+        for model in pending {
+            self.models.bump(model, 0);
+        }
+    }
+
+    /// The unit of entry `e` if it lies below `models/`.
+    pub(super) fn model_unit(&self, idx: &Index, e: &Entry) -> FsResult<Option<Unit>> {
+        if !in_models(e) {
+            return Ok(None);
+        }
+        Ok(registry::unit_of(idx, e.ino)?)
+    }
+
+    /// Refuses a change to entry `e` (or inside directory `e`) when a READY version seals it.
+    pub(super) fn model_guard(
+        &self,
+        idx: &Index,
+        op: &str,
+        e: &Entry,
+        name: Option<&[u8]>,
+    ) -> FsResult<Option<Unit>> {
+        let Some(unit) = self.model_unit(idx, e)? else {
+            return Ok(None);
+        };
+        if let Some(v) = registry::sealing_version(idx, unit)? {
+            let model = idx.model(unit.model)?.map(|m| m.name).unwrap_or_default();
+            let why = format!(
+                "version {} of model {model} is READY: its directory is sealed",
+                v.version.unwrap_or(0)
+            );
+            return Err(Self::deny(
+                idx,
+                op,
+                e.ino,
+                name,
+                (Refusal::NotPermitted, why),
+            ));
+        }
+        Ok(Some(unit))
+    }
+
+    /// Records a change below a model: its version directory is PENDING again and the model
+    /// must be quiet for the settle time before it is validated.
+    pub(super) fn model_touch(&self, idx: &Index, unit: Unit, mark_pending: bool) -> FsResult<()> {
+        if mark_pending {
+            idx.version_pending(unit.dir, unit.model, now_ns())?;
+        }
+        self.models.bump(unit.model, 0);
+        Ok(())
+    }
+
+    /// A file below a model was opened for writing (`+1`) or released (`-1`), or written.
+    pub(super) fn model_write_activity(&self, model: u64, open_delta: isize) {
+        self.models.bump(model, open_delta);
+    }
+
+    /// The unit a new entry `name` in directory `dir` will belong to.
+    pub(super) fn unit_for_new(
+        &self,
+        idx: &Index,
+        dir: &Entry,
+        new_ino: u64,
+    ) -> FsResult<Option<Unit>> {
+        if dir.zone == Zone::ModelRoot as u8 && dir.ino != MODELS_INO {
+            // A directory made in models/<name>/ is a candidate version of its own; a file
+            // there belongs to the model directory (a model copied in directly).
+            let new_is_dir = idx.get(new_ino)?.is_some_and(|e| e.kind == Kind::Dir);
+            return Ok(Some(Unit {
+                model: dir.ino,
+                dir: if new_is_dir { new_ino } else { dir.ino },
+            }));
+        }
+        self.model_unit(idx, dir)
+    }
+
+    /// Validates the pending versions of every model quiet for the settle time. Returns one
+    /// line per transition (also logged).
+    pub fn tick(&self, now: Instant) -> Vec<String> {
+        let due: Vec<u64> = {
+            let mut act = lock(&self.models.activity);
+            let due: Vec<u64> = act
+                .iter()
+                .filter(|(_, a)| {
+                    a.open == 0 && now.saturating_duration_since(a.last) >= self.opts.settle
+                })
+                .map(|(m, _)| *m)
+                .collect();
+            for m in &due {
+                act.remove(m);
+            }
+            due
+        };
+        let mut lines = Vec::new();
+        for model in due {
+            let mut idx = self.store.index();
+            let outcomes =
+                match registry::settle_model(&mut idx, &self.store.blobs, model, now_ns()) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        log::warn!("settling model inode {model} failed: {e}");
+                        drop(idx);
+                        self.models.bump(model, 0);
+                        continue;
+                    }
+                };
+            for (dir, outcome) in outcomes {
+                let path = idx.path_of(dir).unwrap_or_default();
+                let line = match outcome {
+                    Outcome::Ready(n) => format!("/{}: READY as version {n}", path.display()),
+                    Outcome::Failed(msg) => format!("/{}: FAILED: {msg}", path.display()),
+                    Outcome::NotAModel => continue,
+                };
+                log::info!("registry: {line}");
+                lines.push(line);
+            }
+        }
+        lines
+    }
+
+    // ----- registry links --------------------------------------------------------------------
+
+    fn link_attr(&self, model: &Entry, name: &[u8], target_len: usize, time: i64) -> Attr {
+        Attr {
+            ino: self.models.link_ino(model.ino, name),
+            kind: NodeKind::Symlink,
+            size: target_len as u64,
+            perm: 0o777,
+            uid: self.opts.uid.unwrap_or(model.uid),
+            gid: self.opts.gid.unwrap_or(model.gid),
+            mtime: from_ns(time),
+            ctime: from_ns(time),
+            crtime: from_ns(time),
+            sealed: false,
+        }
+    }
+
+    /// Where registry link `name` of model directory `model` points (a version directory's
+    /// name), and when it last changed.
+    fn link_target(
+        &self,
+        idx: &Index,
+        model: &Entry,
+        name: &[u8],
+    ) -> FsResult<Option<(Vec<u8>, i64)>> {
+        let version = match lock(&self.models.temp_links).get(&(model.ino, name.to_vec())) {
+            Some(&n) => idx.version_number(model.ino, n)?,
+            None => registry::link(idx, model.ino, name)?,
+        };
+        let Some(v) = version else { return Ok(None) };
+        let dir = idx
+            .get(v.dir_ino)?
+            .ok_or(FsError::Refused(Refusal::NotFound))?;
+        Ok(Some((dir.name, v.updated)))
+    }
+
+    /// A registry link in model directory `model`, if `name` is one.
+    pub(super) fn lookup_link(
+        &self,
+        idx: &Index,
+        model: &Entry,
+        name: &[u8],
+    ) -> FsResult<Option<Attr>> {
+        if model.zone != Zone::ModelRoot as u8 {
+            return Ok(None);
+        }
+        Ok(self
+            .link_target(idx, model, name)?
+            .map(|(t, time)| self.link_attr(model, name, t.len(), time)))
+    }
+
+    /// All registry links of model directory `model` (empty for other directories).
+    pub(super) fn list_links(&self, idx: &Index, model: &Entry) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        if model.zone != Zone::ModelRoot as u8 {
+            return Ok(Vec::new());
+        }
+        let mut names: Vec<Vec<u8>> = registry::links(idx, model.ino)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.extend(
+            lock(&self.models.temp_links)
+                .keys()
+                .filter(|(m, _)| *m == model.ino)
+                .map(|(_, n)| n.clone()),
+        );
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(attr) = self.lookup_link(idx, model, &name)? {
+                out.push((name, attr));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attributes of a registry link by inode number.
+    pub(super) fn link_getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (model, name) = self
+            .models
+            .link_key(ino)
+            .ok_or(FsError::Refused(Refusal::NotFound))?;
+        let idx = self.store.index();
+        let m = Self::dir(&idx, model)?;
+        self.lookup_link(&idx, &m, &name)?
+            .ok_or(FsError::Refused(Refusal::NotFound))
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (model, name) = self
+            .models
+            .link_key(ino)
+            .ok_or(FsError::Refused(Refusal::NotFound))?;
+        let idx = self.store.index();
+        let m = Self::dir(&idx, model)?;
+        Ok(self
+            .link_target(&idx, &m, &name)?
+            .ok_or(FsError::Refused(Refusal::NotFound))?
+            .0)
+    }
+
+    /// `ln -s TARGET models/<name>/@alias` sets an alias; under another name it is the
+    /// temporary link `ln -sf` renames over an existing alias. Elsewhere: refused.
+    pub fn symlink(
+        &self,
+        _caller: Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Attr> {
+        let idx = self.store.index();
+        self.read_only(&idx, "symlink", parent, Some(name))?;
+        let dir = Self::dir(&idx, parent)?;
+        if dir.zone != Zone::ModelRoot as u8 || registry::is_direct(&idx, dir.ino)? {
+            return Err(Self::deny(
+                &idx,
+                "symlink",
+                parent,
+                Some(name),
+                namespace::special_file("symbolic links (other than aliases in models/<name>/)")
+                    .unwrap_err(),
+            ));
+        }
+        if idx
+            .lookup(parent, name)?
+            .is_some_and(|e| e.state != State::Tombstone)
+            || self.link_target(&idx, &dir, name)?.is_some()
+        {
+            return Err(FsError::Refused(Refusal::Exists));
+        }
+        let Some(version) = registry::resolve_target(&idx, dir.ino, target)? else {
+            let why = format!(
+                "{:?} is not a READY version of this model (use a version number, latest, an alias or a version directory)",
+                String::from_utf8_lossy(target)
+            );
+            return Err(Self::deny(
+                &idx,
+                "symlink",
+                parent,
+                Some(name),
+                (Refusal::Invalid, why),
+            ));
+        };
+        let number = version.version.unwrap_or(0);
+        if let Some(alias) = name.strip_prefix(b"@") {
+            namespace::check_alias(alias)
+                .map_err(|r| Self::deny(&idx, "symlink", parent, Some(name), r))?;
+            idx.alias_set(dir.ino, &String::from_utf8_lossy(alias), number)?;
+            log::info!(
+                "registry: alias @{} -> version {number} of /{}",
+                String::from_utf8_lossy(alias),
+                idx.path_of(dir.ino)?.display()
+            );
+        } else if namespace::is_registry_name(name) {
+            return Err(Self::deny(
+                &idx,
+                "symlink",
+                parent,
+                Some(name),
+                (
+                    Refusal::NotPermitted,
+                    "version numbers and latest are maintained by the registry".into(),
+                ),
+            ));
+        } else {
+            namespace::check_name(name)
+                .map_err(|r| Self::deny(&idx, "symlink", parent, Some(name), r))?;
+            lock(&self.models.temp_links).insert((dir.ino, name.to_vec()), number);
+        }
+        self.lookup_link(&idx, &dir, name)?
+            .ok_or(FsError::Refused(Refusal::NotFound))
+    }
+
+    /// `unlink` of a registry link: removes an alias (or a temporary link); versions and
+    /// `latest` cannot be removed. `None` when `name` is not a link.
+    pub(super) fn unlink_link(
+        &self,
+        idx: &Index,
+        dir: &Entry,
+        name: &[u8],
+    ) -> Option<FsResult<()>> {
+        if dir.zone != Zone::ModelRoot as u8 {
+            return None;
+        }
+        if lock(&self.models.temp_links)
+            .remove(&(dir.ino, name.to_vec()))
+            .is_some()
+        {
+            return Some(Ok(()));
+        }
+        if !namespace::is_registry_name(name) {
+            return None;
+        }
+        Some((|| {
+            if let Some(alias) = name.strip_prefix(b"@")
+                && idx.alias_remove(dir.ino, &String::from_utf8_lossy(alias))?
+            {
+                log::info!(
+                    "registry: alias @{} removed from /{}",
+                    String::from_utf8_lossy(alias),
+                    idx.path_of(dir.ino)?.display()
+                );
+                return Ok(());
+            }
+            if self.link_target(idx, dir, name)?.is_some() {
+                return Err(Self::deny(
+                    idx,
+                    "unlink",
+                    dir.ino,
+                    Some(name),
+                    (
+                        Refusal::NotPermitted,
+                        "version links and latest are maintained by the registry".into(),
+                    ),
+                ));
+            }
+            Err(FsError::Refused(Refusal::NotFound))
+        })())
+    }
+
+    /// `rename` of a temporary link (or an alias) to `@alias` in the same model: how `ln -sfn`
+    /// moves an alias. `None` when the source is not a registry link.
+    pub(super) fn rename_link(
+        &self,
+        idx: &Index,
+        dir: &Entry,
+        name: &[u8],
+        new_dir: &Entry,
+        new_name: &[u8],
+    ) -> Option<FsResult<()>> {
+        if dir.zone != Zone::ModelRoot as u8 {
+            return None;
+        }
+        let temp = lock(&self.models.temp_links)
+            .get(&(dir.ino, name.to_vec()))
+            .copied();
+        let number = match temp {
+            Some(n) => n,
+            None if name.starts_with(b"@") => match self.link_target(idx, dir, name) {
+                Ok(Some(_)) => {
+                    let alias = String::from_utf8_lossy(&name[1..]).into_owned();
+                    idx.aliases_of(dir.ino)
+                        .ok()?
+                        .into_iter()
+                        .find(|(a, _)| *a == alias)?
+                        .1
+                }
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            },
+            None => return None,
+        };
+        Some((|| {
+            let Some(alias) = new_name
+                .strip_prefix(b"@")
+                .filter(|_| new_dir.ino == dir.ino)
+            else {
+                return Err(Self::deny(
+                    idx,
+                    "rename",
+                    dir.ino,
+                    Some(name),
+                    (
+                        Refusal::NotPermitted,
+                        "a registry link can only become @alias in the same model".into(),
+                    ),
+                ));
+            };
+            namespace::check_alias(alias)
+                .map_err(|r| Self::deny(idx, "rename", dir.ino, Some(new_name), r))?;
+            idx.alias_set(dir.ino, &String::from_utf8_lossy(alias), number)?;
+            if temp.is_some() {
+                lock(&self.models.temp_links).remove(&(dir.ino, name.to_vec()));
+            } else {
+                idx.alias_remove(dir.ino, &String::from_utf8_lossy(&name[1..]))?;
+            }
+            log::info!(
+                "registry: alias @{} -> version {number} of /{}",
+                String::from_utf8_lossy(alias),
+                idx.path_of(dir.ino)?.display()
+            );
+            Ok(())
+        })())
+    }
+
+    // ----- state as extended attributes ----------------------------------------------------
+
+    /// The registry xattrs of a version directory (`None`: not a version directory).
+    pub(super) fn version_xattrs(
+        &self,
+        idx: &Index,
+        e: &Entry,
+    ) -> FsResult<Option<Vec<NamedValue>>> {
+        if !in_models(e) || e.kind != Kind::Dir {
+            return Ok(None);
+        }
+        let Some(v) = idx.version_of_dir(e.ino)? else {
+            return Ok(None);
+        };
+        let mut out = vec![(XATTR_STATUS, v.status.as_str().as_bytes().to_vec())];
+        if let Some(n) = v.version.filter(|_| v.status == VersionStatus::Ready) {
+            out.push((XATTR_VERSION, n.to_string().into_bytes()));
+            out.push((XATTR_DIGEST, v.record.digest.into_bytes()));
+        }
+        if !v.message.is_empty() {
+            out.push((XATTR_MESSAGE, v.message.into_bytes()));
+        }
+        Ok(Some(out))
+    }
+
+    // ----- registration without copying ------------------------------------------------------
+
+    /// Registers store directory `source` (e.g. `runs/<id>/artifacts/model`) as version
+    /// directory `dir_name` of model directory `model` by recording its files again: the same
+    /// blobs, no bytes copied. The version validates like any other.
+    pub fn register_from(
+        &self,
+        caller: Caller,
+        model: u64,
+        dir_name: &[u8],
+        source: &[u8],
+    ) -> FsResult<Attr> {
+        let (uid, gid) = self.owner(caller);
+        let idx = self.store.index();
+        self.read_only(&idx, "register", model, Some(dir_name))?;
+        let m = Self::dir(&idx, model)?;
+        let place = namespace::place_of(m.ino, m.zone);
+        if place != Place::ModelRoot {
+            return Err(Self::deny(
+                &idx,
+                "register",
+                model,
+                Some(dir_name),
+                (Refusal::Invalid, "register into models/<name>/".into()),
+            ));
+        }
+        namespace::mkdir(place, dir_name)
+            .map_err(|r| Self::deny(&idx, "register", model, Some(dir_name), r))?;
+        self.model_guard(&idx, "register", &m, Some(dir_name))?;
+        let src_path = std::ffi::OsStr::from_bytes(source);
+        let src = match idx.resolve(Path::new(src_path))? {
+            Some(e) if e.kind == Kind::Dir => e,
+            _ => {
+                let why = format!(
+                    "{:?} is not a directory of the store",
+                    String::from_utf8_lossy(source)
+                );
+                return Err(Self::deny(
+                    &idx,
+                    "register",
+                    model,
+                    Some(dir_name),
+                    (Refusal::NotFound, why),
+                ));
+            }
+        };
+        let tree = idx.descendants(src.ino)?;
+        if tree
+            .iter()
+            .any(|(_, e)| e.kind == Kind::File && e.state != State::Live)
+        {
+            return Err(Self::deny(
+                &idx,
+                "register",
+                model,
+                Some(dir_name),
+                (Refusal::Busy, "the source is still being written".into()),
+            ));
+        }
+        let now = now_ns();
+        fn copy_of<'a>(
+            parent: u64,
+            name: &'a [u8],
+            e: &Entry,
+            owner: (u32, u32),
+            now: i64,
+        ) -> NewEntry<'a> {
+            NewEntry {
+                parent,
+                name,
+                kind: e.kind,
+                state: State::Live,
+                zone: Zone::ModelTree as u8,
+                hash: e.hash,
+                size: e.size,
+                mode: e.mode,
+                uid: owner.0,
+                gid: owner.1,
+                time: now,
+            }
+        }
+        let Some(vdir) = idx.insert(&copy_of(model, dir_name, &src, (uid, gid), now))? else {
+            return Err(FsError::Refused(Refusal::Exists));
+        };
+        let mut map = HashMap::from([(src.ino, vdir)]);
+        for (_, e) in &tree {
+            let parent = map[&e.parent];
+            let ino = idx
+                .insert(&copy_of(parent, &e.name, e, (uid, gid), now))?
+                .ok_or(FsError::Refused(Refusal::Exists))?;
+            map.insert(e.ino, ino);
+        }
+        idx.version_pending(vdir, model, now)?;
+        idx.version_source(vdir, &String::from_utf8_lossy(source))?;
+        log::info!(
+            "registry: /{} registered from /{} ({} entries, no bytes copied)",
+            idx.path_of(vdir)?.display(),
+            String::from_utf8_lossy(source),
+            tree.len()
+        );
+        self.models.bump(model, 0);
+        let e = idx.get(vdir)?.ok_or(FsError::Refused(Refusal::NotFound))?;
+        drop(idx);
+        Ok(self.attr_of(&e))
+    }
+}
+
+use std::os::unix::ffi::OsStrExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::SetAttr;
+    use crate::store::Store;
+    use crate::store::index::RUNS_INO;
+    use std::time::Duration;
+
+    const ME: Caller = Caller { uid: 0, gid: 0 };
+
+    fn fixtures() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mlflow")
+    }
+
+    fn new_fs(dir: &Path) -> ArtifactFs {
+        ArtifactFs::new(
+            Store::open_writable(dir).unwrap(),
+            super::super::FsOptions::default(),
+        )
+    }
+
+    fn settle(fs: &ArtifactFs) -> Vec<String> {
+        fs.tick(Instant::now() + Duration::from_secs(3600))
+    }
+
+    fn write(fs: &ArtifactFs, dir: u64, name: &[u8], data: &[u8]) -> FsResult<u64> {
+        let (a, fh) = fs.create(ME, dir, name, 0o644)?;
+        fs.write(fh, 0, data)?;
+        fs.release(fh)?;
+        Ok(a.ino)
+    }
+
+    /// `cp -r src dir/name` through the file-system logic.
+    fn copy_in(fs: &ArtifactFs, src: &Path, dir: u64, name: &[u8]) -> u64 {
+        let d = fs.mkdir(ME, dir, name, 0o755).unwrap().ino;
+        let mut entries: Vec<_> = std::fs::read_dir(src)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let n = e.file_name();
+            if e.file_type().unwrap().is_dir() {
+                copy_in(fs, &e.path(), d, n.as_bytes());
+            } else {
+                write(fs, d, n.as_bytes(), &std::fs::read(e.path()).unwrap()).unwrap();
+            }
+        }
+        d
+    }
+
+    fn xattr(fs: &ArtifactFs, ino: u64, name: &str) -> Option<String> {
+        fs.getxattr(ino, name.as_bytes())
+            .ok()
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    fn refusal<T: std::fmt::Debug>(r: FsResult<T>) -> Refusal {
+        match r {
+            Err(FsError::Refused(k)) => k,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn names(fs: &ArtifactFs, dir: u64) -> Vec<String> {
+        fs.readdir(dir, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.name).unwrap())
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    }
+
+    #[test]
+    fn fixtures_are_accepted_and_rejected_as_their_readme_says() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let cases = [
+            ("sklearn_iris", Some("READY"), ""),
+            ("sklearn_nosig", Some("READY"), ""),
+            ("broken_invalid_yaml", Some("FAILED"), "not valid YAML"),
+            ("broken_empty_mlmodel", Some("FAILED"), "empty"),
+            ("broken_no_flavors", Some("FAILED"), "flavors"),
+            ("broken_missing_model_file", Some("FAILED"), "model.pkl"),
+            ("broken_no_mlmodel", None, ""),
+        ];
+        let dirs: Vec<u64> = cases
+            .iter()
+            .map(|(f, _, _)| copy_in(&fs, &fixtures().join(f), iris, f.as_bytes()))
+            .collect();
+        for &dir in &dirs {
+            assert_eq!(
+                xattr(&fs, dir, XATTR_STATUS).as_deref(),
+                Some("PENDING")
+                    .filter(|_| dir != dirs[6])
+                    .or(xattr(&fs, dir, XATTR_STATUS).as_deref())
+            );
+        }
+        let lines = settle(&fs);
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        let mut numbers = Vec::new();
+        for ((fixture, status, msg), dir) in cases.iter().zip(&dirs) {
+            assert_eq!(
+                xattr(&fs, *dir, XATTR_STATUS).as_deref(),
+                *status,
+                "{fixture}"
+            );
+            if *status == Some("FAILED") {
+                let m = xattr(&fs, *dir, XATTR_MESSAGE).unwrap();
+                assert!(m.contains(msg), "{fixture}: {m}");
+                assert_eq!(xattr(&fs, *dir, XATTR_VERSION), None);
+            }
+            if *status == Some("READY") {
+                numbers.push(xattr(&fs, *dir, XATTR_VERSION).unwrap());
+                assert_eq!(xattr(&fs, *dir, XATTR_DIGEST).unwrap().len(), 64);
+            }
+        }
+        // Two versions settling in the same pass get distinct numbers.
+        numbers.sort();
+        assert_eq!(numbers, ["1", "2"]);
+        let listing = names(&fs, iris);
+        for link in ["1", "2", "latest"] {
+            assert!(listing.contains(&link.to_string()), "{listing:?}");
+        }
+        let latest = fs.lookup(iris, b"latest").unwrap();
+        assert_eq!(latest.kind, NodeKind::Symlink);
+        assert_eq!(fs.readlink(latest.ino).unwrap(), b"sklearn_nosig");
+    }
+
+    #[test]
+    fn ready_versions_are_sealed_and_drafts_can_be_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"v1");
+        let bad = copy_in(&fs, &fixtures().join("broken_no_flavors"), iris, b"bad");
+        settle(&fs);
+        let mlmodel = fs.lookup(v1, b"MLmodel").unwrap().ino;
+        assert_eq!(refusal(write(&fs, v1, b"new", b"x")), Refusal::NotPermitted);
+        assert_eq!(
+            refusal(fs.mkdir(ME, v1, b"sub", 0o755)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(refusal(fs.unlink(v1, b"MLmodel")), Refusal::NotPermitted);
+        assert_eq!(
+            refusal(fs.rename(v1, b"MLmodel", v1, b"M2", false)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(refusal(fs.rmdir(iris, b"v1")), Refusal::NotPermitted);
+        assert!(
+            fs.setattr(
+                mlmodel,
+                SetAttr {
+                    mode: Some(0o400),
+                    ..Default::default()
+                }
+            )
+            .is_ok()
+        );
+        // The FAILED draft is removed with rm -r, and its name can be used again.
+        for n in names(&fs, bad) {
+            fs.unlink(bad, n.as_bytes()).unwrap();
+        }
+        fs.rmdir(iris, b"bad").unwrap();
+        let again = copy_in(&fs, &fixtures().join("sklearn_nosig"), iris, b"bad");
+        settle(&fs);
+        assert_eq!(xattr(&fs, again, XATTR_VERSION).as_deref(), Some("2"));
+        // Numeric names, latest and @names are the registry's.
+        assert_eq!(
+            refusal(fs.mkdir(ME, iris, b"7", 0o755)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(refusal(fs.unlink(iris, b"latest")), Refusal::NotPermitted);
+    }
+
+    #[test]
+    fn a_slow_writer_gets_a_provisional_failure_then_ready() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let v = fs.mkdir(ME, iris, b"v1", 0o755).unwrap().ino;
+        let src = fixtures().join("sklearn_iris");
+        // save_model writes the model file and MLmodel, then pauses before the env files.
+        for f in [
+            "model.skops",
+            "MLmodel",
+            "input_example.json",
+            "serving_input_example.json",
+        ] {
+            write(&fs, v, f.as_bytes(), &std::fs::read(src.join(f)).unwrap()).unwrap();
+        }
+        assert_eq!(xattr(&fs, v, XATTR_STATUS).as_deref(), Some("PENDING"));
+        // Not quiet long enough yet: nothing happens.
+        assert!(fs.tick(Instant::now()).is_empty());
+        settle(&fs);
+        assert_eq!(xattr(&fs, v, XATTR_STATUS).as_deref(), Some("FAILED"));
+        assert!(xattr(&fs, v, XATTR_MESSAGE).unwrap().contains("conda.yaml"));
+        for f in ["conda.yaml", "python_env.yaml", "requirements.txt"] {
+            write(&fs, v, f.as_bytes(), &std::fs::read(src.join(f)).unwrap()).unwrap();
+        }
+        assert_eq!(xattr(&fs, v, XATTR_STATUS).as_deref(), Some("PENDING"));
+        settle(&fs);
+        assert_eq!(xattr(&fs, v, XATTR_STATUS).as_deref(), Some("READY"));
+    }
+
+    #[test]
+    fn a_model_copied_in_directly_is_version_one_and_takes_no_more() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let m = copy_in(&fs, &fixtures().join("sklearn_iris"), MODELS_INO, b"iris");
+        settle(&fs);
+        assert_eq!(xattr(&fs, m, XATTR_VERSION).as_deref(), Some("1"));
+        assert!(
+            !names(&fs, m).contains(&"latest".to_string()),
+            "no links inside a direct model"
+        );
+        assert_eq!(
+            refusal(fs.mkdir(ME, m, b"v2", 0o755)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(
+            refusal(write(&fs, m, b"extra", b"x")),
+            Refusal::NotPermitted
+        );
+    }
+
+    #[test]
+    fn aliases_are_set_moved_and_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"a");
+        copy_in(&fs, &fixtures().join("sklearn_nosig"), iris, b"b");
+        settle(&fs);
+        let l = fs.symlink(ME, iris, b"@champion", b"1").unwrap();
+        assert_eq!(fs.readlink(l.ino).unwrap(), b"a");
+        assert_eq!(
+            refusal(fs.symlink(ME, iris, b"@champion", b"2")),
+            Refusal::Exists
+        );
+        // ln -sfn: a temporary link renamed over the alias.
+        fs.symlink(ME, iris, b"CuTmp123", b"./b/").unwrap();
+        fs.rename(iris, b"CuTmp123", iris, b"@champion", false)
+            .unwrap();
+        assert_eq!(
+            fs.readlink(fs.lookup(iris, b"@champion").unwrap().ino)
+                .unwrap(),
+            b"b"
+        );
+        assert!(!names(&fs, iris).contains(&"CuTmp123".to_string()));
+        assert_eq!(refusal(fs.symlink(ME, iris, b"@x", b"9")), Refusal::Invalid);
+        assert_eq!(
+            refusal(fs.symlink(ME, iris, b"@latest", b"1")),
+            Refusal::Invalid
+        );
+        assert_eq!(
+            refusal(fs.symlink(ME, iris, b"@v3", b"1")),
+            Refusal::Invalid
+        );
+        assert_eq!(
+            refusal(fs.symlink(ME, iris, b"@a", b"../other/1")),
+            Refusal::Invalid
+        );
+        let run = fs.mkdir(ME, RUNS_INO, b"r", 0o755).unwrap().ino;
+        assert_eq!(
+            refusal(fs.symlink(ME, run, b"l", b"x")),
+            Refusal::NotPermitted
+        );
+        fs.unlink(iris, b"@champion").unwrap();
+        assert_eq!(refusal(fs.lookup(iris, b"@champion")), Refusal::NotFound);
+    }
+
+    #[test]
+    fn registering_a_run_model_copies_no_bytes_and_survives_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let blob_count = || {
+            std::fs::read_dir(d.path().join("blobs/sha256"))
+                .unwrap()
+                .map(|e| std::fs::read_dir(e.unwrap().path()).unwrap().count())
+                .sum::<usize>()
+        };
+        {
+            let fs = new_fs(d.path());
+            let run = fs.mkdir(ME, RUNS_INO, b"r1", 0o755).unwrap().ino;
+            let art = fs.lookup(run, b"artifacts").unwrap().ino;
+            copy_in(&fs, &fixtures().join("sklearn_iris"), art, b"model");
+            let before = blob_count();
+            let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+            // By reference, and by copying (dedup): neither adds a blob.
+            let v = fs
+                .register_from(ME, iris, b"r1", b"runs/r1/artifacts/model")
+                .unwrap()
+                .ino;
+            copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"copied");
+            settle(&fs);
+            assert_eq!(blob_count(), before);
+            assert_eq!(xattr(&fs, v, XATTR_STATUS).as_deref(), Some("READY"));
+            let idx = fs.store().index();
+            let row = idx.version_of_dir(v).unwrap().unwrap();
+            assert_eq!(
+                row.record.source.as_deref(),
+                Some("runs/r1/artifacts/model")
+            );
+            let copied = idx.lookup(iris, b"copied").unwrap().unwrap();
+            assert_eq!(
+                idx.version_of_dir(copied.ino)
+                    .unwrap()
+                    .unwrap()
+                    .record
+                    .digest,
+                row.record.digest
+            );
+            drop(idx);
+            // A pending draft at shutdown is validated after the restart.
+            let v3 = fs.mkdir(ME, iris, b"later", 0o755).unwrap().ino;
+            write(&fs, v3, b"MLmodel", b"flavors: {}").unwrap();
+        }
+        let fs = new_fs(d.path());
+        let iris = fs.lookup(MODELS_INO, b"iris").unwrap().ino;
+        assert_eq!(
+            fs.readlink(fs.lookup(iris, b"latest").unwrap().ino)
+                .unwrap()
+                .len(),
+            6
+        );
+        let later = fs.lookup(iris, b"later").unwrap().ino;
+        assert_eq!(xattr(&fs, later, XATTR_STATUS).as_deref(), Some("PENDING"));
+        settle(&fs);
+        assert_eq!(xattr(&fs, later, XATTR_STATUS).as_deref(), Some("FAILED"));
+    }
+}
