@@ -148,6 +148,9 @@ pub struct MountArgs {
     /// Where a detached daemon logs [default: STORE/artifactfs.log]
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Serve reads of sealed files through the daemon instead of FUSE passthrough
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Seconds a model directory must be quiet before its version is validated
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
@@ -227,6 +230,9 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
         cmd.arg("--threads").arg(t.to_string());
     }
     cmd.arg("--settle").arg(args.settle.to_string());
+    if args.no_passthrough {
+        cmd.arg("--no-passthrough");
+    }
     cmd.arg(&mp)
         .env(READY_ENV, "1")
         .stdin(Stdio::null())
@@ -338,7 +344,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
 
-    let mut session = fuser::Session::new(FuseAdapter::new(fs), &mp, &config)
+    let mut session = fuser::Session::new(FuseAdapter::new(fs, !args.no_passthrough), &mp, &config)
         .with_context(|| format!("cannot mount at {}", mp.display()))?;
     let unmounter = session.unmount_callable();
     let mp_for_signal = mp.clone();

@@ -1,8 +1,10 @@
 //! The FUSE adapter: translates kernel requests into calls of [`ArtifactFs`] and back.
 //!
-//! The only module that imports `fuser`. It holds no state and makes no decisions beyond two
-//! tables: [`errno`] (refusal kind → errno, mirrored in the README) and [`ttl`] (how long the
-//! kernel may cache what it is told: long for sealed files, whose content never changes).
+//! The only module that imports `fuser`. It makes no decisions beyond two tables: [`errno`]
+//! (refusal kind → errno, mirrored in the README) and [`ttl`] (how long the kernel may cache what
+//! it is told: long for sealed files, whose content never changes). Its one piece of state is
+//! FUSE passthrough: when the kernel offers it, a sealed file's reads are handed to the kernel
+//! straight from its blob file, so they cost what a native read costs.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -14,6 +16,12 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use fuser::BackingId;
 
 use crate::error::{FsError, Refusal};
 use crate::fs::{ArtifactFs, Attr, Caller, NodeKind, Opened, SetAttr, SetTime};
@@ -97,12 +105,52 @@ fn caller(req: &Request) -> Caller {
 
 /// The `fuser::Filesystem` implementation.
 pub struct FuseAdapter {
-    fs: std::sync::Arc<ArtifactFs>,
+    fs: Arc<ArtifactFs>,
+    /// Passthrough wanted (command line) and, after `init`, granted by the kernel.
+    passthrough: AtomicBool,
+    backing: Mutex<Backing>,
+}
+
+/// Backing files registered with the kernel: one per inode while any handle has it open.
+#[derive(Default)]
+struct Backing {
+    by_fh: HashMap<u64, Arc<BackingId>>,
+    by_ino: HashMap<u64, Weak<BackingId>>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: std::sync::Arc<ArtifactFs>) -> Self {
-        FuseAdapter { fs }
+    pub fn new(fs: Arc<ArtifactFs>, passthrough: bool) -> Self {
+        FuseAdapter {
+            fs,
+            passthrough: AtomicBool::new(passthrough),
+            backing: Mutex::new(Backing::default()),
+        }
+    }
+
+    /// Replies to an open of a sealed file, through passthrough when it is on.
+    fn opened_sealed(&self, ino: u64, fh: u64, reply: ReplyOpen) {
+        if self.passthrough.load(Ordering::Relaxed)
+            && let Some(file) = self.fs.backing_file(fh)
+        {
+            let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+            let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
+                Some(id) => Ok(id),
+                None => reply.open_backing(&*file).map(Arc::new),
+            };
+            match id {
+                Ok(id) => {
+                    b.by_ino.insert(ino, Arc::downgrade(&id));
+                    b.by_fh.insert(fh, id.clone());
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("FUSE passthrough failed ({e}); serving reads through the daemon");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 }
 
@@ -130,6 +178,25 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config
+            .set_max_readahead(u32::MAX)
+            .or_else(|max| config.set_max_readahead(max));
+        if self.passthrough.load(Ordering::Relaxed) {
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough.store(granted, Ordering::Relaxed);
+            if granted {
+                log::info!(
+                    "FUSE passthrough on: sealed files are read by the kernel from their blobs"
+                );
+            } else {
+                log::info!(
+                    "FUSE passthrough not offered by this kernel: reads go through the daemon"
+                );
+            }
+        } else {
+            log::info!("FUSE passthrough off (--no-passthrough)");
+        }
         Ok(())
     }
 
@@ -281,7 +348,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0) {
-            Ok((fh, Opened::Sealed)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, Opened::Sealed)) => self.opened_sealed(ino.0, fh, reply),
             Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
@@ -343,6 +410,11 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.backing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_fh
+            .remove(&fh.0);
         reply_empty!(reply, self.fs.release(fh.0))
     }
 

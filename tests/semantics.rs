@@ -231,8 +231,13 @@ fn names_ids_and_the_models_dir() {
         errno(&fs::create_dir(m.path("runs/bad\x01id")).unwrap_err()),
         libc::EINVAL
     );
+    fs::create_dir(m.path("models/iris")).unwrap();
     assert_eq!(
-        errno(&fs::create_dir(m.path("models/iris")).unwrap_err()),
+        errno(&fs::create_dir(m.path("models/a:b")).unwrap_err()),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(&File::create(m.path("models/file")).unwrap_err()),
         libc::EPERM
     );
     // mkdir -p / os.makedirs deep below a run.

@@ -728,6 +728,14 @@ impl ArtifactFs {
         }
     }
 
+    /// The blob file behind a handle on a sealed file (for kernel passthrough).
+    pub fn backing_file(&self, fh: u64) -> Option<Arc<File>> {
+        match self.handle(fh) {
+            Ok(HandleRef::Read(f)) => Some(f),
+            _ => None,
+        }
+    }
+
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
         let n = match self.handle(fh)? {
