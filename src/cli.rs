@@ -195,8 +195,7 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     let store = args.store.dir();
     let mp = absolute(&args.mountpoint);
     check_mountpoint(&mp)?;
-    std::fs::create_dir_all(&store)
-        .with_context(|| format!("cannot create store {}", store.display()))?;
+    store::create_store_dir(&store)?;
     let log_path = args
         .log_file
         .clone()
@@ -414,14 +413,18 @@ pub fn mount_of_store(store: &Path) -> Option<PathBuf> {
     })
 }
 
-/// The store behind an artifactfs mount point, from /proc/mounts (its source is the store path;
-/// the pure-Rust mount records the type as plain `fuse`).
+/// The store behind a writable artifactfs mount point, from /proc/mounts (its source is the
+/// store path; the pure-Rust mount records the type as plain `fuse`). Read-only mounts hold no
+/// store lock, so there is nothing to wait for.
 fn store_of_mount(mp: &Path) -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
     let want = mp.as_os_str().as_bytes();
     mounts.lines().find_map(|line| {
         let f: Vec<&str> = line.split(' ').collect();
-        (f.len() > 2 && f[2].starts_with("fuse") && unescape_mount(f[1]) == want)
+        (f.len() > 3
+            && f[2].starts_with("fuse")
+            && unescape_mount(f[1]) == want
+            && f[3].split(',').any(|o| o == "rw"))
             .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[0]))))
             .filter(|store| store.join("lock").exists())
     })

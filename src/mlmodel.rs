@@ -9,9 +9,9 @@
 //!
 //! The bytes are untrusted, so parsing is guarded in two layers:
 //!
-//! 1. Before the YAML parser sees anything, [`prescan`] walks the raw text with a small
+//! 1. Before the YAML parser sees anything, `prescan` walks the raw text with a small
 //!    over-approximating model of libyaml's scanner and rejects flow nesting (`[`/`{`) deeper than
-//!    [`MAX_DEPTH`] and more than [`MAX_ALIASES`] alias uses. This matters: libyaml (under
+//!    64 levels and more than 64 alias uses. This matters: libyaml (under
 //!    `serde_yaml` 0.9) spends time quadratic in the flow depth while scanning (measured: 100,000
 //!    levels of `{a: ` take 48 s in a release build), long before `serde_yaml`'s own recursion
 //!    limit of 128 applies.
@@ -19,8 +19,8 @@
 //!    the number of nodes and the scalar bytes, counting every node an alias expands to.
 //!    `serde_yaml`'s own "repetition limit" stops exponential alias bombs but not quadratic ones
 //!    (a 15 KB document of one anchored 3,000-item list aliased 3,000 times expands to 9 million
-//!    nodes and 1 GB of memory), so the budget, proportional to the input size, is what bounds
-//!    memory.
+//!    nodes and 1 GB of memory), so the budget (proportional to the input size, at most 250,000
+//!    nodes) is what bounds memory.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -170,8 +170,14 @@ enum Mode {
     TagVerbatim,
     /// On the header line of a block scalar (`|` or `>`).
     BlockHeader,
-    /// Inside the content lines of a block scalar.
+    /// On the header line of a block scalar with an explicit indentation (`|2`).
+    BlockHeaderExplicit,
+    /// In a block scalar before its first non-empty line, which sets the indentation.
     BlockBody,
+    /// In a block scalar whose content lines are indented by `Lex::indent` spaces.
+    BlockBodyKnown,
+    /// In a block scalar with an explicit indentation relative to an unknown parent.
+    BlockBodyExplicit,
 }
 
 /// One interpretation of the text so far: libyaml's scanner state as far as it matters here.
@@ -182,6 +188,8 @@ struct Lex {
     depth: u8,
     /// Characters still to be consumed by the current token (document markers, `''`, `!<`).
     skip: u8,
+    /// Content indentation of a block scalar (`Mode::BlockBodyKnown` only).
+    indent: u32,
 }
 
 impl Lex {
@@ -190,10 +198,12 @@ impl Lex {
             mode,
             depth,
             skip: 0,
+            indent: 0,
         }
     }
 
-    /// A dense number for de-duplication: 13 modes, skip <= 2, depth <= MAX_DEPTH.
+    /// A dense number for de-duplication (without `indent`): 16 modes, skip <= 2,
+    /// depth <= MAX_DEPTH.
     fn key(self) -> usize {
         (self.mode as usize) | (usize::from(self.skip) << 4) | (usize::from(self.depth) << 6)
     }
@@ -211,6 +221,13 @@ struct NextLexes {
 
 impl NextLexes {
     fn push(&mut self, lex: Lex) {
+        if lex.indent != 0 {
+            // Rare (block scalars only), so a linear search is fine.
+            if !self.list.contains(&lex) {
+                self.list.push(lex);
+            }
+            return;
+        }
         let key = lex.key();
         let bit = 1u64 << (key % 64);
         if self.seen[key / 64] & bit == 0 {
@@ -265,9 +282,8 @@ fn lex_token(depth: u8, s: &[char], i: usize, line_start: bool, out: &mut NextLe
         '\u{feff}' if line_start => out.push_mode(Mode::Tok, depth),
         '%' if line_start => out.push_mode(Mode::Comment, depth),
         '-' | '.' if line_start && is_document_marker(s, i) => out.push(Lex {
-            mode: Mode::Tok,
-            depth,
             skip: 2,
+            ..Lex::new(Mode::Tok, depth)
         }),
         '[' | '{' => {
             if usize::from(depth) >= MAX_DEPTH {
@@ -286,9 +302,8 @@ fn lex_token(depth: u8, s: &[char], i: usize, line_start: bool, out: &mut NextLe
         }
         '&' => out.push_mode(Mode::Anchor, depth),
         '!' if s.get(i + 1) == Some(&'<') => out.push(Lex {
-            mode: Mode::TagVerbatim,
-            depth,
             skip: 1,
+            ..Lex::new(Mode::TagVerbatim, depth)
         }),
         '!' => out.push_mode(Mode::Tag, depth),
         '|' | '>' if depth == 0 => out.push_mode(Mode::BlockHeader, depth),
@@ -393,25 +408,99 @@ fn lex_step(lex: Lex, s: &[char], i: usize, line_start: bool, out: &mut NextLexe
                 lex_token(depth, s, i, line_start, out);
             }
         }
-        Mode::BlockHeader => {
+        Mode::BlockHeader | Mode::BlockHeaderExplicit => {
             if is_break(c) {
-                out.push_mode(Mode::BlockBody, depth);
+                let explicit = lex.mode == Mode::BlockHeaderExplicit;
+                let body = if explicit {
+                    Mode::BlockBodyExplicit
+                } else {
+                    Mode::BlockBody
+                };
+                out.push_mode(body, depth);
+            } else if matches!(c, '1'..='9') {
+                out.push_mode(Mode::BlockHeaderExplicit, depth);
             } else {
                 out.push(lex);
             }
         }
-        Mode::BlockBody => {
-            // A block scalar's content is indented at least one column, so a line starting with
-            // a non-blank character ends it; an indented line may end it or not.
-            if line_start {
-                lex_token(depth, s, i, line_start, out);
-                if !is_blank(c) && !is_break(c) {
-                    return;
-                }
-            }
-            out.push(lex);
+        Mode::BlockBody | Mode::BlockBodyKnown | Mode::BlockBodyExplicit => {
+            lex_block_line(lex, s, i, line_start, out);
         }
     }
+}
+
+/// One character of a block scalar's content (libyaml's `yaml_parser_scan_block_scalar`).
+///
+/// Content is indented at least one column, so a line starting with a non-blank character ends
+/// the scalar. Otherwise the indentation is that of the first non-empty line, unless that line is
+/// not indented more than the enclosing block collection (unknown here: the scalar may end
+/// there) or the header gives the indentation explicitly (unknown too: every indented line may
+/// end the scalar).
+fn lex_block_line(lex: Lex, s: &[char], i: usize, line_start: bool, out: &mut NextLexes) {
+    if !line_start {
+        out.push(lex);
+        return;
+    }
+    let spaces = s[i..].iter().take_while(|&&c| c == ' ').count();
+    let blank_line = s.get(i + spaces).is_none_or(|&c| is_break(c));
+    if blank_line {
+        out.push(lex);
+        return;
+    }
+    let column = u32::try_from(spaces).unwrap_or(u32::MAX);
+    let ends = match lex.mode {
+        Mode::BlockBodyKnown => column < lex.indent,
+        _ => spaces == 0,
+    };
+    if ends {
+        lex_token(lex.depth, s, i, line_start, out);
+        return;
+    }
+    match lex.mode {
+        Mode::BlockBody => {
+            lex_token(lex.depth, s, i, line_start, out);
+            out.push(Lex {
+                mode: Mode::BlockBodyKnown,
+                indent: column,
+                ..lex
+            });
+        }
+        Mode::BlockBodyExplicit => {
+            lex_token(lex.depth, s, i, line_start, out);
+            out.push(lex);
+        }
+        _ => out.push(lex),
+    }
+}
+
+/// With a single interpretation, the index of the next character that can change it (or
+/// `None` if `s[i]` itself may): long scalars, comments and block scalar lines are skipped in
+/// one go instead of one character at a time.
+fn fast_forward(lex: Lex, s: &[char], i: usize) -> Option<usize> {
+    if lex.skip > 0 {
+        return None;
+    }
+    let rest = &s[i..];
+    let stop = match lex.mode {
+        Mode::Single => rest.iter().position(|&c| c == '\''),
+        Mode::Double => rest.iter().position(|&c| c == '"' || c == '\\'),
+        Mode::Comment => rest.iter().position(|&c| is_break(c)),
+        Mode::Plain => rest.iter().position(|&c| {
+            is_blank(c)
+                || is_break(c)
+                || c == ':'
+                || (lex.depth > 0 && matches!(c, ',' | '[' | ']' | '{' | '}'))
+        }),
+        Mode::BlockBody | Mode::BlockBodyKnown | Mode::BlockBodyExplicit => {
+            if i == 0 || is_break(s[i - 1]) {
+                return None;
+            }
+            rest.iter().position(|&c| is_break(c)).map(|p| p + 1)
+        }
+        _ => return None,
+    };
+    let stop = i + stop.unwrap_or(rest.len());
+    (stop > i).then_some(stop)
 }
 
 /// Reject, before parsing, documents that would make libyaml or `serde_yaml` do too much work:
@@ -422,7 +511,9 @@ fn lex_step(lex: Lex, s: &[char], i: usize, line_start: bool, out: &mut NextLexe
 /// plain scalar go on past a line break, does a block scalar end) are not tracked; the scan
 /// keeps every reading instead and rejects if any of them goes too deep. So the flow depth it
 /// reports is never less than libyaml's, and a document cannot hide brackets from it behind
-/// quotes that libyaml does not see.
+/// quotes that libyaml does not see. The price is that brackets at the very start of a line
+/// that continues a plain scalar or a block scalar count as flow collections too; PyYAML, which
+/// writes `MLmodel`, never produces more than a couple of those.
 fn prescan(text: &str) -> Result<(), Invalid> {
     let s: Vec<char> = text.chars().collect();
     let mut current = vec![Lex::new(Mode::Tok, 0)];
@@ -434,7 +525,14 @@ fn prescan(text: &str) -> Result<(), Invalid> {
     };
     let mut aliases = 0usize;
     let line_of = |i: usize| 1 + s[..i].iter().filter(|&&c| c == '\n').count();
-    for i in 0..s.len() {
+    let mut i = 0;
+    while i < s.len() {
+        if let [only] = current[..]
+            && let Some(next_i) = fast_forward(only, &s, i)
+        {
+            i = next_i;
+            continue;
+        }
         let line_start = i == 0 || is_break(s[i - 1]);
         for &lex in &current {
             lex_step(lex, &s, i, line_start, &mut next);
@@ -466,6 +564,7 @@ fn prescan(text: &str) -> Result<(), Invalid> {
             next.seen[lex.key() / 64] = 0;
         }
         next.alias = false;
+        i += 1;
     }
     Ok(())
 }
@@ -474,32 +573,38 @@ fn prescan(text: &str) -> Result<(), Invalid> {
 // Budgeted YAML tree building.
 // ------------------------------------------------------------------------------------------------
 
+/// Most YAML nodes (scalars and collections, counting alias expansions) in one document. Real
+/// `MLmodel` files have well under a thousand.
+const MAX_NODES: usize = 250_000;
+
 /// Limits on what the parsed document may expand to, shared by every node visitor.
 struct Budget {
     max_nodes: usize,
     nodes_left: Cell<usize>,
     bytes_left: Cell<usize>,
-    /// The limit or rule that stopped parsing, reported instead of the parser's wording.
-    failure: RefCell<Option<String>>,
+    /// The rule that stopped parsing and how to attach its line number, reported instead of
+    /// the parser's wording.
+    failure: RefCell<Option<(String, &'static str)>>,
 }
 
 impl Budget {
-    /// Without aliases a document has at most about one node and one scalar byte per input byte,
-    /// so these limits only ever stop alias expansion.
+    /// Without aliases a document has at most about 1.5 nodes and one scalar byte per input
+    /// byte, so below [`MAX_NODES`] these limits only ever stop alias expansion.
     fn for_input(len: usize) -> Budget {
-        let max_nodes = len.saturating_mul(4).saturating_add(10_000).min(1_100_000);
+        let max_nodes = len.saturating_mul(2).saturating_add(1_000).min(MAX_NODES);
         Budget {
             max_nodes,
             nodes_left: Cell::new(max_nodes),
-            bytes_left: Cell::new(len.saturating_mul(4).saturating_add(1 << 16)),
+            bytes_left: Cell::new(len.saturating_mul(2).saturating_add(1 << 16)),
             failure: RefCell::new(None),
         }
     }
 
-    fn fail<E: de::Error>(&self, message: String) -> E {
+    /// Record why parsing stops; `where_` introduces the line number of the node at fault.
+    fn fail<E: de::Error>(&self, message: String, where_: &'static str) -> E {
         let mut failure = self.failure.borrow_mut();
         if failure.is_none() {
-            *failure = Some(message.clone());
+            *failure = Some((message.clone(), where_));
         }
         E::custom(message)
     }
@@ -510,10 +615,14 @@ impl Budget {
                 self.nodes_left.set(left);
                 Ok(())
             }
-            None => Err(self.fail(format!(
-                "MLmodel expands to more than {} YAML nodes (YAML aliases repeat too much)",
-                self.max_nodes
-            ))),
+            None => Err(self.fail(
+                format!(
+                    "MLmodel expands to more than {} YAML nodes (too many values, or YAML \
+                     aliases repeating too much)",
+                    self.max_nodes
+                ),
+                " at line ",
+            )),
         }
     }
 
@@ -525,8 +634,9 @@ impl Budget {
                 Ok(())
             }
             None => Err(self.fail(
-                "MLmodel expands to too much scalar text (YAML aliases repeat too much)"
+                "MLmodel expands to too much scalar text (YAML aliases repeating too much)"
                     .to_string(),
+                " at line ",
             )),
         }
     }
@@ -550,9 +660,10 @@ impl NodeSeed<'_> {
     fn collection<E: de::Error>(self) -> Result<(), E> {
         self.budget.node()?;
         if self.depth > MAX_DEPTH {
-            return Err(self.budget.fail(format!(
-                "MLmodel nests YAML collections deeper than {MAX_DEPTH} levels"
-            )));
+            return Err(self.budget.fail(
+                format!("MLmodel nests YAML collections deeper than {MAX_DEPTH} levels"),
+                " at line ",
+            ));
         }
         Ok(())
     }
@@ -638,10 +749,10 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
         let mut entries = Mapping::new();
         while let Some(key) = map.next_key_seed(self.child())? {
             if entries.contains_key(&key) {
-                return Err(self.budget.fail(format!(
-                    "MLmodel has a duplicate key {}",
-                    describe_key(&key)
-                )));
+                return Err(self.budget.fail(
+                    format!("MLmodel has a duplicate key {}", describe_key(&key)),
+                    " in the mapping at line ",
+                ));
             }
             let value = map.next_value_seed(self.child())?;
             entries.insert(key, value);
@@ -652,9 +763,10 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
     fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Yaml, A::Error> {
         // serde_yaml presents a value with a local tag (`!foo value`) as an enum variant.
         let (tag, _variant): (String, A::Variant) = data.variant()?;
-        Err(self.budget.fail(format!(
-            "MLmodel uses the YAML tag !{tag}, which MLflow never writes"
-        )))
+        Err(self.budget.fail(
+            format!("MLmodel uses the YAML tag !{tag}, which MLflow never writes"),
+            " at line ",
+        ))
     }
 }
 
@@ -668,12 +780,11 @@ fn parse(text: &str) -> Result<Yaml, Invalid> {
     match seed.deserialize(serde_yaml::Deserializer::from_str(text)) {
         Ok(value) => Ok(value),
         Err(err) => {
-            let location = err
-                .location()
-                .map(|l| format!(" (line {})", l.line()))
-                .unwrap_or_default();
-            if let Some(message) = budget.failure.take() {
-                return invalid(format!("{message}{location}"));
+            if let Some((message, where_)) = budget.failure.take() {
+                return match err.location() {
+                    Some(location) => invalid(format!("{message}{where_}{}", location.line())),
+                    None => invalid(message),
+                };
             }
             let message = err.to_string();
             if message.starts_with("repetition limit exceeded") {
@@ -1249,4 +1360,1001 @@ fn check_params(context: &str, list: &[Json]) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/mlflow")
+            .join(name)
+    }
+
+    /// A `lookup` answering from a real directory on disk.
+    fn dir_lookup(dir: &Path) -> impl Fn(&str) -> PathKind + '_ {
+        move |rel: &str| {
+            assert!(
+                !rel.starts_with('/') && !rel.split('/').any(|p| p == ".."),
+                "{rel}"
+            );
+            match fs::metadata(dir.join(rel)) {
+                Ok(meta) if meta.is_dir() => PathKind::Dir,
+                Ok(_) => PathKind::File,
+                Err(_) => PathKind::Missing,
+            }
+        }
+    }
+
+    fn validate_fixture(name: &str) -> Result<ModelInfo, Invalid> {
+        let dir = fixture(name);
+        let bytes = fs::read(dir.join(MLMODEL_FILE_NAME)).expect("fixture MLmodel");
+        validate(&bytes, &dir_lookup(&dir))
+    }
+
+    fn iris_text() -> String {
+        fs::read_to_string(fixture("sklearn_iris").join(MLMODEL_FILE_NAME)).unwrap()
+    }
+
+    /// Files that exist in every hand-written test model.
+    fn test_lookup(rel: &str) -> PathKind {
+        assert!(
+            !rel.starts_with('/') && !rel.split('/').any(|p| p == ".."),
+            "{rel}"
+        );
+        match rel {
+            "model.pkl"
+            | "model.skops"
+            | "conda.yaml"
+            | "python_env.yaml"
+            | "input_example.json"
+            | "serving_input_example.json"
+            | "requirements.txt"
+            | "sub/model.pkl"
+            | "MLmodel" => PathKind::File,
+            "code" | "sub" | "data" => PathKind::Dir,
+            _ => PathKind::Missing,
+        }
+    }
+
+    fn check(text: &str) -> Result<ModelInfo, Invalid> {
+        validate(text.as_bytes(), &test_lookup)
+    }
+
+    #[track_caller]
+    fn assert_rejected(text: &str, needle: &str) {
+        match check(text) {
+            Ok(info) => panic!("accepted, expected {needle:?}: {info:?}"),
+            Err(Invalid(message)) => {
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            }
+        }
+    }
+
+    /// A minimal valid model with `extra` appended at the top level.
+    fn model(extra: &str) -> String {
+        format!("flavors:\n  sklearn:\n    pickled_model: model.pkl\n{extra}")
+    }
+
+    /// A minimal valid model with the given signature part.
+    fn with_inputs(json: &str) -> String {
+        model(&format!("signature:\n  inputs: '{json}'\n"))
+    }
+
+    /// Bound for one hostile input in a debug build with other tests running alongside; the
+    /// inputs guarded against take from a minute to an out-of-memory abort without the guards.
+    const GUARD_LIMIT: Duration = Duration::from_secs(3);
+
+    #[track_caller]
+    fn assert_fast<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        let took = start.elapsed();
+        assert!(took < limit, "took {took:?}");
+        out
+    }
+
+    // --- the real fixtures --------------------------------------------------------------------
+
+    #[test]
+    fn fixture_sklearn_iris_is_accepted() {
+        let info = validate_fixture("sklearn_iris").unwrap();
+        assert_eq!(info.flavors, ["python_function", "sklearn"]);
+        assert_eq!(
+            info.model_uuid.as_deref(),
+            Some("a754d0a0d108470f83bb41f306251e43")
+        );
+        assert_eq!(info.mlflow_version.as_deref(), Some("3.17.2"));
+        assert_eq!(
+            info.utc_time_created.as_deref(),
+            Some("2026-11-27 18:36:42.100060")
+        );
+        assert_eq!(
+            (info.run_id, info.artifact_path, info.model_id),
+            (None, None, None)
+        );
+        let signature: Json = serde_json::from_str(info.signature.as_deref().unwrap()).unwrap();
+        let signature = signature.as_object().unwrap();
+        assert_eq!(signature.keys().collect::<Vec<_>>(), ["inputs", "outputs"]);
+        assert_eq!(signature["inputs"][0]["name"], "sepal length (cm)");
+        assert_eq!(signature["inputs"].as_array().unwrap().len(), 4);
+        assert_eq!(signature["outputs"][0]["tensor-spec"]["dtype"], "int64");
+    }
+
+    #[test]
+    fn fixture_sklearn_nosig_is_accepted() {
+        let info = validate_fixture("sklearn_nosig").unwrap();
+        assert_eq!(info.flavors, ["python_function", "sklearn"]);
+        assert_eq!(info.signature, None);
+        assert_eq!(
+            info.model_uuid.as_deref(),
+            Some("428f90b9da5a414aab8df1328817e141")
+        );
+    }
+
+    #[test]
+    fn fixture_broken_invalid_yaml_is_rejected() {
+        let err = validate_fixture("broken_invalid_yaml").unwrap_err();
+        assert!(err.0.starts_with("MLmodel is not valid YAML: "), "{err}");
+    }
+
+    #[test]
+    fn fixture_broken_empty_mlmodel_is_rejected() {
+        assert_eq!(
+            validate_fixture("broken_empty_mlmodel").unwrap_err().0,
+            "MLmodel is empty"
+        );
+    }
+
+    #[test]
+    fn fixture_broken_no_flavors_is_rejected() {
+        assert_eq!(
+            validate_fixture("broken_no_flavors").unwrap_err().0,
+            "MLmodel has no flavors"
+        );
+    }
+
+    #[test]
+    fn fixture_broken_missing_model_file_is_rejected() {
+        let err = validate_fixture("broken_missing_model_file").unwrap_err();
+        assert_eq!(
+            err.0,
+            "flavor python_function: model_path names model.pkl, which does not exist"
+        );
+    }
+
+    #[test]
+    fn fixture_broken_no_mlmodel_has_no_mlmodel() {
+        let dir = fixture("broken_no_mlmodel");
+        assert!(dir.join("model.skops").is_file());
+        assert!(!dir.join(MLMODEL_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn iris_checks_every_path_it_names() {
+        let text = iris_text();
+        let asked = RefCell::new(Vec::new());
+        let lookup = |rel: &str| {
+            asked.borrow_mut().push(rel.to_string());
+            PathKind::File
+        };
+        validate(text.as_bytes(), &lookup).unwrap();
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let expected = [
+            "conda.yaml",
+            "input_example.json",
+            "model.skops",
+            "python_env.yaml",
+            "serving_input_example.json",
+        ];
+        assert_eq!(asked, expected);
+        for missing in expected {
+            let lookup = |rel: &str| {
+                if rel == missing {
+                    PathKind::Missing
+                } else {
+                    PathKind::File
+                }
+            };
+            let err = validate(text.as_bytes(), &lookup).unwrap_err();
+            assert!(
+                err.0
+                    .contains(&format!("names {missing}, which does not exist")),
+                "{err}"
+            );
+        }
+        let lookup = |rel: &str| {
+            if rel == "conda.yaml" {
+                PathKind::Missing
+            } else {
+                PathKind::File
+            }
+        };
+        assert_eq!(
+            validate(text.as_bytes(), &lookup).unwrap_err().0,
+            "flavor python_function: env.conda names conda.yaml, which does not exist"
+        );
+    }
+
+    // --- size, encoding, emptiness, top level --------------------------------------------------
+
+    #[test]
+    fn rejects_empty_whitespace_oversized_and_non_utf8() {
+        assert_rejected("", "MLmodel is empty");
+        assert_rejected(" \n\t\r\n  ", "MLmodel is empty");
+        assert_rejected("# only a comment\n", "MLmodel is empty");
+        let big = vec![b' '; MAX_MLMODEL_BYTES + 1];
+        let err = validate(&big, &test_lookup).unwrap_err();
+        assert!(err.0.contains("more than the limit"), "{err}");
+        let err = validate(b"flavors: {sklearn: {}}\nx: \xff\xfe\n", &test_lookup).unwrap_err();
+        assert_eq!(err.0, "MLmodel is not valid UTF-8 (bad byte at offset 26)");
+    }
+
+    #[test]
+    fn rejects_non_mapping_top_level() {
+        assert_rejected("- flavors\n", "MLmodel is a sequence, not a mapping");
+        assert_rejected("just text\n", "MLmodel is a string, not a mapping");
+        assert_rejected("42\n", "MLmodel is a number, not a mapping");
+    }
+
+    #[test]
+    fn rejects_invalid_yaml_with_parser_message() {
+        assert_rejected("flavors: [\n", "MLmodel is not valid YAML: ");
+        assert_rejected(
+            "a: b: c\n",
+            "MLmodel is not valid YAML: mapping values are not allowed",
+        );
+        assert_rejected("a: 1\n---\nb: 2\n", "MLmodel is not valid YAML: ");
+        assert_rejected("a: \"x\u{1}\"\n", "MLmodel is not valid YAML: ");
+    }
+
+    #[test]
+    fn rejects_duplicate_keys_and_tags() {
+        assert_rejected(
+            &model("flavors: {}\n"),
+            "MLmodel has a duplicate key \"flavors\"",
+        );
+        assert_rejected(
+            "flavors:\n  sklearn:\n    code: null\n    code: code\n",
+            "MLmodel has a duplicate key \"code\" in the mapping at line 3",
+        );
+        assert_rejected(&model("run_id: !custom abc\n"), "YAML tag !custom");
+    }
+
+    #[test]
+    fn accepts_unknown_top_level_keys_and_unknown_flavors() {
+        let text = model(
+            "something_new: {a: [1, 2]}\nmetadata:\n  owner: Tom &Jerry\n  \
+             note: don't *panic* [really]\n",
+        );
+        let text = text.replace(
+            "flavors:\n",
+            "flavors:\n  my_flavor: {custom: 1, loader: x}\n",
+        );
+        let info = check(&text).unwrap();
+        assert_eq!(info.flavors, ["my_flavor", "sklearn"]);
+    }
+
+    // --- flavors ---------------------------------------------------------------------------------
+
+    #[test]
+    fn rejects_missing_null_empty_or_odd_flavors() {
+        assert_rejected("run_id: x\n", "MLmodel has no flavors");
+        assert_rejected("flavors:\n", "MLmodel has no flavors (flavors is null)");
+        assert_rejected("flavors: {}\n", "MLmodel has no flavors (flavors is empty)");
+        assert_rejected(
+            "flavors: [sklearn]\n",
+            "flavors is a sequence, not a mapping",
+        );
+        assert_rejected(
+            "flavors:\n  sklearn:\n",
+            "flavor sklearn: expected a mapping of settings, found null",
+        );
+        assert_rejected(
+            "flavors: {sklearn: model.pkl}\n",
+            "flavor sklearn: expected a mapping of settings, found a string",
+        );
+        assert_rejected("flavors: {1: {}}\n", "key that is not a string: 1");
+    }
+
+    #[test]
+    fn checks_sklearn_and_python_function_paths() {
+        assert!(check(&model("")).is_ok());
+        assert_rejected(
+            "flavors:\n  sklearn:\n    pickled_model: gone.pkl\n",
+            "flavor sklearn: pickled_model names gone.pkl, which does not exist",
+        );
+        assert_rejected(
+            "flavors:\n  sklearn:\n    pickled_model: model.pkl\n    code: nocode\n",
+            "flavor sklearn: code names nocode, which does not exist",
+        );
+        assert_rejected(
+            "flavors:\n  sklearn:\n    pickled_model: [model.pkl]\n",
+            "flavor sklearn: pickled_model must be a path, found a sequence",
+        );
+        let pyfunc = |body: &str| format!("flavors:\n  python_function:\n{body}");
+        assert!(
+            check(&pyfunc(
+                "    loader_module: x\n    model_path: model.pkl\n    code: code\n    data: data\n"
+            ))
+            .is_ok()
+        );
+        for key in ["model_path", "data", "code", "python_model"] {
+            assert_rejected(
+                &pyfunc(&format!("    {key}: nope\n")),
+                &format!("flavor python_function: {key} names nope, which does not exist"),
+            );
+            assert_rejected(
+                &pyfunc(&format!("    {key}: 3\n")),
+                "must be a path, found a number",
+            );
+        }
+        assert!(check(&pyfunc("    env: conda.yaml\n")).is_ok());
+        assert_rejected(
+            &pyfunc("    env: gone.yaml\n"),
+            "env names gone.yaml, which does not exist",
+        );
+        assert_rejected(
+            &pyfunc("    env:\n      conda: conda.yaml\n      virtualenv: venv.yaml\n"),
+            "env.virtualenv names venv.yaml, which does not exist",
+        );
+        assert_rejected(&pyfunc("    env: [a]\n"), "env must be a path or a mapping");
+        assert!(
+            check(&pyfunc(
+                "    artifacts:\n      tok:\n        path: sub/model.pkl\n        uri: s3://x\n"
+            ))
+            .is_ok()
+        );
+        assert_rejected(
+            &pyfunc("    artifacts:\n      tok:\n        path: sub/gone\n"),
+            "flavor python_function: artifacts.tok.path names sub/gone, which does not exist",
+        );
+        assert_rejected(
+            &pyfunc("    artifacts: [a]\n"),
+            "artifacts must be a mapping",
+        );
+        assert_rejected(
+            &pyfunc("    artifacts: {tok: x}\n"),
+            "artifacts.tok must be a mapping",
+        );
+    }
+
+    #[test]
+    fn checks_file_keys_of_other_flavors() {
+        for key in FLAVOR_PATH_KEYS {
+            let text = format!("flavors:\n  pytorch:\n    {key}: missing_thing\n");
+            assert_rejected(
+                &text,
+                &format!("flavor pytorch: {key} names missing_thing, which does not exist"),
+            );
+            // A non-string value under another flavor's key is that flavor's business.
+            assert!(check(&format!("flavors:\n  pytorch:\n    {key}: {{a: 1}}\n")).is_ok());
+        }
+        assert_rejected(
+            "flavors:\n  transformers:\n    artifacts:\n      w:\n        path: weights.bin\n",
+            "flavor transformers: artifacts.w.path names weights.bin, which does not exist",
+        );
+        assert!(
+            check("flavors:\n  pytorch:\n    model_data: data\n    pytorch_version: 2.1\n").is_ok()
+        );
+    }
+
+    #[test]
+    fn checks_saved_input_example_info() {
+        let ok = model(
+            "saved_input_example_info:\n  artifact_path: input_example.json\n  serving_input_path: serving_input_example.json\n  type: dataframe\n",
+        );
+        assert!(check(&ok).is_ok());
+        assert_rejected(
+            &model("saved_input_example_info:\n  artifact_path: nope.json\n"),
+            "saved_input_example_info: artifact_path names nope.json, which does not exist",
+        );
+        assert_rejected(
+            &model("saved_input_example_info:\n  serving_input_path: ../x.json\n"),
+            "saved_input_example_info: serving_input_path names ../x.json, which points outside the model directory",
+        );
+        assert_rejected(
+            &model("saved_input_example_info: x\n"),
+            "saved_input_example_info is a string, not a mapping",
+        );
+    }
+
+    // --- paths -----------------------------------------------------------------------------------
+
+    #[test]
+    fn rejects_paths_escaping_the_model_directory() {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../x",
+            "./../x",
+            "sub/..",
+            "..",
+            "//etc/passwd",
+        ] {
+            let text = format!("flavors:\n  sklearn:\n    pickled_model: '{bad}'\n");
+            assert_rejected(
+                &text,
+                &format!(
+                    "flavor sklearn: pickled_model names {bad}, which points outside the model directory"
+                ),
+            );
+        }
+        assert_rejected(
+            "flavors:\n  sklearn:\n    pickled_model: ''\n",
+            "pickled_model is an empty path",
+        );
+        assert_rejected(
+            "flavors:\n  sklearn:\n    pickled_model: \"a\\0b\"\n",
+            "NUL character",
+        );
+    }
+
+    #[test]
+    fn normalises_paths_before_lookup() {
+        assert_eq!(normalize_path("./model.pkl"), Ok("model.pkl".to_string()));
+        assert_eq!(
+            normalize_path("sub//model.pkl/"),
+            Ok("sub/model.pkl".to_string())
+        );
+        assert_eq!(
+            normalize_path("./sub/./model.pkl"),
+            Ok("sub/model.pkl".to_string())
+        );
+        assert_eq!(normalize_path("."), Ok(String::new()));
+        assert_eq!(normalize_path("a/../b"), Err(BadPath::Outside));
+        let asked = RefCell::new(Vec::new());
+        let lookup = |rel: &str| {
+            asked.borrow_mut().push(rel.to_string());
+            PathKind::File
+        };
+        let text = "flavors:\n  sklearn:\n    pickled_model: ./sub//model.pkl\n    code: .\n";
+        validate(text.as_bytes(), &lookup).unwrap();
+        assert_eq!(asked.into_inner(), ["sub/model.pkl"]);
+    }
+
+    #[test]
+    fn accepts_files_or_directories() {
+        let text = "flavors:\n  sklearn:\n    pickled_model: sub\n    code: code\n  python_function:\n    code: model.pkl\n";
+        assert!(check(text).is_ok());
+    }
+
+    // --- signature -------------------------------------------------------------------------------
+
+    #[test]
+    fn accepts_rich_signatures() {
+        let inputs = r#"[{"type": "array", "items": {"type": "object", "properties": {"a": {"type": "map", "values": {"type": "string"}, "required": false}, "b": {"type": "array", "items": {"type": "double"}, "required": true}}}, "name": "x", "required": true}, {"type": "any", "name": "y", "required": false}, {"type": "datetime", "name": "z"}, {"type": "sparkml_vector", "name": "v"}]"#;
+        let outputs = r#"[{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 4]}, "name": "p"}, {"type": "tensor", "tensor-spec": {"dtype": "datetime64[ns]", "shape": []}, "name": "q"}]"#;
+        let params = r#"[{"name": "temperature", "type": "float", "default": 0.5, "shape": null}, {"name": "stop", "type": "string", "default": ["a"], "shape": [-1]}, {"name": "cfg", "type": "object", "properties": {"k": {"type": "long"}}, "default": {"k": 1}}, {"name": "old", "dtype": "boolean", "default": true}]"#;
+        let text = model(&format!(
+            "signature:\n  inputs: '{inputs}'\n  outputs: '{outputs}'\n  params: '{params}'\n"
+        ));
+        let info = check(&text).unwrap();
+        let signature: Json = serde_json::from_str(&info.signature.unwrap()).unwrap();
+        assert_eq!(signature["params"][1]["default"][0], "a");
+        assert_eq!(
+            signature["outputs"][1]["tensor-spec"]["dtype"],
+            "datetime64[ns]"
+        );
+        // Only the non-null parts are kept; no non-null part means no signature.
+        let info = check(&model(
+            "signature:\n  inputs: null\n  outputs: '[{\"type\": \"long\"}]'\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            info.signature.as_deref(),
+            Some(r#"{"outputs":[{"type":"long"}]}"#)
+        );
+        let info = check(&model(
+            "signature:\n  inputs: null\n  outputs: null\n  params: null\n",
+        ))
+        .unwrap();
+        assert_eq!(info.signature, None);
+    }
+
+    #[test]
+    fn rejects_unknown_column_type() {
+        assert_rejected(
+            &with_inputs(r#"[{"type": "double", "name": "a"}, {"type": "decimal", "name": "b"}]"#),
+            "signature.inputs[1] has unknown type \"decimal\"",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "array", "items": {"type": "tensor"}}]"#),
+            "signature.inputs[0].items has unknown type \"tensor\"",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "object", "properties": {"p": {"type": "Double"}}}]"#),
+            "signature.inputs[0].properties.p has unknown type \"Double\"",
+        );
+    }
+
+    #[test]
+    fn rejects_signature_strings_that_are_not_json() {
+        assert_rejected(
+            &with_inputs("[{type: double}]"),
+            "signature.inputs is not valid JSON: ",
+        );
+        assert_rejected(
+            &with_inputs("not json at all"),
+            "signature.inputs is not valid JSON: ",
+        );
+        assert_rejected(
+            &with_inputs(r#"{"type": "double"}"#),
+            "signature.inputs is not a JSON list",
+        );
+        assert_rejected(
+            &model("signature:\n  outputs: [a]\n"),
+            "signature.outputs must be a string holding JSON, found a sequence",
+        );
+        assert_rejected(
+            &model("signature: true\n"),
+            "signature is a boolean, not a mapping",
+        );
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_rejected(
+            &with_inputs(&deep),
+            "signature.inputs is not valid JSON: recursion limit exceeded",
+        );
+    }
+
+    #[test]
+    fn rejects_tensor_spec_without_shape() {
+        assert_rejected(
+            &with_inputs(r#"[{"type": "tensor", "tensor-spec": {"dtype": "float64"}}]"#),
+            "signature.inputs[0]: tensor-spec has no shape",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "tensor", "tensor-spec": {"shape": [-1]}}]"#),
+            "signature.inputs[0]: tensor-spec has no dtype",
+        );
+        assert_rejected(
+            &with_inputs(
+                r#"[{"type": "tensor", "tensor-spec": {"dtype": "float65", "shape": [-1]}}]"#,
+            ),
+            "tensor-spec has unknown dtype \"float65\"",
+        );
+        assert_rejected(
+            &with_inputs(
+                r#"[{"type": "tensor", "tensor-spec": {"dtype": "int8", "shape": [-1, "x"]}}]"#,
+            ),
+            "shape must be a list of integers",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "tensor"}]"#),
+            "tensor has no tensor-spec",
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_schemas() {
+        assert_rejected(&with_inputs("[]"), "signature.inputs is an empty list");
+        assert_rejected(
+            &with_inputs("[1]"),
+            "signature.inputs[0] is not a JSON object",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"name": "a"}]"#),
+            "signature.inputs[0] has no type",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "array"}]"#),
+            "array type has no items",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "map", "values": 3}]"#),
+            "values must be a JSON object",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "object", "properties": {}}]"#),
+            "object type has no properties",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "double", "required": "yes"}]"#),
+            "required must be true or false",
+        );
+        assert_rejected(
+            &with_inputs(
+                r#"[{"type": "double", "name": "a"}, {"type": "tensor", "name": "b", "tensor-spec": {"dtype": "int64", "shape": [-1]}}]"#,
+            ),
+            "mixes tensor specs and column specs",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "double", "name": "a"}, {"type": "double"}]"#),
+            "mixes named and unnamed",
+        );
+        assert_rejected(
+            &with_inputs(r#"[{"type": "double", "required": false}]"#),
+            "unnamed optional column",
+        );
+        let tensor = r#"{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}"#;
+        assert_rejected(
+            &with_inputs(&format!("[{tensor}, {tensor}]")),
+            "several unnamed tensor specs",
+        );
+        let nested = format!(
+            "{}{}",
+            r#"{"type": "array", "items": "#.repeat(40),
+            r#"{"type": "long"}"#
+        ) + &"}".repeat(40);
+        assert_rejected(
+            &with_inputs(&format!("[{nested}]")),
+            "types nest deeper than 32 levels",
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_params() {
+        let params = |json: &str| model(&format!("signature:\n  params: '{json}'\n"));
+        assert!(check(&params("[]")).is_ok());
+        assert_rejected(
+            &params(r#"[{"type": "long", "default": 1}]"#),
+            "signature.params[0] has no name",
+        );
+        assert_rejected(
+            &params(r#"[{"name": "a", "type": "long"}]"#),
+            "signature.params[0] has no default",
+        );
+        assert_rejected(
+            &params(r#"[{"name": "a", "default": 1}]"#),
+            "signature.params[0] has no type",
+        );
+        assert_rejected(
+            &params(r#"[{"name": "a", "type": "binary", "default": null}]"#),
+            "binary is not allowed",
+        );
+        assert_rejected(
+            &params(r#"[{"name": "a", "type": "tensor", "default": 1}]"#),
+            "has unknown type \"tensor\"",
+        );
+        assert_rejected(
+            &params(r#"[{"name": "a", "type": "long", "default": 1, "shape": [2]}]"#),
+            "shape must be null or [-1]",
+        );
+        assert_rejected(
+            &params(r#"[{"name": "a", "type": "long", "default": 1, "shape": [-1]}]"#),
+            "default must be a list",
+        );
+        assert_rejected(
+            &params(
+                r#"[{"name": "a", "type": "long", "default": 1}, {"name": "a", "type": "long", "default": 2}]"#,
+            ),
+            "duplicate parameter \"a\"",
+        );
+    }
+
+    #[test]
+    fn numpy_dtype_names() {
+        for ok in [
+            "bool",
+            "int64",
+            "uint8",
+            "float16",
+            "str",
+            "bytes",
+            "object",
+            "datetime64",
+            "datetime64[ns]",
+            "timedelta64[10s]",
+            "complex128",
+        ] {
+            assert!(is_numpy_dtype(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "int",
+            "float",
+            "str320",
+            "<U0",
+            "datetime64[]",
+            "datetime64[xs]",
+            "Int64",
+        ] {
+            assert!(!is_numpy_dtype(bad), "{bad}");
+        }
+    }
+
+    // --- recorded facts --------------------------------------------------------------------------
+
+    #[test]
+    fn extracts_top_level_facts() {
+        let text = model(
+            "run_id: 0123abc\nartifact_path: model\nmodel_uuid: 1234\nmodel_id: null\n\
+             utc_time_created: '2026-01-01 00:00:00'\nmlflow_version: 2.5\n",
+        );
+        let info = check(&text).unwrap();
+        assert_eq!(info.run_id.as_deref(), Some("0123abc"));
+        assert_eq!(info.artifact_path.as_deref(), Some("model"));
+        assert_eq!(info.model_uuid.as_deref(), Some("1234"));
+        assert_eq!(info.model_id, None);
+        assert_eq!(
+            info.utc_time_created.as_deref(),
+            Some("2026-01-01 00:00:00")
+        );
+        assert_eq!(info.mlflow_version.as_deref(), Some("2.5"));
+        assert_eq!(
+            check(&model("run_id: true\n")).unwrap().run_id.as_deref(),
+            Some("true")
+        );
+        assert_rejected(
+            &model("run_id: [a]\n"),
+            "MLmodel run_id must be a scalar, found a sequence",
+        );
+        assert_rejected(
+            &model("model_uuid: {a: 1}\n"),
+            "MLmodel model_uuid must be a scalar, found a mapping",
+        );
+    }
+
+    // --- parser guards ---------------------------------------------------------------------------
+
+    /// `a0: &a0 [lol]`, then `levels` anchors each listing the previous one `fan` times.
+    fn alias_bomb(levels: usize, fan: usize) -> String {
+        let mut text = model("a0: &a0 [lol]\n");
+        for i in 1..=levels {
+            let refs = vec![format!("*a{}", i - 1); fan].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn rejects_billion_laughs_before_parsing() {
+        let err = assert_fast(GUARD_LIMIT, || check(&alias_bomb(9, 10)).unwrap_err());
+        assert!(
+            err.0.starts_with("MLmodel uses more than 64 YAML aliases"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_alias_bombs_within_the_alias_limit() {
+        // 64 aliases expanding to 8^8 = 16.7 million leaves.
+        let err = assert_fast(GUARD_LIMIT, || check(&alias_bomb(8, 8)).unwrap_err());
+        assert!(err.0.contains("YAML aliases"), "{err}");
+        // Quadratic: one anchored list of 20,000 items aliased 60 times (1.2 million nodes);
+        // serde_yaml's own repetition limit (100 alias jumps per event) does not stop this one.
+        let items = vec!["x"; 20_000].join(",");
+        let refs = vec!["*big"; 60].join(", ");
+        let text = model(&format!("big: &big [{items}]\nall: [{refs}]\n"));
+        let err = assert_fast(GUARD_LIMIT, || check(&text).unwrap_err());
+        assert!(err.0.starts_with("MLmodel expands to more than"), "{err}");
+        // The same with one long string instead of a list.
+        let text = model(&format!(
+            "big: &big {}\nall: [{refs}]\n",
+            "x".repeat(100_000)
+        ));
+        let err = assert_fast(GUARD_LIMIT, || check(&text).unwrap_err());
+        assert!(
+            err.0.starts_with("MLmodel expands to too much scalar text"),
+            "{err}"
+        );
+        // A few aliases expanding to little are fine.
+        let info = check(&model("base: &base {a: 1}\none: *base\ntwo: *base\n"));
+        assert!(info.is_ok(), "{info:?}");
+        assert_rejected(&model("a: &a [*a]\n"), "deeper than 64 levels");
+    }
+
+    #[test]
+    fn rejects_deep_flow_nesting_before_parsing() {
+        for unit in ["[", "{a: ", "[{a: "] {
+            let text = model(&format!("deep: {}\n", unit.repeat(100_000)));
+            let err = assert_fast(GUARD_LIMIT, || check(&text).unwrap_err());
+            assert!(
+                err.0
+                    .starts_with("MLmodel nests YAML flow collections deeper than 64 levels"),
+                "{err}"
+            );
+        }
+        let ok = model(&format!("deep: {}{}\n", "[".repeat(60), "]".repeat(60)));
+        assert!(check(&ok).is_ok());
+        let too_deep = model(&format!("deep: {}{}\n", "[".repeat(65), "]".repeat(65)));
+        assert_rejected(&too_deep, "deeper than 64 levels");
+    }
+
+    #[test]
+    fn rejects_deep_block_nesting_while_parsing() {
+        let text = model(&format!("deep:\n{}x\n", "- ".repeat(100_000)));
+        let err = assert_fast(GUARD_LIMIT, || check(&text).unwrap_err());
+        assert!(
+            err.0
+                .starts_with("MLmodel nests YAML collections deeper than 64 levels"),
+            "{err}"
+        );
+        let mut nested = model("");
+        for level in 0..70 {
+            nested.push_str(&format!("{}k{level}:\n", " ".repeat(level)));
+        }
+        nested.push_str(&format!("{}leaf: 1\n", " ".repeat(70)));
+        assert_rejected(&nested, "deeper than 64 levels");
+    }
+
+    #[test]
+    fn quotes_comments_and_block_scalars_cannot_hide_deep_flow() {
+        let deep = "{a: ".repeat(100_000);
+        let tricks = [
+            // A quote that only continues a plain scalar: libyaml does not see a quoted scalar.
+            format!("k: abc\n  'xyz\nx: {deep}\n"),
+            format!("k: abc\n  \"xyz\nx: {deep}\n"),
+            // A block scalar holding an unmatched quote, then the bomb after it ends.
+            format!("k: |\n  don't\nx: {deep}\n"),
+            format!("k: >-\n  \"\n  x\nx: {deep}\n"),
+            // A comment-looking '#' inside a plain scalar.
+            format!("k: a#b 'c\nx: {deep}\n"),
+            // Quotes inside tags are tag characters.
+            format!("k: !a'b\nx: {deep}\n"),
+            format!("k: [!a'b, {deep}\n"),
+            format!("k: [!<a,b'c> , {deep}\n"),
+            // A quote closed by a doubled quote.
+            format!("k: 'it''s'\nx: {deep}\n"),
+            // A plain scalar continued in flow context.
+            format!("k: [a\n 'b, {deep}\n"),
+        ];
+        for text in tricks {
+            let text = model(&text);
+            let result = assert_fast(GUARD_LIMIT, || check(&text));
+            let err = result.expect_err("must be rejected");
+            assert!(err.0.contains("deeper than 64 levels"), "{err}");
+        }
+    }
+
+    #[test]
+    fn brackets_in_quotes_comments_and_plain_text_are_not_flow() {
+        let many = "[".repeat(200);
+        let texts = [
+            format!("note: '{many}'\n"),
+            format!("note: \"{many}\"\n"),
+            format!("note: x{many}\n"),
+            format!("# {many}\nnote: 1\n"),
+            // Line starts inside block scalars and plain scalars are read both ways (see
+            // `prescan`), so the brackets here follow other text.
+            format!("note: |\n  first\n  a {many}\n\n   b{many}\nafter: 1\n"),
+            format!("note: >-\n\n  first\n  '{many}\n  x {many}\nafter: 1\n"),
+            format!("note: long plain\n  text {many}\n  going on\nafter: 1\n"),
+            format!("note: 'multi\n  line {many}\n  still'\n"),
+            format!("note: \"esc \\\" {many}\"\n"),
+        ];
+        for text in texts {
+            let text = model(&text);
+            let result = check(&text);
+            assert!(result.is_ok(), "{text:?}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_a_one_mebibyte_single_line_value() {
+        for quote in ["", "'", "\""] {
+            let head = model("description: ");
+            let room = MAX_MLMODEL_BYTES - head.len() - 2 * quote.len() - 1;
+            let text = format!("{head}{quote}{}{quote}\n", "x".repeat(room));
+            assert_eq!(text.len(), MAX_MLMODEL_BYTES);
+            let info = assert_fast(GUARD_LIMIT, || check(&text));
+            assert!(info.is_ok(), "{quote}: {info:?}");
+        }
+        let head = model("description: ");
+        let text = format!("{head}{}\n", "x".repeat(MAX_MLMODEL_BYTES - head.len()));
+        assert_rejected(&text, "more than the limit");
+    }
+
+    #[test]
+    fn deep_documents_need_little_stack() {
+        // Nesting is capped at 64 levels, so a small thread stack is enough even in debug builds.
+        let handle = std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(|| {
+                let deep = model(&format!("deep: {}{}\n", "[".repeat(62), "]".repeat(62)));
+                assert!(check(&deep).is_ok());
+                let deeper = model(&format!("deep:\n{}x\n", "- ".repeat(10_000)));
+                assert!(check(&deeper).is_err());
+                assert!(check(&model("a: &a [*a]\n")).is_err());
+            })
+            .unwrap();
+        handle.join().unwrap();
+    }
+
+    // --- robustness ------------------------------------------------------------------------------
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    const INTERESTING: &[u8] = b"[]{}'\"&*!|>:-?#,%@`\n\r\t \\~.0x<";
+
+    fn mutate(base: &[u8], rng: &mut XorShift) -> Vec<u8> {
+        let mut out = base.to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(out.len() + 1);
+            let byte = at.min(out.len().saturating_sub(1));
+            match rng.below(8) {
+                0 if !out.is_empty() => out[byte] ^= 1 << rng.below(8),
+                1 if !out.is_empty() => out[byte] = rng.next() as u8,
+                2 if !out.is_empty() => out[byte] = INTERESTING[rng.below(INTERESTING.len())],
+                3 => out.truncate(at),
+                4 => {
+                    let run: Vec<u8> = (0..1 + rng.below(8))
+                        .map(|_| INTERESTING[rng.below(INTERESTING.len())])
+                        .collect();
+                    out.splice(at..at, run);
+                }
+                5 => {
+                    let end = (at + rng.below(64)).min(out.len());
+                    out.drain(at..end);
+                }
+                6 => {
+                    let from = rng.below(out.len());
+                    let end = (from + rng.below(200)).min(out.len());
+                    let chunk = out[from..end].to_vec();
+                    let at = rng.below(out.len() + 1);
+                    out.splice(at..at, chunk);
+                }
+                _ => {
+                    let unit = INTERESTING[rng.below(INTERESTING.len())];
+                    out.splice(at..at, std::iter::repeat_n(unit, rng.below(3000)));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn mutated_and_random_inputs_never_panic_or_hang() {
+        let base = iris_text().into_bytes();
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let start = Instant::now();
+        let (mut accepted, mut rejected) = (0, 0);
+        for round in 0..2000 {
+            let input = if round % 10 == 9 {
+                let len = rng.below(4096);
+                if round % 20 == 9 {
+                    (0..len).map(|_| rng.next() as u8).collect()
+                } else {
+                    (0..len)
+                        .map(|_| INTERESTING[rng.below(INTERESTING.len())])
+                        .collect()
+                }
+            } else {
+                mutate(&base, &mut rng)
+            };
+            let one = Instant::now();
+            match validate(&input, &test_lookup) {
+                Ok(_) => accepted += 1,
+                Err(Invalid(message)) => {
+                    assert!(!message.is_empty());
+                    rejected += 1;
+                }
+            }
+            let took = one.elapsed();
+            assert!(
+                took < Duration::from_secs(1),
+                "round {round} took {took:?}: {input:?}"
+            );
+        }
+        assert!(
+            accepted > 0 && rejected > 0,
+            "{accepted} accepted, {rejected} rejected"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 }

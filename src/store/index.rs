@@ -381,6 +381,42 @@ impl Index {
         }
     }
 
+    /// Inserts many rows in one transaction (bulk loading, e.g. `examples/gen_index.rs`); rows
+    /// whose `(parent, name)` is already taken are skipped. Returns how many were inserted.
+    pub fn insert_many(&mut self, entries: &[NewEntry]) -> io::Result<usize> {
+        let tx = self.conn.transaction().map_err(to_io)?;
+        let mut inserted = 0;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO entries
+                     (parent, name, kind, state, zone, hash, size, mode, uid, gid,
+                      mtime, ctime, crtime)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)",
+                )
+                .map_err(to_io)?;
+            for e in entries {
+                inserted += stmt
+                    .execute(params![
+                        e.parent as i64,
+                        e.name,
+                        kind_code(e.kind),
+                        state_code(e.state),
+                        e.zone as i64,
+                        e.hash.map(|h| h.to_hex()),
+                        e.size as i64,
+                        e.mode as i64,
+                        e.uid as i64,
+                        e.gid as i64,
+                        e.time,
+                    ])
+                    .map_err(to_io)?;
+            }
+        }
+        tx.commit().map_err(to_io)?;
+        Ok(inserted)
+    }
+
     /// Records committed content for a file that is being written or was committed before by
     /// the same open handle. Returns `false` if the row is gone or tombstoned (the file was
     /// removed while open), in which case nothing changes.

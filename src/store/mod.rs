@@ -153,7 +153,8 @@ impl Store {
     }
 }
 
-fn create_store_dir(root: &Path) -> io::Result<()> {
+/// Creates the store directory (mode 0700) if it does not exist yet.
+pub fn create_store_dir(root: &Path) -> io::Result<()> {
     if root.is_dir() {
         return Ok(());
     }
