@@ -56,9 +56,10 @@ pub fn errno(e: &FsError) -> Errno {
     Errno::from_i32(code)
 }
 
-/// How long the kernel may cache an entry's attributes.
-pub fn ttl(attr: &Attr) -> Duration {
-    if attr.sealed {
+/// How long the kernel may cache an entry's attributes. `shared`: another daemon (the writable
+/// one) may change the store behind this mount, so nothing is cached for more than a second.
+pub fn ttl(attr: &Attr, shared: bool) -> Duration {
+    if attr.sealed && !shared {
         Duration::from_secs(3600)
     } else if attr.kind == NodeKind::Dir {
         Duration::from_secs(1)
@@ -127,6 +128,17 @@ impl FuseAdapter {
         }
     }
 
+    fn reply_entry(&self, reply: ReplyEntry, res: Result<Attr, FsError>) {
+        match res {
+            Ok(attr) => reply.entry(&self.ttl(&attr), &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn ttl(&self, attr: &Attr) -> Duration {
+        ttl(attr, self.fs.options().read_only)
+    }
+
     /// Replies to an open of a sealed file, through passthrough when it is on.
     fn opened_sealed(&self, ino: u64, fh: u64, reply: ReplyOpen) {
         if self.passthrough.load(Ordering::Relaxed)
@@ -152,15 +164,6 @@ impl FuseAdapter {
         }
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
-}
-
-macro_rules! reply_entry {
-    ($reply:expr, $res:expr) => {
-        match $res {
-            Ok(attr) => $reply.entry(&ttl(&attr), &file_attr(&attr), Generation(0)),
-            Err(e) => $reply.error(errno(&e)),
-        }
-    };
 }
 
 macro_rules! reply_empty {
@@ -201,12 +204,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry!(reply, self.fs.lookup(parent.0, name.as_bytes()))
+        self.reply_entry(reply, self.fs.lookup(parent.0, name.as_bytes()))
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -240,7 +243,7 @@ impl Filesystem for FuseAdapter {
             }),
         };
         match self.fs.setattr(ino.0, change) {
-            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -255,10 +258,10 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry!(
+        self.reply_entry(
             reply,
             self.fs
-                .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask),
         )
     }
 
@@ -271,10 +274,10 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry!(
+        self.reply_entry(
             reply,
             self.fs
-                .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask),
         )
     }
 
@@ -294,14 +297,14 @@ impl Filesystem for FuseAdapter {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply_entry!(
+        self.reply_entry(
             reply,
             self.fs.symlink(
                 caller(req),
                 parent.0,
                 link_name.as_bytes(),
-                target.as_os_str().as_bytes()
-            )
+                target.as_os_str().as_bytes(),
+            ),
         )
     }
 
@@ -469,7 +472,7 @@ impl Filesystem for FuseAdapter {
                     let t = if e.name == b"." || e.name == b".." {
                         Duration::ZERO
                     } else {
-                        ttl(&e.attr)
+                        self.ttl(&e.attr)
                     };
                     if reply.add(
                         INodeNo(e.attr.ino),
@@ -564,7 +567,7 @@ impl Filesystem for FuseAdapter {
             .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
         {
             Ok((attr, fh)) => reply.created(
-                &ttl(&attr),
+                &self.ttl(&attr),
                 &file_attr(&attr),
                 Generation(0),
                 FileHandle(fh),
