@@ -59,14 +59,39 @@ pub fn errno(e: &FsError) -> Errno {
 /// How long the kernel may cache an entry's attributes. `shared`: another daemon (the writable
 /// one) may change the store behind this mount, so nothing is cached for more than a second.
 pub fn ttl(attr: &Attr, shared: bool) -> Duration {
-    if attr.sealed && !shared {
-        Duration::from_secs(3600)
-    } else if attr.kind == NodeKind::Dir {
-        Duration::from_secs(1)
-    } else {
-        Duration::ZERO
+    match attr.kind {
+        _ if attr.sealed && !shared => Duration::from_secs(3600),
+        // Registry links change when versions settle, without the kernel seeing it.
+        NodeKind::Symlink => Duration::ZERO,
+        // Directories, and files being written: their size is the kernel's own to track, and
+        // only this handle can change them.
+        NodeKind::Dir | NodeKind::File => Duration::from_secs(1),
     }
 }
+
+/// How long the kernel may remember that a name does not exist in a directory whose entries
+/// only ever appear through this mount; `None` where the registry adds entries by itself.
+pub fn negative_ttl(cacheable: bool, shared: bool) -> Option<Duration> {
+    match (cacheable, shared) {
+        (false, _) => None,
+        (true, true) => Some(Duration::from_secs(1)),
+        (true, false) => Some(Duration::from_secs(60)),
+    }
+}
+
+/// Attributes sent with a negative entry (only its inode number 0 matters).
+const NEGATIVE: Attr = Attr {
+    ino: 0,
+    kind: NodeKind::File,
+    size: 0,
+    perm: 0,
+    uid: 0,
+    gid: 0,
+    mtime: std::time::UNIX_EPOCH,
+    ctime: std::time::UNIX_EPOCH,
+    crtime: std::time::UNIX_EPOCH,
+    sealed: false,
+};
 
 fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
@@ -181,6 +206,8 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // No setuid bits to strip (nosuid): spares a GETXATTR security.capability per write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config
             .set_max_readahead(u32::MAX)
             .or_else(|max| config.set_max_readahead(max));
@@ -204,7 +231,21 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.reply_entry(reply, self.fs.lookup(parent.0, name.as_bytes()))
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Err(FsError::Refused(Refusal::NotFound)) => {
+                let shared = self.fs.options().read_only;
+                match negative_ttl(self.fs.negative_cacheable(parent.0), shared) {
+                    // A negative entry: inode 0, remembered for the TTL.
+                    Some(t) => {
+                        let mut attr = file_attr(&NEGATIVE);
+                        attr.ino = INodeNo(0);
+                        reply.entry(&t, &attr, Generation(0));
+                    }
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
+            res => self.reply_entry(reply, res),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -17,9 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Seek};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +29,7 @@ use crate::namespace::{self, Place, Zone};
 use crate::store::index::{Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
 use crate::store::{Hash, Store, now_ns, to_ns};
 
+mod body;
 mod models;
 pub use models::{
     VIRT_BASE, XATTR_DIGEST, XATTR_MESSAGE, XATTR_REGISTER_PREFIX, XATTR_STATUS, XATTR_VERSION,
@@ -149,11 +148,8 @@ pub struct StatFs {
 /// The state of a file being written through one open handle.
 struct Writer {
     ino: u64,
-    /// The bytes so far. After a commit this is the published (or dropped) temp file, which must
-    /// not change any more; the next write first copies it to a fresh temp file.
-    file: File,
-    /// `Some` while `file` is a private temp file that may be written.
-    tmp: Option<PathBuf>,
+    /// The bytes so far.
+    body: body::Body,
     hasher: Sha256,
     /// Bytes `hasher` has seen; the incremental hash is usable while `hash_ok`.
     hashed: u64,
@@ -183,6 +179,8 @@ pub struct ArtifactFs {
     /// Signalled whenever an inode leaves `writing` (its file was sealed).
     sealed: Condvar,
     next_fh: AtomicU64,
+    /// Memory held by small files being written.
+    mem: body::MemBudget,
     /// Registry state that lives in memory: activity per model, registry link inodes.
     models: models::ModelState,
 }
@@ -208,6 +206,7 @@ impl ArtifactFs {
             writing: Mutex::new(HashMap::new()),
             sealed: Condvar::new(),
             next_fh: AtomicU64::new(1),
+            mem: body::MemBudget::default(),
             models: models::ModelState::default(),
         };
         fs.resume_pending();
@@ -359,6 +358,18 @@ impl ArtifactFs {
             }
         };
         Ok(self.attr_of(&entry))
+    }
+
+    /// Whether "no such name" in directory `parent` stays true until this mount itself creates
+    /// the name: below `runs/`, yes; in `models/<name>/` the registry adds links by itself.
+    pub fn negative_cacheable(&self, parent: u64) -> bool {
+        let idx = self.store.index();
+        matches!(
+            idx.get(parent),
+            Ok(Some(e)) if e.ino == crate::store::index::RUNS_INO
+                || e.zone == Zone::RunRoot as u8
+                || e.zone == Zone::RunTree as u8
+        )
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
@@ -599,7 +610,6 @@ impl ArtifactFs {
         let zone = namespace::create_file(namespace::place_of(pdir.ino, pdir.zone), name)
             .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
         self.model_guard(&idx, "create", &pdir, Some(name))?;
-        let (file, tmp) = self.store.blobs.new_temp()?;
         let new = NewEntry {
             parent,
             name,
@@ -616,7 +626,6 @@ impl ArtifactFs {
         let ino = match idx.insert(&new) {
             Ok(Some(ino)) => ino,
             other => {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(match other {
                     Err(e) => e.into(),
                     _ => {
@@ -645,8 +654,7 @@ impl ArtifactFs {
         let fh = self.new_fh();
         let writer = Writer {
             ino,
-            file,
-            tmp: Some(tmp),
+            body: body::Body::new(),
             hasher: Sha256::new(),
             hashed: 0,
             hash_ok: true,
@@ -739,11 +747,11 @@ impl ArtifactFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
         let n = match self.handle(fh)? {
-            HandleRef::Read(f) => read_full_at(&f, &mut buf, offset)?,
+            HandleRef::Read(f) => body::read_full_at(&f, &mut buf, offset)?,
             HandleRef::Write(w) => {
                 let w = lock(&w);
                 let want = (w.size.saturating_sub(offset)).min(size as u64) as usize;
-                read_full_at(&w.file, &mut buf[..want], offset)?
+                w.body.read_at(&mut buf[..want], offset)?
             }
         };
         buf.truncate(n);
@@ -755,9 +763,8 @@ impl ArtifactFs {
             return Err(FsError::Refused(Refusal::BadHandle));
         };
         let mut w = lock(&w);
-        self.thaw(&mut w)?;
         let end = offset + data.len() as u64;
-        if let Err(e) = w.file.write_all_at(data, offset) {
+        if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
             // Part of the range may have been written: the incremental hash no longer applies.
             w.hash_ok = false;
             return Err(e.into());
@@ -777,24 +784,6 @@ impl ArtifactFs {
             self.model_write_activity(model, 0);
         }
         Ok(data.len() as u32)
-    }
-
-    /// Makes a committed writer's file private again before it is changed.
-    fn thaw(&self, w: &mut Writer) -> io::Result<()> {
-        if w.tmp.is_some() {
-            return Ok(());
-        }
-        let (mut fresh, path) = self.store.blobs.new_temp()?;
-        let mut old = w.file.try_clone()?;
-        old.rewind()?;
-        let copied = io::copy(&mut io::Read::take(old, w.size), &mut fresh);
-        if let Err(e) = copied {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        w.file = fresh;
-        w.tmp = Some(path);
-        Ok(())
     }
 
     /// `close()` of a descriptor: commit what this handle wrote.
@@ -833,9 +822,7 @@ impl ArtifactFs {
                 result = Err(e.into());
             }
         }
-        if let Some(tmp) = w.tmp.take() {
-            let _ = std::fs::remove_file(tmp);
-        }
+        w.body.discard(&self.mem);
         lock(&self.writing).remove(&w.ino);
         self.sealed.notify_all();
         if let Some(model) = w.model {
@@ -855,17 +842,10 @@ impl ArtifactFs {
         let hash = if w.hash_ok && w.hashed == w.size {
             Hash::from_digest(w.hasher.clone())
         } else {
-            w.file.set_len(w.size)?;
-            let mut f = w.file.try_clone()?;
-            f.rewind()?;
-            crate::store::blobs::hash_reader(io::Read::take(f, w.size))?
+            let size = w.size;
+            w.body.rehash(size)?
         };
-        if let Some(tmp) = w.tmp.take()
-            && let Err(e) = self.store.blobs.publish(&w.file, &tmp, &hash)
-        {
-            w.tmp = Some(tmp);
-            return Err(e.into());
-        }
+        w.body.publish(&self.store.blobs, &hash)?;
         if durable {
             self.store.blobs.sync_published(&hash)?;
         }
@@ -913,8 +893,8 @@ impl ArtifactFs {
                     Some(w) => {
                         drop(idx);
                         let mut w = lock(&w);
-                        self.thaw(&mut w)?;
-                        w.file.set_len(size)?;
+                        let old = w.size;
+                        w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
                         if size != w.size {
                             w.hash_ok = false;
                         }
@@ -1194,20 +1174,6 @@ impl ArtifactFs {
 enum HandleRef {
     Read(Arc<File>),
     Write(Arc<Mutex<Writer>>),
-}
-
-/// Reads until `buf` is full or end of file; returns the bytes read.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 use std::os::unix::ffi::OsStrExt;

@@ -10,7 +10,7 @@
 //! implement the same operations behind `Store`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +118,22 @@ impl BlobStore {
         }
     }
 
+    /// Publishes `bytes` as the blob `hash` (written to a temp file first). Returns `true`
+    /// when new bytes were stored, `false` when the blob already existed.
+    pub fn publish_bytes(&self, bytes: &[u8], hash: &Hash) -> io::Result<bool> {
+        if self.path(hash).exists() {
+            return Ok(false);
+        }
+        let (mut file, tmp) = self.new_temp()?;
+        if let Err(e) = file.write_all(bytes) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&file, &tmp, hash).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
+    }
+
     /// Makes a published blob's directory entry durable (its bytes were synced before publish).
     pub fn sync_published(&self, hash: &Hash) -> io::Result<()> {
         let path = self.path(hash);
@@ -163,7 +179,6 @@ pub fn hash_reader(mut reader: impl Read) -> io::Result<Hash> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     #[test]
     fn publish_dedups_identical_content() {
