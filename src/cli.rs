@@ -148,6 +148,9 @@ pub struct MountArgs {
     /// Where a detached daemon logs [default: STORE/artifactfs.log]
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// fsync every blob before close() returns, instead of syncing the store once a second
+    #[arg(long)]
+    pub sync_every_close: bool,
     /// Serve reads of sealed files through the daemon instead of FUSE passthrough
     #[arg(long)]
     pub no_passthrough: bool,
@@ -232,6 +235,9 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     if args.no_passthrough {
         cmd.arg("--no-passthrough");
     }
+    if args.sync_every_close {
+        cmd.arg("--sync-every-close");
+    }
     cmd.arg(&mp)
         .env(READY_ENV, "1")
         .stdin(Stdio::null())
@@ -286,10 +292,15 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     let store_dir = args.store.dir();
     let mp = absolute(&args.mountpoint);
     check_mountpoint(&mp)?;
+    let durability = if args.sync_every_close {
+        store::Durability::EveryClose
+    } else {
+        store::Durability::Batched
+    };
     let store = if args.read_only {
         Store::open_readonly(&store_dir)
     } else {
-        Store::open_writable(&store_dir)
+        Store::open_writable_with(&store_dir, durability)
     }
     .with_context(|| format!("cannot open store {}", store_dir.display()))?;
 
@@ -305,7 +316,8 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     };
     let fs = std::sync::Arc::new(ArtifactFs::new(store, opts));
     if !args.read_only {
-        // The registry validates models once they have been quiet for the settle time.
+        // Periodic work: batched syncs, and the registry validates models once they have
+        // been quiet for the settle time.
         let fs = std::sync::Arc::downgrade(&fs);
         std::thread::Builder::new()
             .name("registry".into())
@@ -425,8 +437,8 @@ fn store_of_mount(mp: &Path) -> Option<PathBuf> {
             && f[2].starts_with("fuse")
             && unescape_mount(f[1]) == want
             && f[3].split(',').any(|o| o == "rw"))
-            .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[0]))))
-            .filter(|store| store.join("lock").exists())
+        .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[0]))))
+        .filter(|store| store.join("lock").exists())
     })
 }
 

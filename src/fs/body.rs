@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn small_bodies_stay_in_memory_and_large_ones_spill() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), false).unwrap();
         let budget = MemBudget::default();
         let mut b = Body::new();
         b.write_at(&blobs, &budget, b"hello", 0).unwrap();
@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn the_memory_budget_is_shared() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), false).unwrap();
         let budget = MemBudget::default();
         let chunk = vec![1u8; MEM_FILE_MAX as usize];
         let mut bodies: Vec<Body> = (0..(MEM_TOTAL_MAX / MEM_FILE_MAX) + 1)

@@ -575,7 +575,7 @@ impl ArtifactFs {
         }
         if place == Place::Models || unit.is_some() {
             // A draft below models/ that never became a version: gone, and the name is free.
-            idx.delete_draft(dir.ino)?;
+            idx.delete_row(dir.ino)?;
             idx.version_delete(dir.ino)?;
             if place == Place::Models {
                 idx.model_delete(dir.ino)?;
@@ -796,7 +796,10 @@ impl ArtifactFs {
 
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
-            HandleRef::Read(_) => Ok(self.store.index().sync()?),
+            HandleRef::Read(f) => {
+                f.sync_all()?;
+                Ok(self.store.index().sync()?)
+            }
             HandleRef::Write(w) => self.commit(&mut lock(&w), true),
         }
     }
@@ -850,7 +853,7 @@ impl ArtifactFs {
             self.store.blobs.sync_published(&hash)?;
         }
         let idx = self.store.index();
-        if !idx.commit_file(w.ino, &hash, w.size, w.mtime)? {
+        if !idx.commit_file(w.ino, &hash, w.size, w.mtime, now_ns())? {
             log::debug!(
                 "inode {} was removed while open; its content is not recorded",
                 w.ino
@@ -966,7 +969,7 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "unlink", parent, Some(name), r))?;
         if let Some(unit) = self.model_guard(&idx, "unlink", &e, None)? {
             // A file of a draft below models/: removed outright, the name is free again.
-            idx.delete_draft(e.ino)?;
+            idx.delete_row(e.ino)?;
             self.model_touch(&idx, unit, unit.dir != unit.model)?;
             return Ok(());
         }

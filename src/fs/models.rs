@@ -172,9 +172,13 @@ impl ArtifactFs {
         self.model_unit(idx, dir)
     }
 
-    /// Validates the pending versions of every model quiet for the settle time. Returns one
-    /// line per transition (also logged).
+    /// Periodic work: syncs the store when batched durability is due, and validates the
+    /// pending versions of every model quiet for the settle time. Returns one line per
+    /// registry transition (also logged).
     pub fn tick(&self, now: Instant) -> Vec<String> {
+        if let Err(e) = self.store.sync_if_due() {
+            log::warn!("syncing the store failed: {e}");
+        }
         let due: Vec<u64> = {
             let mut act = lock(&self.models.activity);
             let due: Vec<u64> = act

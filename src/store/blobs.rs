@@ -13,7 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -25,14 +25,16 @@ pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
     next_tmp: AtomicU64,
-    /// fsync each blob before it is renamed into place (the index row that follows must never
-    /// point at bytes that a power loss could take away).
+    /// fsync each blob before it is renamed into place; otherwise blobs are synced in batches
+    /// by `Store::sync` and checked after a crash (see `Store::open_writable`).
     sync_before_publish: bool,
+    /// Blobs were published without fsync since the last `Store::sync`.
+    unsynced: AtomicBool,
 }
 
 impl BlobStore {
     /// Opens (and creates) the blob and temp directories below `root`.
-    pub fn open(root: &Path) -> io::Result<Self> {
+    pub fn open(root: &Path, sync_before_publish: bool) -> io::Result<Self> {
         let blobs = root.join("blobs").join("sha256");
         let tmp = root.join("tmp");
         for dir in [&blobs, &tmp] {
@@ -43,7 +45,8 @@ impl BlobStore {
             blobs,
             tmp,
             next_tmp: AtomicU64::new(0),
-            sync_before_publish: true,
+            sync_before_publish,
+            unsynced: AtomicBool::new(false),
         })
     }
 
@@ -54,7 +57,13 @@ impl BlobStore {
             tmp: root.join("tmp"),
             next_tmp: AtomicU64::new(0),
             sync_before_publish: true,
+            unsynced: AtomicBool::new(false),
         }
+    }
+
+    /// Whether blobs were published without fsync since the last call (and clears that).
+    pub fn take_unsynced(&self) -> bool {
+        self.unsynced.swap(false, Ordering::AcqRel)
     }
 
     /// Where the blob with this hash lives.
@@ -104,6 +113,8 @@ impl BlobStore {
         }
         if self.sync_before_publish {
             file.sync_all()?;
+        } else {
+            self.unsynced.store(true, Ordering::Release);
         }
         // Published blobs are read-only for everyone but root; the store directory is 0700.
         file.set_permissions(fs::Permissions::from_mode(0o444))?;
@@ -134,9 +145,10 @@ impl BlobStore {
         })
     }
 
-    /// Makes a published blob's directory entry durable (its bytes were synced before publish).
+    /// Makes a published blob durable: its bytes and its directory entry (`fsync()`).
     pub fn sync_published(&self, hash: &Hash) -> io::Result<()> {
         let path = self.path(hash);
+        File::open(&path)?.sync_all()?;
         File::open(path.parent().expect("blob path has a parent"))?.sync_all()
     }
 
@@ -183,7 +195,7 @@ mod tests {
     #[test]
     fn publish_dedups_identical_content() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), true).unwrap();
         let mut stored = Vec::new();
         for _ in 0..2 {
             let (mut f, tmp) = blobs.new_temp().unwrap();
@@ -200,7 +212,7 @@ mod tests {
     #[test]
     fn clean_tmp_removes_leftovers() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), true).unwrap();
         let (_f, tmp) = blobs.new_temp().unwrap();
         assert!(tmp.exists());
         assert_eq!(blobs.clean_tmp().unwrap(), 1);

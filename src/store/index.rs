@@ -420,15 +420,24 @@ impl Index {
     /// Records committed content for a file that is being written or was committed before by
     /// the same open handle. Returns `false` if the row is gone or tombstoned (the file was
     /// removed while open), in which case nothing changes.
-    pub fn commit_file(&self, ino: u64, hash: &Hash, size: u64, mtime: i64) -> io::Result<bool> {
+    /// `ctime` is the commit time (crash recovery finds recent commits by it), `mtime` may be
+    /// older (`cp -a` sets it before `close()`).
+    pub fn commit_file(
+        &self,
+        ino: u64,
+        hash: &Hash,
+        size: u64,
+        mtime: i64,
+        now: i64,
+    ) -> io::Result<bool> {
         let n = self
             .conn
             .prepare_cached(
-                "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?4, state = 0
+                "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5, state = 0
                  WHERE ino = ?1 AND state != 1",
             )
             .map_err(to_io)?
-            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime])
+            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
             .map_err(to_io)?;
         Ok(n == 1)
     }
@@ -494,9 +503,10 @@ impl Index {
         Ok(())
     }
 
-    /// Deletes a row outright, leaving no tombstone: only for drafts of model versions that
-    /// never became READY (their names may be reused).
-    pub fn delete_draft(&self, ino: u64) -> io::Result<()> {
+    /// Deletes a row outright, leaving no tombstone: for drafts of model versions that never
+    /// became READY (their names may be reused) and for files lost in a crash before their
+    /// bytes reached the disk.
+    pub fn delete_row(&self, ino: u64) -> io::Result<()> {
         self.conn
             .prepare_cached("DELETE FROM entries WHERE ino = ?1")
             .map_err(to_io)?
@@ -591,6 +601,38 @@ impl Index {
         }
         tx.commit().map_err(to_io)?;
         Ok(true)
+    }
+
+    /// Files with content whose row changed at or after `since` (ns): `(inode, hash)`.
+    pub fn changed_since(&self, since: i64) -> io::Result<Vec<(u64, Hash)>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT ino, hash FROM entries WHERE kind = 2 AND hash IS NOT NULL AND ctime >= ?1",
+            )
+            .map_err(to_io)?;
+        let rows = stmt
+            .query_map([since], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            })
+            .map_err(to_io)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(to_io)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(ino, h)| Hash::from_hex(&h).map(|h| (ino, h)))
+            .collect())
+    }
+
+    /// Whether a row older than `before` (ns) uses blob `hash`.
+    pub fn hash_used_before(&self, hash: &Hash, before: i64) -> io::Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND ctime < ?2)",
+                params![hash.to_hex(), before],
+                |r| r.get(0),
+            )
+            .map_err(to_io)
     }
 
     /// Makes everything committed so far durable (fsyncs the WAL via a passive checkpoint).
@@ -762,7 +804,7 @@ mod tests {
             let idx = Index::open(&path, (0, 0), 5).unwrap();
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             assert!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap().is_none());
-            assert!(idx.commit_file(a, &hash, 3, 9).unwrap());
+            assert!(idx.commit_file(a, &hash, 3, 9, 9).unwrap());
             idx.insert(&new_file(RUNS_INO, b"half")).unwrap().unwrap();
         }
         let idx = Index::open(&path, (0, 0), 6).unwrap();
@@ -777,7 +819,7 @@ mod tests {
         let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
         let hash = Hash([1; 32]);
         let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
-        idx.commit_file(a, &hash, 1, 6).unwrap();
+        idx.commit_file(a, &hash, 1, 6, 6).unwrap();
         assert!(idx.rename_file(a, RUNS_INO, b"b", 2, 7, true).unwrap());
         let old = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
         assert_eq!((old.state, old.hash), (State::Tombstone, Some(hash)));

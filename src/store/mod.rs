@@ -90,6 +90,17 @@ pub fn default_store_dir() -> PathBuf {
     PathBuf::from(home).join(".local/share/artifactfs")
 }
 
+/// How a writable store makes blobs durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every blob before its index row is written.
+    EveryClose,
+    /// Publish blobs without fsync and sync the whole store file system (`syncfs`) at most a
+    /// second later; after a crash, the blobs of rows committed since the last sync are
+    /// re-hashed on start and rows whose bytes did not survive are dropped.
+    Batched,
+}
+
 /// An open store.
 pub struct Store {
     root: PathBuf,
@@ -97,27 +108,132 @@ pub struct Store {
     index: Mutex<Index>,
     /// Held for the daemon's lifetime by a writable mount; `None` for read-only use.
     _lock: Option<File>,
+    last_sync: Mutex<std::time::Instant>,
 }
+
+/// How often batched durability syncs the store.
+pub const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Store {
     /// Opens (creating on first use) a store for a writable daemon: takes the single-writer
     /// lock, creates or migrates the schema, drops unfinished writes and cleans `tmp/`.
     pub fn open_writable(root: &Path) -> io::Result<Store> {
+        Self::open_writable_with(root, Durability::Batched)
+    }
+
+    pub fn open_writable_with(root: &Path, durability: Durability) -> io::Result<Store> {
         create_store_dir(root)?;
         let lock = take_lock(root)?;
-        let blobs = BlobStore::open(root)?;
+        let blobs = BlobStore::open(root, durability == Durability::EveryClose)?;
         let stale = blobs.clean_tmp()?;
         if stale > 0 {
             log::info!("removed {stale} stale temp file(s) of unfinished writes");
         }
         let owner = unsafe { (libc::geteuid(), libc::getegid()) };
         let index = Index::open(&root.join("index.sqlite"), owner, now_ns())?;
-        Ok(Store {
+        let store = Store {
             root: root.to_path_buf(),
             blobs,
             index: Mutex::new(index),
             _lock: Some(lock),
-        })
+            last_sync: Mutex::new(std::time::Instant::now()),
+        };
+        store.recover()?;
+        store.sync()?;
+        Ok(store)
+    }
+
+    /// After an unclean stop: re-hashes the blobs of rows committed since the last completed
+    /// sync and drops the rows whose bytes did not reach the disk (a power loss can take bytes
+    /// that were never synced; a killed daemon cannot, so normally nothing is dropped).
+    fn recover(&self) -> io::Result<()> {
+        let since = match fs::read_to_string(self.root.join("synced")) {
+            Ok(s) => s.trim().parse::<i64>().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        if since == i64::MAX {
+            return Ok(()); // clean shutdown
+        }
+        // A margin for clocks: commits shortly before the recorded sync are checked too.
+        let since = since.saturating_sub(5_000_000_000);
+        let idx = self.index();
+        let recent = idx.changed_since(since)?;
+        let mut verdict: std::collections::HashMap<Hash, bool> = Default::default();
+        let mut dropped = 0;
+        for (ino, hash) in &recent {
+            let ok = match verdict.get(hash) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = matches!(self.blobs.rehash(hash), Ok(h) if h == *hash);
+                    verdict.insert(*hash, ok);
+                    ok
+                }
+            };
+            if ok {
+                continue;
+            }
+            if idx.hash_used_before(hash, since)? {
+                log::error!(
+                    "blob {hash} of /{} is damaged but older files use it too: run artifactfs fsck --verify",
+                    idx.path_of(*ino)?.display()
+                );
+                continue;
+            }
+            log::warn!(
+                "/{} was committed just before an unclean stop and its bytes did not reach the disk: dropped",
+                idx.path_of(*ino)?.display()
+            );
+            idx.delete_row(*ino)?;
+            dropped += 1;
+        }
+        for (hash, ok) in verdict {
+            if !ok && !idx.hash_used_before(&hash, since)? {
+                let _ = fs::remove_file(self.blobs.path(&hash));
+            }
+        }
+        if !recent.is_empty() {
+            log::info!(
+                "unclean stop: checked {} recently committed file(s), dropped {dropped}",
+                recent.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes every blob and index row written so far durable (`syncfs` of the store's file
+    /// system), then records when that was.
+    pub fn sync(&self) -> io::Result<()> {
+        self.sync_marking(false)
+    }
+
+    /// Syncs; `clean` records a clean stop instead of the time the sync started.
+    fn sync_marking(&self, clean: bool) -> io::Result<()> {
+        let started = if clean { i64::MAX } else { now_ns() };
+        self.blobs.take_unsynced();
+        let dir = File::open(&self.root)?;
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tmp = self.root.join("synced.tmp");
+        fs::write(&tmp, format!("{started}\n"))?;
+        fs::rename(&tmp, self.root.join("synced"))?;
+        *self.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Syncs if blobs were published without fsync and the last sync is `SYNC_INTERVAL` old.
+    pub fn sync_if_due(&self) -> io::Result<()> {
+        let due = self
+            .last_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            >= SYNC_INTERVAL;
+        if due && self.blobs.take_unsynced() {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Opens an existing store without the writer lock and without changing anything (for a
@@ -129,6 +245,7 @@ impl Store {
             blobs: BlobStore::open_existing(root),
             index: Mutex::new(index),
             _lock: None,
+            last_sync: Mutex::new(std::time::Instant::now()),
         })
     }
 
@@ -150,6 +267,17 @@ impl Store {
             return Err(io::Error::last_os_error());
         }
         Ok(st)
+    }
+}
+
+impl Drop for Store {
+    /// A clean stop of a writable store: sync, and say so, so the next start checks nothing.
+    fn drop(&mut self) {
+        if self._lock.is_some()
+            && let Err(e) = self.sync_marking(true)
+        {
+            log::warn!("final sync of {} failed: {e}", self.root.display());
+        }
     }
 }
 
@@ -234,6 +362,61 @@ mod tests {
         );
         assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
         assert_eq!(Hash::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn after_an_unclean_stop_rows_whose_bytes_were_lost_are_dropped() {
+        use index::{Kind, NewEntry, RUNS_INO, State};
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, lost) = (Hash::of(b"kept"), Hash::of(b"lost"));
+        {
+            let store = Store::open_writable(dir.path()).unwrap();
+            for (name, bytes, hash) in [(&b"a"[..], &b"kept"[..], kept), (b"b", b"lost", lost)] {
+                store.blobs.publish_bytes(bytes, &hash).unwrap();
+                let idx = store.index();
+                let ino = idx
+                    .insert(&NewEntry {
+                        parent: RUNS_INO,
+                        name,
+                        kind: Kind::File,
+                        state: State::Writing,
+                        zone: 2,
+                        hash: None,
+                        size: 0,
+                        mode: 0o644,
+                        uid: 0,
+                        gid: 0,
+                        time: 1,
+                    })
+                    .unwrap()
+                    .unwrap();
+                idx.commit_file(ino, &hash, 4, 1, now_ns()).unwrap();
+            }
+        }
+        // As if the machine lost power: the last sync was long ago, one blob never made it.
+        fs::write(dir.path().join("synced"), "1\n").unwrap();
+        fs::remove_file(
+            dir.path()
+                .join("blobs/sha256")
+                .join(&lost.to_hex()[..2])
+                .join(&lost.to_hex()[2..]),
+        )
+        .unwrap();
+        let store = Store::open_writable(dir.path()).unwrap();
+        let idx = store.index();
+        assert_eq!(
+            idx.lookup(RUNS_INO, b"a").unwrap().unwrap().hash,
+            Some(kept)
+        );
+        assert!(idx.lookup(RUNS_INO, b"b").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_clean_stop_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open_writable(dir.path()).unwrap());
+        let synced = fs::read_to_string(dir.path().join("synced")).unwrap();
+        assert_eq!(synced.trim(), i64::MAX.to_string());
     }
 
     #[test]
