@@ -5,7 +5,7 @@
 //! store commands that work without FUSE.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -51,6 +51,18 @@ pub enum Cmd {
         store: StoreArg,
         #[arg(long)]
         verify: bool,
+    },
+    /// Remove blobs no entry uses, and blobs only removed files use once they are older than
+    /// the retention. Safe while the store is mounted and written.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Retention for removed files' content, e.g. 30d, 12h, 15m, 90s, 0
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        older_than: Duration,
+        /// Report what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List a path of the store without mounting (e.g. `runs`, `runs/<id>/artifacts`).
     Ls {
@@ -171,6 +183,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Unmount { mountpoint, lazy } => unmount(&mountpoint, lazy).map(|_| ExitCode::SUCCESS),
         Cmd::Fsck { store, verify } => fsck(&store.dir(), verify),
         Cmd::Ls { store, path } => ls(&store.dir(), &path).map(|_| ExitCode::SUCCESS),
+        Cmd::Gc {
+            store,
+            older_than,
+            dry_run,
+        } => gc(&store.dir(), older_than, dry_run),
         Cmd::Models(cmd) => crate::cli_models::run(cmd),
     }
 }
@@ -496,7 +513,11 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
         by_hash.entry(row.hash).or_default().push(row);
     }
     let mut bytes = 0u64;
-    for (hash, users) in &by_hash {
+    let progress = verify && std::io::stderr().is_terminal();
+    for (i, (hash, users)) in by_hash.iter().enumerate() {
+        if progress && (i % 64 == 0 || i + 1 == by_hash.len()) {
+            eprint!("\rfsck: {}/{} blobs re-hashed", i + 1, by_hash.len());
+        }
         let paths = || {
             users
                 .iter()
@@ -536,6 +557,9 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
             }
         }
     }
+    if progress {
+        eprintln!();
+    }
     let live = rows.iter().filter(|r| r.state != State::Tombstone).count();
     println!(
         "{} files ({} live, {} removed), {} blobs, {} bytes{}",
@@ -556,6 +580,47 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
         println!("{} problem(s)", problems.len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// `30d`, `12h`, `15m`, `90s` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30d, 12h, 15m, 90s"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit in {s:?}: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> {
+    if !store_dir.join("index.sqlite").exists() {
+        bail!("no store at {}", store_dir.display());
+    }
+    // The index is shared with a running daemon (if any) through SQLite's own locking.
+    let store = Store::open_readonly_for_gc(store_dir)
+        .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    let r = store.gc(&store::gc::GcOptions { retention, dry_run })?;
+    println!(
+        "{} blobs: {} in use, {} kept for removed files younger than {:?}, {} {} ({} bytes)",
+        r.blobs,
+        r.in_use,
+        r.retained,
+        retention,
+        if dry_run { "would remove" } else { "removed" },
+        r.removed,
+        r.bytes_freed,
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn mode_string(kind: Kind, mode: u32) -> String {

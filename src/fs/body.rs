@@ -99,8 +99,9 @@ impl Body {
         self.thaw(blobs)
     }
 
-    /// Gives a frozen disk body a private temp file again (a copy of the published blob).
-    fn thaw(&mut self, blobs: &BlobStore) -> io::Result<()> {
+    /// Gives a frozen disk body a private temp file again (a copy of the published blob): before
+    /// it is changed, or published again because garbage collection took the blob meanwhile.
+    pub fn thaw(&mut self, blobs: &BlobStore) -> io::Result<()> {
         if let Body::Disk { file, tmp } = self
             && tmp.is_none()
         {
@@ -173,16 +174,21 @@ impl Body {
         }
     }
 
-    /// Publishes the content as blob `hash`. A disk body is frozen afterwards.
+    /// Publishes the content as blob `hash`. A disk body whose temp file became the blob is
+    /// frozen afterwards; on a dedup hit it keeps its temp file.
     pub fn publish(&mut self, blobs: &BlobStore, hash: &Hash) -> io::Result<()> {
         match self {
             Body::Mem(v) => blobs.publish_bytes(v, hash).map(|_| ()),
             Body::Disk { file, tmp } => {
-                if let Some(path) = tmp.take()
-                    && let Err(e) = blobs.publish(file, &path, hash)
-                {
-                    *tmp = Some(path);
-                    return Err(e);
+                if let Some(path) = tmp.take() {
+                    match blobs.publish(file, &path, hash) {
+                        Ok(true) => {}
+                        Ok(false) => *tmp = Some(path),
+                        Err(e) => {
+                            *tmp = Some(path);
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(())
             }

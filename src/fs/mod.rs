@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
-use crate::store::index::{Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
+use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
 use crate::store::{Hash, Store, now_ns, to_ns};
 
 mod body;
@@ -848,19 +848,39 @@ impl ArtifactFs {
             let size = w.size;
             w.body.rehash(size)?
         };
-        w.body.publish(&self.store.blobs, &hash)?;
-        if durable {
-            self.store.blobs.sync_published(&hash)?;
-        }
-        let idx = self.store.index();
-        if !idx.commit_file(w.ino, &hash, w.size, w.mtime, now_ns())? {
-            log::debug!(
-                "inode {} was removed while open; its content is not recorded",
-                w.ino
-            );
-        }
-        if durable {
-            idx.sync()?;
+        let blobs = &self.store.blobs;
+        let mut attempts = 0;
+        loop {
+            w.body.publish(blobs, &hash)?;
+            if durable {
+                blobs.sync_published(&hash)?;
+            }
+            let idx = self.store.index();
+            let recorded = idx.commit_file(w.ino, &hash, w.size, w.mtime, now_ns(), || {
+                blobs.exists(&hash)
+            })?;
+            match recorded {
+                Commit::Recorded => {}
+                Commit::Gone => log::debug!(
+                    "inode {} was removed while open; its content is not recorded",
+                    w.ino
+                ),
+                Commit::BlobMissing if attempts < 3 => {
+                    // Garbage collection removed the blob between publish and commit.
+                    drop(idx);
+                    attempts += 1;
+                    log::info!("blob {hash} was collected during a commit; storing it again");
+                    w.body.thaw(blobs)?;
+                    continue;
+                }
+                Commit::BlobMissing => {
+                    return Err(io::Error::other(format!("blob {hash} keeps disappearing")).into());
+                }
+            }
+            if durable {
+                idx.sync()?;
+            }
+            break;
         }
         w.dirty = false;
         w.committed = true;

@@ -103,12 +103,12 @@ impl BlobStore {
     }
 
     /// Publishes the finished temp file `tmp` (whose open handle is `file`) as the blob `hash`.
-    /// Returns `true` when new bytes were stored, `false` when the blob already existed and the
-    /// temp file was dropped. Either way `tmp` no longer exists afterwards.
+    /// Returns `true` when it was renamed into place, `false` when the blob already existed —
+    /// then `tmp` is left alone: the caller keeps it until the index row is committed, in case
+    /// a concurrent garbage collection removes the existing blob first.
     pub fn publish(&self, file: &File, tmp: &Path, hash: &Hash) -> io::Result<bool> {
         let dest = self.path(hash);
         if dest.exists() {
-            fs::remove_file(tmp)?;
             return Ok(false);
         }
         if self.sync_before_publish {
@@ -140,9 +140,54 @@ impl BlobStore {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        self.publish(&file, &tmp, hash).inspect_err(|_| {
+        let published = self.publish(&file, &tmp, hash);
+        if !matches!(published, Ok(true)) {
             let _ = fs::remove_file(&tmp);
-        })
+        }
+        published
+    }
+
+    pub fn exists(&self, hash: &Hash) -> bool {
+        self.path(hash).exists()
+    }
+
+    /// Every blob, by the two-hex-digit directory it sits in (for garbage collection).
+    pub fn prefixes(&self) -> io::Result<Vec<PathBuf>> {
+        let mut dirs: Vec<PathBuf> = fs::read_dir(&self.blobs)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        Ok(dirs)
+    }
+
+    /// The blobs in one prefix directory, with their sizes.
+    pub fn blobs_in(&self, prefix: &Path) -> io::Result<Vec<(Hash, u64)>> {
+        let head = prefix
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let mut out = Vec::new();
+        for e in fs::read_dir(prefix)? {
+            let e = e?;
+            let name = e.file_name();
+            if let Some(h) = name
+                .to_str()
+                .and_then(|rest| Hash::from_hex(&format!("{head}{rest}")))
+            {
+                out.push((h, e.metadata()?.len()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a blob (garbage collection only, with the index write lock held).
+    pub fn remove(&self, hash: &Hash) -> io::Result<()> {
+        match fs::remove_file(self.path(hash)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Makes a published blob durable: its bytes and its directory entry (`fsync()`).
@@ -201,8 +246,11 @@ mod tests {
             let (mut f, tmp) = blobs.new_temp().unwrap();
             f.write_all(b"same bytes").unwrap();
             let hash = hash_reader(File::open(&tmp).unwrap()).unwrap();
-            stored.push(blobs.publish(&f, &tmp, &hash).unwrap());
-            assert!(!tmp.exists());
+            let new = blobs.publish(&f, &tmp, &hash).unwrap();
+            // A dedup hit leaves the temp file to the caller.
+            assert_eq!(tmp.exists(), !new);
+            let _ = fs::remove_file(&tmp);
+            stored.push(new);
             assert_eq!(fs::read(blobs.path(&hash)).unwrap(), b"same bytes");
             assert_eq!(blobs.rehash(&hash).unwrap(), hash);
         }

@@ -89,6 +89,16 @@ pub struct MetaChange {
     pub ctime: i64,
 }
 
+/// What `commit_file` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    Recorded,
+    /// The row was removed (or tombstoned) while the file was open: nothing recorded.
+    Gone,
+    /// The blob is not there (garbage collection took it): publish it again and retry.
+    BlobMissing,
+}
+
 /// A file row as `fsck` sees it.
 #[derive(Debug, Clone)]
 pub struct FileRow {
@@ -169,6 +179,17 @@ impl Index {
             .conn
             .execute("DELETE FROM entries WHERE state = 2", [])
             .map_err(to_io)?;
+        Ok(index)
+    }
+
+    /// Opens an existing index for writing beside a daemon that may have it open too (no schema
+    /// change, no clean-up of unfinished writes: those belong to the daemon).
+    pub fn open_shared(path: &Path) -> io::Result<Index> {
+        // Checks that it exists and has our schema version.
+        drop(Index::open_readonly(path)?);
+        let conn = Connection::open(path).map_err(to_io)?;
+        let index = Index { conn };
+        index.configure()?;
         Ok(index)
     }
 
@@ -421,7 +442,8 @@ impl Index {
     /// the same open handle. Returns `false` if the row is gone or tombstoned (the file was
     /// removed while open), in which case nothing changes.
     /// `ctime` is the commit time (crash recovery finds recent commits by it), `mtime` may be
-    /// older (`cp -a` sets it before `close()`).
+    /// older (`cp -a` sets it before `close()`). `blob_present` is asked with the index's write
+    /// lock held, which garbage collection also takes: a blob it says is there stays there.
     pub fn commit_file(
         &self,
         ino: u64,
@@ -429,17 +451,65 @@ impl Index {
         size: u64,
         mtime: i64,
         now: i64,
-    ) -> io::Result<bool> {
-        let n = self
-            .conn
+        blob_present: impl FnOnce() -> bool,
+    ) -> io::Result<Commit> {
+        self.write_locked(|idx| {
+            if !blob_present() {
+                return Ok(Commit::BlobMissing);
+            }
+            let n = idx
+                .conn
+                .prepare_cached(
+                    "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5, state = 0
+                     WHERE ino = ?1 AND state != 1",
+                )
+                .map_err(to_io)?
+                .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
+                .map_err(to_io)?;
+            Ok(if n == 1 {
+                Commit::Recorded
+            } else {
+                Commit::Gone
+            })
+        })
+    }
+
+    /// Runs `f` in a transaction that holds SQLite's write lock from the start
+    /// (`BEGIN IMMEDIATE`): commits if `f` succeeds, rolls back if it fails.
+    pub fn write_locked<T>(&self, f: impl FnOnce(&Index) -> io::Result<T>) -> io::Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(to_io)?;
+        let result = f(self);
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        if let Err(e) = self.conn.execute_batch(end) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(to_io(e));
+        }
+        result
+    }
+
+    /// Who uses blob `hash`: whether any live (or being written) entry does, and the time the
+    /// newest tombstone using it was made.
+    pub fn blob_users(&self, hash: &Hash) -> io::Result<(bool, Option<i64>)> {
+        self.conn
             .prepare_cached(
-                "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5, state = 0
-                 WHERE ino = ?1 AND state != 1",
+                "SELECT COALESCE(MAX(state != 1), 0), MAX(CASE WHEN state = 1 THEN ctime END)
+                 FROM entries WHERE hash = ?1",
             )
             .map_err(to_io)?
-            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
-            .map_err(to_io)?;
-        Ok(n == 1)
+            .query_row([hash.to_hex()], |r| {
+                Ok((r.get::<_, i64>(0)? != 0, r.get(1)?))
+            })
+            .map_err(to_io)
+    }
+
+    /// Forgets the content of the tombstones that used `hash` (its blob was collected); the
+    /// paths stay taken.
+    pub fn purge_tombstones(&self, hash: &Hash) -> io::Result<usize> {
+        self.conn
+            .prepare_cached("UPDATE entries SET hash = NULL WHERE hash = ?1 AND state = 1")
+            .map_err(to_io)?
+            .execute([hash.to_hex()])
+            .map_err(to_io)
     }
 
     /// Applies `chmod`/`chown`/`utimens`.
@@ -804,7 +874,10 @@ mod tests {
             let idx = Index::open(&path, (0, 0), 5).unwrap();
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             assert!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap().is_none());
-            assert!(idx.commit_file(a, &hash, 3, 9, 9).unwrap());
+            assert_eq!(
+                idx.commit_file(a, &hash, 3, 9, 9, || true).unwrap(),
+                Commit::Recorded
+            );
             idx.insert(&new_file(RUNS_INO, b"half")).unwrap().unwrap();
         }
         let idx = Index::open(&path, (0, 0), 6).unwrap();
@@ -819,7 +892,7 @@ mod tests {
         let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
         let hash = Hash([1; 32]);
         let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
-        idx.commit_file(a, &hash, 1, 6, 6).unwrap();
+        idx.commit_file(a, &hash, 1, 6, 6, || true).unwrap();
         assert!(idx.rename_file(a, RUNS_INO, b"b", 2, 7, true).unwrap());
         let old = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
         assert_eq!((old.state, old.hash), (State::Tombstone, Some(hash)));

@@ -7,6 +7,7 @@
 //! added here without touching it or the FUSE adapter.
 
 pub mod blobs;
+pub mod gc;
 pub mod index;
 
 use std::fmt;
@@ -249,6 +250,19 @@ impl Store {
         })
     }
 
+    /// Opens an existing store to change its index and blobs beside a running daemon, without
+    /// the writer lock (garbage collection, which coordinates through SQLite's write lock).
+    pub fn open_readonly_for_gc(root: &Path) -> io::Result<Store> {
+        let index = Index::open_shared(&root.join("index.sqlite"))?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            blobs: BlobStore::open_existing(root),
+            index: Mutex::new(index),
+            _lock: None,
+            last_sync: Mutex::new(std::time::Instant::now()),
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -390,7 +404,8 @@ mod tests {
                     })
                     .unwrap()
                     .unwrap();
-                idx.commit_file(ino, &hash, 4, 1, now_ns()).unwrap();
+                idx.commit_file(ino, &hash, 4, 1, now_ns(), || true)
+                    .unwrap();
             }
         }
         // As if the machine lost power: the last sync was long ago, one blob never made it.
