@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A file name and the bytes whose close() returned.
+type Written = (String, Vec<u8>);
+
 #[test]
 fn gc_racing_writers_never_loses_a_committed_file() {
     let Some(m) = Mount::new("gc_racing_writers_never_loses_a_committed_file") else {
@@ -19,7 +22,7 @@ fn gc_racing_writers_never_loses_a_committed_file() {
     fs::create_dir(m.path("runs/r")).unwrap();
     let art = m.path("runs/r/artifacts");
     let stop = Arc::new(AtomicBool::new(false));
-    let written: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let written: Arc<Mutex<Vec<Written>>> = Arc::default();
     let mut writers = Vec::new();
     for t in 0..3u64 {
         let (art, stop, written) = (art.clone(), stop.clone(), written.clone());
@@ -28,11 +31,11 @@ fn gc_racing_writers_never_loses_a_committed_file() {
             while !stop.load(Ordering::Relaxed) {
                 // Few distinct contents: many commits are dedup hits on blobs that other
                 // files' removal leaves unused, exactly what gc collects.
-                let small = i % 3 != 0;
+                let small = !i.is_multiple_of(3);
                 let content = pseudo_random(i % 5, if small { 3000 } else { 1_500_000 });
                 let name = format!("t{t}-{i}");
                 fs::write(art.join(&name), &content).unwrap();
-                if i % 4 == 0 {
+                if i.is_multiple_of(4) {
                     // Removed files leave their blobs to tombstones only.
                     fs::remove_file(art.join(&name)).unwrap();
                 } else {
