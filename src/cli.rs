@@ -503,8 +503,10 @@ fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
 }
 
 fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
-    let store = Store::open_readonly(store_dir)
+    // Shared with a running daemon: fsck only adds to the list of damaged blobs.
+    let store = Store::open_readonly_for_gc(store_dir)
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    let mut damaged = Vec::new();
     let rows = store.index().file_rows()?;
     let mut problems = store.index().integrity_problems()?;
     let mut by_hash: std::collections::BTreeMap<store::Hash, Vec<&store::index::FileRow>> =
@@ -536,10 +538,14 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
                 .join(", ")
         };
         match store.blobs.size(hash)? {
-            None => problems.push(format!("blob {hash} is missing; used by {}", paths())),
+            None => {
+                damaged.push(*hash);
+                problems.push(format!("blob {hash} is missing; used by {}", paths()))
+            }
             Some(size) => {
                 bytes += size;
                 if let Some(r) = users.iter().find(|r| r.size != size) {
+                    damaged.push(*hash);
                     problems.push(format!(
                         "blob {hash} has {size} bytes, the index says {} for /{}",
                         r.size,
@@ -548,6 +554,7 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
                 } else if verify {
                     let actual = store.blobs.rehash(hash)?;
                     if actual != *hash {
+                        damaged.push(*hash);
                         problems.push(format!(
                             "blob {hash} is corrupt (its bytes hash to {actual}); used by {}",
                             paths()
@@ -572,6 +579,17 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
     );
     for p in &problems {
         println!("problem: {p}");
+    }
+    if !damaged.is_empty() {
+        let idx = store.index();
+        for h in &damaged {
+            idx.mark_damaged(h, store::now_ns())?;
+        }
+        println!(
+            "{} blob(s) marked damaged: opening the files that use them now fails with EIO \
+             until the same content is written again",
+            damaged.len()
+        );
     }
     if problems.is_empty() {
         println!("ok");

@@ -176,12 +176,16 @@ impl Body {
 
     /// Publishes the content as blob `hash`. A disk body whose temp file became the blob is
     /// frozen afterwards; on a dedup hit it keeps its temp file.
-    pub fn publish(&mut self, blobs: &BlobStore, hash: &Hash) -> io::Result<()> {
+    /// `replace`: the existing blob is known to be damaged; these bytes take its place.
+    pub fn publish(&mut self, blobs: &BlobStore, hash: &Hash, replace: bool) -> io::Result<()> {
+        if replace {
+            self.thaw(blobs)?;
+        }
         match self {
-            Body::Mem(v) => blobs.publish_bytes(v, hash).map(|_| ()),
+            Body::Mem(v) => blobs.publish_bytes_as(v, hash, replace).map(|_| ()),
             Body::Disk { file, tmp } => {
                 if let Some(path) = tmp.take() {
-                    match blobs.publish(file, &path, hash) {
+                    match blobs.publish_as(file, &path, hash, replace) {
                         Ok(true) => {}
                         Ok(false) => *tmp = Some(path),
                         Err(e) => {
@@ -247,7 +251,7 @@ mod tests {
         assert_eq!(&buf, b"hello\x07");
         let len = 5 + MEM_FILE_MAX;
         let h = b.rehash(len).unwrap();
-        b.publish(&blobs, &h).unwrap();
+        b.publish(&blobs, &h, false).unwrap();
         // Frozen: the next write goes to a copy, the blob stays as published.
         b.write_at(&blobs, &budget, b"X", 0).unwrap();
         assert_eq!(blobs.rehash(&h).unwrap(), h);

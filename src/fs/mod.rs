@@ -710,6 +710,13 @@ impl ArtifactFs {
             ));
         }
         let hash = e.hash.ok_or(FsError::Refused(Refusal::NotFound))?;
+        if idx.is_damaged(&hash)? {
+            log::warn!(
+                "refused open /{}: its blob {hash} is damaged (found by fsck --verify) [EIO]",
+                idx.path_of(ino)?.display()
+            );
+            return Err(io::Error::from_raw_os_error(libc::EIO).into());
+        }
         drop(idx);
         let file = self.store.blobs.open_blob(&hash).map_err(|err| {
             log::warn!("blob {hash} of inode {ino} cannot be opened: {err}");
@@ -849,9 +856,11 @@ impl ArtifactFs {
             w.body.rehash(size)?
         };
         let blobs = &self.store.blobs;
+        // Content that fsck found damaged in the store is healed by writing it again.
+        let damaged = self.store.index().is_damaged(&hash)?;
         let mut attempts = 0;
         loop {
-            w.body.publish(blobs, &hash)?;
+            w.body.publish(blobs, &hash, damaged)?;
             if durable {
                 blobs.sync_published(&hash)?;
             }
@@ -876,6 +885,10 @@ impl ArtifactFs {
                 Commit::BlobMissing => {
                     return Err(io::Error::other(format!("blob {hash} keeps disappearing")).into());
                 }
+            }
+            if damaged && recorded == Commit::Recorded {
+                idx.clear_damaged(&hash)?;
+                log::info!("damaged blob {hash} was stored again with the right bytes");
             }
             if durable {
                 idx.sync()?;

@@ -107,8 +107,20 @@ impl BlobStore {
     /// then `tmp` is left alone: the caller keeps it until the index row is committed, in case
     /// a concurrent garbage collection removes the existing blob first.
     pub fn publish(&self, file: &File, tmp: &Path, hash: &Hash) -> io::Result<bool> {
+        self.publish_as(file, tmp, hash, false)
+    }
+
+    /// `publish`, optionally replacing an existing blob (one known to be damaged) by these
+    /// bytes — the rename makes that atomic for readers.
+    pub fn publish_as(
+        &self,
+        file: &File,
+        tmp: &Path,
+        hash: &Hash,
+        replace: bool,
+    ) -> io::Result<bool> {
         let dest = self.path(hash);
-        if dest.exists() {
+        if dest.exists() && !replace {
             return Ok(false);
         }
         if self.sync_before_publish {
@@ -132,7 +144,11 @@ impl BlobStore {
     /// Publishes `bytes` as the blob `hash` (written to a temp file first). Returns `true`
     /// when new bytes were stored, `false` when the blob already existed.
     pub fn publish_bytes(&self, bytes: &[u8], hash: &Hash) -> io::Result<bool> {
-        if self.path(hash).exists() {
+        self.publish_bytes_as(bytes, hash, false)
+    }
+
+    pub fn publish_bytes_as(&self, bytes: &[u8], hash: &Hash, replace: bool) -> io::Result<bool> {
+        if self.path(hash).exists() && !replace {
             return Ok(false);
         }
         let (mut file, tmp) = self.new_temp()?;
@@ -140,7 +156,7 @@ impl BlobStore {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let published = self.publish(&file, &tmp, hash);
+        let published = self.publish_as(&file, &tmp, hash, replace);
         if !matches!(published, Ok(true)) {
             let _ = fs::remove_file(&tmp);
         }

@@ -22,7 +22,7 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 use super::Hash;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -247,6 +247,9 @@ impl Index {
         if version < 2 {
             self.migrate_to_2()?;
         }
+        if version < 3 {
+            self.migrate_to_3()?;
+        }
         Ok(())
     }
 
@@ -329,6 +332,45 @@ impl Index {
                  COMMIT;",
             )
             .map_err(to_io)
+    }
+
+    /// Version 3: blobs `fsck --verify` found damaged (reads of their files fail with EIO).
+    fn migrate_to_3(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 CREATE TABLE damaged_blobs (hash TEXT PRIMARY KEY, found INTEGER NOT NULL);
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )
+            .map_err(to_io)
+    }
+
+    /// Records that blob `hash` is damaged (missing or wrong bytes).
+    pub fn mark_damaged(&self, hash: &Hash, now: i64) -> io::Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO damaged_blobs (hash, found) VALUES (?1, ?2)",
+                params![hash.to_hex(), now],
+            )
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
+        self.conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM damaged_blobs WHERE hash = ?1)")
+            .map_err(to_io)?
+            .query_row([hash.to_hex()], |r| r.get(0))
+            .map_err(to_io)
+    }
+
+    /// The blob was stored again with the right bytes.
+    pub fn clear_damaged(&self, hash: &Hash) -> io::Result<()> {
+        self.conn
+            .execute("DELETE FROM damaged_blobs WHERE hash = ?1", [hash.to_hex()])
+            .map_err(to_io)?;
+        Ok(())
     }
 
     /// The row with this inode number, in any state.
