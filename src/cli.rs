@@ -200,6 +200,83 @@ pub fn default_log_filter(cli: &Cli) -> &'static str {
     }
 }
 
+/// When called as a mount helper (`mount.fuse.artifactfs STORE MOUNTPOINT [-o OPTS]`, the name
+/// mount(8) and /etc/fstab use for type `fuse.artifactfs`), the equivalent `artifactfs mount`
+/// command line; otherwise the arguments unchanged.
+pub fn mount_helper_args(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    let called_as = argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !called_as.starts_with("mount.") {
+        return Ok(argv);
+    }
+    let mut out: Vec<std::ffi::OsString> = vec!["artifactfs".into(), "mount".into()];
+    let mut positional = Vec::new();
+    let mut it = argv.into_iter().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.to_str() {
+            Some("-o") => {
+                let opts = it.next().ok_or("-o needs options")?;
+                for opt in opts.to_string_lossy().split(',').filter(|o| !o.is_empty()) {
+                    let (key, value) = opt
+                        .split_once('=')
+                        .map_or((opt, None), |(k, v)| (k, Some(v)));
+                    match (key, value) {
+                        ("ro", None) => out.push("--read-only".into()),
+                        ("allow_other", None) => out.push("--allow-other".into()),
+                        ("no_passthrough", None) => out.push("--no-passthrough".into()),
+                        ("sync_every_close", None) => out.push("--sync-every-close".into()),
+                        ("uid" | "gid" | "settle" | "threads" | "log_file", Some(v)) => {
+                            out.push(format!("--{}", key.replace('_', "-")).into());
+                            out.push(v.into());
+                        }
+                        // Options mount(8), fstab and systemd pass that need nothing from us.
+                        (
+                            "rw"
+                            | "defaults"
+                            | "auto"
+                            | "noauto"
+                            | "nofail"
+                            | "_netdev"
+                            | "user"
+                            | "users"
+                            | "nouser"
+                            | "dev"
+                            | "nodev"
+                            | "suid"
+                            | "nosuid"
+                            | "exec"
+                            | "noexec"
+                            | "atime"
+                            | "noatime"
+                            | "relatime"
+                            | "default_permissions",
+                            None,
+                        ) => {}
+                        (k, _) if k.starts_with("x-") || k.starts_with("comment=") => {}
+                        _ => return Err(format!("unknown mount option {opt:?}")),
+                    }
+                }
+            }
+            // -n (no mtab), -s (sloppy), -v (verbose): nothing to do.
+            Some("-n" | "-s" | "-v") => {}
+            Some("-f") => out.push("--foreground".into()),
+            Some("-t") => {
+                it.next();
+            }
+            _ => positional.push(arg),
+        }
+    }
+    let [store, mountpoint] = <[_; 2]>::try_from(positional)
+        .map_err(|_| "usage: mount.fuse.artifactfs STORE MOUNTPOINT [-o OPTIONS]".to_string())?;
+    out.push("--store".into());
+    out.push(store);
+    out.push(mountpoint);
+    Ok(out)
+}
+
 fn check_mountpoint(mp: &Path) -> Result<()> {
     let meta = std::fs::metadata(mp)
         .with_context(|| format!("mount point {} is not usable", mp.display()))?;
@@ -387,6 +464,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         threads,
         if args.read_only { ", read-only" } else { "" }
     );
+    sd_notify("READY=1\nSTATUS=mounted");
     if report_ready {
         println!("ready");
         std::io::stdout().flush()?;
@@ -397,6 +475,28 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     session.run().context("session ended with an error")?;
     log::info!("unmounted {}", mp.display());
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) about the service's state, when run by it.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd: {e}");
+    }
 }
 
 fn stop_signals() -> libc::sigset_t {
@@ -414,6 +514,7 @@ fn wait_for_stop(sigs: libc::sigset_t, mut unmounter: fuser::SessionUnmounter, m
     let mut sig = 0;
     unsafe { libc::sigwait(&sigs, &mut sig) };
     log::info!("signal {sig} received: unmounting {}", mp.display());
+    sd_notify("STOPPING=1");
     if let Err(e) = unmounter.unmount() {
         log::warn!("unmount failed ({e}); detaching lazily");
         let _ = umount(mp, libc::MNT_DETACH);

@@ -5,7 +5,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = artifactfs::cli::Cli::parse();
+    // Invoked as /sbin/mount.fuse.artifactfs by mount(8) and /etc/fstab: translate.
+    let args = match artifactfs::cli::mount_helper_args(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("mount.fuse.artifactfs: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cli = artifactfs::cli::Cli::parse_from(args);
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(artifactfs::cli::default_log_filter(&cli)),
     )
