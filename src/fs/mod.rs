@@ -928,15 +928,18 @@ impl ArtifactFs {
                 match writer {
                     Some(w) => {
                         drop(idx);
-                        let mut w = lock(&w);
-                        let old = w.size;
-                        w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
-                        if size != w.size {
-                            w.hash_ok = false;
+                        {
+                            let mut w = lock(&w);
+                            let old = w.size;
+                            w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
+                            if size != w.size {
+                                w.hash_ok = false;
+                            }
+                            w.size = size;
+                            w.mtime = now;
+                            w.dirty = true;
                         }
-                        w.size = size;
-                        w.mtime = now;
-                        w.dirty = true;
+                        // The writer's lock is released: getattr takes it again.
                         return self.setattr(
                             ino,
                             SetAttr {
@@ -1345,6 +1348,34 @@ mod tests {
             fs.getxattr(attr.ino, XATTR_SHA256.as_bytes()).unwrap(),
             Hash::of(b"HEADBODY\0\0\0\0!").to_hex().into_bytes()
         );
+    }
+
+    #[test]
+    fn ftruncate_of_a_file_being_written_grows_and_shrinks_it() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"sparse", 0o644).unwrap();
+        fs.write(fh, 0, b"abc").unwrap();
+        let grown = fs
+            .setattr(
+                attr.ino,
+                SetAttr {
+                    size: Some(10),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(grown.size, 10);
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                size: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"ab");
     }
 
     #[test]
