@@ -418,11 +418,23 @@ def main():
             return f"{', '.join(uris[:2])}, path; MLflow wrote registered_model_meta {read(meta)!r}"
         return ", ".join(uris[:2]) + ", path"
 
-    @check("pyfunc.load_model(models:/<model_id>) a second time")
+    @check("load_model(models:/<model_id>) again: EPERM (documented), with dst_path: works")
     def _():
+        # MLflow 3 rewrites registered_model_meta (O_TRUNC) inside the logged model's artifact
+        # directory on every models:/ load from a file:// store. That directory is sealed, so the
+        # second load is refused (README, "Use with MLflow"); loading with dst_path, a runs:/ URI
+        # or the path never writes into the store and works any number of times.
         need("loaded_once")
-        p = np.asarray(mlflow.pyfunc.load_model(S["model_info"].model_uri).predict(X))
-        expect(np.array_equal(p, preds), "predictions differ")
+        e = raised(lambda: mlflow.pyfunc.load_model(S["model_info"].model_uri))
+        expect(isinstance(e, PermissionError), f"expected PermissionError, got {e!r}")
+        meta = os.path.join(S["model_dir"], "registered_model_meta")
+        before = read(meta)
+        for i in range(2):
+            dst = os.path.join(work, f"load-{i}")
+            m = mlflow.pyfunc.load_model(S["model_info"].model_uri, dst_path=dst)
+            expect(np.array_equal(np.asarray(m.predict(X)), preds), "predictions differ")
+        expect(read(meta) == before, "registered_model_meta changed")
+        return describe(e)
 
     # ---- immutability through the client --------------------------------------------------------
     other = os.path.join(work, "other", "single.txt")

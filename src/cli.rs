@@ -107,6 +107,11 @@ pub enum ModelsCmd {
         /// Seconds to wait at most (exit 2 on time-out).
         #[arg(long, default_value_t = 120.0)]
         timeout: f64,
+        /// A failure counts only once it has lasted this many seconds: a writer that pauses
+        /// (MLflow's save_model infers requirements for seconds) makes a draft fail
+        /// provisionally, and its next file makes it PENDING again.
+        #[arg(long, default_value_t = 15.0)]
+        grace: f64,
     },
     /// Register a directory of the store (e.g. runs/<id>/artifacts/model) as a new version,
     /// without copying bytes.
@@ -193,10 +198,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The default log filter when RUST_LOG is not set.
+/// (fuser's own messages only from warnings on errors: with `RUST_LOG` set, all of them.)
 pub fn default_log_filter(cli: &Cli) -> &'static str {
     match cli.command {
-        Cmd::Mount(_) => "info",
-        _ => "warn",
+        Cmd::Mount(_) => "info,fuser=error",
+        _ => "warn,fuser=error",
     }
 }
 

@@ -39,7 +39,14 @@ pub fn run(cmd: ModelsCmd) -> Result<ExitCode> {
             name,
             dir,
             timeout,
-        } => wait(&store.dir(), &name, &dir, Duration::from_secs_f64(timeout)),
+            grace,
+        } => wait(
+            &store.dir(),
+            &name,
+            &dir,
+            Duration::from_secs_f64(timeout),
+            Duration::from_secs_f64(grace),
+        ),
         ModelsCmd::Register {
             store,
             name,
@@ -259,19 +266,41 @@ fn report(status: &str, version: Option<String>, message: Option<String>) -> Exi
     }
 }
 
-fn wait(store: &Path, name: &str, dir: &str, timeout: Duration) -> Result<ExitCode> {
+fn wait(
+    store: &Path,
+    name: &str,
+    dir: &str,
+    timeout: Duration,
+    grace: Duration,
+) -> Result<ExitCode> {
     let deadline = Instant::now() + timeout;
     match target(store)? {
         Target::Mounted(mp) => {
             let path = mp.join("models").join(name).join(dir);
+            let mut failed_since: Option<(Instant, Option<String>)> = None;
             loop {
                 let status = getxattr(&path, "user.artifactfs.status");
-                if let Some(s) = status.as_deref().filter(|s| *s != "PENDING") {
-                    return Ok(report(
-                        s,
-                        getxattr(&path, "user.artifactfs.version"),
-                        getxattr(&path, "user.artifactfs.message"),
-                    ));
+                let message = getxattr(&path, "user.artifactfs.message");
+                match status.as_deref() {
+                    Some("READY") => {
+                        return Ok(report(
+                            "READY",
+                            getxattr(&path, "user.artifactfs.version"),
+                            None,
+                        ));
+                    }
+                    Some("FAILED") => {
+                        // The same failure for the whole grace period: final.
+                        match &failed_since {
+                            Some((t, m)) if *m == message => {
+                                if t.elapsed() >= grace || Instant::now() >= deadline {
+                                    return Ok(report("FAILED", None, message));
+                                }
+                            }
+                            _ => failed_since = Some((Instant::now(), message)),
+                        }
+                    }
+                    _ => failed_since = None,
                 }
                 if Instant::now() >= deadline {
                     println!(

@@ -593,6 +593,21 @@ impl Filesystem for FuseAdapter {
         reply_empty!(reply, res)
     }
 
+    /// No ioctls: "not a terminal" (Python's `open()` asks TCGETS of every file it opens).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
     fn create(
         &self,
         req: &Request,

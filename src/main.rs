@@ -14,6 +14,10 @@ fn main() -> ExitCode {
         }
     };
     let cli = artifactfs::cli::Cli::parse_from(args);
+    if !matches!(cli.command, artifactfs::cli::Cmd::Mount(_)) {
+        // `artifactfs models show … | head`: end quietly when the reader goes away.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(artifactfs::cli::default_log_filter(&cli)),
     )

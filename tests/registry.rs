@@ -81,6 +81,9 @@ fn models_wait(m: &Mount, name: &str, dir: &str, timeout: u32) -> (i32, String) 
         dir,
         "--timeout",
         &timeout.to_string(),
+        // Drafts here settle in 0.3 s; a failure that lasts 1 s is final.
+        "--grace",
+        "1",
     ]);
     (out.status.code().unwrap_or(-1), text(&out.stdout))
 }
