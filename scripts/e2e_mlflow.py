@@ -431,6 +431,7 @@ def main():
         before = read(meta)
         for i in range(2):
             dst = os.path.join(work, f"load-{i}")
+            os.makedirs(dst)
             m = mlflow.pyfunc.load_model(S["model_info"].model_uri, dst_path=dst)
             expect(np.array_equal(np.asarray(m.predict(X)), preds), "predictions differ")
         expect(read(meta) == before, "registered_model_meta changed")

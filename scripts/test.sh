@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting, lints, unit tests and the real-mount integration tests.
+# Runs the whole test suite: formatting, lints, unit tests, the real-mount integration tests
+# and the MLflow end-to-end scenario (SKIP_E2E=1 leaves that out, e.g. offline).
 # Mount tests need root and /dev/fuse; with CI=true they fail instead of skipping without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +23,10 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+
+# The real MLflow client end to end (creates target/e2e-venv from PyPI on first use).
+if [ "${SKIP_E2E:-}" = 1 ]; then
+    echo "scripts/e2e-mlflow.sh skipped: SKIP_E2E=1"
+else
+    scripts/e2e-mlflow.sh
+fi

@@ -1,0 +1,502 @@
+#!/usr/bin/env bash
+# Benchmark: artifactfs mount against a native directory on the same disk.
+#
+# Usage: scripts/bench.sh [--quick] [--runs N] [--only 1,3,6] [--dir DIR] [--keep]
+#                         [--mount-arg ARG]...
+#   --quick        smoke test: 64 MiB instead of 1 GiB, 1,000 files instead of 10,000,
+#                  a 100,000-file index instead of 1,000,000, 3 counted runs
+#   --runs N       counted runs per workload (default 5; one warm-up run comes first)
+#   --only LIST    run only these workloads (numbers 1-7; 7 is measured together with 1)
+#   --dir DIR      work directory, holding the native trees and the stores (default
+#                  target/bench); it must not be a FUSE mount, and it is emptied first
+#   --keep         keep the work directory's trees and stores afterwards
+#   --mount-arg A  extra argument for `artifactfs mount` (repeatable), e.g. --no-passthrough
+#
+# Needs root (or a user allowed to mount FUSE), /dev/fuse, python3, openssl (installed with
+# apt-get when missing and root). Builds target/release/artifactfs and the gen_index example.
+#
+# Method: every workload runs native and mount alternately (warm-up, then N counted pairs),
+# each timed with a monotonic clock around the command alone; creating inputs, `sync`, `rm`
+# and mounting happen outside the timed part. Write workloads use a fresh store and a fresh
+# daemon for every run (so nothing is deduplicated against an earlier run); read workloads use
+# one daemon for the workload. Peak RSS is the largest VmHWM (/proc/<pid>/status, pid from
+# STORE/lock) among the daemons that served the workload, read just before unmounting.
+# The table is printed and written to DIR/../bench-result.md (every run: bench-result-runs.tsv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+QUICK=0
+RUNS=""
+ONLY="1,2,3,4,5,6,7"
+WORK="$ROOT/target/bench"
+KEEP=0
+MOUNT_ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --runs) RUNS="$2"; shift ;;
+        --only) ONLY="$2"; shift ;;
+        --dir) WORK="$2"; shift ;;
+        --keep) KEEP=1 ;;
+        --mount-arg) MOUNT_ARGS+=("$2"); shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ "$QUICK" = 1 ]; then
+    BIG_MIB=64; NFILES=1000; MODEL_MIB=16; STAT_LARGE=100000; : "${RUNS:=3}"
+else
+    BIG_MIB=1024; NFILES=10000; MODEL_MIB=200; STAT_LARGE=1000000; : "${RUNS:=5}"
+fi
+PER_DIR=100                       # files per directory in the file trees and generated indexes
+NDIRS=$(( (NFILES + PER_DIR - 1) / PER_DIR ))
+STAT_K=$(( NFILES / (RUNS + 1) )); [ "$STAT_K" -gt 2000 ] && STAT_K=2000
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+
+# ----- mounts: everything this script mounts is unmounted on exit, whatever happens ---------
+
+AFS="$ROOT/target/release/artifactfs"
+GEN="$ROOT/target/release/examples/gen_index"
+MOUNTS=()
+PASSTHROUGH="unknown"
+DURABILITY="blobs synced within ~1 s of close (default)"
+if [[ " ${MOUNT_ARGS[*]} " == *" --sync-every-close "* ]]; then
+    DURABILITY="every blob fsync'ed before close() returns (--sync-every-close)"
+fi
+
+cleanup() {
+    local rc=$? mp
+    trap - EXIT INT TERM
+    for mp in "${MOUNTS[@]}"; do
+        if mountpoint -q "$mp" 2>/dev/null; then
+            "$AFS" unmount "$mp" >/dev/null 2>&1 || "$AFS" unmount --lazy "$mp" >/dev/null 2>&1 ||
+                umount -l "$mp" 2>/dev/null || echo "bench.sh: could not unmount $mp" >&2
+        fi
+    done
+    if [ "$KEEP" = 0 ] && [ -d "$WORK" ]; then
+        rm -rf --one-file-system "$WORK" 2>/dev/null || true
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+DAEMON_PID=""
+# mount_store STORE MNT: mounts a (new or existing) store; sets DAEMON_PID.
+mount_store() {
+    mkdir -p "$2"
+    MOUNTS+=("$2")
+    local out
+    if ! out=$("$AFS" mount --store "$1" "${MOUNT_ARGS[@]}" "$2" 2>&1); then
+        echo "bench.sh: mount failed: $out" >&2
+        return 1
+    fi
+    DAEMON_PID=$(tr -dc 0-9 < "$1/lock")
+    if grep -q "passthrough on" "$1/artifactfs.log" 2>/dev/null; then
+        PASSTHROUGH=on
+    elif grep -qi "passthrough" "$1/artifactfs.log" 2>/dev/null; then
+        PASSTHROUGH=off
+    else
+        PASSTHROUGH="off (not in this build)"
+    fi
+}
+# unmount_store MNT STORE KEY: records the daemon's VmHWM for row KEY, then unmounts.
+unmount_store() {
+    local pid kb
+    pid=$(tr -dc 0-9 < "$2/lock")
+    kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    for key in $3; do echo -e "$key\t$kb" >> "$RSS"; done
+    "$AFS" unmount "$1"
+    local kept=() m
+    for m in "${MOUNTS[@]}"; do [ "$m" = "$1" ] || kept+=("$m"); done
+    MOUNTS=("${kept[@]}")
+}
+
+# ----- results ----------------------------------------------------------------------------
+
+# row KEY LABEL UNIT: declares a table row (in this order). UNIT is s or us.
+row() { echo -e "$1\t$2\t$3" >> "$ROWS"; }
+# record KEY SIDE VALUE (only for counted runs, REP > 0)
+record() { [ "$REP" -gt 0 ] && echo -e "$1\t$2\t$3" >> "$RES" || true; }
+note() { echo -e "$1\t$2" >> "$NOTES"; }
+ELAPSED=0
+# timed KEY SIDE CMD...: runs CMD, records its wall time in seconds.
+timed() {
+    local key=$1 side=$2 t0 t1
+    shift 2
+    t0=$(date +%s%N)
+    "$@"
+    t1=$(date +%s%N)
+    ELAPSED=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", (b - a) / 1e9 }')
+    record "$key" "$side" "$ELAPSED"
+}
+DROP_OK=0
+drop_caches() { sync; echo "$1" > /proc/sys/vm/drop_caches; }
+settle() { sync; }
+rmtree() { rm -rf --one-file-system "$@"; }
+du_bytes() { du -sb "$1" | cut -f1; }
+
+# ----- preflight ----------------------------------------------------------------------------
+
+missing=()
+for tool in openssl python3 dd cp find awk du mountpoint; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "installing ${missing[*]}"
+        apt-get update -qq && apt-get install -y -qq openssl python3 coreutils findutils \
+            gawk util-linux >/dev/null
+    else
+        echo "bench.sh: missing ${missing[*]} (install them, or run as root)" >&2
+        exit 1
+    fi
+fi
+[ -e /dev/fuse ] || { echo "bench.sh: no /dev/fuse" >&2; exit 1; }
+
+log "building release (artifactfs + examples/gen_index)"
+cargo build --release --quiet --bin artifactfs --example gen_index
+
+WORK=$(realpath -m "$WORK")
+if [ -d "$WORK" ]; then
+    if grep -q " $WORK/" /proc/mounts; then
+        echo "bench.sh: something is still mounted below $WORK; unmount it first" >&2
+        exit 1
+    fi
+    if [ ! -e "$WORK/.artifactfs-bench" ] && [ -n "$(ls -A "$WORK")" ]; then
+        echo "bench.sh: $WORK is not empty and not a bench directory; choose another --dir" >&2
+        exit 1
+    fi
+    log "emptying $WORK"
+    rmtree "$WORK"
+fi
+mkdir -p "$WORK"/{src,native,stores,mnt}
+touch "$WORK/.artifactfs-bench"
+ROWS="$WORK/rows.tsv" RES="$WORK/results.tsv" RSS="$WORK/rss.tsv" NOTES="$WORK/notes.tsv"
+: > "$ROWS"; : > "$RES"; : > "$RSS"; : > "$NOTES"
+if [ "$(stat -c %d "$WORK/native")" != "$(stat -c %d "$WORK/stores")" ]; then
+    echo "bench.sh: native dir and stores are on different file systems" >&2
+    exit 1
+fi
+if [ -w /proc/sys/vm/drop_caches ] && (sync; echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null; then
+    DROP_OK=1
+fi
+MNT="$WORK/mnt/m"
+SRC_BIG="$WORK/src/big.bin"
+SRC_TREE="$WORK/src/tree"
+SRC_MODEL="$WORK/src/model"
+START=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ----- inputs (created once per bench run) -------------------------------------------------
+
+if want 1 || want 2 || want 7; then
+    log "creating a $BIG_MIB MiB random file"
+    # 1 MiB writes, as dd bs=1M and the daemon write it: the page cache's folio sizes follow the
+    # write sizes, and small folios would make the native reads of workload 2 slower.
+    dd if=/dev/urandom of="$SRC_BIG" bs=1M count="$BIG_MIB" iflag=fullblock status=none
+fi
+log "creating $NFILES files of 4 KiB in $NDIRS directories"
+python3 - "$SRC_TREE" "$NFILES" "$PER_DIR" <<'PY'
+import os, sys
+root, n, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    d = f"{root}/d{i // per:04d}"
+    if i % per == 0:
+        os.makedirs(d)
+    with open(f"{d}/f{i % per:04d}", "wb") as f:
+        f.write(os.urandom(4096))
+PY
+if want 4; then
+    log "creating a model directory ($MODEL_MIB MiB weights + 20 small files)"
+    mkdir -p "$SRC_MODEL"
+    dd if=/dev/urandom of="$SRC_MODEL/model.safetensors" bs=1M count="$MODEL_MIB" \
+        iflag=fullblock status=none
+    python3 - "$SRC_MODEL" <<'PY'
+import os, sys
+names = ["MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "config.json",
+         "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "vocab.txt", "merges.txt", "README.md", "LICENSE",
+         "input_example.json", "serving_input_example.json", "registered_model_meta",
+         "metadata/MLmodel", "metadata/conda.yaml", "metadata/requirements.txt",
+         "metadata/python_env.yaml"]
+for i, name in enumerate(names):
+    path = os.path.join(sys.argv[1], name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(os.urandom(512 << (i % 8)))   # 512 B .. 64 KiB
+PY
+fi
+sync
+
+# A fresh store + mount with run `bench`; prints nothing, sets STORE.
+fresh_mount() {
+    STORE="$WORK/stores/$1"
+    mount_store "$STORE" "$MNT"
+    mkdir "$MNT/runs/bench"
+}
+ART="$MNT/runs/bench/artifacts"
+
+# ----- 1 + 7: write one big file; write the same bytes again (dedup) ----------------------
+
+w_dd() { dd if="$SRC_BIG" of="$1" bs=1M status=none; }
+w_cp() { cp "$SRC_BIG" "$1"; }
+w_dd_sha() { dd if="$SRC_BIG" of="$1" bs=1M status=none && openssl dgst -sha256 "$1" >/dev/null; }
+w_dd_fsync() { dd if="$SRC_BIG" of="$1" bs=1M conv=fsync status=none; }
+
+if want 1 || want 7; then
+    SZ="$BIG_MIB MiB"; [ "$BIG_MIB" = 1024 ] && SZ="1 GiB"
+    row 1a "1 write $SZ: dd bs=1M" s
+    row 1b "1 write $SZ: cp" s
+    row 1c "1 write $SZ: dd, vs native dd + openssl dgst -sha256" s
+    row 1d "1 write $SZ: dd, vs native dd conv=fsync" s
+    row 7 "7 write the same $SZ again (dd, 2nd copy)" s
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 1/7: run $REP of $RUNS"
+        N="$WORK/native/w1-r$REP"; mkdir -p "$N"
+        settle; timed 1a native w_dd "$N/dd.bin"
+        record 7 native "$ELAPSED"
+        rmtree "$N"; mkdir -p "$N"
+
+        settle; fresh_mount "w1-dd-r$REP"; mkdir "$ART/rep$REP"
+        settle; timed 1a mount w_dd "$ART/rep$REP/dd.bin"
+        record 1c mount "$ELAPSED"; record 1d mount "$ELAPSED"
+        g1=$(du_bytes "$STORE/blobs")
+        settle; timed 7 mount w_dd "$ART/rep$REP/dd-again.bin"
+        g2=$(du_bytes "$STORE/blobs")
+        unmount_store "$MNT" "$STORE" "1a 1c 1d 7"; rmtree "$STORE"
+
+        settle; timed 1b native w_cp "$N/cp.bin"
+        rmtree "$N"; mkdir -p "$N"
+        settle; fresh_mount "w1-cp-r$REP"; mkdir "$ART/rep$REP"
+        settle; timed 1b mount w_cp "$ART/rep$REP/cp.bin"
+        unmount_store "$MNT" "$STORE" 1b; rmtree "$STORE"
+
+        settle; timed 1c native w_dd_sha "$N/dd.bin"
+        rmtree "$N"; mkdir -p "$N"
+        settle; timed 1d native w_dd_fsync "$N/dd.bin"
+        rmtree "$N"
+    done
+    note 1a "$BIG_MIB MiB random bytes from a page-cached file"
+    note 1c "native column: dd, then openssl dgst -sha256 of the result"
+    note 1d "native column: dd conv=fsync, durable on return; the mount: $DURABILITY"
+    note 7 "store blobs: +$((g1 >> 20)) MiB after the 1st copy, +$(((g2 - g1) >> 20)) MiB after the 2nd; native: every copy is new bytes"
+fi
+
+# ----- 2: read the big file back ------------------------------------------------------------
+
+r_cat() { cat "$1" > /dev/null; }
+if want 2; then
+    row 2a "2 read $BIG_MIB MiB back, page cache warm" s
+    [ "$DROP_OK" = 1 ] && row 2b "2 read $BIG_MIB MiB back, after drop_caches" s
+    fresh_mount w2
+    cp "$SRC_BIG" "$ART/big.bin"
+    settle
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 2: run $REP of $RUNS"
+        timed 2a native r_cat "$SRC_BIG"
+        timed 2a mount r_cat "$ART/big.bin"
+    done
+    if [ "$DROP_OK" = 1 ]; then
+        for REP in $(seq 0 "$RUNS"); do
+            log "workload 2 (cold): run $REP of $RUNS"
+            drop_caches 3; timed 2b native r_cat "$SRC_BIG"
+            drop_caches 3; timed 2b mount r_cat "$ART/big.bin"
+        done
+        drop_caches 3
+        # Re-warm the inputs that later workloads read from the page cache.
+        cat "$SRC_TREE"/*/* > /dev/null
+    else
+        note 2a "drop_caches not writable here: no cold-cache row"
+    fi
+    note 2a "passthrough: $PASSTHROUGH"
+    unmount_store "$MNT" "$STORE" "2a 2b"; rmtree "$STORE"
+fi
+
+# ----- 3 + 4: cp -r of many small files; of a model-shaped directory -----------------------
+
+c_cpr() { cp -r "$1" "$2"; }
+W3_STORE=""
+cp_tree_workload() {   # KEY LABEL SRC KEEP_LAST_STORE
+    # The copies are removed only after the last run: on a disk mounted with `discard`, removing
+    # thousands of files between runs slows the next run down.
+    local key=$1 src=$3 keep=$4 trash=()
+    row "$key" "$2" s
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload $key: run $REP of $RUNS"
+        settle; timed "$key" native c_cpr "$src" "$WORK/native/$key-r$REP"
+        trash+=("$WORK/native/$key-r$REP")
+        settle; fresh_mount "w$key-r$REP"
+        settle; timed "$key" mount c_cpr "$src" "$ART/rep$REP"
+        unmount_store "$MNT" "$STORE" "$key"
+        if [ "$keep" = 1 ] && [ "$REP" = "$RUNS" ]; then
+            W3_STORE="$STORE"
+        else
+            trash+=("$STORE")
+        fi
+    done
+    log "workload $key: removing the copies"
+    rmtree "${trash[@]}"
+    sync
+}
+if want 3; then
+    cp_tree_workload 3 "3 cp -r $NFILES files of 4 KiB in $NDIRS dirs" "$SRC_TREE" 1
+fi
+if want 4; then
+    cp_tree_workload 4 "4 cp -r model dir ($MODEL_MIB MiB + 20 small files)" "$SRC_MODEL" 0
+fi
+
+# ----- 5: ls -lR, find, cat of every file over the tree, caches warm ------------------------
+
+o_lsR() { ls -lR "$1" > /dev/null; }
+o_find() { find "$1" > /dev/null; }
+o_catall() { find "$1" -type f -exec cat {} + > /dev/null; }
+if want 5; then
+    row 5a "5 ls -lR of the $NFILES-file tree (warm)" s
+    row 5b "5 find of the $NFILES-file tree (warm)" s
+    row 5c "5 cat of every file of the tree (warm)" s
+    if [ -z "$W3_STORE" ]; then
+        fresh_mount w5
+        cp -r "$SRC_TREE" "$ART/rep$RUNS"
+        W3_STORE="$STORE"
+    else
+        STORE="$W3_STORE"
+        mount_store "$STORE" "$MNT"
+    fi
+    TREE_M="$ART/rep$RUNS"
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 5: run $REP of $RUNS"
+        timed 5a native o_lsR "$SRC_TREE"
+        timed 5a mount o_lsR "$TREE_M"
+        timed 5b native o_find "$SRC_TREE"
+        timed 5b mount o_find "$TREE_M"
+        timed 5c native o_catall "$SRC_TREE"
+        timed 5c mount o_catall "$TREE_M"
+    done
+    note 5a "run 0 warms the caches and is not counted"
+    unmount_store "$MNT" "$STORE" "5a 5b 5c"
+fi
+if [ -n "$W3_STORE" ]; then rmtree "$W3_STORE"; fi
+
+# ----- 6: stat latency, 10k vs 1M indexed files --------------------------------------------
+
+# stat_batch ROOT N REP: mean microseconds of one os.stat over STAT_K paths of the N-file tree
+# (d%04d/f%04d names), the REP-th disjoint slice of one fixed random sample: every path is
+# stat'ed for the first time in this bench run.
+stat_batch() {
+    python3 - "$1" "$2" "$3" "$STAT_K" "$((RUNS + 1))" "$PER_DIR" <<'PY'
+import os, random, sys, time
+root, n, rep, k, reps, per = sys.argv[1], *map(int, sys.argv[2:])
+idx = random.Random(20240601).sample(range(n), k * reps)[rep * k:(rep + 1) * k]
+paths = [f"{root}/d{i // per:04d}/f{i % per:04d}" for i in idx]
+total = 0.0
+for p in paths:
+    t0 = time.perf_counter()
+    os.stat(p)
+    total += time.perf_counter() - t0
+print(f"{total / len(paths) * 1e6:.3f}")
+PY
+}
+if want 6; then
+    small_label="$((NFILES / 1000))k"
+    large_label="$((STAT_LARGE / 1000))k"; [ "$STAT_LARGE" -ge 1000000 ] && large_label="$((STAT_LARGE / 1000000))M"
+    row 6a "6 stat, $small_label-file store vs native $small_label tree (µs/stat)" us
+    row 6b "6 stat, $large_label-file store, the same paths as 6a (µs/stat)" us
+    row 6c "6 stat, $large_label-file store, paths anywhere in it (µs/stat)" us
+    S_SMALL="$WORK/stores/w6-small" S_LARGE="$WORK/stores/w6-large"
+    M_SMALL="$WORK/mnt/small" M_LARGE="$WORK/mnt/large"
+    log "workload 6: generating indexes of $NFILES and $STAT_LARGE files"
+    "$GEN" "$S_SMALL" "$NFILES" "$PER_DIR" >&2
+    "$GEN" "$S_LARGE" "$STAT_LARGE" "$PER_DIR" >&2
+    settle
+    mount_store "$S_SMALL" "$M_SMALL"
+    mount_store "$S_LARGE" "$M_LARGE"
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 6: run $REP of $RUNS"
+        [ "$DROP_OK" = 1 ] && drop_caches 2
+        record 6a native "$(stat_batch "$SRC_TREE" "$NFILES" "$REP")"
+        [ "$DROP_OK" = 1 ] && drop_caches 2
+        record 6a mount "$(stat_batch "$M_SMALL/runs/bench/artifacts" "$NFILES" "$REP")"
+        [ "$DROP_OK" = 1 ] && drop_caches 2
+        record 6b mount "$(stat_batch "$M_LARGE/runs/bench/artifacts" "$NFILES" "$REP")"
+        [ "$DROP_OK" = 1 ] && drop_caches 2
+        record 6c mount "$(stat_batch "$M_LARGE/runs/bench/artifacts" "$STAT_LARGE" "$REP")"
+    done
+    if [ "$DROP_OK" = 1 ]; then c="dentry cache dropped (echo 2) before each batch"; else c="fresh paths"; fi
+    note 6a "mean of $STAT_K stats of never-stat'ed paths per run; $c; index sizes $(du -h "$S_SMALL/index.sqlite" | cut -f1) / $(du -h "$S_LARGE/index.sqlite" | cut -f1)"
+    note 6b "only the index differs from 6a (same names, same directories)"
+    note 6c "also more directories to look up, more index pages touched"
+    unmount_store "$M_SMALL" "$S_SMALL" 6a
+    unmount_store "$M_LARGE" "$S_LARGE" "6b 6c"
+    rmtree "$S_SMALL" "$S_LARGE"
+fi
+
+# ----- the table -----------------------------------------------------------------------------
+
+ELAPSED_TOTAL=$(( $(date +%s) - START ))
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+disk_src=$(findmnt -no SOURCE -T "$WORK" || echo '?')
+rot=$(cat "/sys/block/$(basename "$disk_src")/queue/rotational" 2>/dev/null || echo '?')
+fs_type=$(findmnt -no FSTYPE -T "$WORK" || echo '?')
+fs_opts=$(findmnt -no OPTIONS -T "$WORK" | tr ',' '\n' | grep -E '^(discard|relatime|noatime)$' | paste -sd, - || true)
+cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo || true)
+ram=$(awk '/^MemTotal/ {printf "%d GiB RAM", $2 / 1048576}' /proc/meminfo || true)
+MACHINE="$(nproc) cores ($cpu), $ram, kernel $(uname -r), disk $disk_src $fs_type ($fs_opts, \
+rotational=$rot), native dir and store on the same file system, passthrough $PASSTHROUGH, \
+durability: $DURABILITY${MOUNT_ARGS[*]:+, mount args: ${MOUNT_ARGS[*]}}; \
+load average $LOAD_START at the start, $LOAD_END at the end (other work on the machine skews results)"
+REV="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo '+dirty')"
+OUT="$(dirname "$WORK")/bench-result.md"
+python3 - "$ROWS" "$RES" "$RSS" "$NOTES" "$RUNS" "$MACHINE" "$REV" "$ELAPSED_TOTAL" "$QUICK" \
+    "$(date -u '+%Y-%m-%d %H:%M UTC')" <<'PY' | tee "$OUT"
+import statistics, sys
+rows_f, res_f, rss_f, notes_f, runs, machine, rev, elapsed, quick, date = sys.argv[1:]
+def tsv(path):
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+vals, rss, notes = {}, {}, {}
+for key, side, v in tsv(res_f):
+    vals.setdefault((key, side), []).append(float(v))
+for key, kb in tsv(rss_f):
+    rss[key] = max(rss.get(key, 0), int(kb))
+for key, text in tsv(notes_f):
+    notes.setdefault(key, []).append(text)
+def fmt(v, unit):
+    if v is None:
+        return "—"
+    if unit == "us":
+        return f"{v:.1f} µs"
+    return f"{v:.3f} s" if v < 10 else f"{v:.2f} s"
+out = []
+out.append(f"artifactfs bench, {date}, {'--quick, ' if quick == '1' else ''}{runs} counted runs "
+           f"after a warm-up, medians; commit {rev}; took {int(elapsed) // 60} min {int(elapsed) % 60} s")
+out.append(f"machine: {machine}")
+out.append("")
+out.append("| workload | native | mount | mount/native | peak daemon RSS | notes |")
+out.append("| --- | ---: | ---: | ---: | ---: | --- |")
+medians = {}
+for key, label, unit in tsv(rows_f):
+    n = vals.get((key, "native")); m = vals.get((key, "mount"))
+    nm = statistics.median(n) if n else None
+    mm = statistics.median(m) if m else None
+    medians[key] = mm
+    ratio = f"{mm / nm:.2f}×" if nm and mm else "—"
+    note = list(notes.get(key, []))
+    if key in ("6b", "6c") and medians.get("6a") and mm:
+        ratio = f"{mm / medians['6a']:.2f}× 6a's mount"
+        note = [f"growth vs the small store: {mm / medians['6a']:.2f}×"] + note
+    kb = rss.get(key)
+    out.append(f"| {label} | {fmt(nm, unit)} | {fmt(mm, unit)} | {ratio} | "
+               f"{f'{kb / 1024:.0f} MiB' if kb else '—'} | {'; '.join(note)} |")
+out.append("")
+out.append("Peak daemon RSS: largest VmHWM of the daemons that served the row (write rows: a fresh "
+           "store and daemon per run; read rows: one daemon per workload).")
+print("\n".join(out))
+PY
+cp "$RES" "${OUT%.md}-runs.tsv"
+log "table written to $OUT, every counted run to ${OUT%.md}-runs.tsv"
