@@ -141,8 +141,8 @@ impl ArtifactFs {
     /// Records a change below a model: its version directory is PENDING again and the model
     /// must be quiet for the settle time before it is validated.
     pub(super) fn model_touch(&self, idx: &Index, unit: Unit, mark_pending: bool) -> FsResult<()> {
-        if mark_pending {
-            idx.version_pending(unit.dir, unit.model, now_ns())?;
+        if mark_pending && idx.version_pending(unit.dir, unit.model, now_ns())? {
+            log::info!("registry: /{}: PENDING", idx.path_of(unit.dir)?.display());
         }
         self.models.bump(unit.model, 0);
         Ok(())

@@ -206,8 +206,10 @@ impl Index {
     }
 
     /// Marks a version directory PENDING (creating its row); READY rows are left alone.
-    pub fn version_pending(&self, dir_ino: u64, model_ino: u64, now: i64) -> io::Result<()> {
-        self.conn
+    /// Returns whether the status changed.
+    pub fn version_pending(&self, dir_ino: u64, model_ino: u64, now: i64) -> io::Result<bool> {
+        let changed = self
+            .conn
             .prepare_cached(
                 "INSERT INTO model_versions (dir_ino, model_ino, status, message, updated)
                  VALUES (?1, ?2, 'PENDING', '', ?3)
@@ -217,7 +219,7 @@ impl Index {
             .map_err(to_io)?
             .execute(params![dir_ino as i64, model_ino as i64, now])
             .map_err(to_io)?;
-        Ok(())
+        Ok(changed > 0)
     }
 
     pub fn version_fail(&self, dir_ino: u64, message: &str, now: i64) -> io::Result<()> {
