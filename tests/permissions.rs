@@ -1,0 +1,456 @@
+//! Who may do what on a real mount: other users without and with `--allow-other` (the kernel's
+//! `default_permissions` checks), `--uid/--gid`, the store directory's own protection,
+//! `--read-only`, and where symlinks may be made.
+//!
+//! The unprivileged user is `nobody` (uid/gid 65534) through util-linux's
+//! `setpriv --reuid=65534 --regid=65534 --clear-groups`: no user is created. Each operation is
+//! one call of the system's python (`/usr/bin/python3 -I`, readable by everyone), which prints
+//! `ok [value]` or the errno's name, so every check is on the exact errno.
+//!
+//! The temp dirs holding mount point and store are made 0755, so only artifactfs's (and the
+//! store's) own permissions are tested, not those of the temp dir.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const NOBODY: u32 = 65534;
+const PYTHON: &str = "/usr/bin/python3";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Root,
+    Nobody,
+}
+
+/// Helpers available to the statements given to [`attempt`].
+const PRELUDE: &str = r#"
+import errno, os, sys
+a = sys.argv[1:]
+def create(p, data=b"x", mode=0o644):
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+def read(p):
+    with open(p, "rb") as f:
+        return f.read().decode()
+def write_open(p):
+    os.close(os.open(p, os.O_WRONLY))
+"#;
+
+/// Runs one python expression as `who`; returns `ok`, `ok <value>` or the errno's name
+/// (`EACCES`, `EROFS`, ...). `a[0]`, `a[1]`, ... are `args`.
+fn attempt(who: Who, expr: &str, args: &[&Path]) -> String {
+    let prog = format!(
+        "{PRELUDE}\ntry:\n    r = {expr}\nexcept OSError as e:\n    \
+         print(errno.errorcode.get(e.errno, e.errno))\n    sys.exit(0)\n\
+         print('ok' if r is None else 'ok ' + str(r))\n"
+    );
+    let mut cmd = match who {
+        Who::Root => Command::new(PYTHON),
+        Who::Nobody => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+                PYTHON,
+            ]);
+            c
+        }
+    };
+    let out = cmd
+        .args(["-I", "-c", &prog])
+        .args(args)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python ({expr}) failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.strip_suffix('\n').unwrap_or(&s).to_string()
+}
+
+fn nobody(expr: &str, args: &[&Path]) -> String {
+    attempt(Who::Nobody, expr, args)
+}
+
+fn root(expr: &str, args: &[&Path]) -> String {
+    attempt(Who::Root, expr, args)
+}
+
+/// Whether the tools this file needs are here (else the test says why and skips).
+fn tools_available(test: &str) -> bool {
+    let ok = Path::new(PYTHON).exists()
+        && Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        let why = format!("{test}: skipped: needs {PYTHON} and setpriv (util-linux)");
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{why} — but CI=true");
+        }
+        eprintln!("{why}");
+    }
+    ok
+}
+
+/// Mounts with `args` (None: skip), and opens the temp dir (mount point's and store's parent)
+/// to everyone, so that only artifactfs's own permission checks are tested.
+fn mount(test: &str, args: &[&str]) -> Option<Mount> {
+    if !fuse_available(test) || !tools_available(test) {
+        return None;
+    }
+    let m = Mount::with_args(test, args)?;
+    let dir = m.dir.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Its parents are the system's (/tmp): not changed here, but they must let others through.
+    for parent in dir.ancestors().skip(1) {
+        let mode = std::fs::metadata(parent).unwrap().permissions().mode();
+        assert!(
+            mode & 0o001 != 0,
+            "{} (mode {mode:o}) is not searchable by other users: set TMPDIR elsewhere",
+            parent.display()
+        );
+    }
+    Some(m)
+}
+
+fn stat_owner(path: &Path) -> String {
+    sh_ok(
+        Path::new("/"),
+        &format!("stat -c %u:%g '{}'", path.display()),
+    )
+    .trim()
+    .to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn without_allow_other_other_users_cannot_see_into_the_mount() {
+    let Some(m) = mount(
+        "without_allow_other_other_users_cannot_see_into_the_mount",
+        &[],
+    ) else {
+        return;
+    };
+    sh_ok(&m.mnt, "mkdir runs/r && echo hi > runs/r/artifacts/f");
+    let f = m.path("runs/r/artifacts/f");
+
+    // Control: nobody can list the mount point's parent, so the refusals below are the mount's.
+    assert!(
+        nobody("sorted(os.listdir(a[0]))", &[m.dir.path()]).contains("'mnt'"),
+        "nobody cannot even list the temp dir"
+    );
+    // ls as nobody fails with "Permission denied".
+    let ls = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+        .arg(&m.mnt)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        !ls.status.success() && String::from_utf8_lossy(&ls.stderr).contains("Permission denied"),
+        "ls of the mount as nobody: {} {}",
+        ls.status,
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert_eq!(nobody("os.listdir(a[0])", &[&m.mnt]), "EACCES");
+    assert_eq!(nobody("os.stat(a[0]).st_mode", &[&m.mnt]), "EACCES");
+    assert_eq!(nobody("read(a[0])", &[&f]), "EACCES");
+    assert_eq!(
+        nobody("create(a[0])", &[&m.path("runs/r/artifacts/g")]),
+        "EACCES"
+    );
+    // The mounting user (root) is served as usual.
+    assert_eq!(root("read(a[0])", &[&f]), "ok hi\n");
+}
+
+#[test]
+fn with_allow_other_the_kernel_checks_mode_bits() {
+    let Some(m) = mount(
+        "with_allow_other_the_kernel_checks_mode_bits",
+        &["--allow-other"],
+    ) else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        "mkdir runs/r && cd runs/r/artifacts \
+         && echo public > f644 && chmod 0644 f644 \
+         && echo secret > f600 && chmod 0600 f600 \
+         && mkdir d755 d777 && chmod 0755 d755 && chmod 0777 d777",
+    );
+    let art = m.path("runs/r/artifacts");
+    assert_eq!(
+        sh_ok(&art, "stat -c '%a %u %n' f644 f600 d755 d777"),
+        "644 0 f644\n600 0 f600\n755 0 d755\n777 0 d777\n"
+    );
+
+    assert_eq!(nobody("read(a[0])", &[&art.join("f644")]), "ok public\n");
+    assert_eq!(nobody("read(a[0])", &[&art.join("f600")]), "EACCES");
+    assert_eq!(nobody("create(a[0])", &[&art.join("d755/new")]), "EACCES");
+    assert_eq!(nobody("os.mkdir(a[0])", &[&art.join("d755/sub")]), "EACCES");
+    // Not the owner: no chmod of root's file.
+    assert_eq!(
+        nobody("os.chmod(a[0], 0o666)", &[&art.join("f644")]),
+        "EPERM"
+    );
+
+    let mine = art.join("d777/mine");
+    assert_eq!(nobody("create(a[0], b'by nobody')", &[&mine]), "ok");
+    assert_eq!(stat_owner(&mine), format!("{NOBODY}:{NOBODY}"));
+    assert_eq!(nobody("read(a[0])", &[&mine]), "ok by nobody");
+    // Its owner may chmod it (metadata of a sealed file), others' files stay closed.
+    assert_eq!(nobody("os.chmod(a[0], 0o600)", &[&mine]), "ok");
+    let dir = art.join("d777/dir");
+    assert_eq!(nobody("os.mkdir(a[0])", &[&dir]), "ok");
+    assert_eq!(stat_owner(&dir), format!("{NOBODY}:{NOBODY}"));
+}
+
+#[test]
+fn uid_and_gid_options_own_every_entry() {
+    let Some(mut m) = mount(
+        "uid_and_gid_options_own_every_entry",
+        &["--uid", "1234", "--gid", "1234"],
+    ) else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        "mkdir runs/r && echo x > runs/r/artifacts/f && mkdir runs/r/artifacts/d",
+    );
+    let paths = [
+        "",
+        "runs",
+        "models",
+        "runs/r",
+        "runs/r/artifacts",
+        "runs/r/artifacts/f",
+        "runs/r/artifacts/d",
+    ];
+    for p in paths {
+        assert_eq!(stat_owner(&m.path(p)), "1234:1234", "owner of /{p}");
+    }
+    // `find` sees the same for everything.
+    let owners = sh_ok(&m.mnt, "find . -printf '%U:%G\\n' | sort -u");
+    assert_eq!(owners, "1234:1234\n");
+
+    // Recorded for new entries: without --uid, what was created under it still has that owner.
+    m.unmount();
+    m.mount(&[]);
+    for p in [
+        "runs/r",
+        "runs/r/artifacts",
+        "runs/r/artifacts/f",
+        "runs/r/artifacts/d",
+    ] {
+        assert_eq!(
+            stat_owner(&m.path(p)),
+            "1234:1234",
+            "recorded owner of /{p}"
+        );
+    }
+}
+
+#[test]
+fn the_store_is_private_to_its_owner() {
+    let Some(m) = mount("the_store_is_private_to_its_owner", &[]) else {
+        return;
+    };
+    sh_ok(&m.mnt, "mkdir runs/r && echo secret > runs/r/artifacts/f");
+    // Let the batched sync write STORE/synced, so every kind of store file exists.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mode = std::fs::metadata(&m.store).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "store dir mode {mode:o}");
+
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut stack = vec![m.store.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    let index = m.store.join("index.sqlite");
+    assert!(files.contains(&index), "{files:?}");
+    // The blob of f, named by its content hash.
+    let hash = root(
+        "os.getxattr(a[0], 'user.artifactfs.sha256').decode()",
+        &[&m.path("runs/r/artifacts/f")],
+    );
+    let hash = hash.strip_prefix("ok ").expect("the sha256 xattr");
+    let blob = m
+        .store
+        .join("blobs/sha256")
+        .join(&hash[..2])
+        .join(&hash[2..]);
+    assert!(files.contains(&blob), "{} in {files:?}", blob.display());
+
+    // Control: nobody can list the store's parent.
+    assert!(nobody("sorted(os.listdir(a[0]))", &[m.dir.path()]).contains("'store'"));
+    assert_eq!(nobody("os.listdir(a[0])", &[&m.store]), "EACCES");
+    assert_eq!(
+        nobody("os.listdir(a[0])", &[&m.store.join("blobs")]),
+        "EACCES"
+    );
+    assert_eq!(nobody("read(a[0])", &[&index]), "EACCES");
+    assert_eq!(nobody("read(a[0])", &[&blob]), "EACCES");
+    for f in &files {
+        assert_eq!(
+            nobody("open(a[0], 'rb').close()", &[f]),
+            "EACCES",
+            "nobody opening {}",
+            f.display()
+        );
+    }
+    // The blob is the content, readable by the store's owner.
+    assert_eq!(root("read(a[0])", &[&blob]), "ok secret\n");
+}
+
+#[test]
+fn read_only_mount_refuses_every_change_with_erofs() {
+    let Some(mut m) = mount("read_only_mount_refuses_every_change_with_erofs", &[]) else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        "mkdir runs/r && echo one > runs/r/artifacts/a && mkdir runs/r/artifacts/empty",
+    );
+    m.unmount();
+    m.mount(&["--read-only"]);
+    let art = m.path("runs/r/artifacts");
+    let a = art.join("a");
+    assert_eq!(root("read(a[0])", &[&a]), "ok one\n");
+    let cases: Vec<(&str, Vec<PathBuf>)> = vec![
+        ("create(a[0])", vec![art.join("new")]),
+        ("os.mkdir(a[0])", vec![art.join("dir")]),
+        ("os.mkdir(a[0])", vec![m.path("runs/r2")]),
+        ("os.unlink(a[0])", vec![a.clone()]),
+        ("os.rename(a[0], a[1])", vec![a.clone(), art.join("b")]),
+        ("os.chmod(a[0], 0o600)", vec![a.clone()]),
+        ("os.chmod(a[0], 0o700)", vec![art.join("empty")]),
+        ("os.setxattr(a[0], 'user.x', b'1')", vec![a.clone()]),
+        ("os.symlink('a', a[0])", vec![art.join("link")]),
+        ("os.rmdir(a[0])", vec![art.join("empty")]),
+        ("os.rmdir(a[0])", vec![m.path("runs/r")]),
+        ("write_open(a[0])", vec![a.clone()]),
+        ("os.truncate(a[0], 0)", vec![a.clone()]),
+        ("os.utime(a[0], (1, 1))", vec![a.clone()]),
+        ("os.link(a[0], a[1])", vec![a.clone(), art.join("hard")]),
+    ];
+    let mut wrong = Vec::new();
+    for (expr, args) in &cases {
+        let args: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+        let got = root(expr, &args);
+        if got != "EROFS" {
+            wrong.push(format!("{expr} {args:?}: {got}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "not EROFS on a read-only mount:\n{}",
+        wrong.join("\n")
+    );
+    // Nothing changed.
+    assert_eq!(
+        sh_ok(&art, "ls -A"),
+        "a\nempty\n",
+        "read-only mount changed the tree"
+    );
+}
+
+/// The MLflow fixtures (shared/ lies beside the crate).
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/mlflow")
+        .join(name)
+}
+
+/// `artifactfs models wait` until READY.
+fn wait_ready(m: &Mount, name: &str, dir: &str) {
+    let out = m.cli(&["models", "wait", name, dir, "--timeout", "20"]);
+    assert!(
+        out.status.success(),
+        "models wait {name} {dir}: {}\n{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+}
+
+#[test]
+fn aliases_point_only_at_the_same_model_and_symlinks_elsewhere_are_refused() {
+    let Some(m) = mount(
+        "aliases_point_only_at_the_same_model_and_symlinks_elsewhere_are_refused",
+        &["--settle", "0.3"],
+    ) else {
+        return;
+    };
+    let iris = fixture("sklearn_iris");
+    assert!(iris.join("MLmodel").is_file(), "fixture {}", iris.display());
+    sh_ok(
+        &m.mnt,
+        &format!(
+            "mkdir runs/r models/a models/othermodel \
+             && cp -r '{0}' models/a/v1 && cp -r '{0}' models/othermodel/v1",
+            iris.display()
+        ),
+    );
+    wait_ready(&m, "a", "v1");
+    wait_ready(&m, "othermodel", "v1");
+
+    let a = m.path("models/a");
+    // Another model's version: EINVAL, and no link appears.
+    assert_eq!(
+        root("os.symlink('../othermodel/1', a[0])", &[&a.join("@x")]),
+        "EINVAL"
+    );
+    assert_eq!(
+        root("os.symlink('../othermodel/v1', a[0])", &[&a.join("@x")]),
+        "EINVAL"
+    );
+    assert_eq!(
+        root("os.symlink('/etc/passwd', a[0])", &[&a.join("@x")]),
+        "EINVAL"
+    );
+    assert_eq!(root("os.readlink(a[0])", &[&a.join("@x")]), "ENOENT");
+    // Control: its own version is fine.
+    assert_eq!(root("os.symlink('1', a[0])", &[&a.join("@x")]), "ok");
+    assert_eq!(root("os.readlink(a[0])", &[&a.join("@x")]), "ok v1");
+
+    // Symlinks anywhere else: EPERM.
+    for (target, link) in [
+        ("1", "runs/r/artifacts/l"),
+        ("x", "runs/r/l"),
+        ("x", "runs/l"),
+        ("1", "models/l"),
+        ("1", "models/a/v1/l"),
+        ("1", "models/othermodel/v1/@y"),
+        ("x", "l"),
+    ] {
+        assert_eq!(
+            root(&format!("os.symlink({target:?}, a[0])"), &[&m.path(link)]),
+            "EPERM",
+            "ln -s {target} {link}"
+        );
+    }
+}
