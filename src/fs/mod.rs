@@ -610,19 +610,7 @@ impl ArtifactFs {
         let zone = namespace::create_file(namespace::place_of(pdir.ino, pdir.zone), name)
             .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
         self.model_guard(&idx, "create", &pdir, Some(name))?;
-        let new = NewEntry {
-            parent,
-            name,
-            kind: Kind::File,
-            state: State::Writing,
-            zone: zone as u8,
-            hash: None,
-            size: 0,
-            mode: mode & 0o7777,
-            uid,
-            gid,
-            time: now,
-        };
+        let new = NewEntry::new_file(parent, name, zone as u8, mode & 0o7777, (uid, gid), now);
         let ino = match idx.insert(&new) {
             Ok(Some(ino)) => ino,
             other => {

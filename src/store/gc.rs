@@ -77,26 +77,14 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::Hash;
-    use crate::store::index::{Commit, Kind, NewEntry, RUNS_INO, State};
+    use crate::store::index::{Commit, NewEntry, RUNS_INO, State};
 
     fn file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
         let hash = Hash::of(bytes);
         store.blobs.publish_bytes(bytes, &hash).unwrap();
         let idx = store.index();
         let ino = idx
-            .insert(&NewEntry {
-                parent: RUNS_INO,
-                name,
-                kind: Kind::File,
-                state: State::Writing,
-                zone: 2,
-                hash: None,
-                size: 0,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                time: 1,
-            })
+            .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
             .unwrap()
             .unwrap();
         let c = idx
@@ -164,19 +152,7 @@ mod tests {
             .unwrap();
         let idx = store.index();
         let ino = idx
-            .insert(&NewEntry {
-                parent: RUNS_INO,
-                name: b"f",
-                kind: Kind::File,
-                state: State::Writing,
-                zone: 2,
-                hash: None,
-                size: 0,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                time: 1,
-            })
+            .insert(&NewEntry::new_file(RUNS_INO, b"f", 2, 0o644, (0, 0), 1))
             .unwrap()
             .unwrap();
         let c = idx

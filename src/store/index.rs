@@ -79,6 +79,32 @@ pub struct NewEntry<'a> {
     pub time: i64,
 }
 
+impl<'a> NewEntry<'a> {
+    /// A file that starts being written (no content yet).
+    pub fn new_file(
+        parent: u64,
+        name: &'a [u8],
+        zone: u8,
+        mode: u32,
+        owner: (u32, u32),
+        time: i64,
+    ) -> Self {
+        NewEntry {
+            parent,
+            name,
+            kind: Kind::File,
+            state: State::Writing,
+            zone,
+            hash: None,
+            size: 0,
+            mode,
+            uid: owner.0,
+            gid: owner.1,
+            time,
+        }
+    }
+}
+
 /// Metadata changes (`chmod`, `chown`, `utimens`).
 #[derive(Debug, Clone, Default)]
 pub struct MetaChange {
@@ -136,6 +162,30 @@ fn state_code(s: State) -> i64 {
         State::Tombstone => 1,
         State::Writing => 2,
     }
+}
+
+fn insert_sql(conflict: &str) -> String {
+    format!(
+        "INSERT {conflict} INTO entries
+         (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)"
+    )
+}
+
+fn bind_insert(stmt: &mut rusqlite::CachedStatement, e: &NewEntry) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        e.parent as i64,
+        e.name,
+        kind_code(e.kind),
+        state_code(e.state),
+        e.zone as i64,
+        e.hash.map(|h| h.to_hex()),
+        e.size as i64,
+        e.mode as i64,
+        e.uid as i64,
+        e.gid as i64,
+        e.time,
+    ])
 }
 
 fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
@@ -416,28 +466,8 @@ impl Index {
 
     /// Inserts a row; `Ok(None)` when `(parent, name)` is already taken (in any state).
     pub fn insert(&self, e: &NewEntry) -> io::Result<Option<u64>> {
-        let res = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO entries
-                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)",
-            )
-            .map_err(to_io)?
-            .execute(params![
-                e.parent as i64,
-                e.name,
-                kind_code(e.kind),
-                state_code(e.state),
-                e.zone as i64,
-                e.hash.map(|h| h.to_hex()),
-                e.size as i64,
-                e.mode as i64,
-                e.uid as i64,
-                e.gid as i64,
-                e.time,
-            ]);
-        match res {
+        let mut stmt = self.conn.prepare_cached(&insert_sql("")).map_err(to_io)?;
+        match bind_insert(&mut stmt, e) {
             Ok(_) => Ok(Some(self.conn.last_insert_rowid() as u64)),
             Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => Ok(None),
             Err(e) => Err(to_io(e)),
@@ -450,30 +480,9 @@ impl Index {
         let tx = self.conn.transaction().map_err(to_io)?;
         let mut inserted = 0;
         {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO entries
-                     (parent, name, kind, state, zone, hash, size, mode, uid, gid,
-                      mtime, ctime, crtime)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)",
-                )
-                .map_err(to_io)?;
+            let mut stmt = tx.prepare_cached(&insert_sql("OR IGNORE")).map_err(to_io)?;
             for e in entries {
-                inserted += stmt
-                    .execute(params![
-                        e.parent as i64,
-                        e.name,
-                        kind_code(e.kind),
-                        state_code(e.state),
-                        e.zone as i64,
-                        e.hash.map(|h| h.to_hex()),
-                        e.size as i64,
-                        e.mode as i64,
-                        e.uid as i64,
-                        e.gid as i64,
-                        e.time,
-                    ])
-                    .map_err(to_io)?;
+                inserted += bind_insert(&mut stmt, e).map_err(to_io)?;
             }
         }
         tx.commit().map_err(to_io)?;
@@ -872,20 +881,8 @@ impl Index {
 mod tests {
     use super::*;
 
-    fn new_file<'a>(parent: u64, name: &'a [u8]) -> NewEntry<'a> {
-        NewEntry {
-            parent,
-            name,
-            kind: Kind::File,
-            state: State::Writing,
-            zone: 2,
-            hash: None,
-            size: 0,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            time: 1,
-        }
+    fn new_file(parent: u64, name: &[u8]) -> NewEntry<'_> {
+        NewEntry::new_file(parent, name, 2, 0o644, (0, 0), 1)
     }
 
     #[test]

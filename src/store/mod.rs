@@ -380,7 +380,7 @@ mod tests {
 
     #[test]
     fn after_an_unclean_stop_rows_whose_bytes_were_lost_are_dropped() {
-        use index::{Kind, NewEntry, RUNS_INO, State};
+        use index::{NewEntry, RUNS_INO};
         let dir = tempfile::tempdir().unwrap();
         let (kept, lost) = (Hash::of(b"kept"), Hash::of(b"lost"));
         {
@@ -389,19 +389,7 @@ mod tests {
                 store.blobs.publish_bytes(bytes, &hash).unwrap();
                 let idx = store.index();
                 let ino = idx
-                    .insert(&NewEntry {
-                        parent: RUNS_INO,
-                        name,
-                        kind: Kind::File,
-                        state: State::Writing,
-                        zone: 2,
-                        hash: None,
-                        size: 0,
-                        mode: 0o644,
-                        uid: 0,
-                        gid: 0,
-                        time: 1,
-                    })
+                    .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
                     .unwrap()
                     .unwrap();
                 idx.commit_file(ino, &hash, 4, 1, now_ns(), || true)
