@@ -1122,6 +1122,11 @@ impl ArtifactFs {
         if ino >= models::VIRT_BASE {
             return Err(FsError::Refused(Refusal::NoData));
         }
+        // No SELinux labels, capabilities or ACLs here. Saying "not supported" (rather than
+        // "no such attribute") lets ls -l stop asking for every file of this file system.
+        if name.starts_with(b"security.") || name.starts_with(b"system.") {
+            return Err(FsError::Refused(Refusal::NotSupported));
+        }
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;
         if name == XATTR_SHA256.as_bytes() {
