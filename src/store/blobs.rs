@@ -12,6 +12,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -151,6 +152,9 @@ impl BlobStore {
         if self.path(hash).exists() && !replace {
             return Ok(false);
         }
+        if !replace && let Some(published) = self.publish_unnamed(bytes, hash) {
+            return published;
+        }
         let (mut file, tmp) = self.new_temp()?;
         if let Err(e) = file.write_all(bytes) {
             let _ = fs::remove_file(&tmp);
@@ -161,6 +165,70 @@ impl BlobStore {
             let _ = fs::remove_file(&tmp);
         }
         published
+    }
+
+    /// Writes `bytes` to an unnamed file in the blob's own directory (`O_TMPFILE`) and links it
+    /// into place: one directory entry instead of a temp name plus a rename, and the inode is
+    /// allocated next to its directory. `None` where the file system has no `O_TMPFILE`.
+    fn publish_unnamed(&self, bytes: &[u8], hash: &Hash) -> Option<io::Result<bool>> {
+        let dest = self.path(hash);
+        let dir = dest.parent().expect("blob path has a parent");
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o444)
+                .open(dir)
+        };
+        let mut file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Err(e) = fs::create_dir_all(dir) {
+                    return Some(Err(e));
+                }
+                open()
+            }
+            other => other,
+        };
+        if let Err(e) = &file
+            && matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            )
+        {
+            return None;
+        }
+        Some((|| {
+            let file = file
+                .as_mut()
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+            file.write_all(bytes)?;
+            if self.sync_before_publish {
+                file.sync_all()?;
+            } else {
+                self.unsynced.store(true, Ordering::Release);
+            }
+            // linkat through /proc needs no CAP_DAC_READ_SEARCH (unlike AT_EMPTY_PATH).
+            let src = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+            let dst = std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())?;
+            let rc = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    src.as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // Published meanwhile by another writer of the same content.
+                Some(libc::EEXIST) => Ok(false),
+                _ => Err(err),
+            }
+        })())
     }
 
     pub fn exists(&self, hash: &Hash) -> bool {
