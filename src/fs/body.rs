@@ -89,7 +89,10 @@ impl Body {
                 return Ok(());
             }
             let (mut file, tmp) = blobs.new_temp()?;
-            file.write_all(v)?;
+            if let Err(e) = file.write_all(v) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
             budget.give(have);
             *self = Body::Disk {
                 file,

@@ -160,6 +160,11 @@ struct Writer {
     dirty: bool,
     /// Content was committed at least once (so the path now holds a file).
     committed: bool,
+    /// The last commit was an fsync: that version survives a crash during later writes.
+    synced: bool,
+    /// A write failed (ENOSPC, EIO): nothing more is committed, and the file disappears at
+    /// release (or falls back to its fsync'd version).
+    failed: Option<i32>,
     /// The registered model this file belongs to, for files below `models/`.
     model: Option<u64>,
 }
@@ -179,6 +184,8 @@ pub struct ArtifactFs {
     /// Signalled whenever an inode leaves `writing` (its file was sealed).
     sealed: Condvar,
     next_fh: AtomicU64,
+    /// Files whose unfinished rows could not be dropped yet (a full disk): retried by `tick`.
+    abandoned: Mutex<Vec<u64>>,
     /// Memory held by small files being written.
     mem: body::MemBudget,
     /// Registry state that lives in memory: activity per model, registry link inodes.
@@ -207,6 +214,7 @@ impl ArtifactFs {
             sealed: Condvar::new(),
             next_fh: AtomicU64::new(1),
             mem: body::MemBudget::default(),
+            abandoned: Mutex::new(Vec::new()),
             models: models::ModelState::default(),
         };
         fs.resume_pending();
@@ -650,6 +658,8 @@ impl ArtifactFs {
             mtime: now,
             dirty: true,
             committed: false,
+            synced: false,
+            failed: None,
             model: unit.map(|u| u.model),
         };
         self.handles
@@ -758,10 +768,18 @@ impl ArtifactFs {
             return Err(FsError::Refused(Refusal::BadHandle));
         };
         let mut w = lock(&w);
+        if let Some(code) = w.failed {
+            return Err(io::Error::from_raw_os_error(code).into());
+        }
+        self.begin_change(&mut w)?;
         let end = offset + data.len() as u64;
         if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
-            // Part of the range may have been written: the incremental hash no longer applies.
-            w.hash_ok = false;
+            // The file now has a hole of unknown bytes: it is never committed.
+            w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+            log::warn!(
+                "inode {}: write failed ({e}); the file will not be committed",
+                w.ino
+            );
             return Err(e.into());
         }
         if w.hash_ok {
@@ -779,6 +797,24 @@ impl ArtifactFs {
             self.model_write_activity(model, 0);
         }
         Ok(data.len() as u32)
+    }
+
+    /// Drops the rows of unfinished files that could not be dropped at release.
+    pub(crate) fn retry_abandoned(&self) {
+        let pending = std::mem::take(&mut *lock(&self.abandoned));
+        for ino in pending {
+            if self.store.index().abandon_write(ino).is_err() {
+                lock(&self.abandoned).push(ino);
+            }
+        }
+    }
+
+    /// The first change after a commit: until the next commit the row says "being written".
+    fn begin_change(&self, w: &mut Writer) -> FsResult<()> {
+        if !w.dirty && w.committed {
+            self.store.index().mark_rewriting(w.ino, w.synced)?;
+        }
+        Ok(())
     }
 
     /// `close()` of a descriptor: commit what this handle wrote.
@@ -814,9 +850,14 @@ impl ArtifactFs {
         if let Err(e) = &result {
             log::warn!("inode {}: commit at release failed: {e}", w.ino);
         }
-        if !w.committed {
-            // The content never reached the index: the half file disappears.
-            if let Err(e) = self.store.index().delete_uncommitted(w.ino) {
+        if result.is_err() || !w.committed {
+            // The content never (fully) reached the index: the half file disappears.
+            if let Err(e) = self.store.index().abandon_write(w.ino) {
+                log::warn!(
+                    "inode {}: cannot drop the unfinished file yet ({e}); retrying",
+                    w.ino
+                );
+                lock(&self.abandoned).push(w.ino);
                 result = Err(e.into());
             }
         }
@@ -831,6 +872,9 @@ impl ArtifactFs {
 
     /// Hashes, publishes and records the writer's content if it changed.
     fn commit(&self, w: &mut Writer, durable: bool) -> FsResult<()> {
+        if let Some(code) = w.failed {
+            return Err(io::Error::from_raw_os_error(code).into());
+        }
         if !w.dirty {
             if durable {
                 self.store.index().sync()?;
@@ -885,6 +929,7 @@ impl ArtifactFs {
         }
         w.dirty = false;
         w.committed = true;
+        w.synced = durable;
         Ok(())
     }
 
@@ -918,6 +963,7 @@ impl ArtifactFs {
                         drop(idx);
                         {
                             let mut w = lock(&w);
+                            self.begin_change(&mut w)?;
                             let old = w.size;
                             w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
                             if size != w.size {
@@ -998,7 +1044,8 @@ impl ArtifactFs {
             return Ok(());
         }
         match e.state {
-            State::Writing => idx.delete_uncommitted(e.ino)?,
+            // Never sealed: gone without a tombstone (but an fsync'd version keeps one).
+            State::Writing => idx.unlink_unsealed(e.ino, now_ns())?,
             _ => idx.tombstone(e.ino, now_ns())?,
         }
         log::debug!("unlinked inode {} (tombstone kept)", e.ino);
@@ -1382,6 +1429,40 @@ mod tests {
         .unwrap();
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, attr.ino), b"ab");
+    }
+
+    #[test]
+    fn a_file_written_again_after_a_commit_does_not_survive_a_crash_unless_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (art, early, synced) = {
+            let fs = ArtifactFs::new(
+                Store::open_writable(dir.path()).unwrap(),
+                FsOptions::default(),
+            );
+            let art = run_dir(&fs, "r1");
+            // dd / shell redirect: the first close commits the empty file, then the writes.
+            let (early, fh) = fs.create(ME, art, b"dd-out", 0o644).unwrap();
+            fs.flush(fh).unwrap();
+            fs.write(fh, 0, b"half of it").unwrap();
+            // A file fsync'd, then written again.
+            let (synced, fh2) = fs.create(ME, art, b"synced", 0o644).unwrap();
+            fs.write(fh2, 0, b"durable").unwrap();
+            fs.fsync(fh2).unwrap();
+            fs.write(fh2, 7, b" and more").unwrap();
+            // The daemon dies here: no release ever comes.
+            (art, early.ino, synced.ino)
+        };
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        assert_eq!(
+            refusal(fs.getattr(early)),
+            Refusal::NotFound,
+            "no empty or half file"
+        );
+        assert_eq!(fs.lookup(art, b"synced").unwrap().ino, synced);
+        assert_eq!(read_all(&fs, synced), b"durable");
     }
 
     #[test]

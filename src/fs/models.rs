@@ -179,6 +179,7 @@ impl ArtifactFs {
         if let Err(e) = self.store.sync_if_due() {
             log::warn!("syncing the store failed: {e}");
         }
+        self.retry_abandoned();
         let due: Vec<u64> = {
             let mut act = lock(&self.models.activity);
             let due: Vec<u64> = act

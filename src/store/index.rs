@@ -227,7 +227,12 @@ impl Index {
         index.migrate(owner, now)?;
         index
             .conn
-            .execute("DELETE FROM entries WHERE state = 2", [])
+            .execute_batch(
+                // Files being written when the daemon stopped: gone, unless the version before
+                // the latest writes was fsync'd (state 3), which is kept.
+                "DELETE FROM entries WHERE state = 2;
+                 UPDATE entries SET state = 0 WHERE state = 3;",
+            )
             .map_err(to_io)?;
         Ok(index)
     }
@@ -614,14 +619,38 @@ impl Index {
         Ok(())
     }
 
-    /// Deletes a row outright: only for a file that never committed any content.
-    pub fn delete_uncommitted(&self, ino: u64) -> io::Result<()> {
+    /// Removes a file that is still being written: its row goes, unless a version of it was
+    /// fsync'd, which leaves a tombstone like a sealed file.
+    pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {
         self.conn
-            .prepare_cached("DELETE FROM entries WHERE ino = ?1 AND state = 2")
+            .execute_batch(&format!(
+                "DELETE FROM entries WHERE ino = {ino} AND state = 2;
+                 UPDATE entries SET state = 1, ctime = {now} WHERE ino = {ino} AND state = 3;"
+            ))
+            .map_err(to_io)
+    }
+
+    /// A committed file is being written again through the same open file (a shell redirect
+    /// commits at its first close, before the writes): until it is committed again, a crash
+    /// must not leave the earlier version visible — unless that version was fsync'd.
+    pub fn mark_rewriting(&self, ino: u64, keep_on_crash: bool) -> io::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE entries SET state = ?2 WHERE ino = ?1 AND state = 0")
             .map_err(to_io)?
-            .execute([ino as i64])
+            .execute(params![ino as i64, if keep_on_crash { 3 } else { 2 }])
             .map_err(to_io)?;
         Ok(())
+    }
+
+    /// The writes of an open file failed or were abandoned: the file disappears, or falls back
+    /// to its fsync'd version.
+    pub fn abandon_write(&self, ino: u64) -> io::Result<()> {
+        self.conn
+            .execute_batch(&format!(
+                "DELETE FROM entries WHERE ino = {ino} AND state = 2;
+                 UPDATE entries SET state = 0 WHERE ino = {ino} AND state = 3;"
+            ))
+            .map_err(to_io)
     }
 
     /// Deletes a row outright, leaving no tombstone: for drafts of model versions that never
