@@ -228,10 +228,12 @@ impl Index {
         index
             .conn
             .execute_batch(
-                // Files being written when the daemon stopped: gone, unless the version before
-                // the latest writes was fsync'd (state 3), which is kept.
-                "DELETE FROM entries WHERE state = 2;
-                 UPDATE entries SET state = 0 WHERE state = 3;",
+                // Files being written when the daemon stopped: a version fsync'd before the
+                // latest writes (state 3) is kept; otherwise the file is gone — its path a
+                // tombstone if an earlier version had been committed.
+                "UPDATE entries SET state = 0 WHERE state = 3;
+                 UPDATE entries SET state = 1 WHERE state = 2 AND hash IS NOT NULL;
+                 DELETE FROM entries WHERE state = 2;",
             )
             .map_err(to_io)?;
         Ok(index)
@@ -619,13 +621,13 @@ impl Index {
         Ok(())
     }
 
-    /// Removes a file that is still being written: its row goes, unless a version of it was
-    /// fsync'd, which leaves a tombstone like a sealed file.
+    /// Removes a file that is still being written: a file that never committed anything goes
+    /// without a trace; one that did (a close() returned) leaves a tombstone.
     pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {
         self.conn
             .execute_batch(&format!(
-                "DELETE FROM entries WHERE ino = {ino} AND state = 2;
-                 UPDATE entries SET state = 1, ctime = {now} WHERE ino = {ino} AND state = 3;"
+                "DELETE FROM entries WHERE ino = {ino} AND state = 2 AND hash IS NULL;
+                 UPDATE entries SET state = 1, ctime = {now} WHERE ino = {ino} AND state IN (2, 3);"
             ))
             .map_err(to_io)
     }
@@ -642,13 +644,14 @@ impl Index {
         Ok(())
     }
 
-    /// The writes of an open file failed or were abandoned: the file disappears, or falls back
-    /// to its fsync'd version.
+    /// The writes of an open file failed or were abandoned: it falls back to its fsync'd
+    /// version, or disappears (leaving a tombstone if a version had been committed).
     pub fn abandon_write(&self, ino: u64) -> io::Result<()> {
         self.conn
             .execute_batch(&format!(
-                "DELETE FROM entries WHERE ino = {ino} AND state = 2;
-                 UPDATE entries SET state = 0 WHERE ino = {ino} AND state = 3;"
+                "UPDATE entries SET state = 0 WHERE ino = {ino} AND state = 3;
+                 UPDATE entries SET state = 1 WHERE ino = {ino} AND state = 2 AND hash IS NOT NULL;
+                 DELETE FROM entries WHERE ino = {ino} AND state = 2;"
             ))
             .map_err(to_io)
     }
@@ -728,7 +731,7 @@ impl Index {
             }
             Err(e) => return Err(to_io(e)),
         }
-        if leave_tombstone && old.state == State::Live {
+        if leave_tombstone && old.hash.is_some() {
             tx.execute(
                 "INSERT INTO entries
                  (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
