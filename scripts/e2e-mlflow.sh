@@ -177,10 +177,18 @@ echo "timings:"
 for t in "${TIMES[@]}"; do echo "  $t"; done
 printf '  %-10s %7ss\n' total "$(secs_since "$T0")"
 
+# One closing line in the plain "N passed, N failed" form, counting scenario and post-run checks.
+read -r SC_PASS SC_TOTAL < "$WORK/scenario-counts" 2>/dev/null || { SC_PASS=0; SC_TOTAL=1; }
+POST_TOTAL=${#POST[@]}
+POST_PASS=0
+for row in "${POST[@]}"; do [[ "$row" == *"|PASS|"* ]] && POST_PASS=$((POST_PASS + 1)); done
+PASSED=$(( ${SC_PASS:-0} + POST_PASS ))
+FAILED=$(( ${SC_TOTAL:-0} - ${SC_PASS:-0} + POST_TOTAL - POST_PASS ))
 if [ "$SCENARIO_RC" = 0 ] && [ "$POST_FAIL" = 0 ]; then
     RC=0
-    echo "e2e-mlflow: PASS"
 else
     echo "e2e-mlflow: FAIL (scenario exit $SCENARIO_RC)"
+    [ "$FAILED" -gt 0 ] || FAILED=1
 fi
+echo "e2e-mlflow: $PASSED passed, $FAILED failed"
 exit "$RC"

@@ -592,6 +592,9 @@ def main():
         print(f"{name:<{w}}  {result:<6}  {dt:5.1f}  {detail[:150]}")
     bad = [r for r in RESULTS if r[1] != "PASS"]
     print(f"\nscenario: {len(RESULTS) - len(bad)}/{len(RESULTS)} passed in {time.monotonic() - t_start:.1f}s")
+    # For the shell script's closing "N passed, N failed" line.
+    with open(os.path.join(work, "scenario-counts"), "w") as f:
+        f.write(f"{len(RESULTS) - len(bad)} {len(RESULTS)}\n")
     return 1 if bad else 0
 
 
