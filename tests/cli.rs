@@ -23,19 +23,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
-fn process_gone(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-    }
-}
-
 /// The daemon pid that a successful `artifactfs mount` reports: "mounted ... (pid N, log ...)".
 /// (A failed one may name another daemon's pid, which is not ours to wait for.)
 fn reported_pid(o: &Output) -> Option<i32> {

@@ -15,7 +15,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
@@ -58,50 +57,6 @@ fn crash_seed(scenario: &str, salt: u64) -> (u64, Rng) {
         .unwrap_or(20_260_505);
     eprintln!("{scenario}: crash seed {seed} (replay with AFS_CRASH_SEED={seed})");
     (seed, Rng::new(seed ^ salt.wrapping_mul(0x0100_0000_01B3)))
-}
-
-/// `getxattr(2)`.
-fn getxattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(len as usize);
-    Ok(buf)
-}
-
-fn sha_xattr(path: &Path) -> String {
-    let v = getxattr(path, "user.artifactfs.sha256")
-        .unwrap_or_else(|e| panic!("getxattr user.artifactfs.sha256 of {}: {e}", path.display()));
-    String::from_utf8(v).unwrap()
-}
-
-/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
-fn process_gone(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-    }
-}
-
-fn kill9(pid: i32) {
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "kill -9 {pid}"
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || process_gone(pid)),
-        "daemon {pid} survived SIGKILL"
-    );
 }
 
 /// A child process killed (and reaped) on drop if it is still running, e.g. when a test fails.

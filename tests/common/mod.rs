@@ -241,3 +241,51 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// `getxattr(2)`.
+pub fn getxattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// The content hash artifactfs reports for a sealed file.
+pub fn sha_xattr(path: &Path) -> String {
+    let v = getxattr(path, "user.artifactfs.sha256")
+        .unwrap_or_else(|e| panic!("getxattr user.artifactfs.sha256 of {}: {e}", path.display()));
+    String::from_utf8(v).unwrap()
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+    }
+}
+
+/// `kill -9 pid`, and wait until it is gone.
+pub fn kill9(pid: i32) {
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || process_gone(pid)),
+        "daemon {pid} survived SIGKILL"
+    );
+}
