@@ -342,7 +342,9 @@ fn register(store: &Path, name: &str, path: &str, dir: Option<String>) -> Result
     let dir = dir.unwrap_or_else(|| {
         let parts: Vec<&str> = source.split('/').collect();
         match parts.as_slice() {
-            ["runs", id, _, ..] if *id != "models" => id.to_string(),
+            // MLflow 3's logged models: runs/models/<model_id>/artifacts
+            ["runs", "models", model_id, ..] => model_id.to_string(),
+            ["runs", run_id, _, ..] => run_id.to_string(),
             _ => parts.last().copied().unwrap_or("model").to_string(),
         }
     });
