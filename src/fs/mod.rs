@@ -22,14 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
 use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
 use crate::store::{Hash, Store, now_ns, to_ns};
 
 mod body;
+mod hashing;
 mod models;
 pub use models::{
     VIRT_BASE, XATTR_DIGEST, XATTR_MESSAGE, XATTR_REGISTER_PREFIX, XATTR_STATUS, XATTR_VERSION,
@@ -150,7 +149,7 @@ struct Writer {
     ino: u64,
     /// The bytes so far.
     body: body::Body,
-    hasher: Sha256,
+    hasher: hashing::RunningHash,
     /// Bytes `hasher` has seen; the incremental hash is usable while `hash_ok`.
     hashed: u64,
     hash_ok: bool,
@@ -651,7 +650,7 @@ impl ArtifactFs {
         let writer = Writer {
             ino,
             body: body::Body::new(),
-            hasher: Sha256::new(),
+            hasher: hashing::RunningHash::new(),
             hashed: 0,
             hash_ok: true,
             size: 0,
@@ -784,7 +783,7 @@ impl ArtifactFs {
         }
         if w.hash_ok {
             if offset == w.hashed {
-                w.hasher.update(data);
+                w.hasher.update(data, end);
                 w.hashed = end;
             } else {
                 w.hash_ok = false;
@@ -881,8 +880,13 @@ impl ArtifactFs {
             }
             return Ok(());
         }
-        let hash = if w.hash_ok && w.hashed == w.size {
-            Hash::from_digest(w.hasher.clone())
+        let running = if w.hash_ok && w.hashed == w.size {
+            w.hasher.finish()
+        } else {
+            None
+        };
+        let hash = if let Some(state) = running {
+            Hash::from_digest(state)
         } else {
             let size = w.size;
             w.body.rehash(size)?
