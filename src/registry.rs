@@ -310,10 +310,3 @@ pub fn resolve_target(idx: &Index, model: u64, target: &[u8]) -> io::Result<Opti
         _ => Ok(None),
     }
 }
-
-/// Reads a whole blob-backed file of a version (for `models show`).
-pub fn read_all(blobs: &BlobStore, hash: &crate::store::Hash) -> io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    blobs.open_blob(hash)?.read_to_end(&mut v)?;
-    Ok(v)
-}

@@ -168,6 +168,8 @@ struct Writer {
     model: Option<u64>,
 }
 
+/// An open file: a sealed file's blob, or a file being written (cheap to clone).
+#[derive(Clone)]
 enum Handle {
     Read(Arc<File>),
     Write(Arc<Mutex<Writer>>),
@@ -727,15 +729,14 @@ impl ArtifactFs {
         Ok((fh, Opened::Sealed))
     }
 
-    fn handle(&self, fh: u64) -> FsResult<HandleRef> {
+    fn handle(&self, fh: u64) -> FsResult<Handle> {
         match self
             .handles
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&fh)
         {
-            Some(Handle::Read(f)) => Ok(HandleRef::Read(f.clone())),
-            Some(Handle::Write(w)) => Ok(HandleRef::Write(w.clone())),
+            Some(h) => Ok(h.clone()),
             None => Err(FsError::Refused(Refusal::BadHandle)),
         }
     }
@@ -743,7 +744,7 @@ impl ArtifactFs {
     /// The blob file behind a handle on a sealed file (for kernel passthrough).
     pub fn backing_file(&self, fh: u64) -> Option<Arc<File>> {
         match self.handle(fh) {
-            Ok(HandleRef::Read(f)) => Some(f),
+            Ok(Handle::Read(f)) => Some(f),
             _ => None,
         }
     }
@@ -751,8 +752,8 @@ impl ArtifactFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
         let n = match self.handle(fh)? {
-            HandleRef::Read(f) => body::read_full_at(&f, &mut buf, offset)?,
-            HandleRef::Write(w) => {
+            Handle::Read(f) => body::read_full_at(&f, &mut buf, offset)?,
+            Handle::Write(w) => {
                 let w = lock(&w);
                 let want = (w.size.saturating_sub(offset)).min(size as u64) as usize;
                 w.body.read_at(&mut buf[..want], offset)?
@@ -763,7 +764,7 @@ impl ArtifactFs {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let HandleRef::Write(w) = self.handle(fh)? else {
+        let Handle::Write(w) = self.handle(fh)? else {
             return Err(FsError::Refused(Refusal::BadHandle));
         };
         let mut w = lock(&w);
@@ -819,18 +820,18 @@ impl ArtifactFs {
     /// `close()` of a descriptor: commit what this handle wrote.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
-            HandleRef::Read(_) => Ok(()),
-            HandleRef::Write(w) => self.commit(&mut lock(&w), false),
+            Handle::Read(_) => Ok(()),
+            Handle::Write(w) => self.commit(&mut lock(&w), false),
         }
     }
 
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
-            HandleRef::Read(f) => {
+            Handle::Read(f) => {
                 f.sync_all()?;
                 Ok(self.store.index().sync()?)
             }
-            HandleRef::Write(w) => self.commit(&mut lock(&w), true),
+            Handle::Write(w) => self.commit(&mut lock(&w), true),
         }
     }
 
@@ -1267,10 +1268,6 @@ impl ArtifactFs {
     }
 }
 
-enum HandleRef {
-    Read(Arc<File>),
-    Write(Arc<Mutex<Writer>>),
-}
 
 use std::os::unix::ffi::OsStrExt;
 

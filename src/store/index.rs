@@ -887,26 +887,6 @@ impl Index {
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 
-    /// Counts of live files, tombstones and directories (for `statfs` and reports).
-    pub fn counts(&self) -> io::Result<(u64, u64, u64)> {
-        self.conn
-            .query_row(
-                "SELECT
-                   COALESCE(SUM(kind = 2 AND state != 1), 0),
-                   COALESCE(SUM(state = 1), 0),
-                   COALESCE(SUM(kind = 1 AND state != 1), 0)
-                 FROM entries",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, i64>(1)? as u64,
-                        r.get::<_, i64>(2)? as u64,
-                    ))
-                },
-            )
-            .map_err(to_io)
-    }
 }
 
 #[cfg(test)]
