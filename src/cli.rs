@@ -535,35 +535,37 @@ fn umount(mp: &Path, flags: libc::c_int) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Where store `store` is mounted writable, from /proc/mounts.
-pub fn mount_of_store(store: &Path) -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    let want = store.as_os_str().as_bytes();
-    mounts.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(' ').collect();
-        (f.len() > 3
-            && f[2].starts_with("fuse")
-            && unescape_mount(f[0]) == want
-            && f[3].split(',').any(|o| o == "rw"))
-        .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[1]))))
-    })
+/// Writable FUSE mounts as (store, mount point), from /proc/mounts. An artifactfs mount's
+/// source is its store path; the pure-Rust mount records the type as plain `fuse`.
+fn writable_fuse_mounts() -> Vec<(PathBuf, PathBuf)> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            (f.len() > 3 && f[2].starts_with("fuse") && f[3].split(',').any(|o| o == "rw")).then(
+                || {
+                    let path = |s: &str| PathBuf::from(OsStr::from_bytes(&unescape_mount(s)));
+                    (path(f[0]), path(f[1]))
+                },
+            )
+        })
+        .collect()
 }
 
-/// The store behind a writable artifactfs mount point, from /proc/mounts (its source is the
-/// store path; the pure-Rust mount records the type as plain `fuse`). Read-only mounts hold no
-/// store lock, so there is nothing to wait for.
+/// Where store `store` is mounted writable.
+pub fn mount_of_store(store: &Path) -> Option<PathBuf> {
+    writable_fuse_mounts()
+        .into_iter()
+        .find_map(|(s, mp)| (s == store).then_some(mp))
+}
+
+/// The store behind a writable artifactfs mount point (read-only mounts hold no store lock,
+/// so there is nothing to wait for).
 fn store_of_mount(mp: &Path) -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    let want = mp.as_os_str().as_bytes();
-    mounts.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(' ').collect();
-        (f.len() > 3
-            && f[2].starts_with("fuse")
-            && unescape_mount(f[1]) == want
-            && f[3].split(',').any(|o| o == "rw"))
-        .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mount(f[0]))))
-        .filter(|store| store.join("lock").exists())
-    })
+    writable_fuse_mounts()
+        .into_iter()
+        .find_map(|(s, m)| (m == mp && s.join("lock").exists()).then_some(s))
 }
 
 /// Undoes the octal escapes of /proc/mounts (`\040` for a space).
@@ -611,7 +613,7 @@ fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
 
 fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
     // Shared with a running daemon: fsck only adds to the list of damaged blobs.
-    let store = Store::open_readonly_for_gc(store_dir)
+    let store = Store::open_shared(store_dir)
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
     let mut damaged = Vec::new();
     let rows = store.index().file_rows()?;
@@ -732,7 +734,7 @@ fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> 
         bail!("no store at {}", store_dir.display());
     }
     // The index is shared with a running daemon (if any) through SQLite's own locking.
-    let store = Store::open_readonly_for_gc(store_dir)
+    let store = Store::open_shared(store_dir)
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
     let r = store.gc(&store::gc::GcOptions { retention, dry_run })?;
     println!(

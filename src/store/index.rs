@@ -886,7 +886,6 @@ impl Index {
             .map_err(to_io)?;
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
-
 }
 
 #[cfg(test)]

@@ -253,8 +253,9 @@ impl Store {
     }
 
     /// Opens an existing store to change its index and blobs beside a running daemon, without
-    /// the writer lock (garbage collection, which coordinates through SQLite's write lock).
-    pub fn open_readonly_for_gc(root: &Path) -> io::Result<Store> {
+    /// the writer lock (`gc`, and `fsck` marking damaged blobs: both coordinate through
+    /// SQLite's own locking).
+    pub fn open_shared(root: &Path) -> io::Result<Store> {
         let index = Index::open_shared(&root.join("index.sqlite"))?;
         Ok(Store {
             root: root.to_path_buf(),
