@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, Weak};
 use fuser::BackingId;
 
 use crate::error::{FsError, Refusal};
-use crate::fs::{ArtifactFs, Attr, Caller, NodeKind, Opened, SetAttr, SetTime};
+use crate::fs::{ArtifactFs, Attr, Caller, Lookup, NodeKind, Opened, SetAttr, SetTime};
 
 /// The one errno table: what each refusal means at the syscall.
 pub fn errno(e: &FsError) -> Errno {
@@ -231,10 +231,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name.as_bytes()) {
-            Err(FsError::Refused(Refusal::NotFound)) => {
+        match self.fs.lookup_or_absent(parent.0, name.as_bytes()) {
+            Ok(Lookup::Found(attr)) => self.reply_entry(reply, Ok(attr)),
+            Ok(Lookup::Absent { cacheable }) => {
                 let shared = self.fs.options().read_only;
-                match negative_ttl(self.fs.negative_cacheable(parent.0), shared) {
+                match negative_ttl(cacheable, shared) {
                     // A negative entry: inode 0, remembered for the TTL.
                     Some(t) => {
                         let mut attr = file_attr(&NEGATIVE);
@@ -244,7 +245,7 @@ impl Filesystem for FuseAdapter {
                     None => reply.error(Errno::ENOENT),
                 }
             }
-            res => self.reply_entry(reply, res),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 

@@ -114,6 +114,16 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
 }
 
+/// What a lookup found.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Found(Attr),
+    /// No such name; `cacheable`: it stays absent until this mount creates it.
+    Absent {
+        cacheable: bool,
+    },
+}
+
 /// One directory entry for `readdir`; `cookie` is the offset to continue after it.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -351,6 +361,16 @@ impl ArtifactFs {
     // ----- lookups ---------------------------------------------------------------------------
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        match self.lookup_or_absent(parent, name)? {
+            Lookup::Found(attr) => Ok(attr),
+            Lookup::Absent { .. } => Err(FsError::Refused(Refusal::NotFound)),
+        }
+    }
+
+    /// `lookup` for the kernel, which may remember an absent name: it may below `runs/`,
+    /// whose names only appear through this mount, not in `models/<name>/`, where the registry
+    /// adds links by itself.
+    pub fn lookup_or_absent(&self, parent: u64, name: &[u8]) -> FsResult<Lookup> {
         if name.len() > namespace::NAME_MAX {
             return Err(FsError::Refused(Refusal::NameTooLong));
         }
@@ -360,25 +380,18 @@ impl ArtifactFs {
             match idx.lookup(parent, name)? {
                 Some(e) if e.state != State::Tombstone => e,
                 _ => {
-                    return self
-                        .lookup_link(&idx, &dir, name)?
-                        .ok_or(FsError::Refused(Refusal::NotFound));
+                    return Ok(match self.lookup_link(&idx, &dir, name)? {
+                        Some(attr) => Lookup::Found(attr),
+                        None => Lookup::Absent {
+                            cacheable: dir.ino == crate::store::index::RUNS_INO
+                                || dir.zone == Zone::RunRoot as u8
+                                || dir.zone == Zone::RunTree as u8,
+                        },
+                    });
                 }
             }
         };
-        Ok(self.attr_of(&entry))
-    }
-
-    /// Whether "no such name" in directory `parent` stays true until this mount itself creates
-    /// the name: below `runs/`, yes; in `models/<name>/` the registry adds links by itself.
-    pub fn negative_cacheable(&self, parent: u64) -> bool {
-        let idx = self.store.index();
-        matches!(
-            idx.get(parent),
-            Ok(Some(e)) if e.ino == crate::store::index::RUNS_INO
-                || e.zone == Zone::RunRoot as u8
-                || e.zone == Zone::RunTree as u8
-        )
+        Ok(Lookup::Found(self.attr_of(&entry)))
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
@@ -1267,7 +1280,6 @@ impl ArtifactFs {
         })
     }
 }
-
 
 use std::os::unix::ffi::OsStrExt;
 
