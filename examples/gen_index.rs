@@ -57,19 +57,7 @@ fn main() -> Result<()> {
 
     let mut idx = store.index();
     let dir_row = |parent: u64, name: &[u8], zone: Zone| -> Result<u64> {
-        let new = NewEntry {
-            parent,
-            name,
-            kind: Kind::Dir,
-            state: State::Live,
-            zone: zone as u8,
-            hash: None,
-            size: 0,
-            mode: 0o755,
-            uid,
-            gid,
-            time: now,
-        };
+        let new = NewEntry::new_dir(parent, name, zone as u8, 0o755, (uid, gid), now);
         Ok(match idx.insert(&new)? {
             Some(ino) => ino,
             None => idx.lookup(parent, name)?.context("row vanished")?.ino,

@@ -528,19 +528,7 @@ impl ArtifactFs {
         now: i64,
         op: &str,
     ) -> FsResult<u64> {
-        let new = NewEntry {
-            parent,
-            name,
-            kind: Kind::Dir,
-            state: State::Live,
-            zone: zone as u8,
-            hash: None,
-            size: 0,
-            mode,
-            uid,
-            gid,
-            time: now,
-        };
+        let new = NewEntry::new_dir(parent, name, zone as u8, mode, (uid, gid), now);
         if let Some(ino) = idx.insert(&new)? {
             return Ok(ino);
         }

@@ -80,18 +80,7 @@ mod tests {
     use crate::store::index::{Commit, NewEntry, RUNS_INO, State};
 
     fn file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
-        let hash = Hash::of(bytes);
-        store.blobs.publish_bytes(bytes, &hash).unwrap();
-        let idx = store.index();
-        let ino = idx
-            .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
-            .unwrap()
-            .unwrap();
-        let c = idx
-            .commit_file(ino, &hash, bytes.len() as u64, 1, now_ns(), || true)
-            .unwrap();
-        assert_eq!(c, Commit::Recorded);
-        ino
+        crate::store::committed_test_file(store, name, bytes)
     }
 
     #[test]

@@ -80,6 +80,22 @@ pub struct NewEntry<'a> {
 }
 
 impl<'a> NewEntry<'a> {
+    /// A directory.
+    pub fn new_dir(
+        parent: u64,
+        name: &'a [u8],
+        zone: u8,
+        mode: u32,
+        owner: (u32, u32),
+        time: i64,
+    ) -> Self {
+        NewEntry {
+            kind: Kind::Dir,
+            state: State::Live,
+            ..Self::new_file(parent, name, zone, mode, owner, time)
+        }
+    }
+
     /// A file that starts being written (no content yet).
     pub fn new_file(
         parent: u64,

@@ -366,6 +366,24 @@ pub fn wait_unlocked(root: &Path, timeout: std::time::Duration) -> bool {
     }
 }
 
+/// Test helper: a committed file `runs/<name>` holding `bytes`.
+#[cfg(test)]
+pub(crate) fn committed_test_file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
+    use index::{Commit, NewEntry, RUNS_INO};
+    let hash = Hash::of(bytes);
+    store.blobs.publish_bytes(bytes, &hash).unwrap();
+    let idx = store.index();
+    let ino = idx
+        .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
+        .unwrap()
+        .unwrap();
+    let c = idx
+        .commit_file(ino, &hash, bytes.len() as u64, 1, now_ns(), || true)
+        .unwrap();
+    assert_eq!(c, Commit::Recorded);
+    ino
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,21 +401,13 @@ mod tests {
 
     #[test]
     fn after_an_unclean_stop_rows_whose_bytes_were_lost_are_dropped() {
-        use index::{NewEntry, RUNS_INO};
+        use index::RUNS_INO;
         let dir = tempfile::tempdir().unwrap();
         let (kept, lost) = (Hash::of(b"kept"), Hash::of(b"lost"));
         {
             let store = Store::open_writable(dir.path()).unwrap();
-            for (name, bytes, hash) in [(&b"a"[..], &b"kept"[..], kept), (b"b", b"lost", lost)] {
-                store.blobs.publish_bytes(bytes, &hash).unwrap();
-                let idx = store.index();
-                let ino = idx
-                    .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
-                    .unwrap()
-                    .unwrap();
-                idx.commit_file(ino, &hash, 4, 1, now_ns(), || true)
-                    .unwrap();
-            }
+            committed_test_file(&store, b"a", b"kept");
+            committed_test_file(&store, b"b", b"lost");
         }
         // As if the machine lost power: the last sync was long ago, one blob never made it.
         fs::write(dir.path().join("synced"), "1\n").unwrap();
