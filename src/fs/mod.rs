@@ -5,13 +5,15 @@
 //! kernel. The adapter in `fuse.rs` only translates.
 //!
 //! A regular file goes through three states:
-//! 1. **writing** — created by `create`; its bytes go to a temp file in the store, hashed as they
-//!    arrive when the writes are sequential. No other handle may open it (`Busy`).
+//! 1. **writing** — created by `create`; its bytes are kept in memory while small and in a temp
+//!    file in the store when large ([`body`]), hashed as they arrive when the writes are
+//!    sequential ([`hashing`]). No other handle may open it (`Busy`).
 //! 2. **committed** — at each `flush` (every `close()` of a descriptor) with new bytes, and at
 //!    `fsync`, the content is hashed, published as a blob and recorded in the index, so
 //!    `close()` returns only after that, and reports a failure. More writes through the same
 //!    open file (a shell redirect flushes before it writes; a forked child closes its copy
-//!    first) simply commit again; nobody else can have seen the earlier content.
+//!    first) simply commit again; nobody else can have seen the earlier content. Until then
+//!    the index says "being written", so a crash does not leave the earlier version visible.
 //! 3. **sealed** — when the last reference is released. From then on the content never changes:
 //!    writing, truncating or replacing it is refused, which lets the kernel cache it for long.
 
