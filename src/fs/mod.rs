@@ -6,8 +6,8 @@
 //!
 //! A regular file goes through three states:
 //! 1. **writing** — created by `create`; its bytes are kept in memory while small and in a temp
-//!    file in the store when large ([`body`]), hashed as they arrive when the writes are
-//!    sequential ([`hashing`]). No other handle may open it (`Busy`).
+//!    file in the store when large (`body`), hashed as they arrive when the writes are
+//!    sequential (`hashing`). No other handle may open it (`Busy`).
 //! 2. **committed** — at each `flush` (every `close()` of a descriptor) with new bytes, and at
 //!    `fsync`, the content is hashed, published as a blob and recorded in the index, so
 //!    `close()` returns only after that, and reports a failure. More writes through the same
