@@ -455,8 +455,11 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
 
-    let mut session = fuser::Session::new(FuseAdapter::new(fs, !args.no_passthrough), &mp, &config)
+    let adapter = FuseAdapter::new(fs.clone(), !args.no_passthrough);
+    let mut session = fuser::Session::new(adapter, &mp, &config)
         .with_context(|| format!("cannot mount at {}", mp.display()))?;
+    crate::fuse::forward_vanished(&fs, session.notifier())?;
+    drop(fs);
     let unmounter = session.unmount_callable();
     let mp_for_signal = mp.clone();
     std::thread::Builder::new()

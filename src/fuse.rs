@@ -26,6 +26,35 @@ use fuser::BackingId;
 use crate::error::{FsError, Refusal};
 use crate::fs::{ArtifactFs, Attr, Caller, Lookup, NodeKind, Opened, SetAttr, SetTime};
 
+/// Passes the names the daemon drops by itself (see [`ArtifactFs::on_vanish`]) on to the
+/// kernel, from a thread of its own: an invalidation waits for the directory's lock, which a
+/// request in flight may hold.
+pub fn forward_vanished(fs: &ArtifactFs, notifier: fuser::Notifier) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for (parent, name) in rx {
+                let name = OsStr::from_bytes(&name);
+                // The entry, and the directory's cached listing and attributes.
+                let r = notifier
+                    .inval_entry(INodeNo(parent), name)
+                    .and_then(|()| notifier.inval_inode(INodeNo(parent), 0, 0));
+                if let Err(e) = r {
+                    log::debug!("cannot invalidate {name:?} in inode {parent}: {e}");
+                }
+            }
+        })?;
+    let tx = Mutex::new(tx);
+    fs.on_vanish(Box::new(move |parent, name| {
+        let _ = tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((parent, name));
+    }));
+    Ok(())
+}
+
 /// The one errno table: what each refusal means at the syscall.
 pub fn errno(e: &FsError) -> Errno {
     let code = match e {
@@ -60,11 +89,11 @@ pub fn errno(e: &FsError) -> Errno {
 /// one) may change the store behind this mount, so nothing is cached for more than a second.
 pub fn ttl(attr: &Attr, shared: bool) -> Duration {
     match attr.kind {
-        _ if attr.sealed && !shared => Duration::from_secs(3600),
+        _ if (attr.sealed || attr.stable) && !shared => Duration::from_secs(3600),
         // Registry links change when versions settle, without the kernel seeing it.
         NodeKind::Symlink => Duration::ZERO,
-        // Directories, and files being written: their size is the kernel's own to track, and
-        // only this handle can change them.
+        // Files being written: their size is the kernel's own to track, and only this handle
+        // can change them. Directories the registry changes by itself (`models/`).
         NodeKind::Dir | NodeKind::File => Duration::from_secs(1),
     }
 }
@@ -79,6 +108,17 @@ pub fn negative_ttl(cacheable: bool, shared: bool) -> Option<Duration> {
     }
 }
 
+/// Sealed files smaller than this are read through the daemon once and then served from the
+/// kernel's page cache: for them, setting up passthrough costs more than the reads it saves.
+/// Whether a file is small never changes, so one inode never mixes the two modes (which the
+/// kernel refuses).
+pub const SMALL_FILE: u64 = 128 * 1024;
+
+/// How a file being written is opened: its bytes go straight to the daemon, not through the
+/// page cache. That spares a copy, and the kernel's question about `security.capability` that
+/// every first write() through the page cache asks (one round trip per file).
+const WRITING: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
+
 /// Attributes sent with a negative entry (only its inode number 0 matters).
 const NEGATIVE: Attr = Attr {
     ino: 0,
@@ -91,6 +131,7 @@ const NEGATIVE: Attr = Attr {
     ctime: std::time::UNIX_EPOCH,
     crtime: std::time::UNIX_EPOCH,
     sealed: false,
+    stable: false,
 };
 
 fn file_attr(a: &Attr) -> FileAttr {
@@ -164,9 +205,12 @@ impl FuseAdapter {
         ttl(attr, self.fs.options().read_only)
     }
 
-    /// Replies to an open of a sealed file, through passthrough when it is on.
-    fn opened_sealed(&self, ino: u64, fh: u64, reply: ReplyOpen) {
-        if self.passthrough.load(Ordering::Relaxed)
+    /// Replies to an open of a sealed file: through passthrough when it is on and the file is
+    /// not small, otherwise from the kernel's page cache, which is kept across opens (the
+    /// content never changes). A sealed file's `close()` has nothing to do: no FLUSH.
+    fn opened_sealed(&self, ino: u64, fh: u64, size: u64, reply: ReplyOpen) {
+        if size >= SMALL_FILE
+            && self.passthrough.load(Ordering::Relaxed)
             && let Some(file) = self.fs.backing_file(fh)
         {
             let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
@@ -178,7 +222,7 @@ impl FuseAdapter {
                 Ok(id) => {
                     b.by_ino.insert(ino, Arc::downgrade(&id));
                     b.by_fh.insert(fh, id.clone());
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
                     return;
                 }
                 Err(e) => {
@@ -187,7 +231,10 @@ impl FuseAdapter {
                 }
             }
         }
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+        );
     }
 }
 
@@ -208,6 +255,8 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // No setuid bits to strip (nosuid): spares a GETXATTR security.capability per write.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // mmap(MAP_SHARED) of a file being written (numpy's open_memmap) despite direct I/O.
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config
             .set_max_readahead(u32::MAX)
             .or_else(|max| config.set_max_readahead(max));
@@ -393,8 +442,8 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0) {
-            Ok((fh, Opened::Sealed)) => self.opened_sealed(ino.0, fh, reply),
-            Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, Opened::Sealed { size })) => self.opened_sealed(ino.0, fh, size, reply),
+            Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), WRITING),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -493,6 +542,19 @@ impl Filesystem for FuseAdapter {
                 }
                 reply.ok();
             }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            // The kernel keeps the listing in its page cache and drops it itself when a create,
+            // mkdir, unlink or rename through this mount changes the directory.
+            Ok(true) if !self.fs.options().read_only => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -628,7 +690,7 @@ impl Filesystem for FuseAdapter {
                 &file_attr(&attr),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                WRITING,
             ),
             Err(e) => reply.error(errno(&e)),
         }

@@ -1222,6 +1222,9 @@ for i in range(count):
     except OSError as e:
         note("error %s %d open" % (name, e.errno))
         sys.exit(4)
+    # `ls` while the file is being written: the kernel caches the listing with this name in
+    # it, and must be told when a failed file disappears.
+    assert name in os.listdir(dest)
     try:
         view = memoryview(data)
         while view:

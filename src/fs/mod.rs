@@ -97,6 +97,9 @@ pub struct Attr {
     pub crtime: SystemTime,
     /// Content and size can never change again: safe to cache for long.
     pub sealed: bool,
+    /// A directory whose entries and attributes change only through this mount (`runs/` and
+    /// below), never by the daemon itself: the kernel's own invalidation keeps its cache true.
+    pub stable: bool,
 }
 
 /// A time given to `utimens`.
@@ -137,8 +140,8 @@ pub struct DirEntry {
 /// How an opened file may be cached by the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
-    /// A sealed file: its pages may be kept across opens.
-    Sealed,
+    /// A sealed file of this size: its pages may be kept across opens.
+    Sealed { size: u64 },
     /// A file being written by this handle.
     Writing,
 }
@@ -203,7 +206,13 @@ pub struct ArtifactFs {
     mem: body::MemBudget,
     /// Registry state that lives in memory: activity per model, registry link inodes.
     models: models::ModelState,
+    /// Told `(parent, name)` when the daemon itself removes a name the kernel may have cached
+    /// in a directory it was told is [`Attr::stable`] (an unfinished file dropped at release).
+    vanish_hook: std::sync::OnceLock<VanishHook>,
 }
+
+/// See [`ArtifactFs::on_vanish`].
+pub type VanishHook = Box<dyn Fn(u64, Vec<u8>) + Send + Sync>;
 
 fn from_ns(ns: i64) -> SystemTime {
     if ns >= 0 {
@@ -211,6 +220,15 @@ fn from_ns(ns: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
     }
+}
+
+/// Whether directory `e`'s entries change only through the mount: `runs/` and everything below
+/// it. `/`, `models/` and the registry's directories also change by themselves (version links,
+/// aliases, settling), so the kernel must ask again about those.
+fn changes_only_through_mount(e: &Entry) -> bool {
+    e.ino == crate::store::index::RUNS_INO
+        || e.zone == Zone::RunRoot as u8
+        || e.zone == Zone::RunTree as u8
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,9 +247,16 @@ impl ArtifactFs {
             mem: body::MemBudget::default(),
             abandoned: Mutex::new(Vec::new()),
             models: models::ModelState::default(),
+            vanish_hook: std::sync::OnceLock::new(),
         };
         fs.resume_pending();
         fs
+    }
+
+    /// Sets what is told `(parent, name)` whenever the daemon itself drops a name from a
+    /// directory (the FUSE adapter invalidates the kernel's caches). Set once.
+    pub fn on_vanish(&self, hook: VanishHook) {
+        let _ = self.vanish_hook.set(hook);
     }
 
     pub fn store(&self) -> &Store {
@@ -313,6 +338,7 @@ impl ArtifactFs {
             ctime: from_ns(e.ctime),
             crtime: from_ns(e.crtime),
             sealed: e.kind == Kind::File && e.state == State::Live,
+            stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
         if e.kind == Kind::File
             && let Some(w) = self.writer_of(e.ino)
@@ -385,9 +411,7 @@ impl ArtifactFs {
                     return Ok(match self.lookup_link(&idx, &dir, name)? {
                         Some(attr) => Lookup::Found(attr),
                         None => Lookup::Absent {
-                            cacheable: dir.ino == crate::store::index::RUNS_INO
-                                || dir.zone == Zone::RunRoot as u8
-                                || dir.zone == Zone::RunTree as u8,
+                            cacheable: changes_only_through_mount(&dir),
                         },
                     });
                 }
@@ -402,6 +426,17 @@ impl ArtifactFs {
         }
         let entry = Self::visible(&self.store.index(), ino)?;
         Ok(self.attr_of(&entry))
+    }
+
+    /// Opens directory `ino` for reading; returns whether its listing may be cached across
+    /// opens (it changes only through the mount, see [`Attr::stable`]).
+    pub fn opendir(&self, ino: u64) -> FsResult<bool> {
+        if ino >= models::VIRT_BASE {
+            return Err(FsError::Refused(Refusal::NotDir));
+        }
+        let idx = self.store.index();
+        let dir = Self::dir(&idx, ino)?;
+        Ok(changes_only_through_mount(&dir))
     }
 
     /// Up to `max` entries of directory `ino` after `offset` (0 = from the start).
@@ -680,7 +715,10 @@ impl ArtifactFs {
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
         let busy = self.wait_sealed(ino);
         let idx = self.store.index();
-        let e = Self::visible(&idx, ino)?;
+        let (e, damaged) = match idx.get_checked(ino)? {
+            Some((e, damaged)) if e.state != State::Tombstone => (e, damaged),
+            _ => return Err(FsError::Refused(Refusal::NotFound)),
+        };
         if e.kind == Kind::Dir {
             return Err(FsError::Refused(Refusal::IsDir));
         }
@@ -712,7 +750,7 @@ impl ArtifactFs {
             ));
         }
         let hash = e.hash.ok_or(FsError::Refused(Refusal::NotFound))?;
-        if idx.is_damaged(&hash)? {
+        if damaged {
             log::warn!(
                 "refused open /{}: its blob {hash} is damaged (found by fsck --verify) [EIO]",
                 idx.path_of(ino)?.display()
@@ -729,7 +767,7 @@ impl ArtifactFs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, Handle::Read(Arc::new(file)));
-        Ok((fh, Opened::Sealed))
+        Ok((fh, Opened::Sealed { size: e.size }))
     }
 
     fn handle(&self, fh: u64) -> FsResult<Handle> {
@@ -802,11 +840,27 @@ impl ArtifactFs {
         Ok(data.len() as u32)
     }
 
+    /// Drops the row of an unfinished file (or restores its fsync'd version) and tells the
+    /// kernel that the name may be gone.
+    fn abandon(&self, ino: u64) -> io::Result<()> {
+        let (row, result) = {
+            let idx = self.store.index();
+            (idx.get(ino)?, idx.abandon_write(ino))
+        };
+        if result.is_ok()
+            && let Some(e) = row
+            && let Some(hook) = self.vanish_hook.get()
+        {
+            hook(e.parent, e.name);
+        }
+        result
+    }
+
     /// Drops the rows of unfinished files that could not be dropped at release.
     pub(crate) fn retry_abandoned(&self) {
         let pending = std::mem::take(&mut *lock(&self.abandoned));
         for ino in pending {
-            if self.store.index().abandon_write(ino).is_err() {
+            if self.abandon(ino).is_err() {
                 lock(&self.abandoned).push(ino);
             }
         }
@@ -855,7 +909,7 @@ impl ArtifactFs {
         }
         if result.is_err() || !w.committed {
             // The content never (fully) reached the index: the half file disappears.
-            if let Err(e) = self.store.index().abandon_write(w.ino) {
+            if let Err(e) = self.abandon(w.ino) {
                 log::warn!(
                     "inode {}: cannot drop the unfinished file yet ({e}); retrying",
                     w.ino

@@ -179,6 +179,9 @@ impl ArtifactFs {
         if let Err(e) = self.store.sync_if_due() {
             log::warn!("syncing the store failed: {e}");
         }
+        if let Err(e) = self.store.checkpoint() {
+            log::warn!("checkpointing the index failed: {e}");
+        }
         self.retry_abandoned();
         let due: Vec<u64> = {
             let mut act = lock(&self.models.activity);
@@ -235,6 +238,7 @@ impl ArtifactFs {
             ctime: from_ns(time),
             crtime: from_ns(time),
             sealed: false,
+            stable: false,
         }
     }
 

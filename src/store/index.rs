@@ -456,6 +456,20 @@ impl Index {
             .map_err(to_io)
     }
 
+    /// The row with this inode number, in any state, and whether `fsck --verify` found its
+    /// blob damaged: what opening a file needs, in one statement.
+    pub fn get_checked(&self, ino: u64) -> io::Result<Option<(Entry, bool)>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM damaged_blobs d WHERE d.hash = entries.hash)
+                 FROM entries WHERE ino = ?1"
+            ))
+            .map_err(to_io)?
+            .query_row([ino as i64], |r| Ok((row_to_entry(r)?, r.get::<_, bool>(14)?)))
+            .optional()
+            .map_err(to_io)
+    }
+
     /// The row at `(parent, name)`, in any state (tombstones included).
     pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<Option<Entry>> {
         self.conn
@@ -801,6 +815,32 @@ impl Index {
                 params![hash.to_hex(), before],
                 |r| r.get(0),
             )
+            .map_err(to_io)
+    }
+
+    /// Leaves checkpoints to [`Index::checkpoint`] on another connection: a checkpoint fsyncs
+    /// the WAL and the database, which must not happen inside a commit that a `close()` waits
+    /// for.
+    pub fn no_auto_checkpoint(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(to_io)
+    }
+
+    /// Opens a second connection to a store's index that only checkpoints.
+    pub fn open_checkpointer(path: &Path) -> io::Result<Index> {
+        let conn = Connection::open(path).map_err(to_io)?;
+        let index = Index { conn };
+        index.configure()?;
+        index.no_auto_checkpoint()?;
+        Ok(index)
+    }
+
+    /// Copies what the WAL holds into the database file without waiting for anyone (a passive
+    /// checkpoint); returns how many frames the WAL holds.
+    pub fn checkpoint(&self) -> io::Result<i64> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
             .map_err(to_io)
     }
 

@@ -104,11 +104,16 @@ pub enum Durability {
     Batched,
 }
 
+/// WAL length (4 KiB pages) from which [`Store::checkpoint`] makes the WAL start over.
+const WAL_RESTART_FRAMES: i64 = 4096;
+
 /// An open store.
 pub struct Store {
     root: PathBuf,
     pub blobs: BlobStore,
     index: Mutex<Index>,
+    /// A writable store's second connection to the index, used only by [`Store::checkpoint`].
+    checkpointer: Option<Mutex<Index>>,
     /// Held for the daemon's lifetime by a writable mount; `None` for read-only use.
     _lock: Option<File>,
     last_sync: Mutex<std::time::Instant>,
@@ -134,10 +139,13 @@ impl Store {
         }
         let owner = unsafe { (libc::geteuid(), libc::getegid()) };
         let index = Index::open(&root.join("index.sqlite"), owner, now_ns())?;
+        index.no_auto_checkpoint()?;
+        let checkpointer = Index::open_checkpointer(&root.join("index.sqlite"))?;
         let store = Store {
             root: root.to_path_buf(),
             blobs,
             index: Mutex::new(index),
+            checkpointer: Some(Mutex::new(checkpointer)),
             _lock: Some(lock),
             last_sync: Mutex::new(std::time::Instant::now()),
         };
@@ -247,6 +255,7 @@ impl Store {
             root: root.to_path_buf(),
             blobs: BlobStore::open_existing(root),
             index: Mutex::new(index),
+            checkpointer: None,
             _lock: None,
             last_sync: Mutex::new(std::time::Instant::now()),
         })
@@ -261,6 +270,7 @@ impl Store {
             root: root.to_path_buf(),
             blobs: BlobStore::open_existing(root),
             index: Mutex::new(index),
+            checkpointer: None,
             _lock: None,
             last_sync: Mutex::new(std::time::Instant::now()),
         })
@@ -271,6 +281,26 @@ impl Store {
     }
 
     /// The index, locked. Keep the guard short: every file-system operation goes through it.
+    /// Moves committed index pages from the WAL into the database file, mostly off the path of
+    /// any request; called periodically by the daemon.
+    ///
+    /// The second connection copies (and fsyncs) without holding the index, so commits go on
+    /// meanwhile. The WAL can only start over from its beginning when a checkpoint has caught
+    /// up with every commit, which under steady writing never happens by itself; so once the
+    /// WAL is long, the few pages committed during the copy are checkpointed again with the
+    /// index held (one short stall instead of a WAL that grows for as long as writing goes on).
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let Some(c) = &self.checkpointer else {
+            return Ok(());
+        };
+        let frames = c.lock().unwrap_or_else(|p| p.into_inner()).checkpoint()?;
+        if frames >= WAL_RESTART_FRAMES {
+            self.index().checkpoint()?;
+            log::debug!("index WAL of {frames} frames checkpointed; it starts over");
+        }
+        Ok(())
+    }
+
     pub fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
