@@ -209,14 +209,19 @@ impl FuseAdapter {
     /// not small, otherwise from the kernel's page cache, which is kept across opens (the
     /// content never changes). A sealed file's `close()` has nothing to do: no FLUSH.
     fn opened_sealed(&self, ino: u64, fh: u64, size: u64, reply: ReplyOpen) {
-        if size >= SMALL_FILE
-            && self.passthrough.load(Ordering::Relaxed)
-            && let Some(file) = self.fs.backing_file(fh)
-        {
+        if size >= SMALL_FILE && self.passthrough.load(Ordering::Relaxed) {
             let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
             let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
                 Some(id) => Ok(id),
-                None => reply.open_backing(&*file).map(Arc::new),
+                None => match self.fs.backing_file(fh) {
+                    Ok(Some(file)) => reply.open_backing(&*file).map(Arc::new),
+                    Ok(None) => Err(std::io::Error::other("not a sealed file's handle")),
+                    Err(e) => {
+                        drop(b);
+                        let _ = self.fs.release(fh);
+                        return reply.error(errno(&e));
+                    }
+                },
             };
             match id {
                 Ok(id) => {

@@ -186,8 +186,16 @@ struct Writer {
 /// An open file: a sealed file's blob, or a file being written (cheap to clone).
 #[derive(Clone)]
 enum Handle {
-    Read(Arc<File>),
+    Read(Arc<Sealed>),
     Write(Arc<Mutex<Writer>>),
+}
+
+/// A handle on a sealed file. Its blob is opened on first use: a small file's reads are kept in
+/// the kernel's page cache, so most opens of it never need the blob.
+struct Sealed {
+    ino: u64,
+    hash: Hash,
+    file: std::sync::OnceLock<Arc<File>>,
 }
 
 /// The file system.
@@ -758,15 +766,16 @@ impl ArtifactFs {
             return Err(io::Error::from_raw_os_error(libc::EIO).into());
         }
         drop(idx);
-        let file = self.store.blobs.open_blob(&hash).map_err(|err| {
-            log::warn!("blob {hash} of inode {ino} cannot be opened: {err}");
-            FsError::Io(io::Error::from_raw_os_error(libc::EIO))
-        })?;
+        let sealed = Sealed {
+            ino,
+            hash,
+            file: std::sync::OnceLock::new(),
+        };
         let fh = self.new_fh();
         self.handles
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Handle::Read(Arc::new(file)));
+            .insert(fh, Handle::Read(Arc::new(sealed)));
         Ok((fh, Opened::Sealed { size: e.size }))
     }
 
@@ -783,17 +792,29 @@ impl ArtifactFs {
     }
 
     /// The blob file behind a handle on a sealed file (for kernel passthrough).
-    pub fn backing_file(&self, fh: u64) -> Option<Arc<File>> {
+    pub fn backing_file(&self, fh: u64) -> FsResult<Option<Arc<File>>> {
         match self.handle(fh) {
-            Ok(Handle::Read(f)) => Some(f),
-            _ => None,
+            Ok(Handle::Read(h)) => Ok(Some(self.blob_file(&h)?)),
+            _ => Ok(None),
         }
+    }
+
+    /// The blob of a sealed handle, opened on first use.
+    fn blob_file(&self, h: &Sealed) -> FsResult<Arc<File>> {
+        if let Some(f) = h.file.get() {
+            return Ok(f.clone());
+        }
+        let file = self.store.blobs.open_blob(&h.hash).map_err(|err| {
+            log::warn!("blob {} of inode {} cannot be opened: {err}", h.hash, h.ino);
+            FsError::Io(io::Error::from_raw_os_error(libc::EIO))
+        })?;
+        Ok(h.file.get_or_init(|| Arc::new(file)).clone())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
         let n = match self.handle(fh)? {
-            Handle::Read(f) => body::read_full_at(&f, &mut buf, offset)?,
+            Handle::Read(h) => body::read_full_at(&*self.blob_file(&h)?, &mut buf, offset)?,
             Handle::Write(w) => {
                 let w = lock(&w);
                 let want = (w.size.saturating_sub(offset)).min(size as u64) as usize;
@@ -884,8 +905,8 @@ impl ArtifactFs {
 
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
-            Handle::Read(f) => {
-                f.sync_all()?;
+            Handle::Read(h) => {
+                self.blob_file(&h)?.sync_all()?;
                 Ok(self.store.index().sync()?)
             }
             Handle::Write(w) => self.commit(&mut lock(&w), true),
