@@ -61,6 +61,7 @@ log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
 
 AFS="$ROOT/target/release/artifactfs"
 GEN="$ROOT/target/release/examples/gen_index"
+NULLFS="$ROOT/target/release/examples/null_fs"
 MOUNTS=()
 PASSTHROUGH="unknown"
 DURABILITY="blobs synced within ~1 s of close (default)"
@@ -160,7 +161,7 @@ fi
 [ -e /dev/fuse ] || { echo "bench.sh: no /dev/fuse" >&2; exit 1; }
 
 log "building release (artifactfs + examples/gen_index)"
-cargo build --release --quiet --bin artifactfs --example gen_index
+cargo build --release --quiet --bin artifactfs --example gen_index --example null_fs
 
 WORK=$(realpath -m "$WORK")
 if [ -d "$WORK" ]; then
@@ -321,19 +322,40 @@ fi
 # ----- 3 + 4: cp -r of many small files; of a model-shaped directory -----------------------
 
 c_cpr() { cp -r "$1" "$2"; }
+NULLMNT="$WORK/mnt/null"
+# null_fs_cpr SRC KEY: cp -r into examples/null_fs, which answers like artifactfs but stores
+# nothing: what the FUSE round trips alone cost.
+null_fs_cpr() {
+    mkdir -p "$NULLMNT"
+    "$NULLFS" "$NULLMNT" & local pid=$!
+    MOUNTS+=("$NULLMNT")
+    local i
+    for i in $(seq 100); do mountpoint -q "$NULLMNT" && break; sleep 0.05; done
+    settle; timed "$2" mount c_cpr "$1" "$NULLMNT/copy"
+    umount "$NULLMNT"; wait "$pid" || true
+    local kept=() m
+    for m in "${MOUNTS[@]}"; do [ "$m" = "$NULLMNT" ] || kept+=("$m"); done
+    MOUNTS=("${kept[@]}")
+}
 W3_STORE=""
-cp_tree_workload() {   # KEY LABEL SRC KEEP_LAST_STORE
+cp_tree_workload() {   # KEY LABEL SRC KEEP_LAST_STORE [FLOOR_KEY FLOOR_LABEL]
     # The copies are removed only after the last run: on a disk mounted with `discard`, removing
     # thousands of files between runs slows the next run down.
-    local key=$1 src=$3 keep=$4 trash=()
+    local key=$1 src=$3 keep=$4 floor=${5:-} trash=() native_s
     row "$key" "$2" s
+    [ -n "$floor" ] && row "$floor" "$6" s
     for REP in $(seq 0 "$RUNS"); do
         log "workload $key: run $REP of $RUNS"
         settle; timed "$key" native c_cpr "$src" "$WORK/native/$key-r$REP"
+        native_s=$ELAPSED
         trash+=("$WORK/native/$key-r$REP")
         settle; fresh_mount "w$key-r$REP"
         settle; timed "$key" mount c_cpr "$src" "$ART/rep$REP"
         unmount_store "$MNT" "$STORE" "$key"
+        if [ -n "$floor" ]; then
+            null_fs_cpr "$src" "$floor"
+            record "$floor" native "$native_s"
+        fi
         if [ "$keep" = 1 ] && [ "$REP" = "$RUNS" ]; then
             W3_STORE="$STORE"
         else
@@ -345,7 +367,9 @@ cp_tree_workload() {   # KEY LABEL SRC KEEP_LAST_STORE
     sync
 }
 if want 3; then
-    cp_tree_workload 3 "3 cp -r $NFILES files of 4 KiB in $NDIRS dirs" "$SRC_TREE" 1
+    cp_tree_workload 3 "3 cp -r $NFILES files of 4 KiB in $NDIRS dirs" "$SRC_TREE" 1 \
+        3f "3 the same cp -r into null_fs (stores nothing: the FUSE floor)"
+    note 3f "examples/null_fs: answers lookup/create/write/flush/release like artifactfs from memory and drops the bytes; same native column as row 3"
 fi
 if want 4; then
     cp_tree_workload 4 "4 cp -r model dir ($MODEL_MIB MiB + 20 small files)" "$SRC_MODEL" 0

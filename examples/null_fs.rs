@@ -1,0 +1,231 @@
+//! A FUSE file system that keeps names and sizes in memory and throws the bytes away: the
+//! floor under any FUSE file system on this machine, for `scripts/bench.sh` (workload 3).
+//!
+//! ```text
+//! cargo run --release --example null_fs -- MOUNTPOINT
+//! ```
+//!
+//! It mounts with artifactfs's options and answers the requests `cp -r` sends (lookup,
+//! getattr, mkdir, create, write, flush, release) the way artifactfs does — same TTLs, direct
+//! I/O for files being written, negative entries cached — but does no work for them: no index,
+//! no hashing, no blob. What `cp -r` costs on it is what the kernel's round trips cost. It runs
+//! in the foreground until unmounted (`umount MOUNTPOINT`). Reading files back is not supported.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyCreate, ReplyEmpty, ReplyEntry, ReplyWrite, Request, WriteFlags,
+};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+struct Node {
+    dir: bool,
+    size: u64,
+    perm: u16,
+}
+
+#[derive(Default)]
+struct Tree {
+    nodes: HashMap<u64, Node>,
+    names: HashMap<(u64, OsString), u64>,
+    next: u64,
+}
+
+struct NullFs {
+    tree: Mutex<Tree>,
+    uid: u32,
+    gid: u32,
+}
+
+impl NullFs {
+    fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let now = SystemTime::now();
+        FileAttr {
+            ino: INodeNo(ino),
+            size: n.size,
+            blocks: n.size.div_ceil(512),
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            kind: if n.dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: n.perm,
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }
+    }
+
+    /// Adds `name` below `parent`; `None` if it exists.
+    fn add(&self, parent: u64, name: &OsStr, dir: bool, perm: u16) -> Option<FileAttr> {
+        let mut t = self.tree.lock().unwrap();
+        let key = (parent, name.to_os_string());
+        if t.names.contains_key(&key) {
+            return None;
+        }
+        t.next += 1;
+        let ino = t.next;
+        let node = Node { dir, size: 0, perm };
+        let attr = self.attr(ino, &node);
+        t.nodes.insert(ino, node);
+        t.names.insert(key, ino);
+        Some(attr)
+    }
+}
+
+impl Filesystem for NullFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let t = self.tree.lock().unwrap();
+        match t.names.get(&(parent.0, name.to_os_string())) {
+            Some(ino) => reply.entry(&TTL, &self.attr(*ino, &t.nodes[ino]), Generation(0)),
+            None => {
+                // A negative entry, as artifactfs gives below runs/.
+                let mut attr = self.attr(0, &t.nodes[&1]);
+                attr.ino = INodeNo(0);
+                reply.entry(&TTL, &attr, Generation(0))
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let t = self.tree.lock().unwrap();
+        match t.nodes.get(&ino.0) {
+            Some(n) => reply.attr(&TTL, &self.attr(ino.0, n)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.add(parent.0, name, true, (mode & !umask & 0o7777) as u16) {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::EEXIST),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.add(parent.0, name, false, (mode & !umask & 0o7777) as u16) {
+            Some(attr) => reply.created(
+                &Duration::from_secs(1),
+                &attr,
+                Generation(0),
+                FileHandle(attr.ino.0),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
+            None => reply.error(Errno::EEXIST),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut t = self.tree.lock().unwrap();
+        if let Some(n) = t.nodes.get_mut(&ino.0) {
+            n.size = n.size.max(offset + data.len() as u64);
+        }
+        reply.written(data.len() as u32);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [mountpoint] = args.as_slice() else {
+        bail!("usage: null_fs MOUNTPOINT");
+    };
+    let mut tree = Tree::default();
+    tree.nodes.insert(
+        1,
+        Node {
+            dir: true,
+            size: 0,
+            perm: 0o755,
+        },
+    );
+    tree.next = 1;
+    let fs = NullFs {
+        tree: Mutex::new(tree),
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("null_fs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::RW,
+    ];
+    config.n_threads = Some(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(4),
+    );
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, std::path::Path::new(mountpoint), &config)
+        .with_context(|| format!("cannot mount at {mountpoint}"))?;
+    session.run().context("session ended with an error")?;
+    Ok(())
+}
