@@ -150,9 +150,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
-        // The I/O size cp, stdio and Python use for their buffers: 1 MiB, FUSE's largest
-        // request, so a large file written through the mount costs 8x fewer round trips.
-        blksize: 1024 * 1024,
+        blksize: 128 * 1024,
         flags: 0,
     }
 }
