@@ -21,6 +21,8 @@
 # daemon for every run (so nothing is deduplicated against an earlier run); read workloads use
 # one daemon for the workload. Peak RSS is the largest VmHWM (/proc/<pid>/status, pid from
 # STORE/lock) among the daemons that served the workload, read just before unmounting.
+# The table gives two ratios: of the medians, and the median of each counted pair's own ratio
+# (the pair runs back to back, so it holds when the machine's speed drifts during the bench).
 # The table is printed and written to DIR/../bench-result.md (every run: bench-result-runs.tsv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -501,8 +503,8 @@ out.append(f"artifactfs bench, {date}, {'--quick, ' if quick == '1' else ''}{run
            f"after a warm-up, medians; commit {rev}; took {int(elapsed) // 60} min {int(elapsed) % 60} s")
 out.append(f"machine: {machine}")
 out.append("")
-out.append("| workload | native | mount | mount/native | peak daemon RSS | notes |")
-out.append("| --- | ---: | ---: | ---: | ---: | --- |")
+out.append("| workload | native | mount | mount/native | paired | peak daemon RSS | notes |")
+out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
 medians = {}
 for key, label, unit in tsv(rows_f):
     n = vals.get((key, "native")); m = vals.get((key, "mount"))
@@ -510,14 +512,20 @@ for key, label, unit in tsv(rows_f):
     mm = statistics.median(m) if m else None
     medians[key] = mm
     ratio = f"{mm / nm:.2f}×" if nm and mm else "—"
+    # Each counted run is a native/mount pair run back to back: the median of the pairs'
+    # ratios holds when the machine's speed drifts during the bench.
+    pairs = [b / a for a, b in zip(n or [], m or []) if a > 0]
+    paired = f"{statistics.median(pairs):.2f}×" if n and m and pairs else "—"
     note = list(notes.get(key, []))
     if key in ("6b", "6c") and medians.get("6a") and mm:
         ratio = f"{mm / medians['6a']:.2f}× 6a's mount"
         note = [f"growth vs the small store: {mm / medians['6a']:.2f}×"] + note
     kb = rss.get(key)
-    out.append(f"| {label} | {fmt(nm, unit)} | {fmt(mm, unit)} | {ratio} | "
+    out.append(f"| {label} | {fmt(nm, unit)} | {fmt(mm, unit)} | {ratio} | {paired} | "
                f"{f'{kb / 1024:.0f} MiB' if kb else '—'} | {'; '.join(note)} |")
 out.append("")
+out.append("paired: the median of the counted runs' own mount/native ratios (each run times "
+           "native and mount back to back).")
 out.append("Peak daemon RSS: largest VmHWM of the daemons that served the row (write rows: a fresh "
            "store and daemon per run; read rows: one daemon per workload).")
 print("\n".join(out))
