@@ -74,6 +74,9 @@ pub struct ModelInfo {
     /// the signature (as JSON lists, not strings), or `None` when there is no signature.
     pub signature: Option<String>,
     pub mlflow_version: Option<String>,
+    /// The `python_function` flavor's virtualenv file (normally `python_env.yaml`), normalised;
+    /// its requirement files are checked by [`check_python_env`].
+    pub python_env: Option<String>,
 }
 
 /// The first problem found, with a human message like "MLmodel is empty" / "MLmodel is not valid
@@ -91,29 +94,7 @@ fn invalid<T>(message: impl Into<String>) -> Result<T, Invalid> {
 /// '/'-separated, no leading '/', never containing '..') what it is inside the model directory.
 /// Whether symlinks are followed, and where to, is the caller's decision.
 pub fn validate(bytes: &[u8], lookup: &dyn Fn(&str) -> PathKind) -> Result<ModelInfo, Invalid> {
-    if bytes.len() > MAX_MLMODEL_BYTES {
-        return invalid(format!(
-            "MLmodel is {} bytes, more than the limit of {MAX_MLMODEL_BYTES} bytes",
-            bytes.len()
-        ));
-    }
-    let text = match std::str::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(err) => {
-            return invalid(format!(
-                "MLmodel is not valid UTF-8 (bad byte at offset {})",
-                err.valid_up_to()
-            ));
-        }
-    };
-    // libyaml drops one leading byte order mark; do the same so the pre-scan sees what it sees.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if text.trim().is_empty() {
-        return invalid("MLmodel is empty");
-    }
-    prescan(text)?;
-    let root = parse(text)?;
-    let root = match root {
+    let root = match load_yaml(bytes)? {
         Yaml::Mapping(map) => map,
         Yaml::Null => return invalid("MLmodel is empty (it holds no YAML value)"),
         other => {
@@ -136,7 +117,127 @@ pub fn validate(bytes: &[u8], lookup: &dyn Fn(&str) -> PathKind) -> Result<Model
         utc_time_created: scalar_field(&root, "utc_time_created")?,
         signature,
         mlflow_version: scalar_field(&root, "mlflow_version")?,
+        python_env: python_env_path(&root),
     })
+}
+
+/// Size, encoding and the guarded parse, shared by `MLmodel` and `python_env.yaml` (messages
+/// name `MLmodel`; [`check_python_env`] renames them).
+fn load_yaml(bytes: &[u8]) -> Result<Yaml, Invalid> {
+    if bytes.len() > MAX_MLMODEL_BYTES {
+        return invalid(format!(
+            "MLmodel is {} bytes, more than the limit of {MAX_MLMODEL_BYTES} bytes",
+            bytes.len()
+        ));
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(err) => {
+            return invalid(format!(
+                "MLmodel is not valid UTF-8 (bad byte at offset {})",
+                err.valid_up_to()
+            ));
+        }
+    };
+    // libyaml drops one leading byte order mark; do the same so the pre-scan sees what it sees.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.trim().is_empty() {
+        return invalid("MLmodel is empty");
+    }
+    prescan(text)?;
+    parse(text)
+}
+
+/// `flavors.python_function.env.virtualenv`, normalised, when it is a usable path.
+fn python_env_path(root: &Mapping) -> Option<String> {
+    let env = root
+        .get("flavors")?
+        .as_mapping()?
+        .get("python_function")?
+        .as_mapping()?
+        .get("env")?
+        .as_mapping()?;
+    normalize_path(env.get("virtualenv")?.as_str()?)
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+/// Checks a model's `python_env.yaml` (its bytes; `env_path` is where it is in the model
+/// directory): a YAML mapping whose `dependencies` are pip arguments, and every requirement or
+/// constraint file they name (`-r requirements.txt`, which MLflow always writes) exists in the
+/// model directory, relative to the file itself, as pip resolves it when MLflow builds the
+/// model's environment.
+pub fn check_python_env(
+    bytes: &[u8],
+    env_path: &str,
+    lookup: &dyn Fn(&str) -> PathKind,
+) -> Result<(), Invalid> {
+    let renamed = |e: Invalid| match e.0.strip_prefix("MLmodel") {
+        Some(rest) => Invalid(format!("{env_path}{rest}")),
+        None => e,
+    };
+    let root = match load_yaml(bytes).map_err(renamed)? {
+        Yaml::Mapping(map) => map,
+        Yaml::Null => return invalid(format!("{env_path} is empty (it holds no YAML value)")),
+        other => {
+            return invalid(format!(
+                "{env_path} is {}, not a mapping",
+                with_article(kind(&other))
+            ));
+        }
+    };
+    let deps = match root.get("dependencies") {
+        None | Some(Yaml::Null) => return Ok(()),
+        Some(Yaml::Sequence(deps)) => deps,
+        Some(other) => {
+            return invalid(format!(
+                "{env_path}: dependencies must be a list, found {}",
+                with_article(kind(other))
+            ));
+        }
+    };
+    let base = env_path.rsplit_once('/').map_or("", |(dir, _)| dir);
+    for dep in deps {
+        let Some(dep) = dep.as_str() else {
+            return invalid(format!(
+                "{env_path}: dependencies must be strings, found {}",
+                with_article(kind(dep))
+            ));
+        };
+        let Some((option, file)) = requirement_file(dep) else {
+            continue;
+        };
+        if file.is_empty() {
+            return invalid(format!("{env_path}: {option} names no file"));
+        }
+        let rel = if base.is_empty() || file.starts_with('/') {
+            file.to_string()
+        } else {
+            format!("{base}/{file}")
+        };
+        check_path(env_path, option, &rel, lookup)?;
+    }
+    Ok(())
+}
+
+/// The file of a pip argument that reads one (`-r F`, `-rF`, `--requirement F`,
+/// `--requirement=F`, and the same for `-c` / `--constraint`): `(option, file)`.
+fn requirement_file(dep: &str) -> Option<(&'static str, &str)> {
+    let dep = dep.trim();
+    for (short, long) in [("-r", "--requirement"), ("-c", "--constraint")] {
+        let rest = if let Some(rest) = dep.strip_prefix(long) {
+            if !(rest.is_empty() || rest.starts_with('=') || rest.starts_with([' ', '\t'])) {
+                continue;
+            }
+            rest.strip_prefix('=').unwrap_or(rest)
+        } else if let Some(rest) = dep.strip_prefix(short) {
+            rest
+        } else {
+            continue;
+        };
+        return Some((short, rest.trim()));
+    }
+    None
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2356,5 +2457,111 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    fn env_check(yaml: &str, env_path: &str) -> Result<(), Invalid> {
+        check_python_env(yaml.as_bytes(), env_path, &test_lookup)
+    }
+
+    #[test]
+    fn python_env_requirement_files_must_exist() {
+        let fixture_env = fs::read(fixture("sklearn_iris").join("python_env.yaml")).unwrap();
+        assert_eq!(
+            check_python_env(&fixture_env, "python_env.yaml", &test_lookup),
+            Ok(())
+        );
+        let none = |_: &str| PathKind::Missing;
+        assert_eq!(
+            check_python_env(&fixture_env, "python_env.yaml", &none)
+                .unwrap_err()
+                .0,
+            "python_env.yaml: -r names requirements.txt, which does not exist"
+        );
+        // pip's spellings of the option; other dependencies are not files.
+        for dep in [
+            "-r requirements.txt",
+            "-rrequirements.txt",
+            "--requirement requirements.txt",
+            "--requirement=requirements.txt",
+            "-c requirements.txt",
+            "--constraint=requirements.txt",
+        ] {
+            let yaml = format!("dependencies:\n- mlflow==3.17.2\n- '{dep}'\n");
+            assert_eq!(env_check(&yaml, "python_env.yaml"), Ok(()), "{dep}");
+            let missing = yaml.replace("requirements.txt", "other.txt");
+            let err = env_check(&missing, "python_env.yaml").unwrap_err().0;
+            assert!(
+                err.contains("names other.txt, which does not exist"),
+                "{dep}: {err}"
+            );
+        }
+        assert_eq!(
+            env_check("dependencies:\n- numpy\n- --requirementx\n", "e.yaml"),
+            Ok(())
+        );
+        assert_eq!(env_check("python: 3.11.7\n", "python_env.yaml"), Ok(()));
+        // Paths are relative to the environment file, and stay inside the model.
+        assert_eq!(
+            env_check("dependencies: [-r model.pkl]\n", "sub/env.yaml"),
+            Ok(())
+        );
+        assert_eq!(
+            env_check("dependencies: [-r conda.yaml]\n", "sub/env.yaml"),
+            Err(Invalid(
+                "sub/env.yaml: -r names sub/conda.yaml, which does not exist".into()
+            ))
+        );
+        assert!(
+            env_check("dependencies: [-r ../x.txt]\n", "python_env.yaml")
+                .unwrap_err()
+                .0
+                .contains("points outside the model directory")
+        );
+        assert!(
+            env_check("dependencies: [-r /etc/passwd]\n", "python_env.yaml")
+                .unwrap_err()
+                .0
+                .contains("points outside the model directory")
+        );
+        assert_eq!(
+            env_check("dependencies: [-r]\n", "python_env.yaml")
+                .unwrap_err()
+                .0,
+            "python_env.yaml: -r names no file"
+        );
+    }
+
+    #[test]
+    fn a_bad_python_env_file_is_reported_under_its_own_name() {
+        for (yaml, message) in [
+            ("", "python_env.yaml is empty"),
+            ("dependencies: [\n", "python_env.yaml is not valid YAML: "),
+            ("- a\n", "python_env.yaml is a sequence, not a mapping"),
+            (
+                "dependencies: numpy\n",
+                "python_env.yaml: dependencies must be a list",
+            ),
+            (
+                "dependencies: [{a: 1}]\n",
+                "python_env.yaml: dependencies must be strings",
+            ),
+        ] {
+            let err = env_check(yaml, "python_env.yaml").unwrap_err().0;
+            assert!(err.starts_with(message), "{yaml:?}: {err}");
+        }
+        let bomb = format!("a: &a [{}]\n{}", "x,".repeat(10), "b: *a\n".repeat(100));
+        let err = env_check(&bomb, "python_env.yaml").unwrap_err().0;
+        assert!(err.starts_with("python_env.yaml "), "{err}");
+    }
+
+    #[test]
+    fn the_virtualenv_file_is_reported_for_the_registry() {
+        let info = validate(
+            &fs::read(fixture("sklearn_iris").join("MLmodel")).unwrap(),
+            &|_| PathKind::File,
+        )
+        .unwrap();
+        assert_eq!(info.python_env.as_deref(), Some("python_env.yaml"));
+        assert_eq!(check(&model("")).unwrap().python_env, None);
     }
 }

@@ -17,10 +17,10 @@ use std::io::{self, Read};
 use sha2::{Digest, Sha256};
 
 use crate::mlmodel::{self, PathKind};
-use crate::store::BlobStore;
 use crate::store::index::{
     Index, Kind, MODELS_INO, State, VersionRecord, VersionRow, VersionStatus,
 };
+use crate::store::{BlobStore, Hash};
 
 /// The file that makes a directory a model.
 pub const MLMODEL: &[u8] = b"MLmodel";
@@ -150,6 +150,20 @@ pub fn validate_dir(
         Ok(info) => info,
         Err(invalid) => return Ok(Err(invalid.to_string())),
     };
+    // The environment file must name requirement files that are there (MLflow installs from
+    // them); `validate` already checked that the file itself exists.
+    if let Some(env) = &info.python_env
+        && let Some(hash) = files.get(env.as_bytes()).and_then(|h| Hash::from_hex(h))
+    {
+        let mut bytes = Vec::new();
+        blobs
+            .open_blob(&hash)?
+            .take(mlmodel::MAX_MLMODEL_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        if let Err(invalid) = mlmodel::check_python_env(&bytes, env, &lookup) {
+            return Ok(Err(invalid.to_string()));
+        }
+    }
     Ok(Ok(VersionRecord {
         run_id: info.run_id,
         artifact_path: info.artifact_path,

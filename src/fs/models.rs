@@ -774,6 +774,33 @@ mod tests {
     }
 
     #[test]
+    fn a_version_without_the_requirements_its_python_env_names_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        // sklearn_iris without requirements.txt, which its python_env.yaml names (`-r`).
+        let src = d.path().join("no_requirements");
+        std::fs::create_dir(&src).unwrap();
+        for e in std::fs::read_dir(fixtures().join("sklearn_iris")).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != "requirements.txt" {
+                std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+            }
+        }
+        let bad = copy_in(&fs, &src, iris, b"bad");
+        settle(&fs);
+        assert_eq!(xattr(&fs, bad, XATTR_STATUS).as_deref(), Some("FAILED"));
+        assert_eq!(
+            xattr(&fs, bad, XATTR_MESSAGE).unwrap(),
+            "python_env.yaml: -r names requirements.txt, which does not exist"
+        );
+        // Writing the missing file makes it a version.
+        write(&fs, bad, b"requirements.txt", b"mlflow==3.17.2\n").unwrap();
+        settle(&fs);
+        assert_eq!(xattr(&fs, bad, XATTR_STATUS).as_deref(), Some("READY"));
+    }
+
+    #[test]
     fn ready_versions_are_sealed_and_drafts_can_be_removed() {
         let d = tempfile::tempdir().unwrap();
         let fs = new_fs(d.path());
