@@ -5,11 +5,13 @@
 //! cargo run --release --example null_fs -- MOUNTPOINT
 //! ```
 //!
-//! It mounts with artifactfs's options and answers the requests `cp -r` sends (lookup,
-//! getattr, mkdir, create, write, flush, release) the way artifactfs does — same TTLs, direct
-//! I/O for files being written, negative entries cached — but does no work for them: no index,
-//! no hashing, no blob. What `cp -r` costs on it is what the kernel's round trips cost. It runs
-//! in the foreground until unmounted (`umount MOUNTPOINT`). Reading files back is not supported.
+//! It mounts with artifactfs's options and answers the requests `cp -r`, `find` and `cat` send
+//! (lookup, getattr, mkdir, create, write, flush, release, opendir, readdir, open, read) the
+//! way artifactfs does — same TTLs, direct I/O for files being written, negative entries
+//! cached, listings and small sealed files kept in the kernel's caches, no FLUSH on close of a
+//! file opened for reading — but does no work for them: no index, no hashing, no blob. What a
+//! tool costs on it is what the kernel's round trips cost. Files read back as zeros of the size
+//! written. It runs in the foreground until unmounted (`umount MOUNTPOINT`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -19,7 +21,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyCreate, ReplyEmpty, ReplyEntry, ReplyWrite, Request, WriteFlags,
+    OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -34,6 +37,8 @@ struct Node {
 struct Tree {
     nodes: HashMap<u64, Node>,
     names: HashMap<(u64, OsString), u64>,
+    /// Each directory's children in creation order, for readdir.
+    children: HashMap<u64, Vec<(OsString, u64)>>,
     next: u64,
 }
 
@@ -82,6 +87,10 @@ impl NullFs {
         let attr = self.attr(ino, &node);
         t.nodes.insert(ino, node);
         t.names.insert(key, ino);
+        t.children
+            .entry(parent)
+            .or_default()
+            .push((name.to_os_string(), ino));
         Some(attr)
     }
 }
@@ -173,6 +182,66 @@ impl Filesystem for NullFs {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let t = self.tree.lock().unwrap();
+        let mut all = vec![
+            (OsString::from("."), ino.0, true),
+            (OsString::from(".."), 1, true),
+        ];
+        for (name, child) in t.children.get(&ino.0).into_iter().flatten() {
+            all.push((name.clone(), *child, t.nodes[child].dir));
+        }
+        for (i, (name, child, dir)) in all.into_iter().enumerate().skip(offset as usize) {
+            let kind = if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(child), i as u64 + 1, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // As artifactfs opens a small sealed file.
+        reply.opened(
+            FileHandle(ino.0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let len = self.tree.lock().unwrap().nodes.get(&ino.0).map_or(0, |n| n.size);
+        let n = len.saturating_sub(offset).min(u64::from(size));
+        reply.data(&vec![0u8; n as usize]);
     }
 
     fn release(

@@ -325,19 +325,27 @@ fi
 
 c_cpr() { cp -r "$1" "$2"; }
 NULLMNT="$WORK/mnt/null"
-# null_fs_cpr SRC KEY: cp -r into examples/null_fs, which answers like artifactfs but stores
-# nothing: what the FUSE round trips alone cost.
-null_fs_cpr() {
+NULLPID=""
+# examples/null_fs answers like artifactfs but stores nothing: what the FUSE round trips alone
+# cost. null_fs_start / null_fs_stop mount and unmount it at $NULLMNT.
+null_fs_start() {
     mkdir -p "$NULLMNT"
-    "$NULLFS" "$NULLMNT" & local pid=$!
+    "$NULLFS" "$NULLMNT" & NULLPID=$!
     MOUNTS+=("$NULLMNT")
     local i
     for i in $(seq 100); do mountpoint -q "$NULLMNT" && break; sleep 0.05; done
-    settle; timed "$2" mount c_cpr "$1" "$NULLMNT/copy"
-    umount "$NULLMNT"; wait "$pid" || true
+}
+null_fs_stop() {
+    umount "$NULLMNT"; wait "$NULLPID" || true
     local kept=() m
     for m in "${MOUNTS[@]}"; do [ "$m" = "$NULLMNT" ] || kept+=("$m"); done
     MOUNTS=("${kept[@]}")
+}
+# null_fs_cpr SRC KEY: a timed cp -r into a fresh null_fs.
+null_fs_cpr() {
+    null_fs_start
+    settle; timed "$2" mount c_cpr "$1" "$NULLMNT/copy"
+    null_fs_stop
 }
 W3_STORE=""
 cp_tree_workload() {   # KEY LABEL SRC KEEP_LAST_STORE [FLOOR_KEY FLOOR_LABEL]
@@ -406,6 +414,17 @@ if want 5; then
     done
     note 5a "run 0 warms the caches and is not counted"
     unmount_store "$MNT" "$STORE" "5a 5b 5c"
+    # The floor: the same cat through a FUSE file system that does nothing (examples/null_fs).
+    row 5f "5 the same cat in null_fs (does nothing: the FUSE floor)" s
+    null_fs_start
+    cp -r "$SRC_TREE" "$NULLMNT/tree"
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 5 (null_fs): run $REP of $RUNS"
+        timed 5f native o_catall "$SRC_TREE"
+        timed 5f mount o_catall "$NULLMNT/tree"
+    done
+    null_fs_stop
+    note 5f "examples/null_fs: opens and reads served like artifactfs's small sealed files, from memory"
 fi
 if [ -n "$W3_STORE" ]; then rmtree "$W3_STORE"; fi
 
