@@ -239,7 +239,13 @@ impl Filesystem for NullFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let len = self.tree.lock().unwrap().nodes.get(&ino.0).map_or(0, |n| n.size);
+        let len = self
+            .tree
+            .lock()
+            .unwrap()
+            .nodes
+            .get(&ino.0)
+            .map_or(0, |n| n.size);
         let n = len.saturating_sub(offset).min(u64::from(size));
         reply.data(&vec![0u8; n as usize]);
     }
