@@ -1,10 +1,14 @@
 //! The FUSE adapter: translates kernel requests into calls of [`ArtifactFs`] and back.
 //!
-//! The only module that imports `fuser`. It makes no decisions beyond two tables: [`errno`]
-//! (refusal kind → errno, mirrored in the README) and [`ttl`] (how long the kernel may cache what
-//! it is told: long for sealed files, whose content never changes). Its one piece of state is
-//! FUSE passthrough: when the kernel offers it, a sealed file's reads are handed to the kernel
-//! straight from its blob file, so they cost what a native read costs.
+//! The only module that imports `fuser`. Its decisions are about the kernel's caches, never
+//! about the store: [`errno`] (refusal kind → errno, mirrored in the README), [`ttl`] (how long
+//! the kernel may cache what it is told: long for sealed files, whose content never changes,
+//! and for the directories of `runs/`, which change only through the mount) and the open flags
+//! (listings of those directories cached, files being written with direct I/O, small sealed
+//! files kept in the page cache, no FLUSH for sealed files). Its one piece of state is FUSE
+//! passthrough: when the kernel offers it, a sealed file's reads are handed to the kernel
+//! straight from its blob file, so they cost what a native read costs. When the daemon itself
+//! drops a name the kernel may have cached, [`forward_vanished`] tells the kernel.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
