@@ -489,10 +489,20 @@ disk_src=$(findmnt -no SOURCE -T "$WORK" || echo '?')
 rot=$(cat "/sys/block/$(basename "$disk_src")/queue/rotational" 2>/dev/null || echo '?')
 fs_type=$(findmnt -no FSTYPE -T "$WORK" || echo '?')
 fs_opts=$(findmnt -no OPTIONS -T "$WORK" | tr ',' '\n' | grep -E '^(discard|relatime|noatime)$' | paste -sd, - || true)
+# ext4 without a journal skips every recently deleted inode when it allocates one: creating
+# many files soon after deleting many (an earlier bench run's clean-up) is slower then.
+journal=""
+if [ "$fs_type" = ext4 ]; then
+    if ls /proc/fs/jbd2/ 2>/dev/null | grep -q "^$(basename "$disk_src")-"; then
+        journal=", journal"
+    else
+        journal=", no journal"
+    fi
+fi
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo || true)
 ram=$(awk '/^MemTotal/ {printf "%d GiB RAM", $2 / 1048576}' /proc/meminfo || true)
 MACHINE="$(nproc) cores ($cpu), $ram, kernel $(uname -r), disk $disk_src $fs_type ($fs_opts, \
-rotational=$rot), native dir and store on the same file system, passthrough $PASSTHROUGH, \
+rotational=$rot$journal), native dir and store on the same file system, passthrough $PASSTHROUGH, \
 durability: $DURABILITY${MOUNT_ARGS[*]:+, mount args: ${MOUNT_ARGS[*]}}; \
 load average $LOAD_START at the start, $LOAD_END at the end (other work on the machine skews results)"
 REV="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo '+dirty')"
