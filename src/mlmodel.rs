@@ -94,17 +94,7 @@ fn invalid<T>(message: impl Into<String>) -> Result<T, Invalid> {
 /// '/'-separated, no leading '/', never containing '..') what it is inside the model directory.
 /// Whether symlinks are followed, and where to, is the caller's decision.
 pub fn validate(bytes: &[u8], lookup: &dyn Fn(&str) -> PathKind) -> Result<ModelInfo, Invalid> {
-    let root = match load_yaml(bytes)? {
-        Yaml::Mapping(map) => map,
-        Yaml::Null => return invalid("MLmodel is empty (it holds no YAML value)"),
-        other => {
-            return invalid(format!(
-                "MLmodel is {}, not a mapping",
-                with_article(kind(&other))
-            ));
-        }
-    };
-
+    let root = load_mapping(bytes, MLMODEL_FILE_NAME)?;
     let flavors = check_flavors(&root, lookup)?;
     check_input_example(&root, lookup)?;
     let signature = check_signature(&root)?;
@@ -121,12 +111,12 @@ pub fn validate(bytes: &[u8], lookup: &dyn Fn(&str) -> PathKind) -> Result<Model
     })
 }
 
-/// Size, encoding and the guarded parse, shared by `MLmodel` and `python_env.yaml` (messages
-/// name `MLmodel`; [`check_python_env`] renames them).
-fn load_yaml(bytes: &[u8]) -> Result<Yaml, Invalid> {
+/// Size, encoding, the guarded parse and a mapping at the top: what `MLmodel` and
+/// `python_env.yaml` share. Messages start with `file`'s name.
+fn load_mapping(bytes: &[u8], file: &str) -> Result<Mapping, Invalid> {
     if bytes.len() > MAX_MLMODEL_BYTES {
         return invalid(format!(
-            "MLmodel is {} bytes, more than the limit of {MAX_MLMODEL_BYTES} bytes",
+            "{file} is {} bytes, more than the limit of {MAX_MLMODEL_BYTES} bytes",
             bytes.len()
         ));
     }
@@ -134,7 +124,7 @@ fn load_yaml(bytes: &[u8]) -> Result<Yaml, Invalid> {
         Ok(text) => text,
         Err(err) => {
             return invalid(format!(
-                "MLmodel is not valid UTF-8 (bad byte at offset {})",
+                "{file} is not valid UTF-8 (bad byte at offset {})",
                 err.valid_up_to()
             ));
         }
@@ -142,10 +132,19 @@ fn load_yaml(bytes: &[u8]) -> Result<Yaml, Invalid> {
     // libyaml drops one leading byte order mark; do the same so the pre-scan sees what it sees.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim().is_empty() {
-        return invalid("MLmodel is empty");
+        return invalid(format!("{file} is empty"));
     }
-    prescan(text)?;
-    parse(text)
+    // The guards and the parser word their findings without a subject.
+    let named = |e: Invalid| Invalid(format!("{file} {}", e.0));
+    prescan(text).map_err(named)?;
+    match parse(text).map_err(named)? {
+        Yaml::Mapping(map) => Ok(map),
+        Yaml::Null => invalid(format!("{file} is empty (it holds no YAML value)")),
+        other => invalid(format!(
+            "{file} is {}, not a mapping",
+            with_article(kind(&other))
+        )),
+    }
 }
 
 /// `flavors.python_function.env.virtualenv`, normalised, when it is a usable path.
@@ -172,20 +171,7 @@ pub fn check_python_env(
     env_path: &str,
     lookup: &dyn Fn(&str) -> PathKind,
 ) -> Result<(), Invalid> {
-    let renamed = |e: Invalid| match e.0.strip_prefix("MLmodel") {
-        Some(rest) => Invalid(format!("{env_path}{rest}")),
-        None => e,
-    };
-    let root = match load_yaml(bytes).map_err(renamed)? {
-        Yaml::Mapping(map) => map,
-        Yaml::Null => return invalid(format!("{env_path} is empty (it holds no YAML value)")),
-        other => {
-            return invalid(format!(
-                "{env_path} is {}, not a mapping",
-                with_article(kind(&other))
-            ));
-        }
-    };
+    let root = load_mapping(bytes, env_path)?;
     let deps = match root.get("dependencies") {
         None | Some(Yaml::Null) => return Ok(()),
         Some(Yaml::Sequence(deps)) => deps,
@@ -640,7 +626,7 @@ fn prescan(text: &str) -> Result<(), Invalid> {
         }
         if next.too_deep {
             return invalid(format!(
-                "MLmodel nests YAML flow collections deeper than {MAX_DEPTH} levels (line {})",
+                "nests YAML flow collections deeper than {MAX_DEPTH} levels (line {})",
                 line_of(i)
             ));
         }
@@ -648,14 +634,14 @@ fn prescan(text: &str) -> Result<(), Invalid> {
             aliases += 1;
             if aliases > MAX_ALIASES {
                 return invalid(format!(
-                    "MLmodel uses more than {MAX_ALIASES} YAML aliases (line {})",
+                    "uses more than {MAX_ALIASES} YAML aliases (line {})",
                     line_of(i)
                 ));
             }
         }
         if next.list.len() > MAX_SCAN_STATES {
             return invalid(format!(
-                "MLmodel is too irregular to check safely before parsing (line {})",
+                "is too irregular to check safely before parsing (line {})",
                 line_of(i)
             ));
         }
@@ -718,7 +704,7 @@ impl Budget {
             }
             None => Err(self.fail(
                 format!(
-                    "MLmodel expands to more than {} YAML nodes (too many values, or YAML \
+                    "expands to more than {} YAML nodes (too many values, or YAML \
                      aliases repeating too much)",
                     self.max_nodes
                 ),
@@ -735,8 +721,7 @@ impl Budget {
                 Ok(())
             }
             None => Err(self.fail(
-                "MLmodel expands to too much scalar text (YAML aliases repeating too much)"
-                    .to_string(),
+                "expands to too much scalar text (YAML aliases repeating too much)".to_string(),
                 " at line ",
             )),
         }
@@ -762,7 +747,7 @@ impl NodeSeed<'_> {
         self.budget.node()?;
         if self.depth > MAX_DEPTH {
             return Err(self.budget.fail(
-                format!("MLmodel nests YAML collections deeper than {MAX_DEPTH} levels"),
+                format!("nests YAML collections deeper than {MAX_DEPTH} levels"),
                 " at line ",
             ));
         }
@@ -851,7 +836,7 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
         while let Some(key) = map.next_key_seed(self.child())? {
             if entries.contains_key(&key) {
                 return Err(self.budget.fail(
-                    format!("MLmodel has a duplicate key {}", describe_key(&key)),
+                    format!("has a duplicate key {}", describe_key(&key)),
                     " in the mapping at line ",
                 ));
             }
@@ -865,7 +850,7 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
         // serde_yaml presents a value with a local tag (`!foo value`) as an enum variant.
         let (tag, _variant): (String, A::Variant) = data.variant()?;
         Err(self.budget.fail(
-            format!("MLmodel uses the YAML tag !{tag}, which MLflow never writes"),
+            format!("uses the YAML tag !{tag}, which MLflow never writes"),
             " at line ",
         ))
     }
@@ -889,9 +874,9 @@ fn parse(text: &str) -> Result<Yaml, Invalid> {
             }
             let message = err.to_string();
             if message.starts_with("repetition limit exceeded") {
-                return invalid(format!("MLmodel expands YAML aliases too much ({message})"));
+                return invalid(format!("expands YAML aliases too much ({message})"));
             }
-            invalid(format!("MLmodel is not valid YAML: {message}"))
+            invalid(format!("is not valid YAML: {message}"))
         }
     }
 }
