@@ -218,8 +218,7 @@ impl FuseAdapter {
             let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
                 Some(id) => Ok(id),
                 None => match self.fs.backing_file(fh) {
-                    Ok(Some(file)) => reply.open_backing(&*file).map(Arc::new),
-                    Ok(None) => Err(std::io::Error::other("not a sealed file's handle")),
+                    Ok(file) => reply.open_backing(&*file).map(Arc::new),
                     Err(e) => {
                         drop(b);
                         let _ = self.fs.release(fh);

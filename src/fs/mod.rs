@@ -792,10 +792,10 @@ impl ArtifactFs {
     }
 
     /// The blob file behind a handle on a sealed file (for kernel passthrough).
-    pub fn backing_file(&self, fh: u64) -> FsResult<Option<Arc<File>>> {
-        match self.handle(fh) {
-            Ok(Handle::Read(h)) => Ok(Some(self.blob_file(&h)?)),
-            _ => Ok(None),
+    pub fn backing_file(&self, fh: u64) -> FsResult<Arc<File>> {
+        match self.handle(fh)? {
+            Handle::Read(h) => self.blob_file(&h),
+            Handle::Write(_) => Err(FsError::Refused(Refusal::BadHandle)),
         }
     }
 
