@@ -115,6 +115,10 @@ unmount_store() {
     kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     for key in $3; do echo -e "$key\t$kb" >> "$RSS"; done
     "$AFS" unmount "$1"
+    forget_mount "$1"
+}
+# forget_mount MNT: MNT is unmounted; the exit clean-up need not try it.
+forget_mount() {
     local kept=() m
     for m in "${MOUNTS[@]}"; do [ "$m" = "$1" ] || kept+=("$m"); done
     MOUNTS=("${kept[@]}")
@@ -337,9 +341,7 @@ null_fs_start() {
 }
 null_fs_stop() {
     umount "$NULLMNT"; wait "$NULLPID" || true
-    local kept=() m
-    for m in "${MOUNTS[@]}"; do [ "$m" = "$NULLMNT" ] || kept+=("$m"); done
-    MOUNTS=("${kept[@]}")
+    forget_mount "$NULLMNT"
 }
 # null_fs_cpr SRC KEY: a timed cp -r into a fresh null_fs.
 null_fs_cpr() {
