@@ -4,7 +4,7 @@
 #   scripts/e2e-mlflow.sh
 #
 # 1. Creates (or reuses) the virtualenv target/e2e-venv with pinned mlflow and scikit-learn
-#    (pip runs only when the installed versions differ from the pins).
+#    (scripts/e2e-venv.sh: pip runs only when the installed versions differ from the pins).
 # 2. Builds target/release/artifactfs with `cargo build --release` (an up-to-date build is a
 #    no-op; E2E_NO_BUILD=1 reuses an existing binary without invoking cargo).
 # 3. Mounts a fresh store in a temp dir (`artifactfs mount --store STORE --settle 1 MNT`) and runs
@@ -21,9 +21,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-MLFLOW_VERSION=3.17.2   # the version that wrote ../shared/fixtures/mlflow
-SKLEARN_VERSION=1.9.1
-VENV=$ROOT/target/e2e-venv
 BIN=$ROOT/target/release/artifactfs
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
@@ -35,33 +32,7 @@ phase_end() { TIMES+=("$(printf '%-10s %7ss' "$PHASE" "$(secs_since "$PT")")"); 
 
 # ---- 1. virtualenv --------------------------------------------------------------------------------
 phase_start venv
-if [ -d "$VENV" ] && ! "$VENV/bin/python" -c pass 2>/dev/null; then
-    echo "venv $VENV is broken (its python does not run): recreating"
-    rm -rf "$VENV"
-fi
-if [ ! -d "$VENV" ]; then
-    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-        echo "python3 venv module missing: installing python3-venv"
-        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-    fi
-    python3 -m venv "$VENV"
-fi
-if "$VENV/bin/python" - "$MLFLOW_VERSION" "$SKLEARN_VERSION" <<'EOF'
-import sys
-from importlib.metadata import version, PackageNotFoundError
-try:
-    ok = version("mlflow") == sys.argv[1] and version("scikit-learn") == sys.argv[2]
-except PackageNotFoundError:
-    ok = False
-sys.exit(0 if ok else 1)
-EOF
-then
-    echo "venv: reusing $VENV (mlflow==$MLFLOW_VERSION scikit-learn==$SKLEARN_VERSION)"
-else
-    echo "venv: pip install mlflow==$MLFLOW_VERSION scikit-learn==$SKLEARN_VERSION (cold: a few minutes)"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
-        "mlflow==$MLFLOW_VERSION" "scikit-learn==$SKLEARN_VERSION"
-fi
+PY=$(scripts/e2e-venv.sh | tail -n1)
 phase_end
 
 # ---- 2. binary ------------------------------------------------------------------------------------
@@ -130,7 +101,7 @@ phase_end
 phase_start scenario
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PYTHONUNBUFFERED=1
 export GIT_PYTHON_REFRESH=quiet
-run=("$VENV/bin/python" "$ROOT/scripts/e2e_mlflow.py" --mount "$MNT" --store "$STORE" --work "$WORK" --bin "$BIN")
+run=("$PY" "$ROOT/scripts/e2e_mlflow.py" --mount "$MNT" --store "$STORE" --work "$WORK" --bin "$BIN")
 if [ "${E2E_STRACE:-0}" = 1 ]; then
     run=(strace -f -e trace=file,desc -o "$WORK/strace.log" "${run[@]}")
 fi

@@ -19,7 +19,7 @@ import time
 
 BIN, MINUTES, WORK = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 STORE, MNT = os.path.join(WORK, "store"), os.path.join(WORK, "mnt")
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "mlflow", "sklearn_iris")
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "mlflow", "sklearn_iris")
 os.makedirs(MNT, exist_ok=True)
 
 committed = {}  # path relative to the mount -> sha256 hex

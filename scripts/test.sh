@@ -20,6 +20,21 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# Nothing the project tracks may refer to a path outside the repository: a fresh clone has nothing
+# beside it. (The patterns are written so that they do not match this file itself.)
+outside='[.][.]/shared|[.][.]/[.][.]/shared|/wor[k]/|/roo[t]/|/hom[e]/[a-z]|CARGO_MANIFEST_DIR[^;]*"[.][.]/'
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    hits=$(git grep -nIE "$outside" -- . || true)
+else
+    hits=$(grep -rnIE --exclude-dir=target --exclude-dir=.git "$outside" . || true)
+fi
+if [ -n "$hits" ]; then
+    echo "scripts/test.sh: these lines refer to paths outside the repository; a fresh clone has" >&2
+    echo "nothing beside it, so fixtures and data must live inside it (tests/fixtures/):" >&2
+    echo "$hits" >&2
+    exit 1
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked

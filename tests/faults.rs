@@ -754,7 +754,7 @@ fn crash_during_a_256_mib_write() {
 }
 
 fn fixture_dir() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mlflow/sklearn_iris");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlflow/sklearn_iris");
     assert!(
         p.join("MLmodel").is_file(),
         "MLflow fixture missing at {}",

@@ -378,10 +378,10 @@ fn read_only_mount_refuses_every_change_with_erofs() {
     );
 }
 
-/// The MLflow fixtures (shared/ lies beside the crate).
+/// The MLflow fixtures (tests/fixtures/mlflow, inside the repository).
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/mlflow")
+        .join("tests/fixtures/mlflow")
         .join(name)
 }
 

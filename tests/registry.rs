@@ -15,9 +15,9 @@ use common::*;
 
 const SETTLE: &[&str] = &["--settle", "0.3"];
 
-/// The MLflow fixtures (shared/ lies beside the crate, also in CI).
+/// The MLflow fixtures (tests/fixtures/mlflow, inside the repository).
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mlflow")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlflow")
 }
 
 fn fixture(name: &str) -> String {

@@ -654,7 +654,7 @@ mod tests {
     const ME: Caller = Caller { uid: 0, gid: 0 };
 
     fn fixtures() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mlflow")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlflow")
     }
 
     fn new_fs(dir: &Path) -> ArtifactFs {
@@ -728,6 +728,8 @@ mod tests {
             ("broken_empty_mlmodel", Some("FAILED"), "empty"),
             ("broken_no_flavors", Some("FAILED"), "flavors"),
             ("broken_missing_model_file", Some("FAILED"), "model.pkl"),
+            ("hostile_path_escape", Some("FAILED"), "outside the model directory"),
+            ("pyfunc_custom", Some("READY"), ""),
             ("broken_no_mlmodel", None, ""),
         ];
         let dirs: Vec<u64> = cases
@@ -738,12 +740,12 @@ mod tests {
             assert_eq!(
                 xattr(&fs, dir, XATTR_STATUS).as_deref(),
                 Some("PENDING")
-                    .filter(|_| dir != dirs[6])
+                    .filter(|_| dir != dirs[cases.len() - 1])
                     .or(xattr(&fs, dir, XATTR_STATUS).as_deref())
             );
         }
         let lines = settle(&fs);
-        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert_eq!(lines.len(), cases.len() - 1, "{lines:?}");
         let mut numbers = Vec::new();
         for ((fixture, status, msg), dir) in cases.iter().zip(&dirs) {
             assert_eq!(
@@ -761,16 +763,16 @@ mod tests {
                 assert_eq!(xattr(&fs, *dir, XATTR_DIGEST).unwrap().len(), 64);
             }
         }
-        // Two versions settling in the same pass get distinct numbers.
+        // Versions settling in the same pass get distinct numbers.
         numbers.sort();
-        assert_eq!(numbers, ["1", "2"]);
+        assert_eq!(numbers, ["1", "2", "3"]);
         let listing = names(&fs, iris);
-        for link in ["1", "2", "latest"] {
+        for link in ["1", "2", "3", "latest"] {
             assert!(listing.contains(&link.to_string()), "{listing:?}");
         }
         let latest = fs.lookup(iris, b"latest").unwrap();
         assert_eq!(latest.kind, NodeKind::Symlink);
-        assert_eq!(fs.readlink(latest.ino).unwrap(), b"sklearn_nosig");
+        assert_eq!(fs.readlink(latest.ino).unwrap(), b"pyfunc_custom");
     }
 
     #[test]
