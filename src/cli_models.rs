@@ -199,6 +199,7 @@ fn me() -> Caller {
         Caller {
             uid: libc::geteuid(),
             gid: libc::getegid(),
+            pid: 0,
         }
     }
 }

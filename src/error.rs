@@ -35,6 +35,9 @@ pub enum Refusal {
     BadHandle,
     /// An xattr buffer too small for the value.
     Range,
+    /// The caller's permissions do not allow it (checked by the daemon where the kernel
+    /// cannot: content reached by reference).
+    AccessDenied,
 }
 
 #[derive(Debug, thiserror::Error)]

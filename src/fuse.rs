@@ -77,6 +77,7 @@ pub fn errno(e: &FsError) -> Errno {
             Refusal::NotSupported => libc::ENOTSUP,
             Refusal::BadHandle => libc::EBADF,
             Refusal::Range => libc::ERANGE,
+            Refusal::AccessDenied => libc::EACCES,
         },
         FsError::Io(io) => {
             let code = io.raw_os_error().unwrap_or(libc::EIO);
@@ -171,6 +172,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 

@@ -43,6 +43,7 @@ use sha2::Digest;
 const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
+    pid: 0,
 };
 
 // ----- deterministic randomness ----------------------------------------------------------------

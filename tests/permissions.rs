@@ -26,7 +26,12 @@ const PYTHON: &str = "/usr/bin/python3";
 enum Who {
     Root,
     Nobody,
+    /// `nobody` with the supplementary group [`GROUP`].
+    Member,
 }
+
+/// A group nobody belongs to but [`Who::Member`].
+const GROUP: u32 = 4242;
 
 /// Helpers available to the statements given to [`attempt`].
 const PRELUDE: &str = r#"
@@ -55,12 +60,16 @@ fn attempt(who: Who, expr: &str, args: &[&Path]) -> String {
     );
     let mut cmd = match who {
         Who::Root => Command::new(PYTHON),
-        Who::Nobody => {
+        Who::Nobody | Who::Member => {
+            let groups = match who {
+                Who::Member => format!("--groups={GROUP}"),
+                _ => "--clear-groups".to_string(),
+            };
             let mut c = Command::new("setpriv");
             c.args([
                 &format!("--reuid={NOBODY}"),
                 &format!("--regid={NOBODY}"),
-                "--clear-groups",
+                &groups,
                 PYTHON,
             ]);
             c
@@ -453,4 +462,85 @@ fn aliases_point_only_at_the_same_model_and_symlinks_elsewhere_are_refused() {
             "ln -s {target} {link}"
         );
     }
+}
+
+/// Registration by reference reads the source for the caller, so it asks what the kernel would
+/// ask of `cp -r`: search on every directory of the path, read on the tree. The issue's exploit
+/// (a private run registered into a world-writable model name) is refused with EACCES.
+#[test]
+fn registration_by_reference_needs_the_rights_a_copy_needs() {
+    let Some(m) = mount(
+        "registration_by_reference_needs_the_rights_a_copy_needs",
+        &["--allow-other", "--settle", "0.3"],
+    ) else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        &format!(
+            "mkdir runs/private && cp -r '{}' runs/private/artifacts/model \
+             && echo secret > runs/private/artifacts/model/secret.txt \
+             && chmod 600 runs/private/artifacts/model/secret.txt && chmod 700 runs/private \
+             && mkdir models/pub && chmod 777 models/pub",
+            fixture("sklearn_iris").display()
+        ),
+    );
+    let register = |who: Who, dir: &str, source: &str| {
+        let expr = format!("os.setxattr(a[0], 'user.artifactfs.register.{dir}', b'{source}')");
+        attempt(who, &expr, &[&m.path("models/pub")])
+    };
+    let source = "runs/private/artifacts/model";
+    // Before: the kernel refuses the direct read.
+    let secret = m.path("runs/private/artifacts/model/secret.txt");
+    assert_eq!(nobody("read(a[0])", &[&secret]), "EACCES");
+    // The run is 0700: nothing behind it is revealed, whatever the path.
+    for src in [source, "runs/private/nothing", "runs/private/artifacts"] {
+        assert_eq!(register(Who::Nobody, "stolen", src), "EACCES", "{src}");
+    }
+    assert_eq!(
+        nobody("os.stat(a[0])", &[&m.path("models/pub/stolen")]),
+        "ENOENT"
+    );
+    assert!(
+        m.log()
+            .lines()
+            .any(|l| l.contains("refused register /models/pub/stolen")
+                && l.contains("may not search /runs/private")),
+        "one log line names the refusing path:\n{}",
+        m.log()
+    );
+    // The run searchable, one file still private: refused, naming that file.
+    sh_ok(&m.mnt, "chmod 755 runs/private");
+    assert_eq!(register(Who::Nobody, "stolen", source), "EACCES");
+    assert!(
+        m.log()
+            .contains("may not read /runs/private/artifacts/model/secret.txt"),
+        "{}",
+        m.log()
+    );
+    // Group-readable for a group nobody is a member of through a supplementary group.
+    sh_ok(
+        &m.mnt,
+        &format!("chgrp {GROUP} {source}/secret.txt && chmod 640 {source}/secret.txt"),
+    );
+    assert_eq!(register(Who::Nobody, "stolen", source), "EACCES");
+    assert_eq!(register(Who::Member, "shared", source), "ok");
+    // The version belongs to the caller and keeps the source's modes, as `cp -r` gives them.
+    let copy = m.path("models/pub/shared/secret.txt");
+    assert_eq!(stat_owner(&copy), format!("{NOBODY}:{NOBODY}"));
+    assert_eq!(
+        sh_ok(Path::new("/"), &format!("stat -c %a '{}'", copy.display())).trim(),
+        "640"
+    );
+    assert_eq!(attempt(Who::Member, "read(a[0])", &[&copy]), "ok secret\n");
+    // Root keeps registering what it can read anyway.
+    sh_ok(
+        &m.mnt,
+        &format!("chmod 700 runs/private && chmod 600 {source}/secret.txt"),
+    );
+    assert_eq!(register(Who::Root, "byroot", source), "ok");
+    assert_eq!(
+        nobody("read(a[0])", &[&m.path("models/pub/byroot/secret.txt")]),
+        "EACCES"
+    );
 }

@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::Duration;
@@ -898,4 +899,218 @@ fn a_draft_pending_at_unmount_is_validated_after_the_remount() {
     m.mount(SETTLE);
     assert_eq!(wait_ready(&m, "iris", "v1"), 1);
     assert_eq!(readlink(&m.mnt, "models/iris/latest"), "v1");
+}
+
+/// `os.setxattr` on `models/<name>` as registration by reference; `ok` or the errno's name.
+fn register_xattr(m: &Mount, model: &str, dir: &str, source: &[u8]) -> String {
+    let path = m.path(&format!("models/{model}"));
+    let name = format!("user.artifactfs.register.{dir}");
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            source.as_ptr().cast(),
+            source.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        "ok".into()
+    } else {
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap();
+        match e {
+            libc::EINVAL => "EINVAL".into(),
+            libc::ENOENT => "ENOENT".into(),
+            libc::EBUSY => "EBUSY".into(),
+            libc::EEXIST => "EEXIST".into(),
+            libc::EACCES => "EACCES".into(),
+            other => format!("errno {other}"),
+        }
+    }
+}
+
+#[test]
+fn registration_sources_must_be_model_directories_below_a_run() {
+    let Some(m) = Mount::with_args(
+        "registration_sources_must_be_model_directories_below_a_run",
+        SETTLE,
+    ) else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        &format!(
+            "mkdir runs/r1 models/x && cp -r {} runs/r1/artifacts/model \
+             && cp -r {} runs/r1/artifacts/plain",
+            q(&fixture("sklearn_iris")),
+            q(&fixture("broken_no_mlmodel"))
+        ),
+    );
+    assert_eq!(
+        register_xattr(&m, "x", "v1", b"runs/r1/artifacts/model"),
+        "ok"
+    );
+    wait_ready(&m, "x", "v1");
+    let cases: &[(&[u8], &str)] = &[
+        (b"", "EINVAL"),
+        (b"runs", "EINVAL"),
+        (b"runs/r1", "EINVAL"),
+        (b"runs/r1/artifacts", "EINVAL"),
+        (b"runs/r1/artifacts/plain", "EINVAL"),
+        (b"models", "EINVAL"),
+        (b"models/x", "EINVAL"),
+        (b"models/x/v1", "EINVAL"),
+        (b"../../etc", "ENOENT"),
+        (b"/etc", "ENOENT"),
+        (b"runs/r1/artifacts/model/MLmodel", "ENOENT"),
+        (b"runs/r1/artifacts/../artifacts/model", "ENOENT"),
+        (b"runs/r1/artifacts/model\0", "ENOENT"),
+    ];
+    for (i, (source, want)) in cases.iter().enumerate() {
+        let dir = format!("bad{i}");
+        assert_eq!(
+            register_xattr(&m, "x", &dir, source),
+            *want,
+            "{:?}",
+            String::from_utf8_lossy(source)
+        );
+        assert!(!m.path(&format!("models/x/{dir}")).exists());
+    }
+    let log = m.log();
+    let says_why = log
+        .lines()
+        .filter(|l| l.contains("a source must be a model directory (MLmodel at its top)"))
+        .count();
+    assert_eq!(says_why, 8, "one log line per EINVAL:\n{log}");
+    // Nothing but v1 was made, and `runs/` is untouched.
+    assert_eq!(
+        sh_ok(&m.mnt, "ls models/x | grep -v -e latest -e '^1$'"),
+        "v1\n"
+    );
+    sh_ok(
+        &m.mnt,
+        &format!(
+            "diff -r {} runs/r1/artifacts/model",
+            q(&fixture("sklearn_iris"))
+        ),
+    );
+    // The CLI on the mount answers the same.
+    let out = m.cli(&["models", "register", "x", "runs/r1", "--as", "whole"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn registering_a_source_that_is_being_written_is_busy() {
+    let Some(m) = Mount::with_args("registering_a_source_that_is_being_written_is_busy", SETTLE)
+    else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        &format!(
+            "mkdir runs/r1 models/x && cp -r {} runs/r1/artifacts/model",
+            q(&fixture("sklearn_iris"))
+        ),
+    );
+    // A writer that commits (close of one fd) but keeps a dup'd one open, then waits.
+    let script = "import os, sys\n\
+        fd = os.open('runs/r1/artifacts/model/notes.txt', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)\n\
+        os.write(fd, b'draft')\n\
+        dup = os.dup(fd)\n\
+        os.close(fd)\n\
+        print('committed', flush=True)\n\
+        sys.stdin.readline()\n\
+        os.pwrite(dup, b'final', 0)\n\
+        os.close(dup)\n";
+    let mut child = Reaped(
+        Command::new("python3")
+            .args(["-c", script])
+            .current_dir(&m.mnt)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "committed\n");
+    assert_eq!(
+        register_xattr(&m, "x", "early", b"runs/r1/artifacts/model"),
+        "EBUSY"
+    );
+    assert!(!m.path("models/x/early").exists());
+    assert!(
+        m.log().contains("notes.txt is open for writing"),
+        "{}",
+        m.log()
+    );
+    // The writer finishes: now the registration proceeds, with the sealed bytes.
+    {
+        let stdin = child.0.stdin.as_mut().unwrap();
+        std::io::Write::write_all(stdin, b"go\n").unwrap();
+    }
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(
+        register_xattr(&m, "x", "later", b"runs/r1/artifacts/model"),
+        "ok"
+    );
+    wait_ready(&m, "x", "later");
+    assert_eq!(sh_ok(&m.mnt, "cat models/x/later/notes.txt"), "final");
+}
+
+/// Registration copies rows, not bytes, in one transaction: 10,000 files take a fraction of
+/// what copying them takes, and the version holds every one of them.
+#[test]
+fn registering_ten_thousand_files_copies_rows_only() {
+    let Some(m) = Mount::with_args("registering_ten_thousand_files_copies_rows_only", SETTLE)
+    else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        &format!(
+            "mkdir runs/r1 models/big && cp -r {} runs/r1/artifacts/model",
+            q(&fixture("sklearn_nosig"))
+        ),
+    );
+    let t = std::time::Instant::now();
+    sh_ok(
+        &m.mnt,
+        "python3 -c \"
+import os
+for d in range(10):
+    sub = f'runs/r1/artifacts/model/extra{d}'
+    os.mkdir(sub)
+    for i in range(1000):
+        with open(f'{sub}/f{i:04}.txt', 'w') as f:
+            f.write(f'{d}-{i}')
+\"",
+    );
+    let written = t.elapsed();
+    let blobs = blob_count(&m.store);
+    let t = std::time::Instant::now();
+    assert_eq!(
+        register_xattr(&m, "big", "v1", b"runs/r1/artifacts/model"),
+        "ok"
+    );
+    let registered = t.elapsed();
+    eprintln!(
+        "10,000 files: written through the mount in {written:.2?}, registered in {registered:.2?}"
+    );
+    assert_eq!(blob_count(&m.store), blobs, "no bytes copied");
+    let n = sh_ok(&m.mnt, "find models/big/v1 -type f | wc -l");
+    assert_eq!(n.trim(), (10_000 + 5).to_string());
+    assert_eq!(sh_ok(&m.mnt, "cat models/big/v1/extra7/f0123.txt"), "7-123");
+    assert!(
+        m.log().contains("(10015 entries, no bytes copied)"),
+        "{}",
+        m.log()
+    );
+    wait_ready(&m, "big", "v1");
 }

@@ -29,6 +29,7 @@ use crate::namespace::{self, Place, Zone};
 use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
 use crate::store::{Hash, Store, now_ns, to_ns};
 
+mod access;
 mod body;
 mod hashing;
 mod models;
@@ -81,6 +82,8 @@ pub enum NodeKind {
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The calling process (0: this process), for the permission checks of `access`.
+    pub pid: u32,
 }
 
 /// Attributes of an entry, as `stat` shows them.
@@ -1356,6 +1359,7 @@ mod tests {
     const ME: Caller = Caller {
         uid: 1000,
         gid: 1000,
+        pid: 0,
     };
 
     fn new_fs() -> (tempfile::TempDir, ArtifactFs) {

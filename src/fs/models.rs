@@ -10,10 +10,11 @@
 //!   [`VIRT_BASE`] up; `ln -s`/`ln -sfn` and `rm` on `@alias` names set and remove aliases.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::io;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::access::{self, Credentials};
 use super::{ArtifactFs, Attr, Caller, NodeKind, from_ns, lock};
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
@@ -539,6 +540,15 @@ impl ArtifactFs {
     /// Registers store directory `source` (e.g. `runs/<id>/artifacts/model`) as version
     /// directory `dir_name` of model directory `model` by recording its files again: the same
     /// blobs, no bytes copied. The version validates like any other.
+    ///
+    /// The source must be a model directory (an `MLmodel` file at its top) strictly below
+    /// `runs/<id>/`, so a registration never reaches the store root, `runs/`, a whole run,
+    /// another model or itself (`Invalid`). The caller must be allowed to copy it, as the kernel
+    /// would decide for `cp -r`: search permission on every directory of its path, read and
+    /// search on every directory of the tree, read on every file (`AccessDenied`; nothing about
+    /// what lies behind a directory the caller may not search is revealed). A tree with a file
+    /// still open for writing is refused (`Busy`): a version never holds a half-written file.
+    /// All rows are inserted in one transaction: a failure leaves no partial version.
     pub fn register_from(
         &self,
         caller: Caller,
@@ -551,47 +561,82 @@ impl ArtifactFs {
         self.read_only(&idx, "register", model, Some(dir_name))?;
         let m = Self::dir(&idx, model)?;
         let place = namespace::place_of(m.ino, m.zone);
+        let deny =
+            |rule: (Refusal, String)| Self::deny(&idx, "register", model, Some(dir_name), rule);
         if place != Place::ModelRoot {
-            return Err(Self::deny(
-                &idx,
-                "register",
-                model,
-                Some(dir_name),
-                (Refusal::Invalid, "register into models/<name>/".into()),
-            ));
+            return Err(deny((
+                Refusal::Invalid,
+                "register into models/<name>/".into(),
+            )));
         }
-        namespace::mkdir(place, dir_name)
-            .map_err(|r| Self::deny(&idx, "register", model, Some(dir_name), r))?;
+        namespace::mkdir(place, dir_name).map_err(deny)?;
         self.model_guard(&idx, "register", &m, Some(dir_name))?;
-        let src_path = std::ffi::OsStr::from_bytes(source);
-        let src = match idx.resolve(Path::new(src_path))? {
-            Some(e) if e.kind == Kind::Dir => e,
+        let shown = String::from_utf8_lossy(source);
+        let creds = Credentials::of(caller);
+        let src = match self.resolve_as(&idx, &creds, source)? {
+            Resolved::Found(e) if e.kind == Kind::Dir => e,
+            Resolved::Denied(at) => {
+                let why = format!("permission denied: the caller may not search /{at}");
+                return Err(deny((Refusal::AccessDenied, why)));
+            }
             _ => {
-                let why = format!(
-                    "{:?} is not a directory of the store",
-                    String::from_utf8_lossy(source)
-                );
-                return Err(Self::deny(
-                    &idx,
-                    "register",
-                    model,
-                    Some(dir_name),
-                    (Refusal::NotFound, why),
-                ));
+                let why = format!("{shown:?} is not a directory of the store");
+                return Err(deny((Refusal::NotFound, why)));
             }
         };
+        let src_place = namespace::place_of(src.ino, src.zone);
+        let has_mlmodel = matches!(
+            idx.lookup(src.ino, crate::mlmodel::MLMODEL_FILE_NAME.as_bytes())?,
+            Some(e) if e.kind == Kind::File && e.state != State::Tombstone
+        );
+        if src_place != Place::RunTree || !has_mlmodel {
+            let what = if src_place != Place::RunTree {
+                "is not below runs/<id>/"
+            } else {
+                "has no MLmodel file at its top"
+            };
+            let why = format!(
+                "source /{} {what}: a source must be a model directory (MLmodel at its top) \
+                 strictly below runs/<id>/",
+                idx.path_of(src.ino)?.display()
+            );
+            return Err(deny((Refusal::Invalid, why)));
+        }
+        let src_path = idx.path_of(src.ino)?;
         let tree = idx.descendants(src.ino)?;
-        if tree
-            .iter()
-            .any(|(_, e)| e.kind == Kind::File && e.state != State::Live)
-        {
-            return Err(Self::deny(
-                &idx,
-                "register",
-                model,
-                Some(dir_name),
-                (Refusal::Busy, "the source is still being written".into()),
-            ));
+        if !creds.reads_all {
+            let refused = std::iter::once((Vec::new(), &src))
+                .chain(tree.iter().map(|(rel, e)| (rel.clone(), e)))
+                .find(|(_, e)| {
+                    let want = match e.kind {
+                        Kind::Dir => access::READ | access::SEARCH,
+                        Kind::File => access::READ,
+                    };
+                    !creds.may(&self.attr_of(e), want)
+                });
+            if let Some((rel, _)) = refused {
+                let mut at = src_path.clone();
+                at.push(std::ffi::OsStr::from_bytes(&rel));
+                let why = format!(
+                    "permission denied: the caller may not read /{}",
+                    at.display()
+                );
+                return Err(deny((Refusal::AccessDenied, why)));
+            }
+        }
+        let busy = {
+            let writing = lock(&self.writing);
+            tree.iter().find(|(_, e)| {
+                e.kind == Kind::File && (e.state != State::Live || writing.contains_key(&e.ino))
+            })
+        };
+        if let Some((rel, _)) = busy {
+            let why = format!(
+                "the source is still being written (/{}/{} is open for writing)",
+                src_path.display(),
+                String::from_utf8_lossy(rel)
+            );
+            return Err(deny((Refusal::Busy, why)));
         }
         let now = now_ns();
         fn copy_of<'a>(
@@ -615,23 +660,34 @@ impl ArtifactFs {
                 time: now,
             }
         }
-        let Some(vdir) = idx.insert(&copy_of(model, dir_name, &src, (uid, gid), now))? else {
-            return Err(FsError::Refused(Refusal::Exists));
+        let source_text = src_path.to_string_lossy().into_owned();
+        let vdir = idx.write_locked(|idx| {
+            let taken = || io::Error::from_raw_os_error(libc::EEXIST);
+            let vdir = idx
+                .insert(&copy_of(model, dir_name, &src, (uid, gid), now))?
+                .ok_or_else(taken)?;
+            let mut map = HashMap::from([(src.ino, vdir)]);
+            for (_, e) in &tree {
+                let parent = map[&e.parent];
+                let ino = idx
+                    .insert(&copy_of(parent, &e.name, e, (uid, gid), now))?
+                    .ok_or_else(taken)?;
+                map.insert(e.ino, ino);
+            }
+            idx.version_pending(vdir, model, now)?;
+            idx.version_source(vdir, &source_text)?;
+            Ok(vdir)
+        });
+        let vdir = match vdir {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                return Err(FsError::Refused(Refusal::Exists));
+            }
+            Err(e) => return Err(e.into()),
         };
-        let mut map = HashMap::from([(src.ino, vdir)]);
-        for (_, e) in &tree {
-            let parent = map[&e.parent];
-            let ino = idx
-                .insert(&copy_of(parent, &e.name, e, (uid, gid), now))?
-                .ok_or(FsError::Refused(Refusal::Exists))?;
-            map.insert(e.ino, ino);
-        }
-        idx.version_pending(vdir, model, now)?;
-        idx.version_source(vdir, &String::from_utf8_lossy(source))?;
         log::info!(
-            "registry: /{} registered from /{} ({} entries, no bytes copied)",
+            "registry: /{} registered from /{source_text} ({} entries, no bytes copied)",
             idx.path_of(vdir)?.display(),
-            String::from_utf8_lossy(source),
             tree.len()
         );
         self.models.bump(model, 0);
@@ -639,6 +695,41 @@ impl ArtifactFs {
         drop(idx);
         Ok(self.attr_of(&e))
     }
+
+    /// Resolves a `/`-separated store path (leading, doubled and trailing slashes and `.`
+    /// ignored; `..` never resolves) as `creds` may: a directory they may not search stops the
+    /// walk with its path, as the kernel's lookup would stop with `EACCES`.
+    fn resolve_as(&self, idx: &Index, creds: &Credentials, path: &[u8]) -> FsResult<Resolved> {
+        let Some(mut cur) = idx.get(crate::store::index::ROOT_INO)? else {
+            return Ok(Resolved::Missing);
+        };
+        for name in path.split(|&b| b == b'/') {
+            if name.is_empty() || name == b"." {
+                continue;
+            }
+            if name == b".." || name.contains(&0) || cur.kind != Kind::Dir {
+                return Ok(Resolved::Missing);
+            }
+            if !creds.may(&self.attr_of(&cur), access::SEARCH) {
+                return Ok(Resolved::Denied(
+                    idx.path_of(cur.ino)?.display().to_string(),
+                ));
+            }
+            cur = match idx.lookup(cur.ino, name)? {
+                Some(e) if e.state != State::Tombstone => e,
+                _ => return Ok(Resolved::Missing),
+            };
+        }
+        Ok(Resolved::Found(cur))
+    }
+}
+
+/// What [`ArtifactFs::resolve_as`] found.
+enum Resolved {
+    Found(Entry),
+    Missing,
+    /// The path of the first directory the caller may not search.
+    Denied(String),
 }
 
 use std::os::unix::ffi::OsStrExt;
@@ -649,9 +740,14 @@ mod tests {
     use crate::fs::SetAttr;
     use crate::store::Store;
     use crate::store::index::RUNS_INO;
+    use std::path::Path;
     use std::time::Duration;
 
-    const ME: Caller = Caller { uid: 0, gid: 0 };
+    const ME: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 
     fn fixtures() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlflow")
@@ -728,7 +824,11 @@ mod tests {
             ("broken_empty_mlmodel", Some("FAILED"), "empty"),
             ("broken_no_flavors", Some("FAILED"), "flavors"),
             ("broken_missing_model_file", Some("FAILED"), "model.pkl"),
-            ("hostile_path_escape", Some("FAILED"), "outside the model directory"),
+            (
+                "hostile_path_escape",
+                Some("FAILED"),
+                "outside the model directory",
+            ),
             ("pyfunc_custom", Some("READY"), ""),
             ("broken_no_mlmodel", None, ""),
         ];
@@ -1002,5 +1102,244 @@ mod tests {
         assert_eq!(xattr(&fs, later, XATTR_STATUS).as_deref(), Some("PENDING"));
         settle(&fs);
         assert_eq!(xattr(&fs, later, XATTR_STATUS).as_deref(), Some("FAILED"));
+    }
+    /// A store with one model directory below a run (`runs/r1/artifacts/model`), a run file,
+    /// a plain directory, a model `models/x` and one version registered from the run.
+    fn store_with_sources(d: &Path) -> (ArtifactFs, u64) {
+        let fs = new_fs(d);
+        let run = fs.mkdir(ME, RUNS_INO, b"r1", 0o755).unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        copy_in(&fs, &fixtures().join("sklearn_iris"), art, b"model");
+        copy_in(&fs, &fixtures().join("broken_no_mlmodel"), art, b"plain");
+        let x = fs.mkdir(ME, MODELS_INO, b"x", 0o755).unwrap().ino;
+        fs.register_from(ME, x, b"v1", b"runs/r1/artifacts/model")
+            .unwrap();
+        (fs, x)
+    }
+
+    #[test]
+    fn only_a_model_directory_below_a_run_is_a_source() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let cases: [(&[u8], Refusal); 14] = [
+            (b"", Refusal::Invalid),
+            (b"/", Refusal::Invalid),
+            (b"runs", Refusal::Invalid),
+            (b"runs/r1", Refusal::Invalid),
+            (b"runs/r1/artifacts", Refusal::Invalid),
+            (b"runs/r1/artifacts/plain", Refusal::Invalid),
+            (b"models", Refusal::Invalid),
+            (b"models/x", Refusal::Invalid),
+            (b"models/x/v1", Refusal::Invalid),
+            (b"runs/r1/artifacts/model/MLmodel", Refusal::NotFound),
+            (b"../../etc", Refusal::NotFound),
+            (b"/etc", Refusal::NotFound),
+            (b"runs/r1/artifacts/model/../model", Refusal::NotFound),
+            (b"runs/r1/artifacts/mo\0del", Refusal::NotFound),
+        ];
+        for (i, (source, want)) in cases.iter().enumerate() {
+            let name = format!("n{i}");
+            assert_eq!(
+                refusal(fs.register_from(ME, x, name.as_bytes(), source)),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(source)
+            );
+            assert!(fs.lookup(x, name.as_bytes()).is_err(), "nothing registered");
+        }
+        // Slashes and `.` are only spelling.
+        for (i, source) in ["/runs/r1/artifacts/model/", "runs//r1/./artifacts/model"]
+            .iter()
+            .enumerate()
+        {
+            let name = format!("ok{i}");
+            let v = fs.register_from(ME, x, name.as_bytes(), source.as_bytes());
+            assert!(v.is_ok(), "{source}: {v:?}");
+        }
+    }
+
+    /// Random source paths (`..`, `.`, `//`, NUL, trailing slashes, non-UTF-8 bytes, very long
+    /// names): a registration succeeds exactly when the path names the one model directory
+    /// below a run, and a refused one leaves nothing behind.
+    #[test]
+    fn random_source_paths_never_reach_anything_but_a_model_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let long = vec![b'a'; 300];
+        let parts: [&[u8]; 16] = [
+            b"runs",
+            b"r1",
+            b"artifacts",
+            b"model",
+            b"models",
+            b"x",
+            b"v1",
+            b".",
+            b"..",
+            b"",
+            b"MLmodel",
+            b"plain",
+            b"\0",
+            b"\xff\xfe",
+            &long,
+            b"mo\0del",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut accepted = 0;
+        for i in 0..3000 {
+            // Half of the paths start from the real one, so the accepted case is common.
+            let mut comps: Vec<&[u8]> = if next(2) == 0 {
+                vec![b"runs", b"r1", b"artifacts", b"model"]
+            } else {
+                Vec::new()
+            };
+            for _ in 0..next(5) {
+                let at = next(comps.len() + 1);
+                comps.insert(at, parts[next(parts.len())]);
+            }
+            let mut path = comps.join(&b'/');
+            if next(4) == 0 {
+                path.insert(0, b'/');
+            }
+            if next(4) == 0 {
+                path.push(b'/');
+            }
+            let is_model = {
+                let real: Vec<&[u8]> = path
+                    .split(|&b| b == b'/')
+                    .filter(|c| !c.is_empty() && *c != b".")
+                    .collect();
+                real == [&b"runs"[..], b"r1", b"artifacts", b"model"]
+            };
+            let name = format!("p{i}");
+            match fs.register_from(ME, x, name.as_bytes(), &path) {
+                Ok(_) => {
+                    assert!(is_model, "accepted {:?}", String::from_utf8_lossy(&path));
+                    accepted += 1;
+                }
+                Err(e) => {
+                    assert!(
+                        !is_model,
+                        "refused {:?}: {e}",
+                        String::from_utf8_lossy(&path)
+                    );
+                    assert!(fs.lookup(x, name.as_bytes()).is_err());
+                }
+            }
+        }
+        assert!(
+            accepted > 100,
+            "only {accepted} accepted: the generator is too narrow"
+        );
+    }
+
+    #[test]
+    fn a_source_with_a_file_open_for_writing_is_busy() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let model = fs
+            .store()
+            .index()
+            .resolve(Path::new("runs/r1/artifacts/model"))
+            .unwrap()
+            .unwrap()
+            .ino;
+        // Committed by a flush but still open (a dup'd descriptor): its bytes may still change.
+        let (_, fh) = fs.create(ME, model, b"extra.txt", 0o644).unwrap();
+        fs.write(fh, 0, b"first").unwrap();
+        fs.flush(fh).unwrap();
+        assert_eq!(
+            refusal(fs.register_from(ME, x, b"v2", b"runs/r1/artifacts/model")),
+            Refusal::Busy
+        );
+        assert!(fs.lookup(x, b"v2").is_err());
+        fs.write(fh, 0, b"second").unwrap();
+        fs.release(fh).unwrap();
+        let v2 = fs
+            .register_from(ME, x, b"v2", b"runs/r1/artifacts/model")
+            .unwrap()
+            .ino;
+        let extra = fs.lookup(v2, b"extra.txt").unwrap().ino;
+        let (rh, _) = fs.open(extra, libc::O_RDONLY).unwrap();
+        assert_eq!(fs.read(rh, 0, 100).unwrap(), b"second");
+        fs.release(rh).unwrap();
+    }
+
+    #[test]
+    fn registration_checks_the_callers_permissions_on_the_whole_source() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let idx = fs.store().index();
+        let model = idx
+            .resolve(Path::new("runs/r1/artifacts/model"))
+            .unwrap()
+            .unwrap();
+        let run = idx.resolve(Path::new("runs/r1")).unwrap().unwrap();
+        let secret = idx.lookup(model.ino, b"model.skops").unwrap().unwrap();
+        drop(idx);
+        // A process that is gone: no supplementary groups, no capabilities.
+        let other = Caller {
+            uid: 4242,
+            gid: 4242,
+            pid: u32::MAX,
+        };
+        let member = Caller { gid: 0, ..other };
+        let chmod = |ino: u64, mode: u32| {
+            let change = SetAttr {
+                mode: Some(mode),
+                ..Default::default()
+            };
+            fs.setattr(ino, change).unwrap();
+        };
+        let register = |who: Caller, name: &[u8], source: &[u8]| {
+            let r = fs.register_from(who, x, name, source);
+            if r.is_err() {
+                assert!(fs.lookup(x, name).is_err(), "nothing registered");
+            }
+            r.map(|_| ())
+        };
+        let model_src = b"runs/r1/artifacts/model";
+        // A file the caller may not read.
+        chmod(secret.ino, 0o600);
+        assert_eq!(
+            refusal(register(other, b"a", model_src)),
+            Refusal::AccessDenied
+        );
+        // A run the caller may not search hides what lies behind it: no ENOENT / EINVAL.
+        chmod(secret.ino, 0o644);
+        chmod(run.ino, 0o700);
+        for source in [
+            &model_src[..],
+            b"runs/r1/nothing/here",
+            b"runs/r1/artifacts",
+        ] {
+            assert_eq!(
+                refusal(register(other, b"b", source)),
+                Refusal::AccessDenied
+            );
+        }
+        // The group's bits for a member of the group.
+        chmod(run.ino, 0o750);
+        chmod(secret.ino, 0o640);
+        assert_eq!(
+            refusal(register(other, b"c", model_src)),
+            Refusal::AccessDenied
+        );
+        register(member, b"c", model_src).unwrap();
+        // The version's files belong to the caller and keep the source's modes.
+        let c = fs.lookup(x, b"c").unwrap();
+        assert_eq!((c.uid, c.gid), (4242, 0));
+        let copied = fs.lookup(c.ino, b"model.skops").unwrap();
+        assert_eq!((copied.uid, copied.perm), (4242, 0o640));
+        // Root (this process, with its capabilities) keeps reading everything.
+        chmod(run.ino, 0o700);
+        chmod(secret.ino, 0o600);
+        register(ME, b"d", model_src).unwrap();
     }
 }
