@@ -1305,16 +1305,30 @@ impl ArtifactFs {
             return self.register_from(caller, ino, dir, value).map(|_| ());
         }
         // Copying a file between two places of the store (cp -a, shutil.copy2) copies its
-        // xattrs too: setting the hash to what it is (or will be, while being written) is a
-        // no-op, not a refusal.
+        // xattrs too: setting the hash to what it is is a no-op, not a refusal. A file being
+        // written is committed first (as a flush would), so the value is compared with the
+        // hash of the bytes written so far; any other value is refused.
         if name == XATTR_SHA256.as_bytes() && !self.opts.read_only {
+            if let Some(w) = self.writer_of(ino) {
+                self.commit(&mut lock(&w), false)?;
+            }
             let idx = self.store.index();
             let e = Self::visible(&idx, ino)?;
-            let in_flight = e.state == State::Writing || lock(&self.writing).contains_key(&ino);
-            if e.kind == Kind::File
-                && (in_flight || e.hash.map(|h| h.to_hex().into_bytes()) == Some(value.to_vec()))
-            {
-                return Ok(());
+            if e.kind == Kind::File {
+                if e.hash.map(|h| h.to_hex().into_bytes()) == Some(value.to_vec()) {
+                    return Ok(());
+                }
+                let shown: String = String::from_utf8_lossy(value).chars().take(80).collect();
+                let why = format!(
+                    "{XATTR_SHA256} is the hash of the file's own content; {shown:?} is not"
+                );
+                return Err(Self::deny(
+                    &idx,
+                    "setxattr",
+                    e.parent,
+                    Some(&e.name),
+                    (Refusal::NotPermitted, why),
+                ));
             }
         }
         let idx = self.store.index();
@@ -1705,6 +1719,41 @@ mod tests {
                 }
             )),
             Refusal::NotPermitted
+        );
+    }
+
+    #[test]
+    fn the_sha256_xattr_can_only_be_set_to_the_contents_own_hash() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let sealed = write_file(&fs, art, "sealed.txt", b"sealed");
+        let name = XATTR_SHA256.as_bytes();
+        let of = |b: &[u8]| Hash::of(b).to_hex().into_bytes();
+        fs.setxattr(ME, sealed, name, &of(b"sealed")).unwrap();
+        assert_eq!(
+            refusal(fs.setxattr(ME, sealed, name, &of(b"other"))),
+            Refusal::NotPermitted
+        );
+        // While being written (cp -a sets it before close): compared with the bytes so far.
+        let (attr, fh) = fs.create(ME, art, b"open.txt", 0o644).unwrap();
+        fs.write(fh, 0, b"partial").unwrap();
+        assert_eq!(
+            refusal(fs.setxattr(ME, attr.ino, name, &of(b"anything"))),
+            Refusal::NotPermitted
+        );
+        assert_eq!(
+            refusal(fs.setxattr(ME, attr.ino, name, b"not hex at all")),
+            Refusal::NotPermitted
+        );
+        fs.setxattr(ME, attr.ino, name, &of(b"partial")).unwrap();
+        fs.write(fh, 7, b" and more").unwrap();
+        fs.setxattr(ME, attr.ino, name, &of(b"partial and more"))
+            .unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"partial and more");
+        assert_eq!(
+            fs.getxattr(attr.ino, name).unwrap(),
+            of(b"partial and more")
         );
     }
 
