@@ -733,7 +733,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> {
-    if !store_dir.join("index.sqlite").exists() {
+    if std::fs::read_dir(store_dir).is_ok() && !store_dir.join("index.sqlite").exists() {
         bail!("no store at {}", store_dir.display());
     }
     // The index is shared with a running daemon (if any) through SQLite's own locking.

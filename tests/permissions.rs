@@ -333,6 +333,41 @@ fn the_store_is_private_to_its_owner() {
     }
     // The blob is the content, readable by the store's owner.
     assert_eq!(root("read(a[0])", &[&blob]), "ok secret\n");
+
+    // The commands that read the store directly say why they cannot, and show nothing.
+    for cmd in [
+        &["ls"][..],
+        &["ls", "runs/r/artifacts"],
+        &["models", "list"],
+        &["models", "show", "m"],
+        &["fsck"],
+        &["gc"],
+    ] {
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+            ])
+            .arg(BIN)
+            .args(cmd)
+            .arg("--store")
+            .arg(&m.store)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd:?} as nobody succeeded");
+        assert!(
+            out.stdout.is_empty(),
+            "{cmd:?} showed something: {:?}",
+            out.stdout
+        );
+        assert!(
+            err.contains("permission denied") && err.contains("is private to uid 0"),
+            "{cmd:?}: {err}"
+        );
+        assert!(!err.contains("secret"), "{cmd:?}: {err}");
+    }
 }
 
 #[test]
@@ -543,4 +578,200 @@ fn registration_by_reference_needs_the_rights_a_copy_needs() {
         nobody("read(a[0])", &[&m.path("models/pub/byroot/secret.txt")]),
         "EACCES"
     );
+}
+
+/// The matrix's three users: the tree's owner, a member of its group (supplementary), another.
+const OWNER: u32 = 4001;
+const MEMBER: u32 = 4002;
+
+/// The permission matrix: one script builds the same tree on ext4 and on the mount (as its
+/// owner), then runs every operation as each user on both. `ext4` answers are the truth;
+/// a registration is compared with `cp -r` of the same directory (it reads the same files).
+const MATRIX_PY: &str = r#"
+import errno, json, os, sys
+mode, side, root = sys.argv[1], sys.argv[2], sys.argv[3]
+DMODES = [0o700, 0o750, 0o755, 0o711, 0o770, 0o777]
+FMODES = [0o600, 0o640, 0o644]
+USERS = ["owner", "member", "other"]
+base = os.path.join(root, "runs/m/artifacts")
+cases = [(i, d, f) for i, (d, f) in enumerate((d, f) for d in DMODES for f in FMODES)]
+def err(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+def attempt(fn):
+    try:
+        r = fn()
+        return "ok" if r is None else "ok " + str(r)
+    except OSError as e:
+        return err(e)
+def write(p, data, mode=0o644):
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    os.write(fd, data)
+    os.close(fd)
+if mode == "setup":
+    for i, d, f in cases:
+        c = os.path.join(base, f"c{i}")
+        os.mkdir(c)
+        write(os.path.join(c, "MLmodel"), b"flavors: {python_function: {}}\n")
+        write(os.path.join(c, "f"), b"data")
+        for u in USERS:
+            write(os.path.join(c, f"ren_{u}"), b"r")
+            write(os.path.join(c, f"del_{u}"), b"d")
+        os.chmod(os.path.join(c, "f"), f)
+        os.chmod(c, d)
+    sys.exit(0)
+user = sys.argv[4]
+def read(p):
+    with open(p, "rb") as fh:
+        return fh.read().decode()
+def write_open(p):
+    os.close(os.open(p, os.O_WRONLY))
+def copy_tree(c):
+    # What `cp -r` needs: list and enter every directory, read every file.
+    for dirpath, dirs, files in os.walk(c, onerror=lambda e: (_ for _ in ()).throw(e)):
+        for n in files:
+            read(os.path.join(dirpath, n))
+def register(c, i):
+    if side == "ext4":
+        return copy_tree(c)
+    os.setxattr(os.path.join(root, "models/pub"), f"user.artifactfs.register.{user}_{i}",
+                os.path.relpath(c, root).encode())
+out = []
+for i, d, f in cases:
+    c = os.path.join(base, f"c{i}")
+    fp = os.path.join(c, "f")
+    ops = [
+        ("listdir", lambda: ",".join(sorted(os.listdir(c)))),
+        ("stat", lambda: os.stat(fp) and None),
+        ("read", lambda: read(fp)),
+        ("open for writing", lambda: write_open(fp)),
+        ("create", lambda: write(os.path.join(c, f"new_{user}"), b"n")),
+        ("mkdir", lambda: os.mkdir(os.path.join(c, f"dir_{user}"))),
+        ("rename", lambda: os.rename(os.path.join(c, f"ren_{user}"), os.path.join(c, f"moved_{user}"))),
+        ("unlink", lambda: os.unlink(os.path.join(c, f"del_{user}"))),
+        ("chmod", lambda: os.chmod(fp, f)),
+        ("register / cp -r", lambda: register(c, i)),
+    ]
+    for name, fn in ops:
+        out.append([f"c{i} dir {d:o} file {f:o}", name, attempt(fn)])
+print(json.dumps(out))
+"#;
+
+/// Runs the matrix script as `uid` (with `groups`, or none).
+fn matrix(args: &[&str], uid: u32, groups: &[u32]) -> String {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!(
+            "--groups={}",
+            groups
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            &groups,
+        ])
+        .args([PYTHON, "-I", "-c", MATRIX_PY])
+        .args(args)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "matrix {args:?} as {uid}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every operation that reads, lists, creates, renames, removes, changes modes or registers,
+/// for the owner, a group member and another user, under every combination of common directory
+/// and file modes, gives on the mount the answer ext4 gives, except where write-once changes
+/// it (opening a sealed file for writing: `EPERM` where ext4 allows it; README "Security model").
+#[test]
+fn permission_matrix_matches_ext4() {
+    let Some(m) = mount(
+        "permission_matrix_matches_ext4",
+        &["--allow-other", "--settle", "0.3"],
+    ) else {
+        return;
+    };
+    let ext4 = m.dir.path().join("ext4");
+    // The same starting point on both: runs/m/artifacts owned by the tree's owner, and a
+    // model name (on ext4 a copy destination) everyone may write to.
+    std::fs::create_dir_all(ext4.join("runs/m/artifacts")).unwrap();
+    sh_ok(&m.mnt, "mkdir runs/m");
+    for root in [&ext4, &m.mnt] {
+        sh_ok(
+            root,
+            &format!(
+                "mkdir models/pub 2>/dev/null || mkdir -p models/pub; chmod 777 models/pub \
+                 && chown {OWNER}:{OWNER} runs/m runs/m/artifacts"
+            ),
+        );
+    }
+    let users: [(&str, u32, &[u32]); 3] = [
+        ("owner", OWNER, &[]),
+        ("member", MEMBER, &[OWNER]),
+        ("other", NOBODY, &[]),
+    ];
+    let mut mismatches = Vec::new();
+    let mut checked = 0;
+    let mut answers = std::collections::BTreeSet::new();
+    let sides = [("ext4", &ext4), ("mount", &m.mnt)];
+    for (side, root) in sides {
+        matrix(&["setup", side, &root.to_string_lossy()], OWNER, &[]);
+    }
+    for (user, uid, groups) in users {
+        let run = |side: &str, root: &Path| -> Vec<(String, String, String)> {
+            let out = matrix(&["ops", side, &root.to_string_lossy(), user], uid, groups);
+            serde_json::from_str(&out).unwrap()
+        };
+        let want = run("ext4", &ext4);
+        let got = run("mount", &m.mnt);
+        assert_eq!(want.len(), got.len());
+        for ((case, op, truth), (_, _, answer)) in want.iter().zip(&got) {
+            let expected = match (op.as_str(), truth.as_str()) {
+                ("open for writing", "ok") => "EPERM",
+                _ => truth.as_str(),
+            };
+            checked += 1;
+            answers.insert(format!("{op}: {}", answer.split(' ').next().unwrap()));
+            if answer != expected {
+                mismatches.push(format!(
+                    "{user:6} {case:24} {op:18} ext4 {truth:10} mount {answer}"
+                ));
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {checked} answers differ from ext4:\n{}\nlog:\n{}",
+        mismatches.len(),
+        mismatches.join("\n"),
+        m.log()
+    );
+    assert_eq!(checked, 3 * 18 * 10);
+    // The matrix exercises both sides of every rule.
+    for op in [
+        "listdir",
+        "read",
+        "create",
+        "rename",
+        "unlink",
+        "register / cp -r",
+    ] {
+        for answer in ["ok", "EACCES"] {
+            assert!(
+                answers.contains(&format!("{op}: {answer}")),
+                "{op}: {answers:?}"
+            );
+        }
+    }
 }

@@ -84,6 +84,29 @@ pub fn to_ns(t: SystemTime) -> i64 {
     }
 }
 
+/// Fails with a message that says why when the caller may not read the store directory: it
+/// is 0700, private to its owner, and a command run by anyone else must say so (not "no index")
+/// and show nothing.
+fn check_access(root: &Path) -> io::Result<()> {
+    match std::fs::read_dir(root) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let owner = std::fs::metadata(root)
+                .map(|m| format!("uid {}", std::os::unix::fs::MetadataExt::uid(&m)))
+                .unwrap_or_else(|_| "its owner".into());
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "permission denied: the store {} is private to {owner}; run this as that \
+                     user (or root), or read through the mount",
+                    root.display()
+                ),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The default store: `$XDG_DATA_HOME/artifactfs`, else `~/.local/share/artifactfs`.
 pub fn default_store_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
@@ -250,6 +273,7 @@ impl Store {
     /// Opens an existing store without the writer lock and without changing anything (for a
     /// read-only mount, `ls` and `fsck`). A store that was never created is an error.
     pub fn open_readonly(root: &Path) -> io::Result<Store> {
+        check_access(root)?;
         let index = Index::open_readonly(&root.join("index.sqlite"))?;
         Ok(Store {
             root: root.to_path_buf(),
@@ -265,6 +289,7 @@ impl Store {
     /// the writer lock (`gc`, and `fsck` marking damaged blobs: both coordinate through
     /// SQLite's own locking).
     pub fn open_shared(root: &Path) -> io::Result<Store> {
+        check_access(root)?;
         let index = Index::open_shared(&root.join("index.sqlite"))?;
         Ok(Store {
             root: root.to_path_buf(),
