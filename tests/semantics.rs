@@ -344,3 +344,41 @@ fn remount_shows_the_same_tree() {
         "tombstones persist"
     );
 }
+
+#[test]
+fn a_failed_truncate_after_a_commit_keeps_the_committed_file() {
+    let Some(mut m) = Mount::new("a_failed_truncate_after_a_commit_keeps_the_committed_file")
+    else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    // close() of the first descriptor commits `keep`; the ftruncate through the dup fails.
+    let out = sh_ok(
+        &art,
+        "python3 -c \"
+import errno, os
+fd = os.open('f', os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+os.write(fd, b'keep')
+d = os.dup(fd)
+os.close(fd)
+try:
+    os.ftruncate(d, 1 << 60)
+    print('ftruncate succeeded')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+os.close(d)
+\"",
+    );
+    assert_eq!(out.trim(), "EFBIG");
+    let f = art.join("f");
+    assert!(
+        wait_until(std::time::Duration::from_secs(2), || File::open(&f).is_ok()),
+        "the file is sealed, not busy: {:?}",
+        File::open(&f).err()
+    );
+    assert_eq!(fs::read(&f).unwrap(), b"keep");
+    assert_eq!(sha_xattr(&f), sha256_hex(b"keep"));
+    m.unmount();
+    m.mount(&[]);
+    assert_eq!(fs::read(&f).unwrap(), b"keep", "after a remount");
+}

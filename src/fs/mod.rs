@@ -176,8 +176,8 @@ struct Writer {
     committed: bool,
     /// The last commit was an fsync: that version survives a crash during later writes.
     synced: bool,
-    /// A write failed (ENOSPC, EIO): nothing more is committed, and the file disappears at
-    /// release (or falls back to its fsync'd version).
+    /// A write failed (ENOSPC, EIO): nothing more is committed, and at release the file falls
+    /// back to its last committed version (or disappears if it never committed).
     failed: Option<i32>,
     /// The registered model this file belongs to, for files below `models/`.
     model: Option<u64>,
@@ -833,17 +833,18 @@ impl ArtifactFs {
         if let Some(code) = w.failed {
             return Err(io::Error::from_raw_os_error(code).into());
         }
-        self.begin_change(&mut w)?;
         let end = offset + data.len() as u64;
         if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
-            // The file now has a hole of unknown bytes: it is never committed.
+            // The file now has a hole of unknown bytes: it is never committed again, and falls
+            // back to its last committed version at release.
             w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
             log::warn!(
-                "inode {}: write failed ({e}); the file will not be committed",
+                "inode {}: write failed ({e}); the file keeps its last committed content, if any",
                 w.ino
             );
             return Err(e.into());
         }
+        self.begin_change(&mut w)?;
         if w.hash_ok {
             if offset == w.hashed {
                 w.hasher.update(data, end);
@@ -854,15 +855,14 @@ impl ArtifactFs {
         }
         w.size = w.size.max(end);
         w.mtime = now_ns();
-        w.dirty = true;
         if let Some(model) = w.model {
             self.model_write_activity(model, 0);
         }
         Ok(data.len() as u32)
     }
 
-    /// Drops the row of an unfinished file (or restores its fsync'd version) and tells the
-    /// kernel that the name may be gone.
+    /// Drops the row of an unfinished file (or restores its last committed version) and tells
+    /// the kernel that the name may be gone or its attributes changed.
     fn abandon(&self, ino: u64) -> io::Result<()> {
         let (row, result) = {
             let idx = self.store.index();
@@ -887,11 +887,28 @@ impl ArtifactFs {
         }
     }
 
-    /// The first change after a commit: until the next commit the row says "being written".
+    /// Records that the writer's bytes or size changed. At the first change after a commit the
+    /// row says "being written" until the next commit, so a crash does not leave the earlier
+    /// version visible.
+    ///
+    /// Called only once the change succeeded: a change that fails (`EFBIG`, `ENOSPC`) leaves
+    /// the writer and its row as they were, committed content intact. (Marking after the change
+    /// is as safe: the caller is not told of the change before the mark is recorded.) If the mark
+    /// itself cannot be recorded, the writer fails: at release it falls back to its last
+    /// committed version.
     fn begin_change(&self, w: &mut Writer) -> FsResult<()> {
-        if !w.dirty && w.committed {
-            self.store.index().mark_rewriting(w.ino, w.synced)?;
+        if !w.dirty
+            && w.committed
+            && let Err(e) = self.store.index().mark_rewriting(w.ino, w.synced)
+        {
+            w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+            log::warn!(
+                "inode {}: cannot record a change ({e}); the file keeps its last committed content",
+                w.ino
+            );
+            return Err(e.into());
         }
+        w.dirty = true;
         Ok(())
     }
 
@@ -929,7 +946,8 @@ impl ArtifactFs {
             log::warn!("inode {}: commit at release failed: {e}", w.ino);
         }
         if result.is_err() || !w.committed {
-            // The content never (fully) reached the index: the half file disappears.
+            // The latest content never (fully) reached the index: the file falls back to its
+            // last committed version, or the half file disappears.
             if let Err(e) = self.abandon(w.ino) {
                 log::warn!(
                     "inode {}: cannot drop the unfinished file yet ({e}); retrying",
@@ -1046,15 +1064,18 @@ impl ArtifactFs {
                         drop(idx);
                         {
                             let mut w = lock(&w);
-                            self.begin_change(&mut w)?;
+                            if let Some(code) = w.failed {
+                                return Err(io::Error::from_raw_os_error(code).into());
+                            }
                             let old = w.size;
+                            // A failed set_len (EFBIG, ENOSPC) leaves the bytes as they were.
                             w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
                             if size != w.size {
                                 w.hash_ok = false;
                             }
                             w.size = size;
                             w.mtime = now;
-                            w.dirty = true;
+                            self.begin_change(&mut w)?;
                         }
                         // The writer's lock is released: getattr takes it again.
                         return self.setattr(
@@ -1507,6 +1528,64 @@ mod tests {
         .unwrap();
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, attr.ino), b"ab");
+    }
+
+    #[test]
+    fn a_change_that_fails_after_a_commit_keeps_the_committed_content() {
+        // open(O_CREAT|O_EXCL), write, dup, close the first fd (a commit), then a change through
+        // the dup fails: the file must stay as committed, sealable, and survive a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let art = run_dir(&fs, "r1");
+        let (truncated, fh_t) = fs.create(ME, art, b"truncated", 0o644).unwrap();
+        fs.write(fh_t, 0, b"keep").unwrap();
+        fs.flush(fh_t).unwrap();
+        let (written, fh_w) = fs.create(ME, art, b"written", 0o644).unwrap();
+        fs.write(fh_w, 0, b"keep").unwrap();
+        fs.flush(fh_w).unwrap();
+        // Growing past the in-memory limit needs STORE/tmp; without it the change fails the
+        // way EFBIG or ENOSPC do.
+        std::fs::remove_dir(dir.path().join("tmp")).unwrap();
+        let big = body::MEM_FILE_MAX + 1;
+        let grow = fs.setattr(
+            truncated.ino,
+            SetAttr {
+                size: Some(big),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(grow, Err(FsError::Io(_))), "{grow:?}");
+        assert_eq!(fs.getattr(truncated.ino).unwrap().size, 4);
+        let write = fs.write(fh_w, 4, &vec![b'x'; big as usize]);
+        assert!(matches!(write, Err(FsError::Io(_))), "{write:?}");
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        // The failed ftruncate left nothing to commit: the dup's close() succeeds. The failed
+        // write is reported by close(), as before.
+        fs.flush(fh_t).unwrap();
+        fs.release(fh_t).unwrap();
+        assert!(fs.flush(fh_w).is_err());
+        let _ = fs.release(fh_w);
+        for ino in [truncated.ino, written.ino] {
+            let a = fs.getattr(ino).unwrap();
+            assert!(a.sealed && a.size == 4, "inode {ino}: {a:?}");
+            assert_eq!(read_all(&fs, ino), b"keep");
+            assert_eq!(
+                fs.getxattr(ino, XATTR_SHA256.as_bytes()).unwrap(),
+                Hash::of(b"keep").to_hex().into_bytes()
+            );
+        }
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        for name in [&b"truncated"[..], b"written"] {
+            let ino = fs.lookup(art, name).unwrap().ino;
+            assert_eq!(read_all(&fs, ino), b"keep", "after a restart");
+        }
     }
 
     #[test]

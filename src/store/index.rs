@@ -674,13 +674,14 @@ impl Index {
         Ok(())
     }
 
-    /// The writes of an open file failed or were abandoned: it falls back to its fsync'd
-    /// version, or disappears (leaving a tombstone if a version had been committed).
+    /// The writes of an open file failed or were abandoned while the daemon runs: it falls back
+    /// to its last committed version (a `close()` returned 0 for it), or disappears if it never
+    /// committed. (After a crash, [`Index::open`] keeps only fsync'd versions instead: nobody was
+    /// told that the later writes did not make it.)
     pub fn abandon_write(&self, ino: u64) -> io::Result<()> {
         self.conn
             .execute_batch(&format!(
-                "UPDATE entries SET state = 0 WHERE ino = {ino} AND state = 3;
-                 UPDATE entries SET state = 1 WHERE ino = {ino} AND state = 2 AND hash IS NOT NULL;
+                "UPDATE entries SET state = 0 WHERE ino = {ino} AND state IN (2, 3) AND hash IS NOT NULL;
                  DELETE FROM entries WHERE ino = {ino} AND state = 2;"
             ))
             .map_err(to_io)
