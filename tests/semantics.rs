@@ -142,6 +142,39 @@ fn a_file_being_written_is_busy_for_other_opens() {
 }
 
 #[test]
+fn truncate_by_path_of_a_file_being_written_is_busy() {
+    let Some(m) = Mount::new("truncate_by_path_of_a_file_being_written_is_busy") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let f = art.join("f");
+    let mut w = File::create(&f).unwrap();
+    w.write_all(b"abc").unwrap();
+    let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 1) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EBUSY)
+    );
+    let t = sh(&art, "truncate -s 0 f");
+    assert!(!t.status.success(), "truncate(1) of a file being written");
+    // The writer's own descriptor may: ftruncate (it carries the file handle).
+    w.set_len(5).unwrap();
+    w.seek(SeekFrom::Start(5)).unwrap();
+    w.write_all(b"def").unwrap();
+    drop(w);
+    assert!(wait_until(std::time::Duration::from_secs(2), || {
+        File::open(&f).is_ok()
+    }));
+    assert_eq!(fs::read(&f).unwrap(), b"abc\0\0def");
+    assert!(
+        m.log().contains("refused truncate /runs/r1/artifacts/f"),
+        "{}",
+        m.log()
+    );
+}
+
+#[test]
 fn paths_are_write_once_across_unlink_and_rename() {
     let Some(m) = Mount::new("paths_are_write_once_across_unlink_and_rename") else {
         return;

@@ -117,6 +117,9 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SetTime>,
+    /// The open file the change comes through (`ftruncate`, `futimens`); `None` for a change by
+    /// path (`truncate`, `chmod`). Only the handle writing a file may change its size.
+    pub fh: Option<u64>,
 }
 
 /// What a lookup found.
@@ -1038,6 +1041,26 @@ impl ArtifactFs {
 
     pub fn setattr(&self, ino: u64, change: SetAttr) -> FsResult<Attr> {
         let now = now_ns();
+        if change.size.is_some() {
+            // truncate(path) of a file another handle is writing: Busy, after giving a release
+            // already on its way a moment to arrive, as `open` does.
+            let other = lock(&self.writing)
+                .get(&ino)
+                .is_some_and(|&fh| change.fh != Some(fh));
+            if other && self.wait_sealed(ino) {
+                let idx = self.store.index();
+                return Err(Self::deny(
+                    &idx,
+                    "truncate",
+                    ino,
+                    None,
+                    (
+                        Refusal::Busy,
+                        "the file is being written through another handle; only that handle may change its size".into(),
+                    ),
+                ));
+            }
+        }
         {
             let idx = self.store.index();
             let e = Self::visible(&idx, ino)?;
@@ -1513,6 +1536,7 @@ mod tests {
                 attr.ino,
                 SetAttr {
                     size: Some(10),
+                    fh: Some(fh),
                     ..Default::default()
                 },
             )
@@ -1522,12 +1546,62 @@ mod tests {
             attr.ino,
             SetAttr {
                 size: Some(2),
+                fh: Some(fh),
                 ..Default::default()
             },
         )
         .unwrap();
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, attr.ino), b"ab");
+    }
+
+    #[test]
+    fn truncate_by_path_of_a_file_being_written_is_busy() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"abc").unwrap();
+        let by_path = SetAttr {
+            size: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(fs.setattr(attr.ino, by_path.clone())),
+            Refusal::Busy
+        );
+        // Through another handle (another process's descriptor) it is the same.
+        let other = SetAttr {
+            fh: Some(fh + 1000),
+            ..by_path.clone()
+        };
+        assert_eq!(refusal(fs.setattr(attr.ino, other)), Refusal::Busy);
+        assert_eq!(fs.getattr(attr.ino).unwrap().size, 3, "nothing changed");
+        // The writer's own descriptor may (ftruncate); metadata by path still may too.
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                size: Some(5),
+                fh: Some(fh),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.write(fh, 5, b"def").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"abc\0\0def");
+        // Sealed: the sealed rules apply, whoever asks.
+        assert_eq!(
+            refusal(fs.setattr(attr.ino, by_path)),
+            Refusal::NotPermitted
+        );
     }
 
     #[test]
@@ -1554,6 +1628,7 @@ mod tests {
             truncated.ino,
             SetAttr {
                 size: Some(big),
+                fh: Some(fh_t),
                 ..Default::default()
             },
         );
