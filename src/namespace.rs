@@ -199,6 +199,19 @@ fn check_version_dir_name(name: &[u8]) -> Rule<()> {
     Ok(())
 }
 
+/// The names of the temporary symlink that is then renamed over `@alias` to move it: coreutils'
+/// `ln -sfn` uses `Cu` and six letters or digits, `artifactfs models alias` `.alias-<pid>`.
+/// Every other plain symlink in `models/<name>/` is refused.
+pub fn is_temp_link_name(name: &[u8]) -> bool {
+    let coreutils = name.len() == 8
+        && name.starts_with(b"Cu")
+        && name[2..].iter().all(u8::is_ascii_alphanumeric);
+    let cli = name
+        .strip_prefix(b".alias-")
+        .is_some_and(|pid| !pid.is_empty() && pid.iter().all(u8::is_ascii_digit));
+    coreutils || cli
+}
+
 /// An alias name, as MLflow allows: `[A-Za-z0-9_-]`, not `latest`, not `v<digits>` (and short
 /// enough that `@alias` is a valid name).
 pub fn check_alias(alias: &[u8]) -> Rule<()> {
@@ -249,6 +262,24 @@ mod tests {
         assert!(check_name(b"\xff\xfe").is_ok());
         assert_eq!(check_run_id(b"run\n1").unwrap_err().0, Refusal::Invalid);
         assert!(check_run_id("ü-run_1".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn only_the_temporary_links_of_ln_sfn_and_the_cli_are_plain_symlink_names() {
+        for ok in [&b"CuTmp123"[..], b"Cuab09ZZ", b".alias-4242"] {
+            assert!(is_temp_link_name(ok), "{ok:?}");
+        }
+        for bad in [
+            &b"another"[..],
+            b"CuTmp12",
+            b"CuTmp1234",
+            b"Cu-mp123",
+            b".alias-",
+            b".alias-12a",
+            b"@champion",
+        ] {
+            assert!(!is_temp_link_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

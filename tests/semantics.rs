@@ -256,6 +256,25 @@ fn links_and_special_files_are_refused() {
 }
 
 #[test]
+fn plain_symlinks_in_a_model_dir_are_refused() {
+    let Some(m) = Mount::new("plain_symlinks_in_a_model_dir_are_refused") else {
+        return;
+    };
+    fs::create_dir(m.path("models/m")).unwrap();
+    assert_eq!(
+        errno(&std::os::unix::fs::symlink("1", m.path("models/m/another")).unwrap_err()),
+        libc::EPERM
+    );
+    assert!(!m.path("models/m/another").exists());
+    let log = m.log();
+    assert_eq!(
+        log.matches("refused symlink /models/m/another").count(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
 fn names_ids_and_the_models_dir() {
     let Some(m) = Mount::new("names_ids_and_the_models_dir") else {
         return;

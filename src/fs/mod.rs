@@ -1885,6 +1885,25 @@ mod tests {
     }
 
     #[test]
+    fn plain_symlinks_in_a_model_dir_are_refused() {
+        let (_d, fs) = new_fs();
+        let m = fs.mkdir(ME, MODELS_INO, b"m", 0o755).unwrap().ino;
+        for (name, target) in [(&b"another"[..], &b"1"[..]), (b"link", b"/etc/passwd")] {
+            assert_eq!(
+                refusal(fs.symlink(ME, m, name, target)),
+                Refusal::NotPermitted,
+                "{name:?}"
+            );
+        }
+        // The temporary link of ln -sfn passes the name rule (and then needs a READY target).
+        assert_eq!(
+            refusal(fs.symlink(ME, m, b"CuTmp123", b"1")),
+            Refusal::Invalid
+        );
+        assert_eq!(refusal(fs.symlink(ME, m, b"@a", b"1")), Refusal::Invalid);
+    }
+
+    #[test]
     fn read_only_refuses_every_change() {
         let dir = tempfile::tempdir().unwrap();
         {
