@@ -188,12 +188,21 @@ pub fn is_registry_name(name: &[u8]) -> bool {
         || (!name.is_empty() && name.iter().all(u8::is_ascii_digit))
 }
 
+/// A name directly in `models/<name>/` (a version directory): not the registry's, and, like run
+/// ids and model names, no control characters (the registry shows it as link target, in the
+/// CLI and in the log).
 fn check_version_dir_name(name: &[u8]) -> Rule<()> {
     check_name(name)?;
     if is_registry_name(name) {
         return refuse(
             Refusal::NotPermitted,
             "numeric names, 'latest' and '@...' are reserved for the registry's links in models/<name>/",
+        );
+    }
+    if name.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return refuse(
+            Refusal::Invalid,
+            "names in models/<name>/ cannot contain control characters",
         );
     }
     Ok(())
@@ -262,6 +271,25 @@ mod tests {
         assert!(check_name(b"\xff\xfe").is_ok());
         assert_eq!(check_run_id(b"run\n1").unwrap_err().0, Refusal::Invalid);
         assert!(check_run_id("ü-run_1".as_bytes()).is_ok());
+        // Version directories in models/<name>/ refuse control characters as run ids do.
+        for bad in [&b"v\n1"[..], b"v\x01", b"\x7fv", b"tab\there"] {
+            assert_eq!(
+                mkdir(Place::ModelRoot, bad).unwrap_err().0,
+                Refusal::Invalid,
+                "{bad:?}"
+            );
+            assert_eq!(
+                create_file(Place::ModelRoot, bad).unwrap_err().0,
+                Refusal::Invalid,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            mkdir(Place::ModelRoot, "v1-ü".as_bytes()).unwrap(),
+            Zone::ModelTree
+        );
+        // Deeper inside a version, names are as free as below runs/.
+        assert_eq!(mkdir(Place::ModelTree, b"a\nb").unwrap(), Zone::ModelTree);
     }
 
     #[test]

@@ -288,6 +288,13 @@ fn names_ids_and_the_models_dir() {
         errno(&fs::create_dir(m.path("models/a:b")).unwrap_err()),
         libc::EINVAL
     );
+    for bad in ["models/iris/v\n1", "models/iris/v\x7f"] {
+        assert_eq!(
+            errno(&fs::create_dir(m.path(bad)).unwrap_err()),
+            libc::EINVAL,
+            "{bad:?}"
+        );
+    }
     assert_eq!(
         errno(&File::create(m.path("models/file")).unwrap_err()),
         libc::EPERM
