@@ -266,7 +266,14 @@ fn plain_symlinks_in_a_model_dir_are_refused() {
         libc::EPERM
     );
     assert!(!m.path("models/m/another").exists());
+    // An empty target never reaches the daemon: the kernel refuses it (ENOENT) on every file
+    // system. The daemon would say EINVAL (fs::tests::plain_symlinks_in_a_model_dir_are_refused).
+    assert_eq!(
+        errno(&std::os::unix::fs::symlink("", m.path("models/m/@a")).unwrap_err()),
+        libc::ENOENT
+    );
     let log = m.log();
+    assert!(!log.contains("/models/m/@a"), "{log}");
     assert_eq!(
         log.matches("refused symlink /models/m/another").count(),
         1,

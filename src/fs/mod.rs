@@ -1901,6 +1901,8 @@ mod tests {
             Refusal::Invalid
         );
         assert_eq!(refusal(fs.symlink(ME, m, b"@a", b"1")), Refusal::Invalid);
+        // An empty target (which the kernel already refuses with ENOENT) is no version either.
+        assert_eq!(refusal(fs.symlink(ME, m, b"@a", b"")), Refusal::Invalid);
     }
 
     #[test]
