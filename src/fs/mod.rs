@@ -455,8 +455,10 @@ impl ArtifactFs {
         let (dir, children, links) = {
             let idx = self.store.index();
             let dir = Self::dir(&idx, ino)?;
-            // Cookies: 1 = ".", 2 = "..", then each child's inode number (always > 3), then
-            // LINK_COOKIE + i for the registry's links.
+            // Cookies: 1 = ".", 2 = "..", then each child's inode number, then LINK_COOKIE + i
+            // for the registry's links. Children's inode numbers are above 3 except in the
+            // root, where runs/ (2) shares its cookie with "..": the root's four entries always
+            // go out in the first reply, so no listing resumes between the two.
             let after = if offset < 3 { 0 } else { offset };
             let children = if offset < LINK_COOKIE {
                 idx.children(ino, after, max)?
