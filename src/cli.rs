@@ -159,7 +159,8 @@ pub struct MountArgs {
     /// Group reported for every entry and recorded for new ones [default: the caller's]
     #[arg(long)]
     pub gid: Option<u32>,
-    /// Threads serving requests [default: number of CPUs, at least 4]
+    /// Threads serving requests [default: number of CPUs, at least 4; N itself is taken as
+    /// given, at least 1]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Where a detached daemon logs [default: STORE/artifactfs.log]
@@ -445,7 +446,9 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     if args.allow_other {
         config.acl = fuser::SessionACL::All;
     }
-    // At least 4: an open() may briefly wait for a RELEASE that another thread must serve.
+    // The default is at least 4: an open() may briefly wait for a RELEASE that another thread
+    // must serve. An explicit --threads N is taken as given (at least 1): with 1, an open of a
+    // file whose RELEASE is still on its way waits the whole grace, then answers EBUSY.
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

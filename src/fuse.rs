@@ -326,7 +326,7 @@ impl Filesystem for FuseAdapter {
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
         _bkuptime: Option<std::time::SystemTime>,
@@ -342,6 +342,8 @@ impl Filesystem for FuseAdapter {
                 TimeOrNow::Now => SetTime::Now,
                 TimeOrNow::SpecificTime(t) => SetTime::At(t),
             }),
+            // The kernel passes the file handle for ftruncate, not for truncate(path).
+            fh: fh.map(|f| f.0),
         };
         match self.fs.setattr(ino.0, change) {
             Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),

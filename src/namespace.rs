@@ -188,6 +188,9 @@ pub fn is_registry_name(name: &[u8]) -> bool {
         || (!name.is_empty() && name.iter().all(u8::is_ascii_digit))
 }
 
+/// A name directly in `models/<name>/` (a version directory): not the registry's, and, like run
+/// ids and model names, no control characters (the registry shows it as link target, in the
+/// CLI and in the log).
 fn check_version_dir_name(name: &[u8]) -> Rule<()> {
     check_name(name)?;
     if is_registry_name(name) {
@@ -196,7 +199,26 @@ fn check_version_dir_name(name: &[u8]) -> Rule<()> {
             "numeric names, 'latest' and '@...' are reserved for the registry's links in models/<name>/",
         );
     }
+    if name.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return refuse(
+            Refusal::Invalid,
+            "names in models/<name>/ cannot contain control characters",
+        );
+    }
     Ok(())
+}
+
+/// The names of the temporary symlink that is then renamed over `@alias` to move it: coreutils'
+/// `ln -sfn` uses `Cu` and six letters or digits, `artifactfs models alias` `.alias-<pid>`.
+/// Every other plain symlink in `models/<name>/` is refused.
+pub fn is_temp_link_name(name: &[u8]) -> bool {
+    let coreutils = name.len() == 8
+        && name.starts_with(b"Cu")
+        && name[2..].iter().all(u8::is_ascii_alphanumeric);
+    let cli = name
+        .strip_prefix(b".alias-")
+        .is_some_and(|pid| !pid.is_empty() && pid.iter().all(u8::is_ascii_digit));
+    coreutils || cli
 }
 
 /// An alias name, as MLflow allows: `[A-Za-z0-9_-]`, not `latest`, not `v<digits>` (and short
@@ -249,6 +271,43 @@ mod tests {
         assert!(check_name(b"\xff\xfe").is_ok());
         assert_eq!(check_run_id(b"run\n1").unwrap_err().0, Refusal::Invalid);
         assert!(check_run_id("ü-run_1".as_bytes()).is_ok());
+        // Version directories in models/<name>/ refuse control characters as run ids do.
+        for bad in [&b"v\n1"[..], b"v\x01", b"\x7fv", b"tab\there"] {
+            assert_eq!(
+                mkdir(Place::ModelRoot, bad).unwrap_err().0,
+                Refusal::Invalid,
+                "{bad:?}"
+            );
+            assert_eq!(
+                create_file(Place::ModelRoot, bad).unwrap_err().0,
+                Refusal::Invalid,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            mkdir(Place::ModelRoot, "v1-ü".as_bytes()).unwrap(),
+            Zone::ModelTree
+        );
+        // Deeper inside a version, names are as free as below runs/.
+        assert_eq!(mkdir(Place::ModelTree, b"a\nb").unwrap(), Zone::ModelTree);
+    }
+
+    #[test]
+    fn only_the_temporary_links_of_ln_sfn_and_the_cli_are_plain_symlink_names() {
+        for ok in [&b"CuTmp123"[..], b"Cuab09ZZ", b".alias-4242"] {
+            assert!(is_temp_link_name(ok), "{ok:?}");
+        }
+        for bad in [
+            &b"another"[..],
+            b"CuTmp12",
+            b"CuTmp1234",
+            b"Cu-mp123",
+            b".alias-",
+            b".alias-12a",
+            b"@champion",
+        ] {
+            assert!(!is_temp_link_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! rename, unlink, mkdir, rmdir, chmod, truncate, ...) run against `artifactfs::fs::ArtifactFs`
 //! on a fresh temp store, and against `Model`, a small in-memory model of the semantics the
 //! README documents: write-once files, tombstones on unlink/rename below `runs/`, `EEXIST` on
-//! tombstoned paths, `EBUSY` opening a file being written, `EPERM` writing or truncating a sealed
-//! file, `ENOTEMPTY`, `EPERM` renaming directories, `mkdir` of a removed directory reviving it,
+//! tombstoned paths, `EBUSY` opening or truncating (by path) a file being written, `EPERM`
+//! writing or truncating a sealed file, `ENOTEMPTY`, `EPERM` renaming directories, `mkdir` of a removed directory reviving it,
 //! the namespace rules of `/` and `runs/`.
 //!
 //! Every operation's result (value, or refusal kind by name) must agree, and after every
@@ -620,8 +620,8 @@ impl Model {
                     return Err("IsDir");
                 }
                 if n.writing {
-                    n.content.resize(*size as usize, 0);
-                    n.mtime = None;
+                    // truncate(path): only the writer's own descriptor may change the size.
+                    return Err("Busy");
                 } else if *size != n.content.len() as u64 {
                     return Err("NotPermitted");
                 }

@@ -142,6 +142,39 @@ fn a_file_being_written_is_busy_for_other_opens() {
 }
 
 #[test]
+fn truncate_by_path_of_a_file_being_written_is_busy() {
+    let Some(m) = Mount::new("truncate_by_path_of_a_file_being_written_is_busy") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let f = art.join("f");
+    let mut w = File::create(&f).unwrap();
+    w.write_all(b"abc").unwrap();
+    let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 1) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EBUSY)
+    );
+    let t = sh(&art, "truncate -s 0 f");
+    assert!(!t.status.success(), "truncate(1) of a file being written");
+    // The writer's own descriptor may: ftruncate (it carries the file handle).
+    w.set_len(5).unwrap();
+    w.seek(SeekFrom::Start(5)).unwrap();
+    w.write_all(b"def").unwrap();
+    drop(w);
+    assert!(wait_until(std::time::Duration::from_secs(2), || {
+        File::open(&f).is_ok()
+    }));
+    assert_eq!(fs::read(&f).unwrap(), b"abc\0\0def");
+    assert!(
+        m.log().contains("refused truncate /runs/r1/artifacts/f"),
+        "{}",
+        m.log()
+    );
+}
+
+#[test]
 fn paths_are_write_once_across_unlink_and_rename() {
     let Some(m) = Mount::new("paths_are_write_once_across_unlink_and_rename") else {
         return;
@@ -223,6 +256,32 @@ fn links_and_special_files_are_refused() {
 }
 
 #[test]
+fn plain_symlinks_in_a_model_dir_are_refused() {
+    let Some(m) = Mount::new("plain_symlinks_in_a_model_dir_are_refused") else {
+        return;
+    };
+    fs::create_dir(m.path("models/m")).unwrap();
+    assert_eq!(
+        errno(&std::os::unix::fs::symlink("1", m.path("models/m/another")).unwrap_err()),
+        libc::EPERM
+    );
+    assert!(!m.path("models/m/another").exists());
+    // An empty target never reaches the daemon: the kernel refuses it (ENOENT) on every file
+    // system. The daemon would say EINVAL (fs::tests::plain_symlinks_in_a_model_dir_are_refused).
+    assert_eq!(
+        errno(&std::os::unix::fs::symlink("", m.path("models/m/@a")).unwrap_err()),
+        libc::ENOENT
+    );
+    let log = m.log();
+    assert!(!log.contains("/models/m/@a"), "{log}");
+    assert_eq!(
+        log.matches("refused symlink /models/m/another").count(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
 fn names_ids_and_the_models_dir() {
     let Some(m) = Mount::new("names_ids_and_the_models_dir") else {
         return;
@@ -236,6 +295,13 @@ fn names_ids_and_the_models_dir() {
         errno(&fs::create_dir(m.path("models/a:b")).unwrap_err()),
         libc::EINVAL
     );
+    for bad in ["models/iris/v\n1", "models/iris/v\x7f"] {
+        assert_eq!(
+            errno(&fs::create_dir(m.path(bad)).unwrap_err()),
+            libc::EINVAL,
+            "{bad:?}"
+        );
+    }
     assert_eq!(
         errno(&File::create(m.path("models/file")).unwrap_err()),
         libc::EPERM
@@ -343,4 +409,42 @@ fn remount_shows_the_same_tree() {
         libc::EEXIST,
         "tombstones persist"
     );
+}
+
+#[test]
+fn a_failed_truncate_after_a_commit_keeps_the_committed_file() {
+    let Some(mut m) = Mount::new("a_failed_truncate_after_a_commit_keeps_the_committed_file")
+    else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    // close() of the first descriptor commits `keep`; the ftruncate through the dup fails.
+    let out = sh_ok(
+        &art,
+        "python3 -c \"
+import errno, os
+fd = os.open('f', os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+os.write(fd, b'keep')
+d = os.dup(fd)
+os.close(fd)
+try:
+    os.ftruncate(d, 1 << 60)
+    print('ftruncate succeeded')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+os.close(d)
+\"",
+    );
+    assert_eq!(out.trim(), "EFBIG");
+    let f = art.join("f");
+    assert!(
+        wait_until(std::time::Duration::from_secs(2), || File::open(&f).is_ok()),
+        "the file is sealed, not busy: {:?}",
+        File::open(&f).err()
+    );
+    assert_eq!(fs::read(&f).unwrap(), b"keep");
+    assert_eq!(sha_xattr(&f), sha256_hex(b"keep"));
+    m.unmount();
+    m.mount(&[]);
+    assert_eq!(fs::read(&f).unwrap(), b"keep", "after a remount");
 }

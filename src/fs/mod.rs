@@ -120,6 +120,9 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SetTime>,
+    /// The open file the change comes through (`ftruncate`, `futimens`); `None` for a change by
+    /// path (`truncate`, `chmod`). Only the handle writing a file may change its size.
+    pub fh: Option<u64>,
 }
 
 /// What a lookup found.
@@ -179,8 +182,8 @@ struct Writer {
     committed: bool,
     /// The last commit was an fsync: that version survives a crash during later writes.
     synced: bool,
-    /// A write failed (ENOSPC, EIO): nothing more is committed, and the file disappears at
-    /// release (or falls back to its fsync'd version).
+    /// A write failed (ENOSPC, EIO): nothing more is committed, and at release the file falls
+    /// back to its last committed version (or disappears if it never committed).
     failed: Option<i32>,
     /// The registered model this file belongs to, for files below `models/`.
     model: Option<u64>,
@@ -455,8 +458,10 @@ impl ArtifactFs {
         let (dir, children, links) = {
             let idx = self.store.index();
             let dir = Self::dir(&idx, ino)?;
-            // Cookies: 1 = ".", 2 = "..", then each child's inode number (always > 3), then
-            // LINK_COOKIE + i for the registry's links.
+            // Cookies: 1 = ".", 2 = "..", then each child's inode number, then LINK_COOKIE + i
+            // for the registry's links. Children's inode numbers are above 3 except in the
+            // root, where runs/ (2) shares its cookie with "..": the root's four entries always
+            // go out in the first reply, so no listing resumes between the two.
             let after = if offset < 3 { 0 } else { offset };
             let children = if offset < LINK_COOKIE {
                 idx.children(ino, after, max)?
@@ -836,17 +841,18 @@ impl ArtifactFs {
         if let Some(code) = w.failed {
             return Err(io::Error::from_raw_os_error(code).into());
         }
-        self.begin_change(&mut w)?;
         let end = offset + data.len() as u64;
         if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
-            // The file now has a hole of unknown bytes: it is never committed.
+            // The file now has a hole of unknown bytes: it is never committed again, and falls
+            // back to its last committed version at release.
             w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
             log::warn!(
-                "inode {}: write failed ({e}); the file will not be committed",
+                "inode {}: write failed ({e}); the file keeps its last committed content, if any",
                 w.ino
             );
             return Err(e.into());
         }
+        self.begin_change(&mut w)?;
         if w.hash_ok {
             if offset == w.hashed {
                 w.hasher.update(data, end);
@@ -857,15 +863,14 @@ impl ArtifactFs {
         }
         w.size = w.size.max(end);
         w.mtime = now_ns();
-        w.dirty = true;
         if let Some(model) = w.model {
             self.model_write_activity(model, 0);
         }
         Ok(data.len() as u32)
     }
 
-    /// Drops the row of an unfinished file (or restores its fsync'd version) and tells the
-    /// kernel that the name may be gone.
+    /// Drops the row of an unfinished file (or restores its last committed version) and tells
+    /// the kernel that the name may be gone or its attributes changed.
     fn abandon(&self, ino: u64) -> io::Result<()> {
         let (row, result) = {
             let idx = self.store.index();
@@ -890,11 +895,28 @@ impl ArtifactFs {
         }
     }
 
-    /// The first change after a commit: until the next commit the row says "being written".
+    /// Records that the writer's bytes or size changed. At the first change after a commit the
+    /// row says "being written" until the next commit, so a crash does not leave the earlier
+    /// version visible.
+    ///
+    /// Called only once the change succeeded: a change that fails (`EFBIG`, `ENOSPC`) leaves
+    /// the writer and its row as they were, committed content intact. (Marking after the change
+    /// is as safe: the caller is not told of the change before the mark is recorded.) If the mark
+    /// itself cannot be recorded, the writer fails: at release it falls back to its last
+    /// committed version.
     fn begin_change(&self, w: &mut Writer) -> FsResult<()> {
-        if !w.dirty && w.committed {
-            self.store.index().mark_rewriting(w.ino, w.synced)?;
+        if !w.dirty
+            && w.committed
+            && let Err(e) = self.store.index().mark_rewriting(w.ino, w.synced)
+        {
+            w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+            log::warn!(
+                "inode {}: cannot record a change ({e}); the file keeps its last committed content",
+                w.ino
+            );
+            return Err(e.into());
         }
+        w.dirty = true;
         Ok(())
     }
 
@@ -932,7 +954,8 @@ impl ArtifactFs {
             log::warn!("inode {}: commit at release failed: {e}", w.ino);
         }
         if result.is_err() || !w.committed {
-            // The content never (fully) reached the index: the half file disappears.
+            // The latest content never (fully) reached the index: the file falls back to its
+            // last committed version, or the half file disappears.
             if let Err(e) = self.abandon(w.ino) {
                 log::warn!(
                     "inode {}: cannot drop the unfinished file yet ({e}); retrying",
@@ -1023,6 +1046,26 @@ impl ArtifactFs {
 
     pub fn setattr(&self, ino: u64, change: SetAttr) -> FsResult<Attr> {
         let now = now_ns();
+        if change.size.is_some() {
+            // truncate(path) of a file another handle is writing: Busy, after giving a release
+            // already on its way a moment to arrive, as `open` does.
+            let other = lock(&self.writing)
+                .get(&ino)
+                .is_some_and(|&fh| change.fh != Some(fh));
+            if other && self.wait_sealed(ino) {
+                let idx = self.store.index();
+                return Err(Self::deny(
+                    &idx,
+                    "truncate",
+                    ino,
+                    None,
+                    (
+                        Refusal::Busy,
+                        "the file is being written through another handle; only that handle may change its size".into(),
+                    ),
+                ));
+            }
+        }
         {
             let idx = self.store.index();
             let e = Self::visible(&idx, ino)?;
@@ -1049,15 +1092,18 @@ impl ArtifactFs {
                         drop(idx);
                         {
                             let mut w = lock(&w);
-                            self.begin_change(&mut w)?;
+                            if let Some(code) = w.failed {
+                                return Err(io::Error::from_raw_os_error(code).into());
+                            }
                             let old = w.size;
+                            // A failed set_len (EFBIG, ENOSPC) leaves the bytes as they were.
                             w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
                             if size != w.size {
                                 w.hash_ok = false;
                             }
                             w.size = size;
                             w.mtime = now;
-                            w.dirty = true;
+                            self.begin_change(&mut w)?;
                         }
                         // The writer's lock is released: getattr takes it again.
                         return self.setattr(
@@ -1510,6 +1556,7 @@ mod tests {
                 attr.ino,
                 SetAttr {
                     size: Some(10),
+                    fh: Some(fh),
                     ..Default::default()
                 },
             )
@@ -1519,12 +1566,121 @@ mod tests {
             attr.ino,
             SetAttr {
                 size: Some(2),
+                fh: Some(fh),
                 ..Default::default()
             },
         )
         .unwrap();
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, attr.ino), b"ab");
+    }
+
+    #[test]
+    fn truncate_by_path_of_a_file_being_written_is_busy() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"abc").unwrap();
+        let by_path = SetAttr {
+            size: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(fs.setattr(attr.ino, by_path.clone())),
+            Refusal::Busy
+        );
+        // Through another handle (another process's descriptor) it is the same.
+        let other = SetAttr {
+            fh: Some(fh + 1000),
+            ..by_path.clone()
+        };
+        assert_eq!(refusal(fs.setattr(attr.ino, other)), Refusal::Busy);
+        assert_eq!(fs.getattr(attr.ino).unwrap().size, 3, "nothing changed");
+        // The writer's own descriptor may (ftruncate); metadata by path still may too.
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                size: Some(5),
+                fh: Some(fh),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.write(fh, 5, b"def").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"abc\0\0def");
+        // Sealed: the sealed rules apply, whoever asks.
+        assert_eq!(
+            refusal(fs.setattr(attr.ino, by_path)),
+            Refusal::NotPermitted
+        );
+    }
+
+    #[test]
+    fn a_change_that_fails_after_a_commit_keeps_the_committed_content() {
+        // open(O_CREAT|O_EXCL), write, dup, close the first fd (a commit), then a change through
+        // the dup fails: the file must stay as committed, sealable, and survive a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let art = run_dir(&fs, "r1");
+        let (truncated, fh_t) = fs.create(ME, art, b"truncated", 0o644).unwrap();
+        fs.write(fh_t, 0, b"keep").unwrap();
+        fs.flush(fh_t).unwrap();
+        let (written, fh_w) = fs.create(ME, art, b"written", 0o644).unwrap();
+        fs.write(fh_w, 0, b"keep").unwrap();
+        fs.flush(fh_w).unwrap();
+        // Growing past the in-memory limit needs STORE/tmp; without it the change fails the
+        // way EFBIG or ENOSPC do.
+        std::fs::remove_dir(dir.path().join("tmp")).unwrap();
+        let big = body::MEM_FILE_MAX + 1;
+        let grow = fs.setattr(
+            truncated.ino,
+            SetAttr {
+                size: Some(big),
+                fh: Some(fh_t),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(grow, Err(FsError::Io(_))), "{grow:?}");
+        assert_eq!(fs.getattr(truncated.ino).unwrap().size, 4);
+        let write = fs.write(fh_w, 4, &vec![b'x'; big as usize]);
+        assert!(matches!(write, Err(FsError::Io(_))), "{write:?}");
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        // The failed ftruncate left nothing to commit: the dup's close() succeeds. The failed
+        // write is reported by close(), as before.
+        fs.flush(fh_t).unwrap();
+        fs.release(fh_t).unwrap();
+        assert!(fs.flush(fh_w).is_err());
+        let _ = fs.release(fh_w);
+        for ino in [truncated.ino, written.ino] {
+            let a = fs.getattr(ino).unwrap();
+            assert!(a.sealed && a.size == 4, "inode {ino}: {a:?}");
+            assert_eq!(read_all(&fs, ino), b"keep");
+            assert_eq!(
+                fs.getxattr(ino, XATTR_SHA256.as_bytes()).unwrap(),
+                Hash::of(b"keep").to_hex().into_bytes()
+            );
+        }
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        for name in [&b"truncated"[..], b"written"] {
+            let ino = fs.lookup(art, name).unwrap().ino;
+            assert_eq!(read_all(&fs, ino), b"keep", "after a restart");
+        }
     }
 
     #[test]
@@ -1781,6 +1937,27 @@ mod tests {
             refusal(fs.create(ME, art, &[b'n'; 256], 0o644)),
             Refusal::NameTooLong
         );
+    }
+
+    #[test]
+    fn plain_symlinks_in_a_model_dir_are_refused() {
+        let (_d, fs) = new_fs();
+        let m = fs.mkdir(ME, MODELS_INO, b"m", 0o755).unwrap().ino;
+        for (name, target) in [(&b"another"[..], &b"1"[..]), (b"link", b"/etc/passwd")] {
+            assert_eq!(
+                refusal(fs.symlink(ME, m, name, target)),
+                Refusal::NotPermitted,
+                "{name:?}"
+            );
+        }
+        // The temporary link of ln -sfn passes the name rule (and then needs a READY target).
+        assert_eq!(
+            refusal(fs.symlink(ME, m, b"CuTmp123", b"1")),
+            Refusal::Invalid
+        );
+        assert_eq!(refusal(fs.symlink(ME, m, b"@a", b"1")), Refusal::Invalid);
+        // An empty target (which the kernel already refuses with ENOENT) is no version either.
+        assert_eq!(refusal(fs.symlink(ME, m, b"@a", b"")), Refusal::Invalid);
     }
 
     #[test]

@@ -326,8 +326,9 @@ impl ArtifactFs {
             .0)
     }
 
-    /// `ln -s TARGET models/<name>/@alias` sets an alias; under another name it is the
-    /// temporary link `ln -sf` renames over an existing alias. Elsewhere: refused.
+    /// `ln -s TARGET models/<name>/@alias` sets an alias; under a temporary link name
+    /// ([`namespace::is_temp_link_name`]) it is the link `ln -sfn` renames over an existing
+    /// alias. Any other symlink: refused (`NotPermitted`, logged).
     pub fn symlink(
         &self,
         _caller: Caller,
@@ -354,6 +355,18 @@ impl ArtifactFs {
             || self.link_target(&idx, &dir, name)?.is_some()
         {
             return Err(FsError::Refused(Refusal::Exists));
+        }
+        if !namespace::is_registry_name(name) && !namespace::is_temp_link_name(name) {
+            return Err(Self::deny(
+                &idx,
+                "symlink",
+                parent,
+                Some(name),
+                namespace::special_file(
+                    "symbolic links (other than @alias, and the temporary link ln -sfn renames to it)",
+                )
+                .unwrap_err(),
+            ));
         }
         let Some(version) = registry::resolve_target(&idx, dir.ino, target)? else {
             let why = format!(

@@ -172,11 +172,19 @@ fn kind_code(k: Kind) -> i64 {
     }
 }
 
+/// `entries.state` codes: the three [`State`]s, and a fourth for a file being written again
+/// whose last commit was fsync'd. That one reads as [`State::Writing`], but a crash brings its
+/// fsync'd version back instead of dropping it (see [`Index::mark_rewriting`]).
+const STATE_LIVE: i64 = 0;
+const STATE_TOMBSTONE: i64 = 1;
+const STATE_WRITING: i64 = 2;
+const STATE_WRITING_KEEP_SYNCED: i64 = 3;
+
 fn state_code(s: State) -> i64 {
     match s {
-        State::Live => 0,
-        State::Tombstone => 1,
-        State::Writing => 2,
+        State::Live => STATE_LIVE,
+        State::Tombstone => STATE_TOMBSTONE,
+        State::Writing => STATE_WRITING,
     }
 }
 
@@ -210,8 +218,9 @@ fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
         _ => Kind::File,
     };
     let state = match row.get::<_, i64>(4)? {
-        0 => State::Live,
-        1 => State::Tombstone,
+        STATE_LIVE => State::Live,
+        STATE_TOMBSTONE => State::Tombstone,
+        // STATE_WRITING, STATE_WRITING_KEEP_SYNCED
         _ => State::Writing,
     };
     let hash: Option<String> = row.get(6)?;
@@ -243,14 +252,15 @@ impl Index {
         index.migrate(owner, now)?;
         index
             .conn
-            .execute_batch(
+            .execute_batch(&format!(
                 // Files being written when the daemon stopped: a version fsync'd before the
-                // latest writes (state 3) is kept; otherwise the file is gone — its path a
-                // tombstone if an earlier version had been committed.
-                "UPDATE entries SET state = 0 WHERE state = 3;
-                 UPDATE entries SET state = 1 WHERE state = 2 AND hash IS NOT NULL;
-                 DELETE FROM entries WHERE state = 2;",
-            )
+                // latest writes is kept; otherwise the file is gone — its path a tombstone if an
+                // earlier version had been committed.
+                "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_WRITING_KEEP_SYNCED};
+                 UPDATE entries SET state = {STATE_TOMBSTONE}
+                     WHERE state = {STATE_WRITING} AND hash IS NOT NULL;
+                 DELETE FROM entries WHERE state = {STATE_WRITING};",
+            ))
             .map_err(to_io)?;
         Ok(index)
     }
@@ -527,8 +537,8 @@ impl Index {
     }
 
     /// Records committed content for a file that is being written or was committed before by
-    /// the same open handle. Returns `false` if the row is gone or tombstoned (the file was
-    /// removed while open), in which case nothing changes.
+    /// the same open handle. Returns [`Commit::Gone`] if the row is gone or tombstoned (the file
+    /// was removed while open), in which case nothing changes.
     /// `ctime` is the commit time (crash recovery finds recent commits by it), `mtime` may be
     /// older (`cp -a` sets it before `close()`). `blob_present` is asked with the index's write
     /// lock held, which garbage collection also takes: a blob it says is there stays there.
@@ -656,8 +666,9 @@ impl Index {
     pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {
         self.conn
             .execute_batch(&format!(
-                "DELETE FROM entries WHERE ino = {ino} AND state = 2 AND hash IS NULL;
-                 UPDATE entries SET state = 1, ctime = {now} WHERE ino = {ino} AND state IN (2, 3);"
+                "DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING} AND hash IS NULL;
+                 UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = {now}
+                     WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED});"
             ))
             .map_err(to_io)
     }
@@ -669,19 +680,29 @@ impl Index {
         self.conn
             .prepare_cached("UPDATE entries SET state = ?2 WHERE ino = ?1 AND state = 0")
             .map_err(to_io)?
-            .execute(params![ino as i64, if keep_on_crash { 3 } else { 2 }])
+            .execute(params![
+                ino as i64,
+                if keep_on_crash {
+                    STATE_WRITING_KEEP_SYNCED
+                } else {
+                    STATE_WRITING
+                }
+            ])
             .map_err(to_io)?;
         Ok(())
     }
 
-    /// The writes of an open file failed or were abandoned: it falls back to its fsync'd
-    /// version, or disappears (leaving a tombstone if a version had been committed).
+    /// The writes of an open file failed or were abandoned while the daemon runs: it falls back
+    /// to its last committed version (a `close()` returned 0 for it), or disappears if it never
+    /// committed. (After a crash, [`Index::open`] keeps only fsync'd versions instead: nobody was
+    /// told that the later writes did not make it.)
     pub fn abandon_write(&self, ino: u64) -> io::Result<()> {
         self.conn
             .execute_batch(&format!(
-                "UPDATE entries SET state = 0 WHERE ino = {ino} AND state = 3;
-                 UPDATE entries SET state = 1 WHERE ino = {ino} AND state = 2 AND hash IS NOT NULL;
-                 DELETE FROM entries WHERE ino = {ino} AND state = 2;"
+                "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})
+                     AND hash IS NOT NULL;
+                 DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING};"
             ))
             .map_err(to_io)
     }

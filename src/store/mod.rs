@@ -305,7 +305,6 @@ impl Store {
         &self.root
     }
 
-    /// The index, locked. Keep the guard short: every file-system operation goes through it.
     /// Moves committed index pages from the WAL into the database file, mostly off the path of
     /// any request; called periodically by the daemon.
     ///
@@ -326,6 +325,7 @@ impl Store {
         Ok(())
     }
 
+    /// The index, locked. Keep the guard short: every file-system operation goes through it.
     pub fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
