@@ -784,7 +784,7 @@ fn ls(store_dir: &Path, path: &Path) -> Result<()> {
             .map(|h| h.to_hex()[..16].to_string())
             .unwrap_or_else(|| "-".into());
         let name = String::from_utf8_lossy(&e.name).into_owned();
-        let writing = if e.state == State::Writing {
+        let writing = if e.state == State::Writing || e.committed_open {
             " (being written)"
         } else {
             ""

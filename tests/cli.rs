@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{BufRead, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -848,4 +848,73 @@ fn a_refused_operation_logs_exactly_one_refused_line() {
         let out = Command::new(BIN).arg("unmount").arg(&mnt).output().unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
     }
+}
+
+/// A file committed by one `close()` while a dup'd descriptor still writes is not sealed: a
+/// `--read-only` daemon on the same store answers `EBUSY` for it, never its intermediate bytes,
+/// and serves the final content once the writer released it. One path, one content.
+#[test]
+fn a_read_only_daemon_never_serves_a_file_that_is_still_open_for_writing() {
+    let Some(m) =
+        Mount::new("a_read_only_daemon_never_serves_a_file_that_is_still_open_for_writing")
+    else {
+        return;
+    };
+    fs::create_dir(m.path("runs/r")).unwrap();
+    let ro = m.dir.path().join("ro");
+    fs::create_dir(&ro).unwrap();
+    let (_g, out) = ExtraMount::mount(Some(&m.store), &ro, &["--read-only"], &[]);
+    assert!(
+        out.status.success(),
+        "read-only mount failed: {}",
+        stderr(&out)
+    );
+    let script = "import os, sys\n\
+        fd = os.open('runs/r/artifacts/f', os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)\n\
+        os.write(fd, b'AAAA')\n\
+        dup = os.dup(fd)\n\
+        os.close(fd)\n\
+        print('committed', flush=True)\n\
+        sys.stdin.readline()\n\
+        os.pwrite(dup, b'BBBBBB', 0)\n\
+        os.close(dup)\n\
+        print('sealed', flush=True)\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .current_dir(&m.mnt)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "committed");
+    let f = ro.join("runs/r/artifacts/f");
+    // Committed but still open on the writer: never "AAAA" through the other daemon.
+    for _ in 0..5 {
+        match fs::read(&f) {
+            Ok(bytes) => panic!(
+                "the read-only daemon served {:?}",
+                String::from_utf8_lossy(&bytes)
+            ),
+            Err(e) => assert!(
+                [libc::EBUSY, libc::ENOENT].contains(&errno(&e)),
+                "read through the read-only daemon: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "sealed");
+    assert!(child.wait().unwrap().success());
+    // Released: the seal reaches the index within a tick; the kernel's cached attributes on the
+    // read-only mount last at most a second.
+    let ok = wait_until(Duration::from_secs(3), || {
+        fs::read(&f).is_ok_and(|b| b == b"BBBBBB")
+    });
+    assert!(
+        ok,
+        "the read-only daemon never served the sealed content: {:?}",
+        fs::read(&f)
+    );
+    assert_eq!(fs::read(m.path("runs/r/artifacts/f")).unwrap(), b"BBBBBB");
 }

@@ -351,7 +351,7 @@ impl ArtifactFs {
             mtime: from_ns(e.mtime),
             ctime: from_ns(e.ctime),
             crtime: from_ns(e.crtime),
-            sealed: e.kind == Kind::File && e.state == State::Live,
+            sealed: self.is_sealed_row(e),
             stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
         if e.kind == Kind::File
@@ -363,6 +363,12 @@ impl ArtifactFs {
             attr.sealed = false;
         }
         attr
+    }
+
+    /// Whether a file row is sealed as far as this daemon can tell: a read-only daemon beside
+    /// a writer treats a file committed while still open there as being written.
+    fn is_sealed_row(&self, e: &Entry) -> bool {
+        e.kind == Kind::File && e.state == State::Live && !(e.committed_open && self.opts.read_only)
     }
 
     /// The live directory `ino`, or the refusal to use.
@@ -378,6 +384,24 @@ impl ArtifactFs {
         match idx.get(ino)? {
             Some(e) if e.state != State::Tombstone => Ok(e),
             _ => Err(FsError::Refused(Refusal::NotFound)),
+        }
+    }
+
+    /// On a read-only daemon beside a writer: a file the writer committed but had not released
+    /// yet is given the same moment for its seal to reach the index (the writer's release may
+    /// follow the `close()` by a few milliseconds, its seal by up to one tick), so `close()` on
+    /// the writer and `open()` here right after see the final content, not `EBUSY`.
+    fn wait_sealed_elsewhere(&self, ino: u64) {
+        if !self.opts.read_only {
+            return;
+        }
+        let until = std::time::Instant::now() + RELEASE_GRACE;
+        while std::time::Instant::now() < until {
+            match self.store.index().get(ino) {
+                Ok(Some(e)) if e.committed_open => {}
+                _ => return,
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -730,6 +754,7 @@ impl ArtifactFs {
     /// Opens an existing file. Only sealed files can be opened, and only for reading.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
         let busy = self.wait_sealed(ino);
+        self.wait_sealed_elsewhere(ino);
         let idx = self.store.index();
         let (e, damaged) = match idx.get_checked(ino)? {
             Some((e, damaged)) if e.state != State::Tombstone => (e, damaged),
@@ -740,7 +765,7 @@ impl ArtifactFs {
         }
         let writes = (flags & libc::O_ACCMODE) != libc::O_RDONLY
             || flags & (libc::O_TRUNC | libc::O_APPEND) != 0;
-        if busy || e.state == State::Writing {
+        if busy || (e.kind == Kind::File && !self.is_sealed_row(&e)) {
             return Err(Self::deny(
                 &idx,
                 "open",
@@ -964,6 +989,10 @@ impl ArtifactFs {
                 lock(&self.abandoned).push(w.ino);
                 result = Err(e.into());
             }
+        }
+        if result.is_ok() && w.committed {
+            // Sealed: other daemons on the store may serve it from now on.
+            self.store.index().seal_later(w.ino);
         }
         w.body.discard(&self.mem);
         lock(&self.writing).remove(&w.ino);
@@ -1309,8 +1338,8 @@ impl ArtifactFs {
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;
         if name == XATTR_SHA256.as_bytes() {
-            return match (e.state, e.hash) {
-                (State::Live, Some(h)) if !lock(&self.writing).contains_key(&ino) => {
+            return match e.hash {
+                Some(h) if self.is_sealed_row(&e) && !lock(&self.writing).contains_key(&ino) => {
                     Ok(h.to_hex().into_bytes())
                 }
                 _ => Err(FsError::Refused(Refusal::NoData)),
@@ -1329,8 +1358,7 @@ impl ArtifactFs {
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;
         let mut names: Vec<&str> = Vec::new();
-        if e.kind == Kind::File && e.state == State::Live && !lock(&self.writing).contains_key(&ino)
-        {
+        if self.is_sealed_row(&e) && !lock(&self.writing).contains_key(&ino) {
             names.push(XATTR_SHA256);
         }
         if let Some(attrs) = self.version_xattrs(&idx, &e)? {
@@ -1373,7 +1401,7 @@ impl ArtifactFs {
                     "setxattr",
                     e.parent,
                     Some(&e.name),
-                    (Refusal::NotPermitted, why),
+                    (Refusal::NotSupported, why),
                 ));
             }
         }
@@ -1888,18 +1916,18 @@ mod tests {
         fs.setxattr(ME, sealed, name, &of(b"sealed")).unwrap();
         assert_eq!(
             refusal(fs.setxattr(ME, sealed, name, &of(b"other"))),
-            Refusal::NotPermitted
+            Refusal::NotSupported
         );
         // While being written (cp -a sets it before close): compared with the bytes so far.
         let (attr, fh) = fs.create(ME, art, b"open.txt", 0o644).unwrap();
         fs.write(fh, 0, b"partial").unwrap();
         assert_eq!(
             refusal(fs.setxattr(ME, attr.ino, name, &of(b"anything"))),
-            Refusal::NotPermitted
+            Refusal::NotSupported
         );
         assert_eq!(
             refusal(fs.setxattr(ME, attr.ino, name, b"not hex at all")),
-            Refusal::NotPermitted
+            Refusal::NotSupported
         );
         fs.setxattr(ME, attr.ino, name, &of(b"partial")).unwrap();
         fs.write(fh, 7, b" and more").unwrap();

@@ -184,6 +184,9 @@ impl ArtifactFs {
             log::warn!("checkpointing the index failed: {e}");
         }
         self.retry_abandoned();
+        if let Err(e) = self.store.index().seal_pending() {
+            log::warn!("sealing released files in the index failed (retried): {e}");
+        }
         let due: Vec<u64> = {
             let mut act = lock(&self.models.activity);
             let due: Vec<u64> = act

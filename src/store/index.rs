@@ -61,6 +61,10 @@ pub struct Entry {
     pub mtime: i64,
     pub ctime: i64,
     pub crtime: i64,
+    /// Committed by a `close()` while the writing daemon still holds the file open (a dup'd
+    /// descriptor may write again): `state` reads `Live`, because the writing daemon knows its
+    /// own writers, but any other reader must treat the file as still being written.
+    pub committed_open: bool,
 }
 
 /// What a new row needs; the index assigns the inode number.
@@ -152,6 +156,9 @@ pub struct FileRow {
 
 pub struct Index {
     conn: Connection,
+    /// Files released since their last commit, still `STATE_COMMITTED_OPEN` in the table: sealed
+    /// in the next commit's transaction or by [`Index::seal_pending`], whichever comes first.
+    pending_seals: std::cell::RefCell<Vec<u64>>,
 }
 
 const COLUMNS: &str =
@@ -179,6 +186,11 @@ const STATE_LIVE: i64 = 0;
 const STATE_TOMBSTONE: i64 = 1;
 const STATE_WRITING: i64 = 2;
 const STATE_WRITING_KEEP_SYNCED: i64 = 3;
+/// Committed, but the file is still open for writing on the writing daemon: reads as
+/// [`State::Live`] with [`Entry::committed_open`] set. Turned into `STATE_LIVE` when the file is
+/// released (batched: [`Index::seal_later`]); a crash keeps the committed content (its `close()`
+/// returned 0) and seals it.
+const STATE_COMMITTED_OPEN: i64 = 4;
 
 fn state_code(s: State) -> i64 {
     match s {
@@ -217,8 +229,9 @@ fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
         1 => Kind::Dir,
         _ => Kind::File,
     };
-    let state = match row.get::<_, i64>(4)? {
-        STATE_LIVE => State::Live,
+    let code = row.get::<_, i64>(4)?;
+    let state = match code {
+        STATE_LIVE | STATE_COMMITTED_OPEN => State::Live,
         STATE_TOMBSTONE => State::Tombstone,
         // STATE_WRITING, STATE_WRITING_KEEP_SYNCED
         _ => State::Writing,
@@ -239,6 +252,7 @@ fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
         mtime: row.get(11)?,
         ctime: row.get(12)?,
         crtime: row.get(13)?,
+        committed_open: code == STATE_COMMITTED_OPEN,
     })
 }
 
@@ -247,7 +261,10 @@ impl Index {
     /// that never completed.
     pub fn open(path: &Path, owner: (u32, u32), now: i64) -> io::Result<Index> {
         let conn = Connection::open(path).map_err(to_io)?;
-        let index = Index { conn };
+        let index = Index {
+            conn,
+            pending_seals: Default::default(),
+        };
         index.configure()?;
         index.migrate(owner, now)?;
         index
@@ -256,7 +273,8 @@ impl Index {
                 // Files being written when the daemon stopped: a version fsync'd before the
                 // latest writes is kept; otherwise the file is gone — its path a tombstone if an
                 // earlier version had been committed.
-                "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_WRITING_KEEP_SYNCED};
+                "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE state IN ({STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN});
                  UPDATE entries SET state = {STATE_TOMBSTONE}
                      WHERE state = {STATE_WRITING} AND hash IS NOT NULL;
                  DELETE FROM entries WHERE state = {STATE_WRITING};",
@@ -271,7 +289,10 @@ impl Index {
         // Checks that it exists and has our schema version.
         drop(Index::open_readonly(path)?);
         let conn = Connection::open(path).map_err(to_io)?;
-        let index = Index { conn };
+        let index = Index {
+            conn,
+            pending_seals: Default::default(),
+        };
         index.configure()?;
         Ok(index)
     }
@@ -298,7 +319,10 @@ impl Index {
                 "index schema version {version}, this artifactfs reads {SCHEMA_VERSION}"
             )));
         }
-        Ok(Index { conn })
+        Ok(Index {
+            conn,
+            pending_seals: Default::default(),
+        })
     }
 
     fn configure(&self) -> io::Result<()> {
@@ -551,16 +575,18 @@ impl Index {
         now: i64,
         blob_present: impl FnOnce() -> bool,
     ) -> io::Result<Commit> {
-        self.write_locked(|idx| {
+        let mut sealed = 0;
+        let result = self.write_locked(|idx| {
             if !blob_present() {
                 return Ok(Commit::BlobMissing);
             }
+            sealed = idx.seal_now()?;
             let n = idx
                 .conn
-                .prepare_cached(
-                    "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5, state = 0
-                     WHERE ino = ?1 AND state != 1",
-                )
+                .prepare_cached(&format!(
+                    "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
+                     state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
+                ))
                 .map_err(to_io)?
                 .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
                 .map_err(to_io)?;
@@ -569,7 +595,52 @@ impl Index {
             } else {
                 Commit::Gone
             })
-        })
+        });
+        if result.is_ok() {
+            self.pending_seals.borrow_mut().drain(..sealed);
+        }
+        result
+    }
+
+    /// File `ino` was released: its committed content is final. Other daemons see it sealed
+    /// once this reaches the table (the next commit, or [`Index::seal_pending`] on the tick).
+    pub fn seal_later(&self, ino: u64) {
+        self.pending_seals.borrow_mut().push(ino);
+    }
+
+    /// Writes the seals [`Index::seal_later`] queued.
+    pub fn seal_pending(&self) -> io::Result<()> {
+        if self.pending_seals.borrow().is_empty() {
+            return Ok(());
+        }
+        let n = self.write_locked(|idx| idx.seal_now())?;
+        self.pending_seals.borrow_mut().drain(..n);
+        Ok(())
+    }
+
+    /// Inside a transaction: writes the queued seals and returns how many, to be dropped from
+    /// the queue once the transaction has committed (a rolled-back one leaves them queued).
+    fn seal_now(&self) -> io::Result<usize> {
+        let inos: Vec<String> = self
+            .pending_seals
+            .borrow()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        if inos.is_empty() {
+            return Ok(0);
+        }
+        self.conn
+            .execute(
+                &format!(
+                    "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE state = {STATE_COMMITTED_OPEN} AND ino IN ({})",
+                    inos.join(",")
+                ),
+                [],
+            )
+            .map_err(to_io)?;
+        Ok(inos.len())
     }
 
     /// Runs `f` in a transaction that holds SQLite's write lock from the start
@@ -678,7 +749,10 @@ impl Index {
     /// must not leave the earlier version visible — unless that version was fsync'd.
     pub fn mark_rewriting(&self, ino: u64, keep_on_crash: bool) -> io::Result<()> {
         self.conn
-            .prepare_cached("UPDATE entries SET state = ?2 WHERE ino = ?1 AND state = 0")
+            .prepare_cached(&format!(
+                "UPDATE entries SET state = ?2
+                 WHERE ino = ?1 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+            ))
             .map_err(to_io)?
             .execute(params![
                 ino as i64,
@@ -851,7 +925,10 @@ impl Index {
     /// Opens a second connection to a store's index that only checkpoints.
     pub fn open_checkpointer(path: &Path) -> io::Result<Index> {
         let conn = Connection::open(path).map_err(to_io)?;
-        let index = Index { conn };
+        let index = Index {
+            conn,
+            pending_seals: Default::default(),
+        };
         index.configure()?;
         index.no_auto_checkpoint()?;
         Ok(index)
@@ -990,6 +1067,45 @@ mod tests {
         }
         let idx = Index::open(&path, (0, 0), 6).unwrap();
         assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().mtime, 5);
+    }
+
+    #[test]
+    fn a_commit_stays_unsealed_for_other_readers_until_the_release_reaches_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let h = Hash::of(b"x");
+        let (a, b) = {
+            let idx = Index::open(&path, (0, 0), 1).unwrap();
+            let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+            let b = idx.insert(&new_file(RUNS_INO, b"b")).unwrap().unwrap();
+            for ino in [a, b] {
+                idx.commit_file(ino, &h, 1, 1, 2, || true).unwrap();
+            }
+            let other = Index::open_readonly(&path).unwrap();
+            let seen = other.get(a).unwrap().unwrap();
+            assert_eq!((seen.state, seen.committed_open), (State::Live, true));
+            // Released: queued, written with the next commit's transaction.
+            idx.seal_later(a);
+            assert!(other.get(a).unwrap().unwrap().committed_open);
+            let c = idx.insert(&new_file(RUNS_INO, b"c")).unwrap().unwrap();
+            idx.commit_file(c, &h, 1, 1, 3, || true).unwrap();
+            assert!(!other.get(a).unwrap().unwrap().committed_open);
+            assert!(other.get(c).unwrap().unwrap().committed_open);
+            // ... or by the tick.
+            idx.seal_later(c);
+            idx.seal_pending().unwrap();
+            assert!(!other.get(c).unwrap().unwrap().committed_open);
+            assert!(idx.pending_seals.borrow().is_empty());
+            (a, b)
+        };
+        // A crash with b committed but still open: its close() returned, so it is kept, sealed.
+        let idx = Index::open(&path, (0, 0), 9).unwrap();
+        let b = idx.get(b).unwrap().unwrap();
+        assert_eq!(
+            (b.state, b.committed_open, b.hash),
+            (State::Live, false, Some(h))
+        );
+        assert!(!idx.get(a).unwrap().unwrap().committed_open);
     }
 
     #[test]

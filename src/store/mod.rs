@@ -346,6 +346,11 @@ impl Drop for Store {
     /// A clean stop of a writable store: sync, and say so, so the next start checks nothing.
     fn drop(&mut self) {
         if self._lock.is_some()
+            && let Err(e) = self.index().seal_pending()
+        {
+            log::warn!("sealing released files at stop failed (a restart seals them): {e}");
+        }
+        if self._lock.is_some()
             && let Err(e) = self.sync_marking(true)
         {
             log::warn!("final sync of {} failed: {e}", self.root.display());
