@@ -6,7 +6,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -175,6 +175,37 @@ pub struct MountArgs {
     /// Seconds a model directory must be quiet before its version is validated
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
+    /// Largest file a write or truncate may make (K, M, G, T suffixes); beyond it EFBIG. Every
+    /// byte of a file is hashed when it is committed, holes included.
+    #[arg(long, default_value = "1T", value_parser = parse_size)]
+    pub max_file_size: u64,
+}
+
+/// Test hook: the daemon panics on a lookup of this name (see `FsOptions::panic_on_lookup`).
+pub const FAULT_PANIC_ENV: &str = "ARTIFACTFS_FAULT_PANIC_ON";
+
+/// A size in bytes, with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown unit in {s:?}: use K, M, G or T")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512G)"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a usable size"))
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -235,7 +266,10 @@ pub fn mount_helper_args(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::
                         ("allow_other", None) => out.push("--allow-other".into()),
                         ("no_passthrough", None) => out.push("--no-passthrough".into()),
                         ("sync_every_close", None) => out.push("--sync-every-close".into()),
-                        ("uid" | "gid" | "settle" | "threads" | "log_file", Some(v)) => {
+                        (
+                            "uid" | "gid" | "settle" | "threads" | "log_file" | "max_file_size",
+                            Some(v),
+                        ) => {
                             out.push(format!("--{}", key.replace('_', "-")).into());
                             out.push(v.into());
                         }
@@ -333,6 +367,8 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
         cmd.arg("--threads").arg(t.to_string());
     }
     cmd.arg("--settle").arg(args.settle.to_string());
+    cmd.arg("--max-file-size")
+        .arg(args.max_file_size.to_string());
     if args.no_passthrough {
         cmd.arg("--no-passthrough");
     }
@@ -414,7 +450,15 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         uid: args.uid,
         gid: args.gid,
         settle: Duration::from_secs_f64(args.settle.max(0.0)),
+        max_file_size: args.max_file_size,
+        panic_on_lookup: std::env::var_os(FAULT_PANIC_ENV).map(|v| v.into_vec()),
     };
+    // Panics are logged with a backtrace (the request or tick that panicked goes on: see
+    // fuse::guarded), instead of only reaching a stderr nobody reads.
+    std::panic::set_hook(Box::new(|info| {
+        let bt = std::backtrace::Backtrace::force_capture();
+        log::error!("panic: {info}\n{bt}");
+    }));
     let fs = std::sync::Arc::new(ArtifactFs::new(store, opts));
     if !args.read_only {
         // Periodic work: batched syncs, and the registry validates models once they have
@@ -424,7 +468,14 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
             .name("registry".into())
             .spawn(move || {
                 while let Some(fs) = fs.upgrade() {
-                    fs.tick(std::time::Instant::now());
+                    // A panic in one tick (logged with its backtrace by the hook) must not end
+                    // syncs, checkpoints and settling for the rest of the mount's life.
+                    let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        fs.tick(std::time::Instant::now());
+                    }));
+                    if tick.is_err() {
+                        log::error!("the periodic tick panicked; it runs again in 200 ms");
+                    }
                     drop(fs);
                     std::thread::sleep(Duration::from_millis(200));
                 }

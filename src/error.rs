@@ -35,6 +35,8 @@ pub enum Refusal {
     BadHandle,
     /// An xattr buffer too small for the value.
     Range,
+    /// A file would grow past the mount's `--max-file-size`.
+    FileTooBig,
     /// The caller's permissions do not allow it (checked by the daemon where the kernel
     /// cannot: content reached by reference).
     AccessDenied,

@@ -59,6 +59,15 @@ pub fn forward_vanished(fs: &ArtifactFs, notifier: fuser::Notifier) -> std::io::
     Ok(())
 }
 
+macro_rules! reply_empty {
+    ($reply:expr, $res:expr) => {
+        match $res {
+            Ok(()) => $reply.ok(),
+            Err(e) => $reply.error(errno(&e)),
+        }
+    };
+}
+
 /// The one errno table: what each refusal means at the syscall.
 pub fn errno(e: &FsError) -> Errno {
     let code = match e {
@@ -78,6 +87,7 @@ pub fn errno(e: &FsError) -> Errno {
             Refusal::BadHandle => libc::EBADF,
             Refusal::Range => libc::ERANGE,
             Refusal::AccessDenied => libc::EACCES,
+            Refusal::FileTooBig => libc::EFBIG,
         },
         FsError::Io(io) => {
             let code = io.raw_os_error().unwrap_or(libc::EIO);
@@ -182,7 +192,12 @@ pub struct FuseAdapter {
     /// Passthrough wanted (command line) and, after `init`, granted by the kernel.
     passthrough: AtomicBool,
     backing: Mutex<Backing>,
+    commits: CommitPool,
 }
+
+/// Threads of the commit pool: two long commits at a time (hashing is CPU-bound; more would
+/// only share the same cores), the rest wait their turn without holding a request thread.
+const COMMIT_THREADS: usize = 2;
 
 /// Backing files registered with the kernel: one per inode while any handle has it open.
 #[derive(Default)]
@@ -197,6 +212,18 @@ impl FuseAdapter {
             fs,
             passthrough: AtomicBool::new(passthrough),
             backing: Mutex::new(Backing::default()),
+            commits: CommitPool::new(COMMIT_THREADS),
+        }
+    }
+
+    /// A flush, fsync or release: inline when cheap, on the commit pool when it may be long.
+    fn commit(&self, fh: u64, reply: ReplyEmpty, op: fn(&ArtifactFs, u64) -> Result<(), FsError>) {
+        if self.fs.commit_is_heavy(fh) {
+            let fs = self.fs.clone();
+            self.commits
+                .run(Box::new(move || reply_empty!(reply, op(&fs, fh))));
+        } else {
+            reply_empty!(reply, op(&self.fs, fh))
         }
     }
 
@@ -248,13 +275,56 @@ impl FuseAdapter {
     }
 }
 
-macro_rules! reply_empty {
-    ($reply:expr, $res:expr) => {
-        match $res {
-            Ok(()) => $reply.ok(),
-            Err(e) => $reply.error(errno(&e)),
+/// Runs one request's handler, catching a panic: its reply is dropped unsent, which fuser
+/// answers with `EIO`; the panic hook has logged the message and backtrace; the request thread
+/// lives on for the next request (fuser itself would lose the thread, and after enough panics
+/// the mount would hang).
+fn guarded(op: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        log::error!("{op}: the handler panicked (answered EIO); the daemon goes on");
+    }
+}
+
+/// Threads for commits that may take long (re-hashing a large file): a request thread hands
+/// the reply over and is free at once, so one user's huge files cannot occupy every request
+/// thread. Jobs wait in order when all commit threads are busy.
+pub struct CommitPool {
+    tx: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl CommitPool {
+    pub fn new(threads: usize) -> CommitPool {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("commit-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            Ok(job) => guarded("commit", job),
+                            Err(_) => break,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("cannot start a commit thread ({e}); long commits run inline");
+            }
         }
-    };
+        CommitPool { tx: Mutex::new(tx) }
+    }
+
+    /// Runs `job` on a commit thread (inline if none could be reached).
+    fn run(&self, job: Job) {
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+        if let Err(std::sync::mpsc::SendError(job)) = sent {
+            job();
+        }
+    }
 }
 
 impl Filesystem for FuseAdapter {
@@ -290,29 +360,31 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup_or_absent(parent.0, name.as_bytes()) {
-            Ok(Lookup::Found(attr)) => self.reply_entry(reply, Ok(attr)),
-            Ok(Lookup::Absent { cacheable }) => {
-                let shared = self.fs.options().read_only;
-                match negative_ttl(cacheable, shared) {
-                    // A negative entry: inode 0, remembered for the TTL.
-                    Some(t) => {
-                        let mut attr = file_attr(&NEGATIVE);
-                        attr.ino = INodeNo(0);
-                        reply.entry(&t, &attr, Generation(0));
+        guarded("lookup", || {
+            match self.fs.lookup_or_absent(parent.0, name.as_bytes()) {
+                Ok(Lookup::Found(attr)) => self.reply_entry(reply, Ok(attr)),
+                Ok(Lookup::Absent { cacheable }) => {
+                    let shared = self.fs.options().read_only;
+                    match negative_ttl(cacheable, shared) {
+                        // A negative entry: inode 0, remembered for the TTL.
+                        Some(t) => {
+                            let mut attr = file_attr(&NEGATIVE);
+                            attr.ino = INodeNo(0);
+                            reply.entry(&t, &attr, Generation(0));
+                        }
+                        None => reply.error(Errno::ENOENT),
                     }
-                    None => reply.error(Errno::ENOENT),
                 }
+                Err(e) => reply.error(errno(&e)),
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        guarded("getattr", || match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn setattr(
@@ -333,22 +405,24 @@ impl Filesystem for FuseAdapter {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            mtime: mtime.map(|t| match t {
-                TimeOrNow::Now => SetTime::Now,
-                TimeOrNow::SpecificTime(t) => SetTime::At(t),
-            }),
-            // The kernel passes the file handle for ftruncate, not for truncate(path).
-            fh: fh.map(|f| f.0),
-        };
-        match self.fs.setattr(ino.0, change) {
-            Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("setattr", || {
+            let change = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                mtime: mtime.map(|t| match t {
+                    TimeOrNow::Now => SetTime::Now,
+                    TimeOrNow::SpecificTime(t) => SetTime::At(t),
+                }),
+                // The kernel passes the file handle for ftruncate, not for truncate(path).
+                fh: fh.map(|f| f.0),
+            };
+            match self.fs.setattr(ino.0, change) {
+                Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn mknod(
@@ -361,11 +435,13 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            reply,
-            self.fs
-                .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask),
-        )
+        guarded("mknod", || {
+            self.reply_entry(
+                reply,
+                self.fs
+                    .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask),
+            )
+        })
     }
 
     fn mkdir(
@@ -377,19 +453,25 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            reply,
-            self.fs
-                .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask),
-        )
+        guarded("mkdir", || {
+            self.reply_entry(
+                reply,
+                self.fs
+                    .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask),
+            )
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty!(reply, self.fs.unlink(parent.0, name.as_bytes()))
+        guarded("unlink", || {
+            reply_empty!(reply, self.fs.unlink(parent.0, name.as_bytes()))
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty!(reply, self.fs.rmdir(parent.0, name.as_bytes()))
+        guarded("rmdir", || {
+            reply_empty!(reply, self.fs.rmdir(parent.0, name.as_bytes()))
+        })
     }
 
     fn symlink(
@@ -400,22 +482,24 @@ impl Filesystem for FuseAdapter {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            reply,
-            self.fs.symlink(
-                caller(req),
-                parent.0,
-                link_name.as_bytes(),
-                target.as_os_str().as_bytes(),
-            ),
-        )
+        guarded("symlink", || {
+            self.reply_entry(
+                reply,
+                self.fs.symlink(
+                    caller(req),
+                    parent.0,
+                    link_name.as_bytes(),
+                    target.as_os_str().as_bytes(),
+                ),
+            )
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        guarded("readlink", || match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn rename(
@@ -428,16 +512,18 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty!(
-            reply,
-            self.fs.rename(
-                parent.0,
-                name.as_bytes(),
-                newparent.0,
-                newname.as_bytes(),
-                flags.contains(RenameFlags::RENAME_EXCHANGE),
+        guarded("rename", || {
+            reply_empty!(
+                reply,
+                self.fs.rename(
+                    parent.0,
+                    name.as_bytes(),
+                    newparent.0,
+                    newname.as_bytes(),
+                    flags.contains(RenameFlags::RENAME_EXCHANGE),
+                )
             )
-        )
+        })
     }
 
     fn link(
@@ -448,16 +534,18 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let e = self.fs.refuse_link("link", newparent.0, newname.as_bytes());
-        reply.error(errno(&e));
+        guarded("link", || {
+            let e = self.fs.refuse_link("link", newparent.0, newname.as_bytes());
+            reply.error(errno(&e));
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
+        guarded("open", || match self.fs.open(ino.0, flags.0) {
             Ok((fh, Opened::Sealed { size })) => self.opened_sealed(ino.0, fh, size, reply),
             Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), WRITING),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn read(
@@ -471,10 +559,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        guarded("read", || match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn write(
@@ -489,10 +577,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        guarded("write", || match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn flush(
@@ -503,7 +591,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty!(reply, self.fs.flush(fh.0))
+        guarded("flush", || self.commit(fh.0, reply, |fs, fh| fs.flush(fh)))
     }
 
     fn release(
@@ -516,12 +604,14 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_fh
-            .remove(&fh.0);
-        reply_empty!(reply, self.fs.release(fh.0))
+        guarded("release", || {
+            self.backing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_fh
+                .remove(&fh.0);
+            self.commit(fh.0, reply, |fs, fh| fs.release(fh))
+        })
     }
 
     fn fsync(
@@ -532,7 +622,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty!(reply, self.fs.fsync(fh.0))
+        guarded("fsync", || self.commit(fh.0, reply, |fs, fh| fs.fsync(fh)))
     }
 
     fn readdir(
@@ -543,7 +633,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(ino.0, offset, 256) {
+        guarded("readdir", || match self.fs.readdir(ino.0, offset, 256) {
             Ok(entries) => {
                 for e in entries {
                     let kind = file_type(e.attr.kind);
@@ -555,20 +645,22 @@ impl Filesystem for FuseAdapter {
                 reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
-            // The kernel keeps the listing in its page cache and drops it itself when a create,
-            // mkdir, unlink or rename through this mount changes the directory.
-            Ok(true) if !self.fs.options().read_only => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("opendir", || {
+            match self.fs.opendir(ino.0) {
+                // The kernel keeps the listing in its page cache and drops it itself when a create,
+                // mkdir, unlink or rename through this mount changes the directory.
+                Ok(true) if !self.fs.options().read_only => reply.opened(
+                    FileHandle(0),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn readdirplus(
@@ -579,32 +671,34 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(ino.0, offset, 128) {
-            Ok(entries) => {
-                for e in entries {
-                    let name = OsStr::from_bytes(&e.name);
-                    // "." and ".." must not be looked up by the kernel through readdirplus.
-                    let attr = file_attr(&e.attr);
-                    let t = if e.name == b"." || e.name == b".." {
-                        Duration::ZERO
-                    } else {
-                        self.ttl(&e.attr)
-                    };
-                    if reply.add(
-                        INodeNo(e.attr.ino),
-                        e.cookie,
-                        name,
-                        &t,
-                        &attr,
-                        Generation(0),
-                    ) {
-                        break;
+        guarded("readdirplus", || {
+            match self.fs.readdir(ino.0, offset, 128) {
+                Ok(entries) => {
+                    for e in entries {
+                        let name = OsStr::from_bytes(&e.name);
+                        // "." and ".." must not be looked up by the kernel through readdirplus.
+                        let attr = file_attr(&e.attr);
+                        let t = if e.name == b"." || e.name == b".." {
+                            Duration::ZERO
+                        } else {
+                            self.ttl(&e.attr)
+                        };
+                        if reply.add(
+                            INodeNo(e.attr.ino),
+                            e.cookie,
+                            name,
+                            &t,
+                            &attr,
+                            Generation(0),
+                        ) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(e) => reply.error(errno(&e)),
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn fsyncdir(
@@ -615,16 +709,18 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty!(reply, self.fs.store().index().sync().map_err(FsError::from))
+        guarded("fsyncdir", || {
+            reply_empty!(reply, self.fs.store().index().sync().map_err(FsError::from))
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.fs.statfs() {
+        guarded("statfs", || match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn setxattr(
@@ -637,35 +733,41 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty!(
-            reply,
-            self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
-        )
+        guarded("setxattr", || {
+            reply_empty!(
+                reply,
+                self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+            )
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
-            Ok(v) => xattr_reply(reply, &v, size),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("getxattr", || {
+            match self.fs.getxattr(ino.0, name.as_bytes()) {
+                Ok(v) => xattr_reply(reply, &v, size),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.listxattr(ino.0) {
+        guarded("listxattr", || match self.fs.listxattr(ino.0) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        // Removing is writing: refused the same way (never a registration).
-        let res = match name.as_bytes() {
-            n if n.starts_with(b"user.artifactfs.register.") => {
-                Err(FsError::Refused(Refusal::NotSupported))
-            }
-            n => self.fs.setxattr(caller(req), ino.0, n, b""),
-        };
-        reply_empty!(reply, res)
+        guarded("removexattr", || {
+            // Removing is writing: refused the same way (never a registration).
+            let res = match name.as_bytes() {
+                n if n.starts_with(b"user.artifactfs.register.") => {
+                    Err(FsError::Refused(Refusal::NotSupported))
+                }
+                n => self.fs.setxattr(caller(req), ino.0, n, b""),
+            };
+            reply_empty!(reply, res)
+        })
     }
 
     /// No ioctls: "not a terminal" (Python's `open()` asks TCGETS of every file it opens).
@@ -680,7 +782,9 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTTY));
+        guarded("ioctl", || {
+            reply.error(Errno::from_i32(libc::ENOTTY));
+        })
     }
 
     fn create(
@@ -693,19 +797,21 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .fs
-            .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
-        {
-            Ok((attr, fh)) => reply.created(
-                &self.ttl(&attr),
-                &file_attr(&attr),
-                Generation(0),
-                FileHandle(fh),
-                WRITING,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("create", || {
+            match self
+                .fs
+                .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
+            {
+                Ok((attr, fh)) => reply.created(
+                    &self.ttl(&attr),
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    WRITING,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 }
 

@@ -918,3 +918,58 @@ fn a_read_only_daemon_never_serves_a_file_that_is_still_open_for_writing() {
     );
     assert_eq!(fs::read(m.path("runs/r/artifacts/f")).unwrap(), b"BBBBBB");
 }
+
+/// A request whose handler panics answers `EIO`, logs the panic with a backtrace, and leaves
+/// its request thread serving: with 2 threads, 10 panics in a row would otherwise leave none.
+#[test]
+fn a_panicking_request_answers_eio_and_the_mount_lives_on() {
+    let Some(m) = Mount::new("a_panicking_request_answers_eio_and_the_mount_lives_on") else {
+        return;
+    };
+    // The fixture's own mount is not needed: a second store with the fault hook armed.
+    let store = m.dir.path().join("store2");
+    let mnt = m.dir.path().join("mnt2");
+    fs::create_dir(&mnt).unwrap();
+    let boom = Path::new("boom");
+    let (_g, out) = ExtraMount::mount(
+        Some(&store),
+        &mnt,
+        &["--threads", "2"],
+        &[("ARTIFACTFS_FAULT_PANIC_ON", boom)],
+    );
+    assert!(out.status.success(), "mount failed: {}", stderr(&out));
+    for _ in 0..10 {
+        // `timeout`: if the threads were gone, this would hang instead of failing.
+        let out = Command::new("timeout")
+            .args(["10", "stat"])
+            .arg(mnt.join("runs/boom"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Input/output error"),
+            "stat runs/boom: {:?} {err}",
+            out.status
+        );
+    }
+    fs::create_dir(mnt.join("runs/r")).unwrap();
+    fs::write(mnt.join("runs/r/artifacts/f"), b"still here\n").unwrap();
+    assert_eq!(
+        fs::read(mnt.join("runs/r/artifacts/f")).unwrap(),
+        b"still here\n"
+    );
+    let log = fs::read_to_string(store.join("artifactfs.log")).unwrap();
+    assert_eq!(
+        log.matches("lookup: the handler panicked").count(),
+        10,
+        "{log}"
+    );
+    assert!(
+        log.contains("panic: ") && log.contains("fault injection"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stack backtrace") || log.contains("at src/"),
+        "no backtrace:\n{log}"
+    );
+}

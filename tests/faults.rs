@@ -2098,3 +2098,133 @@ fn sparse_file_reads_back_zeros_and_its_last_byte() {
     .blocks();
     eprintln!("the blob occupies {} KiB on disk", blob_blocks / 2);
 }
+
+/// One byte far out in a new file: `EFBIG` past `--max-file-size` (default 1 TiB), by write
+/// and by truncate, and the file keeps what it had.
+#[test]
+fn a_byte_at_eight_tib_is_efbig() {
+    let Some(m) = Mount::new("a_byte_at_eight_tib_is_efbig") else {
+        return;
+    };
+    fs::create_dir(m.path("runs/r")).unwrap();
+    let out = sh(
+        &m.mnt,
+        "python3 -c \"
+import errno, os
+fd = os.open('runs/r/artifacts/sparse', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+os.write(fd, b'head')
+try:
+    os.pwrite(fd, b'x', 8 << 40)
+    print('written')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+try:
+    os.ftruncate(fd, 2 << 40)
+    print('truncated')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+os.close(fd)
+\"",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "EFBIG\nEFBIG\n",
+        "{out:?}"
+    );
+    assert_eq!(
+        fs::read(m.path("runs/r/artifacts/sparse")).unwrap(),
+        b"head"
+    );
+    assert!(m.log().contains("is over --max-file-size"), "{}", m.log());
+}
+
+/// Five large sparse files closed at once hash for seconds on the commit pool; meanwhile the
+/// request threads (4) keep answering everyone else: `stat`, `cat` and a new small file.
+#[test]
+fn large_commits_leave_the_mount_responsive() {
+    let Some(m) = Mount::with_args(
+        "large_commits_leave_the_mount_responsive",
+        &["--threads", "4"],
+    ) else {
+        return;
+    };
+    fs::create_dir(m.path("runs/r")).unwrap();
+    let art = m.path("runs/r/artifacts");
+    fs::write(art.join("small.txt"), b"small\n").unwrap();
+    const SIZE: u64 = 2 << 30;
+    let writers: Vec<Child> = (0..5)
+        .map(|i| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(format!(
+                    "import os\n\
+                     fd = os.open('big{i}', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)\n\
+                     os.pwrite(fd, b'x', {SIZE} - 1)\n\
+                     os.close(fd)\n"
+                ))
+                .current_dir(&art)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let writers = Reaper(writers);
+    let start = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut probes = 0;
+    // Probe until every writer's close() has returned (the commits are done).
+    while start.elapsed() < Duration::from_secs(120) {
+        let t = Instant::now();
+        fs::metadata(art.join("small.txt")).unwrap();
+        assert_eq!(fs::read(art.join("small.txt")).unwrap(), b"small\n");
+        fs::write(art.join(format!("probe{probes}")), b"p").unwrap();
+        worst = worst.max(t.elapsed());
+        probes += 1;
+        if writers.all_exited() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = start.elapsed();
+    for status in writers.wait() {
+        assert!(status.success(), "a writer's close() failed: {status:?}");
+    }
+    for i in 0..5 {
+        assert_eq!(
+            fs::metadata(art.join(format!("big{i}"))).unwrap().len(),
+            SIZE
+        );
+        assert_eq!(sha_xattr(&art.join(format!("big{i}"))).len(), 64);
+    }
+    eprintln!("5 x 2 GiB sparse commits took {took:.1?}; {probes} probes, slowest {worst:.0?}");
+    assert!(
+        worst < Duration::from_secs(1),
+        "a request waited {worst:?} behind large commits"
+    );
+}
+
+/// Writers that are reaped even when the test fails.
+struct Reaper(Vec<Child>);
+
+impl Reaper {
+    fn all_exited(&self) -> bool {
+        self.0.iter().all(|c| {
+            // try_wait needs &mut; peek at /proc instead.
+            !Path::new(&format!("/proc/{}", c.id())).exists()
+                || fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                    .is_ok_and(|s| s.split(' ').nth(2) == Some("Z"))
+        })
+    }
+
+    fn wait(mut self) -> Vec<ExitStatus> {
+        self.0.drain(..).map(|mut c| c.wait().unwrap()).collect()
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

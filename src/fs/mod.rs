@@ -43,6 +43,9 @@ pub const XATTR_SHA256: &str = "user.artifactfs.sha256";
 /// `readdir` cookies from here on are registry links (index inode numbers stay below).
 const LINK_COOKIE: u64 = 1 << 60;
 
+/// Commits that re-hash more than this run on the adapter's commit pool.
+const HEAVY_COMMIT: u64 = 64 << 20;
+
 /// How long `open` of a file being written waits for its release before answering `Busy`.
 const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
@@ -55,7 +58,17 @@ pub struct FsOptions {
     pub gid: Option<u32>,
     /// How long a model must be quiet before its pending versions are validated.
     pub settle: Duration,
+    /// Fault injection for tests (`ARTIFACTFS_FAULT_PANIC_ON`): a lookup of this name panics,
+    /// so the suite can prove that a panicking request neither hangs nor kills the mount.
+    pub panic_on_lookup: Option<Vec<u8>>,
+    /// The largest file a write or truncate may make (`FileTooBig` beyond): a commit hashes
+    /// every byte, holes included, so one sparse byte at 8 TiB would cost hours.
+    pub max_file_size: u64,
 }
+
+/// The default `--max-file-size`: 1 TiB, above the single files ML frameworks write
+/// (checkpoint shards are GBs to tens of GBs) and about ten minutes of hashing.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 40;
 
 impl Default for FsOptions {
     fn default() -> Self {
@@ -64,6 +77,8 @@ impl Default for FsOptions {
             uid: None,
             gid: None,
             settle: Duration::from_secs(2),
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            panic_on_lookup: None,
         }
     }
 }
@@ -357,10 +372,21 @@ impl ArtifactFs {
         if e.kind == Kind::File
             && let Some(w) = self.writer_of(e.ino)
         {
-            let w = lock(&w);
-            attr.size = w.size;
-            attr.mtime = from_ns(w.mtime);
             attr.sealed = false;
+            // A writer held for a long commit (hashing a large file) must not stall everyone's
+            // `stat`: its row's size and time stand in until the commit is done.
+            match w.try_lock() {
+                Ok(w) => {
+                    attr.size = w.size;
+                    attr.mtime = from_ns(w.mtime);
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    let w = p.into_inner();
+                    attr.size = w.size;
+                    attr.mtime = from_ns(w.mtime);
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
         }
         attr
     }
@@ -437,6 +463,12 @@ impl ArtifactFs {
     /// whose names only appear through this mount, not in `models/<name>/`, where the registry
     /// adds links by itself.
     pub fn lookup_or_absent(&self, parent: u64, name: &[u8]) -> FsResult<Lookup> {
+        if self.opts.panic_on_lookup.as_deref() == Some(name) {
+            panic!(
+                "fault injection: lookup of {:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
         if name.len() > namespace::NAME_MAX {
             return Err(FsError::Refused(Refusal::NameTooLong));
         }
@@ -862,11 +894,14 @@ impl ArtifactFs {
         let Handle::Write(w) = self.handle(fh)? else {
             return Err(FsError::Refused(Refusal::BadHandle));
         };
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.opts.max_file_size {
+            return Err(self.too_big("write", fh, end));
+        }
         let mut w = lock(&w);
         if let Some(code) = w.failed {
             return Err(io::Error::from_raw_os_error(code).into());
         }
-        let end = offset + data.len() as u64;
         if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
             // The file now has a hole of unknown bytes: it is never committed again, and falls
             // back to its last committed version at release.
@@ -943,6 +978,43 @@ impl ArtifactFs {
         }
         w.dirty = true;
         Ok(())
+    }
+
+    /// The refusal of a write or truncate past `--max-file-size` (one log line).
+    fn too_big(&self, op: &str, fh: u64, end: u64) -> FsError {
+        let ino = self.handle(fh).ok().and_then(|h| match h {
+            Handle::Write(w) => Some(lock(&w).ino),
+            Handle::Read(_) => None,
+        });
+        let idx = self.store.index();
+        let why = format!(
+            "{end} bytes is over --max-file-size ({} bytes)",
+            self.opts.max_file_size
+        );
+        match ino.and_then(|i| idx.get(i).ok().flatten()) {
+            Some(e) => Self::deny(
+                &idx,
+                op,
+                e.parent,
+                Some(&e.name),
+                (Refusal::FileTooBig, why),
+            ),
+            None => FsError::Refused(Refusal::FileTooBig),
+        }
+    }
+
+    /// Whether a `flush`, `fsync` or `release` of `fh` may take long: a file larger than
+    /// [`HEAVY_COMMIT`] that must be hashed again (written out of order or sparse), or a writer
+    /// another thread holds. The adapter runs those on its commit pool, so request threads stay
+    /// free for everyone else.
+    pub fn commit_is_heavy(&self, fh: u64) -> bool {
+        let Ok(Handle::Write(w)) = self.handle(fh) else {
+            return false;
+        };
+        match w.try_lock() {
+            Ok(w) => w.dirty && w.size > HEAVY_COMMIT && !(w.hash_ok && w.hashed == w.size),
+            Err(_) => true,
+        }
     }
 
     /// `close()` of a descriptor: commit what this handle wrote.
@@ -1114,6 +1186,19 @@ impl ArtifactFs {
             if let Some(size) = change.size {
                 if e.kind == Kind::Dir {
                     return Err(FsError::Refused(Refusal::IsDir));
+                }
+                if size > self.opts.max_file_size && size != e.size {
+                    let why = format!(
+                        "{size} bytes is over --max-file-size ({} bytes)",
+                        self.opts.max_file_size
+                    );
+                    return Err(Self::deny(
+                        &idx,
+                        "truncate",
+                        e.parent,
+                        Some(&e.name),
+                        (Refusal::FileTooBig, why),
+                    ));
                 }
                 let writer = self.writer_of(ino);
                 match writer {
@@ -1939,6 +2024,76 @@ mod tests {
             fs.getxattr(attr.ino, name).unwrap(),
             of(b"partial and more")
         );
+    }
+
+    #[test]
+    fn files_past_the_maximum_size_are_efbig_and_keep_their_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions {
+                max_file_size: 1 << 20,
+                ..Default::default()
+            },
+        );
+        let art = run_dir(&fs, "r");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"keep").unwrap();
+        // One byte at 8 TiB, one past the limit, a size past it: refused before any change.
+        for offset in [8u64 << 40, 1 << 20, u64::MAX - 1] {
+            assert_eq!(refusal(fs.write(fh, offset, b"x")), Refusal::FileTooBig);
+        }
+        let grow = SetAttr {
+            size: Some((1 << 20) + 1),
+            fh: Some(fh),
+            ..Default::default()
+        };
+        assert_eq!(refusal(fs.setattr(attr.ino, grow)), Refusal::FileTooBig);
+        // Exactly the maximum is allowed.
+        fs.write(fh, (1 << 20) - 1, b"y").unwrap();
+        assert!(!fs.commit_is_heavy(fh), "1 MiB is no long commit");
+        fs.release(fh).unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        want[..4].copy_from_slice(b"keep");
+        want[(1 << 20) - 1] = b'y';
+        assert_eq!(read_all(&fs, attr.ino), want);
+    }
+
+    #[test]
+    fn a_sparse_file_needs_a_long_commit_and_a_sequential_one_does_not() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let (_, sparse) = fs.create(ME, art, b"sparse", 0o644).unwrap();
+        fs.write(sparse, HEAVY_COMMIT * 2, b"x").unwrap();
+        assert!(fs.commit_is_heavy(sparse));
+        fs.flush(sparse).unwrap();
+        assert!(
+            !fs.commit_is_heavy(sparse),
+            "committed: nothing left to hash"
+        );
+        fs.release(sparse).unwrap();
+        let (_, seq) = fs.create(ME, art, b"seq", 0o644).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for i in 0..(HEAVY_COMMIT >> 20) + 2 {
+            fs.write(seq, i << 20, &chunk).unwrap();
+        }
+        assert!(!fs.commit_is_heavy(seq), "hashed while written");
+        fs.release(seq).unwrap();
+    }
+
+    #[test]
+    fn a_panic_inside_a_write_transaction_rolls_it_back() {
+        let (_d, fs) = new_fs();
+        let idx = fs.store().index();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _: io::Result<()> = idx.write_locked(|_| panic!("inside the transaction"));
+        }));
+        assert!(r.is_err());
+        // The connection is usable: a new transaction begins and commits.
+        idx.write_locked(|_| Ok(())).unwrap();
+        drop(idx);
+        let art = run_dir(&fs, "r");
+        write_file(&fs, art, "after", b"ok");
     }
 
     #[test]

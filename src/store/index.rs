@@ -646,8 +646,20 @@ impl Index {
     /// Runs `f` in a transaction that holds SQLite's write lock from the start
     /// (`BEGIN IMMEDIATE`): commits if `f` succeeds, rolls back if it fails.
     pub fn write_locked<T>(&self, f: impl FnOnce(&Index) -> io::Result<T>) -> io::Result<T> {
+        /// Rolls the transaction back if `f` panics: otherwise it would stay open, and every
+        /// later `BEGIN` of this connection would fail.
+        struct RollbackOnUnwind<'a>(&'a Connection);
+        impl Drop for RollbackOnUnwind<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let _ = self.0.execute_batch("ROLLBACK");
+                }
+            }
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(to_io)?;
+        let guard = RollbackOnUnwind(&self.conn);
         let result = f(self);
+        std::mem::forget(guard);
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         if let Err(e) = self.conn.execute_batch(end) {
             let _ = self.conn.execute_batch("ROLLBACK");
