@@ -281,6 +281,8 @@ pub fn links(idx: &Index, model: u64) -> io::Result<Vec<(Vec<u8>, VersionRow)>> 
         .into_iter()
         .filter(|v| v.status == VersionStatus::Ready && v.dir_ino != model)
         .collect();
+    let by_number: std::collections::HashMap<u64, &VersionRow> =
+        ready.iter().filter_map(|v| Some((v.version?, v))).collect();
     let mut out: Vec<(Vec<u8>, VersionRow)> = ready
         .iter()
         .map(|v| (v.version.unwrap_or(0).to_string().into_bytes(), v.clone()))
@@ -289,19 +291,53 @@ pub fn links(idx: &Index, model: u64) -> io::Result<Vec<(Vec<u8>, VersionRow)>> 
         out.push((b"latest".to_vec(), l.clone()));
     }
     for (alias, n) in idx.aliases_of(model)? {
-        if let Some(v) = ready.iter().find(|v| v.version == Some(n)) {
-            out.push((format!("@{alias}").into_bytes(), v.clone()));
+        if let Some(v) = by_number.get(&n) {
+            out.push((format!("@{alias}").into_bytes(), (*v).clone()));
         }
     }
     Ok(out)
 }
 
-/// The version a registry link `name` in `models/<name>/` points at.
+/// The version a registry link `name` in `models/<name>/` points at. One lookup answers from
+/// the rows that name can mean, without listing every link (a negative lookup of any name in
+/// a model directory lands here).
 pub fn link(idx: &Index, model: u64, name: &[u8]) -> io::Result<Option<VersionRow>> {
-    Ok(links(idx, model)?
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v))
+    let ready = |v: Option<VersionRow>| v.filter(|v| v.dir_ino != model);
+    let version = if name == b"latest" {
+        if is_direct(idx, model)? {
+            return Ok(None);
+        }
+        idx.versions_of(model)?
+            .into_iter()
+            .filter(|v| v.status == VersionStatus::Ready && v.dir_ino != model)
+            .max_by_key(|v| v.version)
+    } else if let Some(alias) = name.strip_prefix(b"@") {
+        let Ok(alias) = std::str::from_utf8(alias) else {
+            return Ok(None);
+        };
+        let Some(n) = idx
+            .aliases_of(model)?
+            .into_iter()
+            .find_map(|(a, n)| (a == alias).then_some(n))
+        else {
+            return Ok(None);
+        };
+        ready(idx.version_number(model, n)?)
+    } else {
+        // Only the canonical spelling of a number is a link ("3", not "03" or "+3").
+        let Some(n) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|n| n.to_string().as_bytes() == name)
+        else {
+            return Ok(None);
+        };
+        ready(idx.version_number(model, n)?)
+    };
+    if version.is_some() && is_direct(idx, model)? {
+        return Ok(None);
+    }
+    Ok(version)
 }
 
 /// Resolves what `ln -s TARGET models/<name>/@alias` names: a version number, `latest`, an

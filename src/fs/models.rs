@@ -280,23 +280,34 @@ impl ArtifactFs {
             .map(|(t, time)| self.link_attr(model, name, t.len(), time)))
     }
 
-    /// All registry links of model directory `model` (empty for other directories).
+    /// All registry links of model directory `model` (empty for other directories), in one
+    /// pass over its versions and aliases.
     pub(super) fn list_links(&self, idx: &Index, model: &Entry) -> FsResult<Vec<(Vec<u8>, Attr)>> {
         if model.zone != Zone::ModelRoot as u8 {
             return Ok(Vec::new());
         }
-        let mut names: Vec<Vec<u8>> = registry::links(idx, model.ino)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        names.extend(
-            lock(&self.models.temp_links)
-                .keys()
-                .filter(|(m, _)| *m == model.ino)
-                .map(|(_, n)| n.clone()),
-        );
         let mut out = Vec::new();
-        for name in names {
+        let mut dir_names: HashMap<u64, usize> = HashMap::new();
+        for (name, v) in registry::links(idx, model.ino)? {
+            let len = match dir_names.get(&v.dir_ino) {
+                Some(&len) => len,
+                None => {
+                    let Some(dir) = idx.get(v.dir_ino)? else {
+                        continue;
+                    };
+                    dir_names.insert(v.dir_ino, dir.name.len());
+                    dir.name.len()
+                }
+            };
+            let attr = self.link_attr(model, &name, len, v.updated);
+            out.push((name, attr));
+        }
+        let temps: Vec<Vec<u8>> = lock(&self.models.temp_links)
+            .keys()
+            .filter(|(m, _)| *m == model.ino)
+            .map(|(_, n)| n.clone())
+            .collect();
+        for name in temps {
             if let Some(attr) = self.lookup_link(idx, model, &name)? {
                 out.push((name, attr));
             }
@@ -1357,5 +1368,55 @@ mod tests {
         chmod(run.ino, 0o700);
         chmod(secret.ino, 0o600);
         register(ME, b"d", model_src).unwrap();
+    }
+
+    /// A model with 1,000 versions and 100 aliases: every link's lookup agrees with the
+    /// listing, names that are not links are not found, and listing plus a lookup of every
+    /// name stays linear (each used to rebuild every link: 1,100 x 1,100).
+    #[test]
+    fn a_thousand_versions_list_and_look_up_in_linear_time() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let run = fs.mkdir(ME, RUNS_INO, b"r", 0o755).unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        copy_in(&fs, &fixtures().join("sklearn_nosig"), art, b"model");
+        let m = fs.mkdir(ME, MODELS_INO, b"big", 0o755).unwrap().ino;
+        for i in 0..1000 {
+            let name = format!("v{i:04}");
+            fs.register_from(ME, m, name.as_bytes(), b"runs/r/artifacts/model")
+                .unwrap();
+        }
+        settle(&fs);
+        for a in 0..100 {
+            let target = format!("{}", a * 10 + 1);
+            fs.symlink(ME, m, format!("@a{a}").as_bytes(), target.as_bytes())
+                .unwrap();
+        }
+        let t = Instant::now();
+        let listed = {
+            let idx = fs.store().index();
+            let model = idx.get(m).unwrap().unwrap();
+            fs.list_links(&idx, &model).unwrap()
+        };
+        let listing = t.elapsed();
+        assert_eq!(listed.len(), 1000 + 1 + 100);
+        let t = Instant::now();
+        for (name, attr) in &listed {
+            let found = fs.lookup(m, name).unwrap();
+            assert_eq!((found.ino, found.size), (attr.ino, attr.size), "{name:?}");
+        }
+        let lookups = t.elapsed();
+        let latest = fs.lookup(m, b"latest").unwrap();
+        assert_eq!(fs.readlink(latest.ino).unwrap(), b"v0999");
+        assert_eq!(
+            fs.readlink(fs.lookup(m, b"@a3").unwrap().ino).unwrap(),
+            b"v0030"
+        );
+        for not_a_link in [
+            "0", "1001", "01", "+1", " 1", "latest2", "@nope", "@", "@a100",
+        ] {
+            assert!(fs.lookup(m, not_a_link.as_bytes()).is_err(), "{not_a_link}");
+        }
+        eprintln!("1,000 versions + 100 aliases: list {listing:.1?}, 1,101 lookups {lookups:.1?}");
     }
 }
