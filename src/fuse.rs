@@ -597,7 +597,7 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -605,11 +605,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guarded("release", || {
-            self.backing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .by_fh
-                .remove(&fh.0);
+            {
+                let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+                b.by_fh.remove(&fh.0);
+                // The last handle on the inode closed its backing file: forget the inode too,
+                // or the map would grow with every file ever read.
+                if b.by_ino.get(&ino.0).is_some_and(|w| w.strong_count() == 0) {
+                    b.by_ino.remove(&ino.0);
+                }
+            }
             self.commit(fh.0, reply, |fs, fh| fs.release(fh))
         })
     }

@@ -58,8 +58,16 @@ pub struct ModelState {
     links: Mutex<Links>,
     /// Symlinks `ln -sf` creates under a temporary name before renaming them to `@alias`:
     /// (model, name) → version number.
-    temp_links: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+    /// One that is never renamed (an interrupted `ln -sfn`) is forgotten after
+    /// [`TEMP_LINK_LIFETIME`].
+    temp_links: Mutex<HashMap<LinkKey, (u64, Instant)>>,
 }
+
+/// A registry link: (model directory's inode, name).
+type LinkKey = (u64, Vec<u8>);
+
+/// How long a temporary link waits for its rename to `@alias`.
+const TEMP_LINK_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn in_models(e: &Entry) -> bool {
     e.zone == Zone::ModelRoot as u8 || e.zone == Zone::ModelTree as u8
@@ -91,6 +99,21 @@ impl ModelState {
 
     fn link_key(&self, ino: u64) -> Option<(u64, Vec<u8>)> {
         lock(&self.links).by_ino.get(&ino).cloned()
+    }
+
+    /// A link that is gone (a removed alias, a renamed or expired temporary link): its inode
+    /// number is never reused, so a kernel that still holds it gets `ENOENT`.
+    fn forget_link(&self, model: u64, name: &[u8]) {
+        let mut l = lock(&self.links);
+        if let Some(ino) = l.by_key.remove(&(model, name.to_vec())) {
+            l.by_ino.remove(&ino);
+        }
+    }
+
+    /// Entries kept in memory for links: (inode numbers, temporary links).
+    #[cfg(test)]
+    fn link_counts(&self) -> (usize, usize) {
+        (lock(&self.links).by_ino.len(), lock(&self.temp_links).len())
     }
 }
 
@@ -184,6 +207,25 @@ impl ArtifactFs {
             log::warn!("checkpointing the index failed: {e}");
         }
         self.retry_abandoned();
+        let expired: Vec<(u64, Vec<u8>)> = {
+            let mut temps = lock(&self.models.temp_links);
+            let old: Vec<_> = temps
+                .iter()
+                .filter(|(_, (_, made))| made.elapsed() > TEMP_LINK_LIFETIME)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &old {
+                temps.remove(k);
+            }
+            old
+        };
+        for (model, name) in expired {
+            log::info!(
+                "registry: temporary link {:?} was never renamed to @alias; dropped",
+                String::from_utf8_lossy(&name)
+            );
+            self.models.forget_link(model, &name);
+        }
         if let Err(e) = self.store.index().seal_pending() {
             log::warn!("sealing released files in the index failed (retried): {e}");
         }
@@ -255,7 +297,7 @@ impl ArtifactFs {
         name: &[u8],
     ) -> FsResult<Option<(Vec<u8>, i64)>> {
         let version = match lock(&self.models.temp_links).get(&(model.ino, name.to_vec())) {
-            Some(&n) => idx.version_number(model.ino, n)?,
+            Some(&(n, _)) => idx.version_number(model.ino, n)?,
             None => registry::link(idx, model.ino, name)?,
         };
         let Some(v) = version else { return Ok(None) };
@@ -419,7 +461,8 @@ impl ArtifactFs {
         } else {
             namespace::check_name(name)
                 .map_err(|r| Self::deny(&idx, "symlink", parent, Some(name), r))?;
-            lock(&self.models.temp_links).insert((dir.ino, name.to_vec()), number);
+            lock(&self.models.temp_links)
+                .insert((dir.ino, name.to_vec()), (number, Instant::now()));
         }
         self.lookup_link(&idx, &dir, name)?
             .ok_or(FsError::Refused(Refusal::NotFound))
@@ -440,6 +483,7 @@ impl ArtifactFs {
             .remove(&(dir.ino, name.to_vec()))
             .is_some()
         {
+            self.models.forget_link(dir.ino, name);
             return Some(Ok(()));
         }
         if !namespace::is_registry_name(name) {
@@ -449,6 +493,7 @@ impl ArtifactFs {
             if let Some(alias) = name.strip_prefix(b"@")
                 && idx.alias_remove(dir.ino, &String::from_utf8_lossy(alias))?
             {
+                self.models.forget_link(dir.ino, name);
                 log::info!(
                     "registry: alias @{} removed from /{}",
                     String::from_utf8_lossy(alias),
@@ -487,7 +532,7 @@ impl ArtifactFs {
         }
         let temp = lock(&self.models.temp_links)
             .get(&(dir.ino, name.to_vec()))
-            .copied();
+            .map(|&(n, _)| n);
         let number = match temp {
             Some(n) => n,
             None if name.starts_with(b"@") => match self.link_target(idx, dir, name) {
@@ -528,6 +573,7 @@ impl ArtifactFs {
             } else {
                 idx.alias_remove(dir.ino, &String::from_utf8_lossy(&name[1..]))?;
             }
+            self.models.forget_link(dir.ino, name);
             log::info!(
                 "registry: alias @{} -> version {number} of /{}",
                 String::from_utf8_lossy(alias),
@@ -1418,5 +1464,36 @@ mod tests {
             assert!(fs.lookup(m, not_a_link.as_bytes()).is_err(), "{not_a_link}");
         }
         eprintln!("1,000 versions + 100 aliases: list {listing:.1?}, 1,101 lookups {lookups:.1?}");
+    }
+
+    /// `ln -sfn` moving an alias 10,000 times (a new temporary name each time) leaves the
+    /// daemon's link maps as small as the links that exist.
+    #[test]
+    fn moving_an_alias_many_times_keeps_the_link_maps_small() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"a");
+        copy_in(&fs, &fixtures().join("sklearn_nosig"), iris, b"b");
+        settle(&fs);
+        fs.symlink(ME, iris, b"@champion", b"1").unwrap();
+        for i in 0..10_000 {
+            let temp = format!("Cu{i:06}");
+            let target = if i % 2 == 0 { b"2" } else { b"1" };
+            fs.symlink(ME, iris, temp.as_bytes(), target).unwrap();
+            fs.lookup(iris, temp.as_bytes()).unwrap();
+            fs.rename(iris, temp.as_bytes(), iris, b"@champion", false)
+                .unwrap();
+            fs.lookup(iris, b"@champion").unwrap();
+        }
+        // 1, 2, latest, @champion: what exists, not what ever existed.
+        let (inos, temps) = fs.models.link_counts();
+        assert!(inos <= 4, "{inos} link inode numbers kept");
+        assert_eq!(temps, 0);
+        assert_eq!(
+            fs.readlink(fs.lookup(iris, b"@champion").unwrap().ino)
+                .unwrap(),
+            b"a"
+        );
     }
 }
