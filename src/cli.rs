@@ -416,20 +416,65 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         settle: Duration::from_secs_f64(args.settle.max(0.0)),
     };
     let fs = std::sync::Arc::new(ArtifactFs::new(store, opts));
-    if !args.read_only {
-        // Periodic work: batched syncs, and the registry validates models once they have
-        // been quiet for the settle time.
-        let fs = std::sync::Arc::downgrade(&fs);
-        std::thread::Builder::new()
+    // Periodic work: batched syncs, and the registry validates models once they have been
+    // quiet for the settle time.
+    let ticker = (!args.read_only).then(|| Ticker::start(&fs)).transpose()?;
+    let result = serve_session(args, report_ready, &fs, sigs, &store_dir, &mp);
+    // The session is over: no request comes any more. The tick may be in the middle of its
+    // work (a sync, a model's validation); it finishes, then nothing but this thread uses the
+    // store, and the clean stop is recorded — whatever ended the session: an unmount, a signal
+    // or an error.
+    if let Some(ticker) = ticker {
+        ticker.stop();
+    }
+    if let Err(e) = fs.store().stop() {
+        log::warn!("final sync of {} failed: {e}", store_dir.display());
+    }
+    result
+}
+
+/// The thread that calls [`ArtifactFs::tick`] every 200 ms until stopped.
+struct Ticker {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(fs: &std::sync::Arc<ArtifactFs>) -> std::io::Result<Ticker> {
+        let fs = fs.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("registry".into())
             .spawn(move || {
-                while let Some(fs) = fs.upgrade() {
+                loop {
                     fs.tick(std::time::Instant::now());
-                    drop(fs);
-                    std::thread::sleep(Duration::from_millis(200));
+                    match stopped.recv_timeout(Duration::from_millis(200)) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
                 }
             })?;
+        Ok(Ticker { stop, thread })
     }
+
+    /// Waits for the tick under way, if any, to finish; no other starts.
+    fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            log::warn!("the periodic work panicked");
+        }
+    }
+}
+
+/// Mounts and serves until the session ends (unmounted, by a signal or an error).
+fn serve_session(
+    args: &MountArgs,
+    report_ready: bool,
+    fs: &std::sync::Arc<ArtifactFs>,
+    sigs: libc::sigset_t,
+    store_dir: &Path,
+    mp: &Path,
+) -> Result<()> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(store_dir.display().to_string()),
@@ -459,12 +504,11 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     config.clone_fd = true;
 
     let adapter = FuseAdapter::new(fs.clone(), !args.no_passthrough);
-    let mut session = fuser::Session::new(adapter, &mp, &config)
+    let mut session = fuser::Session::new(adapter, mp, &config)
         .with_context(|| format!("cannot mount at {}", mp.display()))?;
-    crate::fuse::forward_vanished(&fs, session.notifier())?;
-    drop(fs);
+    crate::fuse::forward_vanished(fs, session.notifier())?;
     let unmounter = session.unmount_callable();
-    let mp_for_signal = mp.clone();
+    let mp_for_signal = mp.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_for_stop(sigs, unmounter, &mp_for_signal))?;
@@ -484,9 +528,10 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         let devnull = std::fs::File::open("/dev/null")?;
         unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&devnull), 1) };
     }
-    session.run().context("session ended with an error")?;
+    // run() returns once its threads are done, the adapter dropped.
+    let result = session.run().context("session ended with an error");
     log::info!("unmounted {}", mp.display());
-    Ok(())
+    result
 }
 
 /// Tells systemd (`Type=notify`) about the service's state, when run by it.
