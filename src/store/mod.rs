@@ -144,6 +144,8 @@ pub struct Store {
     marking: Mutex<()>,
     /// [`Store::stop`] recorded a clean stop.
     stopped: std::sync::atomic::AtomicBool,
+    /// `Some` for a writable store.
+    durability: Option<Durability>,
 }
 
 /// What `STORE/synced` records. Each value is a claim that stays true once made: the blobs of
@@ -156,6 +158,10 @@ enum Marker {
     /// checking on the next start. An older artifactfs wrote a clean stop as `i64::MAX`, without
     /// its time: read as `Clean(0)`.
     Clean(i64),
+    /// `every-close T`: a daemon with `--sync-every-close` started, after a sync started at
+    /// `T`. It makes every blob durable — bytes and directory entries — before it writes the
+    /// row, so no commit it makes ever needs checking: after its unclean stop, nothing does.
+    EveryClose(i64),
 }
 
 impl Marker {
@@ -171,6 +177,7 @@ impl Marker {
             None if line == i64::MAX.to_string() => Some(Marker::Clean(0)),
             None => number(line).map(Marker::Synced),
             Some(("clean", t)) => number(t).map(Marker::Clean),
+            Some(("every-close", t)) => number(t).map(Marker::EveryClose),
             Some(_) => None,
         }
     }
@@ -179,13 +186,14 @@ impl Marker {
         match self {
             Marker::Synced(t) => format!("{t}\n"),
             Marker::Clean(t) => format!("clean {t}\n"),
+            Marker::EveryClose(t) => format!("every-close {t}\n"),
         }
     }
 
     /// The time before which every commit's blob is on disk.
     fn time(self) -> i64 {
         match self {
-            Marker::Synced(t) | Marker::Clean(t) => t,
+            Marker::Synced(t) | Marker::Clean(t) | Marker::EveryClose(t) => t,
         }
     }
 
@@ -285,6 +293,7 @@ impl Store {
             last_sync: Mutex::new(std::time::Instant::now()),
             marking: Mutex::new(()),
             stopped: Default::default(),
+            durability: Some(durability),
         };
         store.recover()?;
         store.sync()?;
@@ -299,6 +308,13 @@ impl Store {
         let marker = match Marker::load(&self.root) {
             (Some(Marker::Clean(_)), true) => {
                 log::info!("the last stop was clean: nothing to check");
+                return Ok(0);
+            }
+            (Some(Marker::EveryClose(_)), true) => {
+                log::info!(
+                    "unclean stop: re-hashed 0 file(s): the daemon ran with --sync-every-close, \
+                     every committed file's blob was on disk before its row"
+                );
                 return Ok(0);
             }
             // A clean stop recorded before the latest marker says only that what came before
@@ -371,6 +387,8 @@ impl Store {
         }
         let marker = if clean {
             Marker::Clean(started)
+        } else if self.durability == Some(Durability::EveryClose) {
+            Marker::EveryClose(started)
         } else {
             Marker::Synced(started)
         };
@@ -397,6 +415,8 @@ impl Store {
     }
 
     /// Syncs if blobs were published without fsync and the last sync is `SYNC_INTERVAL` old.
+    /// (Never with `--sync-every-close`: nothing is published without fsync, and the marker
+    /// written at start already says that no commit needs checking.)
     pub fn sync_if_due(&self) -> io::Result<()> {
         let due = self
             .last_sync
@@ -424,6 +444,7 @@ impl Store {
             last_sync: Mutex::new(std::time::Instant::now()),
             marking: Mutex::new(()),
             stopped: Default::default(),
+            durability: None,
         })
     }
 
@@ -442,6 +463,7 @@ impl Store {
             last_sync: Mutex::new(std::time::Instant::now()),
             marking: Mutex::new(()),
             stopped: Default::default(),
+            durability: None,
         })
     }
 
@@ -659,7 +681,12 @@ mod tests {
         ] {
             assert_eq!(Marker::parse(torn), None, "{torn:?}");
         }
-        for m in [Marker::Synced(5), Marker::Clean(6)] {
+        assert_eq!(
+            Marker::parse("every-close 8\n"),
+            Some(Marker::EveryClose(8))
+        );
+        assert_eq!(Marker::parse("every-close 8"), None);
+        for m in [Marker::Synced(5), Marker::Clean(6), Marker::EveryClose(7)] {
             assert_eq!(Marker::parse(&m.render()), Some(m));
         }
     }
@@ -692,6 +719,29 @@ mod tests {
         // An older clean stop is no fallback for rows committed after it.
         fs::write(dir.path().join("synced"), "").unwrap();
         fs::write(dir.path().join("synced.prev"), "clean 1\n").unwrap();
+        assert_eq!(store.recover().unwrap(), 3);
+    }
+
+    /// With `--sync-every-close` the marker says so from the start, and an unclean stop then
+    /// re-hashes nothing; a fallback to such a marker vouches only for what came before it.
+    #[test]
+    fn after_an_unclean_stop_with_sync_every_close_nothing_is_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable_with(dir.path(), Durability::EveryClose).unwrap();
+        let start = Marker::read(dir.path(), Marker::FILE).unwrap().unwrap();
+        assert!(matches!(start, Marker::EveryClose(_)), "{start:?}");
+        for name in [&b"a"[..], b"b", b"c"] {
+            committed_test_file(&store, name, name);
+        }
+        // The periodic work has nothing to sync and leaves the marker alone.
+        *store.last_sync.lock().unwrap() -= SYNC_INTERVAL;
+        store.sync_if_due().unwrap();
+        assert_eq!(Marker::read(dir.path(), Marker::FILE).unwrap(), Some(start));
+        // As after a kill: the start's marker is the latest.
+        assert_eq!(store.recover().unwrap(), 0);
+        // Torn, it falls back to the one before, which vouches for nothing committed since.
+        fs::rename(dir.path().join("synced"), dir.path().join("synced.prev")).unwrap();
+        fs::write(dir.path().join("synced"), "every-cl").unwrap();
         assert_eq!(store.recover().unwrap(), 3);
     }
 
