@@ -26,8 +26,9 @@ pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
     next_tmp: AtomicU64,
-    /// fsync each blob before it is renamed into place; otherwise blobs are synced in batches
-    /// by `Store::sync` and checked after a crash (see `Store::open_writable`).
+    /// fsync each blob before it is renamed into place, and its directories after; otherwise
+    /// blobs are synced in batches by `Store::sync` and checked after a crash (see
+    /// `Store::open_writable`).
     sync_before_publish: bool,
     /// Blobs were published without fsync since the last `Store::sync`.
     unsynced: AtomicBool,

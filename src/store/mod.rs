@@ -119,7 +119,8 @@ pub fn default_store_dir() -> PathBuf {
 /// How a writable store makes blobs durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// fsync every blob before its index row is written.
+    /// fsync every blob, and the directory entries leading to it, before its index row is
+    /// written; no start after an unclean stop needs to check these rows.
     EveryClose,
     /// Publish blobs without fsync and sync the whole store file system (`syncfs`) at most a
     /// second later; after a crash, the blobs of rows committed since the last sync are
