@@ -422,12 +422,20 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     let result = serve_session(args, report_ready, &fs, sigs, &store_dir, &mp);
     // The session is over: no request comes any more. The tick may be in the middle of its
     // work (a sync, a model's validation); it finishes, then nothing but this thread uses the
-    // store, and the clean stop is recorded — whatever ended the session: an unmount, a signal
-    // or an error.
+    // store, and the clean stop is recorded — whether an unmount or a signal ended the session
+    // or the mount failed.
     if let Some(ticker) = ticker {
         ticker.stop();
     }
-    if let Err(e) = fs.store().stop() {
+    let stopped = match &result {
+        Ok(()) => fs.store().stop(),
+        // A session that failed may have left request threads running (fuser returns at once
+        // when one panicked): sync, and leave the clean stop to the store's drop, which runs
+        // when this thread lets go of the last reference — only once they are all gone.
+        Err(_) if !args.read_only => fs.store().sync(),
+        Err(_) => Ok(()),
+    };
+    if let Err(e) = stopped {
         log::warn!("final sync of {} failed: {e}", store_dir.display());
     }
     result
