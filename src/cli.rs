@@ -460,14 +460,45 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         log::error!("panic: {info}\n{bt}");
     }));
     let fs = std::sync::Arc::new(ArtifactFs::new(store, opts));
-    if !args.read_only {
-        // Periodic work: batched syncs, and the registry validates models once they have
-        // been quiet for the settle time.
-        let fs = std::sync::Arc::downgrade(&fs);
-        std::thread::Builder::new()
+    // Periodic work: batched syncs, and the registry validates models once they have been
+    // quiet for the settle time.
+    let ticker = (!args.read_only).then(|| Ticker::start(&fs)).transpose()?;
+    let result = serve_session(args, report_ready, &fs, sigs, &store_dir, &mp);
+    // The session is over: no request comes any more. The tick may be in the middle of its
+    // work (a sync, a model's validation); it finishes, then nothing but this thread uses the
+    // store, and the clean stop is recorded — whether an unmount or a signal ended the session
+    // or the mount failed.
+    if let Some(ticker) = ticker {
+        ticker.stop();
+    }
+    let stopped = match &result {
+        Ok(()) => fs.store().stop(),
+        // A session that failed may have left request threads running (fuser returns at once
+        // when one panicked): sync, and leave the clean stop to the store's drop, which runs
+        // when this thread lets go of the last reference — only once they are all gone.
+        Err(_) if !args.read_only => fs.store().sync(),
+        Err(_) => Ok(()),
+    };
+    if let Err(e) = stopped {
+        log::warn!("final sync of {} failed: {e}", store_dir.display());
+    }
+    result
+}
+
+/// The thread that calls [`ArtifactFs::tick`] every 200 ms until stopped.
+struct Ticker {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(fs: &std::sync::Arc<ArtifactFs>) -> std::io::Result<Ticker> {
+        let fs = fs.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("registry".into())
             .spawn(move || {
-                while let Some(fs) = fs.upgrade() {
+                loop {
                     // A panic in one tick (logged with its backtrace by the hook) must not end
                     // syncs, checkpoints and settling for the rest of the mount's life.
                     let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -476,11 +507,33 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
                     if tick.is_err() {
                         log::error!("the periodic tick panicked; it runs again in 200 ms");
                     }
-                    drop(fs);
-                    std::thread::sleep(Duration::from_millis(200));
+                    match stopped.recv_timeout(Duration::from_millis(200)) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
                 }
             })?;
+        Ok(Ticker { stop, thread })
     }
+
+    /// Waits for the tick under way, if any, to finish; no other starts.
+    fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            log::warn!("the periodic work panicked");
+        }
+    }
+}
+
+/// Mounts and serves until the session ends (unmounted, by a signal or an error).
+fn serve_session(
+    args: &MountArgs,
+    report_ready: bool,
+    fs: &std::sync::Arc<ArtifactFs>,
+    sigs: libc::sigset_t,
+    store_dir: &Path,
+    mp: &Path,
+) -> Result<()> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(store_dir.display().to_string()),
@@ -510,12 +563,11 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     config.clone_fd = true;
 
     let adapter = FuseAdapter::new(fs.clone(), !args.no_passthrough);
-    let mut session = fuser::Session::new(adapter, &mp, &config)
+    let mut session = fuser::Session::new(adapter, mp, &config)
         .with_context(|| format!("cannot mount at {}", mp.display()))?;
-    crate::fuse::forward_vanished(&fs, session.notifier())?;
-    drop(fs);
+    crate::fuse::forward_vanished(fs, session.notifier())?;
     let unmounter = session.unmount_callable();
-    let mp_for_signal = mp.clone();
+    let mp_for_signal = mp.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_for_stop(sigs, unmounter, &mp_for_signal))?;
@@ -535,9 +587,10 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         let devnull = std::fs::File::open("/dev/null")?;
         unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&devnull), 1) };
     }
-    session.run().context("session ended with an error")?;
+    // run() returns once its threads are done, the adapter dropped.
+    let result = session.run().context("session ended with an error");
     log::info!("unmounted {}", mp.display());
-    Ok(())
+    result
 }
 
 /// Tells systemd (`Type=notify`) about the service's state, when run by it.

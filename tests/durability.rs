@@ -704,3 +704,140 @@ fn parallel_writers_to_different_files_keep_every_byte() {
         "{report}"
     );
 }
+
+// ----- clean stop ----------------------------------------------------------------------------
+
+/// Holds the write lock of the SQLite database `argv[1]` from "locked" until stdin closes.
+const HOLD_LOCK_PY: &str = r#"
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+c.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+c.execute("ROLLBACK")
+"#;
+
+/// The part of the daemon log written after `from` bytes.
+fn log_since(m: &Mount, from: usize) -> String {
+    m.log().get(from..).unwrap_or_default().to_string()
+}
+
+/// An unmount that lands while the periodic work is busy is a clean stop all the same: the
+/// daemon lets the tick finish, then records the clean stop, and the next start checks nothing.
+/// The tick is held busy deterministically: a model changed just now is validated by the tick
+/// (`--settle 0`), and that waits for the index's write lock, which another process holds until
+/// the unmount was issued.
+#[test]
+fn an_unmount_while_the_tick_is_busy_is_a_clean_stop() {
+    let Some(mut m) = Mount::with_args(
+        "an_unmount_while_the_tick_is_busy_is_a_clean_stop",
+        &["--settle", "0"],
+    ) else {
+        return;
+    };
+    let script = m.dir.path().join("hold_lock.py");
+    fs::write(&script, HOLD_LOCK_PY).unwrap();
+    for round in 0..3 {
+        let version = format!("models/m{round}/v1");
+        fs::create_dir_all(m.path(&version)).unwrap();
+        fs::write(m.path(&format!("{version}/MLmodel")), "not: [a model\n").unwrap();
+        let mut holder = KillOnDrop(
+            Command::new("python3")
+                .arg(&script)
+                .arg(m.store.join("index.sqlite"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = [0u8; 7];
+        holder
+            .0
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut line)
+            .unwrap();
+        assert_eq!(&line, b"locked\n");
+        // The tick (every 200 ms) starts validating m{round} and waits for the lock.
+        std::thread::sleep(Duration::from_millis(600));
+        let mut unmount = KillOnDrop(
+            Command::new(BIN)
+                .arg("unmount")
+                .arg(&m.mnt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || !is_mounted(&m.mnt)),
+            "round {round}: not unmounted"
+        );
+        // The session is over; the tick is still waiting. Let it go on.
+        drop(holder.0.stdin.take());
+        assert!(holder.0.wait().unwrap().success());
+        let status = unmount.0.wait().unwrap();
+        let mut err = String::new();
+        let _ = unmount.0.stderr.take().unwrap().read_to_string(&mut err);
+        assert!(status.success(), "round {round}: unmount: {err}");
+        m.mark_stale();
+        let synced = fs::read_to_string(m.store.join("synced")).unwrap();
+        assert!(
+            synced.starts_with("clean "),
+            "round {round}: STORE/synced after the unmount is {synced:?}, not a clean stop"
+        );
+        let from = m.log().len();
+        m.mount(&["--settle", "0"]);
+        let log = log_since(&m, from);
+        assert!(
+            log.contains("the last stop was clean: nothing to check") && !log.contains("unclean"),
+            "round {round}: the start after a clean unmount:\n{log}"
+        );
+    }
+}
+
+/// With `--sync-every-close` every committed file's blob is durable before its row is written,
+/// so the start after a `kill -9` re-hashes nothing (it used to re-hash everything committed
+/// since the mount). The files are all there, intact.
+#[test]
+fn after_a_kill_with_sync_every_close_nothing_is_rehashed() {
+    let Some(mut m) = Mount::with_args(
+        "after_a_kill_with_sync_every_close_nothing_is_rehashed",
+        &["--sync-every-close"],
+    ) else {
+        return;
+    };
+    fs::create_dir(m.path("runs/e")).unwrap();
+    let mut files = Vec::new();
+    // Small files (kept in memory, linked in) and a large one (a temp file, renamed).
+    for i in 0..20u64 {
+        let len = if i == 7 {
+            8 << 20
+        } else {
+            1000 + i as usize * 997
+        };
+        let data = pseudo_random(100 + i, len);
+        let rel = format!("runs/e/artifacts/f{i:02}");
+        fs::write(m.path(&rel), &data).unwrap();
+        files.push((rel, sha256_hex(&data)));
+    }
+    // The same content again: found already stored.
+    fs::write(m.path("runs/e/artifacts/again"), pseudo_random(100, 1000)).unwrap();
+    kill9(m.daemon_pid());
+    m.mark_stale();
+    let from = m.log().len();
+    m.mount(&[]);
+    let log = log_since(&m, from);
+    let line = log
+        .lines()
+        .find(|l| l.contains("unclean stop"))
+        .unwrap_or_else(|| panic!("the start after kill -9 saw no unclean stop:\n{log}"));
+    assert!(
+        line.contains("re-hashed 0 file(s)"),
+        "the start after kill -9 re-hashed files that --sync-every-close had made durable:\n{line}"
+    );
+    for (rel, sha) in &files {
+        assert_eq!(&sha_xattr(&m.path(rel)), sha, "{rel}");
+    }
+}

@@ -26,11 +26,15 @@ pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
     next_tmp: AtomicU64,
-    /// fsync each blob before it is renamed into place; otherwise blobs are synced in batches
-    /// by `Store::sync` and checked after a crash (see `Store::open_writable`).
+    /// fsync each blob before it is renamed into place, and its directories after; otherwise
+    /// blobs are synced in batches by `Store::sync` and checked after a crash (see
+    /// `Store::open_writable`).
     sync_before_publish: bool,
     /// Blobs were published without fsync since the last `Store::sync`.
     unsynced: AtomicBool,
+    /// The directories `sync_dirs` synced, in order (what the unit tests check).
+    #[cfg(test)]
+    synced_dirs: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl BlobStore {
@@ -48,6 +52,8 @@ impl BlobStore {
             next_tmp: AtomicU64::new(0),
             sync_before_publish,
             unsynced: AtomicBool::new(false),
+            #[cfg(test)]
+            synced_dirs: Default::default(),
         })
     }
 
@@ -59,6 +65,8 @@ impl BlobStore {
             next_tmp: AtomicU64::new(0),
             sync_before_publish: true,
             unsynced: AtomicBool::new(false),
+            #[cfg(test)]
+            synced_dirs: Default::default(),
         }
     }
 
@@ -113,6 +121,10 @@ impl BlobStore {
 
     /// `publish`, optionally replacing an existing blob (one known to be damaged) by these
     /// bytes — the rename makes that atomic for readers.
+    ///
+    /// With `sync_before_publish` (`--sync-every-close`) the blob is durable when this returns,
+    /// whether stored now or found already there: its bytes were fsync'd before the rename, and
+    /// the directory entries leading to it are fsync'd after (see [`BlobStore::sync_dirs`]).
     pub fn publish_as(
         &self,
         file: &File,
@@ -122,6 +134,7 @@ impl BlobStore {
     ) -> io::Result<bool> {
         let dest = self.path(hash);
         if dest.exists() && !replace {
+            self.sync_dirs_if_every_close(hash)?;
             return Ok(false);
         }
         if self.sync_before_publish {
@@ -132,14 +145,43 @@ impl BlobStore {
         // Published blobs are read-only for everyone but root; the store directory is 0700.
         file.set_permissions(fs::Permissions::from_mode(0o444))?;
         match fs::rename(tmp, &dest) {
-            Ok(()) => Ok(true),
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
                 fs::rename(tmp, &dest)?;
-                Ok(true)
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
         }
+        self.sync_dirs_if_every_close(hash)?;
+        Ok(true)
+    }
+
+    /// Makes the directory entries that lead to blob `hash` durable: the blob's own in its
+    /// prefix directory `blobs/sha256/xx/`, and the prefix directory's in `blobs/sha256/`.
+    /// The second is synced every time, not only by whoever created the prefix directory: a
+    /// concurrent publish into a directory another thread has just created must not return
+    /// before that directory's entry is on disk, and `gc` may remove and recreate one. (Syncing
+    /// an unchanged directory costs next to nothing.) `blobs/sha256/` itself was made durable by
+    /// the sync at start.
+    fn sync_dirs(&self, hash: &Hash) -> io::Result<()> {
+        let path = self.path(hash);
+        let prefix = path.parent().expect("blob path has a parent");
+        for dir in [prefix, self.blobs.as_path()] {
+            File::open(dir)?.sync_all()?;
+            #[cfg(test)]
+            self.synced_dirs.lock().unwrap().push(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// [`BlobStore::sync_dirs`] in `--sync-every-close` mode, where a blob must be durable
+    /// before its index row is written. Also for a blob found already published: it may be
+    /// another thread's that is not yet through its own `sync_dirs`.
+    fn sync_dirs_if_every_close(&self, hash: &Hash) -> io::Result<()> {
+        if self.sync_before_publish {
+            self.sync_dirs(hash)?;
+        }
+        Ok(())
     }
 
     /// Publishes `bytes` as the blob `hash` (written to a temp file first). Returns `true`
@@ -150,6 +192,7 @@ impl BlobStore {
 
     pub fn publish_bytes_as(&self, bytes: &[u8], hash: &Hash, replace: bool) -> io::Result<bool> {
         if self.path(hash).exists() && !replace {
+            self.sync_dirs_if_every_close(hash)?;
             return Ok(false);
         }
         if !replace && let Some(published) = self.publish_unnamed(bytes, hash) {
@@ -219,15 +262,18 @@ impl BlobStore {
                     libc::AT_SYMLINK_FOLLOW,
                 )
             };
-            if rc == 0 {
-                return Ok(true);
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                // Published meanwhile by another writer of the same content.
-                Some(libc::EEXIST) => Ok(false),
-                _ => Err(err),
-            }
+            let published = if rc == 0 {
+                true
+            } else {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    // Published meanwhile by another writer of the same content.
+                    Some(libc::EEXIST) => false,
+                    _ => return Err(err),
+                }
+            };
+            self.sync_dirs_if_every_close(hash)?;
+            Ok(published)
         })())
     }
 
@@ -274,11 +320,11 @@ impl BlobStore {
         }
     }
 
-    /// Makes a published blob durable: its bytes and its directory entry (`fsync()`).
+    /// Makes a published blob durable: its bytes and the directory entries that lead to it
+    /// (`fsync()`).
     pub fn sync_published(&self, hash: &Hash) -> io::Result<()> {
-        let path = self.path(hash);
-        File::open(&path)?.sync_all()?;
-        File::open(path.parent().expect("blob path has a parent"))?.sync_all()
+        File::open(self.path(hash))?.sync_all()?;
+        self.sync_dirs(hash)
     }
 
     /// Opens a blob for reading.
@@ -339,6 +385,51 @@ mod tests {
             assert_eq!(blobs.rehash(&hash).unwrap(), hash);
         }
         assert_eq!(stored, [true, false]);
+    }
+
+    /// With `--sync-every-close`, every way a blob gets published — a temp file renamed into
+    /// place, bytes linked in from an unnamed file, content found already there — syncs the
+    /// blob's prefix directory and then `blobs/sha256/`. Batched mode syncs no directory.
+    /// (That the entries then survive a power loss cannot be staged here; this checks that the
+    /// syncs are issued, on the right directories.)
+    #[test]
+    fn every_close_publishing_syncs_the_blob_directories() {
+        for every_close in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = BlobStore::open(dir.path(), every_close).unwrap();
+            let synced = |hash: &Hash| {
+                let dirs = std::mem::take(&mut *blobs.synced_dirs.lock().unwrap());
+                if every_close {
+                    let prefix = blobs.path(hash).parent().unwrap().to_path_buf();
+                    assert_eq!(dirs, [prefix, dir.path().join("blobs/sha256")]);
+                } else {
+                    assert!(dirs.is_empty(), "{dirs:?}");
+                }
+            };
+            // A temp file renamed into a new prefix directory, then the same content again.
+            let (mut f, tmp) = blobs.new_temp().unwrap();
+            f.write_all(b"renamed").unwrap();
+            let hash = Hash::of(b"renamed");
+            assert!(blobs.publish(&f, &tmp, &hash).unwrap());
+            synced(&hash);
+            let (mut f, tmp) = blobs.new_temp().unwrap();
+            f.write_all(b"renamed").unwrap();
+            assert!(!blobs.publish(&f, &tmp, &hash).unwrap());
+            synced(&hash);
+            // Bytes (O_TMPFILE and linkat where the file system has them), new and again.
+            let hash = Hash::of(b"linked");
+            assert!(blobs.publish_bytes(b"linked", &hash).unwrap());
+            synced(&hash);
+            assert!(!blobs.publish_bytes(b"linked", &hash).unwrap());
+            synced(&hash);
+            // A damaged blob replaced.
+            assert!(blobs.publish_bytes_as(b"linked", &hash, true).unwrap());
+            synced(&hash);
+            // fsync() of a published blob syncs the same directories in either mode.
+            blobs.sync_published(&hash).unwrap();
+            let dirs = std::mem::take(&mut *blobs.synced_dirs.lock().unwrap());
+            assert_eq!(dirs.len(), 2, "{dirs:?}");
+        }
     }
 
     #[test]

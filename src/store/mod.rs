@@ -119,7 +119,8 @@ pub fn default_store_dir() -> PathBuf {
 /// How a writable store makes blobs durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// fsync every blob before its index row is written.
+    /// fsync every blob, and the directory entries leading to it, before its index row is
+    /// written; no start after an unclean stop needs to check these rows.
     EveryClose,
     /// Publish blobs without fsync and sync the whole store file system (`syncfs`) at most a
     /// second later; after a crash, the blobs of rows committed since the last sync are
@@ -140,6 +141,126 @@ pub struct Store {
     /// Held for the daemon's lifetime by a writable mount; `None` for read-only use.
     _lock: Option<File>,
     last_sync: Mutex<std::time::Instant>,
+    /// Serialises syncs, so `STORE/synced` is replaced by one writer at a time.
+    marking: Mutex<()>,
+    /// [`Store::stop`] recorded a clean stop.
+    stopped: std::sync::atomic::AtomicBool,
+    /// `Some` for a writable store.
+    durability: Option<Durability>,
+}
+
+/// What `STORE/synced` records. Each value is a claim that stays true once made: the blobs of
+/// every row committed before its time (ns, taken before the sync it records) are on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    /// `T`: a `syncfs` started at `T` completed.
+    Synced(i64),
+    /// `clean T`: the daemon stopped cleanly after a final sync started at `T`. Nothing needs
+    /// checking on the next start. An older artifactfs wrote a clean stop as `i64::MAX`, without
+    /// its time: read as `Clean(0)`.
+    Clean(i64),
+    /// `every-close T`: a daemon with `--sync-every-close` started, after a sync started at
+    /// `T`. It makes every blob durable — bytes and directory entries — before it writes the
+    /// row, so no commit it makes ever needs checking: after its unclean stop, nothing does.
+    EveryClose(i64),
+}
+
+impl Marker {
+    const FILE: &'static str = "synced";
+    /// The value `synced` held before its latest replacement.
+    const PREVIOUS: &'static str = "synced.prev";
+
+    fn parse(text: &str) -> Option<Marker> {
+        // A torn write leaves a prefix: without its newline the value is not trusted.
+        let line = text.strip_suffix('\n')?;
+        let number = |s: &str| s.parse::<i64>().ok().filter(|t| *t >= 0);
+        match line.split_once(' ') {
+            None if line == i64::MAX.to_string() => Some(Marker::Clean(0)),
+            None => number(line).map(Marker::Synced),
+            Some(("clean", t)) => number(t).map(Marker::Clean),
+            Some(("every-close", t)) => number(t).map(Marker::EveryClose),
+            Some(_) => None,
+        }
+    }
+
+    fn render(self) -> String {
+        match self {
+            Marker::Synced(t) => format!("{t}\n"),
+            Marker::Clean(t) => format!("clean {t}\n"),
+            Marker::EveryClose(t) => format!("every-close {t}\n"),
+        }
+    }
+
+    /// The time before which every commit's blob is on disk.
+    fn time(self) -> i64 {
+        match self {
+            Marker::Synced(t) | Marker::Clean(t) | Marker::EveryClose(t) => t,
+        }
+    }
+
+    /// Reads `root/name`: `Ok(None)` when it is missing, `Err` with the reason when it cannot be
+    /// read or makes no sense (torn, damaged).
+    fn read(root: &Path, name: &str) -> io::Result<Option<Marker>> {
+        match fs::read(root.join(name)) {
+            Ok(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(Marker::parse)
+                .map(Some)
+                .ok_or_else(|| io::Error::other(format!("unreadable content {bytes:?}"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What the store's markers say, and whether that is the latest marker (`false`: it is the
+    /// one before, because the latest is missing or unreadable).
+    fn load(root: &Path) -> (Option<Marker>, bool) {
+        let latest = Marker::read(root, Marker::FILE);
+        if let Ok(Some(m)) = latest {
+            return (Some(m), true);
+        }
+        let previous = Marker::read(root, Marker::PREVIOUS).unwrap_or_else(|e| {
+            log::warn!("{}: {e}", root.join(Marker::PREVIOUS).display());
+            None
+        });
+        match (&latest, previous) {
+            (Err(e), Some(p)) => log::warn!(
+                "{}: {e}; using the value it replaced, {p:?} ({})",
+                root.join(Marker::FILE).display(),
+                root.join(Marker::PREVIOUS).display()
+            ),
+            (Err(e), None) => log::warn!(
+                "{}: {e}, and no earlier value: every file is checked",
+                root.join(Marker::FILE).display()
+            ),
+            _ => {}
+        }
+        (previous, false)
+    }
+
+    /// Replaces `root/synced` by this value so that a crash or power loss at any moment leaves
+    /// a complete value to read — this one, the one it replaces, or (while the two renames are
+    /// under way) the replaced one as `synced.prev`: temp file, fsync, the current value moved
+    /// to `synced.prev`, rename, fsync of the directory.
+    fn write(self, root: &Path) -> io::Result<()> {
+        let tmp = root.join("synced.tmp");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(self.render().as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        let latest = root.join(Marker::FILE);
+        // Keep the replaced value, if it is a good one, as the fallback.
+        if matches!(Marker::read(root, Marker::FILE), Ok(Some(_))) {
+            fs::rename(&latest, root.join(Marker::PREVIOUS))?;
+        }
+        fs::rename(&tmp, &latest)?;
+        File::open(root)?.sync_all()
+    }
 }
 
 /// How often batched durability syncs the store.
@@ -171,6 +292,9 @@ impl Store {
             checkpointer: Some(Mutex::new(checkpointer)),
             _lock: Some(lock),
             last_sync: Mutex::new(std::time::Instant::now()),
+            marking: Mutex::new(()),
+            stopped: Default::default(),
+            durability: Some(durability),
         };
         store.recover()?;
         store.sync()?;
@@ -180,15 +304,25 @@ impl Store {
     /// After an unclean stop: re-hashes the blobs of rows committed since the last completed
     /// sync and drops the rows whose bytes did not reach the disk (a power loss can take bytes
     /// that were never synced; a killed daemon cannot, so normally nothing is dropped).
-    fn recover(&self) -> io::Result<()> {
-        let since = match fs::read_to_string(self.root.join("synced")) {
-            Ok(s) => s.trim().parse::<i64>().unwrap_or(0),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
+    /// Returns how many files it re-hashed.
+    fn recover(&self) -> io::Result<usize> {
+        let marker = match Marker::load(&self.root) {
+            (Some(Marker::Clean(_)), true) => {
+                log::info!("the last stop was clean: nothing to check");
+                return Ok(0);
+            }
+            (Some(Marker::EveryClose(_)), true) => {
+                log::info!(
+                    "unclean stop: re-hashed 0 file(s): the daemon ran with --sync-every-close, \
+                     every committed file's blob was on disk before its row"
+                );
+                return Ok(0);
+            }
+            // A clean stop recorded before the latest marker says only that what came before
+            // it is on disk.
+            (m, _) => m,
         };
-        if since == i64::MAX {
-            return Ok(()); // clean shutdown
-        }
+        let since = marker.map_or(0, Marker::time);
         // A margin for clocks: commits shortly before the recorded sync are checked too.
         let since = since.saturating_sub(5_000_000_000);
         let idx = self.index();
@@ -226,13 +360,15 @@ impl Store {
                 let _ = fs::remove_file(self.blobs.path(&hash));
             }
         }
-        if !recent.is_empty() {
+        // (No marker and nothing committed: a new store.)
+        if marker.is_some() || !recent.is_empty() {
             log::info!(
-                "unclean stop: checked {} recently committed file(s), dropped {dropped}",
+                "unclean stop: re-hashed {} file(s) committed since the last sync, dropped \
+                 {dropped}",
                 recent.len()
             );
         }
-        Ok(())
+        Ok(recent.len())
     }
 
     /// Makes every blob and index row written so far durable (`syncfs` of the store's file
@@ -241,22 +377,50 @@ impl Store {
         self.sync_marking(false)
     }
 
-    /// Syncs; `clean` records a clean stop instead of the time the sync started.
+    /// Syncs; `clean` records a clean stop instead of a sync.
     fn sync_marking(&self, clean: bool) -> io::Result<()> {
-        let started = if clean { i64::MAX } else { now_ns() };
+        let _one = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        let started = now_ns();
         self.blobs.take_unsynced();
         let dir = File::open(&self.root)?;
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let tmp = self.root.join("synced.tmp");
-        fs::write(&tmp, format!("{started}\n"))?;
-        fs::rename(&tmp, self.root.join("synced"))?;
+        let marker = if clean {
+            Marker::Clean(started)
+        } else if self.durability == Some(Durability::EveryClose) {
+            Marker::EveryClose(started)
+        } else {
+            Marker::Synced(started)
+        };
+        marker.write(&self.root)?;
         *self.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
         Ok(())
     }
 
+    /// A clean stop of a writable store: syncs and records that the next start need check
+    /// nothing. Call it once nothing writes to the store any more (the daemon does after the
+    /// session ended and the periodic work stopped); dropping the store does it otherwise.
+    pub fn stop(&self) -> io::Result<()> {
+        if self._lock.is_none() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        // Files released since the last commit are sealed for other daemons now (a restart
+        // would seal them too, but a clean stop leaves nothing to recover).
+        self.index().seal_pending()?;
+        self.sync_marking(true)?;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        log::info!(
+            "clean stop recorded in {}",
+            self.root.join(Marker::FILE).display()
+        );
+        Ok(())
+    }
+
     /// Syncs if blobs were published without fsync and the last sync is `SYNC_INTERVAL` old.
+    /// (Never with `--sync-every-close`: nothing is published without fsync, and the marker
+    /// written at start already says that no commit needs checking.)
     pub fn sync_if_due(&self) -> io::Result<()> {
         let due = self
             .last_sync
@@ -282,6 +446,9 @@ impl Store {
             checkpointer: None,
             _lock: None,
             last_sync: Mutex::new(std::time::Instant::now()),
+            marking: Mutex::new(()),
+            stopped: Default::default(),
+            durability: None,
         })
     }
 
@@ -298,6 +465,9 @@ impl Store {
             checkpointer: None,
             _lock: None,
             last_sync: Mutex::new(std::time::Instant::now()),
+            marking: Mutex::new(()),
+            stopped: Default::default(),
+            durability: None,
         })
     }
 
@@ -345,14 +515,7 @@ impl Store {
 impl Drop for Store {
     /// A clean stop of a writable store: sync, and say so, so the next start checks nothing.
     fn drop(&mut self) {
-        if self._lock.is_some()
-            && let Err(e) = self.index().seal_pending()
-        {
-            log::warn!("sealing released files at stop failed (a restart seals them): {e}");
-        }
-        if self._lock.is_some()
-            && let Err(e) = self.sync_marking(true)
-        {
+        if let Err(e) = self.stop() {
             log::warn!("final sync of {} failed: {e}", self.root.display());
         }
     }
@@ -490,9 +653,121 @@ mod tests {
     #[test]
     fn a_clean_stop_is_recorded() {
         let dir = tempfile::tempdir().unwrap();
+        let before = now_ns();
         drop(Store::open_writable(dir.path()).unwrap());
         let synced = fs::read_to_string(dir.path().join("synced")).unwrap();
-        assert_eq!(synced.trim(), i64::MAX.to_string());
+        let at: i64 = synced
+            .strip_prefix("clean ")
+            .and_then(|t| t.strip_suffix('\n'))
+            .unwrap_or_else(|| panic!("{synced:?}"))
+            .parse()
+            .unwrap();
+        assert!(at >= before, "{synced:?}");
+        // The value it replaced (the start's sync) is kept as the fallback.
+        let prev = Marker::read(dir.path(), Marker::PREVIOUS).unwrap().unwrap();
+        assert!(
+            matches!(prev, Marker::Synced(t) if t >= before && t <= at),
+            "{prev:?}"
+        );
+        assert!(!dir.path().join("synced.tmp").exists());
+    }
+
+    #[test]
+    fn markers_parse_only_when_complete() {
+        assert_eq!(Marker::parse("123\n"), Some(Marker::Synced(123)));
+        assert_eq!(Marker::parse("clean 7\n"), Some(Marker::Clean(7)));
+        assert_eq!(
+            Marker::parse(&format!("{}\n", i64::MAX)),
+            Some(Marker::Clean(0))
+        );
+        for torn in [
+            "", "12", "clean 7", "clean \n", "clean\n", "x\n", "-5\n", "1 2\n",
+        ] {
+            assert_eq!(Marker::parse(torn), None, "{torn:?}");
+        }
+        assert_eq!(
+            Marker::parse("every-close 8\n"),
+            Some(Marker::EveryClose(8))
+        );
+        assert_eq!(Marker::parse("every-close 8"), None);
+        for m in [Marker::Synced(5), Marker::Clean(6), Marker::EveryClose(7)] {
+            assert_eq!(Marker::parse(&m.render()), Some(m));
+        }
+    }
+
+    /// A marker torn by a power loss (written by an artifactfs before markers were fsync'd) or
+    /// otherwise damaged does not make the next start re-hash the whole store: the value it
+    /// replaced is used.
+    #[test]
+    fn a_torn_marker_falls_back_to_the_value_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable(dir.path()).unwrap();
+        for name in [&b"a"[..], b"b", b"c"] {
+            committed_test_file(&store, name, name);
+        }
+        // All three were synced a minute from now (beyond the clock margin)...
+        let later = now_ns() + 60_000_000_000;
+        fs::write(dir.path().join("synced.prev"), format!("{later}\n")).unwrap();
+        // ...and the marker that replaced it is torn: a prefix of a number, empty, or garbage.
+        for torn in ["17", "", "\0\0\0\0", "clean 17"] {
+            fs::write(dir.path().join("synced"), torn).unwrap();
+            assert_eq!(store.recover().unwrap(), 0, "marker {torn:?}");
+        }
+        // Without the fallback, every file is checked (and nothing is lost).
+        fs::remove_file(dir.path().join("synced.prev")).unwrap();
+        assert_eq!(store.recover().unwrap(), 3);
+        // A stop between the two renames leaves only synced.prev.
+        fs::remove_file(dir.path().join("synced")).unwrap();
+        fs::write(dir.path().join("synced.prev"), format!("{later}\n")).unwrap();
+        assert_eq!(store.recover().unwrap(), 0);
+        // An older clean stop is no fallback for rows committed after it.
+        fs::write(dir.path().join("synced"), "").unwrap();
+        fs::write(dir.path().join("synced.prev"), "clean 1\n").unwrap();
+        assert_eq!(store.recover().unwrap(), 3);
+    }
+
+    /// With `--sync-every-close` the marker says so from the start, and an unclean stop then
+    /// re-hashes nothing; a fallback to such a marker vouches only for what came before it.
+    #[test]
+    fn after_an_unclean_stop_with_sync_every_close_nothing_is_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable_with(dir.path(), Durability::EveryClose).unwrap();
+        let start = Marker::read(dir.path(), Marker::FILE).unwrap().unwrap();
+        assert!(matches!(start, Marker::EveryClose(_)), "{start:?}");
+        for name in [&b"a"[..], b"b", b"c"] {
+            committed_test_file(&store, name, name);
+        }
+        // The periodic work has nothing to sync and leaves the marker alone.
+        *store.last_sync.lock().unwrap() -= SYNC_INTERVAL;
+        store.sync_if_due().unwrap();
+        assert_eq!(Marker::read(dir.path(), Marker::FILE).unwrap(), Some(start));
+        // As after a kill: the start's marker is the latest.
+        assert_eq!(store.recover().unwrap(), 0);
+        // Torn, it falls back to the one before, which vouches for nothing committed since.
+        fs::rename(dir.path().join("synced"), dir.path().join("synced.prev")).unwrap();
+        fs::write(dir.path().join("synced"), "every-cl").unwrap();
+        assert_eq!(store.recover().unwrap(), 3);
+    }
+
+    #[test]
+    fn syncs_replace_the_marker_and_keep_the_value_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable(dir.path()).unwrap();
+        let first = Marker::read(dir.path(), Marker::FILE).unwrap().unwrap();
+        store.sync().unwrap();
+        let second = Marker::read(dir.path(), Marker::FILE).unwrap().unwrap();
+        assert!(second.time() >= first.time());
+        assert_eq!(
+            Marker::read(dir.path(), Marker::PREVIOUS).unwrap(),
+            Some(first)
+        );
+        // A damaged marker is not kept as the fallback.
+        fs::write(dir.path().join("synced"), "12").unwrap();
+        store.sync().unwrap();
+        assert_eq!(
+            Marker::read(dir.path(), Marker::PREVIOUS).unwrap(),
+            Some(first)
+        );
     }
 
     #[test]
