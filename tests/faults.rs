@@ -2228,3 +2228,90 @@ impl Drop for Reaper {
         }
     }
 }
+
+/// The daemon's resident memory (VmRSS, VmHWM) in KiB.
+fn daemon_memory(m: &Mount) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{}/status", m.daemon_pid())).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Memory stays flat and bounded: a million opens and closes (small files from the page
+/// cache, large ones through passthrough backing files) add nothing, and 100 large writers at
+/// once stay within the README's bound (background hashing is capped at 4 threads; beyond that
+/// files hash inline, so queues do not multiply with writers).
+#[test]
+fn a_million_opens_and_a_hundred_large_writers_keep_memory_bounded() {
+    let Some(m) = Mount::new("a_million_opens_and_a_hundred_large_writers_keep_memory_bounded")
+    else {
+        return;
+    };
+    fs::create_dir(m.path("runs/r")).unwrap();
+    let art = m.path("runs/r/artifacts");
+    sh_ok(
+        &art,
+        "python3 -c \"
+import os
+for i in range(100):
+    open(f'big{i}', 'wb').write(os.urandom(200 << 10))
+    open(f'small{i}', 'wb').write(b'x' * 1000)
+\"",
+    );
+    let opens = |n: u64| {
+        sh_ok(
+            &art,
+            &format!(
+                "python3 -c \"
+import os
+names = [f'big{{i}}' for i in range(100)] + [f'small{{i}}' for i in range(100)]
+for k in range({n}):
+    os.close(os.open(names[k % 200], os.O_RDONLY))
+\""
+            ),
+        )
+    };
+    opens(20_000);
+    let (before, _) = daemon_memory(&m);
+    opens(1_000_000);
+    let (after, _) = daemon_memory(&m);
+    eprintln!("VmRSS {before} KiB after 20,000 opens, {after} KiB after 1,000,000 more");
+    assert!(
+        after < before + 4 * 1024,
+        "a million opens grew the daemon from {before} to {after} KiB"
+    );
+
+    // 100 writers at once, 24 MiB each in 1 MiB writes (each past the background-hashing size).
+    sh_ok(
+        &art,
+        "python3 -c \"
+import os, threading
+chunk = os.urandom(1 << 20)
+def write(i):
+    with open(f'large{i}', 'wb') as f:
+        for _ in range(24):
+            f.write(chunk)
+ts = [threading.Thread(target=write, args=(i,)) for i in range(100)]
+for t in ts: t.start()
+for t in ts: t.join()
+\"",
+    );
+    let (rss, peak) = daemon_memory(&m);
+    eprintln!("100 large writers: VmRSS {rss} KiB, VmHWM {peak} KiB");
+    assert!(
+        peak < 128 * 1024,
+        "the daemon peaked at {peak} KiB with 100 writers (README: under 128 MiB)"
+    );
+    for i in [0, 57, 99] {
+        assert_eq!(
+            fs::metadata(art.join(format!("large{i}"))).unwrap().len(),
+            24 << 20
+        );
+    }
+}
