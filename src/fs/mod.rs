@@ -260,6 +260,34 @@ fn changes_only_through_mount(e: &Entry) -> bool {
         || e.zone == Zone::RunTree as u8
 }
 
+/// A store path for a log line: always whole from the mount's root (`/runs/...`); one longer
+/// than [`LOG_PATH_MAX`] bytes keeps its first and last parts around the number of bytes left
+/// out, so a 20,000-level tree cannot make one log line megabytes long.
+pub(crate) fn log_path(path: &std::path::Path) -> String {
+    let full = format!("/{}", path.display());
+    if full.len() <= LOG_PATH_MAX {
+        return full;
+    }
+    let cut = |i: usize, forward: bool| {
+        let mut i = i;
+        while !full.is_char_boundary(i) {
+            if forward { i += 1 } else { i -= 1 }
+        }
+        i
+    };
+    let head = cut(LOG_PATH_MAX / 4, false);
+    let tail = cut(full.len() - LOG_PATH_MAX / 2, true);
+    format!(
+        "{}/…[{} bytes]…/{}",
+        &full[..head],
+        tail - head,
+        &full[tail..]
+    )
+}
+
+/// Longest path a log line shows whole.
+const LOG_PATH_MAX: usize = 4096;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -311,8 +339,8 @@ impl ArtifactFs {
             path.push(std::ffi::OsStr::from_bytes(n));
         }
         log::info!(
-            "refused {op} /{}: {} [{:?}]",
-            path.display(),
+            "refused {op} {}: {} [{:?}]",
+            log_path(&path),
             rule.1,
             rule.0
         );
@@ -825,8 +853,8 @@ impl ArtifactFs {
         let hash = e.hash.ok_or(FsError::Refused(Refusal::NotFound))?;
         if damaged {
             log::warn!(
-                "refused open /{}: its blob {hash} is damaged (found by fsck --verify) [EIO]",
-                idx.path_of(ino)?.display()
+                "refused open {}: its blob {hash} is damaged (found by fsck --verify) [EIO]",
+                log_path(&idx.path_of(ino)?)
             );
             return Err(io::Error::from_raw_os_error(libc::EIO).into());
         }
@@ -2094,6 +2122,38 @@ mod tests {
         drop(idx);
         let art = run_dir(&fs, "r");
         write_file(&fs, art, "after", b"ok");
+    }
+
+    #[test]
+    fn log_paths_start_at_the_root_however_deep() {
+        assert_eq!(
+            log_path(std::path::Path::new("runs/r/artifacts/f")),
+            "/runs/r/artifacts/f"
+        );
+        let deep: std::path::PathBuf = std::iter::once("runs".to_string())
+            .chain((0..20_000).map(|i| format!("d{i}")))
+            .collect();
+        let shown = log_path(&deep);
+        assert!(shown.starts_with("/runs/d0/d1/"), "{}", &shown[..40]);
+        assert!(shown.ends_with("/d19998/d19999"));
+        assert!(shown.len() < LOG_PATH_MAX + 64, "{}", shown.len());
+        assert!(shown.contains("bytes]"));
+        // The index walks the whole way up, however deep.
+        let (_d, fs) = new_fs();
+        let mut dir = run_dir(&fs, "deep");
+        for i in 0..5000 {
+            dir = fs
+                .mkdir(ME, dir, format!("d{i}").as_bytes(), 0o755)
+                .unwrap()
+                .ino;
+        }
+        let path = fs.store().index().path_of(dir).unwrap();
+        assert!(
+            path.starts_with("runs/deep/artifacts/d0/d1"),
+            "{}",
+            path.display()
+        );
+        assert!(path.ends_with("d4999"));
     }
 
     #[test]

@@ -11,11 +11,12 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::path::Path;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::access::{self, Credentials};
-use super::{ArtifactFs, Attr, Caller, NodeKind, from_ns, lock};
+use super::{ArtifactFs, Attr, Caller, NodeKind, from_ns, lock, log_path};
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
 use crate::registry::{self, Outcome, Unit};
@@ -166,7 +167,7 @@ impl ArtifactFs {
     /// must be quiet for the settle time before it is validated.
     pub(super) fn model_touch(&self, idx: &Index, unit: Unit, mark_pending: bool) -> FsResult<()> {
         if mark_pending && idx.version_pending(unit.dir, unit.model, now_ns())? {
-            log::info!("registry: /{}: PENDING", idx.path_of(unit.dir)?.display());
+            log::info!("registry: {}: PENDING", log_path(&idx.path_of(unit.dir)?));
         }
         self.models.bump(unit.model, 0);
         Ok(())
@@ -676,97 +677,131 @@ impl ArtifactFs {
             return Err(deny((Refusal::Invalid, why)));
         }
         let src_path = idx.path_of(src.ino)?;
-        let tree = idx.descendants(src.ino)?;
-        if !creds.reads_all {
-            let refused = std::iter::once((Vec::new(), &src))
-                .chain(tree.iter().map(|(rel, e)| (rel.clone(), e)))
-                .find(|(_, e)| {
-                    let want = match e.kind {
-                        Kind::Dir => access::READ | access::SEARCH,
-                        Kind::File => access::READ,
-                    };
-                    !creds.may(&self.attr_of(e), want)
-                });
-            if let Some((rel, _)) = refused {
-                let mut at = src_path.clone();
-                at.push(std::ffi::OsStr::from_bytes(&rel));
-                let why = format!(
-                    "permission denied: the caller may not read /{}",
-                    at.display()
-                );
-                return Err(deny((Refusal::AccessDenied, why)));
-            }
-        }
-        let busy = {
-            let writing = lock(&self.writing);
-            tree.iter().find(|(_, e)| {
-                e.kind == Kind::File && (e.state != State::Live || writing.contains_key(&e.ino))
-            })
-        };
-        if let Some((rel, _)) = busy {
+        let dir_want = access::READ | access::SEARCH;
+        if !creds.reads_all && !creds.may(&self.attr_of(&src), dir_want) {
             let why = format!(
-                "the source is still being written (/{}/{} is open for writing)",
-                src_path.display(),
-                String::from_utf8_lossy(rel)
+                "permission denied: the caller may not read /{}",
+                src_path.display()
             );
-            return Err(deny((Refusal::Busy, why)));
+            return Err(deny((Refusal::AccessDenied, why)));
         }
         let now = now_ns();
-        fn copy_of<'a>(
-            parent: u64,
-            name: &'a [u8],
-            e: &Entry,
-            owner: (u32, u32),
-            now: i64,
-        ) -> NewEntry<'a> {
-            NewEntry {
-                parent,
-                name,
-                kind: e.kind,
-                state: State::Live,
-                zone: Zone::ModelTree as u8,
-                hash: e.hash,
-                size: e.size,
-                mode: e.mode,
-                uid: owner.0,
-                gid: owner.1,
-                time: now,
-            }
-        }
+        let owner = (uid, gid);
+        // The version directory, hidden until every row below it is in: the tree is copied in
+        // short transactions, other requests are served in between, and nobody ever sees a
+        // partial version (a crash drops it at the next start).
+        let mut top = copy_of(model, dir_name, &src, owner, now);
+        top.state = State::Writing;
+        let Some(vdir) = idx.insert(&top)? else {
+            return Err(FsError::Refused(Refusal::Exists));
+        };
+        drop(idx);
+        let copied = self.copy_tree(&creds, src.ino, &src_path, vdir, owner, now);
+        let idx = self.store.index();
         let source_text = src_path.to_string_lossy().into_owned();
-        let vdir = idx.write_locked(|idx| {
-            let taken = || io::Error::from_raw_os_error(libc::EEXIST);
-            let vdir = idx
-                .insert(&copy_of(model, dir_name, &src, (uid, gid), now))?
-                .ok_or_else(taken)?;
-            let mut map = HashMap::from([(src.ino, vdir)]);
-            for (_, e) in &tree {
-                let parent = map[&e.parent];
-                let ino = idx
-                    .insert(&copy_of(parent, &e.name, e, (uid, gid), now))?
-                    .ok_or_else(taken)?;
-                map.insert(e.ino, ino);
+        let finished = match copied {
+            Ok(Ok(count)) => idx
+                .write_locked(|idx| {
+                    idx.reveal_dir(vdir)?;
+                    idx.version_pending(vdir, model, now)?;
+                    idx.version_source(vdir, &source_text)
+                })
+                .map(|()| count)
+                .map_err(FsError::from),
+            Ok(Err(rule)) => Err(Self::deny(&idx, "register", model, Some(dir_name), rule)),
+            Err(e) => Err(e),
+        };
+        let count = match finished {
+            Ok(count) => count,
+            Err(e) => {
+                if let Err(d) = idx.delete_tree(vdir) {
+                    log::warn!("registry: a failed registration's rows stay until restart: {d}");
+                }
+                return Err(e);
             }
-            idx.version_pending(vdir, model, now)?;
-            idx.version_source(vdir, &source_text)?;
-            Ok(vdir)
-        });
-        let vdir = match vdir {
-            Ok(v) => v,
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                return Err(FsError::Refused(Refusal::Exists));
-            }
-            Err(e) => return Err(e.into()),
         };
         log::info!(
-            "registry: /{} registered from /{source_text} ({} entries, no bytes copied)",
-            idx.path_of(vdir)?.display(),
-            tree.len()
+            "registry: {} registered from {} ({count} entries, no bytes copied)",
+            log_path(&idx.path_of(vdir)?),
+            log_path(&src_path),
         );
         self.models.bump(model, 0);
         let e = idx.get(vdir)?.ok_or(FsError::Refused(Refusal::NotFound))?;
         drop(idx);
         Ok(self.attr_of(&e))
+    }
+
+    /// Copies the rows below store directory `from` to below `to`, [`REGISTER_BATCH`] rows per
+    /// transaction, the index free for other requests in between. Checks each entry as it
+    /// goes: readable by `creds` (directories also searchable), and no file still open for
+    /// writing. Returns the number of rows copied, or the refusal (with its log sentence).
+    fn copy_tree(
+        &self,
+        creds: &Credentials,
+        from: u64,
+        from_path: &Path,
+        to: u64,
+        owner: (u32, u32),
+        now: i64,
+    ) -> FsResult<Result<usize, (Refusal, String)>> {
+        let mut queue = std::collections::VecDeque::from([(from, to, from_path.to_path_buf())]);
+        let mut count = 0;
+        while let Some((from, to, path)) = queue.pop_front() {
+            let mut after = 0;
+            loop {
+                let idx = self.store.index();
+                let batch = idx.children(from, after, REGISTER_BATCH)?;
+                let Some(last) = batch.last() else { break };
+                after = last.ino;
+                let at = |e: &Entry| path.join(std::ffi::OsStr::from_bytes(&e.name));
+                for e in &batch {
+                    let want = match e.kind {
+                        Kind::Dir => access::READ | access::SEARCH,
+                        Kind::File => access::READ,
+                    };
+                    if !creds.reads_all && !creds.may(&self.attr_of(e), want) {
+                        let why = format!(
+                            "permission denied: the caller may not read /{}",
+                            at(e).display()
+                        );
+                        return Ok(Err((Refusal::AccessDenied, why)));
+                    }
+                }
+                let busy = {
+                    let writing = lock(&self.writing);
+                    batch.iter().find(|e| {
+                        e.kind == Kind::File
+                            && (e.state != State::Live || writing.contains_key(&e.ino))
+                    })
+                };
+                if let Some(e) = busy {
+                    let why = format!(
+                        "the source is still being written (/{} is open for writing)",
+                        at(e).display()
+                    );
+                    return Ok(Err((Refusal::Busy, why)));
+                }
+                let dirs = idx.write_locked(|idx| {
+                    let mut dirs = Vec::new();
+                    for e in &batch {
+                        let ino = idx
+                            .insert(&copy_of(to, &e.name, e, owner, now))?
+                            .ok_or_else(|| io::Error::other("a copied name is taken"))?;
+                        if e.kind == Kind::Dir {
+                            dirs.push((e.ino, ino, at(e)));
+                        }
+                    }
+                    Ok(dirs)
+                })?;
+                count += batch.len();
+                queue.extend(dirs);
+                // The index's mutex is not fair: without a pause this thread would take it
+                // straight back, and a waiting request could starve for many batches.
+                drop(idx);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        Ok(Ok(count))
     }
 
     /// Resolves a `/`-separated store path (leading, doubled and trailing slashes and `.`
@@ -794,6 +829,32 @@ impl ArtifactFs {
             };
         }
         Ok(Resolved::Found(cur))
+    }
+}
+
+/// Rows a registration copies per transaction.
+const REGISTER_BATCH: usize = 1000;
+
+/// The row of a registered version's copy of entry `e`: same content and mode, new owner.
+fn copy_of<'a>(
+    parent: u64,
+    name: &'a [u8],
+    e: &Entry,
+    owner: (u32, u32),
+    now: i64,
+) -> NewEntry<'a> {
+    NewEntry {
+        parent,
+        name,
+        kind: e.kind,
+        state: State::Live,
+        zone: Zone::ModelTree as u8,
+        hash: e.hash,
+        size: e.size,
+        mode: e.mode,
+        uid: owner.0,
+        gid: owner.1,
+        time: now,
     }
 }
 
@@ -1495,5 +1556,135 @@ mod tests {
                 .unwrap(),
             b"a"
         );
+    }
+
+    /// Adds `dirs` x `per_dir` sealed files below store directory `at` straight into the index
+    /// (all with the content of an existing blob): a large source without writing it.
+    fn bulk_source(fs: &ArtifactFs, at: u64, dirs: usize, per_dir: usize) {
+        let mut idx = fs.store().index();
+        let mlmodel = idx.lookup(at, b"MLmodel").unwrap().unwrap();
+        for d in 0..dirs {
+            let name = format!("d{d:03}");
+            let dir = idx
+                .insert(&NewEntry::new_dir(
+                    at,
+                    name.as_bytes(),
+                    Zone::RunTree as u8,
+                    0o755,
+                    (0, 0),
+                    1,
+                ))
+                .unwrap()
+                .unwrap();
+            let names: Vec<String> = (0..per_dir).map(|i| format!("f{i:05}")).collect();
+            let rows: Vec<NewEntry> = names
+                .iter()
+                .map(|n| NewEntry {
+                    state: State::Live,
+                    hash: mlmodel.hash,
+                    size: mlmodel.size,
+                    ..NewEntry::new_file(dir, n.as_bytes(), Zone::RunTree as u8, 0o644, (0, 0), 1)
+                })
+                .collect();
+            assert_eq!(idx.insert_many(&rows).unwrap(), per_dir);
+        }
+    }
+
+    /// 100,000 entries register in batches: another request waits for one batch at most, never
+    /// for the whole registration, and the version appears only once complete.
+    #[test]
+    fn a_hundred_thousand_entries_register_in_batches_while_others_are_served() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let model = fs
+            .store()
+            .index()
+            .resolve(Path::new("runs/r1/artifacts/model"))
+            .unwrap()
+            .unwrap()
+            .ino;
+        bulk_source(&fs, model, 100, 1000);
+        let other = fs.lookup(model, b"MLmodel").unwrap().ino;
+        let fs = std::sync::Arc::new(fs);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probe = {
+            let (fs, done) = (fs.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut worst, mut probes, mut saw_partial) = (Duration::ZERO, 0, false);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let t = Instant::now();
+                    fs.getattr(other).unwrap();
+                    // The version is invisible until complete.
+                    if let Ok(v) = fs.lookup(x, b"big") {
+                        // Directories are copied in order: complete if the last one is.
+                        let idx = fs.store().index();
+                        let complete = idx
+                            .lookup(v.ino, b"d099")
+                            .unwrap()
+                            .is_some_and(|d| idx.children(d.ino, 0, 2000).unwrap().len() == 1000);
+                        saw_partial |= !complete;
+                    }
+                    worst = worst.max(t.elapsed());
+                    probes += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (worst, probes, saw_partial)
+            })
+        };
+        let t = Instant::now();
+        fs.register_from(ME, x, b"big", b"runs/r1/artifacts/model")
+            .unwrap();
+        let took = t.elapsed();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (worst, probes, saw_partial) = probe.join().unwrap();
+        eprintln!("100,100 entries registered in {took:.2?}; {probes} probes, slowest {worst:.1?}");
+        assert!(!saw_partial, "a partial version was visible");
+        assert!(
+            probes > 10,
+            "the probe was starved: {probes} probes in {took:?}"
+        );
+        assert!(
+            worst < Duration::from_millis(500),
+            "a getattr waited {worst:?}"
+        );
+        let v = fs.lookup(x, b"big").unwrap().ino;
+        let fixture_files = std::fs::read_dir(fixtures().join("sklearn_iris"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            fs.store().index().descendants(v).unwrap().len(),
+            100_000 + 100 + fixture_files
+        );
+    }
+
+    /// A file still open for writing found in a late batch: the registration fails with
+    /// `Busy` and every row it had copied is gone again.
+    #[test]
+    fn a_registration_refused_midway_leaves_no_rows() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let model = fs
+            .store()
+            .index()
+            .resolve(Path::new("runs/r1/artifacts/model"))
+            .unwrap()
+            .unwrap()
+            .ino;
+        bulk_source(&fs, model, 3, 1000);
+        let last = fs.lookup(model, b"d002").unwrap().ino;
+        let (_, fh) = fs.create(ME, last, b"zz-open", 0o644).unwrap();
+        fs.write(fh, 0, b"partial").unwrap();
+        let rows = || fs.store().index().file_rows().unwrap().len();
+        let before = rows();
+        assert_eq!(
+            refusal(fs.register_from(ME, x, b"v2", b"runs/r1/artifacts/model")),
+            Refusal::Busy
+        );
+        assert_eq!(rows(), before, "copied rows were left behind");
+        assert!(fs.lookup(x, b"v2").is_err());
+        // The name is free again, and the registration goes through once the writer is done.
+        fs.release(fh).unwrap();
+        fs.register_from(ME, x, b"v2", b"runs/r1/artifacts/model")
+            .unwrap();
     }
 }

@@ -270,10 +270,15 @@ impl Index {
         index
             .conn
             .execute_batch(&format!(
-                // Files being written when the daemon stopped: a version fsync'd before the
-                // latest writes is kept; otherwise the file is gone — its path a tombstone if an
-                // earlier version had been committed.
-                "UPDATE entries SET state = {STATE_LIVE}
+                // Directories a registration was still filling go with their trees. Files
+                // being written when the daemon stopped: a version fsync'd before the latest
+                // writes, or committed while still open, is kept; otherwise the file is gone —
+                // its path a tombstone if an earlier version had been committed.
+                "WITH RECURSIVE t(i) AS (
+                     SELECT ino FROM entries WHERE kind = 1 AND state = {STATE_WRITING}
+                     UNION ALL SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
+                 DELETE FROM entries WHERE ino IN t;
+                 UPDATE entries SET state = {STATE_LIVE}
                      WHERE state IN ({STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN});
                  UPDATE entries SET state = {STATE_TOMBSTONE}
                      WHERE state = {STATE_WRITING} AND hash IS NOT NULL;
@@ -508,11 +513,42 @@ impl Index {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<Option<Entry>> {
         self.conn
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2"
+                "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
+                 AND NOT (kind = 1 AND state = {STATE_WRITING})"
             ))
             .map_err(to_io)?
             .query_row(params![parent as i64, name], row_to_entry)
             .optional()
+            .map_err(to_io)
+    }
+
+    /// A directory being built (a registration filling it in batches): inserted with
+    /// [`State::Writing`], which no lookup or listing shows while its name stays taken; shown
+    /// by [`Index::reveal_dir`], or dropped with its tree by [`Index::delete_tree`] (or by the
+    /// next start after a crash).
+    pub fn reveal_dir(&self, ino: u64) -> io::Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE ino = ?1 AND kind = 1 AND state = {STATE_WRITING}"
+                ),
+                [ino as i64],
+            )
+            .map_err(to_io)?;
+        Ok(n == 1)
+    }
+
+    /// Deletes `ino` and every row below it, tombstones included.
+    pub fn delete_tree(&self, ino: u64) -> io::Result<usize> {
+        self.conn
+            .execute(
+                "WITH RECURSIVE t(i) AS (SELECT ?1 UNION ALL
+                     SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
+                 DELETE FROM entries WHERE ino IN t",
+                [ino as i64],
+            )
             .map_err(to_io)
     }
 
@@ -523,7 +559,8 @@ impl Index {
             .conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM entries
-                 WHERE parent = ?1 AND ino > ?2 AND state != 1 ORDER BY ino LIMIT ?3"
+                 WHERE parent = ?1 AND ino > ?2 AND state != 1
+                 AND NOT (kind = 1 AND state = {STATE_WRITING}) ORDER BY ino LIMIT ?3"
             ))
             .map_err(to_io)?;
         let rows = stmt
@@ -990,7 +1027,8 @@ impl Index {
                 }
                 None => break,
             }
-            if parts.len() > 4096 {
+            // A guard against a cycle in a damaged index; trees are far shallower.
+            if parts.len() > 1 << 20 {
                 break;
             }
         }
@@ -1135,6 +1173,62 @@ mod tests {
             (State::Live, false, Some(h))
         );
         assert!(!idx.get(a).unwrap().unwrap().committed_open);
+    }
+
+    #[test]
+    fn a_hidden_directory_is_invisible_and_a_crash_drops_its_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let (hidden, shown) = {
+            let idx = Index::open(&path, (0, 0), 1).unwrap();
+            let mk = |parent, name: &'static [u8], state| {
+                let e = NewEntry {
+                    state,
+                    ..NewEntry::new_dir(parent, name, 3, 0o755, (0, 0), 1)
+                };
+                idx.insert(&e).unwrap().unwrap()
+            };
+            let hidden = mk(MODELS_INO, b"hidden", State::Writing);
+            let below = mk(hidden, b"sub", State::Live);
+            idx.insert(&NewEntry {
+                state: State::Live,
+                hash: Some(Hash::of(b"x")),
+                ..new_file(below, b"f")
+            })
+            .unwrap()
+            .unwrap();
+            assert_eq!(idx.lookup(MODELS_INO, b"hidden").unwrap(), None);
+            assert!(idx.children(MODELS_INO, 0, 10).unwrap().is_empty());
+            // Its name is taken meanwhile.
+            assert_eq!(
+                idx.insert(&NewEntry::new_dir(
+                    MODELS_INO,
+                    b"hidden",
+                    3,
+                    0o755,
+                    (0, 0),
+                    1
+                ))
+                .unwrap(),
+                None
+            );
+            let shown = mk(MODELS_INO, b"shown", State::Writing);
+            mk(shown, b"sub", State::Live);
+            assert!(idx.reveal_dir(shown).unwrap());
+            assert_eq!(
+                idx.lookup(MODELS_INO, b"shown").unwrap().unwrap().state,
+                State::Live
+            );
+            (hidden, shown)
+        };
+        let idx = Index::open(&path, (0, 0), 2).unwrap();
+        assert_eq!(idx.get(hidden).unwrap(), None);
+        assert_eq!(
+            idx.file_rows().unwrap().len(),
+            0,
+            "the hidden tree's file is gone"
+        );
+        assert_eq!(idx.children(shown, 0, 10).unwrap().len(), 1);
     }
 
     #[test]
