@@ -514,7 +514,7 @@ fn registration_by_reference_needs_the_rights_a_copy_needs() {
         &m.mnt,
         &format!(
             "mkdir runs/private && cp -r '{}' runs/private/artifacts/model \
-             && echo secret > runs/private/artifacts/model/secret.txt \
+             && echo TOP-SECRET-BYTES > runs/private/artifacts/model/secret.txt \
              && chmod 600 runs/private/artifacts/model/secret.txt && chmod 700 runs/private \
              && mkdir models/pub && chmod 777 models/pub",
             fixture("sklearn_iris").display()
@@ -567,13 +567,18 @@ fn registration_by_reference_needs_the_rights_a_copy_needs() {
         sh_ok(Path::new("/"), &format!("stat -c %a '{}'", copy.display())).trim(),
         "640"
     );
-    assert_eq!(attempt(Who::Member, "read(a[0])", &[&copy]), "ok secret\n");
+    assert_eq!(
+        attempt(Who::Member, "read(a[0])", &[&copy]),
+        "ok TOP-SECRET-BYTES\n"
+    );
     // Root keeps registering what it can read anyway.
     sh_ok(
         &m.mnt,
         &format!("chmod 700 runs/private && chmod 600 {source}/secret.txt"),
     );
     assert_eq!(register(Who::Root, "byroot", source), "ok");
+    // The log names paths and refusals, never content.
+    assert!(!m.log().contains("TOP-SECRET"), "{}", m.log());
     assert_eq!(
         nobody("read(a[0])", &[&m.path("models/pub/byroot/secret.txt")]),
         "EACCES"
