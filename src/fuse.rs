@@ -28,33 +28,33 @@ use std::sync::{Arc, Mutex, Weak};
 use fuser::BackingId;
 
 use crate::error::{FsError, Refusal};
-use crate::fs::{ArtifactFs, Attr, Caller, Lookup, NodeKind, Opened, SetAttr, SetTime};
+use crate::fs::{ArtifactFs, Attr, Caller, Invalidate, Lookup, NodeKind, Opened, SetAttr, SetTime};
 
 /// Passes the names the daemon drops by itself (see [`ArtifactFs::on_vanish`]) on to the
 /// kernel, from a thread of its own: an invalidation waits for the directory's lock, which a
 /// request in flight may hold.
 pub fn forward_vanished(fs: &ArtifactFs, notifier: fuser::Notifier) -> std::io::Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+    let (tx, rx) = std::sync::mpsc::channel::<Invalidate>();
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
-            for (parent, name) in rx {
-                let name = OsStr::from_bytes(&name);
-                // The entry, and the directory's cached listing and attributes.
-                let r = notifier
-                    .inval_entry(INodeNo(parent), name)
-                    .and_then(|()| notifier.inval_inode(INodeNo(parent), 0, 0));
+            for what in rx {
+                let r = match &what {
+                    // The entry, and the directory's cached listing and attributes.
+                    Invalidate::Entry(parent, name) => notifier
+                        .inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+                        .and_then(|()| notifier.inval_inode(INodeNo(*parent), 0, 0)),
+                    // Attributes (the size) and every cached page.
+                    Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                };
                 if let Err(e) = r {
-                    log::debug!("cannot invalidate {name:?} in inode {parent}: {e}");
+                    log::debug!("cannot invalidate {what:?}: {e}");
                 }
             }
         })?;
     let tx = Mutex::new(tx);
-    fs.on_vanish(Box::new(move |parent, name| {
-        let _ = tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send((parent, name));
+    fs.on_vanish(Box::new(move |what| {
+        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(what);
     }));
     Ok(())
 }

@@ -339,8 +339,9 @@ enum Place {
 #[derive(Clone, Debug)]
 enum Slot {
     Live(usize),
-    /// The path held a file (removed or renamed away): taken for ever.
-    FileTomb,
+    /// The path held a file (removed or renamed away): taken for ever, but for its last
+    /// committed content, which may be created there again.
+    FileTomb(Vec<u8>, Option<usize>),
     /// A removed directory; `mkdir` revives this very node (tombstones inside still apply).
     DirTomb(usize),
 }
@@ -358,6 +359,10 @@ struct Node {
     content: Vec<u8>,
     /// Content was committed (flush/fsync/release) while the file was at a path.
     committed: bool,
+    /// What was committed last (a tombstone keeps it).
+    committed_content: Vec<u8>,
+    /// Created again at a tombstone: must end up with this content.
+    expect: Option<Vec<u8>>,
     /// A write handle is open on it (from `create`).
     writing: bool,
     /// Still reachable by a path (not unlinked).
@@ -371,6 +376,35 @@ struct MHandle {
     write: bool,
     /// What a read handle sees (the sealed content at open).
     snapshot: Vec<u8>,
+    /// A sealed file opened for writing: writes must repeat its bytes.
+    rewrite: Option<Rewrite>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Rewrite {
+    truncated: bool,
+    append: bool,
+    /// Bytes written again, merged.
+    covered: Vec<(usize, usize)>,
+}
+
+impl Rewrite {
+    fn cover(&mut self, start: usize, end: usize) {
+        self.covered.push((start, end));
+        self.covered.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for &(s, e) in &self.covered {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.covered = merged;
+    }
+
+    fn complete(&self, len: usize) -> bool {
+        !self.truncated || len == 0 || self.covered.first() == Some(&(0, len))
+    }
 }
 
 struct Model {
@@ -414,6 +448,8 @@ impl Model {
             mtime: None,
             content: Vec::new(),
             committed: true,
+            committed_content: Vec::new(),
+            expect: None,
             writing: false,
             attached: true,
             children: BTreeMap::new(),
@@ -455,6 +491,8 @@ impl Model {
             mtime: None,
             content: Vec::new(),
             committed: true,
+            committed_content: Vec::new(),
+            expect: None,
             writing: false,
             attached: true,
             children: BTreeMap::new(),
@@ -503,7 +541,29 @@ impl Model {
     fn commit(&mut self, node: usize) {
         if self.nodes[node].attached {
             self.nodes[node].committed = true;
+            self.nodes[node].committed_content = self.nodes[node].content.clone();
         }
+    }
+
+    /// A commit of a file created again at a tombstone happens only with its last content.
+    fn commit_checked(&mut self, node: usize) -> Result<(), &'static str> {
+        if let Some(x) = &self.nodes[node].expect {
+            if *x != self.nodes[node].content {
+                return Err("NotPermitted");
+            }
+            self.nodes[node].expect = None;
+        }
+        self.commit(node);
+        Ok(())
+    }
+
+    /// Where node `id` is attached: (directory, name).
+    fn location(&self, id: usize) -> Option<(usize, Name)> {
+        self.nodes.iter().enumerate().find_map(|(d, n)| {
+            n.children.iter().find_map(|(name, s)| {
+                matches!(s, Slot::Live(x) if *x == id).then(|| (d, name.clone()))
+            })
+        })
     }
 
     fn handle(&self, h: usize) -> Option<MHandle> {
@@ -525,6 +585,7 @@ impl Model {
                     node: id,
                     write: true,
                     snapshot: Vec::new(),
+                    rewrite: None,
                 }));
                 Ok(Out::Handle(self.handles.len() - 1))
             }
@@ -534,9 +595,19 @@ impl Model {
                     return Err("NotPermitted");
                 }
                 let id = self.create(path, 0o644)?;
-                // create + release: committed (empty) and sealed.
-                self.commit(id);
+                // create + release: committed (empty) and sealed; at a tombstone only if its
+                // last content was empty too.
                 self.nodes[id].writing = false;
+                if self.commit_checked(id).is_err() {
+                    let x = self.nodes[id].expect.take().unwrap();
+                    if let Some((dir, name)) = self.location(id) {
+                        self.nodes[dir]
+                            .children
+                            .insert(name, Slot::FileTomb(x, None));
+                    }
+                    self.nodes[id].attached = false;
+                    return Err("NotPermitted");
+                }
                 Ok(Out::Attr(self.attr(id)))
             }
             Op::Open { path, flags } => {
@@ -550,14 +621,20 @@ impl Model {
                 }
                 let writes = (flags & libc::O_ACCMODE) != libc::O_RDONLY
                     || flags & (libc::O_TRUNC | libc::O_APPEND) != 0;
-                if writes {
-                    return Err("NotPermitted");
-                }
-                let snapshot = n.content.clone();
+                let rewrite = writes.then(|| {
+                    self.events.push("rewrite");
+                    Rewrite {
+                        truncated: flags & libc::O_TRUNC != 0,
+                        append: flags & libc::O_APPEND != 0,
+                        covered: Vec::new(),
+                    }
+                });
+                let snapshot = self.nodes[id].content.clone();
                 self.handles.push(Some(MHandle {
                     node: id,
                     write: false,
                     snapshot,
+                    rewrite,
                 }));
                 Ok(Out::Handle(self.handles.len() - 1))
             }
@@ -565,8 +642,29 @@ impl Model {
                 let Some(hd) = self.handle(*h) else {
                     return Ok(Out::Skipped);
                 };
+                if let Some(mut rw) = hd.rewrite {
+                    if data.is_empty() {
+                        return Ok(Out::Len(0));
+                    }
+                    let c = &hd.snapshot;
+                    let (start, end) = (*off as usize, *off as usize + data.len());
+                    if rw.append || end > c.len() || c[start..end] != data[..] {
+                        self.events.push("rewrite-differs");
+                        return Err("NotPermitted");
+                    }
+                    rw.cover(start, end);
+                    self.handles[*h].as_mut().unwrap().rewrite = Some(rw);
+                    return Ok(Out::Len(data.len() as u32));
+                }
                 if !hd.write {
                     return Err("BadHandle");
+                }
+                if let Some(x) = &self.nodes[hd.node].expect {
+                    let end = *off as usize + data.len();
+                    if end > x.len() || x[*off as usize..end] != data[..] {
+                        self.events.push("recreate-differs");
+                        return Err("NotPermitted");
+                    }
                 }
                 self.nodes[hd.node].mtime = None;
                 let c = &mut self.nodes[hd.node].content;
@@ -594,8 +692,15 @@ impl Model {
                 let Some(hd) = self.handle(*h) else {
                     return Ok(Out::Skipped);
                 };
+                if let Some(rw) = &hd.rewrite {
+                    return if rw.complete(hd.snapshot.len()) {
+                        Ok(Out::Unit)
+                    } else {
+                        Err("NotPermitted")
+                    };
+                }
                 if hd.write {
-                    self.commit(hd.node);
+                    self.commit_checked(hd.node)?;
                 }
                 Ok(Out::Unit)
             }
@@ -603,11 +708,29 @@ impl Model {
                 let Some(hd) = self.handle(*h) else {
                     return Ok(Out::Skipped);
                 };
-                if hd.write {
-                    self.commit(hd.node);
-                    self.nodes[hd.node].writing = false;
-                }
                 self.handles[*h] = None;
+                if let Some(rw) = &hd.rewrite {
+                    return if rw.complete(hd.snapshot.len()) {
+                        Ok(Out::Unit)
+                    } else {
+                        Err("NotPermitted")
+                    };
+                }
+                if hd.write {
+                    self.nodes[hd.node].writing = false;
+                    let committed = self.commit_checked(hd.node);
+                    if committed.is_err() {
+                        // Never with its last content: the path is a tombstone again.
+                        let x = self.nodes[hd.node].expect.take().unwrap();
+                        if let Some((dir, name)) = self.location(hd.node) {
+                            self.nodes[dir]
+                                .children
+                                .insert(name, Slot::FileTomb(x, None));
+                        }
+                        self.nodes[hd.node].attached = false;
+                        return Err("NotPermitted");
+                    }
+                }
                 Ok(Out::Unit)
             }
             Op::Truncate { path, size } => {
@@ -680,7 +803,7 @@ impl Model {
                 ) {
                     return Err("NotPermitted");
                 }
-                self.detach_file(dir, &name, id);
+                self.detach_file(dir, &name, id, true);
                 Ok(Out::Unit)
             }
             Op::Rename { from, to, exchange } => {
@@ -707,9 +830,19 @@ impl Model {
                     Place::Root | Place::Runs | Place::Models => return Err("NotPermitted"),
                     _ => check_name(&dname)?,
                 }
-                match self.nodes[ddir].children.get(&dname) {
-                    Some(Slot::FileTomb) => {
+                match self.nodes[ddir].children.get(&dname).cloned() {
+                    Some(Slot::FileTomb(..)) => {
                         self.events.push("rename-onto-tombstone");
+                        return Err("Exists");
+                    }
+                    Some(Slot::Live(dst)) => {
+                        let (a, b) = (&self.nodes[id], &self.nodes[dst]);
+                        let sealed = |n: &Node| !n.dir && !n.writing && n.committed;
+                        if sealed(a) && sealed(b) && a.content == b.content {
+                            self.events.push("rename-onto-identical");
+                            self.detach_file(sdir, &sname, id, true);
+                            return Ok(Out::Unit);
+                        }
                         return Err("Exists");
                     }
                     Some(_) => return Err("Exists"),
@@ -718,7 +851,7 @@ impl Model {
                 if self.nodes[id].writing {
                     self.events.push("rename-while-writing");
                 }
-                self.detach_file(sdir, &sname, id);
+                self.detach_file(sdir, &sname, id, false);
                 self.nodes[id].attached = true;
                 self.nodes[ddir].children.insert(dname, Slot::Live(id));
                 Ok(Out::Unit)
@@ -815,9 +948,31 @@ impl Model {
         }
         match self.nodes[dir].children.get(&name) {
             // Live, a file's tombstone or a removed directory: the path is taken.
-            Some(Slot::FileTomb) => {
+            Some(Slot::FileTomb(last, from)) => {
+                // Removed while its writer still has it open: that writer owns the row.
+                if from.is_some_and(|n| self.nodes[n].writing) {
+                    self.events.push("create-on-tombstone-still-open");
+                    return Err("Busy");
+                }
                 self.events.push("create-on-tombstone");
-                return Err("Exists");
+                let last = last.clone();
+                let id = self.new_node(Node {
+                    dir: false,
+                    fixed: false,
+                    place: Place::RunTree,
+                    perm: (mode & 0o7777) as u16,
+                    owner: (ME.uid, ME.gid),
+                    mtime: None,
+                    content: Vec::new(),
+                    committed: false,
+                    committed_content: Vec::new(),
+                    expect: Some(last),
+                    writing: true,
+                    attached: true,
+                    children: BTreeMap::new(),
+                });
+                self.nodes[dir].children.insert(name, Slot::Live(id));
+                return Ok(id);
             }
             Some(Slot::DirTomb(_)) => {
                 self.events.push("create-on-removed-dir");
@@ -835,6 +990,8 @@ impl Model {
             mtime: None,
             content: Vec::new(),
             committed: false,
+            committed_content: Vec::new(),
+            expect: None,
             writing: true,
             attached: true,
             children: BTreeMap::new(),
@@ -846,12 +1003,21 @@ impl Model {
     /// Takes file `id` away from its path: a tombstone if it ever held committed content.
     /// With `MODEL_CHECK_README_LITERAL=1` every removed or renamed-away file leaves one, as
     /// the README's unlink and rename rows read literally.
-    fn detach_file(&mut self, dir: usize, name: &[u8], id: usize) {
-        if self.nodes[id].committed || readme_literal() {
-            self.events.push("tombstone");
+    /// `same_row`: the tombstone is the file's own row (unlink), which its writer, if it still
+    /// has one, goes on owning; a rename leaves a new row behind.
+    fn detach_file(&mut self, dir: usize, name: &[u8], id: usize, same_row: bool) {
+        let from = same_row.then_some(id);
+        if let Some(x) = self.nodes[id].expect.clone() {
+            // Created again provisionally: the tombstone it came from.
             self.nodes[dir]
                 .children
-                .insert(name.to_vec(), Slot::FileTomb);
+                .insert(name.to_vec(), Slot::FileTomb(x, from));
+        } else if self.nodes[id].committed || readme_literal() {
+            self.events.push("tombstone");
+            let last = self.nodes[id].committed_content.clone();
+            self.nodes[dir]
+                .children
+                .insert(name.to_vec(), Slot::FileTomb(last, from));
         } else {
             self.events.push("uncommitted-leaves-no-tombstone");
             self.nodes[dir].children.remove(name);
@@ -884,7 +1050,7 @@ impl Model {
                     .insert(name.to_vec(), Slot::Live(id));
                 Ok(id)
             }
-            Some(Slot::FileTomb) => {
+            Some(Slot::FileTomb(..)) => {
                 self.events.push("mkdir-on-tombstone");
                 Err("Exists")
             }

@@ -43,35 +43,68 @@ fn setup_run(m: &Mount, id: &str) -> std::path::PathBuf {
     art
 }
 
+/// Runs python statements in `cwd`; prints `ok` or the errno's name of the first OSError.
+fn py(cwd: &std::path::Path, stmts: &str) -> String {
+    let body: String = stmts.lines().map(|l| format!("    {l}\n")).collect();
+    let script = format!(
+        "import errno, os\n\
+         def put(name, data, mode='wb'):\n    \
+             with open(name, mode) as f:\n        \
+                 f.write(data)\n\
+         try:\n{body}except OSError as e:\n    print(errno.errorcode[e.errno])\nelse:\n    print('ok')\n"
+    );
+    sh_ok(cwd, &format!("python3 -c {}", shell_quote(&script)))
+        .trim()
+        .to_string()
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A sealed file takes its own bytes again (a retry, `cp` over an identical copy) and nothing
+/// else: the first differing write fails at once, an `O_TRUNC` close that leaves fewer bytes
+/// fails, appending fails; nobody ever sees the file change, not even through a descriptor
+/// opened before on this machine.
 #[test]
-fn sealed_files_refuse_every_change_of_content() {
-    let Some(m) = Mount::new("sealed_files_refuse_every_change_of_content") else {
+fn sealed_files_take_their_own_bytes_again_and_nothing_else() {
+    let Some(m) = Mount::new("sealed_files_take_their_own_bytes_again_and_nothing_else") else {
         return;
     };
     let art = setup_run(&m, "r1");
     let f = art.join("weights.bin");
     fs::write(&f, b"0123456789").unwrap();
-    let write = OpenOptions::new().write(true).open(&f).unwrap_err();
-    assert_eq!(errno(&write), libc::EPERM);
+    let sha = sha_xattr(&f);
+    // Identical: a redirect (bash flushes before it writes), Python, cp.
+    sh_ok(&art, "printf 0123456789 > weights.bin");
+    assert_eq!(py(&art, "put('weights.bin', b'0123456789', 'wb')"), "ok");
+    sh_ok(
+        &art,
+        "printf 0123456789 > copy.bin && cp copy.bin weights.bin",
+    );
+    assert_eq!(py(&art, "put('weights.bin', b'0123', 'r+b')"), "ok");
+    // Different: the write itself fails, in bash too.
+    let out = sh(&art, "echo other > weights.bin");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
     assert_eq!(
-        errno(
-            &OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&f)
-                .unwrap_err()
+        py(&art, "put('weights.bin', b'0123456789!', 'wb')"),
+        "EPERM"
+    );
+    assert_eq!(
+        py(
+            &art,
+            "f = os.open('weights.bin', os.O_WRONLY)\nos.pwrite(f, b'X', 3)"
         ),
-        libc::EPERM
+        "EPERM"
     );
-    assert_eq!(
-        errno(&OpenOptions::new().append(true).open(&f).unwrap_err()),
-        libc::EPERM
-    );
-    assert_eq!(
-        errno(&File::create(&f).unwrap_err()),
-        libc::EPERM,
-        "O_TRUNC on a sealed file"
-    );
+    assert_eq!(py(&art, "put('weights.bin', b'more', 'ab')"), "EPERM");
+    // Truncated and closed with fewer bytes: close() fails.
+    assert_eq!(py(&art, "open('weights.bin', 'wb').close()"), "EPERM");
+    assert_eq!(py(&art, "put('weights.bin', b'01234', 'wb')"), "EPERM");
     assert_eq!(
         errno(
             &OpenOptions::new()
@@ -88,9 +121,25 @@ fn sealed_files_refuse_every_change_of_content() {
         std::io::Error::last_os_error().raw_os_error(),
         Some(libc::EPERM)
     );
-    // What ls -l / stat shows after the refusals is still the truth.
+    // While an O_TRUNC rewrite is open, another descriptor and stat still see the whole file.
+    assert_eq!(
+        py(
+            &art,
+            "r = os.open('weights.bin', os.O_RDONLY)\n\
+             w = os.open('weights.bin', os.O_WRONLY | os.O_TRUNC)\n\
+             assert os.stat('weights.bin').st_size == 10, os.stat('weights.bin').st_size\n\
+             assert os.fstat(r).st_size == 10\n\
+             assert os.pread(r, 100, 0) == b'0123456789', os.pread(r, 100, 0)\n\
+             assert open('weights.bin', 'rb').read() == b'0123456789'\n\
+             os.write(w, b'0123456789')\n\
+             os.close(w)"
+        ),
+        "ok"
+    );
+    // What ls -l / stat shows after all this is still the truth, and nothing was stored.
     assert_eq!(fs::metadata(&f).unwrap().len(), 10);
     assert_eq!(fs::read(&f).unwrap(), b"0123456789");
+    assert_eq!(sha_xattr(&f), sha);
     // Metadata is not content: chmod and utimens are allowed and stored.
     fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
@@ -100,7 +149,11 @@ fn sealed_files_refuse_every_change_of_content() {
     assert_eq!(meta.modified().unwrap(), t);
     let log = m.log();
     assert!(
-        log.contains("refused open for writing /runs/r1/artifacts/weights.bin"),
+        log.contains("refused write /runs/r1/artifacts/weights.bin: the file is sealed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refused close /runs/r1/artifacts/weights.bin"),
         "{log}"
     );
 }
@@ -192,10 +245,11 @@ fn paths_are_write_once_across_unlink_and_rename() {
         errno(&fs::metadata(art.join("a")).unwrap_err()),
         libc::ENOENT
     );
+    // A tombstone takes back its last content only.
+    assert_eq!(py(&art, "put('a', 'changed', 'w')"), "EPERM", "tombstone");
     assert_eq!(
-        errno(&File::create(art.join("a")).unwrap_err()),
-        libc::EEXIST,
-        "tombstone"
+        errno(&fs::metadata(art.join("a")).unwrap_err()),
+        libc::ENOENT
     );
     assert_eq!(
         errno(&fs::rename(art.join("c"), art.join("a")).unwrap_err()),
@@ -203,13 +257,19 @@ fn paths_are_write_once_across_unlink_and_rename() {
     );
     fs::remove_file(art.join("b")).unwrap();
     assert_eq!(
-        errno(&File::create(art.join("b")).unwrap_err()),
-        libc::EEXIST
-    );
-    assert_eq!(
         errno(&fs::create_dir(art.join("b")).unwrap_err()),
         libc::EEXIST
     );
+    assert_eq!(py(&art, "put('b', 'other', 'w')"), "ok");
+    assert_eq!(fs::read(art.join("b")).unwrap(), b"other");
+    // Renaming onto identical content: the target stays, the source goes.
+    fs::write(art.join(".b.tmp"), b"other").unwrap();
+    fs::rename(art.join(".b.tmp"), art.join("b")).unwrap();
+    assert_eq!(
+        errno(&fs::metadata(art.join(".b.tmp")).unwrap_err()),
+        libc::ENOENT
+    );
+    fs::remove_file(art.join("b")).unwrap();
     fs::create_dir(art.join("d1")).unwrap();
     assert_eq!(
         errno(&fs::rename(art.join("d1"), art.join("d2")).unwrap_err()),
@@ -404,11 +464,14 @@ fn remount_shows_the_same_tree() {
     m.mount(&[]);
     assert_eq!(sh_ok(&m.mnt, "find . -printf '%p %s %m\\n' | sort"), before);
     assert_eq!(fs::read(art.join("x/y/z")).unwrap(), b"deep");
+    // Tombstones persist, with their last content.
+    assert_eq!(py(&art, "put('top', 'TOP', 'w')"), "EPERM");
     assert_eq!(
-        errno(&File::create(art.join("top")).unwrap_err()),
-        libc::EEXIST,
-        "tombstones persist"
+        errno(&fs::metadata(art.join("top")).unwrap_err()),
+        libc::ENOENT
     );
+    assert_eq!(py(&art, "put('top', 'top', 'w')"), "ok");
+    assert_eq!(fs::read(art.join("top")).unwrap(), b"top");
 }
 
 #[test]

@@ -265,14 +265,27 @@ fn cp_r_tree_then_diff_cmp_and_find() {
         sha256_hex(&pseudo_random(1, BLOB_LEN)),
         "content hash of the copied binary"
     );
-    // A second cp -r onto the same (now sealed) files is refused file by file.
+    // A second cp -r of the same tree (a retry) succeeds and stores nothing; a changed file
+    // in the source is refused.
+    let blobs = count_files(&m.store.join("blobs"));
+    sh_ok(&art, &format!("cp -r {}/. tree/", src.display()));
+    assert_eq!(count_files(&m.store.join("blobs")), blobs);
+    fs::write(src.join("data/blob.bin"), b"changed").unwrap();
     let again = sh(&art, &format!("cp -r {}/. tree/", src.display()));
-    assert!(!again.status.success(), "cp over sealed files succeeded");
+    assert!(
+        !again.status.success(),
+        "cp of changed bytes over a sealed file succeeded"
+    );
     assert!(
         text(&again.stderr).contains("Operation not permitted"),
         "{}",
         text(&again.stderr)
     );
+    assert_eq!(
+        xattr_sha256(&dst.join("data/blob.bin")),
+        sha256_hex(&pseudo_random(1, BLOB_LEN))
+    );
+    fs::write(src.join("data/blob.bin"), pseudo_random(1, BLOB_LEN)).unwrap();
     sh_ok(m.dir.path(), &format!("diff -r src {}", dst.display()));
 }
 
@@ -455,12 +468,19 @@ fn dd_from_generated_file_hash_matches() {
         fs::metadata(art.join("all.bin")).unwrap().len(),
         bytes.len() as u64
     );
-    // dd into a sealed file: refused, conv=notrunc or not.
+    // dd of the same bytes over a sealed file: a rewrite that changes nothing.
+    sh_ok(
+        &art,
+        &format!("dd if={s} of=four.bin bs=1M count=1 conv=notrunc status=none"),
+    );
+    // Other bytes: the write is refused.
     let err = sh_fail(
         &art,
-        &format!("LC_ALL=C dd if={s} of=four.bin bs=1M count=1 conv=notrunc status=none"),
+        "LC_ALL=C dd if=/dev/zero of=four.bin bs=1M count=1 conv=notrunc status=none",
     );
     assert!(err.contains("Operation not permitted"), "{err}");
+    // Without conv=notrunc dd truncates first: 1 MiB of the 4 written again is not the file,
+    // and closing it says so.
     let err = sh_fail(
         &art,
         &format!("LC_ALL=C dd if={s} of=four.bin bs=1M count=1 status=none"),
@@ -581,22 +601,15 @@ fn tar_extract_into_run_and_archive_back_out() {
         "{err}"
     );
     sh_ok(base, &format!("diff -r src {}", dst.display()));
-    // A plain tar -x over existing artifacts first unlinks each file (allowed: a soft delete),
-    // then cannot create it again (a tombstone: EEXIST). It fails, and the files are gone from
-    // the listing for good, while the directories stay.
-    let err = sh_fail(
+    // A plain tar -x of the same archive again first unlinks each file (a soft delete), then
+    // creates it at its tombstone with the same bytes: it succeeds and nothing changes.
+    let blobs = count_files(&m.store.join("blobs"));
+    sh_ok(
         &art,
-        &format!("LC_ALL=C tar -xf {}", base.join("tree.tar").display()),
+        &format!("tar -xf {}", base.join("tree.tar").display()),
     );
-    assert!(
-        err.contains("src/README.txt: Cannot open: File exists"),
-        "{err}"
-    );
-    assert_eq!(sh_ok(&dst, "find . -type f | wc -l").trim(), "0");
-    assert_eq!(
-        sh_ok(&dst, "find . | LC_ALL=C sort"),
-        sh_ok(&src, "find . -type d | LC_ALL=C sort")
-    );
+    sh_ok(base, &format!("diff -r src {}", dst.display()));
+    assert_eq!(count_files(&m.store.join("blobs")), blobs);
     assert_eq!(
         py_errno(&dst, "open('README.txt', 'xb')"),
         Some(libc::EEXIST)
@@ -729,19 +742,30 @@ print(os.path.basename(tmp2))
     names.sort();
     assert_eq!(names, ["MLmodel", "model.pkl"], "temp names must be gone");
     assert_eq!(py_errno(&dir, "os.stat('.tmpXYZ')"), Some(libc::ENOENT));
-    // The temp names are tombstones: re-creating them fails with EEXIST, with or without O_EXCL.
+    // The temp names are tombstones: they take back their last content only, with or without
+    // O_EXCL; anything else (even nothing) fails at close() and leaves the tombstone.
+    assert_eq!(
+        py_errno(&dir, "f = open('.tmpXYZ', 'wb'); f.close()"),
+        Some(libc::EPERM)
+    );
     assert_eq!(
         py_errno(
             &dir,
-            "os.open('.tmpXYZ', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)"
+            &format!("f = open('{tmp2}', 'xb'); f.write(b'other'); f.close()")
         ),
-        Some(libc::EEXIST)
+        Some(libc::EPERM)
     );
-    assert_eq!(py_errno(&dir, "open('.tmpXYZ', 'wb')"), Some(libc::EEXIST));
+    assert_eq!(py_errno(&dir, "os.stat('.tmpXYZ')"), Some(libc::ENOENT));
+    // A second identical save (a re-run): temp file with the same bytes, os.replace onto the
+    // final name: the same content, so it succeeds and the temp name goes.
     assert_eq!(
-        py_errno(&dir, &format!("open('{tmp2}', 'xb')")),
-        Some(libc::EEXIST)
+        py_errno(
+            &dir,
+            "f = open('.tmpDEF', 'wb'); f.write(b'flavors:\\n  python_function: {}\\n'); f.close(); os.replace('.tmpDEF', 'MLmodel')"
+        ),
+        None
     );
+    assert_eq!(py_errno(&dir, "os.stat('.tmpDEF')"), Some(libc::ENOENT));
     // A second save over the final name is refused: os.replace onto an existing file -> EEXIST.
     assert_eq!(
         py_errno(
@@ -806,9 +830,13 @@ with zipfile.ZipFile(sys.argv[1]) as z:
     // The sealed zip's hash equals the hash of its bytes; appending to it ('a' mode) is refused.
     assert_eq!(xattr_sha256(&zip), sha256_hex(&read_settled(&zip)));
     assert_eq!(
-        py_errno(&art, "import zipfile; zipfile.ZipFile('model.zip', 'a')"),
+        py_errno(
+            &art,
+            "import zipfile; z = zipfile.ZipFile('model.zip', 'a'); z.writestr('new.txt', b'x'); z.close()"
+        ),
         Some(libc::EPERM)
     );
+    assert_eq!(xattr_sha256(&zip), sha256_hex(&read_settled(&zip)));
 }
 
 #[test]
@@ -838,10 +866,17 @@ with open(sys.argv[1], 'rb') as f:
             hex(&bytes[n - 3..])
         )
     );
-    // A writable shared mapping needs a writable descriptor, which a sealed file never gives.
+    // A writable descriptor on a sealed file takes only its own bytes.
     assert_eq!(
-        py_errno(&art, "open('weights.bin', 'r+b')"),
+        py_errno(
+            &art,
+            "f = open('weights.bin', 'r+b'); f.write(b'X'); f.close()"
+        ),
         Some(libc::EPERM)
+    );
+    assert_eq!(
+        sha256_hex(&read_settled(&art.join("weights.bin"))),
+        sha256_hex(&bytes)
     );
 }
 
@@ -921,7 +956,8 @@ for n in [b'\xff\xfe.bin', b'caf\xe9-renamed.txt', b'ok-\xc3\xa9.txt', b'\x80dir
     with open(n, 'rb') as f:
         print(n, f.read())
 try:
-    os.open(b'caf\xe9.txt', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    fd = os.open(b'caf\xe9.txt', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.write(fd, b'not its content')
 except OSError as e:
     print('recreate', e.errno)
 "#;
@@ -934,7 +970,7 @@ except OSError as e:
         r"b'caf\xe9-renamed.txt' b'caf\xe9.txtcaf\xe9.txt'",
         r"b'ok-\xc3\xa9.txt' b'ok-\xc3\xa9.txtok-\xc3\xa9.txtok-\xc3\xa9.txt'",
         r"b'\x80dir/\xfe' b'inner'",
-        libc::EEXIST
+        libc::EPERM
     );
     assert_eq!(out, expected);
     // The same bytes through Rust's read_dir and through ls / find.
@@ -1054,13 +1090,20 @@ fn shell_redirections_create_files() {
         sh_ok(&art, "ls | LC_ALL=C sort"),
         "appended.txt\ndate.txt\necho.txt\nfd3.txt\ngroup.txt\npy.txt\nseq.txt\ntee.txt\ntouched\n"
     );
-    // touch made an empty file that is sealed: it cannot be written any more.
+    // touch made an empty file that is sealed: nothing can be written to it any more.
     assert_eq!(fs::metadata(art.join("touched")).unwrap().len(), 0);
-    assert_eq!(py_errno(&art, "open('touched', 'ab')"), Some(libc::EPERM));
     assert_eq!(
-        py_errno(&art, "os.open('touched', os.O_WRONLY)"),
+        py_errno(&art, "f = open('touched', 'ab'); f.write(b'x'); f.close()"),
         Some(libc::EPERM)
     );
+    assert_eq!(
+        py_errno(
+            &art,
+            "fd = os.open('touched', os.O_WRONLY); os.write(fd, b'x')"
+        ),
+        Some(libc::EPERM)
+    );
+    sh_ok(&art, "touch touched");
     // wc / grep / head through the mount.
     assert_eq!(sh_ok(&art, "wc -l < seq.txt").trim(), "1000");
     assert_eq!(sh_ok(&art, "grep -c '^1' seq.txt").trim(), "112");
@@ -1090,10 +1133,19 @@ fn shell_refusals_on_sealed_and_tombstoned_files() {
     assert!(err.contains("Operation not permitted"), "{err}");
     assert_eq!(read_settled(&art.join("f")), b"original\n");
     assert_eq!(read_settled(&art.join("appended")), b"new");
-    // The same refusals by errno.
-    assert_eq!(py_errno(&art, "open('f', 'ab')"), Some(libc::EPERM));
-    assert_eq!(py_errno(&art, "open('f', 'wb')"), Some(libc::EPERM));
-    assert_eq!(py_errno(&art, "open('f', 'r+b')"), Some(libc::EPERM));
+    // The same refusals by errno: opening for writing is allowed, changing is not.
+    let put = |mode: &str, data: &str| {
+        py_errno(
+            &art,
+            &format!("f = open('f', '{mode}'); f.write({data}); f.close()"),
+        )
+    };
+    assert_eq!(put("ab", "b'x'"), Some(libc::EPERM));
+    assert_eq!(put("wb", "b''"), Some(libc::EPERM), "truncated to nothing");
+    assert_eq!(put("wb", "b'original'"), Some(libc::EPERM), "a byte short");
+    assert_eq!(put("r+b", "b'O'"), Some(libc::EPERM));
+    assert_eq!(put("wb", "b'original\\n'"), None, "the same bytes again");
+    assert_eq!(put("r+b", "b'orig'"), None);
     assert_eq!(py_errno(&art, "open('f', 'xb')"), Some(libc::EEXIST));
     assert_eq!(py_errno(&art, "os.truncate('f', 0)"), Some(libc::EPERM));
     assert_eq!(
@@ -1102,20 +1154,24 @@ fn shell_refusals_on_sealed_and_tombstoned_files() {
         "truncate to the same size is a no-op"
     );
 
-    // rm, then writing the name again: EEXIST because of the tombstone.
+    // rm, then writing the name again: only its last content comes back.
     sh_ok(&art, "rm f");
     assert!(!art.join("f").exists());
     let err = sh_fail(&art, "LC_ALL=C; echo z > f");
-    assert!(err.contains("File exists"), "{err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
     assert_eq!(
-        py_errno(&art, "os.open('f', os.O_CREAT | os.O_WRONLY, 0o644)"),
-        Some(libc::EEXIST)
+        py_errno(
+            &art,
+            "fd = os.open('f', os.O_CREAT | os.O_WRONLY, 0o644); os.close(fd)"
+        ),
+        Some(libc::EPERM)
     );
-    let err = sh_fail(&art, "LC_ALL=C touch f");
-    assert!(err.contains("File exists"), "{err}");
+    sh_fail(&art, "LC_ALL=C touch f");
     assert_eq!(sh_ok(&art, "ls"), "appended\n");
     let err = sh_fail(&art, "LC_ALL=C cat f");
     assert!(err.contains("No such file or directory"), "{err}");
+    sh_ok(&art, "echo original > f");
+    assert_eq!(read_settled(&art.join("f")), b"original\n");
 }
 
 #[test]
@@ -1149,9 +1205,10 @@ fn mv_file_allowed_mv_dir_refused() {
     sh_ok(&art, "mv a b");
     assert_eq!(read_settled(&art.join("b")), b"A\n");
     assert!(!art.join("a").exists());
-    // `a` is a tombstone now.
+    // `a` is a tombstone now: only its last content may come back.
     let err = sh_fail(&art, "LC_ALL=C; echo again > a");
-    assert!(err.contains("File exists"), "{err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(!art.join("a").exists());
     assert_eq!(
         py_errno(&art, "os.rename('b', 'a')"),
         Some(libc::EEXIST),
@@ -1235,4 +1292,21 @@ fn df_reports_nonzero_size() {
     let f: Vec<u64> = st.split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert!(f[0] > 0 && f[1] > 0, "{st}");
     assert!(f[2] >= 255, "max name length {st}");
+}
+
+/// Regular files below `dir`, recursively.
+fn count_files(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    count_files(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+        })
+        .unwrap_or(0)
 }

@@ -33,6 +33,7 @@ mod access;
 mod body;
 mod hashing;
 mod models;
+mod rewrite;
 pub use models::{
     VIRT_BASE, XATTR_DIGEST, XATTR_MESSAGE, XATTR_REGISTER_PREFIX, XATTR_STATUS, XATTR_VERSION,
 };
@@ -202,6 +203,40 @@ struct Writer {
     failed: Option<i32>,
     /// The registered model this file belongs to, for files below `models/`.
     model: Option<u64>,
+    /// Created again at a tombstone: the bytes must be that path's last content.
+    expect: Option<Expected>,
+}
+
+/// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
+struct Expected {
+    hash: Hash,
+    size: u64,
+    /// The blob, while the store still has it: writes are compared as they arrive.
+    blob: Option<Arc<File>>,
+}
+
+impl Expected {
+    /// Why a write of `data` at `offset` cannot be part of the expected content, if it cannot.
+    fn refuses(&self, offset: u64, data: &[u8]) -> Option<String> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.size {
+            return Some(format!(
+                "the path held a file of {} bytes before; a write up to {end} cannot be its content",
+                self.size
+            ));
+        }
+        let blob = self.blob.as_ref()?;
+        let mut old = vec![0u8; data.len()];
+        match body::read_full_at(blob, &mut old, offset) {
+            Ok(n) if n == data.len() && old == data => None,
+            Ok(_) => Some(format!(
+                "the path held a file before; this write differs from its content at byte {}",
+                offset + old.iter().zip(data).take_while(|(a, b)| a == b).count() as u64
+            )),
+            // The blob cannot be read: the hash decides at close().
+            Err(_) => None,
+        }
+    }
 }
 
 /// An open file: a sealed file's blob, or a file being written (cheap to clone).
@@ -209,6 +244,8 @@ struct Writer {
 enum Handle {
     Read(Arc<Sealed>),
     Write(Arc<Mutex<Writer>>),
+    /// A sealed file opened for writing: writes must repeat its bytes.
+    Rewrite(Arc<Mutex<rewrite::Rewrite>>),
 }
 
 /// A handle on a sealed file. Its blob is opened on first use: a small file's reads are kept in
@@ -241,7 +278,18 @@ pub struct ArtifactFs {
 }
 
 /// See [`ArtifactFs::on_vanish`].
-pub type VanishHook = Box<dyn Fn(u64, Vec<u8>) + Send + Sync>;
+pub type VanishHook = Box<dyn Fn(Invalidate) + Send + Sync>;
+
+/// What the kernel must forget about, told from a thread of its own (never from inside the
+/// request that caused it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidate {
+    /// Name `.1` in directory `.0` may be gone: its entry, and the directory's listing.
+    Entry(u64, Vec<u8>),
+    /// The size, attributes and cached pages of inode `.0` (after an `O_TRUNC` that changed
+    /// nothing, or a new content of a rewritable file).
+    Inode(u64),
+}
 
 fn from_ns(ns: i64) -> SystemTime {
     if ns >= 0 {
@@ -758,8 +806,44 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
         self.model_guard(&idx, "create", &pdir, Some(name))?;
         let new = NewEntry::new_file(parent, name, zone as u8, mode & 0o7777, (uid, gid), now);
+        let mut expect = None;
         let ino = match idx.insert(&new) {
             Ok(Some(ino)) => ino,
+            // A tombstone of a file (`rm`, then the same file copied again; `tar -x` twice):
+            // created again provisionally, its bytes must be the path's last content.
+            Ok(None)
+                if let Some(t) = idx.lookup(parent, name)?
+                    && t.state == State::Tombstone
+                    && t.kind == Kind::File
+                    && let Some(hash) = t.hash =>
+            {
+                if lock(&self.writing).contains_key(&t.ino) {
+                    // Removed while a descriptor still writes it: that writer owns the row.
+                    let why = "the file removed here is still open for writing".to_string();
+                    return Err(Self::deny(
+                        &idx,
+                        "create",
+                        parent,
+                        Some(name),
+                        (Refusal::Busy, why),
+                    ));
+                }
+                if !idx.recreate_at_tombstone(t.ino, mode & 0o7777, (uid, gid), now)? {
+                    return Err(FsError::Refused(Refusal::Exists));
+                }
+                let blob = self.store.blobs.open_blob(&hash).ok().map(Arc::new);
+                expect = Some(Expected {
+                    hash,
+                    size: t.size,
+                    blob,
+                });
+                log::info!(
+                    "create {}: the path held a file before; accepted if the bytes are the same ({} bytes, {hash})",
+                    log_path(&idx.path_of(t.ino)?),
+                    t.size
+                );
+                t.ino
+            }
             other => {
                 return Err(match other {
                     Err(e) => e.into(),
@@ -800,6 +884,7 @@ impl ArtifactFs {
             synced: false,
             failed: None,
             model: unit.map(|u| u.model),
+            expect,
         };
         self.handles
             .write()
@@ -839,16 +924,6 @@ impl ArtifactFs {
         }
         if writes {
             self.read_only(&idx, "open for writing", ino, None)?;
-            return Err(Self::deny(
-                &idx,
-                "open for writing",
-                ino,
-                None,
-                (
-                    Refusal::NotPermitted,
-                    "the file is sealed: files are write-once".into(),
-                ),
-            ));
         }
         let hash = e.hash.ok_or(FsError::Refused(Refusal::NotFound))?;
         if damaged {
@@ -859,6 +934,9 @@ impl ArtifactFs {
             return Err(io::Error::from_raw_os_error(libc::EIO).into());
         }
         drop(idx);
+        if writes {
+            return self.open_rewrite(ino, hash, e.size, flags);
+        }
         let sealed = Sealed {
             ino,
             hash,
@@ -870,6 +948,90 @@ impl ArtifactFs {
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, Handle::Read(Arc::new(sealed)));
         Ok((fh, Opened::Sealed { size: e.size }))
+    }
+
+    /// A sealed file opened for writing: a rewrite that must repeat its bytes (see `rewrite`).
+    /// After `O_TRUNC` the kernel has dropped its idea of the size and pages; it is told to ask
+    /// again, so other descriptors on this machine never see a truncated file.
+    fn open_rewrite(&self, ino: u64, hash: Hash, size: u64, flags: i32) -> FsResult<(u64, Opened)> {
+        let blob = self.store.blobs.open_blob(&hash).map_err(|err| {
+            log::warn!("blob {hash} of inode {ino} cannot be opened: {err}");
+            FsError::Io(io::Error::from_raw_os_error(libc::EIO))
+        })?;
+        let truncated = flags & libc::O_TRUNC != 0;
+        let mut r = rewrite::Rewrite::new(ino, size, Arc::new(blob), truncated);
+        r.append = flags & libc::O_APPEND != 0;
+        let fh = self.new_fh();
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Handle::Rewrite(Arc::new(Mutex::new(r))));
+        if truncated && size > 0 {
+            self.invalidate_inode(ino);
+        }
+        Ok((fh, Opened::Writing))
+    }
+
+    /// One write of a rewrite: the sealed bytes at that offset, or `NotPermitted` at once.
+    fn rewrite_write(
+        &self,
+        r: &Mutex<rewrite::Rewrite>,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<u32> {
+        let mut r = lock(r);
+        let end = offset.saturating_add(data.len() as u64);
+        let why = if data.is_empty() {
+            return Ok(0);
+        } else if r.append {
+            Some("the file is sealed: appending would change it".to_string())
+        } else if end > r.size {
+            Some(format!(
+                "the file is sealed at {} bytes: a write up to {end} would change it",
+                r.size
+            ))
+        } else {
+            let mut sealed = vec![0u8; data.len()];
+            let n = body::read_full_at(&r.blob, &mut sealed, offset)?;
+            (n != data.len() || sealed != data).then(|| {
+                let at =
+                    offset + sealed.iter().zip(data).take_while(|(a, b)| a == b).count() as u64;
+                format!("the file is sealed: this write differs from its content at byte {at}")
+            })
+        };
+        if let Some(why) = why {
+            let ino = r.ino;
+            drop(r);
+            return Err(self.deny_ino("write", ino, (Refusal::NotPermitted, why)));
+        }
+        r.cover(offset, end);
+        Ok(data.len() as u32)
+    }
+
+    /// A refusal about an existing inode, logged with its path.
+    fn deny_ino(&self, op: &str, ino: u64, rule: (Refusal, String)) -> FsError {
+        let idx = self.store.index();
+        match idx.get(ino).ok().flatten() {
+            Some(e) => Self::deny(&idx, op, e.parent, Some(&e.name), rule),
+            None => FsError::Refused(rule.0),
+        }
+    }
+
+    /// `close()` of a rewrite: the file must still have all of its bytes.
+    fn rewrite_flush(&self, r: &Mutex<rewrite::Rewrite>) -> FsResult<()> {
+        let r = lock(r);
+        if r.complete() {
+            return Ok(());
+        }
+        let why = format!(
+            "the file is sealed at {} bytes; truncated and written again only up to byte {}, \
+             it would change (its content stays as it was)",
+            r.size,
+            r.missing_from()
+        );
+        let ino = r.ino;
+        drop(r);
+        Err(self.deny_ino("close", ino, (Refusal::NotPermitted, why)))
     }
 
     fn handle(&self, fh: u64) -> FsResult<Handle> {
@@ -888,7 +1050,7 @@ impl ArtifactFs {
     pub fn backing_file(&self, fh: u64) -> FsResult<Arc<File>> {
         match self.handle(fh)? {
             Handle::Read(h) => self.blob_file(&h),
-            Handle::Write(_) => Err(FsError::Refused(Refusal::BadHandle)),
+            Handle::Write(_) | Handle::Rewrite(_) => Err(FsError::Refused(Refusal::BadHandle)),
         }
     }
 
@@ -908,6 +1070,10 @@ impl ArtifactFs {
         let mut buf = vec![0u8; size as usize];
         let n = match self.handle(fh)? {
             Handle::Read(h) => body::read_full_at(&*self.blob_file(&h)?, &mut buf, offset)?,
+            Handle::Rewrite(r) => {
+                let blob = lock(&r).blob.clone();
+                body::read_full_at(&blob, &mut buf, offset)?
+            }
             Handle::Write(w) => {
                 let w = lock(&w);
                 let want = (w.size.saturating_sub(offset)).min(size as u64) as usize;
@@ -919,8 +1085,10 @@ impl ArtifactFs {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let Handle::Write(w) = self.handle(fh)? else {
-            return Err(FsError::Refused(Refusal::BadHandle));
+        let w = match self.handle(fh)? {
+            Handle::Write(w) => w,
+            Handle::Rewrite(r) => return self.rewrite_write(&r, offset, data),
+            Handle::Read(_) => return Err(FsError::Refused(Refusal::BadHandle)),
         };
         let end = offset.saturating_add(data.len() as u64);
         if end > self.opts.max_file_size {
@@ -929,6 +1097,11 @@ impl ArtifactFs {
         let mut w = lock(&w);
         if let Some(code) = w.failed {
             return Err(io::Error::from_raw_os_error(code).into());
+        }
+        if let Some(why) = w.expect.as_ref().and_then(|x| x.refuses(offset, data)) {
+            let ino = w.ino;
+            drop(w);
+            return Err(self.deny_ino("write", ino, (Refusal::NotPermitted, why)));
         }
         if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
             // The file now has a hole of unknown bytes: it is never committed again, and falls
@@ -968,9 +1141,16 @@ impl ArtifactFs {
             && let Some(e) = row
             && let Some(hook) = self.vanish_hook.get()
         {
-            hook(e.parent, e.name);
+            hook(Invalidate::Entry(e.parent, e.name));
         }
         result
+    }
+
+    /// Asks the kernel to forget inode `ino`'s attributes and pages (from the hook's thread).
+    fn invalidate_inode(&self, ino: u64) {
+        if let Some(hook) = self.vanish_hook.get() {
+            hook(Invalidate::Inode(ino));
+        }
     }
 
     /// Drops the rows of unfinished files that could not be dropped at release.
@@ -1012,6 +1192,7 @@ impl ArtifactFs {
     fn too_big(&self, op: &str, fh: u64, end: u64) -> FsError {
         let ino = self.handle(fh).ok().and_then(|h| match h {
             Handle::Write(w) => Some(lock(&w).ino),
+            Handle::Rewrite(r) => Some(lock(&r).ino),
             Handle::Read(_) => None,
         });
         let idx = self.store.index();
@@ -1049,6 +1230,7 @@ impl ArtifactFs {
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
             Handle::Read(_) => Ok(()),
+            Handle::Rewrite(r) => self.rewrite_flush(&r),
             Handle::Write(w) => self.commit(&mut lock(&w), false),
         }
     }
@@ -1059,6 +1241,7 @@ impl ArtifactFs {
                 self.blob_file(&h)?.sync_all()?;
                 Ok(self.store.index().sync()?)
             }
+            Handle::Rewrite(r) => self.rewrite_flush(&r),
             Handle::Write(w) => self.commit(&mut lock(&w), true),
         }
     }
@@ -1078,7 +1261,19 @@ impl ArtifactFs {
         if let Err(e) = &result {
             log::warn!("inode {}: commit at release failed: {e}", w.ino);
         }
-        if result.is_err() || !w.committed {
+        if w.expect.is_some() {
+            // Created again at a tombstone, and never with the path's last content: the path
+            // stays a tombstone.
+            let restored = self.store.index().restore_tombstone(w.ino, now_ns());
+            if let Err(e) = restored {
+                log::warn!("inode {}: cannot restore its tombstone ({e})", w.ino);
+                result = Err(e.into());
+            } else if let Some(hook) = self.vanish_hook.get()
+                && let Ok(Some(t)) = self.store.index().get(w.ino)
+            {
+                hook(Invalidate::Entry(t.parent, t.name));
+            }
+        } else if result.is_err() || !w.committed {
             // The latest content never (fully) reached the index: the file falls back to its
             // last committed version, or the half file disappears.
             if let Err(e) = self.abandon(w.ino) {
@@ -1125,6 +1320,19 @@ impl ArtifactFs {
             let size = w.size;
             w.body.rehash(size)?
         };
+        if let Some(x) = &w.expect
+            && (hash != x.hash || w.size != x.size)
+        {
+            // Not (yet) the path's last content: nothing is recorded, the path stays a
+            // tombstone. Not a failure of the writer: a shell redirect closes a copy of its
+            // descriptor before it writes, and the bytes may still come.
+            let why = format!(
+                "the path held a file before; its content was {} ({} bytes), these {} bytes differ",
+                x.hash, x.size, w.size
+            );
+            let ino = w.ino;
+            return Err(self.deny_ino("close", ino, (Refusal::NotPermitted, why)));
+        }
         let blobs = &self.store.blobs;
         // Content that fsck found damaged in the store is healed by writing it again.
         let damaged = self.store.index().is_damaged(&hash)?;
@@ -1168,6 +1376,7 @@ impl ArtifactFs {
         w.dirty = false;
         w.committed = true;
         w.synced = durable;
+        w.expect = None;
         Ok(())
     }
 
@@ -1248,6 +1457,24 @@ impl ArtifactFs {
                             self.begin_change(&mut w)?;
                         }
                         // The writer's lock is released: getattr takes it again.
+                        return self.setattr(
+                            ino,
+                            SetAttr {
+                                size: None,
+                                ..change
+                            },
+                        );
+                    }
+                    // ftruncate(0) of a rewrite: as if opened with O_TRUNC (nothing stored
+                    // changes; the bytes must all be written again before close()).
+                    None if size == 0
+                        && let Some(Handle::Rewrite(r)) =
+                            change.fh.and_then(|fh| self.handle(fh).ok())
+                        && lock(&r).ino == ino =>
+                    {
+                        lock(&r).truncate();
+                        drop(idx);
+                        self.invalidate_inode(ino);
                         return self.setattr(
                             ino,
                             SetAttr {
@@ -1377,6 +1604,25 @@ impl ArtifactFs {
         let src_unit = self.model_guard(&idx, "rename", &e, None)?;
         self.model_guard(&idx, "rename to", &dst_dir, Some(new_name))?;
         if let Some(existing) = idx.lookup(new_parent, new_name)? {
+            // rsync's temp file renamed onto an identical copy, a retried `mv`: nothing
+            // changes at the target; the source goes, as after `rm`.
+            let identical = existing.state == State::Live
+                && existing.kind == Kind::File
+                && e.kind == Kind::File
+                && e.state == State::Live
+                && e.hash.is_some()
+                && e.hash == existing.hash
+                && !lock(&self.writing).contains_key(&e.ino)
+                && !lock(&self.writing).contains_key(&existing.ino);
+            if identical {
+                log::info!(
+                    "rename {} onto {}: the same content; the target is unchanged, the source removed",
+                    log_path(&idx.path_of(e.ino)?),
+                    log_path(&idx.path_of(existing.ino)?)
+                );
+                drop(idx);
+                return self.unlink(parent, name);
+            }
             let why = if existing.state == State::Tombstone {
                 "the target path held a file before; paths are write-once"
             } else {
@@ -1610,19 +1856,20 @@ mod tests {
             fs.getxattr(ino, XATTR_SHA256.as_bytes()).unwrap(),
             Hash::of(b"hello").to_hex().into_bytes()
         );
-        // Write-once: no writing, truncating or appending any more.
+        // Write-once: opening for writing is a rewrite, and any write that would change the
+        // file is refused at once; appending anything too.
         for flags in [
             libc::O_WRONLY,
             libc::O_RDWR,
             libc::O_RDONLY | libc::O_TRUNC,
             libc::O_WRONLY | libc::O_APPEND,
         ] {
-            assert_eq!(
-                refusal(fs.open(ino, flags)),
-                Refusal::NotPermitted,
-                "flags {flags:#x}"
-            );
+            let (fh, _) = fs.open(ino, flags).unwrap();
+            assert_eq!(refusal(fs.write(fh, 0, b"HELLO")), Refusal::NotPermitted);
+            assert_eq!(refusal(fs.write(fh, 5, b"!")), Refusal::NotPermitted);
+            fs.release(fh).unwrap();
         }
+        assert_eq!(read_all(&fs, ino), b"hello");
         assert_eq!(
             refusal(fs.setattr(
                 ino,
@@ -1647,6 +1894,172 @@ mod tests {
             refusal(fs.create(ME, art, b"a.txt", 0o644)),
             Refusal::Exists
         );
+    }
+
+    #[test]
+    fn an_identical_rewrite_changes_nothing_and_a_differing_one_is_refused_at_once() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let ino = write_file(&fs, art, "f", b"0123456789");
+        let blobs = || walk_count(&d.path().join("blobs"));
+        let before = (blobs(), fs.getattr(ino).unwrap());
+        // cp over an identical copy: O_TRUNC, then every byte again, in pieces.
+        let (fh, _) = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        assert_eq!(
+            fs.read(fh, 0, 4).unwrap(),
+            b"0123",
+            "others still see it whole"
+        );
+        fs.write(fh, 5, b"56789").unwrap();
+        // The shell's early close: not complete yet.
+        assert_eq!(refusal(fs.flush(fh)), Refusal::NotPermitted);
+        fs.write(fh, 0, b"01234").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(
+            (blobs(), fs.getattr(ino).unwrap()),
+            before,
+            "nothing stored, nothing changed"
+        );
+        // The first differing byte fails the write itself.
+        let (fh, _) = fs.open(ino, libc::O_RDWR | libc::O_TRUNC).unwrap();
+        fs.write(fh, 0, b"0123").unwrap();
+        assert_eq!(refusal(fs.write(fh, 4, b"X")), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.write(fh, 10, b"more")), Refusal::NotPermitted);
+        // Truncated and not all written again: close() says so; the file is as it was.
+        assert_eq!(refusal(fs.flush(fh)), Refusal::NotPermitted);
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, ino), b"0123456789");
+        // Without O_TRUNC unwritten bytes stay: a matching partial write is fine.
+        let (fh, _) = fs.open(ino, libc::O_WRONLY).unwrap();
+        fs.write(fh, 3, b"345").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        // ftruncate(0) through the handle is O_TRUNC; any other size is refused.
+        let (fh, _) = fs.open(ino, libc::O_WRONLY).unwrap();
+        let resize = |size| SetAttr {
+            size: Some(size),
+            fh: Some(fh),
+            ..Default::default()
+        };
+        assert_eq!(refusal(fs.setattr(ino, resize(3))), Refusal::NotPermitted);
+        fs.setattr(ino, resize(0)).unwrap();
+        assert_eq!(fs.getattr(ino).unwrap().size, 10);
+        assert_eq!(refusal(fs.flush(fh)), Refusal::NotPermitted);
+        fs.write(fh, 0, b"0123456789").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        // O_APPEND: nothing may be added.
+        let (fh, _) = fs.open(ino, libc::O_WRONLY | libc::O_APPEND).unwrap();
+        assert_eq!(refusal(fs.write(fh, 10, b"x")), Refusal::NotPermitted);
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, ino), b"0123456789");
+    }
+
+    fn walk_count(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.map(|e| {
+                    let e = e.unwrap();
+                    if e.file_type().unwrap().is_dir() {
+                        walk_count(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn renaming_onto_the_same_content_removes_the_source_only() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let dst = write_file(&fs, art, "f", b"same");
+        write_file(&fs, art, ".f.tmp", b"same");
+        write_file(&fs, art, "other", b"different");
+        fs.rename(art, b".f.tmp", art, b"f", false).unwrap();
+        assert_eq!(fs.lookup(art, b"f").unwrap().ino, dst);
+        assert_eq!(refusal(fs.lookup(art, b".f.tmp")), Refusal::NotFound);
+        assert_eq!(read_all(&fs, dst), b"same");
+        // Different content: refused, both stay.
+        assert_eq!(
+            refusal(fs.rename(art, b"other", art, b"f", false)),
+            Refusal::Exists
+        );
+        assert_eq!(
+            read_all(&fs, fs.lookup(art, b"other").unwrap().ino),
+            b"different"
+        );
+        // Onto a file still being written: refused (its content is not final).
+        let (_, fh) = fs.create(ME, art, b"open", 0o644).unwrap();
+        fs.write(fh, 0, b"same").unwrap();
+        fs.flush(fh).unwrap();
+        write_file(&fs, art, "again", b"same");
+        assert_eq!(
+            refusal(fs.rename(art, b"again", art, b"open", false)),
+            Refusal::Exists
+        );
+        fs.release(fh).unwrap();
+    }
+
+    #[test]
+    fn a_tombstone_takes_back_only_its_last_content() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let ino = write_file(&fs, art, "f", b"the content");
+        fs.unlink(art, b"f").unwrap();
+        // Different bytes: refused as they are written; the path stays a tombstone.
+        let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        assert_eq!(refusal(fs.write(fh, 0, b"THE")), Refusal::NotPermitted);
+        assert_eq!(
+            refusal(fs.write(fh, 0, b"the content, longer")),
+            Refusal::NotPermitted
+        );
+        assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.lookup(art, b"f")), Refusal::NotFound);
+        // The same bytes (tar -x of the same archive again): the file is back, the same inode.
+        let (attr, fh) = fs.create(ME, art, b"f", 0o600).unwrap();
+        assert_eq!(attr.ino, ino);
+        fs.write(fh, 0, b"the content").unwrap();
+        fs.release(fh).unwrap();
+        let back = fs.lookup(art, b"f").unwrap();
+        assert_eq!((back.ino, back.perm, back.sealed), (ino, 0o600, true));
+        assert_eq!(read_all(&fs, ino), b"the content");
+        // Its blob gone (gc after the retention): compared by hash at close().
+        fs.unlink(art, b"f").unwrap();
+        let hash = Hash::of(b"the content").to_hex();
+        std::fs::remove_file(
+            d.path()
+                .join("blobs/sha256")
+                .join(&hash[..2])
+                .join(&hash[2..]),
+        )
+        .unwrap();
+        let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"the CONTENT").unwrap();
+        assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.lookup(art, b"f")), Refusal::NotFound);
+        let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"the content").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, ino), b"the content");
+        // A crash while it is being created again leaves the tombstone.
+        fs.unlink(art, b"f").unwrap();
+        let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"the").unwrap();
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(d.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let _ = fh;
+        let run = fs.lookup(RUNS_INO, b"r").unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        assert_eq!(refusal(fs.lookup(art, b"f")), Refusal::NotFound);
+        let row = fs.store().index().get(ino).unwrap().unwrap();
+        assert_eq!(row.state, State::Tombstone);
     }
 
     #[test]
@@ -1895,7 +2308,11 @@ mod tests {
         fs.rename(art, b"a", art, b"b", false).unwrap();
         assert_eq!(fs.lookup(art, b"b").unwrap().ino, a);
         assert_eq!(refusal(fs.lookup(art, b"a")), Refusal::NotFound);
-        assert_eq!(refusal(fs.create(ME, art, b"a", 0o644)), Refusal::Exists);
+        // Created again at the tombstone: only with its last content.
+        let (_, fh) = fs.create(ME, art, b"a", 0o644).unwrap();
+        assert_eq!(refusal(fs.write(fh, 0, b"2")), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.lookup(art, b"a")), Refusal::NotFound);
         write_file(&fs, art, "c", b"2");
         assert_eq!(
             refusal(fs.rename(art, b"b", art, b"c", false)),
@@ -1911,7 +2328,6 @@ mod tests {
         );
         fs.unlink(art, b"b").unwrap();
         assert_eq!(refusal(fs.lookup(art, b"b")), Refusal::NotFound);
-        assert_eq!(refusal(fs.create(ME, art, b"b", 0o644)), Refusal::Exists);
         assert_eq!(refusal(fs.mkdir(ME, art, b"b", 0o755)), Refusal::Exists);
     }
 
@@ -1964,7 +2380,13 @@ mod tests {
         fs.rmdir(art, b"sub").unwrap();
         // mkdir revives the same directory, so its tombstones still apply.
         assert_eq!(fs.mkdir(ME, art, b"sub", 0o700).unwrap().ino, sub);
-        assert_eq!(refusal(fs.create(ME, sub, b"f", 0o644)), Refusal::Exists);
+        let (_, fh) = fs.create(ME, sub, b"f", 0o644).unwrap();
+        assert_eq!(
+            refusal(fs.release(fh)),
+            Refusal::NotPermitted,
+            "empty is not its content"
+        );
+        assert_eq!(refusal(fs.lookup(sub, b"f")), Refusal::NotFound);
         // A run whose only entry is an empty artifacts/ can be removed, and made again.
         let art2 = run_dir(&fs, "r2");
         fs.rmdir(RUNS_INO, b"r2").unwrap();

@@ -781,6 +781,44 @@ impl Index {
         Ok(())
     }
 
+    /// A file created again at its tombstone: the row is being written again (a crash turns it
+    /// back into the tombstone, since its hash is kept). `false` if it is no tombstone.
+    pub fn recreate_at_tombstone(
+        &self,
+        ino: u64,
+        mode: u32,
+        owner: (u32, u32),
+        now: i64,
+    ) -> io::Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "UPDATE entries SET state = {STATE_WRITING}, mode = ?2, uid = ?3, gid = ?4,
+                     mtime = ?5, ctime = ?5
+                     WHERE ino = ?1 AND kind = 2 AND state = {STATE_TOMBSTONE} AND hash IS NOT NULL"
+                ),
+                params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
+            )
+            .map_err(to_io)?;
+        Ok(n == 1)
+    }
+
+    /// A file created again at its tombstone that never got the path's last content: the
+    /// tombstone again.
+    pub fn restore_tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.conn
+            .execute(
+                &format!(
+                    "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
+                     WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})"
+                ),
+                params![ino as i64, now],
+            )
+            .map_err(to_io)?;
+        Ok(())
+    }
+
     /// Removes a file that is still being written: a file that never committed anything goes
     /// without a trace; one that did (a close() returned) leaves a tombstone.
     pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {

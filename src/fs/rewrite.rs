@@ -1,0 +1,108 @@
+//! Writing a sealed file again with the bytes it already has: a retry, a re-run, `cp` over an
+//! identical copy. Nothing is stored; every `write()` is compared with the sealed content at its
+//! offset, and the first one that differs (or goes past the end) is refused at once.
+//!
+//! After `O_TRUNC` (or `ftruncate` to 0) the writer must write every byte again: a `close()`
+//! that leaves fewer fails. Without it, unwritten ranges keep their bytes, so any matching
+//! writes leave the file as it was.
+
+use std::fs::File;
+use std::sync::Arc;
+
+/// A rewrite of a sealed file through one open file description.
+pub(super) struct Rewrite {
+    pub ino: u64,
+    /// The sealed size: no byte may be written at or past it.
+    pub size: u64,
+    pub blob: Arc<File>,
+    /// Opened with `O_TRUNC` (or truncated to 0): every byte must be written again.
+    pub truncated: bool,
+    /// Opened with `O_APPEND`: any non-empty write would add bytes.
+    pub append: bool,
+    /// Byte ranges written and found equal, merged and in order.
+    covered: Vec<(u64, u64)>,
+}
+
+impl Rewrite {
+    pub fn new(ino: u64, size: u64, blob: Arc<File>, truncated: bool) -> Self {
+        Rewrite {
+            ino,
+            size,
+            blob,
+            truncated,
+            append: false,
+            covered: Vec::new(),
+        }
+    }
+
+    /// Records that `[start, end)` was written with the sealed bytes.
+    pub fn cover(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        self.covered.push((start, end));
+        self.covered.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.covered.len());
+        for &(s, e) in &self.covered {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.covered = merged;
+    }
+
+    /// Truncation to 0 (`ftruncate`): as if opened with `O_TRUNC`.
+    pub fn truncate(&mut self) {
+        self.truncated = true;
+        self.covered.clear();
+    }
+
+    /// Whether the file, as this handle leaves it, has exactly its sealed content.
+    pub fn complete(&self) -> bool {
+        !self.truncated || self.size == 0 || self.covered.first() == Some(&(0, self.size))
+    }
+
+    /// The first byte not written again after a truncation (for the log line).
+    pub fn missing_from(&self) -> u64 {
+        match self.covered.first() {
+            Some(&(0, e)) => e,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(size: u64, truncated: bool) -> Rewrite {
+        let file = tempfile::tempfile().unwrap();
+        Rewrite::new(1, size, Arc::new(file), truncated)
+    }
+
+    #[test]
+    fn coverage_merges_ranges_in_any_order() {
+        let mut r = rewrite(10, true);
+        assert!(!r.complete());
+        r.cover(5, 10);
+        assert!(!r.complete());
+        assert_eq!(r.missing_from(), 0);
+        r.cover(0, 3);
+        assert_eq!(r.missing_from(), 3);
+        r.cover(2, 6);
+        assert!(r.complete());
+        r.truncate();
+        assert!(!r.complete());
+    }
+
+    #[test]
+    fn without_truncation_any_matching_writes_leave_the_file_whole() {
+        let mut r = rewrite(10, false);
+        assert!(r.complete());
+        r.cover(3, 4);
+        assert!(r.complete());
+        // An empty file is whole whatever happens.
+        assert!(rewrite(0, true).complete());
+    }
+}
