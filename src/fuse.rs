@@ -107,6 +107,10 @@ pub fn ttl(attr: &Attr, shared: bool) -> Duration {
         _ if (attr.sealed || attr.stable) && !shared => Duration::from_secs(3600),
         // Registry links change when versions settle, without the kernel seeing it.
         NodeKind::Symlink => Duration::ZERO,
+        // Beside a writer, a file it still writes changes size behind this mount's back: its
+        // attributes are never cached, or a read right after the writer's close() would stop
+        // at the size seen before (found by the soak).
+        NodeKind::File if shared && !attr.sealed => Duration::ZERO,
         // Files being written: their size is the kernel's own to track, and only this handle
         // can change them. Directories the registry changes by itself (`models/`).
         NodeKind::Dir | NodeKind::File => Duration::from_secs(1),

@@ -889,7 +889,9 @@ fn a_read_only_daemon_never_serves_a_file_that_is_still_open_for_writing() {
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "committed");
     let f = ro.join("runs/r/artifacts/f");
-    // Committed but still open on the writer: never "AAAA" through the other daemon.
+    // Committed but still open on the writer: never "AAAA" through the other daemon (and the
+    // size seen now must not stick).
+    let _ = fs::metadata(&f);
     for _ in 0..5 {
         match fs::read(&f) {
             Ok(bytes) => panic!(
@@ -908,8 +910,14 @@ fn a_read_only_daemon_never_serves_a_file_that_is_still_open_for_writing() {
     assert!(child.wait().unwrap().success());
     // Released: the seal reaches the index within a tick; the kernel's cached attributes on the
     // read-only mount last at most a second.
-    let ok = wait_until(Duration::from_secs(3), || {
-        fs::read(&f).is_ok_and(|b| b == b"BBBBBB")
+    // The first successful read is the whole final content, never cut to the size seen while
+    // the file was being written (cached attributes; found by the soak).
+    let ok = wait_until(Duration::from_secs(3), || match fs::read(&f) {
+        Ok(b) => {
+            assert_eq!(b, b"BBBBBB", "served {:?}", String::from_utf8_lossy(&b));
+            true
+        }
+        Err(_) => false,
     });
     assert!(
         ok,

@@ -655,6 +655,23 @@ impl Index {
         Ok(())
     }
 
+    /// At a clean stop no file is open any more, whatever releases the kernel did not deliver
+    /// before the unmount: every file committed while open is sealed (as the next start would
+    /// do), so a `--read-only` daemon started afterwards serves them.
+    pub fn seal_all_committed(&self) -> io::Result<usize> {
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
+                ),
+                [],
+            )
+            .map_err(to_io)?;
+        self.pending_seals.borrow_mut().clear();
+        Ok(n)
+    }
+
     /// Inside a transaction: writes the queued seals and returns how many, to be dropped from
     /// the queue once the transaction has committed (a rolled-back one leaves them queued).
     fn seal_now(&self) -> io::Result<usize> {

@@ -405,9 +405,10 @@ impl Store {
         if self._lock.is_none() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        // Files released since the last commit are sealed for other daemons now (a restart
-        // would seal them too, but a clean stop leaves nothing to recover).
-        self.index().seal_pending()?;
+        // Files released since the last commit, and any whose release never came before the
+        // unmount, are sealed for other daemons now (a restart would seal them too, but a
+        // clean stop leaves nothing to recover).
+        self.index().seal_all_committed()?;
         self.sync_marking(true)?;
         self.stopped
             .store(true, std::sync::atomic::Ordering::Release);
