@@ -446,10 +446,14 @@ def big_registrar():
                 big_durations.append(took)
             vdir = os.path.join(MNT, "models", model, f"v{k}")
             listed = set()
-            for root, _, names in os.walk(vdir):
+
+            def walk_error(e):
+                raise e  # os.walk would skip a directory it cannot list (a kill under it)
+
+            for root, _, names in os.walk(vdir, onerror=walk_error):
                 for n in names:
                     listed.add(os.path.relpath(os.path.join(root, n), vdir))
-            if listed != made:
+            if listed != made and not interrupted(gen):
                 error(f"{model}/v{k}: lists {len(listed)} files, the source has {len(made)}; "
                       f"missing {sorted(made - listed)[:3]}, extra {sorted(listed - made)[:3]}")
             for rel in rnd.sample(sorted(made), 20):
