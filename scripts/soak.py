@@ -705,29 +705,29 @@ finally:
 
 durations = sorted(big_durations)
 print()
-print(f"{'files written':<30}{counts['files']}")
-print(f"{'bytes written':<30}{counts['bytes']}")
-print(f"{'kills survived':<30}{counts['kills']}")
-print(f"{'registrations':<30}{counts['registrations']}")
-print(f"{'reads verified':<30}{counts['reads']}")
-print(f"{'gc runs':<30}{counts['gc_runs']}")
-print(f"{'refusals (expected)':<30}{counts['refused_as_expected']}")
-print(f"{'sparse EFBIG, head committed':<30}{new['sparse_efbig']} (by a dup's close() first)")
-print(f"{'sparse EFBIG, head uncommitted':<30}{new['sparse_efbig_fresh']} "
+print(f"{'files written':<32}{counts['files']}")
+print(f"{'bytes written':<32}{counts['bytes']}")
+print(f"{'kills survived':<32}{counts['kills']}")
+print(f"{'registrations':<32}{counts['registrations']}")
+print(f"{'reads verified':<32}{counts['reads']}")
+print(f"{'gc runs':<32}{counts['gc_runs']}")
+print(f"{'refusals (expected)':<32}{counts['refused_as_expected']}")
+print(f"{'sparse EFBIG, head committed':<32}{new['sparse_efbig']} (by a dup's close() first)")
+print(f"{'sparse EFBIG, head uncommitted':<32}{new['sparse_efbig_fresh']} "
       f"(close() failed after EFBIG: {new['sparse_close_failed']})")
-print(f"{'sparse 1 GiB commits':<30}{new['sparse_commits']}")
-print(f"{'large registrations':<30}{new['big_registrations']} ({new['big_files']} files)")
+print(f"{'sparse 1 GiB commits':<32}{new['sparse_commits']}")
+print(f"{'large registrations':<32}{new['big_registrations']} ({new['big_files']} files)")
 if durations:
-    print(f"{'  setxattr ms min/median/max':<30}{durations[0] * 1000:.0f} / "
+    print(f"{'  setxattr ms min/median/max':<32}{durations[0] * 1000:.0f} / "
           f"{durations[len(durations) // 2] * 1000:.0f} / {durations[-1] * 1000:.0f}")
-print(f"{'  EBUSY retries (releases)':<30}{new['register_busy_retries']}")
-print(f"{'register EBUSY (expected)':<30}{new['register_ebusy']}")
-print(f"{'register EINVAL (expected)':<30}{new['register_einval']}")
-print(f"{'probe stats, worst latency':<30}{new['probes']}, {probe_worst[0] * 1000:.0f} ms")
-print(f"{'dup checks passed':<30}{new['dup_checks']} (first read EBUSY {new['dup_first_ebusy']}, "
+print(f"{'  EBUSY retries (releases)':<32}{new['register_busy_retries']}")
+print(f"{'register EBUSY (expected)':<32}{new['register_ebusy']}")
+print(f"{'register EINVAL (expected)':<32}{new['register_einval']}")
+print(f"{'probe stats, worst latency':<32}{new['probes']}, {probe_worst[0] * 1000:.0f} ms")
+print(f"{'dup checks passed':<32}{new['dup_checks']} (first read EBUSY {new['dup_first_ebusy']}, "
       f"ENOENT {new['dup_first_enoent']}; cut by kills {new['dup_interrupted']})")
-print(f"{'dup final reads cut short':<30}{new['dup_cut']} (the read-only mount's stale size)")
-print(f"{'unexpected errors':<30}{counts['errors']}")
+print(f"{'dup final reads cut short':<32}{new['dup_cut']} (the read-only mount's stale size)")
+print(f"{'unexpected errors':<32}{counts['errors']}")
 for e in errors[:20]:
     print("  ", e)
 sys.exit(1 if counts["errors"] else 0)
