@@ -108,6 +108,7 @@ mod tests {
             uid,
             gid,
             mtime: UNIX_EPOCH,
+            atime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
             crtime: UNIX_EPOCH,
             sealed: true,

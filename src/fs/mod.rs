@@ -111,6 +111,8 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    /// As `utimens` set it last (or the creation time): reads do not change it.
+    pub atime: SystemTime,
     pub ctime: SystemTime,
     pub crtime: SystemTime,
     /// Content and size can never change again: safe to cache for long.
@@ -120,7 +122,7 @@ pub struct Attr {
     pub stable: bool,
 }
 
-/// A time given to `utimens`.
+/// A time given to `utimens` (`UTIME_OMIT` is no `SetTime` at all).
 #[derive(Debug, Clone, Copy)]
 pub enum SetTime {
     Now,
@@ -135,6 +137,7 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SetTime>,
+    pub atime: Option<SetTime>,
     /// The open file the change comes through (`ftruncate`, `futimens`); `None` for a change by
     /// path (`truncate`, `chmod`). Only the handle writing a file may change its size.
     pub fh: Option<u64>,
@@ -392,6 +395,7 @@ impl ArtifactFs {
             uid: self.opts.uid.unwrap_or(e.uid),
             gid: self.opts.gid.unwrap_or(e.gid),
             mtime: from_ns(e.mtime),
+            atime: from_ns(e.atime),
             ctime: from_ns(e.ctime),
             crtime: from_ns(e.crtime),
             sealed: self.is_sealed_row(e),
@@ -1271,10 +1275,11 @@ impl ArtifactFs {
                     None => {}
                 }
             }
-            let mtime = change.mtime.map(|t| match t {
+            let ns = |t: SetTime| match t {
                 SetTime::Now => now,
                 SetTime::At(t) => to_ns(t),
-            });
+            };
+            let mtime = change.mtime.map(ns);
             idx.change_meta(
                 ino,
                 &MetaChange {
@@ -1282,6 +1287,7 @@ impl ArtifactFs {
                     uid: change.uid,
                     gid: change.gid,
                     mtime,
+                    atime: change.atime.map(ns),
                     ctime: now,
                 },
             )?;
@@ -2016,6 +2022,56 @@ mod tests {
                 }
             )),
             Refusal::NotPermitted
+        );
+    }
+
+    /// Access and modification times are separate; `None` (`UTIME_OMIT`) keeps a time as it
+    /// is; times far from now (2100, before 1970, sub-second) come back exactly.
+    #[test]
+    fn access_and_modification_times_are_set_separately_and_exactly() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let ino = write_file(&fs, art, "f", b"x");
+        let before = fs.getattr(ino).unwrap();
+        assert_eq!(
+            before.atime, before.crtime,
+            "a new file's atime is its creation"
+        );
+        let y2100 = UNIX_EPOCH + Duration::new(4_102_444_800, 123_456_789);
+        let set = |atime, mtime| {
+            fs.setattr(
+                ino,
+                SetAttr {
+                    atime,
+                    mtime,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let a = set(Some(SetTime::At(y2100)), None);
+        assert_eq!((a.atime, a.mtime), (y2100, before.mtime));
+        assert!(a.ctime > before.ctime, "utimens changes ctime");
+        let pre = UNIX_EPOCH - Duration::new(1, 500_000_000);
+        let a = set(None, Some(SetTime::At(pre)));
+        assert_eq!((a.atime, a.mtime), (y2100, pre));
+        // Reading does not change the access time.
+        let (fh, _) = fs.open(ino, libc::O_RDONLY).unwrap();
+        fs.read(fh, 0, 10).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.getattr(ino).unwrap().atime, y2100);
+        // The conversion itself, at the edges of what nanoseconds in an i64 hold.
+        for t in [y2100, pre, UNIX_EPOCH, UNIX_EPOCH - Duration::from_nanos(1)] {
+            assert_eq!(from_ns(to_ns(t)), t);
+        }
+        for ns in [i64::MIN, i64::MAX, -1, 0] {
+            assert_eq!(to_ns(from_ns(ns)), ns.max(-i64::MAX));
+        }
+        let far = UNIX_EPOCH + Duration::from_secs(400 * 365 * 86_400);
+        assert_eq!(
+            to_ns(far),
+            i64::MAX,
+            "past 2262: the latest time an i64 holds"
         );
     }
 

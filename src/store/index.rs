@@ -22,7 +22,7 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 use super::Hash;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -61,6 +61,9 @@ pub struct Entry {
     pub mtime: i64,
     pub ctime: i64,
     pub crtime: i64,
+    /// Last access as `utimens` set it (reads never change it; new entries start at their
+    /// creation time).
+    pub atime: i64,
     /// Committed by a `close()` while the writing daemon still holds the file open (a dup'd
     /// descriptor may write again): `state` reads `Live`, because the writing daemon knows its
     /// own writers, but any other reader must treat the file as still being written.
@@ -132,6 +135,7 @@ pub struct MetaChange {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<i64>,
+    pub atime: Option<i64>,
     pub ctime: i64,
 }
 
@@ -162,7 +166,7 @@ pub struct Index {
 }
 
 const COLUMNS: &str =
-    "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime";
+    "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime";
 
 fn to_io(e: rusqlite::Error) -> io::Error {
     match e.sqlite_error_code() {
@@ -203,8 +207,8 @@ fn state_code(s: State) -> i64 {
 fn insert_sql(conflict: &str) -> String {
     format!(
         "INSERT {conflict} INTO entries
-         (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)"
+         (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)"
     )
 }
 
@@ -252,6 +256,7 @@ fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
         mtime: row.get(11)?,
         ctime: row.get(12)?,
         crtime: row.get(13)?,
+        atime: row.get(14)?,
         committed_open: code == STATE_COMMITTED_OPEN,
     })
 }
@@ -362,6 +367,9 @@ impl Index {
         if version < 3 {
             self.migrate_to_3()?;
         }
+        if version < 4 {
+            self.migrate_to_4()?;
+        }
         Ok(())
     }
 
@@ -458,6 +466,21 @@ impl Index {
             .map_err(to_io)
     }
 
+    /// Version 4: access times of their own (`touch -a`, `utimensat` with `UTIME_OMIT`); an
+    /// existing entry's access time starts as its modification time, which is what the daemon
+    /// reported as the access time before.
+    fn migrate_to_4(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 ALTER TABLE entries ADD COLUMN atime INTEGER NOT NULL DEFAULT 0;
+                 UPDATE entries SET atime = mtime;
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )
+            .map_err(to_io)
+    }
+
     /// Records that blob `hash` is damaged (missing or wrong bytes).
     pub fn mark_damaged(&self, hash: &Hash, now: i64) -> io::Result<()> {
         self.conn
@@ -504,7 +527,7 @@ impl Index {
                  FROM entries WHERE ino = ?1"
             ))
             .map_err(to_io)?
-            .query_row([ino as i64], |r| Ok((row_to_entry(r)?, r.get::<_, bool>(14)?)))
+            .query_row([ino as i64], |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)))
             .optional()
             .map_err(to_io)
     }
@@ -735,7 +758,8 @@ impl Index {
         self.conn
             .prepare_cached(
                 "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
-                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, mtime), ctime = ?6
+                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, mtime),
+                 atime = COALESCE(?6, atime), ctime = ?7
                  WHERE ino = ?1",
             )
             .map_err(to_io)?
@@ -745,6 +769,7 @@ impl Index {
                 c.uid.map(|u| u as i64),
                 c.gid.map(|g| g as i64),
                 c.mtime,
+                c.atime,
                 c.ctime
             ])
             .map_err(to_io)?;
@@ -767,7 +792,7 @@ impl Index {
         self.conn
             .prepare_cached(
                 "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
-                 mtime = ?5, ctime = ?5 WHERE ino = ?1 AND kind = 1",
+                 mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
             )
             .map_err(to_io)?
             .execute(params![
@@ -908,8 +933,9 @@ impl Index {
         if leave_tombstone && old.hash.is_some() {
             tx.execute(
                 "INSERT INTO entries
-                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
-                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
+                  atime)
+                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     old.parent as i64,
                     old.name,
@@ -921,7 +947,8 @@ impl Index {
                     old.gid as i64,
                     old.mtime,
                     now,
-                    old.crtime
+                    old.crtime,
+                    old.atime
                 ],
             )
             .map_err(to_io)?;
@@ -1134,6 +1161,58 @@ mod tests {
         }
         let idx = Index::open(&path, (0, 0), 6).unwrap();
         assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().mtime, 5);
+    }
+
+    /// A store made before access times had a column (schema version 3) opens, migrates to 4
+    /// with each access time taken from the modification time, and keeps working.
+    #[test]
+    fn a_version_3_index_migrates_to_separate_access_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let hash = Hash([3; 32]);
+        {
+            let idx = Index::open(&path, (0, 0), 5).unwrap();
+            let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+            idx.commit_file(a, &hash, 3, 1_234, 1_300, || true).unwrap();
+            idx.seal_later(a);
+            idx.seal_pending().unwrap();
+            // Back to the layout of version 3: no atime column.
+            idx.conn
+                .execute_batch("ALTER TABLE entries DROP COLUMN atime; PRAGMA user_version = 3;")
+                .unwrap();
+        }
+        assert!(
+            Index::open_readonly(&path).is_err(),
+            "a version 3 index is not read as version 4 without its migration"
+        );
+        let idx = Index::open(&path, (0, 0), 6).unwrap();
+        let version: i64 = idx
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let a = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.hash, a.size, a.mtime, a.atime),
+            (State::Live, Some(hash), 3, 1_234, 1_234)
+        );
+        assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().atime, 5);
+        // It keeps working: access and modification times change separately.
+        idx.change_meta(
+            a.ino,
+            &MetaChange {
+                atime: Some(-1_500_000_000),
+                ctime: 7,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let a = idx.get(a.ino).unwrap().unwrap();
+        assert_eq!((a.mtime, a.atime, a.ctime), (1_234, -1_500_000_000, 7));
+        let b = idx.insert(&new_file(RUNS_INO, b"b")).unwrap().unwrap();
+        assert_eq!(idx.get(b).unwrap().unwrap().atime, 1);
+        drop(idx);
+        assert!(Index::open_readonly(&path).is_ok());
     }
 
     #[test]
