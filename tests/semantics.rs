@@ -555,6 +555,45 @@ print(times("f")[0], times("f")[1])
 }
 
 #[test]
+fn directories_change_when_names_are_created_removed_or_renamed() {
+    let Some(m) = Mount::new("directories_change_when_names_are_created_removed_or_renamed") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let script = format!(
+        "{PY_UTIMENSAT}{}",
+        r#"
+os.mkdir("d")
+def write(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, b"x")
+    os.close(fd)
+steps = [
+    ("create", ["d"], lambda: write("d/f")),
+    ("mkdir", ["d"], lambda: os.mkdir("d/sub")),
+    ("rename in d", ["d"], lambda: os.rename("d/f", "d/g")),
+    ("rename to d/sub", ["d", "d/sub"], lambda: os.rename("d/g", "d/sub/g")),
+    ("unlink", ["d/sub"], lambda: os.unlink("d/sub/g")),
+    ("rmdir", ["d"], lambda: os.rmdir("d/sub")),
+    ("mknod", ["d"], lambda: os.mknod("d/n", 0o644)),
+]
+for what, dirs, step in steps:
+    before = {d: times(d) for d in dirs}
+    # Cached: a stat right before the change must not be what the stat after it shows.
+    time.sleep(0.02)
+    start = time.time_ns()
+    step()
+    for d in dirs:
+        a, m, c = times(d)
+        assert m == c and m > before[d][1] and m >= start - 10_000_000, (what, d, before[d], (a, m, c))
+        assert a == before[d][0], (what, d, "atime", before[d][0], a)
+print("ok")
+"#
+    );
+    assert_eq!(python_like_ext4(&art, &script).trim(), "ok");
+}
+
+#[test]
 fn a_files_ctime_changes_on_chmod_chown_utimens_and_rename() {
     let Some(m) = Mount::new("a_files_ctime_changes_on_chmod_chown_utimens_and_rename") else {
         return;

@@ -670,7 +670,7 @@ impl ArtifactFs {
         op: &str,
     ) -> FsResult<u64> {
         let new = NewEntry::new_dir(parent, name, zone as u8, mode, (uid, gid), now);
-        if let Some(ino) = idx.insert(&new)? {
+        if let Some(ino) = idx.insert_in_dir(&new)? {
             return Ok(ino);
         }
         match idx.lookup(parent, name)? {
@@ -727,6 +727,7 @@ impl ArtifactFs {
         if place == Place::Models || unit.is_some() {
             // A draft below models/ that never became a version: gone, and the name is free.
             idx.delete_row(dir.ino)?;
+            idx.touch_dir(parent, now_ns())?;
             idx.version_delete(dir.ino)?;
             if place == Place::Models {
                 idx.model_delete(dir.ino)?;
@@ -762,7 +763,7 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
         self.model_guard(&idx, "create", &pdir, Some(name))?;
         let new = NewEntry::new_file(parent, name, zone as u8, mode & 0o7777, (uid, gid), now);
-        let ino = match idx.insert(&new) {
+        let ino = match idx.insert_in_dir(&new) {
             Ok(Some(ino)) => ino,
             other => {
                 return Err(match other {
@@ -1320,6 +1321,7 @@ impl ArtifactFs {
         if let Some(unit) = self.model_guard(&idx, "unlink", &e, None)? {
             // A file of a draft below models/: removed outright, the name is free again.
             idx.delete_row(e.ino)?;
+            idx.touch_dir(parent, now_ns())?;
             self.model_touch(&idx, unit, unit.dir != unit.model)?;
             return Ok(());
         }
@@ -2073,6 +2075,44 @@ mod tests {
             i64::MAX,
             "past 2262: the latest time an i64 holds"
         );
+    }
+
+    /// A directory's mtime and ctime follow every name created, removed or renamed in it.
+    #[test]
+    fn directories_change_when_names_come_and_go() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let sub = fs.mkdir(ME, art, b"sub", 0o755).unwrap().ino;
+        // Runs `step` and checks that each of `dirs` changed: mtime and ctime both moved on.
+        let check = |what: &str, dirs: &[u64], step: &dyn Fn()| {
+            let before: Vec<Attr> = dirs.iter().map(|&d| fs.getattr(d).unwrap()).collect();
+            std::thread::sleep(Duration::from_millis(2));
+            step();
+            for (&d, was) in dirs.iter().zip(before) {
+                let now = fs.getattr(d).unwrap();
+                assert!(
+                    now.mtime > was.mtime && now.ctime > was.ctime && now.mtime == now.ctime,
+                    "{what}: directory {d} was {was:?}, is {now:?}"
+                );
+            }
+        };
+        check("mkdir", &[art], &|| {
+            fs.mkdir(ME, art, b"d", 0o755).unwrap();
+        });
+        check("create", &[sub], &|| {
+            write_file(&fs, sub, "f", b"1");
+        });
+        check("rename to another directory", &[sub, art], &|| {
+            fs.rename(sub, b"f", art, b"g", false).unwrap()
+        });
+        check("rename in a directory", &[art], &|| {
+            fs.rename(art, b"g", art, b"h", false).unwrap()
+        });
+        check("unlink", &[art], &|| fs.unlink(art, b"h").unwrap());
+        check("rmdir", &[art], &|| fs.rmdir(art, b"d").unwrap());
+        check("mkdir of a removed directory", &[art], &|| {
+            fs.mkdir(ME, art, b"d", 0o755).unwrap();
+        });
     }
 
     #[test]

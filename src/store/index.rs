@@ -605,6 +605,71 @@ impl Index {
         }
     }
 
+    /// Inserts a row as `create`, `mkdir` and `mknod` do: the directory it goes into changes too
+    /// (its mtime and ctime become the row's time), in the same transaction.
+    pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        self.atomically(|| {
+            let ino = self.insert(e)?;
+            if ino.is_some() {
+                self.touch_dir(e.parent, e.time)?;
+            }
+            Ok(ino)
+        })
+    }
+
+    /// A directory's entries changed (a name was created, removed or renamed in it): its mtime
+    /// and ctime become `now`, as on any POSIX file system.
+    pub fn touch_dir(&self, dir: u64, now: i64) -> io::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1")
+            .map_err(to_io)?
+            .execute(params![dir as i64, now])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// [`Index::touch_dir`] of the directory holding `ino`.
+    fn touch_parent_of(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE entries SET mtime = ?2, ctime = ?2
+                 WHERE ino = (SELECT parent FROM entries WHERE ino = ?1) AND kind = 1",
+            )
+            .map_err(to_io)?
+            .execute(params![ino as i64, now])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Runs `f` as one step: all of its changes are made, or none. Inside a transaction
+    /// already open (say [`Index::write_locked`]) it is a savepoint of that transaction,
+    /// otherwise a transaction of its own.
+    fn atomically<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        /// Rolls the step back if `f` panics, as [`Index::write_locked`] does.
+        struct RollbackOnUnwind<'a>(&'a Connection);
+        impl Drop for RollbackOnUnwind<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let _ = self.0.execute_batch("ROLLBACK TO step; RELEASE step");
+                }
+            }
+        }
+        self.conn.execute_batch("SAVEPOINT step").map_err(to_io)?;
+        let guard = RollbackOnUnwind(&self.conn);
+        let result = f();
+        std::mem::forget(guard);
+        let end = if result.is_ok() {
+            "RELEASE step"
+        } else {
+            "ROLLBACK TO step; RELEASE step"
+        };
+        if let Err(e) = self.conn.execute_batch(end) {
+            let _ = self.conn.execute_batch("ROLLBACK TO step; RELEASE step");
+            return Err(to_io(e));
+        }
+        result
+    }
+
     /// Inserts many rows in one transaction (bulk loading, e.g. `examples/gen_index.rs`); rows
     /// whose `(parent, name)` is already taken are skipped. Returns how many were inserted.
     pub fn insert_many(&mut self, entries: &[NewEntry]) -> io::Result<usize> {
@@ -778,37 +843,49 @@ impl Index {
 
     /// Turns a row into a tombstone (files) or a removed directory (which `mkdir` may revive, so
     /// the tombstones below it keep applying).
+    /// The directory holding it changes too, in the same transaction.
     pub fn tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
-        self.conn
-            .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
-            .map_err(to_io)?
-            .execute(params![ino as i64, now])
-            .map_err(to_io)?;
-        Ok(())
+        self.atomically(|| {
+            self.conn
+                .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
+                .map_err(to_io)?
+                .execute(params![ino as i64, now])
+                .map_err(to_io)?;
+            self.touch_parent_of(ino, now)
+        })
     }
 
     /// Brings a removed directory back (`mkdir` on the path of an `rmdir`ed directory).
+    /// The directory holding it changes too, in the same transaction.
     pub fn revive_dir(&self, ino: u64, mode: u32, uid: u32, gid: u32, now: i64) -> io::Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
-                 mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
-            )
-            .map_err(to_io)?
-            .execute(params![
-                ino as i64,
-                mode as i64,
-                uid as i64,
-                gid as i64,
-                now
-            ])
-            .map_err(to_io)?;
-        Ok(())
+        self.atomically(|| {
+            self.conn
+                .prepare_cached(
+                    "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
+                     mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
+                )
+                .map_err(to_io)?
+                .execute(params![
+                    ino as i64,
+                    mode as i64,
+                    uid as i64,
+                    gid as i64,
+                    now
+                ])
+                .map_err(to_io)?;
+            self.touch_parent_of(ino, now)
+        })
     }
 
     /// Removes a file that is still being written: a file that never committed anything goes
-    /// without a trace; one that did (a close() returned) leaves a tombstone.
+    /// without a trace; one that did (a close() returned) leaves a tombstone. The directory
+    /// holding it changes too, in the same transaction.
     pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.atomically(|| self.unlink_unsealed_rows(ino, now))
+    }
+
+    fn unlink_unsealed_rows(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.touch_parent_of(ino, now)?;
         self.conn
             .execute_batch(&format!(
                 "DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING} AND hash IS NULL;
@@ -913,6 +990,14 @@ impl Index {
                 row_to_entry,
             )
             .map_err(to_io)?;
+        // Both directories change: a name left one and arrived in the other.
+        for dir in [old.parent, new_parent] {
+            tx.execute(
+                "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
+                params![dir as i64, now],
+            )
+            .map_err(to_io)?;
+        }
         let moved = tx.execute(
             "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
             params![
@@ -1213,6 +1298,67 @@ mod tests {
         assert_eq!(idx.get(b).unwrap().unwrap().atime, 1);
         drop(idx);
         assert!(Index::open_readonly(&path).is_ok());
+    }
+
+    /// Creating, removing and renaming a name changes its directories' mtime and ctime, in
+    /// the same transaction as the change itself.
+    #[test]
+    fn directories_change_with_their_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        let times = |idx: &Index, ino| {
+            let e = idx.get(ino).unwrap().unwrap();
+            (e.mtime, e.ctime)
+        };
+        let d1 = idx
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d1", 3, 0o755, (0, 0), 10))
+            .unwrap()
+            .unwrap();
+        let d2 = idx
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 11))
+            .unwrap()
+            .unwrap();
+        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        // A name already taken changes nothing.
+        assert_eq!(
+            idx.insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 12))
+                .unwrap(),
+            None
+        );
+        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        let a = idx
+            .insert_in_dir(&NewEntry::new_file(d1, b"a", 3, 0o644, (0, 0), 20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(times(&idx, d1), (20, 20));
+        idx.commit_file(a, &Hash([1; 32]), 1, 21, 21, || true)
+            .unwrap();
+        assert!(idx.rename_file(a, d2, b"b", 3, 30, true).unwrap());
+        assert_eq!((times(&idx, d1), times(&idx, d2)), ((30, 30), (30, 30)));
+        assert_eq!(times(&idx, a), (21, 30), "the file's ctime, not its mtime");
+        // A refused rename (the target is taken) leaves both directories alone.
+        idx.insert_in_dir(&NewEntry::new_file(d1, b"c", 3, 0o644, (0, 0), 31))
+            .unwrap()
+            .unwrap();
+        assert!(!idx.rename_file(a, d1, b"c", 3, 40, true).unwrap());
+        assert_eq!((times(&idx, d1), times(&idx, d2)), ((31, 31), (30, 30)));
+        idx.tombstone(a, 50).unwrap();
+        assert_eq!(times(&idx, d2), (50, 50));
+        let c = idx.lookup(d1, b"c").unwrap().unwrap().ino;
+        idx.unlink_unsealed(c, 60).unwrap();
+        assert_eq!(times(&idx, d1), (60, 60));
+        assert_eq!(idx.get(c).unwrap(), None, "never committed: no trace");
+        idx.tombstone(d1, 70).unwrap();
+        assert_eq!(times(&idx, RUNS_INO), (70, 70));
+        idx.revive_dir(d1, 0o700, 0, 0, 80).unwrap();
+        assert_eq!(times(&idx, RUNS_INO), (80, 80));
+        // Inside a transaction already open, the same step is a savepoint of it.
+        idx.write_locked(|idx| {
+            idx.insert_in_dir(&NewEntry::new_file(d2, b"e", 3, 0o644, (0, 0), 90))
+                .map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(times(&idx, d2), (90, 90));
     }
 
     #[test]
