@@ -146,6 +146,7 @@ const NEGATIVE: Attr = Attr {
     atime: std::time::UNIX_EPOCH,
     ctime: std::time::UNIX_EPOCH,
     crtime: std::time::UNIX_EPOCH,
+    nlink: 1,
     sealed: false,
     stable: false,
 };
@@ -161,8 +162,9 @@ fn file_attr(a: &Attr) -> FileAttr {
         crtime: a.crtime,
         kind: file_type(a.kind),
         perm: a.perm,
-        // 1 for directories means "unknown", which keeps find(1) from guessing from nlink.
-        nlink: 1,
+        // 1 for directories means "unknown", which keeps find(1) from guessing from nlink; 0 for
+        // a file removed while still open.
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: 0,

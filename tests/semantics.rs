@@ -628,3 +628,64 @@ print("ok")
     );
     assert_eq!(python_like_ext4(&art, &script).trim(), "ok");
 }
+
+#[test]
+fn a_file_removed_while_open_stays_usable_until_closed() {
+    let Some(m) = Mount::new("a_file_removed_while_open_stays_usable_until_closed") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let script = format!(
+        "{PY_UTIMENSAT}{}",
+        r#"
+import errno
+def create(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+# Being written, removed before any close(): writes, pread and fstat go on.
+fd = os.open("w", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+os.write(fd, b"hello ")
+os.unlink("w")
+assert not os.path.exists("w")
+os.write(fd, b"world")
+assert os.pread(fd, 100, 0) == b"hello world"
+assert os.pread(fd, 5, 6) == b"world"
+s = os.fstat(fd)
+assert (s.st_nlink, s.st_size, s.st_mode & 0o777) == (0, 11, 0o640), s
+os.close(fd)
+# It never held committed content: the name is free again.
+create("w", b"again")
+# A sealed file open for reading, removed: pread and fstat go on.
+create("r", b"sealed")
+fd = os.open("r", os.O_RDONLY)
+os.unlink("r")
+assert os.pread(fd, 100, 0) == b"sealed"
+s = os.fstat(fd)
+assert (s.st_nlink, s.st_size) == (0, 6), s
+os.close(fd)
+# Committed by a close() of a copy, removed, then written more.
+fd = os.open("c", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+os.write(fd, b"v1")
+os.close(os.dup(fd))
+os.unlink("c")
+os.write(fd, b"+v2")
+assert os.pread(fd, 100, 0) == b"v1+v2"
+s = os.fstat(fd)
+assert (s.st_nlink, s.st_size) == (0, 5), s
+os.close(fd)
+for name in ["r", "c"]:
+    try:
+        create(name, b"new")
+        print(name, "created")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+"#
+    );
+    let out = python_like_ext4(&art, &script);
+    // Write-once: a removed file that held committed content leaves a tombstone.
+    assert_eq!(out, "r EEXIST\nc EEXIST\n");
+    let names = sh_ok(&art, "ls -A");
+    assert_eq!(names, "w\n");
+    assert_eq!(fs::read(art.join("w")).unwrap(), b"again");
+}

@@ -111,6 +111,7 @@ mod tests {
             atime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
             crtime: UNIX_EPOCH,
+            nlink: 1,
             sealed: true,
             stable: true,
         }

@@ -115,6 +115,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub ctime: SystemTime,
     pub crtime: SystemTime,
+    /// 1, or 0 for a file removed while open (what `fstat` of its descriptor shows).
+    pub nlink: u32,
     /// Content and size can never change again: safe to cache for long.
     pub sealed: bool,
     /// A directory whose entries and attributes change only through this mount (`runs/` and
@@ -241,6 +243,10 @@ pub struct ArtifactFs {
     /// Told `(parent, name)` when the daemon itself removes a name the kernel may have cached
     /// in a directory it was told is [`Attr::stable`] (an unfinished file dropped at release).
     vanish_hook: std::sync::OnceLock<VanishHook>,
+    /// Rows deleted while their file was still open (a file removed before its first commit,
+    /// a draft's file below `models/`): what `fstat` of a descriptor on them shows until the
+    /// last one is released.
+    removed_open: Mutex<HashMap<u64, Entry>>,
 }
 
 /// See [`ArtifactFs::on_vanish`].
@@ -308,6 +314,7 @@ impl ArtifactFs {
             abandoned: Mutex::new(Vec::new()),
             models: models::ModelState::default(),
             vanish_hook: std::sync::OnceLock::new(),
+            removed_open: Mutex::new(HashMap::new()),
         };
         fs.resume_pending();
         fs
@@ -398,6 +405,7 @@ impl ArtifactFs {
             atime: from_ns(e.atime),
             ctime: from_ns(e.ctime),
             crtime: from_ns(e.crtime),
+            nlink: 1,
             sealed: self.is_sealed_row(e),
             stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
@@ -526,8 +534,52 @@ impl ArtifactFs {
         if ino >= models::VIRT_BASE {
             return self.link_getattr(ino);
         }
-        let entry = Self::visible(&self.store.index(), ino)?;
-        Ok(self.attr_of(&entry))
+        let row = self.store.index().get(ino)?;
+        match row {
+            Some(e) if e.state != State::Tombstone => Ok(self.attr_of(&e)),
+            // Removed while open: `fstat` of a descriptor still works, with no link left.
+            removed => {
+                let e = match removed {
+                    Some(e) if e.kind == Kind::File => Some(e),
+                    Some(_) => None,
+                    None => lock(&self.removed_open).get(&ino).cloned(),
+                };
+                match e {
+                    Some(e) if self.is_open(ino) => Ok(Attr {
+                        nlink: 0,
+                        ..self.attr_of(&e)
+                    }),
+                    _ => Err(FsError::Refused(Refusal::NotFound)),
+                }
+            }
+        }
+    }
+
+    /// Whether any handle of this daemon has file `ino` open.
+    fn is_open(&self, ino: u64) -> bool {
+        let writing = lock(&self.writing).contains_key(&ino);
+        writing
+            || self
+                .handles
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|h| matches!(h, Handle::Read(s) if s.ino == ino))
+    }
+
+    /// A row is deleted while its file may be open: keeps what `fstat` needs of it.
+    fn keep_if_open(&self, e: &Entry) {
+        if self.is_open(e.ino) {
+            lock(&self.removed_open).insert(e.ino, e.clone());
+        }
+    }
+
+    /// A handle on `ino` was released: forgets its deleted row once no handle is left.
+    fn forget_if_closed(&self, ino: u64) {
+        let kept = lock(&self.removed_open).contains_key(&ino);
+        if kept && !self.is_open(ino) {
+            lock(&self.removed_open).remove(&ino);
+        }
     }
 
     /// Opens directory `ino` for reading; returns whether its listing may be cached across
@@ -1075,8 +1127,13 @@ impl ArtifactFs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh);
-        let Some(Handle::Write(w)) = handle else {
-            return Ok(());
+        let w = match handle {
+            Some(Handle::Write(w)) => w,
+            Some(Handle::Read(h)) => {
+                self.forget_if_closed(h.ino);
+                return Ok(());
+            }
+            None => return Ok(()),
         };
         let mut w = lock(&w);
         let mut result = self.commit(&mut w, false);
@@ -1101,6 +1158,7 @@ impl ArtifactFs {
         }
         w.body.discard(&self.mem);
         lock(&self.writing).remove(&w.ino);
+        self.forget_if_closed(w.ino);
         self.sealed.notify_all();
         if let Some(model) = w.model {
             self.model_write_activity(model, -1);
@@ -1320,14 +1378,19 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "unlink", parent, Some(name), r))?;
         if let Some(unit) = self.model_guard(&idx, "unlink", &e, None)? {
             // A file of a draft below models/: removed outright, the name is free again.
+            self.keep_if_open(&e);
             idx.delete_row(e.ino)?;
             idx.touch_dir(parent, now_ns())?;
             self.model_touch(&idx, unit, unit.dir != unit.model)?;
             return Ok(());
         }
         match e.state {
-            // Never sealed: gone without a tombstone (but an fsync'd version keeps one).
-            State::Writing => idx.unlink_unsealed(e.ino, now_ns())?,
+            // Never sealed: gone without a tombstone (but an fsync'd version keeps one). Its
+            // descriptors still work until they are closed (`fstat` shows no link).
+            State::Writing => {
+                self.keep_if_open(&e);
+                idx.unlink_unsealed(e.ino, now_ns())?
+            }
             _ => idx.tombstone(e.ino, now_ns())?,
         }
         log::debug!("unlinked inode {} (tombstone kept)", e.ino);
@@ -2113,6 +2176,37 @@ mod tests {
         check("mkdir of a removed directory", &[art], &|| {
             fs.mkdir(ME, art, b"d", 0o755).unwrap();
         });
+    }
+
+    /// A file removed while open stays usable through its handle: writes, reads, and its
+    /// attributes with no link left. Afterwards the write-once rules apply.
+    #[test]
+    fn a_file_removed_while_open_stays_usable_until_released() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        // Never committed: no trace afterwards.
+        let (attr, fh) = fs.create(ME, art, b"scratch", 0o640).unwrap();
+        fs.write(fh, 0, b"abc").unwrap();
+        fs.unlink(art, b"scratch").unwrap();
+        fs.write(fh, 3, b"def").unwrap();
+        assert_eq!(fs.read(fh, 1, 10).unwrap(), b"bcdef");
+        let a = fs.getattr(attr.ino).unwrap();
+        assert_eq!((a.nlink, a.size, a.perm), (0, 6, 0o640));
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(refusal(fs.getattr(attr.ino)), Refusal::NotFound);
+        assert!(lock(&fs.removed_open).is_empty());
+        write_file(&fs, art, "scratch", b"the name is free");
+        // Sealed and open for reading: a tombstone, readable until closed.
+        let ino = write_file(&fs, art, "kept", b"sealed bytes");
+        let (fh, _) = fs.open(ino, libc::O_RDONLY).unwrap();
+        fs.unlink(art, b"kept").unwrap();
+        assert_eq!(fs.read(fh, 7, 5).unwrap(), b"bytes");
+        let a = fs.getattr(ino).unwrap();
+        assert_eq!((a.nlink, a.size), (0, 12));
+        fs.release(fh).unwrap();
+        assert_eq!(refusal(fs.getattr(ino)), Refusal::NotFound);
+        assert_eq!(refusal(fs.create(ME, art, b"kept", 0o644)), Refusal::Exists);
     }
 
     #[test]

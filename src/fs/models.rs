@@ -285,6 +285,7 @@ impl ArtifactFs {
             atime: from_ns(time),
             ctime: from_ns(time),
             crtime: from_ns(time),
+            nlink: 1,
             sealed: false,
             stable: false,
         }
