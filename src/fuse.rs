@@ -12,7 +12,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -147,8 +147,10 @@ const NEGATIVE: Attr = Attr {
     uid: 0,
     gid: 0,
     mtime: std::time::UNIX_EPOCH,
+    atime: std::time::UNIX_EPOCH,
     ctime: std::time::UNIX_EPOCH,
     crtime: std::time::UNIX_EPOCH,
+    nlink: 1,
     sealed: false,
     stable: false,
 };
@@ -158,19 +160,41 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.crtime,
         kind: file_type(a.kind),
         perm: a.perm,
-        // 1 for directories means "unknown", which keeps find(1) from guessing from nlink.
-        nlink: 1,
+        // 1 for directories means "unknown", which keeps find(1) from guessing from nlink; 0 for
+        // a file removed while still open.
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
         blksize: 128 * 1024,
         flags: 0,
+    }
+}
+
+/// A time `utimensat` gives. fuser 0.18 reads a time before 1970 that has a fraction of a
+/// second wrongly: the kernel's `{ tv_sec: -2, tv_nsec: 500_000_000 }` (1.5 s before the epoch)
+/// arrives as 2.5 s before, whole seconds and fraction both counted backwards. The fraction is
+/// turned the right way here, so every time `stat` shows is the one that was set.
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(kernel_time(t)),
+    }
+}
+
+fn kernel_time(t: SystemTime) -> SystemTime {
+    match UNIX_EPOCH.duration_since(t) {
+        Ok(back) if back.subsec_nanos() != 0 => {
+            UNIX_EPOCH - Duration::from_secs(back.as_secs())
+                + Duration::from_nanos(back.subsec_nanos().into())
+        }
+        _ => t,
     }
 }
 
@@ -399,7 +423,7 @@ impl Filesystem for FuseAdapter {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
         fh: Option<FileHandle>,
@@ -415,10 +439,9 @@ impl Filesystem for FuseAdapter {
                 uid,
                 gid,
                 size,
-                mtime: mtime.map(|t| match t {
-                    TimeOrNow::Now => SetTime::Now,
-                    TimeOrNow::SpecificTime(t) => SetTime::At(t),
-                }),
+                // `None`: not given, or `UTIME_OMIT`; that time stays as it is.
+                mtime: mtime.map(set_time),
+                atime: atime.map(set_time),
                 // The kernel passes the file handle for ftruncate, not for truncate(path).
                 fh: fh.map(|f| f.0),
             };
@@ -830,5 +853,47 @@ fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
         reply.error(errno(&FsError::Refused(Refusal::Range)));
     } else {
         reply.data(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What fuser 0.18 hands over for a `utimensat` time, from the kernel's `timespec`.
+    fn as_fuser_gives(secs: i64, nsecs: u32) -> SystemTime {
+        if secs >= 0 {
+            UNIX_EPOCH + Duration::new(secs as u64, nsecs)
+        } else {
+            UNIX_EPOCH - Duration::new(secs.unsigned_abs(), nsecs)
+        }
+    }
+
+    #[test]
+    fn kernel_times_before_1970_keep_their_fraction_the_right_way() {
+        // (tv_sec, tv_nsec) as the kernel normalises them, and the time they mean.
+        let cases = [
+            (
+                (-2, 500_000_000),
+                UNIX_EPOCH - Duration::new(1, 500_000_000),
+            ),
+            ((-1, 999_999_999), UNIX_EPOCH - Duration::from_nanos(1)),
+            (
+                (-2_208_988_800, 0),
+                UNIX_EPOCH - Duration::from_secs(2_208_988_800),
+            ),
+            ((0, 1), UNIX_EPOCH + Duration::from_nanos(1)),
+            (
+                (4_102_444_800, 123_456_789),
+                UNIX_EPOCH + Duration::new(4_102_444_800, 123_456_789),
+            ),
+        ];
+        for ((secs, nsecs), want) in cases {
+            assert_eq!(
+                kernel_time(as_fuser_gives(secs, nsecs)),
+                want,
+                "{secs} s + {nsecs} ns"
+            );
+        }
     }
 }

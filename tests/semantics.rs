@@ -511,3 +511,244 @@ os.close(d)
     m.mount(&[]);
     assert_eq!(fs::read(&f).unwrap(), b"keep", "after a remount");
 }
+
+/// Runs a Python script in `dir` with `where_` ("mount" or "ext4") as its argument, asserting
+/// it succeeds; the script's own `assert`s carry the expected values. Every POSIX script below
+/// runs on ext4 too, so each expectation is what a native file system gives.
+fn python(dir: &std::path::Path, where_: &str, script: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(where_)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python on {where_} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `script` on ext4 (a temp dir) and on the mount (`dir`).
+fn python_like_ext4(dir: &std::path::Path, script: &str) -> String {
+    let native = tempfile::tempdir().unwrap();
+    python(native.path(), "ext4", script);
+    python(dir, "mount", script)
+}
+
+/// `utimensat(2)` through ctypes, with `UTIME_OMIT`, for the scripts.
+const PY_UTIMENSAT: &str = r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+class Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+UTIME_OMIT = (1 << 30) - 2
+OMIT = (0, UTIME_OMIT)
+def utimensat(path, atime, mtime):
+    ts = (Timespec * 2)(Timespec(*atime), Timespec(*mtime))
+    if libc.utimensat(-100, path.encode(), ts, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+def times(path):
+    s = os.stat(path)
+    return s.st_atime_ns, s.st_mtime_ns, s.st_ctime_ns
+MOUNT = sys.argv[1] == "mount"
+"#;
+
+#[test]
+fn access_and_modification_times_are_separate_and_exact() {
+    let Some(mut m) = Mount::new("access_and_modification_times_are_separate_and_exact") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let script = format!(
+        "{PY_UTIMENSAT}{}",
+        r#"
+import subprocess
+with open("f", "wb") as f:
+    f.write(b"data")
+a0, m0, c0 = times("f")
+time.sleep(0.02)
+# touch -a: the access time only (the modification time is UTIME_OMIT).
+subprocess.run(["touch", "-a", "-d", "@2000000000.5", "f"], check=True)
+a1, m1, c1 = times("f")
+assert (a1, m1) == (2000000000_500000000, m0), (a1, m1, m0)
+assert c1 > c0, ("ctime", c0, c1)
+# utimensat: UTIME_OMIT for atime, a sub-second date past 2038 for mtime.
+utimensat("f", OMIT, (4102444800, 123456789))  # 2100-01-01 00:00:00.123456789
+assert times("f")[:2] == (2000000000_500000000, 4102444800_123456789), times("f")
+# Before 1970, with a fraction of a second: 1.5 s before the epoch.
+utimensat("f", (-2, 500000000), OMIT)
+assert times("f")[:2] == (-1_500000000, 4102444800_123456789), times("f")
+# 1960-01-01 less a nanosecond, and os.utime with both times.
+os.utime("f", ns=(-315619200_000000001, 1))
+assert times("f")[:2] == (-315619200_000000001, 1), times("f")
+if MOUNT:
+    # 1900-01-01 and 2200-01-01: beyond what this ext4 stores (1901-12-13 to 2446 with
+    # nanoseconds), within the index's nanoseconds in an i64 (1677 to 2262).
+    os.utime("f", ns=(-2208988800_000000001, 7258118400_000000001))
+    assert times("f")[:2] == (-2208988800_000000001, 7258118400_000000001), times("f")
+# A read does not move the access time (set in the future, which relatime on ext4 keeps too).
+utimensat("f", (4102444800, 999999999), (1000000000, 0))
+with open("f", "rb") as f:
+    assert f.read() == b"data"
+assert times("f")[:2] == (4102444800_999999999, 1000000000_000000000), times("f")
+print(times("f")[0], times("f")[1])
+"#
+    );
+    let out = python_like_ext4(&art, &script);
+    assert_eq!(out.trim(), "4102444800999999999 1000000000000000000");
+    // The index keeps both: a remount shows the same times.
+    m.unmount();
+    m.mount(&[]);
+    let meta = fs::metadata(art.join("f")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (
+            meta.atime(),
+            meta.atime_nsec(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ),
+        (4_102_444_800, 999_999_999, 1_000_000_000, 0)
+    );
+}
+
+#[test]
+fn directories_change_when_names_are_created_removed_or_renamed() {
+    let Some(m) = Mount::new("directories_change_when_names_are_created_removed_or_renamed") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let script = format!(
+        "{PY_UTIMENSAT}{}",
+        r#"
+os.mkdir("d")
+def write(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, b"x")
+    os.close(fd)
+steps = [
+    ("create", ["d"], lambda: write("d/f")),
+    ("mkdir", ["d"], lambda: os.mkdir("d/sub")),
+    ("rename in d", ["d"], lambda: os.rename("d/f", "d/g")),
+    ("rename to d/sub", ["d", "d/sub"], lambda: os.rename("d/g", "d/sub/g")),
+    ("unlink", ["d/sub"], lambda: os.unlink("d/sub/g")),
+    ("rmdir", ["d"], lambda: os.rmdir("d/sub")),
+    ("mknod", ["d"], lambda: os.mknod("d/n", 0o644)),
+]
+for what, dirs, step in steps:
+    before = {d: times(d) for d in dirs}
+    # Cached: a stat right before the change must not be what the stat after it shows.
+    time.sleep(0.02)
+    start = time.time_ns()
+    step()
+    for d in dirs:
+        a, m, c = times(d)
+        assert m == c and m > before[d][1] and m >= start - 10_000_000, (what, d, before[d], (a, m, c))
+        assert a == before[d][0], (what, d, "atime", before[d][0], a)
+print("ok")
+"#
+    );
+    assert_eq!(python_like_ext4(&art, &script).trim(), "ok");
+}
+
+#[test]
+fn a_files_ctime_changes_on_chmod_chown_utimens_and_rename() {
+    let Some(m) = Mount::new("a_files_ctime_changes_on_chmod_chown_utimens_and_rename") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let script = format!(
+        "{PY_UTIMENSAT}{}",
+        r#"
+with open("f", "wb") as f:
+    f.write(b"data")
+os.utime("f", ns=(1_000000001, 2_000000002))
+steps = [
+    ("chmod", "f", lambda: os.chmod("f", 0o600)),
+    ("chown", "f", lambda: os.chown("f", 1234, 5678)),
+    ("utimens (both omitted)", "f", lambda: utimensat("f", OMIT, OMIT)),
+    ("utimens", "f", lambda: os.utime("f", ns=(3, 4))),
+    ("rename", "g", lambda: os.rename("f", "g")),
+]
+for what, after, step in steps:
+    a0, m0, c0 = times("f")
+    time.sleep(0.02)
+    step()
+    a1, m1, c1 = times(after)
+    want = (3, 4) if what == "utimens" else (a0, m0)
+    # With both times omitted the kernel changes nothing at all, on any file system.
+    changed = c1 == c0 if "omitted" in what else c1 > c0
+    assert changed and (a1, m1) == want, (what, (a0, m0, c0), (a1, m1, c1))
+s = os.stat("g")
+assert (s.st_mode & 0o7777, s.st_uid, s.st_gid) == (0o600, 1234, 5678), s
+print("ok")
+"#
+    );
+    assert_eq!(python_like_ext4(&art, &script).trim(), "ok");
+}
+
+#[test]
+fn a_file_removed_while_open_stays_usable_until_closed() {
+    let Some(m) = Mount::new("a_file_removed_while_open_stays_usable_until_closed") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let script = format!(
+        "{PY_UTIMENSAT}{}",
+        r#"
+import errno
+def create(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+# Being written, removed before any close(): writes, pread and fstat go on.
+fd = os.open("w", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+os.write(fd, b"hello ")
+os.unlink("w")
+assert not os.path.exists("w")
+os.write(fd, b"world")
+assert os.pread(fd, 100, 0) == b"hello world"
+assert os.pread(fd, 5, 6) == b"world"
+s = os.fstat(fd)
+assert (s.st_nlink, s.st_size, s.st_mode & 0o777) == (0, 11, 0o640), s
+os.close(fd)
+# It never held committed content: the name is free again.
+create("w", b"again")
+# A sealed file open for reading, removed: pread and fstat go on.
+create("r", b"sealed")
+fd = os.open("r", os.O_RDONLY)
+os.unlink("r")
+assert os.pread(fd, 100, 0) == b"sealed"
+s = os.fstat(fd)
+assert (s.st_nlink, s.st_size) == (0, 6), s
+os.close(fd)
+# Committed by a close() of a copy, removed, then written more.
+fd = os.open("c", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+os.write(fd, b"v1")
+os.close(os.dup(fd))
+os.unlink("c")
+os.write(fd, b"+v2")
+assert os.pread(fd, 100, 0) == b"v1+v2"
+s = os.fstat(fd)
+assert (s.st_nlink, s.st_size) == (0, 5), s
+os.close(fd)
+for name in ["r", "c"]:
+    try:
+        create(name, b"new")
+        print(name, "created")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+"#
+    );
+    let out = python_like_ext4(&art, &script);
+    // Write-once: a removed file that held committed content leaves a tombstone.
+    assert_eq!(out, "r EEXIST\nc EEXIST\n");
+    let names = sh_ok(&art, "ls -A");
+    assert_eq!(names, "w\n");
+    assert_eq!(fs::read(art.join("w")).unwrap(), b"again");
+}

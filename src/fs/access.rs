@@ -108,8 +108,10 @@ mod tests {
             uid,
             gid,
             mtime: UNIX_EPOCH,
+            atime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
             crtime: UNIX_EPOCH,
+            nlink: 1,
             sealed: true,
             stable: true,
         }

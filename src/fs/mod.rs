@@ -112,8 +112,12 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    /// As `utimens` set it last (or the creation time): reads do not change it.
+    pub atime: SystemTime,
     pub ctime: SystemTime,
     pub crtime: SystemTime,
+    /// 1, or 0 for a file removed while open (what `fstat` of its descriptor shows).
+    pub nlink: u32,
     /// Content and size can never change again: safe to cache for long.
     pub sealed: bool,
     /// A directory whose entries and attributes change only through this mount (`runs/` and
@@ -121,7 +125,7 @@ pub struct Attr {
     pub stable: bool,
 }
 
-/// A time given to `utimens`.
+/// A time given to `utimens` (`UTIME_OMIT` is no `SetTime` at all).
 #[derive(Debug, Clone, Copy)]
 pub enum SetTime {
     Now,
@@ -136,6 +140,7 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SetTime>,
+    pub atime: Option<SetTime>,
     /// The open file the change comes through (`ftruncate`, `futimens`); `None` for a change by
     /// path (`truncate`, `chmod`). Only the handle writing a file may change its size.
     pub fh: Option<u64>,
@@ -275,6 +280,10 @@ pub struct ArtifactFs {
     /// Told `(parent, name)` when the daemon itself removes a name the kernel may have cached
     /// in a directory it was told is [`Attr::stable`] (an unfinished file dropped at release).
     vanish_hook: std::sync::OnceLock<VanishHook>,
+    /// Rows deleted while their file was still open (a file removed before its first commit,
+    /// a draft's file below `models/`): what `fstat` of a descriptor on them shows until the
+    /// last one is released.
+    removed_open: Mutex<HashMap<u64, Entry>>,
 }
 
 /// See [`ArtifactFs::on_vanish`].
@@ -353,6 +362,7 @@ impl ArtifactFs {
             abandoned: Mutex::new(Vec::new()),
             models: models::ModelState::default(),
             vanish_hook: std::sync::OnceLock::new(),
+            removed_open: Mutex::new(HashMap::new()),
         };
         fs.resume_pending();
         fs
@@ -440,8 +450,10 @@ impl ArtifactFs {
             uid: self.opts.uid.unwrap_or(e.uid),
             gid: self.opts.gid.unwrap_or(e.gid),
             mtime: from_ns(e.mtime),
+            atime: from_ns(e.atime),
             ctime: from_ns(e.ctime),
             crtime: from_ns(e.crtime),
+            nlink: 1,
             sealed: self.is_sealed_row(e),
             stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
@@ -570,8 +582,56 @@ impl ArtifactFs {
         if ino >= models::VIRT_BASE {
             return self.link_getattr(ino);
         }
-        let entry = Self::visible(&self.store.index(), ino)?;
-        Ok(self.attr_of(&entry))
+        let row = self.store.index().get(ino)?;
+        match row {
+            Some(e) if e.state != State::Tombstone => Ok(self.attr_of(&e)),
+            // Removed while open: `fstat` of a descriptor still works, with no link left.
+            removed => {
+                let e = match removed {
+                    Some(e) if e.kind == Kind::File => Some(e),
+                    Some(_) => None,
+                    None => lock(&self.removed_open).get(&ino).cloned(),
+                };
+                match e {
+                    Some(e) if self.is_open(ino) => Ok(Attr {
+                        nlink: 0,
+                        ..self.attr_of(&e)
+                    }),
+                    _ => Err(FsError::Refused(Refusal::NotFound)),
+                }
+            }
+        }
+    }
+
+    /// Whether any handle of this daemon has file `ino` open.
+    fn is_open(&self, ino: u64) -> bool {
+        let writing = lock(&self.writing).contains_key(&ino);
+        writing
+            || self
+                .handles
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|h| match h {
+                    Handle::Read(s) => s.ino == ino,
+                    Handle::Rewrite(r) => lock(r).ino == ino,
+                    Handle::Write(_) => false,
+                })
+    }
+
+    /// A row is deleted while its file may be open: keeps what `fstat` needs of it.
+    fn keep_if_open(&self, e: &Entry) {
+        if self.is_open(e.ino) {
+            lock(&self.removed_open).insert(e.ino, e.clone());
+        }
+    }
+
+    /// A handle on `ino` was released: forgets its deleted row once no handle is left.
+    fn forget_if_closed(&self, ino: u64) {
+        let kept = lock(&self.removed_open).contains_key(&ino);
+        if kept && !self.is_open(ino) {
+            lock(&self.removed_open).remove(&ino);
+        }
     }
 
     /// Opens directory `ino` for reading; returns whether its listing may be cached across
@@ -714,7 +774,7 @@ impl ArtifactFs {
         op: &str,
     ) -> FsResult<u64> {
         let new = NewEntry::new_dir(parent, name, zone as u8, mode, (uid, gid), now);
-        if let Some(ino) = idx.insert(&new)? {
+        if let Some(ino) = idx.insert_in_dir(&new)? {
             return Ok(ino);
         }
         match idx.lookup(parent, name)? {
@@ -771,6 +831,7 @@ impl ArtifactFs {
         if place == Place::Models || unit.is_some() {
             // A draft below models/ that never became a version: gone, and the name is free.
             idx.delete_row(dir.ino)?;
+            idx.touch_dir(parent, now_ns())?;
             idx.version_delete(dir.ino)?;
             if place == Place::Models {
                 idx.model_delete(dir.ino)?;
@@ -807,7 +868,7 @@ impl ArtifactFs {
         self.model_guard(&idx, "create", &pdir, Some(name))?;
         let new = NewEntry::new_file(parent, name, zone as u8, mode & 0o7777, (uid, gid), now);
         let mut expect = None;
-        let ino = match idx.insert(&new) {
+        let ino = match idx.insert_in_dir(&new) {
             Ok(Some(ino)) => ino,
             // A tombstone of a file (`rm`, then the same file copied again; `tar -x` twice):
             // created again provisionally, its bytes must be the path's last content.
@@ -1253,8 +1314,18 @@ impl ArtifactFs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh);
-        let Some(Handle::Write(w)) = handle else {
-            return Ok(());
+        let w = match handle {
+            Some(Handle::Write(w)) => w,
+            Some(Handle::Read(h)) => {
+                self.forget_if_closed(h.ino);
+                return Ok(());
+            }
+            Some(Handle::Rewrite(r)) => {
+                let ino = lock(&r).ino;
+                self.forget_if_closed(ino);
+                return Ok(());
+            }
+            None => return Ok(()),
         };
         let mut w = lock(&w);
         let mut result = self.commit(&mut w, false);
@@ -1291,6 +1362,7 @@ impl ArtifactFs {
         }
         w.body.discard(&self.mem);
         lock(&self.writing).remove(&w.ino);
+        self.forget_if_closed(w.ino);
         self.sealed.notify_all();
         if let Some(model) = w.model {
             self.model_write_activity(model, -1);
@@ -1498,10 +1570,11 @@ impl ArtifactFs {
                     None => {}
                 }
             }
-            let mtime = change.mtime.map(|t| match t {
+            let ns = |t: SetTime| match t {
                 SetTime::Now => now,
                 SetTime::At(t) => to_ns(t),
-            });
+            };
+            let mtime = change.mtime.map(ns);
             idx.change_meta(
                 ino,
                 &MetaChange {
@@ -1509,6 +1582,7 @@ impl ArtifactFs {
                     uid: change.uid,
                     gid: change.gid,
                     mtime,
+                    atime: change.atime.map(ns),
                     ctime: now,
                 },
             )?;
@@ -1540,13 +1614,19 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "unlink", parent, Some(name), r))?;
         if let Some(unit) = self.model_guard(&idx, "unlink", &e, None)? {
             // A file of a draft below models/: removed outright, the name is free again.
+            self.keep_if_open(&e);
             idx.delete_row(e.ino)?;
+            idx.touch_dir(parent, now_ns())?;
             self.model_touch(&idx, unit, unit.dir != unit.model)?;
             return Ok(());
         }
         match e.state {
-            // Never sealed: gone without a tombstone (but an fsync'd version keeps one).
-            State::Writing => idx.unlink_unsealed(e.ino, now_ns())?,
+            // Never sealed: gone without a tombstone (but an fsync'd version keeps one). Its
+            // descriptors still work until they are closed (`fstat` shows no link).
+            State::Writing => {
+                self.keep_if_open(&e);
+                idx.unlink_unsealed(e.ino, now_ns())?
+            }
             _ => idx.tombstone(e.ino, now_ns())?,
         }
         log::debug!("unlinked inode {} (tombstone kept)", e.ino);
@@ -2439,6 +2519,129 @@ mod tests {
             )),
             Refusal::NotPermitted
         );
+    }
+
+    /// Access and modification times are separate; `None` (`UTIME_OMIT`) keeps a time as it
+    /// is; times far from now (2100, before 1970, sub-second) come back exactly.
+    #[test]
+    fn access_and_modification_times_are_set_separately_and_exactly() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let ino = write_file(&fs, art, "f", b"x");
+        let before = fs.getattr(ino).unwrap();
+        assert_eq!(
+            before.atime, before.crtime,
+            "a new file's atime is its creation"
+        );
+        let y2100 = UNIX_EPOCH + Duration::new(4_102_444_800, 123_456_789);
+        let set = |atime, mtime| {
+            fs.setattr(
+                ino,
+                SetAttr {
+                    atime,
+                    mtime,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let a = set(Some(SetTime::At(y2100)), None);
+        assert_eq!((a.atime, a.mtime), (y2100, before.mtime));
+        assert!(a.ctime > before.ctime, "utimens changes ctime");
+        let pre = UNIX_EPOCH - Duration::new(1, 500_000_000);
+        let a = set(None, Some(SetTime::At(pre)));
+        assert_eq!((a.atime, a.mtime), (y2100, pre));
+        // Reading does not change the access time.
+        let (fh, _) = fs.open(ino, libc::O_RDONLY).unwrap();
+        fs.read(fh, 0, 10).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.getattr(ino).unwrap().atime, y2100);
+        // The conversion itself, at the edges of what nanoseconds in an i64 hold.
+        for t in [y2100, pre, UNIX_EPOCH, UNIX_EPOCH - Duration::from_nanos(1)] {
+            assert_eq!(from_ns(to_ns(t)), t);
+        }
+        for ns in [i64::MIN, i64::MAX, -1, 0] {
+            assert_eq!(to_ns(from_ns(ns)), ns.max(-i64::MAX));
+        }
+        let far = UNIX_EPOCH + Duration::from_secs(400 * 365 * 86_400);
+        assert_eq!(
+            to_ns(far),
+            i64::MAX,
+            "past 2262: the latest time an i64 holds"
+        );
+    }
+
+    /// A directory's mtime and ctime follow every name created, removed or renamed in it.
+    #[test]
+    fn directories_change_when_names_come_and_go() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let sub = fs.mkdir(ME, art, b"sub", 0o755).unwrap().ino;
+        // Runs `step` and checks that each of `dirs` changed: mtime and ctime both moved on.
+        let check = |what: &str, dirs: &[u64], step: &dyn Fn()| {
+            let before: Vec<Attr> = dirs.iter().map(|&d| fs.getattr(d).unwrap()).collect();
+            std::thread::sleep(Duration::from_millis(2));
+            step();
+            for (&d, was) in dirs.iter().zip(before) {
+                let now = fs.getattr(d).unwrap();
+                assert!(
+                    now.mtime > was.mtime && now.ctime > was.ctime && now.mtime == now.ctime,
+                    "{what}: directory {d} was {was:?}, is {now:?}"
+                );
+            }
+        };
+        check("mkdir", &[art], &|| {
+            fs.mkdir(ME, art, b"d", 0o755).unwrap();
+        });
+        check("create", &[sub], &|| {
+            write_file(&fs, sub, "f", b"1");
+        });
+        check("rename to another directory", &[sub, art], &|| {
+            fs.rename(sub, b"f", art, b"g", false).unwrap()
+        });
+        check("rename in a directory", &[art], &|| {
+            fs.rename(art, b"g", art, b"h", false).unwrap()
+        });
+        check("unlink", &[art], &|| fs.unlink(art, b"h").unwrap());
+        check("rmdir", &[art], &|| fs.rmdir(art, b"d").unwrap());
+        check("mkdir of a removed directory", &[art], &|| {
+            fs.mkdir(ME, art, b"d", 0o755).unwrap();
+        });
+    }
+
+    /// A file removed while open stays usable through its handle: writes, reads, and its
+    /// attributes with no link left. Afterwards the write-once rules apply.
+    #[test]
+    fn a_file_removed_while_open_stays_usable_until_released() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        // Never committed: no trace afterwards.
+        let (attr, fh) = fs.create(ME, art, b"scratch", 0o640).unwrap();
+        fs.write(fh, 0, b"abc").unwrap();
+        fs.unlink(art, b"scratch").unwrap();
+        fs.write(fh, 3, b"def").unwrap();
+        assert_eq!(fs.read(fh, 1, 10).unwrap(), b"bcdef");
+        let a = fs.getattr(attr.ino).unwrap();
+        assert_eq!((a.nlink, a.size, a.perm), (0, 6, 0o640));
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(refusal(fs.getattr(attr.ino)), Refusal::NotFound);
+        assert!(lock(&fs.removed_open).is_empty());
+        write_file(&fs, art, "scratch", b"the name is free");
+        // Sealed and open for reading: a tombstone, readable until closed.
+        let ino = write_file(&fs, art, "kept", b"sealed bytes");
+        let (fh, _) = fs.open(ino, libc::O_RDONLY).unwrap();
+        fs.unlink(art, b"kept").unwrap();
+        assert_eq!(fs.read(fh, 7, 5).unwrap(), b"bytes");
+        let a = fs.getattr(ino).unwrap();
+        assert_eq!((a.nlink, a.size), (0, 12));
+        fs.release(fh).unwrap();
+        assert_eq!(refusal(fs.getattr(ino)), Refusal::NotFound);
+        // A tombstone: only its last content may come back.
+        let (_, fh) = fs.create(ME, art, b"kept", 0o644).unwrap();
+        assert_eq!(refusal(fs.write(fh, 0, b"other bytes!")), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.lookup(art, b"kept")), Refusal::NotFound);
     }
 
     #[test]

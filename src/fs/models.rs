@@ -282,8 +282,10 @@ impl ArtifactFs {
             uid: self.opts.uid.unwrap_or(model.uid),
             gid: self.opts.gid.unwrap_or(model.gid),
             mtime: from_ns(time),
+            atime: from_ns(time),
             ctime: from_ns(time),
             crtime: from_ns(time),
+            nlink: 1,
             sealed: false,
             stable: false,
         }

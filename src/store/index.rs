@@ -22,7 +22,7 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 use super::Hash;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -61,6 +61,9 @@ pub struct Entry {
     pub mtime: i64,
     pub ctime: i64,
     pub crtime: i64,
+    /// Last access as `utimens` set it (reads never change it; new entries start at their
+    /// creation time).
+    pub atime: i64,
     /// Committed by a `close()` while the writing daemon still holds the file open (a dup'd
     /// descriptor may write again): `state` reads `Live`, because the writing daemon knows its
     /// own writers, but any other reader must treat the file as still being written.
@@ -132,6 +135,7 @@ pub struct MetaChange {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<i64>,
+    pub atime: Option<i64>,
     pub ctime: i64,
 }
 
@@ -162,7 +166,7 @@ pub struct Index {
 }
 
 const COLUMNS: &str =
-    "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime";
+    "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime";
 
 fn to_io(e: rusqlite::Error) -> io::Error {
     match e.sqlite_error_code() {
@@ -203,8 +207,8 @@ fn state_code(s: State) -> i64 {
 fn insert_sql(conflict: &str) -> String {
     format!(
         "INSERT {conflict} INTO entries
-         (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11)"
+         (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)"
     )
 }
 
@@ -252,6 +256,7 @@ fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
         mtime: row.get(11)?,
         ctime: row.get(12)?,
         crtime: row.get(13)?,
+        atime: row.get(14)?,
         committed_open: code == STATE_COMMITTED_OPEN,
     })
 }
@@ -362,6 +367,9 @@ impl Index {
         if version < 3 {
             self.migrate_to_3()?;
         }
+        if version < 4 {
+            self.migrate_to_4()?;
+        }
         Ok(())
     }
 
@@ -458,6 +466,21 @@ impl Index {
             .map_err(to_io)
     }
 
+    /// Version 4: access times of their own (`touch -a`, `utimensat` with `UTIME_OMIT`); an
+    /// existing entry's access time starts as its modification time, which is what the daemon
+    /// reported as the access time before.
+    fn migrate_to_4(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 ALTER TABLE entries ADD COLUMN atime INTEGER NOT NULL DEFAULT 0;
+                 UPDATE entries SET atime = mtime;
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )
+            .map_err(to_io)
+    }
+
     /// Records that blob `hash` is damaged (missing or wrong bytes).
     pub fn mark_damaged(&self, hash: &Hash, now: i64) -> io::Result<()> {
         self.conn
@@ -504,7 +527,7 @@ impl Index {
                  FROM entries WHERE ino = ?1"
             ))
             .map_err(to_io)?
-            .query_row([ino as i64], |r| Ok((row_to_entry(r)?, r.get::<_, bool>(14)?)))
+            .query_row([ino as i64], |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)))
             .optional()
             .map_err(to_io)
     }
@@ -580,6 +603,71 @@ impl Index {
             Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => Ok(None),
             Err(e) => Err(to_io(e)),
         }
+    }
+
+    /// Inserts a row as `create`, `mkdir` and `mknod` do: the directory it goes into changes too
+    /// (its mtime and ctime become the row's time), in the same transaction.
+    pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        self.atomically(|| {
+            let ino = self.insert(e)?;
+            if ino.is_some() {
+                self.touch_dir(e.parent, e.time)?;
+            }
+            Ok(ino)
+        })
+    }
+
+    /// A directory's entries changed (a name was created, removed or renamed in it): its mtime
+    /// and ctime become `now`, as on any POSIX file system.
+    pub fn touch_dir(&self, dir: u64, now: i64) -> io::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1")
+            .map_err(to_io)?
+            .execute(params![dir as i64, now])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// [`Index::touch_dir`] of the directory holding `ino`.
+    fn touch_parent_of(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE entries SET mtime = ?2, ctime = ?2
+                 WHERE ino = (SELECT parent FROM entries WHERE ino = ?1) AND kind = 1",
+            )
+            .map_err(to_io)?
+            .execute(params![ino as i64, now])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Runs `f` as one step: all of its changes are made, or none. Inside a transaction
+    /// already open (say [`Index::write_locked`]) it is a savepoint of that transaction,
+    /// otherwise a transaction of its own.
+    fn atomically<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        /// Rolls the step back if `f` panics, as [`Index::write_locked`] does.
+        struct RollbackOnUnwind<'a>(&'a Connection);
+        impl Drop for RollbackOnUnwind<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let _ = self.0.execute_batch("ROLLBACK TO step; RELEASE step");
+                }
+            }
+        }
+        self.conn.execute_batch("SAVEPOINT step").map_err(to_io)?;
+        let guard = RollbackOnUnwind(&self.conn);
+        let result = f();
+        std::mem::forget(guard);
+        let end = if result.is_ok() {
+            "RELEASE step"
+        } else {
+            "ROLLBACK TO step; RELEASE step"
+        };
+        if let Err(e) = self.conn.execute_batch(end) {
+            let _ = self.conn.execute_batch("ROLLBACK TO step; RELEASE step");
+            return Err(to_io(e));
+        }
+        result
     }
 
     /// Inserts many rows in one transaction (bulk loading, e.g. `examples/gen_index.rs`); rows
@@ -752,7 +840,8 @@ impl Index {
         self.conn
             .prepare_cached(
                 "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
-                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, mtime), ctime = ?6
+                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, mtime),
+                 atime = COALESCE(?6, atime), ctime = ?7
                  WHERE ino = ?1",
             )
             .map_err(to_io)?
@@ -762,6 +851,7 @@ impl Index {
                 c.uid.map(|u| u as i64),
                 c.gid.map(|g| g as i64),
                 c.mtime,
+                c.atime,
                 c.ctime
             ])
             .map_err(to_io)?;
@@ -770,32 +860,38 @@ impl Index {
 
     /// Turns a row into a tombstone (files) or a removed directory (which `mkdir` may revive, so
     /// the tombstones below it keep applying).
+    /// The directory holding it changes too, in the same transaction.
     pub fn tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
-        self.conn
-            .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
-            .map_err(to_io)?
-            .execute(params![ino as i64, now])
-            .map_err(to_io)?;
-        Ok(())
+        self.atomically(|| {
+            self.conn
+                .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
+                .map_err(to_io)?
+                .execute(params![ino as i64, now])
+                .map_err(to_io)?;
+            self.touch_parent_of(ino, now)
+        })
     }
 
     /// Brings a removed directory back (`mkdir` on the path of an `rmdir`ed directory).
+    /// The directory holding it changes too, in the same transaction.
     pub fn revive_dir(&self, ino: u64, mode: u32, uid: u32, gid: u32, now: i64) -> io::Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
-                 mtime = ?5, ctime = ?5 WHERE ino = ?1 AND kind = 1",
-            )
-            .map_err(to_io)?
-            .execute(params![
-                ino as i64,
-                mode as i64,
-                uid as i64,
-                gid as i64,
-                now
-            ])
-            .map_err(to_io)?;
-        Ok(())
+        self.atomically(|| {
+            self.conn
+                .prepare_cached(
+                    "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
+                     mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
+                )
+                .map_err(to_io)?
+                .execute(params![
+                    ino as i64,
+                    mode as i64,
+                    uid as i64,
+                    gid as i64,
+                    now
+                ])
+                .map_err(to_io)?;
+            self.touch_parent_of(ino, now)
+        })
     }
 
     /// A file created again at its tombstone: the row is being written again (a crash turns it
@@ -837,8 +933,14 @@ impl Index {
     }
 
     /// Removes a file that is still being written: a file that never committed anything goes
-    /// without a trace; one that did (a close() returned) leaves a tombstone.
+    /// without a trace; one that did (a close() returned) leaves a tombstone. The directory
+    /// holding it changes too, in the same transaction.
     pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.atomically(|| self.unlink_unsealed_rows(ino, now))
+    }
+
+    fn unlink_unsealed_rows(&self, ino: u64, now: i64) -> io::Result<()> {
+        self.touch_parent_of(ino, now)?;
         self.conn
             .execute_batch(&format!(
                 "DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING} AND hash IS NULL;
@@ -943,6 +1045,14 @@ impl Index {
                 row_to_entry,
             )
             .map_err(to_io)?;
+        // Both directories change: a name left one and arrived in the other.
+        for dir in [old.parent, new_parent] {
+            tx.execute(
+                "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
+                params![dir as i64, now],
+            )
+            .map_err(to_io)?;
+        }
         let moved = tx.execute(
             "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
             params![
@@ -963,8 +1073,9 @@ impl Index {
         if leave_tombstone && old.hash.is_some() {
             tx.execute(
                 "INSERT INTO entries
-                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime)
-                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
+                  atime)
+                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     old.parent as i64,
                     old.name,
@@ -976,7 +1087,8 @@ impl Index {
                     old.gid as i64,
                     old.mtime,
                     now,
-                    old.crtime
+                    old.crtime,
+                    old.atime
                 ],
             )
             .map_err(to_io)?;
@@ -1189,6 +1301,119 @@ mod tests {
         }
         let idx = Index::open(&path, (0, 0), 6).unwrap();
         assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().mtime, 5);
+    }
+
+    /// A store made before access times had a column (schema version 3) opens, migrates to 4
+    /// with each access time taken from the modification time, and keeps working.
+    #[test]
+    fn a_version_3_index_migrates_to_separate_access_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let hash = Hash([3; 32]);
+        {
+            let idx = Index::open(&path, (0, 0), 5).unwrap();
+            let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+            idx.commit_file(a, &hash, 3, 1_234, 1_300, || true).unwrap();
+            idx.seal_later(a);
+            idx.seal_pending().unwrap();
+            // Back to the layout of version 3: no atime column.
+            idx.conn
+                .execute_batch("ALTER TABLE entries DROP COLUMN atime; PRAGMA user_version = 3;")
+                .unwrap();
+        }
+        assert!(
+            Index::open_readonly(&path).is_err(),
+            "a version 3 index is not read as version 4 without its migration"
+        );
+        let idx = Index::open(&path, (0, 0), 6).unwrap();
+        let version: i64 = idx
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let a = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.hash, a.size, a.mtime, a.atime),
+            (State::Live, Some(hash), 3, 1_234, 1_234)
+        );
+        assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().atime, 5);
+        // It keeps working: access and modification times change separately.
+        idx.change_meta(
+            a.ino,
+            &MetaChange {
+                atime: Some(-1_500_000_000),
+                ctime: 7,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let a = idx.get(a.ino).unwrap().unwrap();
+        assert_eq!((a.mtime, a.atime, a.ctime), (1_234, -1_500_000_000, 7));
+        let b = idx.insert(&new_file(RUNS_INO, b"b")).unwrap().unwrap();
+        assert_eq!(idx.get(b).unwrap().unwrap().atime, 1);
+        drop(idx);
+        assert!(Index::open_readonly(&path).is_ok());
+    }
+
+    /// Creating, removing and renaming a name changes its directories' mtime and ctime, in
+    /// the same transaction as the change itself.
+    #[test]
+    fn directories_change_with_their_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        let times = |idx: &Index, ino| {
+            let e = idx.get(ino).unwrap().unwrap();
+            (e.mtime, e.ctime)
+        };
+        let d1 = idx
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d1", 3, 0o755, (0, 0), 10))
+            .unwrap()
+            .unwrap();
+        let d2 = idx
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 11))
+            .unwrap()
+            .unwrap();
+        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        // A name already taken changes nothing.
+        assert_eq!(
+            idx.insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 12))
+                .unwrap(),
+            None
+        );
+        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        let a = idx
+            .insert_in_dir(&NewEntry::new_file(d1, b"a", 3, 0o644, (0, 0), 20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(times(&idx, d1), (20, 20));
+        idx.commit_file(a, &Hash([1; 32]), 1, 21, 21, || true)
+            .unwrap();
+        assert!(idx.rename_file(a, d2, b"b", 3, 30, true).unwrap());
+        assert_eq!((times(&idx, d1), times(&idx, d2)), ((30, 30), (30, 30)));
+        assert_eq!(times(&idx, a), (21, 30), "the file's ctime, not its mtime");
+        // A refused rename (the target is taken) leaves both directories alone.
+        idx.insert_in_dir(&NewEntry::new_file(d1, b"c", 3, 0o644, (0, 0), 31))
+            .unwrap()
+            .unwrap();
+        assert!(!idx.rename_file(a, d1, b"c", 3, 40, true).unwrap());
+        assert_eq!((times(&idx, d1), times(&idx, d2)), ((31, 31), (30, 30)));
+        idx.tombstone(a, 50).unwrap();
+        assert_eq!(times(&idx, d2), (50, 50));
+        let c = idx.lookup(d1, b"c").unwrap().unwrap().ino;
+        idx.unlink_unsealed(c, 60).unwrap();
+        assert_eq!(times(&idx, d1), (60, 60));
+        assert_eq!(idx.get(c).unwrap(), None, "never committed: no trace");
+        idx.tombstone(d1, 70).unwrap();
+        assert_eq!(times(&idx, RUNS_INO), (70, 70));
+        idx.revive_dir(d1, 0o700, 0, 0, 80).unwrap();
+        assert_eq!(times(&idx, RUNS_INO), (80, 80));
+        // Inside a transaction already open, the same step is a savepoint of it.
+        idx.write_locked(|idx| {
+            idx.insert_in_dir(&NewEntry::new_file(d2, b"e", 3, 0o644, (0, 0), 90))
+                .map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(times(&idx, d2), (90, 90));
     }
 
     #[test]
