@@ -746,8 +746,9 @@ for name in ["r", "c"]:
 "#
     );
     let out = python_like_ext4(&art, &script);
-    // Write-once: a removed file that held committed content leaves a tombstone.
-    assert_eq!(out, "r EEXIST\nc EEXIST\n");
+    // Write-once: a removed file that held committed content leaves a tombstone, which takes
+    // back only its last content ("sealed", "v1": not "new").
+    assert_eq!(out, "r EPERM\nc EPERM\n");
     let names = sh_ok(&art, "ls -A");
     assert_eq!(names, "w\n");
     assert_eq!(fs::read(art.join("w")).unwrap(), b"again");
