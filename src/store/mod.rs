@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -127,6 +127,19 @@ pub enum Durability {
     Batched,
 }
 
+/// How long a statement of the daemon waits inside SQLite for a write lock that another
+/// process (`gc`, `fsck`) holds, with the daemon's index mutex held — so every request of the
+/// mount waits with it. Kept well above one transaction of `gc` (at most ~50 ms) and short
+/// enough that the mount does not stall: a change that meets a longer hold either retries with
+/// the mutex released ([`Store::retry_busy`]: commits) or fails with `EIO`.
+pub const DAEMON_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long [`Store::retry_busy`] keeps trying before it gives up.
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The longest sleep between two attempts of [`Store::retry_busy`].
+const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(10);
+
 /// WAL length (4 KiB pages) from which [`Store::checkpoint`] makes the WAL start over.
 const WAL_RESTART_FRAMES: i64 = 4096;
 
@@ -140,6 +153,10 @@ pub struct Store {
     /// Held for the daemon's lifetime by a writable mount; `None` for read-only use.
     _lock: Option<File>,
     last_sync: Mutex<std::time::Instant>,
+    /// The index connection's own busy timeout (see [`DAEMON_BUSY_TIMEOUT`]).
+    busy_timeout: Duration,
+    /// How long [`Store::retry_busy`] keeps trying.
+    busy_patience: Duration,
 }
 
 /// How often batched durability syncs the store.
@@ -171,9 +188,12 @@ impl Store {
             checkpointer: Some(Mutex::new(checkpointer)),
             _lock: Some(lock),
             last_sync: Mutex::new(std::time::Instant::now()),
+            busy_timeout: DAEMON_BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
         };
         store.recover()?;
         store.sync()?;
+        store.index().set_busy_timeout(DAEMON_BUSY_TIMEOUT)?;
         Ok(store)
     }
 
@@ -282,6 +302,8 @@ impl Store {
             checkpointer: None,
             _lock: None,
             last_sync: Mutex::new(std::time::Instant::now()),
+            busy_timeout: index::BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
         })
     }
 
@@ -298,6 +320,8 @@ impl Store {
             checkpointer: None,
             _lock: None,
             last_sync: Mutex::new(std::time::Instant::now()),
+            busy_timeout: index::BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
         })
     }
 
@@ -323,6 +347,63 @@ impl Store {
             log::debug!("index WAL of {frames} frames checkpointed; it starts over");
         }
         Ok(())
+    }
+
+    /// Runs `f` on the index until it does not fail with [`index::IndexBusy`] (another process
+    /// holds SQLite's write lock: `gc`, `fsck`), for up to [`BUSY_PATIENCE`]. Each attempt
+    /// fails at once instead of waiting inside SQLite, and between attempts the index mutex is
+    /// released, so the mount's other requests are served while this one waits. `f` must
+    /// change nothing when it fails busy (one statement, or one transaction), so it can be run
+    /// again. A wait of over a second is logged, naming `what`.
+    pub fn retry_busy<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        mut f: impl FnMut(&Index) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut attempts = 0u32;
+        loop {
+            let result = {
+                let idx = self.index();
+                idx.set_busy_timeout(Duration::ZERO)?;
+                let result = f(&idx);
+                idx.set_busy_timeout(self.busy_timeout)?;
+                result
+            };
+            let waited = started.elapsed();
+            match result {
+                Err(e) if index::is_busy(&e) && waited < self.busy_patience => {
+                    attempts += 1;
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(BUSY_BACKOFF_MAX);
+                }
+                Err(e) if index::is_busy(&e) => {
+                    log::warn!(
+                        "{}: the index stayed locked by another process for {:.1} s ({attempts} \
+                         attempts); giving up",
+                        what(),
+                        waited.as_secs_f64()
+                    );
+                    return Err(e);
+                }
+                result => {
+                    if waited >= Duration::from_secs(1) {
+                        log::info!(
+                            "{}: waited {:.1} s for the index, locked by another process",
+                            what(),
+                            waited.as_secs_f64()
+                        );
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// How long [`Store::retry_busy`] keeps trying (tests shorten it).
+    pub fn set_busy_patience(&mut self, patience: Duration) {
+        self.busy_patience = patience;
     }
 
     /// The index, locked. Keep the guard short: every file-system operation goes through it.
