@@ -744,7 +744,8 @@ fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> 
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
     let r = store.gc(&store::gc::GcOptions { retention, dry_run })?;
     println!(
-        "{} blobs: {} in use, {} kept for removed files younger than {:?}, {} {} ({} bytes)",
+        "{} blobs: {} in use, {} kept for removed files younger than {:?}, {} {} ({} bytes); \
+         {} transactions, the longest held the index for {} ms",
         r.blobs,
         r.in_use,
         r.retained,
@@ -752,6 +753,8 @@ fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> 
         if dry_run { "would remove" } else { "removed" },
         r.removed,
         r.bytes_freed,
+        r.transactions,
+        r.longest_hold.as_millis(),
     );
     Ok(ExitCode::SUCCESS)
 }
