@@ -345,7 +345,10 @@ impl Filesystem for FuseAdapter {
             // The kernel passes the file handle for ftruncate, not for truncate(path).
             fh: fh.map(|f| f.0),
         };
-        match self.fs.setattr(ino.0, change) {
+        match self
+            .fs
+            .retrying("setattr", || self.fs.setattr(ino.0, change.clone()))
+        {
             Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -363,8 +366,10 @@ impl Filesystem for FuseAdapter {
     ) {
         self.reply_entry(
             reply,
-            self.fs
-                .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask),
+            self.fs.retrying("mknod", || {
+                self.fs
+                    .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask)
+            }),
         )
     }
 
@@ -379,17 +384,27 @@ impl Filesystem for FuseAdapter {
     ) {
         self.reply_entry(
             reply,
-            self.fs
-                .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask),
+            self.fs.retrying("mkdir", || {
+                self.fs
+                    .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask)
+            }),
         )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty!(reply, self.fs.unlink(parent.0, name.as_bytes()))
+        reply_empty!(
+            reply,
+            self.fs
+                .retrying("unlink", || self.fs.unlink(parent.0, name.as_bytes()))
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty!(reply, self.fs.rmdir(parent.0, name.as_bytes()))
+        reply_empty!(
+            reply,
+            self.fs
+                .retrying("rmdir", || self.fs.rmdir(parent.0, name.as_bytes()))
+        )
     }
 
     fn symlink(
@@ -402,12 +417,14 @@ impl Filesystem for FuseAdapter {
     ) {
         self.reply_entry(
             reply,
-            self.fs.symlink(
-                caller(req),
-                parent.0,
-                link_name.as_bytes(),
-                target.as_os_str().as_bytes(),
-            ),
+            self.fs.retrying("symlink", || {
+                self.fs.symlink(
+                    caller(req),
+                    parent.0,
+                    link_name.as_bytes(),
+                    target.as_os_str().as_bytes(),
+                )
+            }),
         )
     }
 
@@ -430,13 +447,13 @@ impl Filesystem for FuseAdapter {
     ) {
         reply_empty!(
             reply,
-            self.fs.rename(
+            self.fs.retrying("rename", || self.fs.rename(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
                 flags.contains(RenameFlags::RENAME_EXCHANGE),
-            )
+            ))
         )
     }
 
@@ -639,7 +656,9 @@ impl Filesystem for FuseAdapter {
     ) {
         reply_empty!(
             reply,
-            self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+            self.fs.retrying("setxattr", || {
+                self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+            })
         )
     }
 
@@ -663,7 +682,9 @@ impl Filesystem for FuseAdapter {
             n if n.starts_with(b"user.artifactfs.register.") => {
                 Err(FsError::Refused(Refusal::NotSupported))
             }
-            n => self.fs.setxattr(caller(req), ino.0, n, b""),
+            n => self.fs.retrying("removexattr", || {
+                self.fs.setxattr(caller(req), ino.0, n, b"")
+            }),
         };
         reply_empty!(reply, res)
     }
@@ -693,10 +714,10 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .fs
-            .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
-        {
+        match self.fs.retrying("create", || {
+            self.fs
+                .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
+        }) {
             Ok((attr, fh)) => reply.created(
                 &self.ttl(&attr),
                 &file_attr(&attr),

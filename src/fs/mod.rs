@@ -283,6 +283,23 @@ impl ArtifactFs {
 
     // ----- helpers -------------------------------------------------------------------------
 
+    /// Runs a change the kernel asked for (`mkdir`, `create`, `unlink`, ...) again while it
+    /// fails because another process (`gc`, `fsck`) held the index's write lock for longer
+    /// than the daemon's short busy timeout; the index mutex is free between attempts, so the
+    /// mount keeps answering. Such a change meets the lock at its first write, having changed
+    /// nothing, and is simply done again. (One that writes several rows outside a transaction
+    /// could in principle meet it between two of them — another process would have to take
+    /// the lock in those microseconds and keep it past the busy timeout — and is then answered
+    /// as the index stands, e.g. `EEXIST`, where it used to fail with `EIO`.) Commits retry on
+    /// their own ([`Store::retry_busy`]).
+    pub fn retrying<T>(&self, op: &str, f: impl FnMut() -> FsResult<T>) -> FsResult<T> {
+        self.store.retry_while_busy(
+            || op.to_string(),
+            |e: &FsError| matches!(e, FsError::Io(io) if crate::store::index::is_busy(io)),
+            f,
+        )
+    }
+
     /// Logs one line saying what was refused and why, and returns the refusal.
     fn deny(
         idx: &Index,

@@ -137,7 +137,7 @@ pub const DAEMON_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long [`Store::retry_busy`] keeps trying before it gives up.
 pub const BUSY_PATIENCE: Duration = Duration::from_secs(60);
 
-/// The longest sleep between two attempts of [`Store::retry_busy`].
+/// The longest sleep between two attempts of [`Store::retry_while_busy`].
 const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(10);
 
 /// WAL length (4 KiB pages) from which [`Store::checkpoint`] makes the WAL start over.
@@ -360,25 +360,38 @@ impl Store {
         what: impl FnOnce() -> String,
         mut f: impl FnMut(&Index) -> io::Result<T>,
     ) -> io::Result<T> {
+        self.retry_while_busy(what, index::is_busy, || {
+            let idx = self.index();
+            idx.set_busy_timeout(Duration::ZERO)?;
+            let result = f(&idx);
+            idx.set_busy_timeout(self.busy_timeout)?;
+            result
+        })
+    }
+
+    /// Runs `f` again while it fails because the index was busy (`busy` says which errors
+    /// those are), pausing between attempts (1 ms, doubling up to 10 ms), for up to
+    /// [`BUSY_PATIENCE`]; then the busy error is returned. `f` takes and releases the index
+    /// itself. A wait of over a second is logged, naming `what`.
+    pub fn retry_while_busy<T, E>(
+        &self,
+        what: impl FnOnce() -> String,
+        busy: impl Fn(&E) -> bool,
+        mut f: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
-        let mut attempts = 0u32;
+        let mut attempts = 1u32;
         loop {
-            let result = {
-                let idx = self.index();
-                idx.set_busy_timeout(Duration::ZERO)?;
-                let result = f(&idx);
-                idx.set_busy_timeout(self.busy_timeout)?;
-                result
-            };
+            let result = f();
             let waited = started.elapsed();
             match result {
-                Err(e) if index::is_busy(&e) && waited < self.busy_patience => {
+                Err(e) if busy(&e) && waited < self.busy_patience => {
                     attempts += 1;
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(BUSY_BACKOFF_MAX);
                 }
-                Err(e) if index::is_busy(&e) => {
+                Err(e) if busy(&e) => {
                     log::warn!(
                         "{}: the index stayed locked by another process for {:.1} s ({attempts} \
                          attempts); giving up",
