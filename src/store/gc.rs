@@ -13,7 +13,7 @@
 //! The daemon waits for the lock while gc holds it (its commits retry with the mount still
 //! served, see `Store::retry_busy`), so every transaction is short: at most [`BATCH_BLOBS`]
 //! blobs and about [`BATCH_TIME`], then the lock is released for [`BATCH_PAUSE`] so that
-//! waiting commits get it.
+//! waiting requests get it.
 
 use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Write};

@@ -164,7 +164,8 @@ const COLUMNS: &str =
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The index was locked by another connection (`SQLITE_BUSY`) for longer than this connection's
-/// busy timeout: nothing was changed, and the same change may simply be tried again.
+/// busy timeout: the statement (or transaction) that met it changed nothing, and may simply be
+/// tried again.
 #[derive(Debug)]
 pub struct IndexBusy(String);
 
@@ -729,6 +730,7 @@ impl Index {
     /// to its last committed version (a `close()` returned 0 for it), or disappears if it never
     /// committed. (After a crash, [`Index::open`] keeps only fsync'd versions instead: nobody was
     /// told that the later writes did not make it.)
+    ///
     /// Both statements run in one transaction, so a busy index changes nothing and the call may
     /// be repeated.
     pub fn abandon_write(&self, ino: u64) -> io::Result<()> {

@@ -127,11 +127,12 @@ pub enum Durability {
     Batched,
 }
 
-/// How long a statement of the daemon waits inside SQLite for a write lock that another
-/// process (`gc`, `fsck`) holds, with the daemon's index mutex held — so every request of the
-/// mount waits with it. Kept well above one transaction of `gc` (at most ~50 ms) and short
-/// enough that the mount does not stall: a change that meets a longer hold either retries with
-/// the mutex released ([`Store::retry_busy`]: commits) or fails with `EIO`.
+/// How long a statement of the mount's daemon waits inside SQLite for a write lock that
+/// another process (`gc`, `fsck`) holds, with the daemon's index mutex held — so every request
+/// of the mount waits with it (see [`Store::set_busy_timeout`]). Above one transaction of `gc`
+/// (~50 ms) and short enough that the mount does not stall: a request that meets a longer hold
+/// is tried again with the mutex released ([`Store::retry_busy`] for commits,
+/// `ArtifactFs::retrying` for the other changes).
 pub const DAEMON_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long [`Store::retry_busy`] keeps trying before it gives up.
@@ -188,12 +189,11 @@ impl Store {
             checkpointer: Some(Mutex::new(checkpointer)),
             _lock: Some(lock),
             last_sync: Mutex::new(std::time::Instant::now()),
-            busy_timeout: DAEMON_BUSY_TIMEOUT,
+            busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
         };
         store.recover()?;
         store.sync()?;
-        store.index().set_busy_timeout(DAEMON_BUSY_TIMEOUT)?;
         Ok(store)
     }
 
@@ -412,6 +412,15 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// How long a statement waits inside SQLite for another process's write lock, holding the
+    /// index mutex meanwhile (default [`index::BUSY_TIMEOUT`]; the mount's daemon, whose
+    /// requests all need that mutex, uses [`DAEMON_BUSY_TIMEOUT`] and retries).
+    pub fn set_busy_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.index().set_busy_timeout(timeout)?;
+        self.busy_timeout = timeout;
+        Ok(())
     }
 
     /// How long [`Store::retry_busy`] keeps trying (tests shorten it).
