@@ -434,12 +434,17 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     } else {
         store::Durability::Batched
     };
-    let store = if args.read_only {
+    let mut store = if args.read_only {
         Store::open_readonly(&store_dir)
     } else {
         Store::open_writable_with(&store_dir, durability)
     }
     .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    if !args.read_only {
+        // Every request needs the index: none may wait long for another process's lock with
+        // it held (requests that meet the lock are retried with it released).
+        store.set_busy_timeout(store::DAEMON_BUSY_TIMEOUT)?;
+    }
 
     // Block the stop signals before any thread exists, so only the signal thread sees them.
     let sigs = stop_signals();
@@ -848,7 +853,8 @@ fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> 
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
     let r = store.gc(&store::gc::GcOptions { retention, dry_run })?;
     println!(
-        "{} blobs: {} in use, {} kept for removed files younger than {:?}, {} {} ({} bytes)",
+        "{} blobs: {} in use, {} kept for removed files younger than {:?}, {} {} ({} bytes); \
+         {} transactions, the longest held the index for {} ms",
         r.blobs,
         r.in_use,
         r.retained,
@@ -856,6 +862,8 @@ fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> 
         if dry_run { "would remove" } else { "removed" },
         r.removed,
         r.bytes_freed,
+        r.transactions,
+        r.longest_hold.as_millis(),
     );
     Ok(ExitCode::SUCCESS)
 }

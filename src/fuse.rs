@@ -445,7 +445,10 @@ impl Filesystem for FuseAdapter {
                 // The kernel passes the file handle for ftruncate, not for truncate(path).
                 fh: fh.map(|f| f.0),
             };
-            match self.fs.setattr(ino.0, change) {
+            match self
+                .fs
+                .retrying("setattr", || self.fs.setattr(ino.0, change.clone()))
+            {
                 Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -465,8 +468,10 @@ impl Filesystem for FuseAdapter {
         guarded("mknod", || {
             self.reply_entry(
                 reply,
-                self.fs
-                    .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask),
+                self.fs.retrying("mknod", || {
+                    self.fs
+                        .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                }),
             )
         })
     }
@@ -483,21 +488,31 @@ impl Filesystem for FuseAdapter {
         guarded("mkdir", || {
             self.reply_entry(
                 reply,
-                self.fs
-                    .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask),
+                self.fs.retrying("mkdir", || {
+                    self.fs
+                        .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                }),
             )
         })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("unlink", || {
-            reply_empty!(reply, self.fs.unlink(parent.0, name.as_bytes()))
+            reply_empty!(
+                reply,
+                self.fs
+                    .retrying("unlink", || self.fs.unlink(parent.0, name.as_bytes()))
+            )
         })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("rmdir", || {
-            reply_empty!(reply, self.fs.rmdir(parent.0, name.as_bytes()))
+            reply_empty!(
+                reply,
+                self.fs
+                    .retrying("rmdir", || self.fs.rmdir(parent.0, name.as_bytes()))
+            )
         })
     }
 
@@ -512,12 +527,14 @@ impl Filesystem for FuseAdapter {
         guarded("symlink", || {
             self.reply_entry(
                 reply,
-                self.fs.symlink(
-                    caller(req),
-                    parent.0,
-                    link_name.as_bytes(),
-                    target.as_os_str().as_bytes(),
-                ),
+                self.fs.retrying("symlink", || {
+                    self.fs.symlink(
+                        caller(req),
+                        parent.0,
+                        link_name.as_bytes(),
+                        target.as_os_str().as_bytes(),
+                    )
+                }),
             )
         })
     }
@@ -542,13 +559,13 @@ impl Filesystem for FuseAdapter {
         guarded("rename", || {
             reply_empty!(
                 reply,
-                self.fs.rename(
+                self.fs.retrying("rename", || self.fs.rename(
                     parent.0,
                     name.as_bytes(),
                     newparent.0,
                     newname.as_bytes(),
                     flags.contains(RenameFlags::RENAME_EXCHANGE),
-                )
+                ))
             )
         })
     }
@@ -767,7 +784,9 @@ impl Filesystem for FuseAdapter {
         guarded("setxattr", || {
             reply_empty!(
                 reply,
-                self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+                self.fs.retrying("setxattr", || {
+                    self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+                })
             )
         })
     }
@@ -795,7 +814,9 @@ impl Filesystem for FuseAdapter {
                 n if n.starts_with(b"user.artifactfs.register.") => {
                     Err(FsError::Refused(Refusal::NotSupported))
                 }
-                n => self.fs.setxattr(caller(req), ino.0, n, b""),
+                n => self.fs.retrying("removexattr", || {
+                    self.fs.setxattr(caller(req), ino.0, n, b"")
+                }),
             };
             reply_empty!(reply, res)
         })
@@ -829,10 +850,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         guarded("create", || {
-            match self
-                .fs
-                .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
-            {
+            match self.fs.retrying("create", || {
+                self.fs
+                    .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
+            }) {
                 Ok((attr, fh)) => reply.created(
                     &self.ttl(&attr),
                     &file_attr(&attr),

@@ -384,6 +384,23 @@ impl ArtifactFs {
 
     // ----- helpers -------------------------------------------------------------------------
 
+    /// Runs a change the kernel asked for (`mkdir`, `create`, `unlink`, ...) again while it
+    /// fails because another process (`gc`, `fsck`) held the index's write lock for longer
+    /// than the daemon's short busy timeout; the index mutex is free between attempts, so the
+    /// mount keeps answering. Such a change meets the lock at its first write, having changed
+    /// nothing, and is simply done again. (One that writes several rows outside a transaction
+    /// could in principle meet it between two of them — another process would have to take
+    /// the lock in those microseconds and keep it past the busy timeout — and is then answered
+    /// as the index stands, e.g. `EEXIST`, where it used to fail with `EIO`.) Commits retry on
+    /// their own ([`Store::retry_busy`]).
+    pub fn retrying<T>(&self, op: &str, f: impl FnMut() -> FsResult<T>) -> FsResult<T> {
+        self.store.retry_while_busy(
+            || op.to_string(),
+            |e: &FsError| matches!(e, FsError::Io(io) if crate::store::index::is_busy(io)),
+            f,
+        )
+    }
+
     /// Logs one line saying what was refused and why, and returns the refusal.
     fn deny(
         idx: &Index,
@@ -1195,8 +1212,12 @@ impl ArtifactFs {
     /// the kernel that the name may be gone or its attributes changed.
     fn abandon(&self, ino: u64) -> io::Result<()> {
         let (row, result) = {
-            let idx = self.store.index();
-            (idx.get(ino)?, idx.abandon_write(ino))
+            let row = self.store.index().get(ino)?;
+            let result = self.store.retry_busy(
+                || format!("dropping the unfinished writes of inode {ino}"),
+                |idx| idx.abandon_write(ino),
+            );
+            (row, result)
         };
         if result.is_ok()
             && let Some(e) = row
@@ -1236,7 +1257,10 @@ impl ArtifactFs {
     fn begin_change(&self, w: &mut Writer) -> FsResult<()> {
         if !w.dirty
             && w.committed
-            && let Err(e) = self.store.index().mark_rewriting(w.ino, w.synced)
+            && let Err(e) = self.store.retry_busy(
+                || format!("write to inode {}", w.ino),
+                |idx| idx.mark_rewriting(w.ino, w.synced),
+            )
         {
             w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
             log::warn!(
@@ -1414,10 +1438,17 @@ impl ArtifactFs {
             if durable {
                 blobs.sync_published(&hash)?;
             }
-            let idx = self.store.index();
-            let recorded = idx.commit_file(w.ino, &hash, w.size, w.mtime, now_ns(), || {
-                blobs.exists(&hash)
-            })?;
+            // Another process holding the index (gc between two of its transactions, fsck) is
+            // waited for with the index mutex released; only after `BUSY_PATIENCE` does the
+            // commit fail, and then the file keeps its last committed version (`release`).
+            let recorded = self.store.retry_busy(
+                || format!("commit of inode {}", w.ino),
+                |idx| {
+                    idx.commit_file(w.ino, &hash, w.size, w.mtime, now_ns(), || {
+                        blobs.exists(&hash)
+                    })
+                },
+            )?;
             match recorded {
                 Commit::Recorded => {}
                 Commit::Gone => log::debug!(
@@ -1426,7 +1457,6 @@ impl ArtifactFs {
                 ),
                 Commit::BlobMissing if attempts < 3 => {
                     // Garbage collection removed the blob between publish and commit.
-                    drop(idx);
                     attempts += 1;
                     log::info!("blob {hash} was collected during a commit; storing it again");
                     w.body.thaw(blobs)?;
@@ -1437,11 +1467,14 @@ impl ArtifactFs {
                 }
             }
             if damaged && recorded == Commit::Recorded {
-                idx.clear_damaged(&hash)?;
+                self.store.retry_busy(
+                    || format!("clearing the damage mark of blob {hash}"),
+                    |idx| idx.clear_damaged(&hash),
+                )?;
                 log::info!("damaged blob {hash} was stored again with the right bytes");
             }
             if durable {
-                idx.sync()?;
+                self.store.index().sync()?;
             }
             break;
         }
@@ -2258,6 +2291,104 @@ mod tests {
         );
     }
 
+    /// Holds SQLite's write lock on the store's index from another connection, as `gc` does
+    /// during one of its transactions, until dropped.
+    struct IndexHolder(rusqlite::Connection);
+
+    impl IndexHolder {
+        fn new(store: &std::path::Path) -> IndexHolder {
+            let conn = rusqlite::Connection::open(store.join("index.sqlite")).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            IndexHolder(conn)
+        }
+    }
+
+    impl Drop for IndexHolder {
+        fn drop(&mut self) {
+            self.0.execute_batch("ROLLBACK").unwrap();
+        }
+    }
+
+    #[test]
+    fn a_commit_waits_for_a_locked_index_while_other_requests_are_served() {
+        let (dir, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let other = write_file(&fs, art, "other", b"sealed before");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"committed after the wait").unwrap();
+        let holder = IndexHolder::new(dir.path());
+        let hold = Duration::from_millis(1500);
+        std::thread::scope(|s| {
+            let fs = &fs;
+            let close = s.spawn(move || {
+                let started = std::time::Instant::now();
+                (fs.flush(fh), started.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!close.is_finished(), "the commit did not wait for the lock");
+            // Meanwhile the mount answers: the commit waits with the index mutex released.
+            // (Before, it slept in SQLite's busy handler for up to 10 s with the mutex held.)
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                assert_eq!(fs.lookup(art, b"other").unwrap().ino, other);
+                assert_eq!(fs.getattr(other).unwrap().size, 13);
+                assert_eq!(read_all(fs, other), b"sealed before");
+                let took = started.elapsed();
+                assert!(took < Duration::from_millis(500), "took {took:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            std::thread::sleep(hold.saturating_sub(Duration::from_millis(800)));
+            assert!(!close.is_finished(), "the commit did not wait for the lock");
+            drop(holder);
+            let (result, waited) = close.join().unwrap();
+            result.unwrap();
+            assert!(waited >= hold - Duration::from_millis(100), "{waited:?}");
+        });
+        fs.release(fh).unwrap();
+        assert!(fs.getattr(attr.ino).unwrap().sealed);
+        assert_eq!(read_all(&fs, attr.ino), b"committed after the wait");
+    }
+
+    #[test]
+    fn a_commit_that_never_gets_the_lock_fails_and_keeps_the_committed_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_writable(dir.path()).unwrap();
+        store.set_busy_patience(Duration::from_millis(300));
+        let fs = ArtifactFs::new(store, FsOptions::default());
+        let art = run_dir(&fs, "r1");
+        // One file committed once, then changed; one that never committed.
+        let (kept, fh_k) = fs.create(ME, art, b"kept", 0o644).unwrap();
+        fs.write(fh_k, 0, b"v1").unwrap();
+        fs.flush(fh_k).unwrap();
+        fs.write(fh_k, 0, b"v2 longer").unwrap();
+        let (never, fh_n) = fs.create(ME, art, b"never", 0o644).unwrap();
+        fs.write(fh_n, 0, b"lost, and close() says so").unwrap();
+
+        let holder = IndexHolder::new(dir.path());
+        for fh in [fh_k, fh_n] {
+            match fs.flush(fh) {
+                Err(FsError::Io(e)) => assert!(crate::store::index::is_busy(&e), "{e}"),
+                other => panic!("close() with the index locked: {other:?}"),
+            }
+            // Nothing can be recorded at release either; the rows wait for `tick`.
+            assert!(fs.release(fh).is_err());
+        }
+        drop(holder);
+        fs.retry_abandoned();
+        let a = fs.getattr(kept.ino).unwrap();
+        assert!(a.sealed && a.size == 2, "{a:?}");
+        assert_eq!(read_all(&fs, kept.ino), b"v1");
+        assert_eq!(refusal(fs.getattr(never.ino)), Refusal::NotFound);
+        assert_eq!(refusal(fs.lookup(art, b"never")), Refusal::NotFound);
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let ino = fs.lookup(art, b"kept").unwrap().ino;
+        assert_eq!(read_all(&fs, ino), b"v1", "after a restart");
+    }
+
     #[test]
     fn a_change_that_fails_after_a_commit_keeps_the_committed_content() {
         // open(O_CREAT|O_EXCL), write, dup, close the first fd (a commit), then a change through
@@ -2639,7 +2770,10 @@ mod tests {
         assert_eq!(refusal(fs.getattr(ino)), Refusal::NotFound);
         // A tombstone: only its last content may come back.
         let (_, fh) = fs.create(ME, art, b"kept", 0o644).unwrap();
-        assert_eq!(refusal(fs.write(fh, 0, b"other bytes!")), Refusal::NotPermitted);
+        assert_eq!(
+            refusal(fs.write(fh, 0, b"other bytes!")),
+            Refusal::NotPermitted
+        );
         assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
         assert_eq!(refusal(fs.lookup(art, b"kept")), Refusal::NotFound);
     }

@@ -1,16 +1,38 @@
 //! Garbage collection: removes blobs that no entry uses, and — past the retention — blobs that
 //! only tombstones (removed files) use.
 //!
-//! Safe while a daemon writes to the store: each blob prefix directory is handled in one
+//! Safe while a daemon writes to the store: every blob is decided on and removed inside a
 //! transaction holding SQLite's write lock, and the daemon checks, under the same lock, that a
 //! blob still exists when it records a row that uses it (`Index::commit_file`); if this
-//! collection removed it in between, the daemon stores the bytes again. Tombstones keep their
-//! paths taken after their content is collected.
+//! collection removed it in an earlier transaction, the daemon stores the bytes again. Which
+//! rows use a blob can only change under that lock, so the decision and the removal, made
+//! within one transaction, cannot be overtaken by a commit: that holds for each transaction on
+//! its own, however the blobs are split among them. Tombstones keep their paths taken after
+//! their content is collected.
+//!
+//! The daemon waits for the lock while gc holds it (its commits retry with the mount still
+//! served, see `Store::retry_busy`), so every transaction is short: at most [`BATCH_BLOBS`]
+//! blobs and about [`BATCH_TIME`], then the lock is released for [`BATCH_PAUSE`] so that
+//! waiting requests get it.
 
+use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{Store, now_ns};
+use super::{Hash, Store, now_ns};
+
+/// Most blobs one transaction decides on.
+pub const BATCH_BLOBS: usize = 1000;
+/// A transaction takes no more blobs once it has held the write lock this long (a removal on a
+/// slow disk may add a little).
+pub const BATCH_TIME: Duration = Duration::from_millis(50);
+/// The lock is left free this long between two transactions: longer than the daemon sleeps
+/// between two attempts while it waits (`Store::retry_while_busy`: at most 10 ms), so a waiting
+/// request gets in. (A request still waiting inside SQLite's busy handler may sleep through
+/// the pause; it then fails busy after `DAEMON_BUSY_TIMEOUT` and goes on retrying that way.)
+/// Every pause makes gc longer: on a slow disk, with transactions of a few dozen removals, a
+/// 30 ms pause cost a third of gc's time.
+pub const BATCH_PAUSE: Duration = Duration::from_millis(15);
 
 #[derive(Debug, Clone)]
 pub struct GcOptions {
@@ -28,6 +50,10 @@ pub struct GcReport {
     pub removed: u64,
     pub bytes_freed: u64,
     pub tombstones_purged: u64,
+    /// Write transactions the collection took.
+    pub transactions: u64,
+    /// The longest time one of them held the index's write lock (until its commit).
+    pub longest_hold: Duration,
 }
 
 impl Store {
@@ -37,34 +63,66 @@ impl Store {
         let prefixes = self.blobs.prefixes()?;
         let progress = io::stderr().is_terminal();
         let mut report = GcReport::default();
-        for (i, prefix) in prefixes.iter().enumerate() {
-            if progress {
-                eprint!("\rgc: {}/{} blob directories", i + 1, prefixes.len());
-                let _ = io::stderr().flush();
-            }
-            let blobs = self.blobs.blobs_in(prefix)?;
-            let idx = self.index();
-            idx.write_locked(|idx| {
-                for (hash, size) in &blobs {
-                    report.blobs += 1;
-                    let (live, newest_tombstone) = idx.blob_users(hash)?;
-                    if live {
-                        report.in_use += 1;
-                        continue;
-                    }
-                    if newest_tombstone.is_some_and(|t| t >= cutoff) {
-                        report.retained += 1;
-                        continue;
-                    }
-                    report.removed += 1;
-                    report.bytes_freed += size;
-                    if !opts.dry_run {
-                        self.blobs.remove(hash)?;
-                        report.tombstones_purged += idx.purge_tombstones(hash)? as u64;
-                    }
+        // Blobs listed and not yet decided on; a transaction may span prefix directories.
+        let mut pending: VecDeque<(Hash, u64)> = VecDeque::new();
+        let mut listed = prefixes.iter().enumerate();
+        loop {
+            while pending.len() < BATCH_BLOBS
+                && let Some((i, prefix)) = listed.next()
+            {
+                if progress {
+                    eprint!("\rgc: {}/{} blob directories", i + 1, prefixes.len());
+                    let _ = io::stderr().flush();
                 }
-                Ok(())
-            })?;
+                pending.extend(self.blobs.blobs_in(prefix)?);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            if report.transactions > 0 {
+                std::thread::sleep(BATCH_PAUSE);
+            }
+            let (taken, batch, held) = self.retry_busy(
+                || "gc".into(),
+                |idx| {
+                    let mut batch = GcReport::default();
+                    let mut taken = 0;
+                    let mut locked = None;
+                    idx.write_locked(|idx| {
+                        let since = *locked.insert(Instant::now());
+                        for (hash, size) in &pending {
+                            if taken == BATCH_BLOBS || since.elapsed() >= BATCH_TIME {
+                                break;
+                            }
+                            taken += 1;
+                            batch.blobs += 1;
+                            let (live, newest_tombstone) = idx.blob_users(hash)?;
+                            if live {
+                                batch.in_use += 1;
+                                continue;
+                            }
+                            if newest_tombstone.is_some_and(|t| t >= cutoff) {
+                                batch.retained += 1;
+                                continue;
+                            }
+                            batch.removed += 1;
+                            batch.bytes_freed += size;
+                            if !opts.dry_run {
+                                self.blobs.remove(hash)?;
+                                batch.tombstones_purged += idx.purge_tombstones(hash)? as u64;
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    let held = locked.map_or(Duration::ZERO, |t| t.elapsed());
+                    Ok((taken, batch, held))
+                },
+            )?;
+            pending.drain(..taken);
+            report.add(&batch);
+            report.transactions += 1;
+            report.longest_hold = report.longest_hold.max(held);
+            log::debug!("gc: {taken} blobs in one transaction holding the index {held:?}");
         }
         if progress {
             eprintln!();
@@ -73,10 +131,20 @@ impl Store {
     }
 }
 
+impl GcReport {
+    fn add(&mut self, b: &GcReport) {
+        self.blobs += b.blobs;
+        self.in_use += b.in_use;
+        self.retained += b.retained;
+        self.removed += b.removed;
+        self.bytes_freed += b.bytes_freed;
+        self.tombstones_purged += b.tombstones_purged;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Hash;
     use crate::store::index::{Commit, NewEntry, RUNS_INO, State};
 
     fn file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
@@ -124,6 +192,55 @@ mod tests {
         let t = idx.lookup(RUNS_INO, b"gone").unwrap().unwrap();
         assert_eq!((t.state, t.hash), (State::Tombstone, None));
         assert_eq!(idx.file_rows().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn works_in_transactions_of_bounded_size_across_blob_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable(dir.path()).unwrap();
+        let live = file(&store, b"live", b"live bytes");
+        let orphans = 2 * BATCH_BLOBS + 10;
+        for i in 0..orphans {
+            let bytes = format!("orphan {i}");
+            store
+                .blobs
+                .publish_bytes(bytes.as_bytes(), &Hash::of(bytes.as_bytes()))
+                .unwrap();
+        }
+        let opts = GcOptions {
+            retention: Duration::ZERO,
+            dry_run: true,
+        };
+        // At least three transactions (at most BATCH_BLOBS blobs each), but not one per blob
+        // directory: all 256 hold some of these blobs. (A dry run only reads, so a transaction
+        // reaches BATCH_BLOBS long before BATCH_TIME, even on a slow disk.)
+        let r = store.gc(&opts).unwrap();
+        assert_eq!((r.blobs, r.removed), (orphans as u64 + 1, orphans as u64));
+        assert!(r.transactions >= 3, "{r:?}");
+        assert!(r.transactions < 256, "{r:?}");
+        let r = store
+            .gc(&GcOptions {
+                dry_run: false,
+                ..opts
+            })
+            .unwrap();
+        assert_eq!((r.blobs, r.in_use), (orphans as u64 + 1, 1));
+        assert_eq!(r.removed, orphans as u64);
+        assert!(r.transactions >= 3, "{r:?}");
+        let idx = store.index();
+        let hash = idx.get(live).unwrap().unwrap().hash.unwrap();
+        assert!(store.blobs.exists(&hash));
+        assert_eq!(store.blobs.prefixes().unwrap().len(), 256);
+        assert_eq!(
+            store
+                .blobs
+                .prefixes()
+                .unwrap()
+                .iter()
+                .map(|p| store.blobs.blobs_in(p).unwrap().len())
+                .sum::<usize>(),
+            1
+        );
     }
 
     #[test]

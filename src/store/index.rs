@@ -14,7 +14,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
+};
 
 mod registry;
 pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
@@ -168,10 +170,36 @@ pub struct Index {
 const COLUMNS: &str =
     "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime";
 
+/// How long a connection waits inside SQLite for another connection's write lock, unless told
+/// otherwise: `gc`, `fsck` and the other commands may wait this long.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The index was locked by another connection (`SQLITE_BUSY`) for longer than this connection's
+/// busy timeout: the statement (or transaction) that met it changed nothing, and may simply be
+/// tried again.
+#[derive(Debug)]
+pub struct IndexBusy(String);
+
+impl std::fmt::Display for IndexBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "index busy: {}", self.0)
+    }
+}
+
+impl std::error::Error for IndexBusy {}
+
+/// Whether `e` is an [`IndexBusy`]: another connection held the index's write lock.
+pub fn is_busy(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<IndexBusy>())
+}
+
 fn to_io(e: rusqlite::Error) -> io::Error {
     match e.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => io::Error::from_raw_os_error(libc::ENOSPC),
         Some(ErrorCode::ReadOnly) => io::Error::from_raw_os_error(libc::EROFS),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            io::Error::other(IndexBusy(e.to_string()))
+        }
         _ => io::Error::other(format!("index: {e}")),
     }
 }
@@ -293,6 +321,14 @@ impl Index {
         Ok(index)
     }
 
+    /// How long a statement that needs the write lock waits inside SQLite while another
+    /// connection holds it, before it fails with [`IndexBusy`]. The thread waits with whatever
+    /// it holds: the daemon keeps this short and retries with its index mutex released
+    /// (`Store::retry_busy`).
+    pub fn set_busy_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.conn.busy_timeout(timeout).map_err(to_io)
+    }
+
     /// Opens an existing index for writing beside a daemon that may have it open too (no schema
     /// change, no clean-up of unfinished writes: those belong to the daemon).
     pub fn open_shared(path: &Path) -> io::Result<Index> {
@@ -320,7 +356,7 @@ impl Index {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(to_io)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(to_io)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(to_io)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(to_io)?;
@@ -336,9 +372,7 @@ impl Index {
     }
 
     fn configure(&self) -> io::Result<()> {
-        self.conn
-            .busy_timeout(Duration::from_secs(10))
-            .map_err(to_io)?;
+        self.set_busy_timeout(BUSY_TIMEOUT)?;
         self.conn
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
@@ -976,15 +1010,20 @@ impl Index {
     /// to its last committed version (a `close()` returned 0 for it), or disappears if it never
     /// committed. (After a crash, [`Index::open`] keeps only fsync'd versions instead: nobody was
     /// told that the later writes did not make it.)
+    ///
+    /// Both statements run in one transaction, so a busy index changes nothing and the call may
+    /// be repeated.
     pub fn abandon_write(&self, ino: u64) -> io::Result<()> {
-        self.conn
-            .execute_batch(&format!(
-                "UPDATE entries SET state = {STATE_LIVE}
+        self.write_locked(|idx| {
+            idx.conn
+                .execute_batch(&format!(
+                    "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})
                      AND hash IS NOT NULL;
                  DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING};"
-            ))
-            .map_err(to_io)
+                ))
+                .map_err(to_io)
+        })
     }
 
     /// Deletes a row outright, leaving no tombstone: for drafts of model versions that never
@@ -1037,7 +1076,12 @@ impl Index {
         now: i64,
         leave_tombstone: bool,
     ) -> io::Result<bool> {
-        let tx = self.conn.transaction().map_err(to_io)?;
+        // IMMEDIATE: a transaction that reads first and writes later fails at once
+        // (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(to_io)?;
         let old = tx
             .query_row(
                 &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),

@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -128,6 +128,20 @@ pub enum Durability {
     Batched,
 }
 
+/// How long a statement of the mount's daemon waits inside SQLite for a write lock that
+/// another process (`gc`, `fsck`) holds, with the daemon's index mutex held — so every request
+/// of the mount waits with it (see [`Store::set_busy_timeout`]). Above one transaction of `gc`
+/// (~50 ms) and short enough that the mount does not stall: a request that meets a longer hold
+/// is tried again with the mutex released ([`Store::retry_busy`] for commits,
+/// `ArtifactFs::retrying` for the other changes).
+pub const DAEMON_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long [`Store::retry_busy`] keeps trying before it gives up.
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The longest sleep between two attempts of [`Store::retry_while_busy`].
+const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(10);
+
 /// WAL length (4 KiB pages) from which [`Store::checkpoint`] makes the WAL start over.
 const WAL_RESTART_FRAMES: i64 = 4096;
 
@@ -147,6 +161,10 @@ pub struct Store {
     stopped: std::sync::atomic::AtomicBool,
     /// `Some` for a writable store.
     durability: Option<Durability>,
+    /// The index connection's own busy timeout (see [`DAEMON_BUSY_TIMEOUT`]).
+    busy_timeout: Duration,
+    /// How long [`Store::retry_busy`] keeps trying.
+    busy_patience: Duration,
 }
 
 /// What `STORE/synced` records. Each value is a claim that stays true once made: the blobs of
@@ -295,6 +313,8 @@ impl Store {
             marking: Mutex::new(()),
             stopped: Default::default(),
             durability: Some(durability),
+            busy_timeout: index::BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
         };
         store.recover()?;
         store.sync()?;
@@ -450,6 +470,8 @@ impl Store {
             marking: Mutex::new(()),
             stopped: Default::default(),
             durability: None,
+            busy_timeout: index::BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
         })
     }
 
@@ -469,6 +491,8 @@ impl Store {
             marking: Mutex::new(()),
             stopped: Default::default(),
             durability: None,
+            busy_timeout: index::BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
         })
     }
 
@@ -494,6 +518,85 @@ impl Store {
             log::debug!("index WAL of {frames} frames checkpointed; it starts over");
         }
         Ok(())
+    }
+
+    /// Runs `f` on the index until it does not fail with [`index::IndexBusy`] (another process
+    /// holds SQLite's write lock: `gc`, `fsck`), for up to [`BUSY_PATIENCE`]. Each attempt
+    /// fails at once instead of waiting inside SQLite, and between attempts the index mutex is
+    /// released, so the mount's other requests are served while this one waits. `f` must
+    /// change nothing when it fails busy (one statement, or one transaction), so it can be run
+    /// again. A wait of over a second is logged, naming `what`.
+    pub fn retry_busy<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        mut f: impl FnMut(&Index) -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.retry_while_busy(what, index::is_busy, || {
+            let idx = self.index();
+            idx.set_busy_timeout(Duration::ZERO)?;
+            let result = f(&idx);
+            idx.set_busy_timeout(self.busy_timeout)?;
+            result
+        })
+    }
+
+    /// Runs `f` again while it fails because the index was busy (`busy` says which errors
+    /// those are), pausing between attempts (1 ms, doubling up to 10 ms), for up to
+    /// [`BUSY_PATIENCE`]; then the busy error is returned. `f` takes and releases the index
+    /// itself. A wait of over a second is logged, naming `what`.
+    pub fn retry_while_busy<T, E>(
+        &self,
+        what: impl FnOnce() -> String,
+        busy: impl Fn(&E) -> bool,
+        mut f: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut attempts = 1u32;
+        loop {
+            let result = f();
+            let waited = started.elapsed();
+            match result {
+                Err(e) if busy(&e) && waited < self.busy_patience => {
+                    attempts += 1;
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(BUSY_BACKOFF_MAX);
+                }
+                Err(e) if busy(&e) => {
+                    log::warn!(
+                        "{}: the index stayed locked by another process for {:.1} s ({attempts} \
+                         attempts); giving up",
+                        what(),
+                        waited.as_secs_f64()
+                    );
+                    return Err(e);
+                }
+                result => {
+                    if waited >= Duration::from_secs(1) {
+                        log::info!(
+                            "{}: waited {:.1} s for the index, locked by another process",
+                            what(),
+                            waited.as_secs_f64()
+                        );
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// How long a statement waits inside SQLite for another process's write lock, holding the
+    /// index mutex meanwhile (default [`index::BUSY_TIMEOUT`]; the mount's daemon, whose
+    /// requests all need that mutex, uses [`DAEMON_BUSY_TIMEOUT`] and retries).
+    pub fn set_busy_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.index().set_busy_timeout(timeout)?;
+        self.busy_timeout = timeout;
+        Ok(())
+    }
+
+    /// How long [`Store::retry_busy`] keeps trying (tests shorten it).
+    pub fn set_busy_patience(&mut self, patience: Duration) {
+        self.busy_patience = patience;
     }
 
     /// The index, locked. Keep the guard short: every file-system operation goes through it.

@@ -4,7 +4,7 @@
 
 use std::io;
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Index, to_io};
 
@@ -241,7 +241,11 @@ impl Index {
         rec: &VersionRecord,
         now: i64,
     ) -> io::Result<u64> {
-        let tx = self.conn.transaction().map_err(to_io)?;
+        // IMMEDIATE: see `Index::rename_file`.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(to_io)?;
         let model_ino: i64 = tx
             .query_row(
                 "SELECT model_ino FROM model_versions WHERE dir_ino = ?1",
