@@ -268,6 +268,10 @@ pub struct ArtifactFs {
     handles: RwLock<HashMap<u64, Handle>>,
     /// Inodes being written, with the handle writing each.
     writing: Mutex<HashMap<u64, u64>>,
+    /// Size and mtime of each file being written, as its last write left them: `stat` reads
+    /// them here, never waiting for a writer busy with a write or a long commit, and never
+    /// getting a stale size (the kernel would take it for the file's).
+    writer_attrs: Mutex<HashMap<u64, (u64, i64)>>,
     /// Signalled whenever an inode leaves `writing` (its file was sealed).
     sealed: Condvar,
     next_fh: AtomicU64,
@@ -356,6 +360,7 @@ impl ArtifactFs {
             opts,
             handles: RwLock::new(HashMap::new()),
             writing: Mutex::new(HashMap::new()),
+            writer_attrs: Mutex::new(HashMap::new()),
             sealed: Condvar::new(),
             next_fh: AtomicU64::new(1),
             mem: body::MemBudget::default(),
@@ -475,23 +480,11 @@ impl ArtifactFs {
             stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
         if e.kind == Kind::File
-            && let Some(w) = self.writer_of(e.ino)
+            && let Some(&(size, mtime)) = lock(&self.writer_attrs).get(&e.ino)
         {
             attr.sealed = false;
-            // A writer held for a long commit (hashing a large file) must not stall everyone's
-            // `stat`: its row's size and time stand in until the commit is done.
-            match w.try_lock() {
-                Ok(w) => {
-                    attr.size = w.size;
-                    attr.mtime = from_ns(w.mtime);
-                }
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    let w = p.into_inner();
-                    attr.size = w.size;
-                    attr.mtime = from_ns(w.mtime);
-                }
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
+            attr.size = size;
+            attr.mtime = from_ns(mtime);
         }
         attr
     }
@@ -968,6 +961,7 @@ impl ArtifactFs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, Handle::Write(Arc::new(Mutex::new(writer))));
+        lock(&self.writer_attrs).insert(ino, (0, now));
         lock(&self.writing).insert(ino, fh);
         let entry = idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?;
         drop(idx);
@@ -1202,6 +1196,7 @@ impl ArtifactFs {
         }
         w.size = w.size.max(end);
         w.mtime = now_ns();
+        lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
         if let Some(model) = w.model {
             self.model_write_activity(model, 0);
         }
@@ -1385,6 +1380,7 @@ impl ArtifactFs {
             self.store.index().seal_later(w.ino);
         }
         w.body.discard(&self.mem);
+        lock(&self.writer_attrs).remove(&w.ino);
         lock(&self.writing).remove(&w.ino);
         self.forget_if_closed(w.ino);
         self.sealed.notify_all();
@@ -1559,6 +1555,7 @@ impl ArtifactFs {
                             }
                             w.size = size;
                             w.mtime = now;
+                            lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
                             self.begin_change(&mut w)?;
                         }
                         // The writer's lock is released: getattr takes it again.
@@ -1622,7 +1619,9 @@ impl ArtifactFs {
             drop(idx);
             if let (Some(t), Some(w)) = (mtime, self.writer_of(ino)) {
                 // cp -a and shutil.copy2 set times before close(); the commit must keep them.
-                lock(&w).mtime = t;
+                let mut w = lock(&w);
+                w.mtime = t;
+                lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
             }
         }
         self.getattr(ino)
