@@ -70,6 +70,9 @@ pub enum Cmd {
         store: StoreArg,
         #[arg(default_value = "runs")]
         path: PathBuf,
+        /// Every content a rewritable file has had (time, hash, size), the current one last
+        #[arg(long)]
+        history: bool,
     },
     /// The model registry: list, show, alias, wait for a registration, register without copying.
     #[command(subcommand)]
@@ -179,6 +182,27 @@ pub struct MountArgs {
     /// byte of a file is hashed when it is committed, holes included.
     #[arg(long, default_value = "1T", value_parser = parse_size)]
     pub max_file_size: u64,
+    /// A file name below runs/ that may be replaced with other content, its earlier contents
+    /// kept as history (`ls --history`); repeatable. registered_model_meta (MLflow writes it on
+    /// every load) is rewritable unless `--rewritable none` is given.
+    #[arg(long = "rewritable", value_name = "NAME")]
+    pub rewritable: Vec<String>,
+}
+
+/// The rewritable names: the default plus those given, or only those given after `none`.
+fn rewritable_names(given: &[String]) -> Vec<Vec<u8>> {
+    let mut names = if given.iter().any(|n| n == "none") {
+        Vec::new()
+    } else {
+        vec![crate::fs::DEFAULT_REWRITABLE.as_bytes().to_vec()]
+    };
+    names.extend(
+        given
+            .iter()
+            .filter(|n| *n != "none")
+            .map(|n| n.as_bytes().to_vec()),
+    );
+    names
 }
 
 /// Test hook: the daemon panics on a lookup of this name (see `FsOptions::panic_on_lookup`).
@@ -219,7 +243,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Mount(args) => mount_detached(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Unmount { mountpoint, lazy } => unmount(&mountpoint, lazy).map(|_| ExitCode::SUCCESS),
         Cmd::Fsck { store, verify } => fsck(&store.dir(), verify),
-        Cmd::Ls { store, path } => ls(&store.dir(), &path).map(|_| ExitCode::SUCCESS),
+        Cmd::Ls {
+            store,
+            path,
+            history: true,
+        } => ls_history(&store.dir(), &path).map(|_| ExitCode::SUCCESS),
+        Cmd::Ls { store, path, .. } => ls(&store.dir(), &path).map(|_| ExitCode::SUCCESS),
         Cmd::Gc {
             store,
             older_than,
@@ -267,7 +296,8 @@ pub fn mount_helper_args(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::
                         ("no_passthrough", None) => out.push("--no-passthrough".into()),
                         ("sync_every_close", None) => out.push("--sync-every-close".into()),
                         (
-                            "uid" | "gid" | "settle" | "threads" | "log_file" | "max_file_size",
+                            "uid" | "gid" | "settle" | "threads" | "log_file" | "max_file_size"
+                            | "rewritable",
                             Some(v),
                         ) => {
                             out.push(format!("--{}", key.replace('_', "-")).into());
@@ -369,6 +399,9 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     cmd.arg("--settle").arg(args.settle.to_string());
     cmd.arg("--max-file-size")
         .arg(args.max_file_size.to_string());
+    for name in &args.rewritable {
+        cmd.arg("--rewritable").arg(name);
+    }
     if args.no_passthrough {
         cmd.arg("--no-passthrough");
     }
@@ -457,6 +490,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         settle: Duration::from_secs_f64(args.settle.max(0.0)),
         max_file_size: args.max_file_size,
         panic_on_lookup: std::env::var_os(FAULT_PANIC_ENV).map(|v| v.into_vec()),
+        rewritable: rewritable_names(&args.rewritable),
     };
     // Panics are logged with a backtrace (the request or tick that panicked goes on: see
     // fuse::guarded), instead of only reaching a stderr nobody reads.
@@ -877,6 +911,69 @@ fn mode_string(kind: Kind, mode: u32) -> String {
         s.push(if bits & 1 != 0 { 'x' } else { '-' });
     }
     s
+}
+
+/// `ls --history PATH`: each earlier content of a file (when it was written, when it was
+/// replaced, its hash and size), then the current one.
+fn ls_history(store_dir: &Path, path: &Path) -> Result<()> {
+    let store = Store::open_readonly(store_dir)
+        .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    let idx = store.index();
+    let entry = idx
+        .resolve(path)?
+        .filter(|e| e.kind == Kind::File)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no such file in {}",
+                path.display(),
+                store_dir.display()
+            )
+        })?;
+    let time = |ns: i64| {
+        let secs = ns.div_euclid(1_000_000_000);
+        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    };
+    for (hash, size, mtime, replaced) in idx.history_of(entry.ino)? {
+        println!(
+            "{}  {}  {:>10}  replaced {}",
+            time(mtime),
+            hash.to_hex(),
+            size,
+            time(replaced)
+        );
+    }
+    match entry.hash {
+        Some(h) => println!(
+            "{}  {}  {:>10}  current",
+            time(entry.mtime),
+            h.to_hex(),
+            entry.size
+        ),
+        None => println!("{}  (being written)", time(entry.mtime)),
+    }
+    Ok(())
+}
+
+/// The (year, month, day) of a day count since 1970-01-01, in the proleptic Gregorian
+/// calendar (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 fn ls(store_dir: &Path, path: &Path) -> Result<()> {

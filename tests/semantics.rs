@@ -753,3 +753,83 @@ for name in ["r", "c"]:
     assert_eq!(names, "w\n");
     assert_eq!(fs::read(art.join("w")).unwrap(), b"again");
 }
+
+/// MLflow writes `registered_model_meta` into a model's directory on every load, with the
+/// URI's model name and version: the one file name that may take other content. Every earlier
+/// content stays in the index as history (`artifactfs ls --history`); `--rewritable` adds
+/// names and `--rewritable none` takes the exception away.
+#[test]
+fn registered_model_meta_may_be_replaced_and_keeps_its_history() {
+    let Some(mut m) = Mount::with_args(
+        "registered_model_meta_may_be_replaced_and_keeps_its_history",
+        &["--rewritable", "notes.yaml"],
+    ) else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    for content in [
+        "model_name: null\n",
+        "model_name: lr\nmodel_version: '1'\n",
+        "model_name: null\n",
+    ] {
+        assert_eq!(
+            py(
+                &art,
+                &format!("put('registered_model_meta', {content:?}, 'w')")
+            ),
+            "ok"
+        );
+        assert_eq!(
+            fs::read_to_string(art.join("registered_model_meta")).unwrap(),
+            content
+        );
+        assert_eq!(
+            fs::metadata(art.join("registered_model_meta"))
+                .unwrap()
+                .len(),
+            content.len() as u64
+        );
+    }
+    assert_eq!(
+        py(
+            &art,
+            "put('notes.yaml', 'a: 1', 'w')\nput('notes.yaml', 'a: 2', 'w')"
+        ),
+        "ok"
+    );
+    assert_eq!(fs::read_to_string(art.join("notes.yaml")).unwrap(), "a: 2");
+    // Any other name stays write-once.
+    fs::write(art.join("MLmodel"), b"flavors: {}\n").unwrap();
+    assert_eq!(py(&art, "put('MLmodel', 'flavors: {x: 1}', 'w')"), "EPERM");
+    let out = m.cli(&["ls", "--history", "runs/r1/artifacts/registered_model_meta"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].contains(&sha256_hex(b"model_name: null\n")),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains(&sha256_hex(b"model_name: lr\nmodel_version: '1'\n")),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains(&sha256_hex(b"model_name: null\n")) && lines[2].ends_with("current"),
+        "{text}"
+    );
+    // The exception can be turned off.
+    m.unmount();
+    m.mount(&["--rewritable", "none"]);
+    assert_eq!(
+        py(
+            &art,
+            "put('registered_model_meta', 'model_name: x\\n', 'w')"
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        fs::read_to_string(art.join("registered_model_meta")).unwrap(),
+        "model_name: null\n"
+    );
+}

@@ -59,6 +59,9 @@ pub struct FsOptions {
     pub gid: Option<u32>,
     /// How long a model must be quiet before its pending versions are validated.
     pub settle: Duration,
+    /// File names that may be replaced with other content (the one exception to write-once:
+    /// MLflow's reader-side `registered_model_meta`); earlier contents are kept as history.
+    pub rewritable: Vec<Vec<u8>>,
     /// Fault injection for tests (`ARTIFACTFS_FAULT_PANIC_ON`): a lookup of this name panics,
     /// so the suite can prove that a panicking request neither hangs nor kills the mount.
     pub panic_on_lookup: Option<Vec<u8>>,
@@ -66,6 +69,10 @@ pub struct FsOptions {
     /// every byte, holes included, so one sparse byte at 8 TiB would cost hours.
     pub max_file_size: u64,
 }
+
+/// The file MLflow's models repository writes into a model's directory on every load
+/// (`model_name`/`model_version` of the URI it was loaded by): rewritable by default.
+pub const DEFAULT_REWRITABLE: &str = "registered_model_meta";
 
 /// The default `--max-file-size`: 1 TiB, above the single files ML frameworks write
 /// (checkpoint shards are GBs to tens of GBs) and about ten minutes of hashing.
@@ -80,6 +87,7 @@ impl Default for FsOptions {
             settle: Duration::from_secs(2),
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             panic_on_lookup: None,
+            rewritable: vec![DEFAULT_REWRITABLE.as_bytes().to_vec()],
         }
     }
 }
@@ -210,6 +218,12 @@ struct Writer {
     model: Option<u64>,
     /// Created again at a tombstone: the bytes must be that path's last content.
     expect: Option<Expected>,
+    /// A rewritable file opened for writing: its content before (hash, size, mtime), kept as
+    /// history by the first commit that changes it.
+    replaces: Option<(Hash, u64, i64)>,
+    /// A new content of an existing inode was committed: the kernel's cached pages and
+    /// attributes of it are dropped at release.
+    replaced: bool,
 }
 
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
@@ -956,6 +970,8 @@ impl ArtifactFs {
             failed: None,
             model: unit.map(|u| u.model),
             expect,
+            replaces: None,
+            replaced: false,
         };
         self.handles
             .write()
@@ -1006,6 +1022,9 @@ impl ArtifactFs {
             return Err(io::Error::from_raw_os_error(libc::EIO).into());
         }
         drop(idx);
+        if writes && e.zone == Zone::RunTree as u8 && self.opts.rewritable.contains(&e.name) {
+            return self.open_replace(&e, hash, flags);
+        }
         if writes {
             return self.open_rewrite(ino, hash, e.size, flags);
         }
@@ -1041,6 +1060,72 @@ impl ArtifactFs {
         if truncated && size > 0 {
             self.invalidate_inode(ino);
         }
+        Ok((fh, Opened::Writing))
+    }
+
+    /// A rewritable file opened for writing: a writer on the same inode, starting from its
+    /// content (or empty with `O_TRUNC`). Until the new content is committed and released, the
+    /// file is being written (others: `EBUSY`); a crash or a failure brings the old content back.
+    fn open_replace(&self, e: &Entry, hash: Hash, flags: i32) -> FsResult<(u64, Opened)> {
+        let mut w = Writer {
+            ino: e.ino,
+            body: body::Body::new(),
+            hasher: hashing::RunningHash::new(),
+            hashed: 0,
+            hash_ok: true,
+            size: 0,
+            mtime: e.mtime,
+            dirty: false,
+            committed: true,
+            // Its current version survives a crash during the new writes.
+            synced: true,
+            failed: None,
+            model: None,
+            expect: None,
+            replaces: Some((hash, e.size, e.mtime)),
+            replaced: false,
+        };
+        if flags & libc::O_TRUNC != 0 {
+            if e.size > 0 {
+                self.begin_change(&mut w)?;
+                w.mtime = now_ns();
+                self.invalidate_inode(e.ino);
+            }
+        } else {
+            // Partial writes change the old content: start from it (these files are small).
+            let blob = self.store.blobs.open_blob(&hash)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            loop {
+                let n = body::read_full_at(&blob, &mut buf, at)?;
+                if n == 0 {
+                    break;
+                }
+                w.body
+                    .write_at(&self.store.blobs, &self.mem, &buf[..n], at)?;
+                w.hasher.update(&buf[..n], at + n as u64);
+                at += n as u64;
+            }
+            w.hashed = at;
+            w.size = at;
+        }
+        let fh = self.new_fh();
+        {
+            let mut writing = lock(&self.writing);
+            if writing.contains_key(&e.ino) {
+                return Err(FsError::Refused(Refusal::Busy));
+            }
+            lock(&self.writer_attrs).insert(e.ino, (w.size, w.mtime));
+            writing.insert(e.ino, fh);
+        }
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Handle::Write(Arc::new(Mutex::new(w))));
+        log::info!(
+            "open {} for a new content (a rewritable name; the current one is kept as history)",
+            log_path(&self.store.index().path_of(e.ino)?)
+        );
         Ok((fh, Opened::Writing))
     }
 
@@ -1379,6 +1464,10 @@ impl ArtifactFs {
             // Sealed: other daemons on the store may serve it from now on.
             self.store.index().seal_later(w.ino);
         }
+        if w.replaced {
+            // A rewritable file's new content: the kernel forgets the old one's pages and size.
+            self.invalidate_inode(w.ino);
+        }
         w.body.discard(&self.mem);
         lock(&self.writer_attrs).remove(&w.ino);
         lock(&self.writing).remove(&w.ino);
@@ -1424,6 +1513,15 @@ impl ArtifactFs {
             );
             let ino = w.ino;
             return Err(self.deny_ino("close", ino, (Refusal::NotPermitted, why)));
+        }
+        if let Some((old, size, mtime)) = w.replaces
+            && old != hash
+        {
+            self.store
+                .index()
+                .history_add(w.ino, &old, size, mtime, now_ns())?;
+            w.replaces = None;
+            w.replaced = true;
         }
         let blobs = &self.store.blobs;
         // Content that fsck found damaged in the store is healed by writing it again.
@@ -2082,6 +2180,63 @@ mod tests {
                 .sum()
             })
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_rewritable_name_takes_new_content_and_keeps_the_old_as_history() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let meta = write_file(&fs, art, DEFAULT_REWRITABLE, b"model_name: null\n");
+        let old = Hash::of(b"model_name: null\n");
+        // MLflow's overwrite: O_TRUNC, other content.
+        let (fh, _) = fs.open(meta, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        assert_eq!(fs.getattr(meta).unwrap().size, 0);
+        assert_eq!(refusal(fs.open(meta, libc::O_RDONLY)), Refusal::Busy);
+        fs.write(fh, 0, b"model_name: lr\nmodel_version: '1'\n")
+            .unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, meta), b"model_name: lr\nmodel_version: '1'\n");
+        let history = fs.store().index().history_of(meta).unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!((history[0].0, history[0].1), (old, 17));
+        // The old content's blob is kept: gc sees it in use.
+        assert!(fs.store().index().blob_users(&old).unwrap().0);
+        // The same content again: no new history.
+        let (fh, _) = fs.open(meta, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        fs.write(fh, 0, b"model_name: lr\nmodel_version: '1'\n")
+            .unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.store().index().history_of(meta).unwrap().len(), 1);
+        // Without O_TRUNC a partial write changes the old content in place.
+        let (fh, _) = fs.open(meta, libc::O_WRONLY).unwrap();
+        fs.write(fh, 12, b"LR").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, meta), b"model_name: LR\nmodel_version: '1'\n");
+        assert_eq!(fs.store().index().history_of(meta).unwrap().len(), 2);
+        // A crash in the middle of a new content brings the last one back.
+        let (fh, _) = fs.open(meta, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        fs.write(fh, 0, b"half").unwrap();
+        let _ = fh;
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(d.path()).unwrap(),
+            FsOptions::default(),
+        );
+        assert_eq!(read_all(&fs, meta), b"model_name: LR\nmodel_version: '1'\n");
+        // Other names stay write-once, and so does the default name with `--rewritable none`.
+        let other = write_file(&fs, art, "MLmodel", b"flavors: {}\n");
+        let (fh, _) = fs.open(other, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        assert_eq!(refusal(fs.write(fh, 0, b"x")), Refusal::NotPermitted);
+        fs.release(fh).unwrap();
+        drop(fs);
+        let strict = FsOptions {
+            rewritable: Vec::new(),
+            ..Default::default()
+        };
+        let fs = ArtifactFs::new(Store::open_writable(d.path()).unwrap(), strict);
+        let (fh, _) = fs.open(meta, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        assert_eq!(refusal(fs.write(fh, 0, b"x")), Refusal::NotPermitted);
+        fs.release(fh).unwrap();
     }
 
     #[test]

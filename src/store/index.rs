@@ -24,7 +24,7 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 use super::Hash;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -404,6 +404,9 @@ impl Index {
         if version < 4 {
             self.migrate_to_4()?;
         }
+        if version < 5 {
+            self.migrate_to_5()?;
+        }
         Ok(())
     }
 
@@ -513,6 +516,74 @@ impl Index {
                  COMMIT;",
             )
             .map_err(to_io)
+    }
+
+    /// Version 5: earlier contents of rewritable files (`registered_model_meta`, `--rewritable`).
+    fn migrate_to_5(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 CREATE TABLE history (
+                     ino      INTEGER NOT NULL,
+                     hash     TEXT    NOT NULL,
+                     size     INTEGER NOT NULL,
+                     mtime    INTEGER NOT NULL,
+                     replaced INTEGER NOT NULL
+                 );
+                 CREATE INDEX history_by_ino ON history (ino, replaced);
+                 CREATE INDEX history_by_hash ON history (hash);
+                 PRAGMA user_version = 5;
+                 COMMIT;",
+            )
+            .map_err(to_io)
+    }
+
+    /// Keeps `hash` (of `size` bytes, last changed at `mtime`) as an earlier content of file
+    /// `ino`, replaced at `now`. Its blob stays as long as the history row does.
+    pub fn history_add(
+        &self,
+        ino: u64,
+        hash: &Hash,
+        size: u64,
+        mtime: i64,
+        now: i64,
+    ) -> io::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(to_io)?
+            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Earlier contents of file `ino`, oldest first: (hash, size, mtime, replaced at).
+    pub fn history_of(&self, ino: u64) -> io::Result<Vec<(Hash, u64, i64, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1 ORDER BY replaced, rowid",
+            )
+            .map_err(to_io)?;
+        let rows = stmt
+            .query_map([ino as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(to_io)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, size, mtime, replaced) = row.map_err(to_io)?;
+            let hash = Hash::from_hex(&hash)
+                .ok_or_else(|| io::Error::other(format!("index: bad hash {hash:?} in history")))?;
+            out.push((hash, size, mtime, replaced));
+        }
+        Ok(out)
     }
 
     /// Records that blob `hash` is damaged (missing or wrong bytes).
@@ -844,12 +915,15 @@ impl Index {
         result
     }
 
-    /// Who uses blob `hash`: whether any live (or being written) entry does, and the time the
+    /// Who uses blob `hash`: whether any live (or being written) entry or an earlier content of
+    /// a rewritable file (history) does, and the time the
     /// newest tombstone using it was made.
     pub fn blob_users(&self, hash: &Hash) -> io::Result<(bool, Option<i64>)> {
         self.conn
             .prepare_cached(
-                "SELECT COALESCE(MAX(state != 1), 0), MAX(CASE WHEN state = 1 THEN ctime END)
+                "SELECT COALESCE(MAX(state != 1), 0)
+                        OR EXISTS (SELECT 1 FROM history WHERE hash = ?1),
+                        MAX(CASE WHEN state = 1 THEN ctime END)
                  FROM entries WHERE hash = ?1",
             )
             .map_err(to_io)?
@@ -1362,7 +1436,10 @@ mod tests {
             idx.seal_pending().unwrap();
             // Back to the layout of version 3: no atime column.
             idx.conn
-                .execute_batch("ALTER TABLE entries DROP COLUMN atime; PRAGMA user_version = 3;")
+                .execute_batch(
+                    "ALTER TABLE entries DROP COLUMN atime; DROP TABLE history;
+                     PRAGMA user_version = 3;",
+                )
                 .unwrap();
         }
         assert!(
