@@ -418,24 +418,43 @@ def main():
             return f"{', '.join(uris[:2])}, path; MLflow wrote registered_model_meta {read(meta)!r}"
         return ", ".join(uris[:2]) + ", path"
 
-    @check("load_model(models:/<model_id>) again: EPERM (documented), with dst_path: works")
+    @check("load_model of models:/<model_id> and models:/<name>/<version>, repeated and alternated")
     def _():
-        # MLflow 3 rewrites registered_model_meta (O_TRUNC) inside the logged model's artifact
-        # directory on every models:/ load from a file:// store. That directory is sealed, so the
-        # second load is refused (README, "Use with MLflow"); loading with dst_path, a runs:/ URI
-        # or the path never writes into the store and works any number of times.
-        need("loaded_once")
-        e = raised(lambda: mlflow.pyfunc.load_model(S["model_info"].model_uri))
-        expect(isinstance(e, PermissionError), f"expected PermissionError, got {e!r}")
+        # MLflow 3 writes registered_model_meta (O_TRUNC, overwrite=True) into the logged
+        # model's own artifact directory on every models:/ load from a file:// store: model_name
+        # null for models:/<model_id>, the name and version for models:/<name>/<version>. It is
+        # the one rewritable name (README), so every load works, in any order, any number of
+        # times; its earlier contents are history (artifactfs ls --history).
+        need("loaded_once", "model_info")
+        version = mlflow.register_model(S["model_info"].model_uri, "e2e-lr").version
+        uris = [S["model_info"].model_uri, f"models:/e2e-lr/{version}"] * 3
         meta = os.path.join(S["model_dir"], "registered_model_meta")
-        before = read(meta)
+        seen = []
+        for uri in uris:
+            m = mlflow.pyfunc.load_model(uri)
+            expect(np.array_equal(np.asarray(m.predict(X)), preds), f"{uri}: predictions differ")
+            seen.append(read(meta))
+        expect(b"e2e-lr" in seen[1] and b"e2e-lr" not in seen[0], f"registered_model_meta: {seen[:2]}")
+        expect(seen[0::2] == [seen[0]] * 3 and seen[1::2] == [seen[1]] * 3, "meta alternates")
         for i in range(2):
             dst = os.path.join(work, f"load-{i}")
             os.makedirs(dst)
             m = mlflow.pyfunc.load_model(S["model_info"].model_uri, dst_path=dst)
             expect(np.array_equal(np.asarray(m.predict(X)), preds), "predictions differ")
-        expect(read(meta) == before, "registered_model_meta changed")
-        return describe(e)
+        rc, stdout, stderr = cli(args, "ls", "--history", "--store", store, os.path.relpath(meta, mnt))
+        expect(rc == 0, f"ls --history: {stderr}")
+        lines = stdout.splitlines()
+        expect(len(lines) >= 6 and lines[-1].endswith("current"), f"history: {stdout}")
+        return f"{len(uris)} loads; registered_model_meta has {len(lines)} contents in its history"
+
+    @check("download_artifacts of a run's files to a destination, twice")
+    def _():
+        need("run_id")
+        for i in range(2):
+            dst = os.path.join(work, f"dl-again-{i}")
+            got = mlflow.artifacts.download_artifacts(run_id=S["run_id"], dst_path=dst)
+            expect(os.path.isdir(got), f"download to {dst}: {got}")
+        return "ok"
 
     # ---- immutability through the client --------------------------------------------------------
     other = os.path.join(work, "other", "single.txt")
@@ -447,6 +466,13 @@ def main():
         for dirpath, _d, files in os.walk(run_path()):
             bad = [f for f in files if f.startswith(".artifact.uploading.")]
             expect(not bad, f"temp files left in {dirpath}: {bad}")
+
+    @check("log_artifact of the same file twice to the same path succeeds; content unchanged")
+    def _():
+        need("log_artifact")
+        mlflow.log_artifact(single)
+        expect(read(run_path("single.txt")) == expected["single.txt"], "single.txt changed")
+        no_temp_leftovers()
 
     @check("log_artifact same path twice raises; first bytes kept")
     def _():
