@@ -336,7 +336,7 @@ enum Place {
     RunTree,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Slot {
     Live(usize),
     /// The path held a file (removed or renamed away): taken for ever, but for its last
@@ -571,10 +571,25 @@ impl Model {
     }
 
     fn apply(&mut self, op: &Op) -> Out {
-        match self.apply_inner(op) {
+        // A directory whose names changed (created, removed, renamed, revived) has a new mtime
+        // and ctime: "now", which the model does not know.
+        let before: Vec<Option<BTreeMap<Name, Slot>>> = self
+            .nodes
+            .iter()
+            .map(|n| n.dir.then(|| n.children.clone()))
+            .collect();
+        let out = match self.apply_inner(op) {
             Ok(out) => out,
             Err(kind) => err(kind),
+        };
+        for (i, children) in before.into_iter().enumerate() {
+            if let Some(children) = children
+                && children != self.nodes[i].children
+            {
+                self.nodes[i].mtime = None;
+            }
         }
+        out
     }
 
     fn apply_inner(&mut self, op: &Op) -> Result<Out, &'static str> {
@@ -839,8 +854,13 @@ impl Model {
                         let (a, b) = (&self.nodes[id], &self.nodes[dst]);
                         let sealed = |n: &Node| !n.dir && !n.writing && n.committed;
                         if sealed(a) && sealed(b) && a.content == b.content {
+                            // As POSIX: the target name now names the source's file; the
+                            // path's content is what it was.
                             self.events.push("rename-onto-identical");
-                            self.detach_file(sdir, &sname, id, true);
+                            self.detach_file(sdir, &sname, id, false);
+                            self.nodes[dst].attached = false;
+                            self.nodes[id].attached = true;
+                            self.nodes[ddir].children.insert(dname, Slot::Live(id));
                             return Ok(Out::Unit);
                         }
                         return Err("Exists");

@@ -338,6 +338,7 @@ fn the_store_is_private_to_its_owner() {
     for cmd in [
         &["ls"][..],
         &["ls", "runs/r/artifacts"],
+        &["ls", "--history", "runs/r/artifacts/f"],
         &["models", "list"],
         &["models", "show", "m"],
         &["fsck"],

@@ -1825,13 +1825,27 @@ impl ArtifactFs {
                 && !lock(&self.writing).contains_key(&e.ino)
                 && !lock(&self.writing).contains_key(&existing.ino);
             if identical {
+                // As POSIX rename: the target name now names the source's inode (which the
+                // kernel's cache already assumes); the path's content is the same as before.
                 log::info!(
-                    "rename {} onto {}: the same content; the target is unchanged, the source removed",
+                    "rename {} onto {}: the same content, so the path's content does not change",
                     log_path(&idx.path_of(e.ino)?),
                     log_path(&idx.path_of(existing.ino)?)
                 );
-                drop(idx);
-                return self.unlink(parent, name);
+                let tombstone = src_unit.is_none();
+                let now = now_ns();
+                if !idx.rename_file_replacing(
+                    e.ino,
+                    Some(existing.ino),
+                    new_parent,
+                    new_name,
+                    zone as u8,
+                    now,
+                    tombstone,
+                )? {
+                    return Err(FsError::Refused(Refusal::Exists));
+                }
+                return Ok(());
             }
             let why = if existing.state == State::Tombstone {
                 "the target path held a file before; paths are write-once"
@@ -2244,10 +2258,13 @@ mod tests {
         let (_d, fs) = new_fs();
         let art = run_dir(&fs, "r");
         let dst = write_file(&fs, art, "f", b"same");
-        write_file(&fs, art, ".f.tmp", b"same");
+        let src = write_file(&fs, art, ".f.tmp", b"same");
         write_file(&fs, art, "other", b"different");
         fs.rename(art, b".f.tmp", art, b"f", false).unwrap();
-        assert_eq!(fs.lookup(art, b"f").unwrap().ino, dst);
+        // As POSIX rename: the name now names the source's inode, with the same content.
+        assert_eq!(fs.lookup(art, b"f").unwrap().ino, src);
+        assert_eq!(refusal(fs.getattr(dst)), Refusal::NotFound);
+        let dst = src;
         assert_eq!(refusal(fs.lookup(art, b".f.tmp")), Refusal::NotFound);
         assert_eq!(read_all(&fs, dst), b"same");
         // Different content: refused, both stay.

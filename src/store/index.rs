@@ -1022,6 +1022,10 @@ impl Index {
                 params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
             )
             .map_err(to_io)?;
+        if n == 1 {
+            // The name is back in its directory.
+            self.touch_parent_of(ino, now)?;
+        }
         Ok(n == 1)
     }
 
@@ -1037,6 +1041,8 @@ impl Index {
                 params![ino as i64, now],
             )
             .map_err(to_io)?;
+        // The name is gone from its directory again.
+        self.touch_parent_of(ino, now)?;
         Ok(())
     }
 
@@ -1150,6 +1156,31 @@ impl Index {
         now: i64,
         leave_tombstone: bool,
     ) -> io::Result<bool> {
+        self.rename_file_replacing(
+            ino,
+            None,
+            new_parent,
+            new_name,
+            new_zone,
+            now,
+            leave_tombstone,
+        )
+    }
+
+    /// [`Index::rename_file`] onto the sealed file `replacing` (which has the same content), as
+    /// POSIX `rename` does: the target name now names `ino`, the replaced row goes, in the same
+    /// transaction. `Ok(false)` if `replacing` is no longer a sealed file.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename_file_replacing(
+        &mut self,
+        ino: u64,
+        replacing: Option<u64>,
+        new_parent: u64,
+        new_name: &[u8],
+        new_zone: u8,
+        now: i64,
+        leave_tombstone: bool,
+    ) -> io::Result<bool> {
         // IMMEDIATE: a transaction that reads first and writes later fails at once
         // (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between.
         let tx = self
@@ -1163,6 +1194,20 @@ impl Index {
                 row_to_entry,
             )
             .map_err(to_io)?;
+        if let Some(r) = replacing {
+            let gone = tx
+                .execute(
+                    &format!(
+                        "DELETE FROM entries WHERE ino = ?1 AND kind = 2
+                         AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+                    ),
+                    [r as i64],
+                )
+                .map_err(to_io)?;
+            if gone != 1 {
+                return Ok(false);
+            }
+        }
         // Both directories change: a name left one and arrived in the other.
         for dir in [old.parent, new_parent] {
             tx.execute(
