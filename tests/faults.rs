@@ -1063,17 +1063,22 @@ fn crash_during_an_unlink_rename_burst() {
         for (n, info) in &visible {
             assert_eq!(info.xattr, info.sha, "{ctx}: xattr of {n}");
         }
-        // A removed path stays taken after the crash (tombstone).
+        // A removed path stays a tombstone after the crash: it takes back only its last
+        // content, never other bytes.
         if let Some((op, s, d)) = intents.iter().find(|o| done.contains(*o)) {
-            let e = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(dest.join(s))
-                .expect_err("recreating a removed path after the crash");
-            assert_eq!(
-                errno(&e),
-                libc::EEXIST,
-                "{ctx}: {s} ({op} -> {d}) is usable again after the crash"
+            let out = sh(
+                &dest,
+                &format!(
+                    "python3 -c \"\nwith open('{s}', 'xb') as f:\n    f.write(b'other bytes after the crash')\n\""
+                ),
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+                "{ctx}: {s} ({op} -> {d}) took other content after the crash: {out:?}"
+            );
+            assert!(
+                !dest.join(s).exists(),
+                "{ctx}: {s} is back after a refused create"
             );
         }
         assert_fsck_clean(&m, false, &ctx);
