@@ -1771,6 +1771,18 @@ impl ArtifactFs {
         new_name: &[u8],
         exchange: bool,
     ) -> FsResult<()> {
+        self.rename_once(parent, name, new_parent, new_name, exchange, false)
+    }
+
+    fn rename_once(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        exchange: bool,
+        retried: bool,
+    ) -> FsResult<()> {
         let mut idx = self.store.index();
         self.read_only(&idx, "rename", parent, Some(name))?;
         if exchange {
@@ -1816,14 +1828,22 @@ impl ArtifactFs {
         if let Some(existing) = idx.lookup(new_parent, new_name)? {
             // rsync's temp file renamed onto an identical copy, a retried `mv`: nothing
             // changes at the target; the source goes, as after `rm`.
-            let identical = existing.state == State::Live
+            let same = existing.state == State::Live
                 && existing.kind == Kind::File
                 && e.kind == Kind::File
                 && e.state == State::Live
                 && e.hash.is_some()
-                && e.hash == existing.hash
-                && !lock(&self.writing).contains_key(&e.ino)
-                && !lock(&self.writing).contains_key(&existing.ino);
+                && e.hash == existing.hash;
+            let open = |ino| lock(&self.writing).contains_key(&ino);
+            if same && (open(e.ino) || open(existing.ino)) && !retried {
+                // A release already on its way (close() returned a moment ago): give it the
+                // same grace as open(), then decide again.
+                drop(idx);
+                self.wait_sealed(e.ino);
+                self.wait_sealed(existing.ino);
+                return self.rename_once(parent, name, new_parent, new_name, exchange, true);
+            }
+            let identical = same && !open(e.ino) && !open(existing.ino);
             if identical {
                 // As POSIX rename: the target name now names the source's inode (which the
                 // kernel's cache already assumes); the path's content is the same as before.
