@@ -24,9 +24,9 @@ fi
 # beside it. (The patterns are written so that they do not match this file itself.)
 outside='[.][.]/shared|[.][.]/[.][.]/shared|/wor[k]/|/roo[t]/|/hom[e]/[a-z]|CARGO_MANIFEST_DIR[^;]*"[.][.]/'
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    hits=$(git grep -nIE "$outside" -- . || true)
+    hits=$(git grep -nE "$outside" -- . || true)   # binaries too (a pickle holds file names)
 else
-    hits=$(grep -rnIE --exclude-dir=target --exclude-dir=.git "$outside" . || true)
+    hits=$(grep -rnE --exclude-dir=target --exclude-dir=.git "$outside" . || true)
 fi
 if [ -n "$hits" ]; then
     echo "scripts/test.sh: these lines refer to paths outside the repository; a fresh clone has" >&2
