@@ -244,17 +244,11 @@ impl Expected {
                 self.size
             ));
         }
-        let blob = self.blob.as_ref()?;
-        let mut old = vec![0u8; data.len()];
-        match body::read_full_at(blob, &mut old, offset) {
-            Ok(n) if n == data.len() && old == data => None,
-            Ok(_) => Some(format!(
-                "the path held a file before; this write differs from its content at byte {}",
-                offset + old.iter().zip(data).take_while(|(a, b)| a == b).count() as u64
-            )),
-            // The blob cannot be read: the hash decides at close().
-            Err(_) => None,
-        }
+        // Without a readable blob the hash decides at close().
+        let at = rewrite::differs_at(self.blob.as_ref()?, offset, data).ok()??;
+        Some(format!(
+            "the path held a file before; this write differs from its content at byte {at}"
+        ))
     }
 }
 
@@ -1085,48 +1079,63 @@ impl ArtifactFs {
             replaces: Some((hash, e.size, e.mtime)),
             replaced: false,
         };
-        if flags & libc::O_TRUNC != 0 {
-            if e.size > 0 {
-                self.begin_change(&mut w)?;
-                w.mtime = now_ns();
-                self.invalidate_inode(e.ino);
-            }
-        } else {
-            // Partial writes change the old content: start from it (these files are small).
-            let blob = self.store.blobs.open_blob(&hash)?;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut at = 0u64;
-            loop {
-                let n = body::read_full_at(&blob, &mut buf, at)?;
-                if n == 0 {
-                    break;
-                }
-                w.body
-                    .write_at(&self.store.blobs, &self.mem, &buf[..n], at)?;
-                w.hasher.update(&buf[..n], at + n as u64);
-                at += n as u64;
-            }
-            w.hashed = at;
-            w.size = at;
-        }
+        // The inode's one writer slot first: a second writer racing this open is Busy before
+        // anything about the row changes.
         let fh = self.new_fh();
         {
             let mut writing = lock(&self.writing);
             if writing.contains_key(&e.ino) {
                 return Err(FsError::Refused(Refusal::Busy));
             }
-            lock(&self.writer_attrs).insert(e.ino, (w.size, w.mtime));
             writing.insert(e.ino, fh);
         }
+        let started = self.start_replacement(&mut w, e, hash, flags);
+        if let Err(err) = started {
+            // Nothing was recorded (a failed mark fails the writer before the row changes).
+            w.body.discard(&self.mem);
+            lock(&self.writing).remove(&e.ino);
+            self.sealed.notify_all();
+            return Err(err);
+        }
+        lock(&self.writer_attrs).insert(e.ino, (w.size, w.mtime));
         self.handles
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, Handle::Write(Arc::new(Mutex::new(w))));
         log::info!(
             "open {} for a new content (a rewritable name; the current one is kept as history)",
-            log_path(&self.store.index().path_of(e.ino)?)
+            log_path(&self.store.index().path_of(e.ino).unwrap_or_default())
         );
         Ok((fh, Opened::Writing))
+    }
+
+    /// The new content's start: empty after `O_TRUNC` (the row then says "being written", its
+    /// current version kept on a crash), else the current bytes (these files are small).
+    fn start_replacement(&self, w: &mut Writer, e: &Entry, hash: Hash, flags: i32) -> FsResult<()> {
+        if flags & libc::O_TRUNC != 0 {
+            if e.size > 0 {
+                self.begin_change(w)?;
+                w.mtime = now_ns();
+                self.invalidate_inode(e.ino);
+            }
+            return Ok(());
+        }
+        let blob = self.store.blobs.open_blob(&hash)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        loop {
+            let n = body::read_full_at(&blob, &mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            w.body
+                .write_at(&self.store.blobs, &self.mem, &buf[..n], at)?;
+            w.hasher.update(&buf[..n], at + n as u64);
+            at += n as u64;
+        }
+        w.hashed = at;
+        w.size = at;
+        Ok(())
     }
 
     /// One write of a rewrite: the sealed bytes at that offset, or `NotPermitted` at once.
@@ -1148,11 +1157,7 @@ impl ArtifactFs {
                 r.size
             ))
         } else {
-            let mut sealed = vec![0u8; data.len()];
-            let n = body::read_full_at(&r.blob, &mut sealed, offset)?;
-            (n != data.len() || sealed != data).then(|| {
-                let at =
-                    offset + sealed.iter().zip(data).take_while(|(a, b)| a == b).count() as u64;
+            rewrite::differs_at(&r.blob, offset, data)?.map(|at| {
                 format!("the file is sealed: this write differs from its content at byte {at}")
             })
         };

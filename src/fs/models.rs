@@ -1253,6 +1253,15 @@ mod tests {
         (fs, x)
     }
 
+    /// The inode of `runs/r1/artifacts/model` of [`store_with_sources`].
+    fn model_source(fs: &ArtifactFs) -> u64 {
+        let idx = fs.store().index();
+        idx.resolve(Path::new("runs/r1/artifacts/model"))
+            .unwrap()
+            .unwrap()
+            .ino
+    }
+
     #[test]
     fn only_a_model_directory_below_a_run_is_a_source() {
         let d = tempfile::tempdir().unwrap();
@@ -1379,13 +1388,7 @@ mod tests {
     fn a_source_with_a_file_open_for_writing_is_busy() {
         let d = tempfile::tempdir().unwrap();
         let (fs, x) = store_with_sources(d.path());
-        let model = fs
-            .store()
-            .index()
-            .resolve(Path::new("runs/r1/artifacts/model"))
-            .unwrap()
-            .unwrap()
-            .ino;
+        let model = model_source(&fs);
         // Committed by a flush but still open (a dup'd descriptor): its bytes may still change.
         let (_, fh) = fs.create(ME, model, b"extra.txt", 0o644).unwrap();
         fs.write(fh, 0, b"first").unwrap();
@@ -1598,13 +1601,7 @@ mod tests {
     fn a_hundred_thousand_entries_register_in_batches_while_others_are_served() {
         let d = tempfile::tempdir().unwrap();
         let (fs, x) = store_with_sources(d.path());
-        let model = fs
-            .store()
-            .index()
-            .resolve(Path::new("runs/r1/artifacts/model"))
-            .unwrap()
-            .unwrap()
-            .ino;
+        let model = model_source(&fs);
         bulk_source(&fs, model, 100, 1000);
         let other = fs.lookup(model, b"MLmodel").unwrap().ino;
         let fs = std::sync::Arc::new(fs);
@@ -1665,13 +1662,7 @@ mod tests {
     fn a_registration_refused_midway_leaves_no_rows() {
         let d = tempfile::tempdir().unwrap();
         let (fs, x) = store_with_sources(d.path());
-        let model = fs
-            .store()
-            .index()
-            .resolve(Path::new("runs/r1/artifacts/model"))
-            .unwrap()
-            .unwrap()
-            .ino;
+        let model = model_source(&fs);
         bulk_source(&fs, model, 3, 1000);
         let last = fs.lookup(model, b"d002").unwrap().ino;
         let (_, fh) = fs.create(ME, last, b"zz-open", 0o644).unwrap();

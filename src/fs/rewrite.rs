@@ -7,7 +7,22 @@
 //! writes leave the file as it was.
 
 use std::fs::File;
+use std::io;
 use std::sync::Arc;
+
+/// Where `data`, written at `offset`, first differs from the bytes of `file` there (a short
+/// file differs where it ends); `None` if they are the same. Both rewrites of sealed files and
+/// files created again at a tombstone compare their writes with it.
+pub(super) fn differs_at(file: &File, offset: u64, data: &[u8]) -> io::Result<Option<u64>> {
+    let mut old = vec![0u8; data.len()];
+    let n = super::body::read_full_at(file, &mut old, offset)?;
+    let same = old[..n]
+        .iter()
+        .zip(data)
+        .take_while(|(a, b)| a == b)
+        .count();
+    Ok((same < data.len()).then_some(offset + same as u64))
+}
 
 /// A rewrite of a sealed file through one open file description.
 pub(super) struct Rewrite {
