@@ -750,11 +750,12 @@ impl ArtifactFs {
         let mut count = 0;
         while let Some((from, to, path)) = queue.pop_front() {
             let mut after = 0;
+            let mut waited = None;
             loop {
                 let idx = self.store.index();
                 let batch = idx.children(from, after, REGISTER_BATCH)?;
                 let Some(last) = batch.last() else { break };
-                after = last.ino;
+                let next = last.ino;
                 let at = |e: &Entry| path.join(std::ffi::OsStr::from_bytes(&e.name));
                 for e in &batch {
                     let want = match e.kind {
@@ -777,6 +778,15 @@ impl ArtifactFs {
                     })
                 };
                 if let Some(e) = busy {
+                    if waited != Some(e.ino) && lock(&self.writing).contains_key(&e.ino) {
+                        // A release already on its way (close() returned a moment ago): the
+                        // same grace as open(), then this batch again.
+                        let ino = e.ino;
+                        drop(idx);
+                        self.wait_sealed(ino);
+                        waited = Some(ino);
+                        continue;
+                    }
                     let why = format!(
                         "the source is still being written (/{} is open for writing)",
                         at(e).display()
@@ -796,6 +806,7 @@ impl ArtifactFs {
                     Ok(dirs)
                 })?;
                 count += batch.len();
+                after = next;
                 queue.extend(dirs);
                 // The index's mutex is not fair: without a pause this thread would take it
                 // straight back, and a waiting request could starve for many batches.
@@ -1407,6 +1418,31 @@ mod tests {
         let extra = fs.lookup(v2, b"extra.txt").unwrap().ino;
         let (rh, _) = fs.open(extra, libc::O_RDONLY).unwrap();
         assert_eq!(fs.read(rh, 0, 100).unwrap(), b"second");
+        fs.release(rh).unwrap();
+    }
+
+    #[test]
+    fn a_release_on_its_way_is_waited_for_not_busy() {
+        // What the kernel does after `echo x > f; cp -r dir models/..`: close() returns before
+        // the RELEASE reaches the daemon, and the registration may arrive first (seen in CI).
+        let d = tempfile::tempdir().unwrap();
+        let (fs, x) = store_with_sources(d.path());
+        let model = model_source(&fs);
+        let (_, fh) = fs.create(ME, model, b"late.txt", 0o644).unwrap();
+        fs.write(fh, 0, b"late").unwrap();
+        fs.flush(fh).unwrap();
+        let v2 = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                fs.release(fh).unwrap();
+            });
+            fs.register_from(ME, x, b"v2", b"runs/r1/artifacts/model")
+        })
+        .unwrap()
+        .ino;
+        let late = fs.lookup(v2, b"late.txt").unwrap().ino;
+        let (rh, _) = fs.open(late, libc::O_RDONLY).unwrap();
+        assert_eq!(fs.read(rh, 0, 100).unwrap(), b"late");
         fs.release(rh).unwrap();
     }
 
