@@ -126,7 +126,7 @@ forget_mount() {
 
 # ----- results ----------------------------------------------------------------------------
 
-# row KEY LABEL UNIT: declares a table row (in this order). UNIT is s or us.
+# row KEY LABEL UNIT: declares a table row (in this order). UNIT is s, us or MiB.
 row() { echo -e "$1\t$2\t$3" >> "$ROWS"; }
 # record KEY SIDE VALUE (only for counted runs, REP > 0)
 record() { [ "$REP" -gt 0 ] && echo -e "$1\t$2\t$3" >> "$RES" || true; }
@@ -364,6 +364,11 @@ cp_tree_workload() {   # KEY LABEL SRC KEEP_LAST_STORE [FLOOR_KEY FLOOR_LABEL]
         settle; fresh_mount "w$key-r$REP"
         settle; timed "$key" mount c_cpr "$src" "$ART/rep$REP"
         unmount_store "$MNT" "$STORE" "$key"
+        if [ "$key" = 3 ]; then
+            # What the store holds on disk (blocks, index and blobs) for the bytes written.
+            record 8a native "$(awk -v b="$(du_bytes "$src")" 'BEGIN { printf "%.3f", b / 1048576 }')"
+            record 8a mount "$(du -sk "$STORE" | awk '{ printf "%.3f", $1 / 1024 }')"
+        fi
         if [ -n "$floor" ]; then
             null_fs_cpr "$src" "$floor"
             record "$floor" native "$native_s"
@@ -382,6 +387,8 @@ if want 3; then
     cp_tree_workload 3 "3 cp -r $NFILES files of 4 KiB in $NDIRS dirs" "$SRC_TREE" 1 \
         3f "3 the same cp -r into null_fs (stores nothing: the FUSE floor)"
     note 3f "examples/null_fs: answers lookup/create/write/flush/release like artifactfs from memory and drops the bytes; same native column as row 3"
+    row 8a "8 store on disk after row 3's cp -r (MiB), vs the bytes written" MiB
+    note 8a "native column: the bytes of the $NFILES files (apparent size); mount: du of the whole store (index, WAL, blobs) after a clean unmount"
 fi
 if want 4; then
     cp_tree_workload 4 "4 cp -r model dir ($MODEL_MIB MiB + 20 small files)" "$SRC_MODEL" 0
@@ -427,6 +434,14 @@ if want 5; then
     done
     null_fs_stop
     note 5f "examples/null_fs: opens and reads served like artifactfs's small sealed files, from memory"
+fi
+if [ -n "$W3_STORE" ] && want 3; then
+    row 8b "8 fsck --verify of row 3's store ($NFILES files)" s
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 8: fsck --verify, run $REP of $RUNS"
+        timed 8b mount "$AFS" fsck --verify --store "$W3_STORE" > /dev/null
+    done
+    note 8b "re-hashes every content the store holds; target ≤ 1 s"
 fi
 if [ -n "$W3_STORE" ]; then rmtree "$W3_STORE"; fi
 
@@ -528,6 +543,8 @@ def fmt(v, unit):
         return "—"
     if unit == "us":
         return f"{v:.1f} µs"
+    if unit == "MiB":
+        return f"{v:.1f} MiB"
     return f"{v:.3f} s" if v < 10 else f"{v:.2f} s"
 out = []
 out.append(f"artifactfs bench, {date}, {'--quick, ' if quick == '1' else ''}{runs} counted runs "

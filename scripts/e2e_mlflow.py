@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -114,25 +115,45 @@ def errno_in_chain(e):
     return names
 
 
+def index_query(store, sql, params=()):
+    """Rows of a read-only query on the store's index (small contents live there)."""
+    db = sqlite3.connect(f"file:{os.path.join(store, 'index.sqlite')}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
 def blob_stats(store):
+    """(contents, bytes) the store holds: blob files plus the small contents in its index."""
     files = size = 0
     for dirpath, _dirs, names in os.walk(os.path.join(store, "blobs")):
         for n in names:
             files += 1
             size += os.lstat(os.path.join(dirpath, n)).st_size
-    return files, size
+    [(n, total)] = index_query(store, "SELECT COUNT(*), COALESCE(SUM(length(data)), 0) FROM inline_content")
+    return files + n, size + total
+
+
+def stored_bytes(store, h):
+    """The stored bytes of content h: in the index when small, else its blob file."""
+    rows = index_query(store, "SELECT data FROM inline_content WHERE hash = ?", (h,))
+    if rows:
+        return bytes(rows[0][0])
+    blob = os.path.join(store, "blobs", "sha256", h[:2], h[2:])
+    return read(blob) if os.path.isfile(blob) else None
 
 
 def verify_stored(path, data, store):
-    """The file at path has bytes data, its xattr names their hash, and the blob holds them."""
+    """The file at path has bytes data, its xattr names their hash, and the store holds them."""
     got = read(path)
     expect(got == data, f"{path}: {len(got)} bytes read differ from the {len(data)} bytes logged")
     h = sha256(data)
     x = os.getxattr(path, "user.artifactfs.sha256").decode()
     expect(x == h, f"{path}: xattr sha256 {x} != {h}")
-    blob = os.path.join(store, "blobs", "sha256", h[:2], h[2:])
-    expect(os.path.isfile(blob), f"{path}: no blob {blob}")
-    expect(read(blob) == data, f"{path}: blob {blob} has other bytes")
+    stored = stored_bytes(store, h)
+    expect(stored is not None, f"{path}: the store has no content {h}")
+    expect(stored == data, f"{path}: the store's content {h} has other bytes")
 
 
 def install_recorder():
@@ -586,13 +607,13 @@ def main():
         rc, out, err = wait("iris", "from-run")
         after = blob_stats(store)
         expect(rc == 0 and "READY version 3" in out, f"wait: exit {rc}: {out.strip()} {err.strip()}")
-        expect(after == before, f"blobs (files, bytes) {before} -> {after}")
+        expect(after == before, f"contents (count, bytes) {before} -> {after}")
         expect(os.readlink(os.path.join(iris, "latest")) == "from-run", "latest")
         expect(tree_files(os.path.join(iris, "from-run")) == tree_files(S["model_dir"]), "copy differs")
         p = np.asarray(mlflow.pyfunc.load_model(os.path.join(iris, "3")).predict(X))
         expect(np.array_equal(p, preds), "models/iris/3 predictions differ")
         S["v3"] = True
-        return f"blobs {before[0]} files / {before[1]} bytes before and after"
+        return f"contents: {before[0]} / {before[1]} bytes before and after"
 
     @check("models show iris 3 records the run id")
     def _():

@@ -773,10 +773,11 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
         by_hash.entry(row.hash).or_default().push(row);
     }
     let mut bytes = 0u64;
+    let mut inline = 0usize;
     let progress = verify && std::io::stderr().is_terminal();
     for (i, (hash, users)) in by_hash.iter().enumerate() {
         if progress && (i % 64 == 0 || i + 1 == by_hash.len()) {
-            eprint!("\rfsck: {}/{} blobs re-hashed", i + 1, by_hash.len());
+            eprint!("\rfsck: {}/{} contents re-hashed", i + 1, by_hash.len());
         }
         let paths = || {
             users
@@ -795,26 +796,28 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        match store.blobs.size(hash)? {
+        let stored = store::content_size(&store.index(), &store.blobs, hash)?;
+        match stored {
             None => {
                 damaged.push(*hash);
-                problems.push(format!("blob {hash} is missing; used by {}", paths()))
+                problems.push(format!("content {hash} is missing; used by {}", paths()))
             }
-            Some(size) => {
+            Some((size, in_index)) => {
                 bytes += size;
+                inline += usize::from(in_index);
                 if let Some(r) = users.iter().find(|r| r.size != size) {
                     damaged.push(*hash);
                     problems.push(format!(
-                        "blob {hash} has {size} bytes, the index says {} for /{}",
+                        "content {hash} has {size} bytes, the index says {} for /{}",
                         r.size,
                         r.path.display()
                     ));
                 } else if verify {
-                    let actual = store.blobs.rehash(hash)?;
+                    let actual = store::rehash_content(&store.index(), &store.blobs, hash)?;
                     if actual != *hash {
                         damaged.push(*hash);
                         problems.push(format!(
-                            "blob {hash} is corrupt (its bytes hash to {actual}); used by {}",
+                            "content {hash} is corrupt (its bytes hash to {actual}); used by {}",
                             paths()
                         ));
                     }
@@ -827,11 +830,13 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
     }
     let live = rows.iter().filter(|r| r.state != State::Tombstone).count();
     println!(
-        "{} files ({} live, {} removed), {} blobs, {} bytes{}",
+        "{} files ({} live, {} removed), {} contents ({} blobs, {} in the index), {} bytes{}",
         rows.len(),
         live,
         rows.len() - live,
         by_hash.len(),
+        by_hash.len() - inline,
+        inline,
         bytes,
         if verify { ", all re-hashed" } else { "" }
     );
@@ -844,7 +849,7 @@ fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
             idx.mark_damaged(h, store::now_ns())?;
         }
         println!(
-            "{} blob(s) marked damaged: opening the files that use them now fails with EIO \
+            "{} content(s) marked damaged: opening the files that use them now fails with EIO \
              until the same content is written again",
             damaged.len()
         );

@@ -12,7 +12,7 @@
 //! shows (`fs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read};
+use std::io;
 
 use sha2::{Digest, Sha256};
 
@@ -103,6 +103,7 @@ pub fn validate_dir(
     let entries = idx.descendants(dir)?;
     let mut kinds: HashMap<Vec<u8>, PathKind> = HashMap::new();
     let mut files = BTreeMap::new();
+    let mut sizes: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut total = 0u64;
     let mut mlmodel_hash = None;
     for (rel, e) in &entries {
@@ -119,6 +120,7 @@ pub fn validate_dir(
                 };
                 kinds.insert(rel.clone(), PathKind::File);
                 files.insert(rel.clone(), hash.to_hex());
+                sizes.insert(rel.clone(), e.size);
                 total += e.size;
                 if rel.as_slice() == MLMODEL {
                     mlmodel_hash = Some((hash, e.size));
@@ -135,11 +137,8 @@ pub fn validate_dir(
             mlmodel::MAX_MLMODEL_BYTES
         )));
     }
-    let mut bytes = Vec::with_capacity(size as usize);
-    blobs
-        .open_blob(&hash)?
-        .take(mlmodel::MAX_MLMODEL_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)?;
+    let bytes = crate::store::open_content(idx, blobs, &hash, size)?
+        .bytes(mlmodel::MAX_MLMODEL_BYTES as u64 + 1)?;
     let lookup = |p: &str| {
         kinds
             .get(p.as_bytes())
@@ -155,11 +154,9 @@ pub fn validate_dir(
     if let Some(env) = &info.python_env
         && let Some(hash) = files.get(env.as_bytes()).and_then(|h| Hash::from_hex(h))
     {
-        let mut bytes = Vec::new();
-        blobs
-            .open_blob(&hash)?
-            .take(mlmodel::MAX_MLMODEL_BYTES as u64 + 1)
-            .read_to_end(&mut bytes)?;
+        let size = sizes.get(env.as_bytes()).copied().unwrap_or(u64::MAX);
+        let bytes = crate::store::open_content(idx, blobs, &hash, size)?
+            .bytes(mlmodel::MAX_MLMODEL_BYTES as u64 + 1)?;
         if let Err(invalid) = mlmodel::check_python_env(&bytes, env, &lookup) {
             return Ok(Err(invalid.to_string()));
         }

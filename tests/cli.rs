@@ -543,10 +543,18 @@ fn fsck_finds_corrupt_blobs_with_verify_and_missing_blobs_always() {
         return;
     };
     fs::create_dir(m.path("runs/f")).unwrap();
-    let files = [("good.bin", 1u64), ("bad.bin", 2), ("gone.bin", 3)];
+    // Three blobs and, below INLINE_MAX, three contents the index holds.
+    let files = [
+        ("good.bin", 1u64, 100_000),
+        ("bad.bin", 2, 100_000),
+        ("gone.bin", 3, 100_000),
+        ("small_good.txt", 4, 2000),
+        ("small_bad.txt", 5, 2000),
+        ("small_gone.txt", 6, 2000),
+    ];
     let mut sha = std::collections::HashMap::new();
-    for (name, seed) in files {
-        let data = pseudo_random(seed, 20_000 + seed as usize);
+    for (name, seed, len) in files {
+        let data = pseudo_random(seed, len + seed as usize);
         fs::write(m.path(&format!("runs/f/artifacts/{name}")), &data).unwrap();
         sha.insert(name, sha256_hex(&data));
     }
@@ -565,7 +573,8 @@ fn fsck_finds_corrupt_blobs_with_verify_and_missing_blobs_always() {
         stdout(&clean)
     );
     assert!(
-        stdout(&clean).starts_with("3 files (3 live, 0 removed), 3 blobs"),
+        stdout(&clean)
+            .starts_with("6 files (6 live, 0 removed), 6 contents (3 blobs, 3 in the index)"),
         "{}",
         stdout(&clean)
     );
@@ -577,12 +586,16 @@ fn fsck_finds_corrupt_blobs_with_verify_and_missing_blobs_always() {
         stdout(&clean)
     );
 
-    // Flip one byte of bad.bin's blob: sizes still agree, only --verify can tell.
+    // Flip one byte of bad.bin's blob and of small_bad.txt's row: sizes still agree, only
+    // --verify can tell.
     let bad = blob_path(&m.store, &sha["bad.bin"]);
     fs::set_permissions(&bad, fs::Permissions::from_mode(0o644)).unwrap();
     let mut bytes = fs::read(&bad).unwrap();
     bytes[1234] ^= 0x40;
     fs::write(&bad, &bytes).unwrap();
+    let mut small = stored_bytes(&m.store, &sha["small_bad.txt"]).unwrap();
+    small[17] ^= 0x40;
+    damage_inline(&m.store, &sha["small_bad.txt"], Some(&small));
     let plain = m.cli(&["fsck"]);
     assert!(
         plain.status.success(),
@@ -605,21 +618,23 @@ fn fsck_finds_corrupt_blobs_with_verify_and_missing_blobs_always() {
         .lines()
         .filter(|l| l.starts_with("problem"))
         .collect();
-    assert!(
-        problems
-            .iter()
-            .any(|l| l.contains("/runs/f/artifacts/bad.bin")),
-        "{report}"
-    );
+    for bad in [
+        "/runs/f/artifacts/bad.bin",
+        "/runs/f/artifacts/small_bad.txt",
+    ] {
+        assert!(problems.iter().any(|l| l.contains(bad)), "{report}");
+    }
     assert!(
         !problems
             .iter()
-            .any(|l| l.contains("good.bin") || l.contains("gone.bin")),
+            .any(|l| l.contains("good") || l.contains("gone")),
         "{report}"
     );
+    assert_eq!(problems.len(), 2, "{report}");
 
-    // Delete gone.bin's blob: plain fsck notices.
+    // Delete gone.bin's blob and small_gone.txt's row: plain fsck notices.
     fs::remove_file(blob_path(&m.store, &sha["gone.bin"])).unwrap();
+    damage_inline(&m.store, &sha["small_gone.txt"], None);
     let plain = m.cli(&["fsck"]);
     let report = stdout(&plain);
     assert_eq!(
@@ -631,13 +646,35 @@ fn fsck_finds_corrupt_blobs_with_verify_and_missing_blobs_always() {
         .lines()
         .filter(|l| l.starts_with("problem"))
         .collect();
-    assert!(
-        problems
-            .iter()
-            .any(|l| l.contains("/runs/f/artifacts/gone.bin") && l.contains("missing")),
-        "{report}"
-    );
+    for gone in [
+        "/runs/f/artifacts/gone.bin",
+        "/runs/f/artifacts/small_gone.txt",
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|l| l.contains(gone) && l.contains("missing")),
+            "{report}"
+        );
+    }
     assert!(!report.lines().any(|l| l == "ok"), "{report}");
+
+    // Damaged contents read as EIO through a new mount; writing the same bytes again heals.
+    m.mount(&[]);
+    for name in ["bad.bin", "small_bad.txt", "small_gone.txt"] {
+        let err = fs::read(m.path(&format!("runs/f/artifacts/{name}"))).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}");
+    }
+    let small = pseudo_random(6, 2006);
+    fs::write(m.path("runs/f/artifacts/small_gone_again.txt"), &small).unwrap();
+    assert_eq!(
+        fs::read(m.path("runs/f/artifacts/small_gone.txt")).unwrap(),
+        small
+    );
+    assert_eq!(
+        stored_bytes(&m.store, &sha["small_gone.txt"]).as_deref(),
+        Some(&small[..])
+    );
 }
 
 // ----- ls ------------------------------------------------------------------------------------

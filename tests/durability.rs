@@ -700,7 +700,7 @@ fn parallel_writers_to_different_files_keep_every_byte() {
     assert!(fsck.status.success(), "{report}");
     let n = THREADS * FILES;
     assert!(
-        report.starts_with(&format!("{n} files ({n} live, 0 removed), {n} blobs")),
+        report.starts_with(&format!("{n} files ({n} live, 0 removed), {n} contents")),
         "{report}"
     );
 }

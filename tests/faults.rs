@@ -598,6 +598,20 @@ fn crash_during_cp_r_of_a_thousand_files() {
         assert_eq!((&info.sha, info.size), (sha, *size), "{rel}");
         assert_eq!(&info.xattr, sha, "xattr of {rel}");
     }
+    // Every file of the tree is small (up to 8 KiB): the kills landed in bursts of commits of
+    // content the index holds, and no blob file was written.
+    let inline: BTreeSet<String> = inline_contents(&m.store).into_iter().collect();
+    for (rel, _, sha) in &acknowledged {
+        assert!(
+            inline.contains(sha),
+            "{rel}: its content is not in the index"
+        );
+    }
+    assert_eq!(
+        stored_contents(&m.store),
+        inline.len(),
+        "blob files were written"
+    );
     m.unmount();
     let report = assert_fsck_clean(&m, true, "after all cp rounds");
     eprintln!(

@@ -146,26 +146,6 @@ fn sh_eperm(cwd: &Path, script: &str) {
     );
 }
 
-/// Number of blob files under STORE/blobs.
-fn blob_count(store: &Path) -> usize {
-    fn walk(p: &Path) -> usize {
-        fs::read_dir(p)
-            .map(|rd| {
-                rd.map(|e| {
-                    let e = e.unwrap();
-                    if e.file_type().unwrap().is_dir() {
-                        walk(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&store.join("blobs"))
-}
-
 /// Collapses runs of spaces (the CLI aligns its columns).
 fn squeeze(s: &str) -> String {
     s.lines()
@@ -682,8 +662,8 @@ fn registering_a_run_model_adds_no_blobs() {
             q(&fixture("sklearn_iris"))
         ),
     );
-    let before = blob_count(&m.store);
-    assert!(before >= 7, "{before} blobs");
+    let before = stored_contents(&m.store);
+    assert!(before >= 7, "{before} contents");
     // By copying (dedup) ...
     sh_ok(mnt, "mkdir models/fromrun");
     sh_ok(mnt, "cp -r runs/r1/artifacts/model models/fromrun/v1");
@@ -700,7 +680,7 @@ fn registering_a_run_model_adds_no_blobs() {
     let mut both = [copied, registered];
     both.sort();
     assert_eq!(both, [1, 2]);
-    assert_eq!(blob_count(&m.store), before, "no blob bytes added");
+    assert_eq!(stored_contents(&m.store), before, "no content added");
     // Same files, same digest.
     sh_ok(mnt, "diff -r runs/r1/artifacts/model models/fromrun/r1");
     assert_eq!(
@@ -1100,7 +1080,7 @@ for d in range(10):
 \"",
     );
     let written = t.elapsed();
-    let blobs = blob_count(&m.store);
+    let blobs = stored_contents(&m.store);
     let t = std::time::Instant::now();
     assert_eq!(
         register_xattr(&m, "big", "v1", b"runs/r1/artifacts/model"),
@@ -1110,7 +1090,7 @@ for d in range(10):
     eprintln!(
         "10,000 files: written through the mount in {written:.2?}, registered in {registered:.2?}"
     );
-    assert_eq!(blob_count(&m.store), blobs, "no bytes copied");
+    assert_eq!(stored_contents(&m.store), blobs, "no bytes copied");
     let n = sh_ok(&m.mnt, "find models/big/v1 -type f | wc -l");
     assert_eq!(n.trim(), (10_000 + 5).to_string());
     assert_eq!(sh_ok(&m.mnt, "cat models/big/v1/extra7/f0123.txt"), "7-123");

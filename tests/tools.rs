@@ -267,9 +267,9 @@ fn cp_r_tree_then_diff_cmp_and_find() {
     );
     // A second cp -r of the same tree (a retry) succeeds and stores nothing; a changed file
     // in the source is refused.
-    let blobs = count_files(&m.store.join("blobs"));
+    let blobs = stored_contents(&m.store);
     sh_ok(&art, &format!("cp -r {}/. tree/", src.display()));
-    assert_eq!(count_files(&m.store.join("blobs")), blobs);
+    assert_eq!(stored_contents(&m.store), blobs);
     fs::write(src.join("data/blob.bin"), b"changed").unwrap();
     let again = sh(&art, &format!("cp -r {}/. tree/", src.display()));
     assert!(
@@ -603,13 +603,13 @@ fn tar_extract_into_run_and_archive_back_out() {
     sh_ok(base, &format!("diff -r src {}", dst.display()));
     // A plain tar -x of the same archive again first unlinks each file (a soft delete), then
     // creates it at its tombstone with the same bytes: it succeeds and nothing changes.
-    let blobs = count_files(&m.store.join("blobs"));
+    let blobs = stored_contents(&m.store);
     sh_ok(
         &art,
         &format!("tar -xf {}", base.join("tree.tar").display()),
     );
     sh_ok(base, &format!("diff -r src {}", dst.display()));
-    assert_eq!(count_files(&m.store.join("blobs")), blobs);
+    assert_eq!(stored_contents(&m.store), blobs);
     assert_eq!(
         py_errno(&dst, "open('README.txt', 'xb')"),
         Some(libc::EEXIST)
@@ -1292,21 +1292,4 @@ fn df_reports_nonzero_size() {
     let f: Vec<u64> = st.split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert!(f[0] > 0 && f[1] > 0, "{st}");
     assert!(f[2] >= 255, "max name length {st}");
-}
-
-/// Regular files below `dir`, recursively.
-fn count_files(dir: &Path) -> usize {
-    fs::read_dir(dir)
-        .map(|rd| {
-            rd.map(|e| {
-                let e = e.unwrap();
-                if e.file_type().unwrap().is_dir() {
-                    count_files(&e.path())
-                } else {
-                    1
-                }
-            })
-            .sum()
-        })
-        .unwrap_or(0)
 }

@@ -202,6 +202,19 @@ impl Body {
         }
     }
 
+    /// The first `len` bytes, to be stored in the index (small content only).
+    pub fn contents(&self, len: u64) -> io::Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Body::Mem(v) => Ok(std::borrow::Cow::Borrowed(&v[..len as usize])),
+            Body::Disk { file, .. } => {
+                let mut buf = vec![0u8; len as usize];
+                let n = read_full_at(file, &mut buf, 0)?;
+                buf.truncate(n);
+                Ok(std::borrow::Cow::Owned(buf))
+            }
+        }
+    }
+
     /// Frees what the body holds: its share of the memory budget, its temp file.
     pub fn discard(&mut self, budget: &MemBudget) {
         match self {

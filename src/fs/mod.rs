@@ -26,8 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
+use crate::store::index::Stored;
 use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
-use crate::store::{Hash, Store, now_ns, to_ns};
+use crate::store::{Content, Hash, INLINE_MAX, Store, now_ns, to_ns};
 
 mod access;
 mod body;
@@ -230,8 +231,8 @@ struct Writer {
 struct Expected {
     hash: Hash,
     size: u64,
-    /// The blob, while the store still has it: writes are compared as they arrive.
-    blob: Option<Arc<File>>,
+    /// The content, while the store still has it: writes are compared as they arrive.
+    blob: Option<Arc<Content>>,
 }
 
 impl Expected {
@@ -261,12 +262,13 @@ enum Handle {
     Rewrite(Arc<Mutex<rewrite::Rewrite>>),
 }
 
-/// A handle on a sealed file. Its blob is opened on first use: a small file's reads are kept in
-/// the kernel's page cache, so most opens of it never need the blob.
+/// A handle on a sealed file. Its content is opened on first use: a small file's reads are kept
+/// in the kernel's page cache, so most opens of it never need the content.
 struct Sealed {
     ino: u64,
     hash: Hash,
-    file: std::sync::OnceLock<Arc<File>>,
+    size: u64,
+    file: std::sync::OnceLock<Arc<Content>>,
 }
 
 /// The file system.
@@ -910,7 +912,9 @@ impl ArtifactFs {
                 if !idx.recreate_at_tombstone(t.ino, mode & 0o7777, (uid, gid), now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
-                let blob = self.store.blobs.open_blob(&hash).ok().map(Arc::new);
+                let blob = crate::store::open_content(&idx, &self.store.blobs, &hash, t.size)
+                    .ok()
+                    .map(Arc::new);
                 expect = Some(Expected {
                     hash,
                     size: t.size,
@@ -1025,6 +1029,7 @@ impl ArtifactFs {
         let sealed = Sealed {
             ino,
             hash,
+            size: e.size,
             file: std::sync::OnceLock::new(),
         };
         let fh = self.new_fh();
@@ -1039,8 +1044,8 @@ impl ArtifactFs {
     /// After `O_TRUNC` the kernel has dropped its idea of the size and pages; it is told to ask
     /// again, so other descriptors on this machine never see a truncated file.
     fn open_rewrite(&self, ino: u64, hash: Hash, size: u64, flags: i32) -> FsResult<(u64, Opened)> {
-        let blob = self.store.blobs.open_blob(&hash).map_err(|err| {
-            log::warn!("blob {hash} of inode {ino} cannot be opened: {err}");
+        let blob = self.store.open_content(&hash, size).map_err(|err| {
+            log::warn!("content {hash} of inode {ino} cannot be opened: {err}");
             FsError::Io(io::Error::from_raw_os_error(libc::EIO))
         })?;
         let truncated = flags & libc::O_TRUNC != 0;
@@ -1120,11 +1125,11 @@ impl ArtifactFs {
             }
             return Ok(());
         }
-        let blob = self.store.blobs.open_blob(&hash)?;
+        let blob = self.store.open_content(&hash, e.size)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut at = 0u64;
         loop {
-            let n = body::read_full_at(&blob, &mut buf, at)?;
+            let n = blob.read_at(&mut buf, at)?;
             if n == 0 {
                 break;
             }
@@ -1208,33 +1213,41 @@ impl ArtifactFs {
         }
     }
 
-    /// The blob file behind a handle on a sealed file (for kernel passthrough).
+    /// The blob file behind a handle on a sealed file (for kernel passthrough); content the
+    /// index holds has none (it is smaller than any file the adapter passes through).
     pub fn backing_file(&self, fh: u64) -> FsResult<Arc<File>> {
         match self.handle(fh)? {
-            Handle::Read(h) => self.blob_file(&h),
+            Handle::Read(h) => match self.content_of(&h)?.file() {
+                Some(f) => Ok(f.clone()),
+                None => Err(FsError::Refused(Refusal::BadHandle)),
+            },
             Handle::Write(_) | Handle::Rewrite(_) => Err(FsError::Refused(Refusal::BadHandle)),
         }
     }
 
-    /// The blob of a sealed handle, opened on first use.
-    fn blob_file(&self, h: &Sealed) -> FsResult<Arc<File>> {
+    /// The content of a sealed handle, opened on first use.
+    fn content_of(&self, h: &Sealed) -> FsResult<Arc<Content>> {
         if let Some(f) = h.file.get() {
             return Ok(f.clone());
         }
-        let file = self.store.blobs.open_blob(&h.hash).map_err(|err| {
-            log::warn!("blob {} of inode {} cannot be opened: {err}", h.hash, h.ino);
+        let content = self.store.open_content(&h.hash, h.size).map_err(|err| {
+            log::warn!(
+                "content {} of inode {} cannot be opened: {err}",
+                h.hash,
+                h.ino
+            );
             FsError::Io(io::Error::from_raw_os_error(libc::EIO))
         })?;
-        Ok(h.file.get_or_init(|| Arc::new(file)).clone())
+        Ok(h.file.get_or_init(|| Arc::new(content)).clone())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
         let n = match self.handle(fh)? {
-            Handle::Read(h) => body::read_full_at(&*self.blob_file(&h)?, &mut buf, offset)?,
+            Handle::Read(h) => self.content_of(&h)?.read_at(&mut buf, offset)?,
             Handle::Rewrite(r) => {
                 let blob = lock(&r).blob.clone();
-                body::read_full_at(&blob, &mut buf, offset)?
+                blob.read_at(&mut buf, offset)?
             }
             Handle::Write(w) => {
                 let w = lock(&w);
@@ -1408,7 +1421,9 @@ impl ArtifactFs {
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         match self.handle(fh)? {
             Handle::Read(h) => {
-                self.blob_file(&h)?.sync_all()?;
+                if let Some(f) = self.content_of(&h)?.file() {
+                    f.sync_all()?;
+                }
                 Ok(self.store.index().sync()?)
             }
             Handle::Rewrite(r) => self.rewrite_flush(&r),
@@ -1532,7 +1547,38 @@ impl ArtifactFs {
         // Content that fsck found damaged in the store is healed by writing it again.
         let damaged = self.store.index().is_damaged(&hash)?;
         let mut attempts = 0;
-        loop {
+        if w.size <= INLINE_MAX {
+            // Small content goes into the index, in the same transaction as the row.
+            let bytes = w.body.contents(w.size)?;
+            let recorded = self.store.retry_busy(
+                || format!("commit of inode {}", w.ino),
+                |idx| {
+                    let stored = Stored::Inline {
+                        bytes: &bytes,
+                        replace: damaged,
+                    };
+                    idx.commit_file_with(w.ino, &hash, w.size, w.mtime, now_ns(), stored)
+                },
+            )?;
+            self.store.note_unsynced();
+            if recorded == Commit::Gone {
+                log::debug!(
+                    "inode {} was removed while open; its content is not recorded",
+                    w.ino
+                );
+            }
+            if damaged && recorded == Commit::Recorded {
+                self.store.retry_busy(
+                    || format!("clearing the damage mark of content {hash}"),
+                    |idx| idx.clear_damaged(&hash),
+                )?;
+                log::info!("damaged content {hash} was stored again with the right bytes");
+            }
+            if durable {
+                self.store.index().sync()?;
+            }
+        }
+        while w.size > INLINE_MAX {
             w.body.publish(blobs, &hash, damaged)?;
             if durable {
                 blobs.sync_published(&hash)?;
@@ -2336,16 +2382,13 @@ mod tests {
         let back = fs.lookup(art, b"f").unwrap();
         assert_eq!((back.ino, back.perm, back.sealed), (ino, 0o600, true));
         assert_eq!(read_all(&fs, ino), b"the content");
-        // Its blob gone (gc after the retention): compared by hash at close().
+        // Its content gone (gc after the retention): compared by hash at close().
         fs.unlink(art, b"f").unwrap();
-        let hash = Hash::of(b"the content").to_hex();
-        std::fs::remove_file(
-            d.path()
-                .join("blobs/sha256")
-                .join(&hash[..2])
-                .join(&hash[2..]),
-        )
-        .unwrap();
+        let _ = &d;
+        fs.store
+            .index()
+            .inline_remove(&Hash::of(b"the content"))
+            .unwrap();
         let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
         fs.write(fh, 0, b"the CONTENT").unwrap();
         assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
@@ -2682,14 +2725,123 @@ mod tests {
     fn identical_content_is_stored_once() {
         let (d, fs) = new_fs();
         let art = run_dir(&fs, "r1");
+        let blobs = || -> usize {
+            std::fs::read_dir(d.path().join("blobs/sha256"))
+                .unwrap()
+                .map(|e| std::fs::read_dir(e.unwrap().path()).unwrap().count())
+                .sum()
+        };
+        let inline = || fs.store.index().inline_list("", 100).unwrap();
+        // Small content: one row of the index's content table, no blob.
         write_file(&fs, art, "a", b"same");
         write_file(&fs, art, "b", b"same");
-        let blobs: usize = std::fs::read_dir(d.path().join("blobs/sha256"))
-            .unwrap()
-            .map(|e| std::fs::read_dir(e.unwrap().path()).unwrap().count())
-            .sum();
-        assert_eq!(blobs, 1);
+        assert_eq!(inline(), vec![(Hash::of(b"same"), 4)]);
+        assert_eq!(blobs(), 0);
+        // Larger content: one blob.
+        let big = vec![7u8; INLINE_MAX as usize + 1];
+        write_file(&fs, art, "c", &big);
+        write_file(&fs, art, "d", &big);
+        assert_eq!(blobs(), 1);
+        assert_eq!(inline().len(), 1);
         assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn content_up_to_the_inline_size_lives_in_the_index() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        for (name, n) in [
+            ("empty", 0),
+            ("one", 1),
+            ("edge", INLINE_MAX),
+            ("past", INLINE_MAX + 1),
+        ] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let ino = write_file(&fs, art, name, &bytes);
+            assert_eq!(read_all(&fs, ino), bytes, "{name}");
+            let hash = Hash::of(&bytes);
+            let held = fs.store.index().inline_get(&hash).unwrap();
+            assert_eq!(held.is_some(), n <= INLINE_MAX, "{name}");
+            assert_eq!(fs.store.blobs.exists(&hash), n > INLINE_MAX, "{name}");
+            assert_eq!(
+                fs.getxattr(ino, XATTR_SHA256.as_bytes()).unwrap(),
+                hash.to_hex().into_bytes()
+            );
+        }
+        // And after a restart.
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(d.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let art = fs.lookup(
+            fs.lookup(fs.lookup(1, b"runs").unwrap().ino, b"r1")
+                .unwrap()
+                .ino,
+            b"artifacts",
+        );
+        let edge = fs.lookup(art.unwrap().ino, b"edge").unwrap();
+        assert_eq!(read_all(&fs, edge.ino).len() as u64, INLINE_MAX);
+    }
+
+    /// A store written before small content moved into the index (layout of schema version
+    /// 5: every content a blob file) opens and keeps working: its small blobs stay where they
+    /// are and are read from there; new small content goes to the index.
+    #[test]
+    fn a_store_of_the_blob_only_layout_opens_and_keeps_working() {
+        let d = tempfile::tempdir().unwrap();
+        old_layout_store(d.path(), &[(b"old", b"small, from before")]);
+        let fs = ArtifactFs::new(
+            Store::open_writable(d.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let runs = fs.lookup(ROOT_INO, b"runs").unwrap().ino;
+        let old = fs.lookup(runs, b"old").unwrap();
+        assert_eq!(read_all(&fs, old.ino), b"small, from before");
+        let blob = fs.store.blobs.path(&Hash::of(b"small, from before"));
+        assert!(blob.exists());
+        let art = run_dir(&fs, "r1");
+        let new = write_file(&fs, art, "new", b"small, from now on");
+        assert_eq!(read_all(&fs, new), b"small, from now on");
+        let held = fs.store.index().inline_list("", 10).unwrap();
+        assert_eq!(held, vec![(Hash::of(b"small, from now on"), 18)]);
+        // gc keeps the old blob while a file uses it, and fsck checks both kinds.
+        let r = fs
+            .store
+            .gc(&crate::store::gc::GcOptions {
+                retention: Duration::ZERO,
+                dry_run: false,
+            })
+            .unwrap();
+        assert_eq!((r.blobs, r.in_use, r.removed), (2, 2, 0));
+        assert!(blob.exists());
+        drop(fs);
+        let fs = ArtifactFs::new(
+            Store::open_writable(d.path()).unwrap(),
+            FsOptions::default(),
+        );
+        let runs = fs.lookup(ROOT_INO, b"runs").unwrap().ino;
+        assert_eq!(
+            read_all(&fs, fs.lookup(runs, b"old").unwrap().ino),
+            b"small, from before"
+        );
+    }
+
+    /// Test helper: a store in the layout of schema version 5, as the release before inline
+    /// content wrote it: files committed with their content as blob files, no content table.
+    fn old_layout_store(dir: &std::path::Path, files: &[(&[u8], &[u8])]) {
+        {
+            let store = Store::open_writable(dir).unwrap();
+            for (name, bytes) in files {
+                crate::store::committed_test_file(&store, name, bytes);
+            }
+        }
+        let db = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
+        db.execute_batch("DROP TABLE inline_content; PRAGMA user_version = 5;")
+            .unwrap();
+        drop(db);
+        let err = Store::open_readonly(dir).err().expect("a version 5 index");
+        assert!(err.to_string().contains("version 5"), "{err}");
     }
 
     #[test]
@@ -2702,8 +2854,18 @@ mod tests {
         fs.write(fh, 5, b"+more").unwrap();
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, attr.ino), b"first+more");
-        let first = fs.store.blobs.path(&Hash::of(b"first"));
-        assert_eq!(std::fs::read(first).unwrap(), b"first");
+        let first = fs.store.index().inline_get(&Hash::of(b"first")).unwrap();
+        assert_eq!(first.as_deref(), Some(&b"first"[..]));
+        // The same with a body on disk: the published blob is never written again.
+        let big = vec![1u8; INLINE_MAX as usize * 2];
+        let (attr, fh) = fs.create(ME, art, b"g", 0o644).unwrap();
+        fs.write(fh, 0, &big).unwrap();
+        fs.flush(fh).unwrap();
+        fs.write(fh, big.len() as u64, b"+more").unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, attr.ino).len(), big.len() + 5);
+        let first = fs.store.blobs.path(&Hash::of(&big));
+        assert_eq!(std::fs::read(first).unwrap(), big);
         assert!(d.path().join("tmp").read_dir().unwrap().next().is_none());
     }
 

@@ -6,16 +6,17 @@
 //! that leaves fewer fails. Without it, unwritten ranges keep their bytes, so any matching
 //! writes leave the file as it was.
 
-use std::fs::File;
 use std::io;
 use std::sync::Arc;
+
+use crate::store::Content;
 
 /// Where `data`, written at `offset`, first differs from the bytes of `file` there (a short
 /// file differs where it ends); `None` if they are the same. Both rewrites of sealed files and
 /// files created again at a tombstone compare their writes with it.
-pub(super) fn differs_at(file: &File, offset: u64, data: &[u8]) -> io::Result<Option<u64>> {
+pub(super) fn differs_at(file: &Content, offset: u64, data: &[u8]) -> io::Result<Option<u64>> {
     let mut old = vec![0u8; data.len()];
-    let n = super::body::read_full_at(file, &mut old, offset)?;
+    let n = file.read_at(&mut old, offset)?;
     let same = old[..n]
         .iter()
         .zip(data)
@@ -29,7 +30,7 @@ pub(super) struct Rewrite {
     pub ino: u64,
     /// The sealed size: no byte may be written at or past it.
     pub size: u64,
-    pub blob: Arc<File>,
+    pub blob: Arc<Content>,
     /// Opened with `O_TRUNC` (or truncated to 0): every byte must be written again.
     pub truncated: bool,
     /// Opened with `O_APPEND`: any non-empty write would add bytes.
@@ -39,7 +40,7 @@ pub(super) struct Rewrite {
 }
 
 impl Rewrite {
-    pub fn new(ino: u64, size: u64, blob: Arc<File>, truncated: bool) -> Self {
+    pub fn new(ino: u64, size: u64, blob: Arc<Content>, truncated: bool) -> Self {
         Rewrite {
             ino,
             size,
@@ -92,8 +93,12 @@ mod tests {
     use super::*;
 
     fn rewrite(size: u64, truncated: bool) -> Rewrite {
-        let file = tempfile::tempfile().unwrap();
-        Rewrite::new(1, size, Arc::new(file), truncated)
+        Rewrite::new(
+            1,
+            size,
+            Arc::new(Content::Inline(vec![0; size as usize])),
+            truncated,
+        )
     }
 
     #[test]

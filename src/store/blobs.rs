@@ -70,6 +70,11 @@ impl BlobStore {
         }
     }
 
+    /// Something written since the last sync needs one (content the index holds, say).
+    pub fn mark_unsynced(&self) {
+        self.unsynced.store(true, Ordering::Release);
+    }
+
     /// Whether blobs were published without fsync since the last call (and clears that).
     pub fn take_unsynced(&self) -> bool {
         self.unsynced.swap(false, Ordering::AcqRel)

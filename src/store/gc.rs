@@ -1,5 +1,7 @@
 //! Garbage collection: removes blobs that no entry uses, and — past the retention — blobs that
-//! only tombstones (removed files) use.
+//! only tombstones (removed files) use. Content the index holds (small files, see
+//! `INLINE_MAX`) is collected by the same rules, after the blob directories: its rows are
+//! listed a page at a time and deleted in the same kind of short transactions.
 //!
 //! Safe while a daemon writes to the store: every blob is decided on and removed inside a
 //! transaction holding SQLite's write lock, and the daemon checks, under the same lock, that a
@@ -63,9 +65,12 @@ impl Store {
         let prefixes = self.blobs.prefixes()?;
         let progress = io::stderr().is_terminal();
         let mut report = GcReport::default();
-        // Blobs listed and not yet decided on; a transaction may span prefix directories.
-        let mut pending: VecDeque<(Hash, u64)> = VecDeque::new();
+        // Contents listed and not yet decided on (`true`: held by the index); a transaction may
+        // span prefix directories.
+        let mut pending: VecDeque<(Hash, u64, bool)> = VecDeque::new();
         let mut listed = prefixes.iter().enumerate();
+        // The last inline content listed (hex), `None` once all were.
+        let mut inline_after = Some(String::new());
         loop {
             while pending.len() < BATCH_BLOBS
                 && let Some((i, prefix)) = listed.next()
@@ -74,7 +79,22 @@ impl Store {
                     eprint!("\rgc: {}/{} blob directories", i + 1, prefixes.len());
                     let _ = io::stderr().flush();
                 }
-                pending.extend(self.blobs.blobs_in(prefix)?);
+                pending.extend(
+                    self.blobs
+                        .blobs_in(prefix)?
+                        .into_iter()
+                        .map(|(h, n)| (h, n, false)),
+                );
+            }
+            if pending.len() < BATCH_BLOBS
+                && let Some(after) = &inline_after
+            {
+                let page =
+                    self.retry_busy(|| "gc".into(), |idx| idx.inline_list(after, BATCH_BLOBS))?;
+                inline_after = (page.len() == BATCH_BLOBS)
+                    .then(|| page.last().map(|(h, _)| h.to_hex()))
+                    .flatten();
+                pending.extend(page.into_iter().map(|(h, n)| (h, n, true)));
             }
             if pending.is_empty() {
                 break;
@@ -90,7 +110,7 @@ impl Store {
                     let mut locked = None;
                     idx.write_locked(|idx| {
                         let since = *locked.insert(Instant::now());
-                        for (hash, size) in &pending {
+                        for (hash, size, inline) in &pending {
                             if taken == BATCH_BLOBS || since.elapsed() >= BATCH_TIME {
                                 break;
                             }
@@ -108,7 +128,11 @@ impl Store {
                             batch.removed += 1;
                             batch.bytes_freed += size;
                             if !opts.dry_run {
-                                self.blobs.remove(hash)?;
+                                if *inline {
+                                    idx.inline_remove(hash)?;
+                                } else {
+                                    self.blobs.remove(hash)?;
+                                }
                                 batch.tombstones_purged += idx.purge_tombstones(hash)? as u64;
                             }
                         }
@@ -192,6 +216,82 @@ mod tests {
         let t = idx.lookup(RUNS_INO, b"gone").unwrap().unwrap();
         assert_eq!((t.state, t.hash), (State::Tombstone, None));
         assert_eq!(idx.file_rows().unwrap().len(), 1);
+    }
+
+    /// A committed file whose content the index holds.
+    fn inline_file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
+        use crate::store::index::Stored;
+        let hash = Hash::of(bytes);
+        let idx = store.index();
+        let ino = idx
+            .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
+            .unwrap()
+            .unwrap();
+        let stored = Stored::Inline {
+            bytes,
+            replace: false,
+        };
+        let c = idx
+            .commit_file_with(ino, &hash, bytes.len() as u64, 1, now_ns(), stored)
+            .unwrap();
+        assert_eq!(c, Commit::Recorded);
+        ino
+    }
+
+    #[test]
+    fn collects_inline_contents_by_the_same_rules_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writable(dir.path()).unwrap();
+        inline_file(&store, b"live", b"live bytes");
+        let gone = inline_file(&store, b"gone", b"removed bytes");
+        store.index().tombstone(gone, now_ns()).unwrap();
+        // A rewritable file's earlier content, kept as history.
+        let meta = inline_file(&store, b"meta", b"model_name: null");
+        store
+            .index()
+            .history_add(meta, &Hash::of(b"model_name: a"), 13, 1, now_ns())
+            .unwrap();
+        let earlier = inline_file(&store, b"earlier", b"model_name: a");
+        store.index().delete_row(earlier).unwrap();
+        // Orphans across several listing pages.
+        let orphans = 2 * BATCH_BLOBS + 10;
+        for i in 0..orphans {
+            let name = format!("orphan {i}");
+            let ino = inline_file(&store, name.as_bytes(), name.as_bytes());
+            store.index().delete_row(ino).unwrap();
+        }
+        let inline = |h: &[u8]| store.index().inline_get(&Hash::of(h)).unwrap().is_some();
+        let keep_removed = GcOptions {
+            retention: Duration::from_secs(3600),
+            dry_run: false,
+        };
+        let r = store
+            .gc(&GcOptions {
+                dry_run: true,
+                ..keep_removed.clone()
+            })
+            .unwrap();
+        let all = orphans as u64 + 4;
+        assert_eq!(
+            (r.blobs, r.in_use, r.retained, r.removed),
+            (all, 3, 1, orphans as u64)
+        );
+        assert!(inline(b"orphan 0"), "dry run removes nothing");
+        let r = store.gc(&keep_removed).unwrap();
+        assert_eq!(r.removed, orphans as u64);
+        assert!(r.transactions >= 3, "{r:?}");
+        assert!(!inline(b"orphan 0") && !inline(b"orphan 2009"));
+        assert!(inline(b"removed bytes") && inline(b"live bytes"));
+        assert!(inline(b"model_name: a"), "history keeps its content");
+        let r = store
+            .gc(&GcOptions {
+                retention: Duration::ZERO,
+                dry_run: false,
+            })
+            .unwrap();
+        assert_eq!((r.removed, r.tombstones_purged), (1, 1));
+        assert!(!inline(b"removed bytes"));
+        assert_eq!(store.index().inline_list("", 10).unwrap().len(), 3);
     }
 
     #[test]

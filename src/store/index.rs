@@ -24,7 +24,7 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 use super::Hash;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -70,6 +70,14 @@ pub struct Entry {
     /// descriptor may write again): `state` reads `Live`, because the writing daemon knows its
     /// own writers, but any other reader must treat the file as still being written.
     pub committed_open: bool,
+}
+
+/// Where a commit's content is: see [`Index::commit_file_with`].
+pub enum Stored<'a> {
+    /// In the blob store; asked under the write lock whether the blob is (still) there.
+    Blob(&'a dyn Fn() -> bool),
+    /// These bytes, kept in the index itself.
+    Inline { bytes: &'a [u8], replace: bool },
 }
 
 /// What a new row needs; the index assigns the inode number.
@@ -165,6 +173,17 @@ pub struct Index {
     /// Files released since their last commit, still `STATE_COMMITTED_OPEN` in the table: sealed
     /// in the next commit's transaction or by [`Index::seal_pending`], whichever comes first.
     pending_seals: std::cell::RefCell<Vec<u64>>,
+    /// The contents `fsck --verify` found damaged, as last read from `damaged_blobs`: reloaded
+    /// when another connection (fsck, in its own process) has changed the index since.
+    damaged: std::cell::RefCell<DamageCache>,
+}
+
+/// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
+/// read at (it changes whenever another connection commits).
+#[derive(Default)]
+struct DamageCache {
+    read_at: Option<i64>,
+    hashes: std::collections::HashSet<Hash>,
 }
 
 const COLUMNS: &str =
@@ -297,6 +316,7 @@ impl Index {
         let index = Index {
             conn,
             pending_seals: Default::default(),
+            damaged: Default::default(),
         };
         index.configure()?;
         index.migrate(owner, now)?;
@@ -338,6 +358,7 @@ impl Index {
         let index = Index {
             conn,
             pending_seals: Default::default(),
+            damaged: Default::default(),
         };
         index.configure()?;
         Ok(index)
@@ -368,6 +389,7 @@ impl Index {
         Ok(Index {
             conn,
             pending_seals: Default::default(),
+            damaged: Default::default(),
         })
     }
 
@@ -406,6 +428,9 @@ impl Index {
         }
         if version < 5 {
             self.migrate_to_5()?;
+        }
+        if version < 6 {
+            self.migrate_to_6()?;
         }
         Ok(())
     }
@@ -538,6 +563,76 @@ impl Index {
             .map_err(to_io)
     }
 
+    /// Version 6 (layout 2): content of up to [`super::INLINE_MAX`] bytes lives in the index,
+    /// keyed by hash like a blob, written in the same transaction as the row that first uses
+    /// it. Blobs of such sizes that an earlier version wrote stay in `blobs/` and are read from
+    /// there.
+    fn migrate_to_6(&self) -> io::Result<()> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BLOB NOT NULL);
+                 PRAGMA user_version = 6;
+                 COMMIT;",
+            )
+            .map_err(to_io)
+    }
+
+    /// The bytes of inline content `hash`, if the index holds it.
+    pub fn inline_get(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached("SELECT data FROM inline_content WHERE hash = ?1")
+            .map_err(to_io)?
+            .query_row([hash.to_hex()], |r| r.get(0))
+            .optional()
+            .map_err(to_io)
+    }
+
+    /// The size of inline content `hash`, if the index holds it.
+    pub fn inline_size(&self, hash: &Hash) -> io::Result<Option<u64>> {
+        self.conn
+            .prepare_cached("SELECT length(data) FROM inline_content WHERE hash = ?1")
+            .map_err(to_io)?
+            .query_row([hash.to_hex()], |r| r.get::<_, i64>(0).map(|n| n as u64))
+            .optional()
+            .map_err(to_io)
+    }
+
+    /// Inline contents in hash order after `after` (hex; `""` for the first page), with their
+    /// sizes: garbage collection's listing.
+    pub fn inline_list(&self, after: &str, limit: usize) -> io::Result<Vec<(Hash, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT hash, length(data) FROM inline_content WHERE hash > ?1
+                 ORDER BY hash LIMIT ?2",
+            )
+            .map_err(to_io)?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(to_io)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (h, n) = row.map_err(to_io)?;
+            if let Some(h) = Hash::from_hex(&h) {
+                out.push((h, n));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes inline content `hash` (garbage collection, inside its transaction).
+    pub fn inline_remove(&self, hash: &Hash) -> io::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM inline_content WHERE hash = ?1")
+            .map_err(to_io)?
+            .execute([hash.to_hex()])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
     /// Keeps `hash` (of `size` bytes, last changed at `mtime`) as an earlier content of file
     /// `ino`, replaced at `now`. Its blob stays as long as the history row does.
     pub fn history_add(
@@ -594,15 +689,35 @@ impl Index {
                 params![hash.to_hex(), now],
             )
             .map_err(to_io)?;
+        self.damaged.borrow_mut().hashes.insert(*hash);
         Ok(())
     }
 
+    /// Whether `fsck --verify` found content `hash` damaged. Answered from memory: the table
+    /// is read again only when another connection has committed since the last read (fsck
+    /// marks damage from its own process), which `PRAGMA data_version` tells without I/O.
     pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
-        self.conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM damaged_blobs WHERE hash = ?1)")
+        let version: i64 = self
+            .conn
+            .prepare_cached("PRAGMA data_version")
             .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| r.get(0))
-            .map_err(to_io)
+            .query_row([], |r| r.get(0))
+            .map_err(to_io)?;
+        let mut cache = self.damaged.borrow_mut();
+        if cache.read_at != Some(version) {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT hash FROM damaged_blobs")
+                .map_err(to_io)?;
+            let hashes = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(to_io)?
+                .filter_map(|h| h.ok().and_then(|h| Hash::from_hex(&h)))
+                .collect();
+            cache.hashes = hashes;
+            cache.read_at = Some(version);
+        }
+        Ok(cache.hashes.contains(hash))
     }
 
     /// The blob was stored again with the right bytes.
@@ -610,6 +725,7 @@ impl Index {
         self.conn
             .execute("DELETE FROM damaged_blobs WHERE hash = ?1", [hash.to_hex()])
             .map_err(to_io)?;
+        self.damaged.borrow_mut().hashes.remove(hash);
         Ok(())
     }
 
@@ -626,15 +742,14 @@ impl Index {
     /// The row with this inode number, in any state, and whether `fsck --verify` found its
     /// blob damaged: what opening a file needs, in one statement.
     pub fn get_checked(&self, ino: u64) -> io::Result<Option<(Entry, bool)>> {
-        self.conn
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM damaged_blobs d WHERE d.hash = entries.hash)
-                 FROM entries WHERE ino = ?1"
-            ))
-            .map_err(to_io)?
-            .query_row([ino as i64], |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)))
-            .optional()
-            .map_err(to_io)
+        let Some(e) = self.get(ino)? else {
+            return Ok(None);
+        };
+        let damaged = match &e.hash {
+            Some(h) => self.is_damaged(h)?,
+            None => false,
+        };
+        Ok(Some((e, damaged)))
     }
 
     /// The row at `(parent, name)`, in any state (tombstones included).
@@ -803,12 +918,41 @@ impl Index {
         size: u64,
         mtime: i64,
         now: i64,
-        blob_present: impl FnOnce() -> bool,
+        blob_present: impl Fn() -> bool,
+    ) -> io::Result<Commit> {
+        self.commit_file_with(ino, hash, size, mtime, now, Stored::Blob(&blob_present))
+    }
+
+    /// [`Index::commit_file`] for content stored either way: as a blob (whose presence is
+    /// checked under the write lock), or inline, written in the same transaction as the row
+    /// (`replace`: the index's copy was found damaged and these bytes take its place).
+    pub fn commit_file_with(
+        &self,
+        ino: u64,
+        hash: &Hash,
+        size: u64,
+        mtime: i64,
+        now: i64,
+        content: Stored,
     ) -> io::Result<Commit> {
         let mut sealed = 0;
         let result = self.write_locked(|idx| {
-            if !blob_present() {
-                return Ok(Commit::BlobMissing);
+            match content {
+                Stored::Blob(present) => {
+                    if !present() {
+                        return Ok(Commit::BlobMissing);
+                    }
+                }
+                Stored::Inline { bytes, replace } => {
+                    let verb = if replace { "REPLACE" } else { "IGNORE" };
+                    idx.conn
+                        .prepare_cached(&format!(
+                            "INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"
+                        ))
+                        .map_err(to_io)?
+                        .execute(params![hash.to_hex(), bytes])
+                        .map_err(to_io)?;
+                }
             }
             sealed = idx.seal_now()?;
             let n = idx
@@ -1307,6 +1451,7 @@ impl Index {
         let index = Index {
             conn,
             pending_seals: Default::default(),
+            damaged: Default::default(),
         };
         index.configure()?;
         index.no_auto_checkpoint()?;
@@ -1483,7 +1628,7 @@ mod tests {
             idx.conn
                 .execute_batch(
                     "ALTER TABLE entries DROP COLUMN atime; DROP TABLE history;
-                     PRAGMA user_version = 3;",
+                     DROP TABLE inline_content; PRAGMA user_version = 3;",
                 )
                 .unwrap();
         }

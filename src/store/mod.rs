@@ -72,6 +72,97 @@ impl fmt::Display for Hash {
     }
 }
 
+/// Content of up to this many bytes lives in the index (table `inline_content`, written in the
+/// same transaction as the row that first uses it) instead of as a file in `blobs/`: a small
+/// file then costs one index transaction and no inode, block or directory entry of its own.
+/// See the README's "Store layout" for the measurement behind the number.
+pub const INLINE_MAX: u64 = 64 * 1024;
+
+/// A stored content, open for reading: a blob file, or bytes the index holds.
+pub enum Content {
+    Blob(std::sync::Arc<File>),
+    Inline(Vec<u8>),
+}
+
+impl Content {
+    /// Reads until `buf` is full or the content ends; returns the bytes read.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self {
+            Content::Inline(v) => {
+                let start = offset.min(v.len() as u64) as usize;
+                let n = buf.len().min(v.len() - start);
+                buf[..n].copy_from_slice(&v[start..start + n]);
+                Ok(n)
+            }
+            Content::Blob(f) => {
+                use std::os::unix::fs::FileExt;
+                let mut done = 0;
+                while done < buf.len() {
+                    match f.read_at(&mut buf[done..], offset + done as u64) {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    /// The blob file, for content that is one (kernel passthrough needs a file).
+    pub fn file(&self) -> Option<&std::sync::Arc<File>> {
+        match self {
+            Content::Blob(f) => Some(f),
+            Content::Inline(_) => None,
+        }
+    }
+
+    /// Every byte, up to `limit` (the rest is left out).
+    pub fn bytes(&self, limit: u64) -> io::Result<Vec<u8>> {
+        match self {
+            Content::Inline(v) => Ok(v[..v.len().min(limit as usize)].to_vec()),
+            Content::Blob(f) => {
+                let mut out = Vec::new();
+                (&**f).take(limit).read_to_end(&mut out)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Opens content `hash` of `size` bytes through a locked index: inline if the index holds it,
+/// else its blob (small content stored before the index held any stays a blob).
+pub fn open_content(idx: &Index, blobs: &BlobStore, hash: &Hash, size: u64) -> io::Result<Content> {
+    if size <= INLINE_MAX
+        && let Some(bytes) = idx.inline_get(hash)?
+    {
+        return Ok(Content::Inline(bytes));
+    }
+    Ok(Content::Blob(std::sync::Arc::new(blobs.open_blob(hash)?)))
+}
+
+/// The size of stored content `hash` and whether the index holds it (`false`: a blob); `None`
+/// if the store has neither.
+pub fn content_size(
+    idx: &Index,
+    blobs: &BlobStore,
+    hash: &Hash,
+) -> io::Result<Option<(u64, bool)>> {
+    match idx.inline_size(hash)? {
+        Some(n) => Ok(Some((n, true))),
+        None => Ok(blobs.size(hash)?.map(|n| (n, false))),
+    }
+}
+
+/// What stored content `hash` actually hashes to, inline or blob.
+pub fn rehash_content(idx: &Index, blobs: &BlobStore, hash: &Hash) -> io::Result<Hash> {
+    match idx.inline_get(hash)? {
+        Some(bytes) => Ok(Hash::of(&bytes)),
+        None => blobs.rehash(hash),
+    }
+}
+
 /// Nanoseconds since the Unix epoch, the index's time unit.
 pub fn now_ns() -> i64 {
     to_ns(SystemTime::now())
@@ -353,7 +444,7 @@ impl Store {
             let ok = match verdict.get(hash) {
                 Some(ok) => *ok,
                 None => {
-                    let ok = matches!(self.blobs.rehash(hash), Ok(h) if h == *hash);
+                    let ok = matches!(rehash_content(&idx, &self.blobs, hash), Ok(h) if h == *hash);
                     verdict.insert(*hash, ok);
                     ok
                 }
@@ -597,6 +688,17 @@ impl Store {
     /// How long [`Store::retry_busy`] keeps trying (tests shorten it).
     pub fn set_busy_patience(&mut self, patience: Duration) {
         self.busy_patience = patience;
+    }
+
+    /// Opens content `hash` of `size` bytes (see [`open_content`]).
+    pub fn open_content(&self, hash: &Hash, size: u64) -> io::Result<Content> {
+        open_content(&self.index(), &self.blobs, hash, size)
+    }
+
+    /// A commit wrote content into the index: the periodic sync is due for it as for a blob
+    /// published without fsync.
+    pub fn note_unsynced(&self) {
+        self.blobs.mark_unsynced();
     }
 
     /// The index, locked. Keep the guard short: every file-system operation goes through it.

@@ -289,3 +289,72 @@ pub fn kill9(pid: i32) {
         "daemon {pid} survived SIGKILL"
     );
 }
+
+/// How many contents a store holds: blob files plus the small contents its index holds
+/// (`inline_content`, see `INLINE_MAX`). Read with a read-only connection, also while mounted.
+pub fn stored_contents(store: &Path) -> usize {
+    fn files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.map(|e| {
+                    let e = e.unwrap();
+                    if e.file_type().unwrap().is_dir() {
+                        files(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+            })
+            .unwrap_or(0)
+    }
+    files(&store.join("blobs")) + inline_contents(store).len()
+}
+
+fn index_readonly(store: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(
+        store.join("index.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+}
+
+/// The hashes (hex) of the small contents the index holds.
+pub fn inline_contents(store: &Path) -> Vec<String> {
+    let db = index_readonly(store);
+    let mut stmt = db.prepare("SELECT hash FROM inline_content").unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|h| h.unwrap())
+        .collect()
+}
+
+/// The stored bytes of content `sha` (hex), wherever the store keeps them.
+pub fn stored_bytes(store: &Path, sha: &str) -> Option<Vec<u8>> {
+    let db = index_readonly(store);
+    let inline = db
+        .query_row(
+            "SELECT data FROM inline_content WHERE hash = ?1",
+            [sha],
+            |r| r.get(0),
+        )
+        .ok();
+    inline
+        .or_else(|| std::fs::read(store.join("blobs/sha256").join(&sha[..2]).join(&sha[2..])).ok())
+}
+
+/// Changes the stored bytes of small content `sha` behind the daemon's back (a damaged disk):
+/// `None` deletes them.
+pub fn damage_inline(store: &Path, sha: &str, bytes: Option<&[u8]>) {
+    let db = rusqlite::Connection::open(store.join("index.sqlite")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let n = match bytes {
+        Some(b) => db.execute(
+            "UPDATE inline_content SET data = ?2 WHERE hash = ?1",
+            rusqlite::params![sha, b],
+        ),
+        None => db.execute("DELETE FROM inline_content WHERE hash = ?1", [sha]),
+    }
+    .unwrap();
+    assert_eq!(n, 1, "no inline content {sha}");
+}
