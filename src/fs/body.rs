@@ -279,6 +279,34 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_keeps_its_temp_file_until_discarded_and_then_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path(), false).unwrap();
+        let budget = MemBudget::default();
+        let tmp_count = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+        let data = vec![3u8; 2 * MEM_FILE_MAX as usize];
+        let len = data.len() as u64;
+        let mut first = Body::new();
+        first.write_at(&blobs, &budget, &data, 0).unwrap();
+        let h = first.rehash(len).unwrap();
+        first.publish(&blobs, &h, false).unwrap();
+        first.discard(&budget);
+        assert_eq!(tmp_count(), 0, "the first copy's temp file became the blob");
+
+        let mut again = Body::new();
+        again.write_at(&blobs, &budget, &data, 0).unwrap();
+        assert!(matches!(again, Body::Disk { .. }));
+        assert_eq!(again.rehash(len).unwrap(), h);
+        again.publish(&blobs, &h, false).unwrap();
+        // Kept until the index row is committed, in case gc takes the existing blob meanwhile.
+        assert!(matches!(again, Body::Disk { tmp: Some(_), .. }));
+        assert_eq!(tmp_count(), 1);
+        again.discard(&budget);
+        assert_eq!(tmp_count(), 0, "the duplicate's temp file is released");
+        assert_eq!(blobs.rehash(&h).unwrap(), h, "the stored blob is intact");
+    }
+
+    #[test]
     fn the_memory_budget_is_shared() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path(), false).unwrap();
