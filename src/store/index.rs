@@ -1,13 +1,43 @@
 //! The SQLite index: which path holds which content, and every path that ever held a file.
 //!
 //! This is the only module in the crate that touches SQLite. One table, `entries`, holds one row
-//! per directory, file and tombstone, keyed by inode number (the SQLite rowid, never reused) and
-//! unique by `(parent, name)`. A tombstone is a row in state [`State::Tombstone`]: the path stays
-//! taken forever, so it can never resolve to other content. A file being written is a row in state
-//! [`State::Writing`]; such rows only exist while a daemon has the file open and are dropped on
-//! start (their `close()` never returned). Errors come back as `io::Error` so that a full disk
-//! (`SQLITE_FULL`) reaches the caller as `ENOSPC`.
+//! per directory, file and tombstone, keyed by inode number (never reused) and unique by
+//! `(parent, name)`. A tombstone is a row in state [`State::Tombstone`]: the path stays taken
+//! forever, so it can never resolve to other content. Errors come back as `io::Error` so that a
+//! full disk (`SQLITE_FULL`) reaches the caller as `ENOSPC`.
+//!
+//! # Files being written: reserved names
+//!
+//! A new file has no row until its first commit: `create` reserves its `(parent, name)` in
+//! memory ([`Index::insert`] of a new file, state [`State::Writing`]) and gets its inode number,
+//! without a transaction. Every read of this `Index` shows a reserved file exactly as a row in
+//! state `Writing` would read ([`Index::get`], [`Index::lookup`], [`Index::children`], ...); a
+//! reserved name is taken for every insert and rename; the changes of a file being written
+//! (`chmod`, `rename`, `unlink`, abandoning it) change the reservation. Its first commit
+//! ([`Index::commit_file`]) inserts the row in the same transaction that records the content, so
+//! a small file costs one index transaction; the reservation goes once that transaction has
+//! committed. The directory a reserved name was created, renamed or removed in shows the new
+//! times at once, and takes them in the table with the next row of a file in it (or at a clean
+//! stop, [`Index::seal_all_committed`]).
+//!
+//! Reservations live only in the writable daemon's `Index` (the one process that creates
+//! entries: it holds `STORE/lock`): another process (a `--read-only` daemon, `artifactfs ls`)
+//! sees a new file from its first commit on, and a crash simply loses them, as the rows of
+//! files being written were dropped at the next start. That start still drops rows in state
+//! `Writing`: stores written by earlier versions have them, and rows of committed files being
+//! written again ([`Index::mark_rewriting`], [`Index::recreate_at_tombstone`]) keep using
+//! that state. The reservation is a seam: with a shared index (several writing daemons), the
+//! reservation moves into that index, which then holds the reserved names itself.
+//!
+//! Inode numbers of rows and of reservations come from one counter of this `Index`, started
+//! above every number the table has used (`sqlite_sequence`, kept by `AUTOINCREMENT`); rows are
+//! inserted with their number, which keeps `sqlite_sequence` up to date. A number is never
+//! handed out twice by one daemon, and only the numbers of reservations dropped after the last
+//! commit before a stop may be handed out again after a restart (no row and no kernel cache
+//! knows them then).
 
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -113,7 +143,8 @@ impl<'a> NewEntry<'a> {
         }
     }
 
-    /// A file that starts being written (no content yet).
+    /// A file that starts being written (no content yet): [`Index::insert`] reserves its name
+    /// until its first commit inserts the row.
     pub fn new_file(
         parent: u64,
         name: &'a [u8],
@@ -172,10 +203,14 @@ pub struct Index {
     conn: Connection,
     /// Files released since their last commit, still `STATE_COMMITTED_OPEN` in the table: sealed
     /// in the next commit's transaction or by [`Index::seal_pending`], whichever comes first.
-    pending_seals: std::cell::RefCell<Vec<u64>>,
+    pending_seals: RefCell<Vec<u64>>,
+    /// New files being written, which have no row yet (see the module doc).
+    reserved: RefCell<Reservations>,
+    /// The next inode number to hand out, to a row or a reservation; 0 until first needed.
+    next_ino: Cell<u64>,
     /// The contents `fsck --verify` found damaged, as last read from `damaged_blobs`: reloaded
     /// when another connection (fsck, in its own process) has changed the index since.
-    damaged: std::cell::RefCell<DamageCache>,
+    damaged: RefCell<DamageCache>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -186,8 +221,48 @@ struct DamageCache {
     hashes: std::collections::HashSet<Hash>,
 }
 
+/// Files being written that have no row until their first commit.
+#[derive(Default)]
+struct Reservations {
+    /// By inode number: each as a row in state [`State::Writing`] would read.
+    files: BTreeMap<u64, Entry>,
+    /// `(parent, name)` to inode number.
+    names: HashMap<(u64, Vec<u8>), u64>,
+    /// Directories a reserved name was created, renamed or removed in, since the table last
+    /// took their times: their mtime and ctime read as at least this (written with the next row
+    /// of a file in them, by [`Index::change_meta`] of the directory, or at a clean stop).
+    dir_times: HashMap<u64, i64>,
+}
+
+impl Reservations {
+    fn remove(&mut self, ino: u64) -> Option<Entry> {
+        let e = self.files.remove(&ino)?;
+        self.names.remove(&(e.parent, e.name.clone()));
+        Some(e)
+    }
+
+    /// A name was created, renamed or removed in `dir` at `now`.
+    fn touch(&mut self, dir: u64, now: i64) {
+        let t = self.dir_times.entry(dir).or_insert(now);
+        *t = (*t).max(now);
+    }
+}
+
 const COLUMNS: &str =
     "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime";
+
+/// The first inode number no row has used, nor any row deleted since (`AUTOINCREMENT` keeps the
+/// highest number ever used in `sqlite_sequence`).
+fn first_unused_ino(conn: &Connection) -> io::Result<u64> {
+    conn.query_row(
+        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),
+                    COALESCE((SELECT MAX(ino) FROM entries), 0)) + 1",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .map_err(to_io)
+}
 
 /// How long a connection waits inside SQLite for another connection's write lock, unless told
 /// otherwise: `gc`, `fsck` and the other commands may wait this long.
@@ -254,12 +329,17 @@ fn state_code(s: State) -> i64 {
 fn insert_sql(conflict: &str) -> String {
     format!(
         "INSERT {conflict} INTO entries
-         (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)"
+         (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
+          atime)
+         VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)"
     )
 }
 
-fn bind_insert(stmt: &mut rusqlite::CachedStatement, e: &NewEntry) -> rusqlite::Result<usize> {
+fn bind_insert(
+    stmt: &mut rusqlite::CachedStatement,
+    e: &NewEntry,
+    ino: u64,
+) -> rusqlite::Result<usize> {
     stmt.execute(params![
         e.parent as i64,
         e.name,
@@ -272,7 +352,13 @@ fn bind_insert(stmt: &mut rusqlite::CachedStatement, e: &NewEntry) -> rusqlite::
         e.uid as i64,
         e.gid as i64,
         e.time,
+        ino as i64,
     ])
+}
+
+/// Whether `e` is a new file that starts being written: reserved, not inserted.
+fn is_reservable(e: &NewEntry) -> bool {
+    e.kind == Kind::File && e.state == State::Writing && e.hash.is_none()
 }
 
 fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
@@ -312,12 +398,7 @@ impl Index {
     /// Opens the index for the daemon: creates or migrates the schema, and drops rows of writes
     /// that never completed.
     pub fn open(path: &Path, owner: (u32, u32), now: i64) -> io::Result<Index> {
-        let conn = Connection::open(path).map_err(to_io)?;
-        let index = Index {
-            conn,
-            pending_seals: Default::default(),
-            damaged: Default::default(),
-        };
+        let index = Index::with(Connection::open(path).map_err(to_io)?);
         index.configure()?;
         index.migrate(owner, now)?;
         index
@@ -338,7 +419,164 @@ impl Index {
                  DELETE FROM entries WHERE state = {STATE_WRITING};",
             ))
             .map_err(to_io)?;
+        index.next_ino.set(first_unused_ino(&index.conn)?);
         Ok(index)
+    }
+
+    fn with(conn: Connection) -> Index {
+        Index {
+            conn,
+            pending_seals: Default::default(),
+            reserved: Default::default(),
+            next_ino: Cell::new(0),
+            damaged: Default::default(),
+        }
+    }
+
+    /// A new inode number, for a row or a reservation.
+    fn new_ino(&self) -> io::Result<u64> {
+        let mut ino = self.next_ino.get();
+        if ino == 0 {
+            ino = first_unused_ino(&self.conn)?;
+        }
+        self.next_ino.set(ino + 1);
+        Ok(ino)
+    }
+
+    /// The reserved file `ino`, if it is one.
+    fn reserved(&self, ino: u64) -> Option<Entry> {
+        self.reserved.borrow().files.get(&ino).cloned()
+    }
+
+    fn reserved_at(&self, parent: u64, name: &[u8]) -> Option<Entry> {
+        let r = self.reserved.borrow();
+        if r.files.is_empty() {
+            return None;
+        }
+        let ino = r.names.get(&(parent, name.to_vec()))?;
+        r.files.get(ino).cloned()
+    }
+
+    /// `e` as it reads now: a directory takes the times reserved names gave it.
+    fn current(&self, mut e: Entry) -> Entry {
+        if e.kind == Kind::Dir
+            && let Some(&t) = self.reserved.borrow().dir_times.get(&e.ino)
+        {
+            e.mtime = e.mtime.max(t);
+            e.ctime = e.ctime.max(t);
+        }
+        e
+    }
+
+    /// Reserves the name of a new file being written (see the module doc); `None` when it is
+    /// taken, by a row in any state or by another reservation.
+    fn reserve(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        if self.reserved_at(e.parent, e.name).is_some() || self.row_at(e.parent, e.name)? {
+            return Ok(None);
+        }
+        let ino = self.new_ino()?;
+        let entry = Entry {
+            ino,
+            parent: e.parent,
+            name: e.name.to_vec(),
+            kind: Kind::File,
+            state: State::Writing,
+            zone: e.zone,
+            hash: None,
+            size: e.size,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: e.time,
+            ctime: e.time,
+            crtime: e.time,
+            atime: e.time,
+            committed_open: false,
+        };
+        let mut r = self.reserved.borrow_mut();
+        r.names.insert((e.parent, entry.name.clone()), ino);
+        r.files.insert(ino, entry);
+        Ok(Some(ino))
+    }
+
+    /// Whether a row in any state (hidden directories included) has `(parent, name)`.
+    fn row_at(&self, parent: u64, name: &[u8]) -> io::Result<bool> {
+        self.conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)")
+            .map_err(to_io)?
+            .query_row(params![parent as i64, name], |r| r.get(0))
+            .map_err(to_io)
+    }
+
+    /// Inside a transaction: the row of reserved file `r`, in state `state` with this content
+    /// and these times, and the times its directory took meanwhile. The reservation stays until
+    /// the caller's transaction has committed ([`Index::forget_reservation`]).
+    #[allow(clippy::too_many_arguments)]
+    fn insert_reserved(
+        &self,
+        r: &Entry,
+        state: i64,
+        hash: Option<&Hash>,
+        size: u64,
+        mtime: i64,
+        ctime: i64,
+    ) -> io::Result<()> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO entries ({COLUMNS})
+                 VALUES (?1, ?2, ?3, 2, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+            ))
+            .map_err(to_io)?
+            .execute(params![
+                r.ino as i64,
+                r.parent as i64,
+                r.name,
+                state,
+                r.zone as i64,
+                hash.map(|h| h.to_hex()),
+                size as i64,
+                r.mode as i64,
+                r.uid as i64,
+                r.gid as i64,
+                mtime,
+                ctime,
+                r.crtime,
+                r.atime
+            ])
+            .map_err(to_io)?;
+        let dir_time = self.reserved.borrow().dir_times.get(&r.parent).copied();
+        if let Some(t) = dir_time {
+            self.conn
+                .prepare_cached(
+                    "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
+                     WHERE ino = ?1 AND kind = 1",
+                )
+                .map_err(to_io)?
+                .execute(params![r.parent as i64, t])
+                .map_err(to_io)?;
+        }
+        self.record_used_inos()
+    }
+
+    /// Inside a transaction: every inode number handed out so far is kept from reuse after a
+    /// restart (the explicit inserts record only their own).
+    fn record_used_inos(&self) -> io::Result<()> {
+        let last = self.next_ino.get().saturating_sub(1);
+        self.conn
+            .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'")
+            .map_err(to_io)?
+            .execute([last as i64])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Reserved file `ino` has its row now (the transaction that inserted it committed): the
+    /// reservation goes, and so do its directory's times, which went into the table with it.
+    fn forget_reservation(&self, ino: u64) {
+        let mut r = self.reserved.borrow_mut();
+        if let Some(e) = r.remove(ino) {
+            r.dir_times.remove(&e.parent);
+        }
     }
 
     /// How long a statement that needs the write lock waits inside SQLite while another
@@ -354,12 +592,7 @@ impl Index {
     pub fn open_shared(path: &Path) -> io::Result<Index> {
         // Checks that it exists and has our schema version.
         drop(Index::open_readonly(path)?);
-        let conn = Connection::open(path).map_err(to_io)?;
-        let index = Index {
-            conn,
-            pending_seals: Default::default(),
-            damaged: Default::default(),
-        };
+        let index = Index::with(Connection::open(path).map_err(to_io)?);
         index.configure()?;
         Ok(index)
     }
@@ -386,11 +619,7 @@ impl Index {
                 "index schema version {version}, this artifactfs reads {SCHEMA_VERSION}"
             )));
         }
-        Ok(Index {
-            conn,
-            pending_seals: Default::default(),
-            damaged: Default::default(),
-        })
+        Ok(Index::with(conn))
     }
 
     fn configure(&self) -> io::Result<()> {
@@ -729,14 +958,19 @@ impl Index {
         Ok(())
     }
 
-    /// The row with this inode number, in any state.
+    /// The row with this inode number, in any state (a reserved file as in state `Writing`).
     pub fn get(&self, ino: u64) -> io::Result<Option<Entry>> {
-        self.conn
+        if let Some(e) = self.reserved(ino) {
+            return Ok(Some(e));
+        }
+        Ok(self
+            .conn
             .prepare_cached(&format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"))
             .map_err(to_io)?
             .query_row([ino as i64], row_to_entry)
             .optional()
-            .map_err(to_io)
+            .map_err(to_io)?
+            .map(|e| self.current(e)))
     }
 
     /// The row with this inode number, in any state, and whether `fsck --verify` found its
@@ -754,7 +988,11 @@ impl Index {
 
     /// The row at `(parent, name)`, in any state (tombstones included).
     pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<Option<Entry>> {
-        self.conn
+        if let Some(e) = self.reserved_at(parent, name) {
+            return Ok(Some(e));
+        }
+        Ok(self
+            .conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
                  AND NOT (kind = 1 AND state = {STATE_WRITING})"
@@ -762,7 +1000,8 @@ impl Index {
             .map_err(to_io)?
             .query_row(params![parent as i64, name], row_to_entry)
             .optional()
-            .map_err(to_io)
+            .map_err(to_io)?
+            .map(|e| self.current(e)))
     }
 
     /// A directory being built (a registration filling it in batches): inserted with
@@ -812,22 +1051,55 @@ impl Index {
                 row_to_entry,
             )
             .map_err(to_io)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(to_io)
+        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(to_io)?;
+        {
+            // Reserved files among them, in the same inode order.
+            let r = self.reserved.borrow();
+            let before = out.len();
+            out.extend(
+                r.files
+                    .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                    .map(|(_, e)| e)
+                    .filter(|e| e.parent == parent)
+                    .cloned(),
+            );
+            if out.len() > before {
+                out.sort_by_key(|e| e.ino);
+                out.truncate(limit);
+            }
+        }
+        Ok(out.into_iter().map(|e| self.current(e)).collect())
     }
 
-    /// Inserts a row; `Ok(None)` when `(parent, name)` is already taken (in any state).
+    /// Inserts a row, or reserves the name of a new file being written (see the module doc);
+    /// `Ok(None)` when `(parent, name)` is already taken (in any state, or reserved).
     pub fn insert(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        if is_reservable(e) {
+            return self.reserve(e);
+        }
+        if self.reserved_at(e.parent, e.name).is_some() {
+            return Ok(None);
+        }
+        let ino = self.new_ino()?;
         let mut stmt = self.conn.prepare_cached(&insert_sql("")).map_err(to_io)?;
-        match bind_insert(&mut stmt, e) {
-            Ok(_) => Ok(Some(self.conn.last_insert_rowid() as u64)),
+        match bind_insert(&mut stmt, e, ino) {
+            Ok(_) => Ok(Some(ino)),
             Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => Ok(None),
             Err(e) => Err(to_io(e)),
         }
     }
 
     /// Inserts a row as `create`, `mkdir` and `mknod` do: the directory it goes into changes too
-    /// (its mtime and ctime become the row's time), in the same transaction.
+    /// (its mtime and ctime become the row's time), in the same transaction. A new file being
+    /// written is reserved instead, and its directory's new times wait with it (module doc).
     pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        if is_reservable(e) {
+            let ino = self.reserve(e)?;
+            if ino.is_some() {
+                self.reserved.borrow_mut().touch(e.parent, e.time);
+            }
+            return Ok(ino);
+        }
         self.atomically(|| {
             let ino = self.insert(e)?;
             if ino.is_some() {
@@ -850,6 +1122,9 @@ impl Index {
 
     /// [`Index::touch_dir`] of the directory holding `ino`.
     fn touch_parent_of(&self, ino: u64, now: i64) -> io::Result<()> {
+        if let Some(r) = self.reserved(ino) {
+            return self.touch_dir(r.parent, now);
+        }
         self.conn
             .prepare_cached(
                 "UPDATE entries SET mtime = ?2, ctime = ?2
@@ -897,8 +1172,21 @@ impl Index {
         let mut inserted = 0;
         {
             let mut stmt = tx.prepare_cached(&insert_sql("OR IGNORE")).map_err(to_io)?;
+            let reserved = self.reserved.get_mut();
             for e in entries {
-                inserted += bind_insert(&mut stmt, e).map_err(to_io)?;
+                if !reserved.files.is_empty()
+                    && reserved.names.contains_key(&(e.parent, e.name.to_vec()))
+                {
+                    continue;
+                }
+                let ino = self.next_ino.get();
+                let ino = if ino == 0 {
+                    first_unused_ino(&tx)?
+                } else {
+                    ino
+                };
+                self.next_ino.set(ino + 1);
+                inserted += bind_insert(&mut stmt, e, ino).map_err(to_io)?;
             }
         }
         tx.commit().map_err(to_io)?;
@@ -936,42 +1224,49 @@ impl Index {
         content: Stored,
     ) -> io::Result<Commit> {
         let mut sealed = 0;
+        let reserved = self.reserved(ino);
         let result = self.write_locked(|idx| {
-            match content {
-                Stored::Blob(present) => {
-                    if !present() {
-                        return Ok(Commit::BlobMissing);
-                    }
-                }
-                Stored::Inline { bytes, replace } => {
-                    let verb = if replace { "REPLACE" } else { "IGNORE" };
-                    idx.conn
-                        .prepare_cached(&format!(
-                            "INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"
-                        ))
-                        .map_err(to_io)?
-                        .execute(params![hash.to_hex(), bytes])
-                        .map_err(to_io)?;
-                }
+            if let Stored::Blob(present) = &content
+                && !present()
+            {
+                return Ok(Commit::BlobMissing);
             }
             sealed = idx.seal_now()?;
-            let n = idx
-                .conn
-                .prepare_cached(&format!(
-                    "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
-                     state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
-                ))
-                .map_err(to_io)?
-                .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
-                .map_err(to_io)?;
-            Ok(if n == 1 {
-                Commit::Recorded
+            if let Some(r) = &reserved {
+                // The first commit of a new file: its row, in this same transaction.
+                idx.insert_reserved(r, STATE_COMMITTED_OPEN, Some(hash), size, mtime, now)?;
             } else {
-                Commit::Gone
-            })
+                let n = idx
+                    .conn
+                    .prepare_cached(&format!(
+                        "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
+                         state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
+                    ))
+                    .map_err(to_io)?
+                    .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
+                    .map_err(to_io)?;
+                if n != 1 {
+                    // Removed while open: nothing to record, no content to keep.
+                    return Ok(Commit::Gone);
+                }
+            }
+            if let Stored::Inline { bytes, replace } = content {
+                let verb = if replace { "REPLACE" } else { "IGNORE" };
+                idx.conn
+                    .prepare_cached(&format!(
+                        "INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"
+                    ))
+                    .map_err(to_io)?
+                    .execute(params![hash.to_hex(), bytes])
+                    .map_err(to_io)?;
+            }
+            Ok(Commit::Recorded)
         });
         if result.is_ok() {
             self.pending_seals.borrow_mut().drain(..sealed);
+        }
+        if reserved.is_some() && matches!(result, Ok(Commit::Recorded)) {
+            self.forget_reservation(ino);
         }
         result
     }
@@ -995,17 +1290,40 @@ impl Index {
     /// At a clean stop no file is open any more, whatever releases the kernel did not deliver
     /// before the unmount: every file committed while open is sealed (as the next start would
     /// do), so a `--read-only` daemon started afterwards serves them.
+    ///
+    /// The times reserved names gave their directories go into the table too.
     pub fn seal_all_committed(&self) -> io::Result<usize> {
-        let n = self
-            .conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
-                ),
-                [],
-            )
-            .map_err(to_io)?;
+        let dir_times: Vec<(u64, i64)> = self
+            .reserved
+            .borrow()
+            .dir_times
+            .iter()
+            .map(|(&d, &t)| (d, t))
+            .collect();
+        let n = self.atomically(|| {
+            let n = self
+                .conn
+                .execute(
+                    &format!(
+                        "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
+                    ),
+                    [],
+                )
+                .map_err(to_io)?;
+            for &(dir, t) in &dir_times {
+                self.conn
+                    .execute(
+                        "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
+                         WHERE ino = ?1 AND kind = 1",
+                        params![dir as i64, t],
+                    )
+                    .map_err(to_io)?;
+            }
+            self.record_used_inos()?;
+            Ok(n)
+        })?;
         self.pending_seals.borrow_mut().clear();
+        self.reserved.borrow_mut().dir_times.clear();
         Ok(n)
     }
 
@@ -1087,13 +1405,25 @@ impl Index {
             .map_err(to_io)
     }
 
-    /// Applies `chmod`/`chown`/`utimens`.
+    /// Applies `chmod`/`chown`/`utimens` (to the reservation of a new file being written).
     pub fn change_meta(&self, ino: u64, c: &MetaChange) -> io::Result<()> {
+        if let Some(e) = self.reserved.borrow_mut().files.get_mut(&ino) {
+            e.mode = c.mode.unwrap_or(e.mode);
+            e.uid = c.uid.unwrap_or(e.uid);
+            e.gid = c.gid.unwrap_or(e.gid);
+            e.mtime = c.mtime.unwrap_or(e.mtime);
+            e.atime = c.atime.unwrap_or(e.atime);
+            e.ctime = c.ctime;
+            return Ok(());
+        }
+        // A directory's times from reserved names go into the table first (a `utimens` after
+        // them wins).
+        let dir_time = self.reserved.borrow().dir_times.get(&ino).copied();
         self.conn
             .prepare_cached(
                 "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
-                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, mtime),
-                 atime = COALESCE(?6, atime), ctime = ?7
+                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, MAX(mtime, ?8)),
+                 atime = COALESCE(?6, atime), ctime = MAX(?7, ?8)
                  WHERE ino = ?1",
             )
             .map_err(to_io)?
@@ -1104,9 +1434,13 @@ impl Index {
                 c.gid.map(|g| g as i64),
                 c.mtime,
                 c.atime,
-                c.ctime
+                c.ctime,
+                dir_time.unwrap_or(i64::MIN)
             ])
             .map_err(to_io)?;
+        if dir_time.is_some() && self.conn.is_autocommit() {
+            self.reserved.borrow_mut().dir_times.remove(&ino);
+        }
         Ok(())
     }
 
@@ -1114,6 +1448,15 @@ impl Index {
     /// the tombstones below it keep applying).
     /// The directory holding it changes too, in the same transaction.
     pub fn tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
+        if let Some(r) = self.reserved(ino) {
+            // A new file being written: a tombstone row (without content) takes the name.
+            self.atomically(|| {
+                self.insert_reserved(&r, STATE_TOMBSTONE, None, r.size, r.mtime, now)?;
+                self.touch_dir(r.parent, now)
+            })?;
+            self.forget_reservation(ino);
+            return Ok(());
+        }
         self.atomically(|| {
             self.conn
                 .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
@@ -1176,6 +1519,9 @@ impl Index {
     /// A file created again at its tombstone that never got the path's last content: the
     /// tombstone again.
     pub fn restore_tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
+        if self.reserved(ino).is_some() {
+            return self.tombstone(ino, now);
+        }
         self.conn
             .execute(
                 &format!(
@@ -1192,8 +1538,15 @@ impl Index {
 
     /// Removes a file that is still being written: a file that never committed anything goes
     /// without a trace; one that did (a close() returned) leaves a tombstone. The directory
-    /// holding it changes too, in the same transaction.
+    /// holding it changes too, in the same transaction (a reserved file just goes, and its
+    /// directory's new times wait as its creation's did).
     pub fn unlink_unsealed(&self, ino: u64, now: i64) -> io::Result<()> {
+        let mut r = self.reserved.borrow_mut();
+        if let Some(e) = r.remove(ino) {
+            r.touch(e.parent, now);
+            return Ok(());
+        }
+        drop(r);
         self.atomically(|| self.unlink_unsealed_rows(ino, now))
     }
 
@@ -1238,6 +1591,9 @@ impl Index {
     /// Both statements run in one transaction, so a busy index changes nothing and the call may
     /// be repeated.
     pub fn abandon_write(&self, ino: u64) -> io::Result<()> {
+        if self.reserved.borrow_mut().remove(ino).is_some() {
+            return Ok(());
+        }
         self.write_locked(|idx| {
             idx.conn
                 .execute_batch(&format!(
@@ -1250,10 +1606,16 @@ impl Index {
         })
     }
 
-    /// Deletes a row outright, leaving no tombstone: for drafts of model versions that never
+    /// Deletes a row (or a reservation) outright, leaving no tombstone: for drafts of model versions that never
     /// became READY (their names may be reused) and for files lost in a crash before their
     /// bytes reached the disk.
     pub fn delete_row(&self, ino: u64) -> io::Result<()> {
+        let mut r = self.reserved.borrow_mut();
+        if r.remove(ino).is_some() {
+            return Ok(());
+        }
+        r.dir_times.remove(&ino);
+        drop(r);
         self.conn
             .prepare_cached("DELETE FROM entries WHERE ino = ?1")
             .map_err(to_io)?
@@ -1325,6 +1687,15 @@ impl Index {
         now: i64,
         leave_tombstone: bool,
     ) -> io::Result<bool> {
+        if self
+            .reserved_at(new_parent, new_name)
+            .is_some_and(|r| r.ino != ino)
+        {
+            return Ok(false);
+        }
+        if self.reserved(ino).is_some() {
+            return self.rename_reserved(ino, replacing, new_parent, new_name, new_zone, now);
+        }
         // IMMEDIATE: a transaction that reads first and writes later fails at once
         // (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between.
         let tx = self
@@ -1378,11 +1749,18 @@ impl Index {
             Err(e) => return Err(to_io(e)),
         }
         if leave_tombstone && old.hash.is_some() {
+            let tombstone = self.next_ino.get();
+            let tombstone = if tombstone == 0 {
+                first_unused_ino(&tx)?
+            } else {
+                tombstone
+            };
+            self.next_ino.set(tombstone + 1);
             tx.execute(
                 "INSERT INTO entries
                  (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
-                  atime)
-                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                  atime, ino)
+                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     old.parent as i64,
                     old.name,
@@ -1395,12 +1773,57 @@ impl Index {
                     old.mtime,
                     now,
                     old.crtime,
-                    old.atime
+                    old.atime,
+                    tombstone as i64
                 ],
             )
             .map_err(to_io)?;
         }
         tx.commit().map_err(to_io)?;
+        Ok(true)
+    }
+
+    /// [`Index::rename_file_replacing`] of a reserved file: it has no content, so it leaves no
+    /// tombstone; the reservation moves and both directories change, without a transaction
+    /// (unless a row is replaced).
+    fn rename_reserved(
+        &self,
+        ino: u64,
+        replacing: Option<u64>,
+        new_parent: u64,
+        new_name: &[u8],
+        new_zone: u8,
+        now: i64,
+    ) -> io::Result<bool> {
+        if let Some(r) = replacing {
+            let gone = self
+                .conn
+                .execute(
+                    &format!(
+                        "DELETE FROM entries WHERE ino = ?1 AND kind = 2
+                         AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+                    ),
+                    [r as i64],
+                )
+                .map_err(to_io)?;
+            if gone != 1 {
+                return Ok(false);
+            }
+        } else if self.row_at(new_parent, new_name)? {
+            return Ok(false);
+        }
+        let mut r = self.reserved.borrow_mut();
+        let Some(mut e) = r.remove(ino) else {
+            return Ok(false);
+        };
+        r.touch(e.parent, now);
+        r.touch(new_parent, now);
+        e.parent = new_parent;
+        e.name = new_name.to_vec();
+        e.zone = new_zone;
+        e.ctime = now;
+        r.names.insert((new_parent, e.name.clone()), ino);
+        r.files.insert(ino, e);
         Ok(true)
     }
 
@@ -1447,12 +1870,7 @@ impl Index {
 
     /// Opens a second connection to a store's index that only checkpoints.
     pub fn open_checkpointer(path: &Path) -> io::Result<Index> {
-        let conn = Connection::open(path).map_err(to_io)?;
-        let index = Index {
-            conn,
-            pending_seals: Default::default(),
-            damaged: Default::default(),
-        };
+        let index = Index::with(Connection::open(path).map_err(to_io)?);
         index.configure()?;
         index.no_auto_checkpoint()?;
         Ok(index)
@@ -1582,6 +2000,31 @@ impl Index {
             .map_err(to_io)?;
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
+}
+
+/// Test helper: how many write transactions the WAL of the index at `db` holds (its commit
+/// frames since the WAL last started over), counted from the file itself — whatever code path
+/// wrote them.
+#[cfg(test)]
+pub(crate) fn wal_commits(db: &Path) -> usize {
+    let wal = std::fs::read(format!("{}-wal", db.display())).unwrap_or_default();
+    if wal.len() < 32 {
+        return 0;
+    }
+    let be = |at: usize| u32::from_be_bytes(wal[at..at + 4].try_into().unwrap());
+    let (page, salts) = (be(8) as usize, (be(16), be(20)));
+    let mut commits = 0;
+    let mut at = 32;
+    while at + 24 + page <= wal.len() {
+        if (be(at + 8), be(at + 12)) != salts {
+            break; // left from before the WAL started over
+        }
+        if be(at + 4) != 0 {
+            commits += 1;
+        }
+        at += 24 + page;
+    }
+    commits
 }
 
 #[cfg(test)]
@@ -1953,5 +2396,403 @@ mod tests {
             0,
             "Index::sync returned with WAL pages not on disk"
         );
+    }
+
+    /// Rows in the table at `(parent, name)`, whatever the reservations say.
+    fn rows_at(idx: &Index, parent: u64, name: &[u8]) -> i64 {
+        idx.conn
+            .query_row(
+                "SELECT COUNT(*) FROM entries WHERE parent = ?1 AND name = ?2",
+                params![parent as i64, name],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// The table's own mtime and ctime of `ino`.
+    fn table_times(idx: &Index, ino: u64) -> (i64, i64) {
+        idx.conn
+            .query_row(
+                "SELECT mtime, ctime FROM entries WHERE ino = ?1",
+                [ino as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    }
+
+    /// A new file being written has no row: its name is reserved, read everywhere as a row in
+    /// state `Writing` would be, and taken for every other insert.
+    #[test]
+    fn a_new_file_reserves_its_name_without_a_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.sqlite");
+        let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+        let before = wal_commits(&path);
+        let a = idx
+            .insert_in_dir(&NewEntry::new_file(RUNS_INO, b"a", 2, 0o640, (7, 8), 10))
+            .unwrap()
+            .unwrap();
+        assert_eq!(wal_commits(&path), before, "no transaction");
+        assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 0);
+        let e = idx.get(a).unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.kind, e.hash, e.size, e.mode, e.uid, e.gid),
+            (State::Writing, Kind::File, None, 0, 0o640, 7, 8)
+        );
+        assert_eq!((e.mtime, e.ctime, e.crtime, e.atime), (10, 10, 10, 10));
+        assert!(!e.committed_open);
+        assert_eq!(idx.lookup(RUNS_INO, b"a").unwrap(), Some(e.clone()));
+        assert_eq!(idx.get_checked(a).unwrap(), Some((e.clone(), false)));
+        assert_eq!(idx.path_of(a).unwrap(), PathBuf::from("runs/a"));
+        assert_eq!(idx.resolve(Path::new("runs/a")).unwrap(), Some(e.clone()));
+        // The directory shows the new name's time at once; the table takes it with the row.
+        let runs = idx.get(RUNS_INO).unwrap().unwrap();
+        assert_eq!((runs.mtime, runs.ctime), (10, 10));
+        assert_eq!(table_times(&idx, RUNS_INO), (5, 5));
+        // Taken for every kind of insert.
+        assert_eq!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap(), None);
+        assert_eq!(
+            idx.insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"a", 3, 0o755, (0, 0), 11))
+                .unwrap(),
+            None
+        );
+        let sealed = NewEntry {
+            state: State::Live,
+            hash: Some(Hash([1; 32])),
+            ..new_file(RUNS_INO, b"a")
+        };
+        assert_eq!(idx.insert(&sealed).unwrap(), None);
+        assert_eq!(idx.insert_many(std::slice::from_ref(&sealed)).unwrap(), 0);
+        assert_eq!(idx.get(a).unwrap(), Some(e));
+        // ... and a name taken by a row (a tombstone, a hidden directory) is not reserved.
+        let hidden = idx
+            .insert(&NewEntry {
+                state: State::Writing,
+                ..NewEntry::new_dir(RUNS_INO, b"hidden", 3, 0o755, (0, 0), 1)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(idx.insert(&new_file(RUNS_INO, b"hidden")).unwrap(), None);
+        assert_eq!(idx.get(hidden).unwrap().unwrap().kind, Kind::Dir);
+        // chmod, utimens of the file being written change the reservation.
+        idx.change_meta(
+            a,
+            &MetaChange {
+                mode: Some(0o600),
+                mtime: Some(3),
+                ctime: 12,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let e = idx.get(a).unwrap().unwrap();
+        assert_eq!((e.mode, e.mtime, e.ctime, e.atime), (0o600, 3, 12, 10));
+        assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 0);
+        // A utimens of the directory after the new name wins over the name's time.
+        idx.change_meta(
+            RUNS_INO,
+            &MetaChange {
+                mtime: Some(2),
+                ctime: 13,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(table_times(&idx, RUNS_INO), (2, 13));
+        let runs = idx.get(RUNS_INO).unwrap().unwrap();
+        assert_eq!((runs.mtime, runs.ctime), (2, 13));
+    }
+
+    /// `readdir` pages by inode number: reserved files and rows come in one inode order, pages
+    /// of any size add up to the whole listing, and `rmdir` sees a reserved file.
+    #[test]
+    fn a_listing_merges_reserved_files_and_rows_in_inode_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        let d = idx
+            .insert(&NewEntry::new_dir(RUNS_INO, b"d", 3, 0o755, (0, 0), 1))
+            .unwrap()
+            .unwrap();
+        assert!(idx.children(d, 0, 10).unwrap().is_empty());
+        let mut expect = Vec::new();
+        for i in 0..9u8 {
+            let name = [b'n', b'0' + i];
+            let ino = if i % 3 == 0 {
+                idx.insert(&NewEntry::new_dir(d, &name, 3, 0o755, (0, 0), 1))
+            } else {
+                idx.insert(&new_file(d, &name))
+            };
+            expect.push(ino.unwrap().unwrap());
+            if i == 4 {
+                // A committed file (a row) between reserved ones.
+                idx.commit_file(expect[4], &Hash([4; 32]), 1, 1, 2, || true)
+                    .unwrap();
+            }
+        }
+        // A reserved file elsewhere is not listed here.
+        idx.insert(&new_file(RUNS_INO, b"elsewhere")).unwrap();
+        let all: Vec<u64> = idx
+            .children(d, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.ino)
+            .collect();
+        assert_eq!(all, expect);
+        assert!(expect.windows(2).all(|w| w[0] < w[1]));
+        for page in 1..=4 {
+            let mut got = Vec::new();
+            let mut after = 0;
+            loop {
+                let batch = idx.children(d, after, page).unwrap();
+                assert!(batch.len() <= page);
+                let Some(last) = batch.last() else { break };
+                after = last.ino;
+                got.extend(batch.iter().map(|e| e.ino));
+            }
+            assert_eq!(got, expect, "pages of {page}");
+        }
+        let states: Vec<State> = idx
+            .children(d, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(states.iter().filter(|s| **s == State::Writing).count(), 5);
+        assert_eq!(idx.descendants(d).unwrap().len(), 9);
+        // A directory holding only a reserved file is not empty.
+        let e = idx
+            .insert(&NewEntry::new_dir(RUNS_INO, b"e", 3, 0o755, (0, 0), 1))
+            .unwrap()
+            .unwrap();
+        let f = idx.insert(&new_file(e, b"f")).unwrap().unwrap();
+        assert_eq!(idx.children(e, 0, 2).unwrap()[0].ino, f);
+        assert_eq!(idx.descendants(e).unwrap()[0].0, b"f".to_vec());
+    }
+
+    /// The first commit of a new file inserts its row (and its directory's new times) in the
+    /// one transaction that records its content; later commits update the row.
+    #[test]
+    fn the_first_commit_inserts_the_row_in_its_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        let h = Hash([9; 32]);
+        let a = idx
+            .insert_in_dir(&NewEntry::new_file(RUNS_INO, b"a", 2, 0o640, (7, 8), 10))
+            .unwrap()
+            .unwrap();
+        let before = wal_commits(&path);
+        assert_eq!(
+            idx.commit_file(a, &h, 3, 11, 12, || true).unwrap(),
+            Commit::Recorded
+        );
+        assert_eq!(wal_commits(&path), before + 1);
+        assert!(idx.reserved(a).is_none(), "the reservation is gone");
+        assert_eq!(table_times(&idx, RUNS_INO), (10, 10));
+        let other = Index::open_readonly(&path).unwrap();
+        let row = other.get(a).unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.committed_open, row.hash, row.size, row.mode),
+            (State::Live, true, Some(h), 3, 0o640)
+        );
+        assert_eq!(
+            (
+                row.uid, row.gid, row.mtime, row.ctime, row.crtime, row.atime
+            ),
+            (7, 8, 11, 12, 10, 10)
+        );
+        assert_eq!(idx.get(a).unwrap(), Some(row));
+        // A later commit of the same file updates its row.
+        let h2 = Hash([10; 32]);
+        idx.mark_rewriting(a, false).unwrap();
+        idx.commit_file(a, &h2, 4, 13, 14, || true).unwrap();
+        let row = other.get(a).unwrap().unwrap();
+        assert_eq!((row.hash, row.size, row.ctime), (Some(h2), 4, 14));
+        assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 1);
+    }
+
+    /// A first commit that does not happen (the index locked by another process, the blob
+    /// gone) keeps the reservation: nothing was recorded, and the commit can be tried again.
+    #[test]
+    fn a_first_commit_that_fails_keeps_the_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        idx.set_busy_timeout(Duration::ZERO).unwrap();
+        let h = Hash([9; 32]);
+        let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+        let reserved = idx.get(a).unwrap().unwrap();
+        assert_eq!(
+            idx.commit_file(a, &h, 3, 6, 6, || false).unwrap(),
+            Commit::BlobMissing
+        );
+        assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
+        // Another connection holds the write lock: the commit fails, the file stays reserved.
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let err = idx.commit_file(a, &h, 3, 6, 6, || true).unwrap_err();
+        assert!(is_busy(&err), "{err}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
+        assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 0);
+        // A failure inside the transaction (the row's insert) rolls everything back too.
+        idx.conn
+            .execute_batch(
+                "CREATE TRIGGER no_rows BEFORE INSERT ON entries
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        idx.seal_later(RUNS_INO);
+        assert!(idx.commit_file(a, &h, 3, 6, 6, || true).is_err());
+        assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
+        assert_eq!(idx.pending_seals.borrow().len(), 1, "the seal stays queued");
+        idx.conn.execute_batch("DROP TRIGGER no_rows").unwrap();
+        assert_eq!(
+            idx.commit_file(a, &h, 3, 6, 7, || true).unwrap(),
+            Commit::Recorded
+        );
+        assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 1);
+        assert!(idx.pending_seals.borrow().is_empty());
+    }
+
+    /// Rows and reservations take their inode numbers from one counter, and no number comes
+    /// back after a restart: neither one a row had, nor one a reservation had before the last
+    /// commit (or a clean stop).
+    #[test]
+    fn inode_numbers_are_never_reused_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.sqlite");
+        let h = Hash([9; 32]);
+        let mut handed_out = std::collections::BTreeSet::new();
+        let mut take = |ino: u64| assert!(handed_out.insert(ino), "inode {ino} handed out twice");
+        {
+            let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+            let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+            take(a);
+            let d = idx
+                .insert(&NewEntry::new_dir(RUNS_INO, b"d", 3, 0o755, (0, 0), 1))
+                .unwrap()
+                .unwrap();
+            take(d);
+            let b = idx.insert(&new_file(RUNS_INO, b"b")).unwrap().unwrap();
+            take(b);
+            idx.unlink_unsealed(b, 6).unwrap();
+            // A row deleted (a dropped draft) keeps its number too.
+            let c = idx
+                .insert(&NewEntry::new_dir(RUNS_INO, b"c", 3, 0o755, (0, 0), 1))
+                .unwrap()
+                .unwrap();
+            take(c);
+            idx.commit_file(a, &h, 1, 6, 6, || true).unwrap();
+            // The tombstone a rename leaves takes a number of its own.
+            assert!(idx.rename_file(a, d, b"a", 3, 7, true).unwrap());
+            take(idx.lookup(RUNS_INO, b"a").unwrap().unwrap().ino);
+            idx.delete_row(c).unwrap();
+            // Reserved after the last commit: only a clean stop keeps its number.
+            let e = idx.insert(&new_file(RUNS_INO, b"e")).unwrap().unwrap();
+            take(e);
+            idx.seal_all_committed().unwrap();
+        }
+        for round in 0..2 {
+            let idx = Index::open(&path, (0, 0), 8).unwrap();
+            let f = idx.insert(&new_file(RUNS_INO, b"f")).unwrap().unwrap();
+            take(f);
+            let name = format!("g{round}");
+            let g = idx
+                .insert(&NewEntry::new_dir(
+                    RUNS_INO,
+                    name.as_bytes(),
+                    3,
+                    0o755,
+                    (0, 0),
+                    1,
+                ))
+                .unwrap()
+                .unwrap();
+            take(g);
+            // f is dropped at the reopen; the row inserted after it keeps its number from reuse.
+        }
+    }
+
+    /// A reserved file renamed moves its reservation (no tombstone: it has no content); one
+    /// removed or abandoned leaves no trace, and its name is free again.
+    #[test]
+    fn a_reserved_file_renames_and_unlinks_without_a_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.sqlite");
+        let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+        let d = idx
+            .insert(&NewEntry::new_dir(RUNS_INO, b"d", 3, 0o755, (0, 0), 1))
+            .unwrap()
+            .unwrap();
+        let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
+        let taken = idx
+            .insert(&NewEntry::new_dir(d, b"taken", 3, 0o755, (0, 0), 1))
+            .unwrap()
+            .unwrap();
+        let before = wal_commits(&path);
+        assert!(!idx.rename_file(a, d, b"taken", 3, 20, true).unwrap());
+        assert!(idx.rename_file(a, d, b"b", 4, 21, true).unwrap());
+        assert_eq!(wal_commits(&path), before, "no transaction");
+        assert_eq!(idx.lookup(RUNS_INO, b"a").unwrap(), None);
+        assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 0, "no tombstone");
+        let b = idx.lookup(d, b"b").unwrap().unwrap();
+        assert_eq!(
+            (b.ino, b.zone, b.ctime, b.state),
+            (a, 4, 21, State::Writing)
+        );
+        assert_eq!(idx.path_of(a).unwrap(), PathBuf::from("runs/d/b"));
+        for ino in [RUNS_INO, d] {
+            let e = idx.get(ino).unwrap().unwrap();
+            assert_eq!((e.mtime, e.ctime), (21, 21));
+        }
+        // The old name is free; the new one is taken, for rows too.
+        assert!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap().is_some());
+        assert_eq!(idx.insert(&new_file(d, b"b")).unwrap(), None);
+        // A row renamed onto a reserved name is refused, and nothing changes.
+        let c = idx.insert(&new_file(RUNS_INO, b"c")).unwrap().unwrap();
+        idx.commit_file(c, &Hash([3; 32]), 1, 1, 22, || true)
+            .unwrap();
+        assert!(!idx.rename_file(c, d, b"b", 3, 23, true).unwrap());
+        assert_eq!(idx.lookup(RUNS_INO, b"c").unwrap().unwrap().ino, c);
+        assert_eq!(idx.get(taken).unwrap().unwrap().parent, d);
+        // Committed at its new place.
+        idx.commit_file(a, &Hash([1; 32]), 1, 1, 24, || true)
+            .unwrap();
+        assert_eq!(idx.lookup(d, b"b").unwrap().unwrap().ino, a);
+        assert_eq!(rows_at(&idx, d, b"b"), 1);
+        // Removed before any commit: gone without a trace, the name free again.
+        let e = idx.insert(&new_file(d, b"e")).unwrap().unwrap();
+        idx.unlink_unsealed(e, 30).unwrap();
+        assert_eq!(idx.get(e).unwrap(), None);
+        assert_eq!(idx.lookup(d, b"e").unwrap(), None);
+        let dd = idx.get(d).unwrap().unwrap();
+        assert_eq!((dd.mtime, dd.ctime), (30, 30));
+        assert_eq!(
+            idx.commit_file(e, &Hash([1; 32]), 1, 1, 31, || true)
+                .unwrap(),
+            Commit::Gone
+        );
+        assert_eq!(rows_at(&idx, d, b"e"), 0);
+        let e2 = idx.insert(&new_file(d, b"e")).unwrap().unwrap();
+        assert!(e2 > e);
+        idx.abandon_write(e2).unwrap();
+        assert_eq!(idx.get(e2).unwrap(), None);
+        let e3 = idx.insert(&new_file(d, b"e")).unwrap().unwrap();
+        idx.delete_row(e3).unwrap();
+        assert_eq!(idx.lookup(d, b"e").unwrap(), None);
+        // A tombstone made of a reserved file takes the name forever, without content.
+        let t = idx.insert(&new_file(d, b"t")).unwrap().unwrap();
+        idx.tombstone(t, 40).unwrap();
+        let row = idx.lookup(d, b"t").unwrap().unwrap();
+        assert_eq!((row.ino, row.state, row.hash), (t, State::Tombstone, None));
+        assert_eq!(idx.insert(&new_file(d, b"t")).unwrap(), None);
+        // A crash (a reopen) drops the reservations left.
+        let left = idx.insert(&new_file(d, b"left")).unwrap().unwrap();
+        drop(idx);
+        let idx = Index::open(&path, (0, 0), 50).unwrap();
+        assert_eq!(idx.get(left).unwrap(), None);
+        assert_eq!(idx.lookup(d, b"left").unwrap(), None);
+        assert_eq!(idx.lookup(d, b"b").unwrap().unwrap().ino, a);
     }
 }
