@@ -878,6 +878,17 @@ impl ArtifactFs {
         name: &[u8],
         mode: u32,
     ) -> FsResult<(Attr, u64)> {
+        self.create_once(caller, parent, name, mode, false)
+    }
+
+    fn create_once(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        retried: bool,
+    ) -> FsResult<(Attr, u64)> {
         let (uid, gid) = self.owner(caller);
         let now = now_ns();
         let idx = self.store.index();
@@ -898,6 +909,13 @@ impl ArtifactFs {
                     && t.kind == Kind::File
                     && let Some(hash) = t.hash =>
             {
+                if lock(&self.writing).contains_key(&t.ino) && !retried {
+                    // A release already on its way (close() returned a moment ago): the same
+                    // grace as open(), then decide again.
+                    drop(idx);
+                    self.wait_sealed(t.ino);
+                    return self.create_once(caller, parent, name, mode, true);
+                }
                 if lock(&self.writing).contains_key(&t.ino) {
                     // Removed while a descriptor still writes it: that writer owns the row.
                     let why = "the file removed here is still open for writing".to_string();
@@ -2357,6 +2375,29 @@ mod tests {
             Refusal::Exists
         );
         fs.release(fh).unwrap();
+    }
+
+    #[test]
+    fn a_create_at_a_tombstone_waits_for_a_release_on_its_way() {
+        // `close(fd); open(path, O_CREAT)` of a removed file: the RELEASE may arrive after the
+        // CREATE (seen in CI: EBUSY instead of the tombstone's rule).
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (_, fh) = fs.create(ME, art, b"c", 0o644).unwrap();
+        fs.write(fh, 0, b"v1").unwrap();
+        fs.flush(fh).unwrap();
+        fs.unlink(art, b"c").unwrap();
+        let (attr, again) = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                fs.release(fh).unwrap();
+            });
+            fs.create(ME, art, b"c", 0o644)
+        })
+        .unwrap();
+        fs.write(again, 0, b"v1").unwrap();
+        fs.release(again).unwrap();
+        assert_eq!(read_all(&fs, attr.ino), b"v1");
     }
 
     #[test]
