@@ -9,8 +9,10 @@
 //! into a new store in a temp directory below `DIR` (default `target/`, so the store is on the
 //! same disk as the bench's), 100 per directory, and prints the mean time of each request:
 //! `create`, `write`, `flush` (the commit `close()` waits for: hash, store, index transaction)
-//! and `release` (the seal), plus the `getattr`/`lookup` the kernel adds. The store is removed
-//! afterwards. Used for the per-file cost breakdown in the README (Performance).
+//! and `release` (the seal), plus the `getattr`/`lookup` the kernel adds. As in the daemon, a
+//! second thread runs the periodic work (`tick`: batched sync, index checkpoint, seals) every
+//! 200 ms. The store is removed afterwards. Used for the per-file cost breakdown in the README
+//! (Performance).
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,31 @@ fn main() -> Result<()> {
     let err = |e| anyhow::anyhow!("{e:?}");
     let run = fs.mkdir(me, RUNS_INO, b"bench", 0o755).map_err(err)?;
     let art = fs.lookup(run.ino, b"artifacts").map_err(err)?.ino;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // FILE_COST_NO_TICK=1: no periodic work, so the WAL keeps every commit's frames (to
+            // count them; the store is then kept and its path printed).
+            while std::env::var_os("FILE_COST_NO_TICK").is_none()
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                fs.tick(Instant::now());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let result = write_files(&fs, me, art, files, bytes);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })?;
+    if std::env::var_os("FILE_COST_NO_TICK").is_some() {
+        std::mem::forget(fs);
+        println!("store kept: {}", dir.keep().display());
+    }
+    Ok(())
+}
+
+fn write_files(fs: &ArtifactFs, me: Caller, art: u64, files: usize, bytes: usize) -> Result<()> {
+    let err = |e| anyhow::anyhow!("{e:?}");
     let mut t = [Duration::ZERO; 6];
     let mut data = vec![0u8; bytes];
     let mut dirs = Vec::new();
@@ -95,6 +122,5 @@ fn main() -> Result<()> {
         println!("  {name:<16} {:7.1}", per(t[k]));
     }
     println!("  {:<16} {:7.1}", "total", per(total));
-    drop(fs);
     Ok(())
 }

@@ -17,8 +17,10 @@
 //! ([`Index::commit_file`]) inserts the row in the same transaction that records the content, so
 //! a small file costs one index transaction; the reservation goes once that transaction has
 //! committed. The directory a reserved name was created, renamed or removed in shows the new
-//! times at once, and takes them in the table with the next row of a file in it (or at a clean
-//! stop, [`Index::seal_all_committed`]).
+//! times at once, and takes them in the table with the periodic work ([`Index::seal_pending`],
+//! every 200 ms, which also writes the seals of released files) or at a clean stop
+//! ([`Index::seal_all_committed`]): written with each file's row, they would cost most small
+//! files one more page in their commit.
 //!
 //! Reservations live only in the writable daemon's `Index` (the one process that creates
 //! entries: it holds `STORE/lock`): another process (a `--read-only` daemon, `artifactfs ls`)
@@ -208,6 +210,8 @@ pub struct Index {
     reserved: RefCell<Reservations>,
     /// The next inode number to hand out, to a row or a reservation; 0 until first needed.
     next_ino: Cell<u64>,
+    /// The inode number `sqlite_sequence` was last moved to by [`Index::record_used_inos`].
+    recorded_seq: Cell<u64>,
     /// The contents `fsck --verify` found damaged, as last read from `damaged_blobs`: reloaded
     /// when another connection (fsck, in its own process) has changed the index since.
     damaged: RefCell<DamageCache>,
@@ -229,8 +233,8 @@ struct Reservations {
     /// `(parent, name)` to inode number.
     names: HashMap<(u64, Vec<u8>), u64>,
     /// Directories a reserved name was created, renamed or removed in, since the table last
-    /// took their times: their mtime and ctime read as at least this (written with the next row
-    /// of a file in them, by [`Index::change_meta`] of the directory, or at a clean stop).
+    /// took their times: their mtime and ctime read as at least this (written by
+    /// [`Index::seal_pending`], by [`Index::change_meta`] of the directory, or at a clean stop).
     dir_times: HashMap<u64, i64>,
 }
 
@@ -247,6 +251,10 @@ impl Reservations {
         *t = (*t).max(now);
     }
 }
+
+/// How far ahead of the inode numbers handed out [`Index::record_used_inos`] moves the
+/// table's sequence.
+const INO_BLOCK: u64 = 1024;
 
 const COLUMNS: &str =
     "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime";
@@ -429,6 +437,7 @@ impl Index {
             pending_seals: Default::default(),
             reserved: Default::default(),
             next_ino: Cell::new(0),
+            recorded_seq: Cell::new(0),
             damaged: Default::default(),
         }
     }
@@ -544,38 +553,71 @@ impl Index {
                 r.atime
             ])
             .map_err(to_io)?;
-        let dir_time = self.reserved.borrow().dir_times.get(&r.parent).copied();
-        if let Some(t) = dir_time {
+        self.record_used_inos()
+    }
+
+    /// Inside a transaction: every inode number handed out so far is kept from reuse after a
+    /// restart (the explicit inserts record only their own). The sequence is moved
+    /// [`INO_BLOCK`] numbers ahead at a time, so most commits leave its page alone (an insert
+    /// below the recorded sequence does not write it either); a restart skips the rest of the
+    /// block.
+    fn record_used_inos(&self) -> io::Result<()> {
+        let last = self.next_ino.get().saturating_sub(1);
+        if last <= self.recorded_seq.get() {
+            return Ok(());
+        }
+        let ahead = last + INO_BLOCK;
+        self.conn
+            .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'")
+            .map_err(to_io)?
+            .execute([ahead as i64])
+            .map_err(to_io)?;
+        // (Should the transaction roll back, the next insert past the real sequence records
+        // its own number, as AUTOINCREMENT does: only numbers of dropped reservations could be
+        // handed out again after a restart, which nothing refers to.)
+        self.recorded_seq.set(ahead);
+        Ok(())
+    }
+
+    /// Reserved file `ino` has its row now (the transaction that inserted it committed): the
+    /// reservation goes. Its directory's new times stay in memory until the periodic work
+    /// writes them ([`Index::seal_pending`]): written with each file, they would cost every
+    /// small file's commit one more page (the directory's row is rarely on the file's).
+    fn forget_reservation(&self, ino: u64) {
+        self.reserved.borrow_mut().remove(ino);
+    }
+
+    /// Inside a transaction: the times reserved names gave their directories, into the table.
+    /// Returns them, to be forgotten once the transaction has committed.
+    fn write_dir_times(&self) -> io::Result<Vec<(u64, i64)>> {
+        let dir_times: Vec<(u64, i64)> = self
+            .reserved
+            .borrow()
+            .dir_times
+            .iter()
+            .map(|(&d, &t)| (d, t))
+            .collect();
+        for &(dir, t) in &dir_times {
             self.conn
                 .prepare_cached(
                     "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
                      WHERE ino = ?1 AND kind = 1",
                 )
                 .map_err(to_io)?
-                .execute(params![r.parent as i64, t])
+                .execute(params![dir as i64, t])
                 .map_err(to_io)?;
         }
-        self.record_used_inos()
+        Ok(dir_times)
     }
 
-    /// Inside a transaction: every inode number handed out so far is kept from reuse after a
-    /// restart (the explicit inserts record only their own).
-    fn record_used_inos(&self) -> io::Result<()> {
-        let last = self.next_ino.get().saturating_sub(1);
-        self.conn
-            .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'")
-            .map_err(to_io)?
-            .execute([last as i64])
-            .map_err(to_io)?;
-        Ok(())
-    }
-
-    /// Reserved file `ino` has its row now (the transaction that inserted it committed): the
-    /// reservation goes, and so do its directory's times, which went into the table with it.
-    fn forget_reservation(&self, ino: u64) {
+    /// The directory times of [`Index::write_dir_times`] are in the table: forgotten, unless a
+    /// newer one came meanwhile.
+    fn forget_dir_times(&self, written: &[(u64, i64)]) {
         let mut r = self.reserved.borrow_mut();
-        if let Some(e) = r.remove(ino) {
-            r.dir_times.remove(&e.parent);
+        for (dir, t) in written {
+            if r.dir_times.get(dir) == Some(t) {
+                r.dir_times.remove(dir);
+            }
         }
     }
 
@@ -1277,13 +1319,15 @@ impl Index {
         self.pending_seals.borrow_mut().push(ino);
     }
 
-    /// Writes the seals [`Index::seal_later`] queued.
+    /// Writes the seals [`Index::seal_later`] queued, and the times reserved names gave their
+    /// directories (the periodic work calls it).
     pub fn seal_pending(&self) -> io::Result<()> {
-        if self.pending_seals.borrow().is_empty() {
+        if self.pending_seals.borrow().is_empty() && self.reserved.borrow().dir_times.is_empty() {
             return Ok(());
         }
-        let n = self.write_locked(|idx| idx.seal_now())?;
+        let (n, dirs) = self.write_locked(|idx| Ok((idx.seal_now()?, idx.write_dir_times()?)))?;
         self.pending_seals.borrow_mut().drain(..n);
+        self.forget_dir_times(&dirs);
         Ok(())
     }
 
@@ -1293,13 +1337,6 @@ impl Index {
     ///
     /// The times reserved names gave their directories go into the table too.
     pub fn seal_all_committed(&self) -> io::Result<usize> {
-        let dir_times: Vec<(u64, i64)> = self
-            .reserved
-            .borrow()
-            .dir_times
-            .iter()
-            .map(|(&d, &t)| (d, t))
-            .collect();
         let n = self.atomically(|| {
             let n = self
                 .conn
@@ -1310,15 +1347,7 @@ impl Index {
                     [],
                 )
                 .map_err(to_io)?;
-            for &(dir, t) in &dir_times {
-                self.conn
-                    .execute(
-                        "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
-                         WHERE ino = ?1 AND kind = 1",
-                        params![dir as i64, t],
-                    )
-                    .map_err(to_io)?;
-            }
+            self.write_dir_times()?;
             self.record_used_inos()?;
             Ok(n)
         })?;
@@ -2569,8 +2598,9 @@ mod tests {
         assert_eq!(idx.descendants(e).unwrap()[0].0, b"f".to_vec());
     }
 
-    /// The first commit of a new file inserts its row (and its directory's new times) in the
-    /// one transaction that records its content; later commits update the row.
+    /// The first commit of a new file inserts its row in the one transaction that records its
+    /// content (its directory's new times follow with the periodic work); later commits update
+    /// the row.
     #[test]
     fn the_first_commit_inserts_the_row_in_its_one_transaction() {
         let dir = tempfile::tempdir().unwrap();
@@ -2588,6 +2618,8 @@ mod tests {
         );
         assert_eq!(wal_commits(&path), before + 1);
         assert!(idx.reserved(a).is_none(), "the reservation is gone");
+        assert_eq!(idx.get(RUNS_INO).unwrap().unwrap().mtime, 10, "read at once");
+        idx.seal_pending().unwrap();
         assert_eq!(table_times(&idx, RUNS_INO), (10, 10));
         let other = Index::open_readonly(&path).unwrap();
         let row = other.get(a).unwrap().unwrap();
