@@ -2618,7 +2618,11 @@ mod tests {
         );
         assert_eq!(wal_commits(&path), before + 1);
         assert!(idx.reserved(a).is_none(), "the reservation is gone");
-        assert_eq!(idx.get(RUNS_INO).unwrap().unwrap().mtime, 10, "read at once");
+        assert_eq!(
+            idx.get(RUNS_INO).unwrap().unwrap().mtime,
+            10,
+            "read at once"
+        );
         idx.seal_pending().unwrap();
         assert_eq!(table_times(&idx, RUNS_INO), (10, 10));
         let other = Index::open_readonly(&path).unwrap();
