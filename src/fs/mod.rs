@@ -225,6 +225,9 @@ struct Writer {
     /// A new content of an existing inode was committed: the kernel's cached pages and
     /// attributes of it are dropped at release.
     replaced: bool,
+    /// Released: its entry in `writer_attrs` is gone and must not come back (a `utimens`
+    /// that found this writer just before the release must not leave a stale size behind).
+    released: bool,
 }
 
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
@@ -988,6 +991,7 @@ impl ArtifactFs {
             expect,
             replaces: None,
             replaced: false,
+            released: false,
         };
         self.handles
             .write()
@@ -1101,6 +1105,7 @@ impl ArtifactFs {
             expect: None,
             replaces: Some((hash, e.size, e.mtime)),
             replaced: false,
+            released: false,
         };
         // The inode's one writer slot first: a second writer racing this open is Busy before
         // anything about the row changes.
@@ -1507,6 +1512,7 @@ impl ArtifactFs {
             self.invalidate_inode(w.ino);
         }
         w.body.discard(&self.mem);
+        w.released = true;
         lock(&self.writer_attrs).remove(&w.ino);
         lock(&self.writing).remove(&w.ino);
         self.forget_if_closed(w.ino);
@@ -1722,7 +1728,9 @@ impl ArtifactFs {
                             }
                             w.size = size;
                             w.mtime = now;
-                            lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
+                            if !w.released {
+                                lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
+                            }
                             self.begin_change(&mut w)?;
                         }
                         // The writer's lock is released: getattr takes it again.
@@ -1788,7 +1796,9 @@ impl ArtifactFs {
                 // cp -a and shutil.copy2 set times before close(); the commit must keep them.
                 let mut w = lock(&w);
                 w.mtime = t;
-                lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
+                if !w.released {
+                    lock(&self.writer_attrs).insert(w.ino, (w.size, w.mtime));
+                }
             }
         }
         self.getattr(ino)
