@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::store::blobs::hash_reader;
+use crate::store::blobs::{hash_reader, read_full_at};
 use crate::store::{BlobStore, Hash};
 
 /// Largest file kept in memory while it is written.
@@ -229,20 +229,6 @@ impl Body {
             }
         }
     }
-}
-
-/// Reads until `buf` is full or end of file; returns the bytes read.
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]

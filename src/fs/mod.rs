@@ -26,7 +26,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
-use crate::store::index::Stored;
 use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
 use crate::store::{Content, Hash, INLINE_MAX, Store, now_ns, to_ns};
 
@@ -1567,45 +1566,53 @@ impl ArtifactFs {
             w.replaces = None;
             w.replaced = true;
         }
-        let blobs = &self.store.blobs;
         // Content that fsck found damaged in the store is healed by writing it again.
         let damaged = self.store.index().is_damaged(&hash)?;
-        let mut attempts = 0;
-        if w.size <= INLINE_MAX {
-            // Small content goes into the index, in the same transaction as the row.
+        let recorded = if w.size <= INLINE_MAX {
             let bytes = w.body.contents(w.size)?;
-            let recorded = self.store.retry_busy(
-                || format!("commit of inode {}", w.ino),
-                |idx| {
-                    let stored = Stored::Inline {
-                        bytes: &bytes,
-                        replace: damaged,
-                    };
-                    idx.commit_file_with(w.ino, &hash, w.size, w.mtime, now_ns(), stored)
-                },
-            )?;
-            self.store.note_unsynced();
-            if recorded == Commit::Gone {
-                log::debug!(
-                    "inode {} was removed while open; its content is not recorded",
-                    w.ino
-                );
-            }
-            if damaged && recorded == Commit::Recorded {
-                self.store.retry_busy(
-                    || format!("clearing the damage mark of content {hash}"),
-                    |idx| idx.clear_damaged(&hash),
-                )?;
-                log::info!("damaged content {hash} was stored again with the right bytes");
-            }
-            if durable {
-                self.store.index().sync()?;
-            }
+            self.store
+                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes, damaged)?
+        } else {
+            self.commit_blob(w, &hash, damaged, durable)?
+        };
+        if recorded == Commit::Gone {
+            log::debug!(
+                "inode {} was removed while open; its content is not recorded",
+                w.ino
+            );
         }
-        while w.size > INLINE_MAX {
-            w.body.publish(blobs, &hash, damaged)?;
+        if damaged && recorded == Commit::Recorded {
+            self.store.retry_busy(
+                || format!("clearing the damage mark of content {hash}"),
+                |idx| idx.clear_damaged(&hash),
+            )?;
+            log::info!("damaged content {hash} was stored again with the right bytes");
+        }
+        if durable {
+            self.store.index().sync()?;
+        }
+        w.dirty = false;
+        w.committed = true;
+        w.synced = durable;
+        w.expect = None;
+        Ok(())
+    }
+
+    /// Publishes content over [`INLINE_MAX`] as a blob and records it (`Recorded` or `Gone`;
+    /// a blob that garbage collection took between the two is stored again).
+    fn commit_blob(
+        &self,
+        w: &mut Writer,
+        hash: &Hash,
+        damaged: bool,
+        durable: bool,
+    ) -> FsResult<Commit> {
+        let blobs = &self.store.blobs;
+        let mut attempts = 0;
+        loop {
+            w.body.publish(blobs, hash, damaged)?;
             if durable {
-                blobs.sync_published(&hash)?;
+                blobs.sync_published(hash)?;
             }
             // Another process holding the index (gc between two of its transactions, fsck) is
             // waited for with the index mutex released; only after `BUSY_PATIENCE` does the
@@ -1613,45 +1620,24 @@ impl ArtifactFs {
             let recorded = self.store.retry_busy(
                 || format!("commit of inode {}", w.ino),
                 |idx| {
-                    idx.commit_file(w.ino, &hash, w.size, w.mtime, now_ns(), || {
-                        blobs.exists(&hash)
+                    idx.commit_file(w.ino, hash, w.size, w.mtime, now_ns(), || {
+                        blobs.exists(hash)
                     })
                 },
             )?;
             match recorded {
-                Commit::Recorded => {}
-                Commit::Gone => log::debug!(
-                    "inode {} was removed while open; its content is not recorded",
-                    w.ino
-                ),
                 Commit::BlobMissing if attempts < 3 => {
                     // Garbage collection removed the blob between publish and commit.
                     attempts += 1;
                     log::info!("blob {hash} was collected during a commit; storing it again");
                     w.body.thaw(blobs)?;
-                    continue;
                 }
                 Commit::BlobMissing => {
                     return Err(io::Error::other(format!("blob {hash} keeps disappearing")).into());
                 }
+                other => return Ok(other),
             }
-            if damaged && recorded == Commit::Recorded {
-                self.store.retry_busy(
-                    || format!("clearing the damage mark of blob {hash}"),
-                    |idx| idx.clear_damaged(&hash),
-                )?;
-                log::info!("damaged blob {hash} was stored again with the right bytes");
-            }
-            if durable {
-                self.store.index().sync()?;
-            }
-            break;
         }
-        w.dirty = false;
-        w.committed = true;
-        w.synced = durable;
-        w.expect = None;
-        Ok(())
     }
 
     // ----- metadata --------------------------------------------------------------------------

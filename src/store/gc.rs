@@ -218,24 +218,8 @@ mod tests {
         assert_eq!(idx.file_rows().unwrap().len(), 1);
     }
 
-    /// A committed file whose content the index holds.
     fn inline_file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
-        use crate::store::index::Stored;
-        let hash = Hash::of(bytes);
-        let idx = store.index();
-        let ino = idx
-            .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
-            .unwrap()
-            .unwrap();
-        let stored = Stored::Inline {
-            bytes,
-            replace: false,
-        };
-        let c = idx
-            .commit_file_with(ino, &hash, bytes.len() as u64, 1, now_ns(), stored)
-            .unwrap();
-        assert_eq!(c, Commit::Recorded);
-        ino
+        crate::store::inline_test_file(store, name, bytes)
     }
 
     #[test]

@@ -364,6 +364,21 @@ fn bind_insert(
     ])
 }
 
+/// Deletes the row of committed file `ino` that a rename onto identical content replaces;
+/// `false` if it is no longer such a file (nothing deleted).
+fn delete_replaced(conn: &Connection, ino: u64) -> io::Result<bool> {
+    let gone = conn
+        .execute(
+            &format!(
+                "DELETE FROM entries WHERE ino = ?1 AND kind = 2
+                 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+            ),
+            [ino as i64],
+        )
+        .map_err(to_io)?;
+    Ok(gone == 1)
+}
+
 /// Whether `e` is a new file that starts being written: reserved, not inserted.
 fn is_reservable(e: &NewEntry) -> bool {
     e.kind == Kind::File && e.state == State::Writing && e.hash.is_none()
@@ -1738,19 +1753,10 @@ impl Index {
                 row_to_entry,
             )
             .map_err(to_io)?;
-        if let Some(r) = replacing {
-            let gone = tx
-                .execute(
-                    &format!(
-                        "DELETE FROM entries WHERE ino = ?1 AND kind = 2
-                         AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
-                    ),
-                    [r as i64],
-                )
-                .map_err(to_io)?;
-            if gone != 1 {
-                return Ok(false);
-            }
+        if let Some(r) = replacing
+            && !delete_replaced(&tx, r)?
+        {
+            return Ok(false);
         }
         // Both directories change: a name left one and arrived in the other.
         for dir in [old.parent, new_parent] {
@@ -1825,17 +1831,7 @@ impl Index {
         now: i64,
     ) -> io::Result<bool> {
         if let Some(r) = replacing {
-            let gone = self
-                .conn
-                .execute(
-                    &format!(
-                        "DELETE FROM entries WHERE ino = ?1 AND kind = 2
-                         AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
-                    ),
-                    [r as i64],
-                )
-                .map_err(to_io)?;
-            if gone != 1 {
+            if !delete_replaced(&self.conn, r)? {
                 return Ok(false);
             }
         } else if self.row_at(new_parent, new_name)? {

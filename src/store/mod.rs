@@ -94,19 +94,7 @@ impl Content {
                 buf[..n].copy_from_slice(&v[start..start + n]);
                 Ok(n)
             }
-            Content::Blob(f) => {
-                use std::os::unix::fs::FileExt;
-                let mut done = 0;
-                while done < buf.len() {
-                    match f.read_at(&mut buf[done..], offset + done as u64) {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(done)
-            }
+            Content::Blob(f) => blobs::read_full_at(f, buf, offset),
         }
     }
 
@@ -695,10 +683,28 @@ impl Store {
         open_content(&self.index(), &self.blobs, hash, size)
     }
 
-    /// A commit wrote content into the index: the periodic sync is due for it as for a blob
-    /// published without fsync.
-    pub fn note_unsynced(&self) {
+    /// Records small content (up to [`INLINE_MAX`]) and file `ino`'s row in one index
+    /// transaction (see [`Index::commit_file_with`]), waiting out other processes' locks like
+    /// every commit ([`Store::retry_busy`]). The periodic sync is then due for it, as for a
+    /// blob published without fsync.
+    pub fn commit_inline(
+        &self,
+        ino: u64,
+        hash: &Hash,
+        size: u64,
+        mtime: i64,
+        bytes: &[u8],
+        replace: bool,
+    ) -> io::Result<index::Commit> {
+        let recorded = self.retry_busy(
+            || format!("commit of inode {ino}"),
+            |idx| {
+                let stored = index::Stored::Inline { bytes, replace };
+                idx.commit_file_with(ino, hash, size, mtime, now_ns(), stored)
+            },
+        )?;
         self.blobs.mark_unsynced();
+        Ok(recorded)
     }
 
     /// The index, locked. Keep the guard short: every file-system operation goes through it.
@@ -798,16 +804,37 @@ pub fn wait_unlocked(root: &Path, timeout: std::time::Duration) -> bool {
 /// Test helper: a committed file `runs/<name>` holding `bytes`.
 #[cfg(test)]
 pub(crate) fn committed_test_file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
+    store.blobs.publish_bytes(bytes, &Hash::of(bytes)).unwrap();
+    test_file_with(store, name, bytes, index::Stored::Blob(&|| true))
+}
+
+/// Test helper: a committed file `runs/<name>` whose content `bytes` the index holds.
+#[cfg(test)]
+pub(crate) fn inline_test_file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
+    let stored = index::Stored::Inline {
+        bytes,
+        replace: false,
+    };
+    test_file_with(store, name, bytes, stored)
+}
+
+#[cfg(test)]
+fn test_file_with(store: &Store, name: &[u8], bytes: &[u8], stored: index::Stored) -> u64 {
     use index::{Commit, NewEntry, RUNS_INO};
-    let hash = Hash::of(bytes);
-    store.blobs.publish_bytes(bytes, &hash).unwrap();
     let idx = store.index();
     let ino = idx
         .insert(&NewEntry::new_file(RUNS_INO, name, 2, 0o644, (0, 0), 1))
         .unwrap()
         .unwrap();
     let c = idx
-        .commit_file(ino, &hash, bytes.len() as u64, 1, now_ns(), || true)
+        .commit_file_with(
+            ino,
+            &Hash::of(bytes),
+            bytes.len() as u64,
+            1,
+            now_ns(),
+            stored,
+        )
         .unwrap();
     assert_eq!(c, Commit::Recorded);
     ino
