@@ -385,6 +385,16 @@ fn check_mountpoint(mp: &Path) -> Result<()> {
         bail!("mount point {at} is not a directory");
     }
     if let Some(e) = mounts::mounted_at(mp).filter(|e| e.fstype.starts_with("fuse")) {
+        // The kernel may answer `stat` of a dead mount's root from its cache; `statfs` always
+        // asks the daemon.
+        if let Err(e) = mounts::statfs(mp)
+            && e.raw_os_error() == Some(libc::ENOTCONN)
+        {
+            return Err(anyhow::Error::new(e).context(format!(
+                "mount point {at} is a FUSE mount whose daemon is gone: unmount it first \
+                 (artifactfs unmount {at}, or umount -l {at})"
+            )));
+        }
         bail!(
             "{at} is already mounted ({} of {}): unmount it first (artifactfs unmount {at}), or \
              choose another mount point",

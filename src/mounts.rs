@@ -76,6 +76,16 @@ pub fn mounted_at(mp: &Path) -> Option<MountEntry> {
         .find(|e| e.mount_point == mp)
 }
 
+/// `statfs(2)` of a path (FUSE never answers it from a cache).
+pub fn statfs(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    if unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Why `/dev/fuse` cannot be used, with the fix, or `None` if it opens.
 pub fn fuse_device_problem() -> Option<String> {
     let err = match std::fs::OpenOptions::new()
