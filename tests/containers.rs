@@ -1035,3 +1035,43 @@ fn the_dockerfile_builds_a_runtime_image_that_mounts_and_stops_cleanly() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn the_compose_and_kubernetes_examples_use_the_tested_options() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/container");
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap();
+    let compose: serde_yaml::Value = serde_yaml::from_str(&read("compose.yaml")).unwrap();
+    let side = &compose["services"]["artifactfs"];
+    assert_eq!(side["devices"][0], "/dev/fuse");
+    assert_eq!(side["cap_add"][0], "SYS_ADMIN");
+    assert_eq!(side["volumes"][1]["bind"]["propagation"], "rshared");
+    assert_eq!(side["command"][1], "--foreground");
+    let train = &compose["services"]["train"];
+    assert_eq!(train["volumes"][0]["bind"]["propagation"], "rslave");
+    assert_eq!(
+        train["volumes"][0]["source"], side["volumes"][1]["source"],
+        "the consumer shares the sidecar's directory"
+    );
+
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&read("kubernetes.yaml"))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], true);
+    assert_eq!(c["volumeMounts"][1]["mountPropagation"], "Bidirectional");
+    assert!(
+        c["command"][2]
+            .as_str()
+            .unwrap()
+            .contains("artifactfs mount --foreground")
+    );
+    let pod = docs.iter().find(|d| d["kind"] == "Pod").unwrap();
+    assert_eq!(
+        pod["spec"]["containers"][0]["volumeMounts"][0]["mountPropagation"],
+        "HostToContainer"
+    );
+
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains(r#"CMD ["mount", "--foreground""#));
+}
