@@ -864,17 +864,23 @@ fn wait_for_daemon(
                 );
                 reported = Some((left.len(), now));
             }
-        } else if !wait && now - last_held >= Duration::from_secs(30) {
-            bail!(
-                "unmounted, but {daemon} of {} is still running after 30 s",
-                store.map_or_else(|| mp.display().to_string(), |s| s.display().to_string())
-            );
-        } else if wait
-            && reported.is_none_or(|(n, at)| n != 0 || now - at >= Duration::from_secs(10))
-            && now - start >= OTHER_MOUNTS_GRACE
-        {
-            eprintln!("artifactfs: waiting for {daemon} to finish (files still open?)");
-            reported = Some((0, now));
+        } else {
+            // No mount is left anywhere we can see: the daemon is finishing (its final sync),
+            // or files are still open on a lazily detached mount.
+            if !wait && now - last_held >= Duration::from_secs(30) {
+                bail!(
+                    "unmounted, but {daemon} of {} is still running after 30 s (files still \
+                     open on a detached mount, or a mount namespace without processes that \
+                     holds the file system?)",
+                    store.map_or_else(|| mp.display().to_string(), |s| s.display().to_string())
+                );
+            }
+            let due = now - last_held >= Duration::from_secs(2)
+                && reported.is_none_or(|(n, at)| n != 0 || now - at >= Duration::from_secs(10));
+            if due {
+                eprintln!("artifactfs: waiting for {daemon} to finish");
+                reported = Some((0, now));
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
