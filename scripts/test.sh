@@ -50,6 +50,8 @@ stop_dockerd() {
     fi
 }
 trap stop_dockerd EXIT
+trap 'exit 130' INT    # bash runs no EXIT trap when a signal ends it: exit instead
+trap 'exit 143' TERM HUP
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     pkgs=()
     command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
@@ -65,7 +67,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     base="$cache/bookworm-minbase.tar"
     if [ ! -s "$base" ]; then
         mirror=$(sed -n 's/^URIs: *\([^ ]*debian\)$/\1/p; s/^deb \(http[^ ]*debian\) bookworm .*/\1/p' \
-            /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n 1)
+            /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n 1 || true)
         mirror=${mirror:-http://deb.debian.org/debian}
         echo "making the Dockerfile's base image with debootstrap from $mirror (once; ~1 min)"
         mkdir -p "$cache"
