@@ -796,6 +796,68 @@ fn mount_errors_in_containers_name_the_missing_piece_and_the_fix() {
             assert!(lines[0].contains(w), "{opts:?}: {w:?} missing in: {out}");
         }
     }
+
+    // mount(2) itself refused although the capability is there: a seccomp profile answering
+    // EPERM (what a profile or a capability over another namespace gives), or EACCES (what
+    // AppArmor's denial of mount gives; this machine has no AppArmor to run it for real).
+    // These are found only when mount(2) is tried, after the store is opened.
+    let dir = tempfile::Builder::new()
+        .prefix("afs-seccomp-")
+        .tempdir()
+        .unwrap();
+    for (errno, want) in [
+        (
+            libc::EPERM,
+            &[
+                "mount(2) was refused for lack of privilege",
+                "seccomp",
+                "--cap-add SYS_ADMIN",
+            ][..],
+        ),
+        (
+            libc::EACCES,
+            &[
+                "mount(2) was denied (permission denied)",
+                "--security-opt apparmor=unconfined",
+            ][..],
+        ),
+    ] {
+        let profile = dir.path().join(format!("deny-mount-{errno}.json"));
+        fs::write(
+            &profile,
+            format!(
+                r#"{{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{{"names": ["mount"], "action": "SCMP_ACT_ERRNO", "errnoRet": {errno}}}]}}"#
+            ),
+        )
+        .unwrap();
+        let seccomp = format!("seccomp={}", profile.display());
+        for script in [
+            "artifactfs mount --store /store /m; echo exit=$?",
+            "artifactfs mount --foreground --store /store /m 2>&1 | grep -v INFO; echo exit=$?",
+        ] {
+            let opts = [
+                "--device",
+                "/dev/fuse",
+                "--cap-add",
+                "SYS_ADMIN",
+                "--security-opt",
+                &seccomp,
+            ];
+            let out = d.sh(&opts, script);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{script}: {out}");
+            assert!(
+                lines[0].starts_with("artifactfs: cannot mount at /m: "),
+                "{out}"
+            );
+            for w in want {
+                assert!(
+                    lines[0].contains(w),
+                    "errno {errno}: {w:?} missing in: {out}"
+                );
+            }
+        }
+    }
     eprintln!("{test}: {:?}", t0.elapsed());
 }
 
