@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::fs::{ArtifactFs, FsOptions};
 use crate::fuse::FuseAdapter;
+use crate::mounts;
 use crate::store::index::{Kind, State};
 use crate::store::{self, Store};
 
@@ -38,12 +39,18 @@ pub struct Cli {
 pub enum Cmd {
     /// Mount a store; returns once the mount is live (the daemon keeps running).
     Mount(MountArgs),
-    /// Unmount a mount point and wait for its daemon to finish.
+    /// Unmount a mount point and wait for its daemon to finish. If the file system is still
+    /// mounted elsewhere (a container's volume), say so and exit 2 within a second or so: the
+    /// daemon serves those mounts until they are gone.
     Unmount {
         mountpoint: PathBuf,
         /// Detach even if files are open (lazy unmount).
         #[arg(long)]
         lazy: bool,
+        /// Wait, with progress, until mounts left in other namespaces are gone and the daemon
+        /// has finished.
+        #[arg(long)]
+        wait: bool,
     },
     /// Check that every index row has its blob; with --verify, re-hash every blob.
     Fsck {
@@ -241,7 +248,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Mount(args) if args.foreground => mount_foreground(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Mount(args) => mount_detached(&args).map(|_| ExitCode::SUCCESS),
-        Cmd::Unmount { mountpoint, lazy } => unmount(&mountpoint, lazy).map(|_| ExitCode::SUCCESS),
+        Cmd::Unmount {
+            mountpoint,
+            lazy,
+            wait,
+        } => unmount(&mountpoint, lazy, wait),
         Cmd::Fsck { store, verify } => fsck(&store.dir(), verify),
         Cmd::Ls {
             store,
@@ -348,11 +359,51 @@ pub fn mount_helper_args(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::
     Ok(out)
 }
 
+/// Refuses a mount point that cannot take the mount, and a system without a usable FUSE
+/// device, each with the fix (before the store is opened or created).
 fn check_mountpoint(mp: &Path) -> Result<()> {
-    let meta = std::fs::metadata(mp)
-        .with_context(|| format!("mount point {} is not usable", mp.display()))?;
+    let at = mp.display();
+    let meta = match std::fs::metadata(mp) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "mount point {at} does not exist: create it first (mkdir -p {at}); in a \
+                 container, create it in the image or mount a volume there"
+            )));
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "mount point {at} is a FUSE mount whose daemon is gone: unmount it first \
+                 (artifactfs unmount {at}, or umount -l {at})"
+            )));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("mount point {at} is not usable")));
+        }
+    };
     if !meta.is_dir() {
-        bail!("mount point {} is not a directory", mp.display());
+        bail!("mount point {at} is not a directory");
+    }
+    if let Some(e) = mounts::mounted_at(mp).filter(|e| e.fstype.starts_with("fuse")) {
+        // The kernel may answer `stat` of a dead mount's root from its cache; `statfs` always
+        // asks the daemon.
+        if let Err(e) = mounts::statfs(mp)
+            && e.raw_os_error() == Some(libc::ENOTCONN)
+        {
+            return Err(anyhow::Error::new(e).context(format!(
+                "mount point {at} is a FUSE mount whose daemon is gone: unmount it first \
+                 (artifactfs unmount {at}, or umount -l {at})"
+            )));
+        }
+        bail!(
+            "{at} is already mounted ({} of {}): unmount it first (artifactfs unmount {at}), or \
+             choose another mount point",
+            e.fstype,
+            e.source.display()
+        );
+    }
+    if let Some(problem) = mounts::fuse_device_problem().or_else(mounts::privilege_problem) {
+        bail!("cannot mount at {at}: {problem}");
     }
     Ok(())
 }
@@ -603,7 +654,7 @@ fn serve_session(
 
     let adapter = FuseAdapter::new(fs.clone(), !args.no_passthrough);
     let mut session = fuser::Session::new(adapter, mp, &config)
-        .with_context(|| format!("cannot mount at {}", mp.display()))?;
+        .map_err(|e| mounts::explain_mount_error(e, mp))?;
     crate::fuse::forward_vanished(fs, session.notifier())?;
     let unmounter = session.unmount_callable();
     let mp_for_signal = mp.to_path_buf();
@@ -694,7 +745,7 @@ fn writable_fuse_mounts() -> Vec<(PathBuf, PathBuf)> {
             let f: Vec<&str> = line.split(' ').collect();
             (f.len() > 3 && f[2].starts_with("fuse") && f[3].split(',').any(|o| o == "rw")).then(
                 || {
-                    let path = |s: &str| PathBuf::from(OsStr::from_bytes(&unescape_mount(s)));
+                    let path = |s: &str| PathBuf::from(OsStr::from_bytes(&mounts::unescape(s)));
                     (path(f[0]), path(f[1]))
                 },
             )
@@ -717,29 +768,21 @@ fn store_of_mount(mp: &Path) -> Option<PathBuf> {
         .find_map(|(s, m)| (m == mp && s.join("lock").exists()).then_some(s))
 }
 
-/// Undoes the octal escapes of /proc/mounts (`\040` for a space).
-fn unescape_mount(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
+/// How long `unmount` gives mounts found in other namespaces to go by themselves (a container
+/// stopping at the same moment) before it reports them.
+const OTHER_MOUNTS_GRACE: Duration = Duration::from_secs(1);
 
-fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+/// Exit status of `unmount` when the mount point is unmounted but the file system is still
+/// mounted elsewhere (another mount namespace: a container's volume), so its daemon serves on.
+const STILL_MOUNTED_ELSEWHERE: u8 = 2;
+
+fn unmount(mountpoint: &Path, lazy: bool, wait: bool) -> Result<ExitCode> {
     let mp = absolute(mountpoint);
     let store = store_of_mount(&mp);
+    // The file system's device number identifies its mounts in every namespace.
+    let dev = mounts::mounted_at(&mp)
+        .filter(|e| e.fstype.starts_with("fuse"))
+        .map(|e| e.dev);
     umount(&mp, if lazy { libc::MNT_DETACH } else { 0 }).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => anyhow!(
             "{} is busy (files are open); close them or use --lazy",
@@ -748,16 +791,99 @@ fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
         Some(libc::EINVAL) => anyhow!("{} is not mounted", mp.display()),
         _ => anyhow!("cannot unmount {}: {e}", mp.display()),
     })?;
-    if let Some(store) = store
-        && !lazy
-        && !store::wait_unlocked(&store, Duration::from_secs(30))
-    {
-        bail!(
-            "unmounted, but the daemon of {} is still running after 30 s",
-            store.display()
-        );
+    if lazy && !wait {
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(())
+    wait_for_daemon(&mp, store.as_deref(), dev.as_deref(), wait)
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// After the unmount: waits until the daemon has finished (a writable daemon's store lock is
+/// free; a read-only daemon is done once no mount of its file system is left). Mounts left in
+/// other namespaces keep the daemon serving: without `wait` that is reported within about a
+/// second (exit status 2); with it, progress is printed until they are gone.
+fn wait_for_daemon(
+    mp: &Path,
+    store: Option<&Path>,
+    dev: Option<&str>,
+    wait: bool,
+) -> Result<ExitCode> {
+    let start = std::time::Instant::now();
+    let holders = || dev.map(mounts::fuse_mounts_of).unwrap_or_default();
+    let daemon = store
+        .and_then(|s| std::fs::read_to_string(s.join("lock")).ok())
+        .map(|pid| format!("its daemon (pid {})", pid.trim()))
+        .unwrap_or_else(|| "its daemon".into());
+    // (mounts left, when last reported)
+    let mut reported: Option<(usize, std::time::Instant)> = None;
+    let mut last_held = start;
+    loop {
+        let left = holders();
+        let done = match store {
+            Some(s) => store::wait_unlocked(s, Duration::ZERO),
+            None => left.is_empty(),
+        };
+        if done {
+            if reported.is_some() {
+                eprintln!("artifactfs: no mount is left; the daemon has finished");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let now = std::time::Instant::now();
+        if !left.is_empty() {
+            last_held = now;
+            if !wait && now - start >= OTHER_MOUNTS_GRACE {
+                eprintln!(
+                    "artifactfs: unmounted {}, but the file system is still mounted in {} other \
+                     place(s): {}. {} keeps serving them and exits when they are gone (the \
+                     containers stop, or they are unmounted); nothing is lost meanwhile. \
+                     `artifactfs unmount --wait` waits for that.",
+                    mp.display(),
+                    left.len(),
+                    mounts::describe(&left),
+                    capitalized(&daemon)
+                );
+                return Ok(ExitCode::from(STILL_MOUNTED_ELSEWHERE));
+            }
+            let due = match reported {
+                None => now - start >= OTHER_MOUNTS_GRACE,
+                Some((n, at)) => n != left.len() || now - at >= Duration::from_secs(10),
+            };
+            if wait && due {
+                eprintln!(
+                    "artifactfs: waiting: {} mount(s) left: {}; {daemon} serves them and exits \
+                     when they are gone",
+                    left.len(),
+                    mounts::describe(&left)
+                );
+                reported = Some((left.len(), now));
+            }
+        } else {
+            // No mount is left anywhere we can see: the daemon is finishing (its final sync),
+            // or files are still open on a lazily detached mount.
+            if !wait && now - last_held >= Duration::from_secs(30) {
+                bail!(
+                    "unmounted, but {daemon} of {} is still running after 30 s (files still \
+                     open on a detached mount, or a mount namespace without processes that \
+                     holds the file system?)",
+                    store.map_or_else(|| mp.display().to_string(), |s| s.display().to_string())
+                );
+            }
+            let due = now - last_held >= Duration::from_secs(2)
+                && reported.is_none_or(|(n, at)| n != 0 || now - at >= Duration::from_secs(10));
+            if due {
+                eprintln!("artifactfs: waiting for {daemon} to finish");
+                reported = Some((0, now));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {

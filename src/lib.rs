@@ -12,6 +12,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod mlmodel;
+pub mod mounts;
 pub mod namespace;
 pub mod registry;
 pub mod store;

@@ -196,6 +196,50 @@ fn mount_refuses_a_missing_or_non_directory_mount_point() {
 }
 
 #[test]
+fn mount_on_a_mounted_or_dead_mount_point_says_unmount_first() {
+    let Some(mut m) = Mount::new("mount_on_a_mounted_or_dead_mount_point_says_unmount_first")
+    else {
+        return;
+    };
+    // Another store over the live mount: refused before anything is created.
+    let other = m.dir.path().join("other-store");
+    let (_g, out) = ExtraMount::mount(Some(&other), &m.mnt, &[], &[]);
+    assert!(!out.status.success(), "a second mount went over the first");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{} is already mounted (fuse of {})",
+            m.mnt.display(),
+            m.store.display()
+        )) && err.contains("unmount it first"),
+        "{err}"
+    );
+    assert!(!other.exists(), "the refused mount created its store");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // The daemon dies: the mount point answers ENOTCONN, and mount says what to do.
+    kill9(m.daemon_pid());
+    let (_g, out) = ExtraMount::mount(Some(&m.store), &m.mnt, &[], &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("is a FUSE mount whose daemon is gone: unmount it first")
+            && err.contains("Transport endpoint is not connected"),
+        "{err}"
+    );
+    // ... and `artifactfs unmount` does it.
+    let out = Command::new(BIN)
+        .arg("unmount")
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&m.mnt));
+    m.mark_stale();
+    m.mount(&[]);
+}
+
+#[test]
 fn second_writable_mount_of_a_store_is_refused() {
     let Some(m) = Mount::new("second_writable_mount_of_a_store_is_refused") else {
         return;
