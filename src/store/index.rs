@@ -46,10 +46,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{
-    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
-};
+use rusqlite::{Connection, OpenFlags, params};
 
+mod db;
+use db::{Db, DbRow};
 mod registry;
 pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 
@@ -202,7 +202,7 @@ pub struct FileRow {
 }
 
 pub struct Index {
-    conn: Connection,
+    db: Db,
     /// Files released since their last commit, still `STATE_COMMITTED_OPEN` in the table: sealed
     /// in the next commit's transaction or by [`Index::seal_pending`], whichever comes first.
     pending_seals: RefCell<Vec<u64>>,
@@ -252,6 +252,18 @@ impl Reservations {
     }
 }
 
+/// Undoes a step or transaction of the index if the code inside it panics (see
+/// [`Index::write_locked`]).
+struct UndoOnUnwind<'a>(&'a Db, db::Step);
+
+impl Drop for UndoOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.end_step(self.1, false);
+        }
+    }
+}
+
 /// How far ahead of the inode numbers handed out [`Index::record_used_inos`] moves the
 /// table's sequence.
 const INO_BLOCK: u64 = 1024;
@@ -261,15 +273,14 @@ const COLUMNS: &str =
 
 /// The first inode number no row has used, nor any row deleted since (`AUTOINCREMENT` keeps the
 /// highest number ever used in `sqlite_sequence`).
-fn first_unused_ino(conn: &Connection) -> io::Result<u64> {
-    conn.query_row(
+fn first_unused_ino(db: &Db) -> io::Result<u64> {
+    db.row(
         "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),
                     COALESCE((SELECT MAX(ino) FROM entries), 0)) + 1",
-        [],
+        params![],
         |r| r.get::<_, i64>(0),
     )
     .map(|n| n as u64)
-    .map_err(to_io)
 }
 
 /// How long a connection waits inside SQLite for another connection's write lock, unless told
@@ -296,14 +307,7 @@ pub fn is_busy(e: &io::Error) -> bool {
 }
 
 fn to_io(e: rusqlite::Error) -> io::Error {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => io::Error::from_raw_os_error(libc::ENOSPC),
-        Some(ErrorCode::ReadOnly) => io::Error::from_raw_os_error(libc::EROFS),
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            io::Error::other(IndexBusy(e.to_string()))
-        }
-        _ => io::Error::other(format!("index: {e}")),
-    }
+    db::sqlite_error(e)
 }
 
 fn kind_code(k: Kind) -> i64 {
@@ -334,48 +338,51 @@ fn state_code(s: State) -> i64 {
     }
 }
 
-fn insert_sql(conflict: &str) -> String {
-    format!(
-        "INSERT {conflict} INTO entries
-         (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
-          atime)
-         VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)"
+/// Inserts row `ino` for `e`; with `skip_taken`, a taken `(parent, name)` inserts nothing
+/// (returns 0) instead of failing with [`io::ErrorKind::AlreadyExists`].
+fn insert_entry(db: &Db, e: &NewEntry, ino: u64, skip_taken: bool) -> io::Result<usize> {
+    let sql = if skip_taken {
+        INSERT_SKIPPING_TAKEN
+    } else {
+        INSERT
+    };
+    db.exec(
+        sql,
+        params![
+            e.parent as i64,
+            e.name,
+            kind_code(e.kind),
+            state_code(e.state),
+            e.zone as i64,
+            e.hash.map(|h| h.to_hex()),
+            e.size as i64,
+            e.mode as i64,
+            e.uid as i64,
+            e.gid as i64,
+            e.time,
+            ino as i64,
+        ],
     )
 }
 
-fn bind_insert(
-    stmt: &mut rusqlite::CachedStatement,
-    e: &NewEntry,
-    ino: u64,
-) -> rusqlite::Result<usize> {
-    stmt.execute(params![
-        e.parent as i64,
-        e.name,
-        kind_code(e.kind),
-        state_code(e.state),
-        e.zone as i64,
-        e.hash.map(|h| h.to_hex()),
-        e.size as i64,
-        e.mode as i64,
-        e.uid as i64,
-        e.gid as i64,
-        e.time,
-        ino as i64,
-    ])
-}
+const INSERT: &str = "INSERT INTO entries
+     (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
+     VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)";
+const INSERT_SKIPPING_TAKEN: &str = "INSERT INTO entries
+     (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
+     VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)
+     ON CONFLICT DO NOTHING";
 
 /// Deletes the row of committed file `ino` that a rename onto identical content replaces;
 /// `false` if it is no longer such a file (nothing deleted).
-fn delete_replaced(conn: &Connection, ino: u64) -> io::Result<bool> {
-    let gone = conn
-        .execute(
-            &format!(
-                "DELETE FROM entries WHERE ino = ?1 AND kind = 2
-                 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
-            ),
-            [ino as i64],
-        )
-        .map_err(to_io)?;
+fn delete_replaced(db: &Db, ino: u64) -> io::Result<bool> {
+    let gone = db.exec(
+        &format!(
+            "DELETE FROM entries WHERE ino = ?1 AND kind = 2
+             AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+        ),
+        params![ino as i64],
+    )?;
     Ok(gone == 1)
 }
 
@@ -384,7 +391,7 @@ fn is_reservable(e: &NewEntry) -> bool {
     e.kind == Kind::File && e.state == State::Writing && e.hash.is_none()
 }
 
-fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
+fn row_to_entry(row: &DbRow) -> rusqlite::Result<Entry> {
     let kind = match row.get::<_, i64>(3)? {
         1 => Kind::Dir,
         _ => Kind::File,
@@ -421,17 +428,15 @@ impl Index {
     /// Opens the index for the daemon: creates or migrates the schema, and drops rows of writes
     /// that never completed.
     pub fn open(path: &Path, owner: (u32, u32), now: i64) -> io::Result<Index> {
-        let index = Index::with(Connection::open(path).map_err(to_io)?);
+        let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         index.migrate(owner, now)?;
-        index
-            .conn
-            .execute_batch(&format!(
-                // Directories a registration was still filling go with their trees. Files
-                // being written when the daemon stopped: a version fsync'd before the latest
-                // writes, or committed while still open, is kept; otherwise the file is gone —
-                // its path a tombstone if an earlier version had been committed.
-                "WITH RECURSIVE t(i) AS (
+        index.db.batch(&format!(
+            // Directories a registration was still filling go with their trees. Files
+            // being written when the daemon stopped: a version fsync'd before the latest
+            // writes, or committed while still open, is kept; otherwise the file is gone —
+            // its path a tombstone if an earlier version had been committed.
+            "WITH RECURSIVE t(i) AS (
                      SELECT ino FROM entries WHERE kind = 1 AND state = {STATE_WRITING}
                      UNION ALL SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
                  DELETE FROM entries WHERE ino IN t;
@@ -440,15 +445,14 @@ impl Index {
                  UPDATE entries SET state = {STATE_TOMBSTONE}
                      WHERE state = {STATE_WRITING} AND hash IS NOT NULL;
                  DELETE FROM entries WHERE state = {STATE_WRITING};",
-            ))
-            .map_err(to_io)?;
-        index.next_ino.set(first_unused_ino(&index.conn)?);
+        ))?;
+        index.next_ino.set(first_unused_ino(&index.db)?);
         Ok(index)
     }
 
-    fn with(conn: Connection) -> Index {
+    fn with(db: Db) -> Index {
         Index {
-            conn,
+            db,
             pending_seals: Default::default(),
             reserved: Default::default(),
             next_ino: Cell::new(0),
@@ -461,7 +465,7 @@ impl Index {
     fn new_ino(&self) -> io::Result<u64> {
         let mut ino = self.next_ino.get();
         if ino == 0 {
-            ino = first_unused_ino(&self.conn)?;
+            ino = first_unused_ino(&self.db)?;
         }
         self.next_ino.set(ino + 1);
         Ok(ino)
@@ -525,11 +529,11 @@ impl Index {
 
     /// Whether a row in any state (hidden directories included) has `(parent, name)`.
     fn row_at(&self, parent: u64, name: &[u8]) -> io::Result<bool> {
-        self.conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)")
-            .map_err(to_io)?
-            .query_row(params![parent as i64, name], |r| r.get(0))
-            .map_err(to_io)
+        self.db.row(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)",
+            params![parent as i64, name],
+            |r| r.get(0),
+        )
     }
 
     /// Inside a transaction: the row of reserved file `r`, in state `state` with this content
@@ -545,13 +549,12 @@ impl Index {
         mtime: i64,
         ctime: i64,
     ) -> io::Result<()> {
-        self.conn
-            .prepare_cached(&format!(
+        self.db.exec(
+            &format!(
                 "INSERT INTO entries ({COLUMNS})
                  VALUES (?1, ?2, ?3, 2, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-            ))
-            .map_err(to_io)?
-            .execute(params![
+            ),
+            params![
                 r.ino as i64,
                 r.parent as i64,
                 r.name,
@@ -566,8 +569,8 @@ impl Index {
                 ctime,
                 r.crtime,
                 r.atime
-            ])
-            .map_err(to_io)?;
+            ],
+        )?;
         self.record_used_inos()
     }
 
@@ -582,11 +585,10 @@ impl Index {
             return Ok(());
         }
         let ahead = last + INO_BLOCK;
-        self.conn
-            .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'")
-            .map_err(to_io)?
-            .execute([ahead as i64])
-            .map_err(to_io)?;
+        self.db.exec(
+            "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'",
+            params![ahead as i64],
+        )?;
         // (Should the transaction roll back, the next insert past the real sequence records
         // its own number, as AUTOINCREMENT does: only numbers of dropped reservations could be
         // handed out again after a restart, which nothing refers to.)
@@ -613,14 +615,11 @@ impl Index {
             .map(|(&d, &t)| (d, t))
             .collect();
         for &(dir, t) in &dir_times {
-            self.conn
-                .prepare_cached(
-                    "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
+            self.db.exec(
+                "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
                      WHERE ino = ?1 AND kind = 1",
-                )
-                .map_err(to_io)?
-                .execute(params![dir as i64, t])
-                .map_err(to_io)?;
+                params![dir as i64, t],
+            )?;
         }
         Ok(dir_times)
     }
@@ -641,7 +640,20 @@ impl Index {
     /// it holds: the daemon keeps this short and retries with its index mutex released
     /// (`Store::retry_busy`).
     pub fn set_busy_timeout(&self, timeout: Duration) -> io::Result<()> {
-        self.conn.busy_timeout(timeout).map_err(to_io)
+        match self.db.sqlite() {
+            Some(c) => c.busy_timeout(timeout).map_err(to_io),
+            None => Ok(()),
+        }
+    }
+
+    /// The SQLite connection, for what only the embedded index has.
+    fn sqlite(&self) -> io::Result<&Connection> {
+        self.db.sqlite().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "index: not available on a PostgreSQL index",
+            )
+        })
     }
 
     /// Opens an existing index for writing beside a daemon that may have it open too (no schema
@@ -649,7 +661,7 @@ impl Index {
     pub fn open_shared(path: &Path) -> io::Result<Index> {
         // Checks that it exists and has our schema version.
         drop(Index::open_readonly(path)?);
-        let index = Index::with(Connection::open(path).map_err(to_io)?);
+        let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         Ok(index)
     }
@@ -676,25 +688,22 @@ impl Index {
                 "index schema version {version}, this artifactfs reads {SCHEMA_VERSION}"
             )));
         }
-        Ok(Index::with(conn))
+        Ok(Index::with(Db::Sqlite(conn)))
     }
 
     fn configure(&self) -> io::Result<()> {
         self.set_busy_timeout(BUSY_TIMEOUT)?;
-        self.conn
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
+        self.db.batch(
+            "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
                  PRAGMA foreign_keys = OFF;",
-            )
-            .map_err(to_io)
+        )
     }
 
     fn migrate(&self, owner: (u32, u32), now: i64) -> io::Result<()> {
         let version: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(to_io)?;
+            .db
+            .row("PRAGMA user_version", params![], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(io::Error::other(format!(
                 "index schema version {version} is newer than this artifactfs ({SCHEMA_VERSION})"
@@ -724,9 +733,8 @@ impl Index {
     /// Version 1: the namespace (entries, with the three fixed directories).
     fn migrate_to_1(&self, owner: (u32, u32), now: i64) -> io::Result<()> {
         let (uid, gid) = owner;
-        self.conn
-            .execute_batch(&format!(
-                "BEGIN;
+        self.db.batch(&format!(
+            "BEGIN;
                  CREATE TABLE entries (
                      ino    INTEGER PRIMARY KEY AUTOINCREMENT,
                      parent INTEGER NOT NULL,
@@ -754,15 +762,13 @@ impl Index {
                       {uid}, {gid}, {now}, {now}, {now});
                  PRAGMA user_version = 1;
                  COMMIT;"
-            ))
-            .map_err(to_io)
+        ))
     }
 
     /// Version 2: the model registry (registered models, versions, aliases).
     fn migrate_to_2(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE registered_models (
                      ino          INTEGER PRIMARY KEY,
                      name         TEXT    NOT NULL UNIQUE,
@@ -798,42 +804,36 @@ impl Index {
                  );
                  PRAGMA user_version = 2;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 3: blobs `fsck --verify` found damaged (reads of their files fail with EIO).
     fn migrate_to_3(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE damaged_blobs (hash TEXT PRIMARY KEY, found INTEGER NOT NULL);
                  PRAGMA user_version = 3;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 4: access times of their own (`touch -a`, `utimensat` with `UTIME_OMIT`); an
     /// existing entry's access time starts as its modification time, which is what the daemon
     /// reported as the access time before.
     fn migrate_to_4(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  ALTER TABLE entries ADD COLUMN atime INTEGER NOT NULL DEFAULT 0;
                  UPDATE entries SET atime = mtime;
                  PRAGMA user_version = 4;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 5: earlier contents of rewritable files (`registered_model_meta`, `--rewritable`).
     fn migrate_to_5(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE history (
                      ino      INTEGER NOT NULL,
                      hash     TEXT    NOT NULL,
@@ -845,8 +845,7 @@ impl Index {
                  CREATE INDEX history_by_hash ON history (hash);
                  PRAGMA user_version = 5;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 6 (layout 2): content of up to [`super::INLINE_MAX`] bytes lives in the index,
@@ -854,54 +853,43 @@ impl Index {
     /// it. Blobs of such sizes that an earlier version wrote stay in `blobs/` and are read from
     /// there.
     fn migrate_to_6(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BLOB NOT NULL);
                  PRAGMA user_version = 6;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// The bytes of inline content `hash`, if the index holds it.
     pub fn inline_get(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
-        self.conn
-            .prepare_cached("SELECT data FROM inline_content WHERE hash = ?1")
-            .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| r.get(0))
-            .optional()
-            .map_err(to_io)
+        self.db.one(
+            "SELECT data FROM inline_content WHERE hash = ?1",
+            params![hash.to_hex()],
+            |r| r.get(0),
+        )
     }
 
     /// The size of inline content `hash`, if the index holds it.
     pub fn inline_size(&self, hash: &Hash) -> io::Result<Option<u64>> {
-        self.conn
-            .prepare_cached("SELECT length(data) FROM inline_content WHERE hash = ?1")
-            .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| r.get::<_, i64>(0).map(|n| n as u64))
-            .optional()
-            .map_err(to_io)
+        self.db.one(
+            "SELECT length(data) FROM inline_content WHERE hash = ?1",
+            params![hash.to_hex()],
+            |r| r.get::<_, i64>(0).map(|n| n as u64),
+        )
     }
 
     /// Inline contents in hash order after `after` (hex; `""` for the first page), with their
     /// sizes: garbage collection's listing.
     pub fn inline_list(&self, after: &str, limit: usize) -> io::Result<Vec<(Hash, u64)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT hash, length(data) FROM inline_content WHERE hash > ?1
+        let rows = self.db.all(
+            "SELECT hash, length(data) FROM inline_content WHERE hash > ?1
                  ORDER BY hash LIMIT ?2",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map(params![after, limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(to_io)?;
+            params![after, limit as i64],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+        )?;
         let mut out = Vec::new();
-        for row in rows {
-            let (h, n) = row.map_err(to_io)?;
+        for (h, n) in rows {
             if let Some(h) = Hash::from_hex(&h) {
                 out.push((h, n));
             }
@@ -911,11 +899,10 @@ impl Index {
 
     /// Removes inline content `hash` (garbage collection, inside its transaction).
     pub fn inline_remove(&self, hash: &Hash) -> io::Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM inline_content WHERE hash = ?1")
-            .map_err(to_io)?
-            .execute([hash.to_hex()])
-            .map_err(to_io)?;
+        self.db.exec(
+            "DELETE FROM inline_content WHERE hash = ?1",
+            params![hash.to_hex()],
+        )?;
         Ok(())
     }
 
@@ -929,37 +916,25 @@ impl Index {
         mtime: i64,
         now: i64,
     ) -> io::Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(to_io)?
-            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
-            .map_err(to_io)?;
+        self.db.exec(
+            "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![ino as i64, hash.to_hex(), size as i64, mtime, now],
+        )?;
         Ok(())
     }
 
     /// Earlier contents of file `ino`, oldest first: (hash, size, mtime, replaced at).
     pub fn history_of(&self, ino: u64) -> io::Result<Vec<(Hash, u64, i64, i64)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1 ORDER BY replaced, rowid",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map([ino as i64], |r| {
+        let rows = self.db.all("SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1 ORDER BY replaced, rowid", params![ino as i64], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)? as u64,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                 ))
-            })
-            .map_err(to_io)?;
+            })?;
         let mut out = Vec::new();
-        for row in rows {
-            let (hash, size, mtime, replaced) = row.map_err(to_io)?;
+        for (hash, size, mtime, replaced) in rows {
             let hash = Hash::from_hex(&hash)
                 .ok_or_else(|| io::Error::other(format!("index: bad hash {hash:?} in history")))?;
             out.push((hash, size, mtime, replaced));
@@ -969,12 +944,10 @@ impl Index {
 
     /// Records that blob `hash` is damaged (missing or wrong bytes).
     pub fn mark_damaged(&self, hash: &Hash, now: i64) -> io::Result<()> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO damaged_blobs (hash, found) VALUES (?1, ?2)",
-                params![hash.to_hex(), now],
-            )
-            .map_err(to_io)?;
+        self.db.exec(
+            "INSERT OR IGNORE INTO damaged_blobs (hash, found) VALUES (?1, ?2)",
+            params![hash.to_hex(), now],
+        )?;
         self.damaged.borrow_mut().hashes.insert(*hash);
         Ok(())
     }
@@ -984,21 +957,17 @@ impl Index {
     /// marks damage from its own process), which `PRAGMA data_version` tells without I/O.
     pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
         let version: i64 = self
-            .conn
-            .prepare_cached("PRAGMA data_version")
-            .map_err(to_io)?
-            .query_row([], |r| r.get(0))
-            .map_err(to_io)?;
+            .db
+            .row("PRAGMA data_version", params![], |r| r.get(0))?;
         let mut cache = self.damaged.borrow_mut();
         if cache.read_at != Some(version) {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT hash FROM damaged_blobs")
-                .map_err(to_io)?;
-            let hashes = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(to_io)?
-                .filter_map(|h| h.ok().and_then(|h| Hash::from_hex(&h)))
+            let hashes = self
+                .db
+                .all("SELECT hash FROM damaged_blobs", params![], |r| {
+                    r.get::<_, String>(0)
+                })?
+                .iter()
+                .filter_map(|h| Hash::from_hex(h))
                 .collect();
             cache.hashes = hashes;
             cache.read_at = Some(version);
@@ -1008,9 +977,10 @@ impl Index {
 
     /// The blob was stored again with the right bytes.
     pub fn clear_damaged(&self, hash: &Hash) -> io::Result<()> {
-        self.conn
-            .execute("DELETE FROM damaged_blobs WHERE hash = ?1", [hash.to_hex()])
-            .map_err(to_io)?;
+        self.db.exec(
+            "DELETE FROM damaged_blobs WHERE hash = ?1",
+            params![hash.to_hex()],
+        )?;
         self.damaged.borrow_mut().hashes.remove(hash);
         Ok(())
     }
@@ -1021,12 +991,12 @@ impl Index {
             return Ok(Some(e));
         }
         Ok(self
-            .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"))
-            .map_err(to_io)?
-            .query_row([ino as i64], row_to_entry)
-            .optional()
-            .map_err(to_io)?
+            .db
+            .one(
+                &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
+                params![ino as i64],
+                row_to_entry,
+            )?
             .map(|e| self.current(e)))
     }
 
@@ -1049,15 +1019,15 @@ impl Index {
             return Ok(Some(e));
         }
         Ok(self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
+            .db
+            .one(
+                &format!(
+                    "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
                  AND NOT (kind = 1 AND state = {STATE_WRITING})"
-            ))
-            .map_err(to_io)?
-            .query_row(params![parent as i64, name], row_to_entry)
-            .optional()
-            .map_err(to_io)?
+                ),
+                params![parent as i64, name],
+                row_to_entry,
+            )?
             .map(|e| self.current(e)))
     }
 
@@ -1066,49 +1036,39 @@ impl Index {
     /// by [`Index::reveal_dir`], or dropped with its tree by [`Index::delete_tree`] (or by the
     /// next start after a crash).
     pub fn reveal_dir(&self, ino: u64) -> io::Result<bool> {
-        let n = self
-            .conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
+        let n = self.db.exec(
+            &format!(
+                "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = ?1 AND kind = 1 AND state = {STATE_WRITING}"
-                ),
-                [ino as i64],
-            )
-            .map_err(to_io)?;
+            ),
+            params![ino as i64],
+        )?;
         Ok(n == 1)
     }
 
     /// Deletes `ino` and every row below it, tombstones included.
     pub fn delete_tree(&self, ino: u64) -> io::Result<usize> {
-        self.conn
-            .execute(
-                "WITH RECURSIVE t(i) AS (SELECT ?1 UNION ALL
+        self.db.exec(
+            "WITH RECURSIVE t(i) AS (SELECT ?1 UNION ALL
                      SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
                  DELETE FROM entries WHERE ino IN t",
-                [ino as i64],
-            )
-            .map_err(to_io)
+            params![ino as i64],
+        )
     }
 
     /// Up to `limit` visible (live or being written) children of `parent` with an inode number
     /// above `after`, in inode order — a stable order for `readdir` offsets.
     pub fn children(&self, parent: u64, after: u64, limit: usize) -> io::Result<Vec<Entry>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        let rows = self.db.all(
+            &format!(
                 "SELECT {COLUMNS} FROM entries
                  WHERE parent = ?1 AND ino > ?2 AND state != 1
                  AND NOT (kind = 1 AND state = {STATE_WRITING}) ORDER BY ino LIMIT ?3"
-            ))
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map(
-                params![parent as i64, after as i64, limit as i64],
-                row_to_entry,
-            )
-            .map_err(to_io)?;
-        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(to_io)?;
+            ),
+            params![parent as i64, after as i64, limit as i64],
+            row_to_entry,
+        )?;
+        let mut out = rows;
         {
             // Reserved files among them, in the same inode order.
             let r = self.reserved.borrow();
@@ -1138,11 +1098,10 @@ impl Index {
             return Ok(None);
         }
         let ino = self.new_ino()?;
-        let mut stmt = self.conn.prepare_cached(&insert_sql("")).map_err(to_io)?;
-        match bind_insert(&mut stmt, e, ino) {
+        match insert_entry(&self.db, e, ino, false) {
             Ok(_) => Ok(Some(ino)),
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => Ok(None),
-            Err(e) => Err(to_io(e)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -1169,11 +1128,10 @@ impl Index {
     /// A directory's entries changed (a name was created, removed or renamed in it): its mtime
     /// and ctime become `now`, as on any POSIX file system.
     pub fn touch_dir(&self, dir: u64, now: i64) -> io::Result<()> {
-        self.conn
-            .prepare_cached("UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1")
-            .map_err(to_io)?
-            .execute(params![dir as i64, now])
-            .map_err(to_io)?;
+        self.db.exec(
+            "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
+            params![dir as i64, now],
+        )?;
         Ok(())
     }
 
@@ -1182,14 +1140,11 @@ impl Index {
         if let Some(r) = self.reserved(ino) {
             return self.touch_dir(r.parent, now);
         }
-        self.conn
-            .prepare_cached(
-                "UPDATE entries SET mtime = ?2, ctime = ?2
+        self.db.exec(
+            "UPDATE entries SET mtime = ?2, ctime = ?2
                  WHERE ino = (SELECT parent FROM entries WHERE ino = ?1) AND kind = 1",
-            )
-            .map_err(to_io)?
-            .execute(params![ino as i64, now])
-            .map_err(to_io)?;
+            params![ino as i64, now],
+        )?;
         Ok(())
     }
 
@@ -1197,27 +1152,13 @@ impl Index {
     /// already open (say [`Index::write_locked`]) it is a savepoint of that transaction,
     /// otherwise a transaction of its own.
     fn atomically<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        /// Rolls the step back if `f` panics, as [`Index::write_locked`] does.
-        struct RollbackOnUnwind<'a>(&'a Connection);
-        impl Drop for RollbackOnUnwind<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let _ = self.0.execute_batch("ROLLBACK TO step; RELEASE step");
-                }
-            }
-        }
-        self.conn.execute_batch("SAVEPOINT step").map_err(to_io)?;
-        let guard = RollbackOnUnwind(&self.conn);
+        let step = self.db.begin_step()?;
+        let guard = UndoOnUnwind(&self.db, step);
         let result = f();
         std::mem::forget(guard);
-        let end = if result.is_ok() {
-            "RELEASE step"
-        } else {
-            "ROLLBACK TO step; RELEASE step"
-        };
-        if let Err(e) = self.conn.execute_batch(end) {
-            let _ = self.conn.execute_batch("ROLLBACK TO step; RELEASE step");
-            return Err(to_io(e));
+        if let Err(e) = self.db.end_step(step, result.is_ok()) {
+            let _ = self.db.end_step(step, false);
+            return Err(e);
         }
         result
     }
@@ -1225,29 +1166,17 @@ impl Index {
     /// Inserts many rows in one transaction (bulk loading, e.g. `examples/gen_index.rs`); rows
     /// whose `(parent, name)` is already taken are skipped. Returns how many were inserted.
     pub fn insert_many(&mut self, entries: &[NewEntry]) -> io::Result<usize> {
-        let tx = self.conn.transaction().map_err(to_io)?;
-        let mut inserted = 0;
-        {
-            let mut stmt = tx.prepare_cached(&insert_sql("OR IGNORE")).map_err(to_io)?;
-            let reserved = self.reserved.get_mut();
+        self.write_locked(|idx| {
+            let mut inserted = 0;
             for e in entries {
-                if !reserved.files.is_empty()
-                    && reserved.names.contains_key(&(e.parent, e.name.to_vec()))
-                {
+                if idx.reserved_at(e.parent, e.name).is_some() {
                     continue;
                 }
-                let ino = self.next_ino.get();
-                let ino = if ino == 0 {
-                    first_unused_ino(&tx)?
-                } else {
-                    ino
-                };
-                self.next_ino.set(ino + 1);
-                inserted += bind_insert(&mut stmt, e, ino).map_err(to_io)?;
+                let ino = idx.new_ino()?;
+                inserted += insert_entry(&idx.db, e, ino, true)?;
             }
-        }
-        tx.commit().map_err(to_io)?;
-        Ok(inserted)
+            Ok(inserted)
+        })
     }
 
     /// Records committed content for a file that is being written or was committed before by
@@ -1293,15 +1222,13 @@ impl Index {
                 // The first commit of a new file: its row, in this same transaction.
                 idx.insert_reserved(r, STATE_COMMITTED_OPEN, Some(hash), size, mtime, now)?;
             } else {
-                let n = idx
-                    .conn
-                    .prepare_cached(&format!(
+                let n = idx.db.exec(
+                    &format!(
                         "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
                          state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
-                    ))
-                    .map_err(to_io)?
-                    .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
-                    .map_err(to_io)?;
+                    ),
+                    params![ino as i64, hash.to_hex(), size as i64, mtime, now],
+                )?;
                 if n != 1 {
                     // Removed while open: nothing to record, no content to keep.
                     return Ok(Commit::Gone);
@@ -1309,13 +1236,10 @@ impl Index {
             }
             if let Stored::Inline { bytes, replace } = content {
                 let verb = if replace { "REPLACE" } else { "IGNORE" };
-                idx.conn
-                    .prepare_cached(&format!(
-                        "INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"
-                    ))
-                    .map_err(to_io)?
-                    .execute(params![hash.to_hex(), bytes])
-                    .map_err(to_io)?;
+                idx.db.exec(
+                    &format!("INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"),
+                    params![hash.to_hex(), bytes],
+                )?;
             }
             Ok(Commit::Recorded)
         });
@@ -1353,15 +1277,12 @@ impl Index {
     /// The times reserved names gave their directories go into the table too.
     pub fn seal_all_committed(&self) -> io::Result<usize> {
         let n = self.atomically(|| {
-            let n = self
-                .conn
-                .execute(
-                    &format!(
-                        "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
-                    ),
-                    [],
-                )
-                .map_err(to_io)?;
+            let n = self.db.exec(
+                &format!(
+                    "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
+                ),
+                params![],
+            )?;
             self.write_dir_times()?;
             self.record_used_inos()?;
             Ok(n)
@@ -1383,40 +1304,34 @@ impl Index {
         if inos.is_empty() {
             return Ok(0);
         }
-        self.conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
+        self.db.exec(
+            &format!(
+                "UPDATE entries SET state = {STATE_LIVE}
                      WHERE state = {STATE_COMMITTED_OPEN} AND ino IN ({})",
-                    inos.join(",")
-                ),
-                [],
-            )
-            .map_err(to_io)?;
+                inos.join(",")
+            ),
+            params![],
+        )?;
         Ok(inos.len())
     }
 
     /// Runs `f` in a transaction that holds SQLite's write lock from the start
     /// (`BEGIN IMMEDIATE`): commits if `f` succeeds, rolls back if it fails.
     pub fn write_locked<T>(&self, f: impl FnOnce(&Index) -> io::Result<T>) -> io::Result<T> {
-        /// Rolls the transaction back if `f` panics: otherwise it would stay open, and every
-        /// later `BEGIN` of this connection would fail.
-        struct RollbackOnUnwind<'a>(&'a Connection);
-        impl Drop for RollbackOnUnwind<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let _ = self.0.execute_batch("ROLLBACK");
-                }
-            }
-        }
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(to_io)?;
-        let guard = RollbackOnUnwind(&self.conn);
+        self.db.begin_write()?;
+        // Rolls the transaction back if `f` panics: otherwise it would stay open, and every
+        // later `BEGIN` of this connection would fail.
+        let guard = UndoOnUnwind(&self.db, db::Step::Transaction);
         let result = f(self);
         std::mem::forget(guard);
-        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        if let Err(e) = self.conn.execute_batch(end) {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(to_io(e));
+        let end = if result.is_ok() {
+            self.db.commit()
+        } else {
+            self.db.rollback()
+        };
+        if let Err(e) = end {
+            let _ = self.db.rollback();
+            return Err(e);
         }
         result
     }
@@ -1425,28 +1340,23 @@ impl Index {
     /// a rewritable file (history) does, and the time the
     /// newest tombstone using it was made.
     pub fn blob_users(&self, hash: &Hash) -> io::Result<(bool, Option<i64>)> {
-        self.conn
-            .prepare_cached(
-                "SELECT COALESCE(MAX(state != 1), 0)
+        self.db.row(
+            "SELECT COALESCE(MAX(state != 1), 0)
                         OR EXISTS (SELECT 1 FROM history WHERE hash = ?1),
                         MAX(CASE WHEN state = 1 THEN ctime END)
                  FROM entries WHERE hash = ?1",
-            )
-            .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| {
-                Ok((r.get::<_, i64>(0)? != 0, r.get(1)?))
-            })
-            .map_err(to_io)
+            params![hash.to_hex()],
+            |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?)),
+        )
     }
 
     /// Forgets the content of the tombstones that used `hash` (its blob was collected); the
     /// paths stay taken.
     pub fn purge_tombstones(&self, hash: &Hash) -> io::Result<usize> {
-        self.conn
-            .prepare_cached("UPDATE entries SET hash = NULL WHERE hash = ?1 AND state = 1")
-            .map_err(to_io)?
-            .execute([hash.to_hex()])
-            .map_err(to_io)
+        self.db.exec(
+            "UPDATE entries SET hash = NULL WHERE hash = ?1 AND state = 1",
+            params![hash.to_hex()],
+        )
     }
 
     /// Applies `chmod`/`chown`/`utimens` (to the reservation of a new file being written).
@@ -1463,15 +1373,12 @@ impl Index {
         // A directory's times from reserved names go into the table first (a `utimens` after
         // them wins).
         let dir_time = self.reserved.borrow().dir_times.get(&ino).copied();
-        self.conn
-            .prepare_cached(
-                "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
+        self.db.exec(
+            "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
                  gid = COALESCE(?4, gid), mtime = COALESCE(?5, MAX(mtime, ?8)),
                  atime = COALESCE(?6, atime), ctime = MAX(?7, ?8)
                  WHERE ino = ?1",
-            )
-            .map_err(to_io)?
-            .execute(params![
+            params![
                 ino as i64,
                 c.mode.map(|m| m as i64),
                 c.uid.map(|u| u as i64),
@@ -1480,9 +1387,9 @@ impl Index {
                 c.atime,
                 c.ctime,
                 dir_time.unwrap_or(i64::MIN)
-            ])
-            .map_err(to_io)?;
-        if dir_time.is_some() && self.conn.is_autocommit() {
+            ],
+        )?;
+        if dir_time.is_some() && !self.db.in_transaction() {
             self.reserved.borrow_mut().dir_times.remove(&ino);
         }
         Ok(())
@@ -1502,11 +1409,10 @@ impl Index {
             return Ok(());
         }
         self.atomically(|| {
-            self.conn
-                .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
-                .map_err(to_io)?
-                .execute(params![ino as i64, now])
-                .map_err(to_io)?;
+            self.db.exec(
+                "UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1",
+                params![ino as i64, now],
+            )?;
             self.touch_parent_of(ino, now)
         })
     }
@@ -1515,20 +1421,11 @@ impl Index {
     /// The directory holding it changes too, in the same transaction.
     pub fn revive_dir(&self, ino: u64, mode: u32, uid: u32, gid: u32, now: i64) -> io::Result<()> {
         self.atomically(|| {
-            self.conn
-                .prepare_cached(
-                    "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
+            self.db.exec(
+                "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
                      mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
-                )
-                .map_err(to_io)?
-                .execute(params![
-                    ino as i64,
-                    mode as i64,
-                    uid as i64,
-                    gid as i64,
-                    now
-                ])
-                .map_err(to_io)?;
+                params![ino as i64, mode as i64, uid as i64, gid as i64, now],
+            )?;
             self.touch_parent_of(ino, now)
         })
     }
@@ -1542,17 +1439,14 @@ impl Index {
         owner: (u32, u32),
         now: i64,
     ) -> io::Result<bool> {
-        let n = self
-            .conn
-            .execute(
-                &format!(
+        let n = self.db.exec(
+            &format!(
                     "UPDATE entries SET state = {STATE_WRITING}, mode = ?2, uid = ?3, gid = ?4,
                      mtime = ?5, ctime = ?5
                      WHERE ino = ?1 AND kind = 2 AND state = {STATE_TOMBSTONE} AND hash IS NOT NULL"
                 ),
-                params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
-            )
-            .map_err(to_io)?;
+            params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
+        )?;
         if n == 1 {
             // The name is back in its directory.
             self.touch_parent_of(ino, now)?;
@@ -1566,15 +1460,13 @@ impl Index {
         if self.reserved(ino).is_some() {
             return self.tombstone(ino, now);
         }
-        self.conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
+        self.db.exec(
+            &format!(
+                "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
                      WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})"
-                ),
-                params![ino as i64, now],
-            )
-            .map_err(to_io)?;
+            ),
+            params![ino as i64, now],
+        )?;
         // The name is gone from its directory again.
         self.touch_parent_of(ino, now)?;
         Ok(())
@@ -1596,34 +1488,31 @@ impl Index {
 
     fn unlink_unsealed_rows(&self, ino: u64, now: i64) -> io::Result<()> {
         self.touch_parent_of(ino, now)?;
-        self.conn
-            .execute_batch(&format!(
+        self.db.batch(&format!(
                 "DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING} AND hash IS NULL;
                  UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = {now}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED});"
             ))
-            .map_err(to_io)
     }
 
     /// A committed file is being written again through the same open file (a shell redirect
     /// commits at its first close, before the writes): until it is committed again, a crash
     /// must not leave the earlier version visible — unless that version was fsync'd.
     pub fn mark_rewriting(&self, ino: u64, keep_on_crash: bool) -> io::Result<()> {
-        self.conn
-            .prepare_cached(&format!(
+        self.db.exec(
+            &format!(
                 "UPDATE entries SET state = ?2
                  WHERE ino = ?1 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
-            ))
-            .map_err(to_io)?
-            .execute(params![
+            ),
+            params![
                 ino as i64,
                 if keep_on_crash {
                     STATE_WRITING_KEEP_SYNCED
                 } else {
                     STATE_WRITING
                 }
-            ])
-            .map_err(to_io)?;
+            ],
+        )?;
         Ok(())
     }
 
@@ -1639,14 +1528,12 @@ impl Index {
             return Ok(());
         }
         self.write_locked(|idx| {
-            idx.conn
-                .execute_batch(&format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
+            idx.db.batch(&format!(
+                "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})
                      AND hash IS NOT NULL;
                  DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING};"
-                ))
-                .map_err(to_io)
+            ))
         })
     }
 
@@ -1660,11 +1547,8 @@ impl Index {
         }
         r.dir_times.remove(&ino);
         drop(r);
-        self.conn
-            .prepare_cached("DELETE FROM entries WHERE ino = ?1")
-            .map_err(to_io)?
-            .execute([ino as i64])
-            .map_err(to_io)?;
+        self.db
+            .exec("DELETE FROM entries WHERE ino = ?1", params![ino as i64])?;
         Ok(())
     }
 
@@ -1740,82 +1624,67 @@ impl Index {
         if self.reserved(ino).is_some() {
             return self.rename_reserved(ino, replacing, new_parent, new_name, new_zone, now);
         }
-        // IMMEDIATE: a transaction that reads first and writes later fails at once
-        // (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between.
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(to_io)?;
-        let old = tx
-            .query_row(
+        // One write transaction from the start: one that reads first and writes later fails at
+        // once (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between. A name
+        // taken meanwhile undoes it all (the error), and reads as `false`.
+        let moved = self.write_locked(|idx| {
+            let old = idx.db.row(
                 &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
-                [ino as i64],
+                params![ino as i64],
                 row_to_entry,
-            )
-            .map_err(to_io)?;
-        if let Some(r) = replacing
-            && !delete_replaced(&tx, r)?
-        {
-            return Ok(false);
-        }
-        // Both directories change: a name left one and arrived in the other.
-        for dir in [old.parent, new_parent] {
-            tx.execute(
-                "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
-                params![dir as i64, now],
-            )
-            .map_err(to_io)?;
-        }
-        let moved = tx.execute(
-            "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
-            params![
-                ino as i64,
-                new_parent as i64,
-                new_name,
-                new_zone as i64,
-                now
-            ],
-        );
-        match moved {
-            Ok(_) => {}
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+            )?;
+            if let Some(r) = replacing
+                && !delete_replaced(&idx.db, r)?
+            {
                 return Ok(false);
             }
-            Err(e) => return Err(to_io(e)),
-        }
-        if leave_tombstone && old.hash.is_some() {
-            let tombstone = self.next_ino.get();
-            let tombstone = if tombstone == 0 {
-                first_unused_ino(&tx)?
-            } else {
-                tombstone
-            };
-            self.next_ino.set(tombstone + 1);
-            tx.execute(
-                "INSERT INTO entries
-                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
-                  atime, ino)
-                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            // Both directories change: a name left one and arrived in the other.
+            for dir in [old.parent, new_parent] {
+                idx.db.exec(
+                    "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
+                    params![dir as i64, now],
+                )?;
+            }
+            idx.db.exec(
+                "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
                 params![
-                    old.parent as i64,
-                    old.name,
-                    old.zone as i64,
-                    old.hash.map(|h| h.to_hex()),
-                    old.size as i64,
-                    old.mode as i64,
-                    old.uid as i64,
-                    old.gid as i64,
-                    old.mtime,
-                    now,
-                    old.crtime,
-                    old.atime,
-                    tombstone as i64
+                    ino as i64,
+                    new_parent as i64,
+                    new_name,
+                    new_zone as i64,
+                    now
                 ],
-            )
-            .map_err(to_io)?;
+            )?;
+            if leave_tombstone && old.hash.is_some() {
+                let tombstone = idx.new_ino()?;
+                idx.db.exec(
+                    "INSERT INTO entries
+                     (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime,
+                      crtime, atime, ino)
+                     VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    params![
+                        old.parent as i64,
+                        old.name,
+                        old.zone as i64,
+                        old.hash.map(|h| h.to_hex()),
+                        old.size as i64,
+                        old.mode as i64,
+                        old.uid as i64,
+                        old.gid as i64,
+                        old.mtime,
+                        now,
+                        old.crtime,
+                        old.atime,
+                        tombstone as i64
+                    ],
+                )?;
+            }
+            Ok(true)
+        });
+        match moved {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            other => other,
         }
-        tx.commit().map_err(to_io)?;
-        Ok(true)
     }
 
     /// [`Index::rename_file_replacing`] of a reserved file: it has no content, so it leaves no
@@ -1831,7 +1700,7 @@ impl Index {
         now: i64,
     ) -> io::Result<bool> {
         if let Some(r) = replacing {
-            if !delete_replaced(&self.conn, r)? {
+            if !delete_replaced(&self.db, r)? {
                 return Ok(false);
             }
         } else if self.row_at(new_parent, new_name)? {
@@ -1854,19 +1723,11 @@ impl Index {
 
     /// Files with content whose row changed at or after `since` (ns): `(inode, hash)`.
     pub fn changed_since(&self, since: i64) -> io::Result<Vec<(u64, Hash)>> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT ino, hash FROM entries WHERE kind = 2 AND hash IS NOT NULL AND ctime >= ?1",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map([since], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-            })
-            .map_err(to_io)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(to_io)?;
+        let rows = self.db.all(
+            "SELECT ino, hash FROM entries WHERE kind = 2 AND hash IS NOT NULL AND ctime >= ?1",
+            params![since],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+        )?;
         Ok(rows
             .into_iter()
             .filter_map(|(ino, h)| Hash::from_hex(&h).map(|h| (ino, h)))
@@ -1875,27 +1736,23 @@ impl Index {
 
     /// Whether a row older than `before` (ns) uses blob `hash`.
     pub fn hash_used_before(&self, hash: &Hash, before: i64) -> io::Result<bool> {
-        self.conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND ctime < ?2)",
-                params![hash.to_hex(), before],
-                |r| r.get(0),
-            )
-            .map_err(to_io)
+        self.db.row(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND ctime < ?2)",
+            params![hash.to_hex(), before],
+            |r| r.get::<_, i64>(0).map(|b| b != 0),
+        )
     }
 
     /// Leaves checkpoints to [`Index::checkpoint`] on another connection: a checkpoint fsyncs
     /// the WAL and the database, which must not happen inside a commit that a `close()` waits
     /// for.
     pub fn no_auto_checkpoint(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch("PRAGMA wal_autocheckpoint = 0")
-            .map_err(to_io)
+        self.db.batch("PRAGMA wal_autocheckpoint = 0")
     }
 
     /// Opens a second connection to a store's index that only checkpoints.
     pub fn open_checkpointer(path: &Path) -> io::Result<Index> {
-        let index = Index::with(Connection::open(path).map_err(to_io)?);
+        let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         index.no_auto_checkpoint()?;
         Ok(index)
@@ -1904,9 +1761,10 @@ impl Index {
     /// Copies what the WAL holds into the database file without waiting for anyone (a passive
     /// checkpoint); returns how many frames the WAL holds.
     pub fn checkpoint(&self) -> io::Result<i64> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
-            .map_err(to_io)
+        self.db
+            .row("PRAGMA wal_checkpoint(PASSIVE)", params![], |r| {
+                r.get::<_, i64>(1)
+            })
     }
 
     /// Makes everything committed so far durable, by any connection: `fdatasync` of the WAL file.
@@ -1923,7 +1781,7 @@ impl Index {
     /// was copied back, and a checkpoint syncs the database before it records the copy. No WAL
     /// file at all means the last connection closed it after a complete checkpoint.
     pub fn sync(&self) -> io::Result<()> {
-        let Some(db) = self.conn.path().filter(|p| !p.is_empty()) else {
+        let Some(db) = self.sqlite()?.path().filter(|p| !p.is_empty()) else {
             return Ok(()); // in memory
         };
         match std::fs::File::open(format!("{db}-wal")) {
@@ -1978,24 +1836,18 @@ impl Index {
 
     /// Every file row with content (live and tombstoned), with its path: what `fsck` checks.
     pub fn file_rows(&self) -> io::Result<Vec<FileRow>> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT ino, hash, size, state FROM entries WHERE kind = 2 AND hash IS NOT NULL",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map([], |r| {
+        let rows = self.db.all(
+            "SELECT ino, hash, size, state FROM entries WHERE kind = 2 AND hash IS NOT NULL",
+            params![],
+            |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)? as u64,
                     r.get::<_, i64>(3)?,
                 ))
-            })
-            .map_err(to_io)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(to_io)?;
+            },
+        )?;
         let mut out = Vec::with_capacity(rows.len());
         for (ino, hex, size, state) in rows {
             let hash = Hash::from_hex(&hex).ok_or_else(|| {
@@ -2017,12 +1869,9 @@ impl Index {
 
     /// Runs `PRAGMA integrity_check`; returns the problems it reports (empty when fine).
     pub fn integrity_problems(&self) -> io::Result<Vec<String>> {
-        let mut stmt = self.conn.prepare("PRAGMA integrity_check").map_err(to_io)?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(to_io)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(to_io)?;
+        let rows = self.db.all("PRAGMA integrity_check", params![], |r| {
+            r.get::<_, String>(0)
+        })?;
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 }
@@ -2093,7 +1942,9 @@ mod tests {
             idx.seal_later(a);
             idx.seal_pending().unwrap();
             // Back to the layout of version 3: no atime column.
-            idx.conn
+            idx.db
+                .sqlite()
+                .unwrap()
                 .execute_batch(
                     "ALTER TABLE entries DROP COLUMN atime; DROP TABLE history;
                      DROP TABLE inline_content; PRAGMA user_version = 3;",
@@ -2106,7 +1957,9 @@ mod tests {
         );
         let idx = Index::open(&path, (0, 0), 6).unwrap();
         let version: i64 = idx
-            .conn
+            .db
+            .sqlite()
+            .unwrap()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
@@ -2407,7 +2260,9 @@ mod tests {
         }
         // The stand-in holds the checkpoint lock: a passive checkpoint gives up.
         let busy: i64 = other
-            .conn
+            .db
+            .sqlite()
+            .unwrap()
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(0))
             .unwrap();
         assert_eq!(busy, 1, "the checkpoint lock is not held");
@@ -2425,7 +2280,9 @@ mod tests {
 
     /// Rows in the table at `(parent, name)`, whatever the reservations say.
     fn rows_at(idx: &Index, parent: u64, name: &[u8]) -> i64 {
-        idx.conn
+        idx.db
+            .sqlite()
+            .unwrap()
             .query_row(
                 "SELECT COUNT(*) FROM entries WHERE parent = ?1 AND name = ?2",
                 params![parent as i64, name],
@@ -2436,7 +2293,9 @@ mod tests {
 
     /// The table's own mtime and ctime of `ino`.
     fn table_times(idx: &Index, ino: u64) -> (i64, i64) {
-        idx.conn
+        idx.db
+            .sqlite()
+            .unwrap()
             .query_row(
                 "SELECT mtime, ctime FROM entries WHERE ino = ?1",
                 [ino as i64],
@@ -2668,7 +2527,9 @@ mod tests {
         assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
         assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 0);
         // A failure inside the transaction (the row's insert) rolls everything back too.
-        idx.conn
+        idx.db
+            .sqlite()
+            .unwrap()
             .execute_batch(
                 "CREATE TRIGGER no_rows BEFORE INSERT ON entries
                  BEGIN SELECT RAISE(ABORT, 'refused'); END;",
@@ -2678,7 +2539,11 @@ mod tests {
         assert!(idx.commit_file(a, &h, 3, 6, 6, || true).is_err());
         assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
         assert_eq!(idx.pending_seals.borrow().len(), 1, "the seal stays queued");
-        idx.conn.execute_batch("DROP TRIGGER no_rows").unwrap();
+        idx.db
+            .sqlite()
+            .unwrap()
+            .execute_batch("DROP TRIGGER no_rows")
+            .unwrap();
         assert_eq!(
             idx.commit_file(a, &h, 3, 6, 7, || true).unwrap(),
             Commit::Recorded
