@@ -49,6 +49,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, params};
 
 mod db;
+mod postgres;
 use db::{Db, DbRow};
 mod registry;
 pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
@@ -215,6 +216,12 @@ pub struct Index {
     /// The contents `fsck --verify` found damaged, as last read from `damaged_blobs`: reloaded
     /// when another connection (fsck, in its own process) has changed the index since.
     damaged: RefCell<DamageCache>,
+    /// A PostgreSQL index's: this daemon's session (0: none), its machine, the end of its
+    /// block of inode numbers, and when it last told the index it is alive.
+    session: Cell<i64>,
+    machine: String,
+    ino_block_end: Cell<u64>,
+    last_heartbeat: Cell<Option<std::time::Instant>>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -222,6 +229,9 @@ pub struct Index {
 #[derive(Default)]
 struct DamageCache {
     read_at: Option<i64>,
+    /// When the table was last read (a PostgreSQL index has no `data_version`: it reads the
+    /// table again after [`DAMAGE_RELOAD`]).
+    read_when: Option<std::time::Instant>,
     hashes: std::collections::HashSet<Hash>,
 }
 
@@ -264,6 +274,14 @@ impl Drop for UndoOnUnwind<'_> {
     }
 }
 
+/// How long a PostgreSQL index's daemon answers whether content is damaged from the table as
+/// it last read it.
+const DAMAGE_RELOAD: Duration = Duration::from_secs(1);
+
+/// How often a PostgreSQL index's daemon tells the index it is alive, and cleans up after
+/// daemons of other machines whose lease ran out.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// How far ahead of the inode numbers handed out [`Index::record_used_inos`] moves the
 /// table's sequence.
 const INO_BLOCK: u64 = 1024;
@@ -304,6 +322,11 @@ impl std::error::Error for IndexBusy {}
 /// Whether `e` is an [`IndexBusy`]: another connection held the index's write lock.
 pub fn is_busy(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<IndexBusy>())
+}
+
+/// The connection settings of a `postgresql://` URL (see [`postgres::config`]).
+fn pg_config(url: &str) -> io::Result<::postgres::Config> {
+    postgres::config(url)
 }
 
 fn to_io(e: rusqlite::Error) -> io::Error {
@@ -386,11 +409,6 @@ fn delete_replaced(db: &Db, ino: u64) -> io::Result<bool> {
     Ok(gone == 1)
 }
 
-/// Whether `e` is a new file that starts being written: reserved, not inserted.
-fn is_reservable(e: &NewEntry) -> bool {
-    e.kind == Kind::File && e.state == State::Writing && e.hash.is_none()
-}
-
 fn row_to_entry(row: &DbRow) -> rusqlite::Result<Entry> {
     let kind = match row.get::<_, i64>(3)? {
         1 => Kind::Dir,
@@ -431,27 +449,17 @@ impl Index {
         let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         index.migrate(owner, now)?;
-        index.db.batch(&format!(
-            // Directories a registration was still filling go with their trees. Files
-            // being written when the daemon stopped: a version fsync'd before the latest
-            // writes, or committed while still open, is kept; otherwise the file is gone —
-            // its path a tombstone if an earlier version had been committed.
-            "WITH RECURSIVE t(i) AS (
-                     SELECT ino FROM entries WHERE kind = 1 AND state = {STATE_WRITING}
-                     UNION ALL SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
-                 DELETE FROM entries WHERE ino IN t;
-                 UPDATE entries SET state = {STATE_LIVE}
-                     WHERE state IN ({STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN});
-                 UPDATE entries SET state = {STATE_TOMBSTONE}
-                     WHERE state = {STATE_WRITING} AND hash IS NOT NULL;
-                 DELETE FROM entries WHERE state = {STATE_WRITING};",
-        ))?;
+        index.drop_unfinished_writes("")?;
         index.next_ino.set(first_unused_ino(&index.db)?);
         Ok(index)
     }
 
     fn with(db: Db) -> Index {
         Index {
+            session: Cell::new(0),
+            machine: String::new(),
+            ino_block_end: Cell::new(0),
+            last_heartbeat: Cell::new(None),
             db,
             pending_seals: Default::default(),
             reserved: Default::default(),
@@ -461,14 +469,74 @@ impl Index {
         }
     }
 
+    /// Opens a PostgreSQL index for a daemon (`url`: `postgresql://…`), of the machine whose
+    /// store has identity `machine`: creates the schema on first use (or checks its version),
+    /// starts this daemon's session and drops what daemons that are gone left being written.
+    pub fn open_postgres(
+        url: &str,
+        machine: &str,
+        owner: (u32, u32),
+        now: i64,
+    ) -> io::Result<Index> {
+        let mut index = Index::with(Db::postgres(pg_config(url)?)?);
+        index.machine = machine.to_owned();
+        postgres::prepare_schema(&index.db, owner, now)?;
+        let session = postgres::start_session(&index.db, machine, now)?;
+        index.session.set(session);
+        index.last_heartbeat.set(Some(std::time::Instant::now()));
+        index.write_locked(|idx| {
+            idx.drop_unfinished_writes(&format!(
+                " AND {}",
+                postgres::left_by_dead_sessions(session, machine, now)
+            ))?;
+            postgres::forget_dead_sessions(&idx.db, session, machine, now)
+        })?;
+        Ok(index)
+    }
+
+    /// Drops the rows of writes that never completed (those that also meet `scope`, an SQL
+    /// condition on `entries` starting with ` AND`, or all): directories a registration was
+    /// still filling go with their trees. Files being written when their daemon stopped: a
+    /// version fsync'd before the latest writes, or committed while still open, is kept;
+    /// otherwise the file is gone — its path a tombstone if an earlier version had been
+    /// committed.
+    fn drop_unfinished_writes(&self, scope: &str) -> io::Result<()> {
+        self.db.batch(&format!(
+            "WITH RECURSIVE t(i) AS (
+                 SELECT ino FROM entries WHERE kind = 1 AND state = {STATE_WRITING}{scope}
+                 UNION ALL SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
+             DELETE FROM entries WHERE ino IN (SELECT i FROM t);
+             UPDATE entries SET state = {STATE_LIVE}
+                 WHERE state IN ({STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN}){scope};
+             UPDATE entries SET state = {STATE_TOMBSTONE}
+                 WHERE state = {STATE_WRITING} AND hash IS NOT NULL{scope};
+             DELETE FROM entries WHERE state = {STATE_WRITING}{scope};",
+        ))
+    }
+
     /// A new inode number, for a row or a reservation.
     fn new_ino(&self) -> io::Result<u64> {
         let mut ino = self.next_ino.get();
-        if ino == 0 {
+        if self.db.is_postgres() {
+            if ino == 0 || ino >= self.ino_block_end.get() {
+                ino = postgres::ino_block(&self.db)?;
+                self.ino_block_end.set(ino + postgres::INO_BLOCK);
+            }
+        } else if ino == 0 {
             ino = first_unused_ino(&self.db)?;
         }
         self.next_ino.set(ino + 1);
         Ok(ino)
+    }
+
+    /// Whether `e` is a new file that starts being written and is reserved, not inserted. A
+    /// PostgreSQL index, which daemons of other machines share, inserts its row at once: its
+    /// unique `(parent, name)` decides between two machines creating the same path.
+    fn reserves(&self, e: &NewEntry) -> bool {
+        e.kind == Kind::File
+            && e.state == State::Writing
+            && e.hash.is_none()
+            && !self.db.is_postgres()
     }
 
     /// The reserved file `ino`, if it is one.
@@ -580,6 +648,9 @@ impl Index {
     /// below the recorded sequence does not write it either); a restart skips the rest of the
     /// block.
     fn record_used_inos(&self) -> io::Result<()> {
+        if self.db.is_postgres() {
+            return Ok(()); // the sequence handed out whole blocks
+        }
         let last = self.next_ino.get().saturating_sub(1);
         if last <= self.recorded_seq.get() {
             return Ok(());
@@ -616,7 +687,8 @@ impl Index {
             .collect();
         for &(dir, t) in &dir_times {
             self.db.exec(
-                "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
+                "UPDATE entries SET mtime = CASE WHEN mtime > ?2 THEN mtime ELSE ?2 END,
+                     ctime = CASE WHEN ctime > ?2 THEN ctime ELSE ?2 END
                      WHERE ino = ?1 AND kind = 1",
                 params![dir as i64, t],
             )?;
@@ -642,18 +714,11 @@ impl Index {
     pub fn set_busy_timeout(&self, timeout: Duration) -> io::Result<()> {
         match self.db.sqlite() {
             Some(c) => c.busy_timeout(timeout).map_err(to_io),
-            None => Ok(()),
+            None => self.db.on_every_connection(&format!(
+                "SET lock_timeout = {}",
+                timeout.as_millis().max(1)
+            )),
         }
-    }
-
-    /// The SQLite connection, for what only the embedded index has.
-    fn sqlite(&self) -> io::Result<&Connection> {
-        self.db.sqlite().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                "index: not available on a PostgreSQL index",
-            )
-        })
     }
 
     /// Opens an existing index for writing beside a daemon that may have it open too (no schema
@@ -925,14 +990,19 @@ impl Index {
 
     /// Earlier contents of file `ino`, oldest first: (hash, size, mtime, replaced at).
     pub fn history_of(&self, ino: u64) -> io::Result<Vec<(Hash, u64, i64, i64)>> {
-        let rows = self.db.all("SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1 ORDER BY replaced, rowid", params![ino as i64], |r| {
+        let rows = self.db.all(
+            "SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1
+             ORDER BY replaced, rowid",
+            params![ino as i64],
+            |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)? as u64,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                 ))
-            })?;
+            },
+        )?;
         let mut out = Vec::new();
         for (hash, size, mtime, replaced) in rows {
             let hash = Hash::from_hex(&hash)
@@ -945,7 +1015,7 @@ impl Index {
     /// Records that blob `hash` is damaged (missing or wrong bytes).
     pub fn mark_damaged(&self, hash: &Hash, now: i64) -> io::Result<()> {
         self.db.exec(
-            "INSERT OR IGNORE INTO damaged_blobs (hash, found) VALUES (?1, ?2)",
+            "INSERT INTO damaged_blobs (hash, found) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             params![hash.to_hex(), now],
         )?;
         self.damaged.borrow_mut().hashes.insert(*hash);
@@ -956,11 +1026,19 @@ impl Index {
     /// is read again only when another connection has committed since the last read (fsck
     /// marks damage from its own process), which `PRAGMA data_version` tells without I/O.
     pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
-        let version: i64 = self
-            .db
-            .row("PRAGMA data_version", params![], |r| r.get(0))?;
+        let version: i64 = match self.db.sqlite() {
+            Some(_) => self
+                .db
+                .row("PRAGMA data_version", params![], |r| r.get(0))?,
+            None => 0,
+        };
         let mut cache = self.damaged.borrow_mut();
-        if cache.read_at != Some(version) {
+        let stale = match self.db.sqlite() {
+            Some(_) => cache.read_at != Some(version),
+            None => cache.read_when.is_none_or(|t| t.elapsed() >= DAMAGE_RELOAD),
+        };
+        if stale {
+            cache.read_when = Some(std::time::Instant::now());
             let hashes = self
                 .db
                 .all("SELECT hash FROM damaged_blobs", params![], |r| {
@@ -1051,7 +1129,7 @@ impl Index {
         self.db.exec(
             "WITH RECURSIVE t(i) AS (SELECT ?1 UNION ALL
                      SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
-                 DELETE FROM entries WHERE ino IN t",
+                 DELETE FROM entries WHERE ino IN (SELECT i FROM t)",
             params![ino as i64],
         )
     }
@@ -1091,7 +1169,7 @@ impl Index {
     /// Inserts a row, or reserves the name of a new file being written (see the module doc);
     /// `Ok(None)` when `(parent, name)` is already taken (in any state, or reserved).
     pub fn insert(&self, e: &NewEntry) -> io::Result<Option<u64>> {
-        if is_reservable(e) {
+        if self.reserves(e) {
             return self.reserve(e);
         }
         if self.reserved_at(e.parent, e.name).is_some() {
@@ -1109,7 +1187,7 @@ impl Index {
     /// (its mtime and ctime become the row's time), in the same transaction. A new file being
     /// written is reserved instead, and its directory's new times wait with it (module doc).
     pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
-        if is_reservable(e) {
+        if self.reserves(e) {
             let ino = self.reserve(e)?;
             if ino.is_some() {
                 self.reserved.borrow_mut().touch(e.parent, e.time);
@@ -1235,9 +1313,16 @@ impl Index {
                 }
             }
             if let Stored::Inline { bytes, replace } = content {
-                let verb = if replace { "REPLACE" } else { "IGNORE" };
+                let on_conflict = if replace {
+                    "DO UPDATE SET data = excluded.data"
+                } else {
+                    "DO NOTHING"
+                };
                 idx.db.exec(
-                    &format!("INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"),
+                    &format!(
+                        "INSERT INTO inline_content (hash, data) VALUES (?1, ?2)
+                         ON CONFLICT (hash) {on_conflict}"
+                    ),
                     params![hash.to_hex(), bytes],
                 )?;
             }
@@ -1261,6 +1346,7 @@ impl Index {
     /// Writes the seals [`Index::seal_later`] queued, and the times reserved names gave their
     /// directories (the periodic work calls it).
     pub fn seal_pending(&self) -> io::Result<()> {
+        self.heartbeat_if_due()?;
         if self.pending_seals.borrow().is_empty() && self.reserved.borrow().dir_times.is_empty() {
             return Ok(());
         }
@@ -1276,10 +1362,12 @@ impl Index {
     ///
     /// The times reserved names gave their directories go into the table too.
     pub fn seal_all_committed(&self) -> io::Result<usize> {
+        let own = self.own_rows();
         let n = self.atomically(|| {
             let n = self.db.exec(
                 &format!(
-                    "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
+                    "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE state = {STATE_COMMITTED_OPEN}{own}"
                 ),
                 params![],
             )?;
@@ -1290,6 +1378,57 @@ impl Index {
         self.pending_seals.borrow_mut().clear();
         self.reserved.borrow_mut().dir_times.clear();
         Ok(n)
+    }
+
+    /// The condition (starting with ` AND`) that limits a statement on `entries` to this
+    /// daemon's own rows: on a PostgreSQL index, those stamped with its session; on an
+    /// embedded one, all (one daemon writes it).
+    fn own_rows(&self) -> String {
+        if self.db.is_postgres() {
+            format!(" AND session = {}", self.session.get())
+        } else {
+            String::new()
+        }
+    }
+
+    /// A PostgreSQL index's daemon, every [`HEARTBEAT`]: tells the index it is alive, and
+    /// cleans up after the daemons whose lease ran out (see `postgres.rs`).
+    fn heartbeat_if_due(&self) -> io::Result<()> {
+        let session = self.session.get();
+        if session == 0
+            || self
+                .last_heartbeat
+                .get()
+                .is_some_and(|t| t.elapsed() < HEARTBEAT)
+        {
+            return Ok(());
+        }
+        let now = super::now_ns();
+        postgres::heartbeat(&self.db, session, now)?;
+        self.last_heartbeat.set(Some(std::time::Instant::now()));
+        self.write_locked(|idx| {
+            idx.drop_unfinished_writes(&format!(
+                " AND {}",
+                postgres::left_by_dead_sessions(session, &idx.machine, now)
+            ))?;
+            postgres::forget_dead_sessions(&idx.db, session, &idx.machine, now)
+        })
+    }
+
+    /// At a clean stop of a daemon of a PostgreSQL index: what it was still writing goes (as
+    /// at a start of the embedded index), and its session ends. Call after
+    /// [`Index::seal_all_committed`].
+    pub fn end_session(&self) -> io::Result<()> {
+        let session = self.session.get();
+        if session == 0 {
+            return Ok(());
+        }
+        self.write_locked(|idx| {
+            idx.drop_unfinished_writes(&idx.own_rows())?;
+            postgres::end_session(&idx.db, session)
+        })?;
+        self.session.set(0);
+        Ok(())
     }
 
     /// Inside a transaction: writes the queued seals and returns how many, to be dropped from
@@ -1341,10 +1480,9 @@ impl Index {
     /// newest tombstone using it was made.
     pub fn blob_users(&self, hash: &Hash) -> io::Result<(bool, Option<i64>)> {
         self.db.row(
-            "SELECT COALESCE(MAX(state != 1), 0)
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND state != 1)
                         OR EXISTS (SELECT 1 FROM history WHERE hash = ?1),
-                        MAX(CASE WHEN state = 1 THEN ctime END)
-                 FROM entries WHERE hash = ?1",
+                    (SELECT MAX(ctime) FROM entries WHERE hash = ?1 AND state = 1)",
             params![hash.to_hex()],
             |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?)),
         )
@@ -1375,8 +1513,10 @@ impl Index {
         let dir_time = self.reserved.borrow().dir_times.get(&ino).copied();
         self.db.exec(
             "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
-                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, MAX(mtime, ?8)),
-                 atime = COALESCE(?6, atime), ctime = MAX(?7, ?8)
+                 gid = COALESCE(?4, gid),
+                 mtime = COALESCE(?5, CASE WHEN mtime > ?8 THEN mtime ELSE ?8 END),
+                 atime = COALESCE(?6, atime),
+                 ctime = CASE WHEN CAST(?7 AS BIGINT) > ?8 THEN ?7 ELSE ?8 END
                  WHERE ino = ?1",
             params![
                 ino as i64,
@@ -1747,6 +1887,9 @@ impl Index {
     /// the WAL and the database, which must not happen inside a commit that a `close()` waits
     /// for.
     pub fn no_auto_checkpoint(&self) -> io::Result<()> {
+        if self.db.is_postgres() {
+            return Ok(());
+        }
         self.db.batch("PRAGMA wal_autocheckpoint = 0")
     }
 
@@ -1761,6 +1904,9 @@ impl Index {
     /// Copies what the WAL holds into the database file without waiting for anyone (a passive
     /// checkpoint); returns how many frames the WAL holds.
     pub fn checkpoint(&self) -> io::Result<i64> {
+        if self.db.is_postgres() {
+            return Ok(0);
+        }
         self.db
             .row("PRAGMA wal_checkpoint(PASSIVE)", params![], |r| {
                 r.get::<_, i64>(1)
@@ -1781,7 +1927,10 @@ impl Index {
     /// was copied back, and a checkpoint syncs the database before it records the copy. No WAL
     /// file at all means the last connection closed it after a complete checkpoint.
     pub fn sync(&self) -> io::Result<()> {
-        let Some(db) = self.sqlite()?.path().filter(|p| !p.is_empty()) else {
+        let Some(conn) = self.db.sqlite() else {
+            return Ok(()); // PostgreSQL: a commit is durable when it returns
+        };
+        let Some(db) = conn.path().filter(|p| !p.is_empty()) else {
             return Ok(()); // in memory
         };
         match std::fs::File::open(format!("{db}-wal")) {
@@ -1869,6 +2018,10 @@ impl Index {
 
     /// Runs `PRAGMA integrity_check`; returns the problems it reports (empty when fine).
     pub fn integrity_problems(&self) -> io::Result<Vec<String>> {
+        if self.db.is_postgres() {
+            // PostgreSQL checks its own pages (and the schema's keys hold by construction).
+            return Ok(Vec::new());
+        }
         let rows = self.db.all("PRAGMA integrity_check", params![], |r| {
             r.get::<_, String>(0)
         })?;
@@ -1907,6 +2060,38 @@ mod tests {
 
     fn new_file(parent: u64, name: &[u8]) -> NewEntry<'_> {
         NewEntry::new_file(parent, name, 2, 0o644, (0, 0), 1)
+    }
+
+    /// One index of each engine, to open again and again: `open(now)` is a start of the
+    /// writing daemon (after a crash, if the last one was not stopped), `other()` another
+    /// connection that reads it (on PostgreSQL, the daemon of another machine).
+    struct Engine {
+        name: &'static str,
+        open: Box<dyn Fn(i64) -> Index>,
+        other: Box<dyn Fn() -> Index>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn engines() -> Vec<Engine> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let p2 = path.clone();
+        let mut v = vec![Engine {
+            name: "sqlite",
+            open: Box::new(move |now| Index::open(&path, (0, 0), now).unwrap()),
+            other: Box::new(move || Index::open_readonly(&p2).unwrap()),
+            _dir: dir,
+        }];
+        if let Some(url) = db::tests::test_pg_url() {
+            let u2 = url.clone();
+            v.push(Engine {
+                name: "postgresql",
+                open: Box::new(move |now| Index::open_postgres(&url, "m1", (0, 0), now).unwrap()),
+                other: Box::new(move || Index::open_postgres(&u2, "m2", (0, 0), 0).unwrap()),
+                _dir: tempfile::tempdir().unwrap(),
+            });
+        }
+        v
     }
 
     #[test]
@@ -1991,8 +2176,13 @@ mod tests {
     /// the same transaction as the change itself.
     #[test]
     fn directories_change_with_their_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            directories_change_with_their_entries_in(&mut (engine.open)(5));
+        }
+    }
+
+    fn directories_change_with_their_entries_in(idx: &mut Index) {
         let times = |idx: &Index, ino| {
             let e = idx.get(ino).unwrap().unwrap();
             (e.mtime, e.ctime)
@@ -2005,62 +2195,67 @@ mod tests {
             .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 11))
             .unwrap()
             .unwrap();
-        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        assert_eq!(times(idx, RUNS_INO), (11, 11));
         // A name already taken changes nothing.
         assert_eq!(
             idx.insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 12))
                 .unwrap(),
             None
         );
-        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        assert_eq!(times(idx, RUNS_INO), (11, 11));
         let a = idx
             .insert_in_dir(&NewEntry::new_file(d1, b"a", 3, 0o644, (0, 0), 20))
             .unwrap()
             .unwrap();
-        assert_eq!(times(&idx, d1), (20, 20));
+        assert_eq!(times(idx, d1), (20, 20));
         idx.commit_file(a, &Hash([1; 32]), 1, 21, 21, || true)
             .unwrap();
         assert!(idx.rename_file(a, d2, b"b", 3, 30, true).unwrap());
-        assert_eq!((times(&idx, d1), times(&idx, d2)), ((30, 30), (30, 30)));
-        assert_eq!(times(&idx, a), (21, 30), "the file's ctime, not its mtime");
+        assert_eq!((times(idx, d1), times(idx, d2)), ((30, 30), (30, 30)));
+        assert_eq!(times(idx, a), (21, 30), "the file's ctime, not its mtime");
         // A refused rename (the target is taken) leaves both directories alone.
         idx.insert_in_dir(&NewEntry::new_file(d1, b"c", 3, 0o644, (0, 0), 31))
             .unwrap()
             .unwrap();
         assert!(!idx.rename_file(a, d1, b"c", 3, 40, true).unwrap());
-        assert_eq!((times(&idx, d1), times(&idx, d2)), ((31, 31), (30, 30)));
+        assert_eq!((times(idx, d1), times(idx, d2)), ((31, 31), (30, 30)));
         idx.tombstone(a, 50).unwrap();
-        assert_eq!(times(&idx, d2), (50, 50));
+        assert_eq!(times(idx, d2), (50, 50));
         let c = idx.lookup(d1, b"c").unwrap().unwrap().ino;
         idx.unlink_unsealed(c, 60).unwrap();
-        assert_eq!(times(&idx, d1), (60, 60));
+        assert_eq!(times(idx, d1), (60, 60));
         assert_eq!(idx.get(c).unwrap(), None, "never committed: no trace");
         idx.tombstone(d1, 70).unwrap();
-        assert_eq!(times(&idx, RUNS_INO), (70, 70));
+        assert_eq!(times(idx, RUNS_INO), (70, 70));
         idx.revive_dir(d1, 0o700, 0, 0, 80).unwrap();
-        assert_eq!(times(&idx, RUNS_INO), (80, 80));
+        assert_eq!(times(idx, RUNS_INO), (80, 80));
         // Inside a transaction already open, the same step is a savepoint of it.
         idx.write_locked(|idx| {
             idx.insert_in_dir(&NewEntry::new_file(d2, b"e", 3, 0o644, (0, 0), 90))
                 .map(|_| ())
         })
         .unwrap();
-        assert_eq!(times(&idx, d2), (90, 90));
+        assert_eq!(times(idx, d2), (90, 90));
     }
 
     #[test]
     fn a_commit_stays_unsealed_for_other_readers_until_the_release_reaches_the_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            a_commit_stays_unsealed_in(&engine);
+        }
+    }
+
+    fn a_commit_stays_unsealed_in(engine: &Engine) {
         let h = Hash::of(b"x");
         let (a, b) = {
-            let idx = Index::open(&path, (0, 0), 1).unwrap();
+            let idx = (engine.open)(1);
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             let b = idx.insert(&new_file(RUNS_INO, b"b")).unwrap().unwrap();
             for ino in [a, b] {
                 idx.commit_file(ino, &h, 1, 1, 2, || true).unwrap();
             }
-            let other = Index::open_readonly(&path).unwrap();
+            let other = (engine.other)();
             let seen = other.get(a).unwrap().unwrap();
             assert_eq!((seen.state, seen.committed_open), (State::Live, true));
             // Released: queued, written with the next commit's transaction.
@@ -2078,7 +2273,7 @@ mod tests {
             (a, b)
         };
         // A crash with b committed but still open: its close() returned, so it is kept, sealed.
-        let idx = Index::open(&path, (0, 0), 9).unwrap();
+        let idx = (engine.open)(9);
         let b = idx.get(b).unwrap().unwrap();
         assert_eq!(
             (b.state, b.committed_open, b.hash),
@@ -2089,10 +2284,15 @@ mod tests {
 
     #[test]
     fn a_hidden_directory_is_invisible_and_a_crash_drops_its_tree() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            a_hidden_directory_is_invisible_in(&engine);
+        }
+    }
+
+    fn a_hidden_directory_is_invisible_in(engine: &Engine) {
         let (hidden, shown) = {
-            let idx = Index::open(&path, (0, 0), 1).unwrap();
+            let idx = (engine.open)(1);
             let mk = |parent, name: &'static [u8], state| {
                 let e = NewEntry {
                     state,
@@ -2133,7 +2333,7 @@ mod tests {
             );
             (hidden, shown)
         };
-        let idx = Index::open(&path, (0, 0), 2).unwrap();
+        let idx = (engine.open)(2);
         assert_eq!(idx.get(hidden).unwrap(), None);
         assert_eq!(
             idx.file_rows().unwrap().len(),
@@ -2145,11 +2345,16 @@ mod tests {
 
     #[test]
     fn writing_rows_are_dropped_on_open_and_names_are_unique() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            writing_rows_are_dropped_in(&engine);
+        }
+    }
+
+    fn writing_rows_are_dropped_in(engine: &Engine) {
         let hash = Hash([7; 32]);
         {
-            let idx = Index::open(&path, (0, 0), 5).unwrap();
+            let idx = (engine.open)(5);
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             assert!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap().is_none());
             assert_eq!(
@@ -2158,7 +2363,7 @@ mod tests {
             );
             idx.insert(&new_file(RUNS_INO, b"half")).unwrap().unwrap();
         }
-        let idx = Index::open(&path, (0, 0), 6).unwrap();
+        let idx = (engine.open)(6);
         assert!(idx.lookup(RUNS_INO, b"half").unwrap().is_none());
         let a = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
         assert_eq!((a.state, a.hash, a.size), (State::Live, Some(hash), 3));
@@ -2166,8 +2371,13 @@ mod tests {
 
     #[test]
     fn rename_leaves_a_tombstone_with_the_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            rename_leaves_a_tombstone_in(&mut (engine.open)(5));
+        }
+    }
+
+    fn rename_leaves_a_tombstone_in(idx: &mut Index) {
         let hash = Hash([1; 32]);
         let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
         idx.commit_file(a, &hash, 1, 6, 6, || true).unwrap();

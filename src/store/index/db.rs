@@ -48,6 +48,8 @@ pub(crate) struct Pg {
     statements: HashMap<String, postgres::Statement>,
     /// Open transaction, savepoints included (0: none).
     depth: usize,
+    /// Run on every new connection (session settings).
+    setup: String,
 }
 
 /// One row of a query's result, of either engine.
@@ -275,7 +277,10 @@ impl Pg {
             }
         }
         if self.client.is_none() {
-            let client = self.config.connect(postgres::NoTls).map_err(pg_error)?;
+            let mut client = self.config.connect(postgres::NoTls).map_err(pg_error)?;
+            if !self.setup.is_empty() {
+                client.batch_execute(&self.setup).map_err(pg_error)?;
+            }
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -333,9 +338,26 @@ impl Db {
             client: None,
             statements: HashMap::new(),
             depth: 0,
+            setup: String::new(),
         };
         pg.client()?;
         Ok(Db::Postgres(Box::new(RefCell::new(pg))))
+    }
+
+    /// Runs `sql` now and on every connection made again after a break (session settings).
+    pub fn on_every_connection(&self, sql: &str) -> io::Result<()> {
+        self.batch(sql)?;
+        if let Db::Postgres(pg) = self {
+            let mut pg = pg.borrow_mut();
+            pg.setup.push_str(sql);
+            pg.setup.push(';');
+        }
+        Ok(())
+    }
+
+    /// Whether this is a PostgreSQL index.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(_))
     }
 
     /// The SQLite connection, for what only SQLite has (`PRAGMA`s, checkpoints).
@@ -533,7 +555,7 @@ pub(crate) enum Step {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rusqlite::params;
 
@@ -545,6 +567,17 @@ mod tests {
         );
         assert_eq!(pg_placeholders("x = ? AND y = ?"), "x = $1 AND y = $2");
         assert_eq!(pg_placeholders("\"we?ird\" = ?2"), "\"we?ird\" = $2");
+    }
+
+    /// The URL of a new throwaway schema of the test server (see [`test_pg`]).
+    pub(crate) fn test_pg_url() -> Option<String> {
+        let url = std::env::var("ARTIFACTFS_TEST_PG").ok()?;
+        let db = test_pg()?;
+        let schema: String = db
+            .row("SELECT current_schema()", params![], |r| r.get(0))
+            .unwrap();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Some(format!("{url}{sep}options=-csearch_path%3D{schema}"))
     }
 
     /// A throwaway schema of the test server named by `ARTIFACTFS_TEST_PG` (a `postgresql://`

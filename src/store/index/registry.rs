@@ -114,7 +114,8 @@ fn row_to_model(r: &DbRow) -> rusqlite::Result<ModelRow> {
 impl Index {
     pub fn model_create(&self, ino: u64, name: &str, now: i64) -> io::Result<()> {
         self.db.exec(
-            "INSERT OR IGNORE INTO registered_models (ino, name, created) VALUES (?1, ?2, ?3)",
+            "INSERT INTO registered_models (ino, name, created) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
             params![ino as i64, name, now],
         )?;
         Ok(())
