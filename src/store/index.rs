@@ -324,6 +324,11 @@ pub fn is_busy(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<IndexBusy>())
 }
 
+/// Checks that `url` is a PostgreSQL URL this index can use (nothing is connected).
+pub fn pg_url_checked(url: &str) -> io::Result<()> {
+    postgres::config(url).map(drop)
+}
+
 /// The connection settings of a `postgresql://` URL (see [`postgres::config`]).
 fn pg_config(url: &str) -> io::Result<::postgres::Config> {
     postgres::config(url)
@@ -480,7 +485,7 @@ impl Index {
     ) -> io::Result<Index> {
         let mut index = Index::with(Db::postgres(pg_config(url)?)?);
         index.machine = machine.to_owned();
-        postgres::prepare_schema(&index.db, owner, now)?;
+        postgres::prepare_schema(&index.db, Some((owner, now)))?;
         let session = postgres::start_session(&index.db, machine, now)?;
         index.session.set(session);
         index.last_heartbeat.set(Some(std::time::Instant::now()));
@@ -491,6 +496,14 @@ impl Index {
             ))?;
             postgres::forget_dead_sessions(&idx.db, session, machine, now)
         })?;
+        Ok(index)
+    }
+
+    /// Opens a PostgreSQL index for a command (`ls`, `fsck`, `gc`, ...) beside the daemons that
+    /// write it: checks its schema version, and changes nothing else.
+    pub fn open_postgres_client(url: &str) -> io::Result<Index> {
+        let index = Index::with(Db::postgres(pg_config(url)?)?);
+        postgres::prepare_schema(&index.db, None)?;
         Ok(index)
     }
 

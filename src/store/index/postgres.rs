@@ -29,10 +29,10 @@ pub const INO_BLOCK: u64 = 1024;
 /// How long a session lives without a heartbeat before other daemons clean up after it (ns).
 pub const LEASE: i64 = 30_000_000_000;
 
-/// Creates the schema on first use, or checks its version.
-pub fn prepare_schema(db: &Db, owner: (u32, u32), now: i64) -> io::Result<()> {
+/// Creates the schema on first use (with `create`), or checks its version.
+pub fn prepare_schema(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()> {
     db.begin_write()?;
-    let result = create_or_check(db, owner, now);
+    let result = create_or_check(db, create);
     match &result {
         Ok(()) => db.commit()?,
         Err(_) => {
@@ -42,7 +42,7 @@ pub fn prepare_schema(db: &Db, owner: (u32, u32), now: i64) -> io::Result<()> {
     result
 }
 
-fn create_or_check(db: &Db, owner: (u32, u32), now: i64) -> io::Result<()> {
+fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()> {
     let exists: i64 = db.row(
         "SELECT COUNT(*) FROM information_schema.tables
          WHERE table_schema = current_schema() AND table_name = 'meta'",
@@ -70,7 +70,12 @@ fn create_or_check(db: &Db, owner: (u32, u32), now: i64) -> io::Result<()> {
             )),
         };
     }
-    let (uid, gid) = owner;
+    let Some(((uid, gid), now)) = create else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no artifactfs index in this database yet: a daemon creates it at its first mount",
+        ));
+    };
     db.batch(&format!(
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
          CREATE SEQUENCE inos AS BIGINT START WITH {INO_BLOCK} INCREMENT BY {INO_BLOCK};
