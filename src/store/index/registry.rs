@@ -192,7 +192,7 @@ impl Index {
             "INSERT INTO model_versions (dir_ino, model_ino, status, message, updated)
                  VALUES (?1, ?2, 'PENDING', '', ?3)
                  ON CONFLICT (dir_ino) DO UPDATE SET status = 'PENDING', message = '', updated = ?3
-                 WHERE status != 'READY' AND status != 'PENDING'",
+                 WHERE model_versions.status != 'READY' AND model_versions.status != 'PENDING'",
             params![dir_ino as i64, model_ino as i64, now],
         )?;
         Ok(changed > 0)
