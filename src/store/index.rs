@@ -725,13 +725,7 @@ impl Index {
     /// it holds: the daemon keeps this short and retries with its index mutex released
     /// (`Store::retry_busy`).
     pub fn set_busy_timeout(&self, timeout: Duration) -> io::Result<()> {
-        match self.db.sqlite() {
-            Some(c) => c.busy_timeout(timeout).map_err(to_io),
-            None => self.db.on_every_connection(&format!(
-                "SET lock_timeout = {}",
-                timeout.as_millis().max(1)
-            )),
-        }
+        self.db.set_lock_timeout(timeout)
     }
 
     /// Opens an existing index for writing beside a daemon that may have it open too (no schema

@@ -32,6 +32,9 @@ use super::IndexBusy;
 /// (`pg_advisory_xact_lock`): "artifac" in ASCII.
 const WRITE_LOCK_KEY: i64 = 0x0061_7274_6966_6163;
 
+/// How many prepared statements a PostgreSQL connection keeps (the index uses a few dozen).
+const MAX_STATEMENTS: usize = 256;
+
 /// One connection to an index, of either engine.
 pub(crate) enum Db {
     Sqlite(rusqlite::Connection),
@@ -50,6 +53,8 @@ pub(crate) struct Pg {
     depth: usize,
     /// Run on every new connection (session settings).
     setup: String,
+    /// The `lock_timeout` set last (ms).
+    lock_timeout: Option<u128>,
 }
 
 /// One row of a query's result, of either engine.
@@ -281,6 +286,11 @@ impl Pg {
             if !self.setup.is_empty() {
                 client.batch_execute(&self.setup).map_err(pg_error)?;
             }
+            if let Some(ms) = self.lock_timeout {
+                client
+                    .batch_execute(&format!("SET lock_timeout = {ms}"))
+                    .map_err(pg_error)?;
+            }
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -294,6 +304,10 @@ impl Pg {
             .client()?
             .prepare(&pg_placeholders(sql))
             .map_err(pg_error)?;
+        if self.statements.len() >= MAX_STATEMENTS {
+            // Statements made for one use (a list of numbers in their text) would pile up.
+            self.statements.clear();
+        }
         self.statements.insert(sql.to_owned(), stmt.clone());
         Ok(stmt)
     }
@@ -339,6 +353,7 @@ impl Db {
             statements: HashMap::new(),
             depth: 0,
             setup: String::new(),
+            lock_timeout: None,
         };
         pg.client()?;
         Ok(Db::Postgres(Box::new(RefCell::new(pg))))
@@ -353,6 +368,27 @@ impl Db {
             pg.setup.push(';');
         }
         Ok(())
+    }
+
+    /// How long a statement waits for a lock another connection holds before it fails with
+    /// `IndexBusy` (SQLite's busy timeout, PostgreSQL's `lock_timeout`).
+    pub fn set_lock_timeout(&self, timeout: std::time::Duration) -> io::Result<()> {
+        match self {
+            Db::Sqlite(c) => c.busy_timeout(timeout).map_err(sqlite_error),
+            Db::Postgres(pg) => {
+                let ms = timeout.as_millis().max(1);
+                if pg.borrow().lock_timeout == Some(ms) {
+                    return Ok(());
+                }
+                let sql = format!("SET lock_timeout = {ms}");
+                {
+                    let mut pg = pg.borrow_mut();
+                    pg.client()?.batch_execute(&sql).map_err(pg_error)?;
+                    pg.lock_timeout = Some(ms);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Whether this is a PostgreSQL index.
