@@ -530,6 +530,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
 
     let opts = FsOptions {
         read_only: args.read_only,
+        shared_store: store.is_shared(),
         uid: args.uid,
         gid: args.gid,
         settle: Duration::from_secs_f64(args.settle.max(0.0)),

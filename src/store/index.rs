@@ -499,6 +499,11 @@ impl Index {
         Ok(index)
     }
 
+    /// Whether this is a shared (PostgreSQL) index.
+    pub fn is_shared(&self) -> bool {
+        self.db.is_postgres()
+    }
+
     /// Opens a PostgreSQL index for a command (`ls`, `fsck`, `gc`, ...) beside the daemons that
     /// write it: checks its schema version, and changes nothing else.
     pub fn open_postgres_client(url: &str) -> io::Result<Index> {
@@ -1183,10 +1188,11 @@ impl Index {
             return Ok(None);
         }
         let ino = self.new_ino()?;
-        match insert_entry(&self.db, e, ino, false) {
-            Ok(_) => Ok(Some(ino)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(e),
+        // (A conflict skipped, not failed: a failed statement would abort a PostgreSQL
+        // transaction this insert is part of.)
+        match insert_entry(&self.db, e, ino, true)? {
+            0 => Ok(None),
+            _ => Ok(Some(ino)),
         }
     }
 

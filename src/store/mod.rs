@@ -846,6 +846,11 @@ impl Store {
         Ok((index, blobs))
     }
 
+    /// Whether daemons of other machines write this store too (a PostgreSQL index).
+    pub fn is_shared(&self) -> bool {
+        self.index().is_shared()
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

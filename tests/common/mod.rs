@@ -92,6 +92,55 @@ impl Mount {
         Self::with_args(test, &[])
     }
 
+    /// Two daemons of one shared store, standing for two machines: each with a store
+    /// directory and mount point of its own, both on one new database of the test PostgreSQL
+    /// server and one blob directory. `None` (after saying why) without FUSE or a test server,
+    /// outside CI.
+    pub fn machines(test: &str, n: usize) -> Option<(Vec<Mount>, tempfile::TempDir)> {
+        if !fuse_available(test) {
+            return None;
+        }
+        let Ok(server) = std::env::var("ARTIFACTFS_TEST_PG") else {
+            let why = format!("{test}: skipped: no test PostgreSQL server (ARTIFACTFS_TEST_PG)");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{why} — but CI=true; scripts/test.sh starts one");
+            }
+            eprintln!("{why}");
+            return None;
+        };
+        let shared = tempfile::Builder::new()
+            .prefix("afs-shared-")
+            .tempdir()
+            .unwrap();
+        let name = new_database(&server);
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+        let index = format!("{base}/{name}");
+        let blobs = format!("file://{}", shared.path().join("blobs").display());
+        let mounts = (0..n)
+            .map(|_| Self::bare(&["--index", &index, "--blobs", &blobs]))
+            .collect();
+        Some((mounts, shared))
+    }
+
+    /// A store in a new temp dir, mounted with exactly `args`.
+    fn bare(args: &[&str]) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("afs-test-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
+        m.mount(args);
+        m
+    }
+
     pub fn with_args(test: &str, args: &[&str]) -> Option<Mount> {
         if !fuse_available(test) {
             return None;

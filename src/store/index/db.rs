@@ -55,6 +55,9 @@ pub(crate) struct Pg {
     setup: String,
     /// The `lock_timeout` set last (ms).
     lock_timeout: Option<u128>,
+    /// A statement of the open transaction (or step) failed: PostgreSQL ignores everything
+    /// until it is rolled back, and a `COMMIT` would roll it back without an error.
+    aborted: bool,
 }
 
 /// One row of a query's result, of either engine.
@@ -338,7 +341,20 @@ impl Pg {
             .collect::<io::Result<Vec<_>>>()?;
         let refs: Vec<&(dyn PgToSql + Sync)> = bound.iter().map(|b| b.as_ref()).collect();
         let client = self.client()?;
-        f(client, &stmt, &refs).map_err(pg_error)
+        let result = f(client, &stmt, &refs).map_err(pg_error);
+        if result.is_err() && self.depth > 0 {
+            self.aborted = true;
+        }
+        result
+    }
+
+    /// Runs statements without parameters, as [`Pg::run`] does.
+    fn batch(&mut self, sql: &str) -> io::Result<()> {
+        let result = self.client()?.batch_execute(sql).map_err(pg_error);
+        if result.is_err() && self.depth > 0 {
+            self.aborted = true;
+        }
+        result
     }
 }
 
@@ -354,6 +370,7 @@ impl Db {
             depth: 0,
             setup: String::new(),
             lock_timeout: None,
+            aborted: false,
         };
         pg.client()?;
         Ok(Db::Postgres(Box::new(RefCell::new(pg))))
@@ -487,11 +504,7 @@ impl Db {
     pub fn batch(&self, sql: &str) -> io::Result<()> {
         match self {
             Db::Sqlite(c) => c.execute_batch(sql).map_err(sqlite_error),
-            Db::Postgres(pg) => pg
-                .borrow_mut()
-                .client()?
-                .batch_execute(sql)
-                .map_err(pg_error),
+            Db::Postgres(pg) => pg.borrow_mut().batch(sql),
         }
     }
 
@@ -503,12 +516,18 @@ impl Db {
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
                 let client = pg.client()?;
-                client
+                let begun = client
                     .batch_execute(&format!(
                         "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
                     ))
-                    .map_err(pg_error)?;
+                    .map_err(pg_error);
+                if let Err(e) = begun {
+                    // (The lock was not had in time: the transaction begun is over too.)
+                    let _ = client.batch_execute("ROLLBACK");
+                    return Err(e);
+                }
                 pg.depth = 1;
+                pg.aborted = false;
                 Ok(())
             }
         }
@@ -528,7 +547,14 @@ impl Db {
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
                 pg.depth = 0;
+                let aborted = std::mem::take(&mut pg.aborted);
                 match pg.client.as_mut() {
+                    Some(c) if !c.is_closed() && aborted && how == "COMMIT" => {
+                        let _ = c.batch_execute("ROLLBACK");
+                        Err(io::Error::other(
+                            "index: a statement of the transaction failed: it was rolled back",
+                        ))
+                    }
                     Some(c) if !c.is_closed() => c.batch_execute(how).map_err(pg_error),
                     _ if how == "ROLLBACK" => Ok(()),
                     _ => Err(io::Error::other(
@@ -568,16 +594,23 @@ impl Db {
             (Step::Transaction, true) => self.commit(),
             (Step::Transaction, false) => self.rollback(),
             (Step::Savepoint, keep) => {
+                let mut failed = false;
                 if let Db::Postgres(pg) = self {
                     let mut pg = pg.borrow_mut();
                     pg.depth = pg.depth.saturating_sub(1).max(1);
+                    // A failed statement of the step is undone with the step.
+                    failed = std::mem::take(&mut pg.aborted);
                 }
-                let sql = if keep {
-                    "RELEASE step"
-                } else {
-                    "ROLLBACK TO step; RELEASE step"
-                };
-                self.batch(sql)
+                if keep && !failed {
+                    return self.batch("RELEASE step");
+                }
+                self.batch("ROLLBACK TO step; RELEASE step")?;
+                if keep {
+                    return Err(io::Error::other(
+                        "index: a statement of the step failed: it was rolled back",
+                    ));
+                }
+                Ok(())
             }
         }
     }
@@ -805,6 +838,76 @@ pub(crate) mod tests {
             db.rollback().unwrap();
             assert_eq!(ids(), vec![1, 3], "{name}");
         }
+    }
+
+    /// A statement that fails inside a transaction never lets the transaction commit half of
+    /// it (PostgreSQL would ignore the rest and turn the COMMIT into a rollback): the commit
+    /// fails, nothing stays, and the connection goes on. A failed step is undone on its own.
+    #[test]
+    fn a_failed_statement_never_commits_half_a_transaction() {
+        for (name, db) in engines() {
+            create(&db, name);
+            let ins = |id: i64, n: &[u8]| {
+                db.exec(
+                    "INSERT INTO t (id, name) VALUES (?1, ?2)",
+                    params![id, n.to_vec()],
+                )
+            };
+            ins(1, b"a").unwrap();
+            let count = || {
+                db.row("SELECT COUNT(*) FROM t", params![], |r| r.get::<_, i64>(0))
+                    .unwrap()
+            };
+            // A step that failed is undone, and the transaction goes on.
+            db.begin_write().unwrap();
+            ins(2, b"b").unwrap();
+            let step = db.begin_step().unwrap();
+            assert!(ins(3, b"a").is_err(), "{name}");
+            db.end_step(step, false).unwrap();
+            ins(4, b"d").unwrap();
+            db.commit().unwrap();
+            assert_eq!(count(), 3, "{name}");
+            if name == "postgresql" {
+                // A failure outside a step: the commit fails, nothing of it stays.
+                db.begin_write().unwrap();
+                ins(5, b"e").unwrap();
+                assert!(ins(6, b"a").is_err());
+                assert!(db.commit().is_err());
+                assert_eq!(count(), 3);
+            }
+            ins(7, b"g").unwrap();
+            assert_eq!(count(), 4, "{name}");
+        }
+    }
+
+    /// The write lock not had within the lock timeout: the attempt fails as busy and leaves
+    /// the connection usable.
+    #[test]
+    fn a_write_lock_not_had_in_time_is_busy_and_harmless() {
+        let Some(url) = test_pg_url() else {
+            return;
+        };
+        let one = Db::postgres(url.parse().unwrap()).unwrap();
+        let two = Db::postgres(url.parse().unwrap()).unwrap();
+        create(&one, "postgresql");
+        two.set_lock_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
+        one.begin_write().unwrap();
+        let e = two.begin_write().unwrap_err();
+        assert!(super::super::is_busy(&e), "{e}");
+        assert!(!two.in_transaction());
+        one.commit().unwrap();
+        two.begin_write().unwrap();
+        two.exec(
+            "INSERT INTO t (id, name) VALUES (?1, ?2)",
+            params![1i64, b"x".as_slice()],
+        )
+        .unwrap();
+        two.commit().unwrap();
+        let n: i64 = one
+            .row("SELECT COUNT(*) FROM t", params![], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
