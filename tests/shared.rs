@@ -44,18 +44,19 @@ fn racing_creates_have_exactly_one_winner() {
         let loser = 1 - winners[0];
         assert_eq!(results[loser], Err(Some(libc::EEXIST)), "{name}");
         let want = format!("machine {}", winners[0]).into_bytes();
-        for k in 0..2 {
+        for (k, machine) in m.iter().enumerate() {
             let mut last = None;
             assert!(
                 wait_until(Duration::from_secs(3), || {
-                    let r = std::fs::read(m[k].path(&name));
+                    let r = std::fs::read(machine.path(&name));
                     let ok = r.as_ref().is_ok_and(|b| *b == want);
                     last = Some(r.map(|b| String::from_utf8_lossy(&b).into_owned()));
                     ok
                 }),
                 "{name} on machine {k} (the winner: {}): last read {last:?}; its log: {}",
                 winners[0],
-                m[k].log()
+                machine
+                    .log()
                     .lines()
                     .filter(|l| !l.contains(" INFO "))
                     .collect::<Vec<_>>()
