@@ -136,14 +136,48 @@ pub enum ModelsCmd {
     },
 }
 
+impl Cmd {
+    /// The store the command works on, if any.
+    fn store_arg(&self) -> Option<&StoreArg> {
+        match self {
+            Cmd::Mount(args) => Some(&args.store),
+            Cmd::Unmount { .. } => None,
+            Cmd::Fsck { store, .. } | Cmd::Gc { store, .. } | Cmd::Ls { store, .. } => Some(store),
+            Cmd::Models(m) => Some(match m {
+                ModelsCmd::List { store }
+                | ModelsCmd::Show { store, .. }
+                | ModelsCmd::Alias { store, .. }
+                | ModelsCmd::Wait { store, .. }
+                | ModelsCmd::Register { store, .. } => store,
+            }),
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct StoreArg {
     /// Store directory [default: $XDG_DATA_HOME/artifactfs or ~/.local/share/artifactfs]
     #[arg(long, env = "ARTIFACTFS_STORE")]
     pub store: Option<PathBuf>,
+    /// A shared index: postgresql://USER[:PASS]@HOST[:PORT]/DB[?sslmode=…] (a password may
+    /// also come from PGPASSWORD or ~/.pgpass) [default: STORE/index.sqlite, or the index the
+    /// store was first mounted with]
+    #[arg(long, env = "ARTIFACTFS_INDEX")]
+    pub index: Option<String>,
+    /// A blob directory every machine mounts: file:///DIR [default: STORE/blobs, or the one
+    /// the store was first mounted with]
+    #[arg(long, env = "ARTIFACTFS_BLOBS")]
+    pub blobs: Option<String>,
 }
 
 impl StoreArg {
+    /// Takes `--index` and `--blobs` for every store this command opens.
+    pub fn take_locations(&self) -> anyhow::Result<()> {
+        let l = store::Locations::parse(self.index.as_deref(), self.blobs.as_deref())?;
+        l.set_for_process();
+        Ok(())
+    }
+
     pub fn dir(&self) -> PathBuf {
         absolute(&self.store.clone().unwrap_or_else(store::default_store_dir))
     }
@@ -245,6 +279,9 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Runs the command line; the process exit code comes back.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(store) = cli.command.store_arg() {
+        store.take_locations()?;
+    }
     match cli.command {
         Cmd::Mount(args) if args.foreground => mount_foreground(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Mount(args) => mount_detached(&args).map(|_| ExitCode::SUCCESS),
@@ -447,6 +484,14 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     if let Some(t) = args.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    // The index URL may hold a password: through the environment (readable by the same user
+    // only), not the command line (which `ps` shows everyone).
+    if let Some(index) = &args.store.index {
+        cmd.env("ARTIFACTFS_INDEX", index);
+    }
+    if let Some(blobs) = &args.store.blobs {
+        cmd.env("ARTIFACTFS_BLOBS", blobs);
+    }
     cmd.arg("--settle").arg(args.settle.to_string());
     cmd.arg("--max-file-size")
         .arg(args.max_file_size.to_string());
@@ -536,6 +581,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
 
     let opts = FsOptions {
         read_only: args.read_only,
+        shared_store: store.is_shared(),
         uid: args.uid,
         gid: args.gid,
         settle: Duration::from_secs_f64(args.settle.max(0.0)),

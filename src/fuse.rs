@@ -263,7 +263,7 @@ impl FuseAdapter {
     }
 
     fn ttl(&self, attr: &Attr) -> Duration {
-        ttl(attr, self.fs.options().read_only)
+        ttl(attr, self.fs.options().beside_others())
     }
 
     /// Replies to an open of a sealed file: through passthrough when it is on and the file is
@@ -392,7 +392,7 @@ impl Filesystem for FuseAdapter {
             match self.fs.lookup_or_absent(parent.0, name.as_bytes()) {
                 Ok(Lookup::Found(attr)) => self.reply_entry(reply, Ok(attr)),
                 Ok(Lookup::Absent { cacheable }) => {
-                    let shared = self.fs.options().read_only;
+                    let shared = self.fs.options().beside_others();
                     match negative_ttl(cacheable, shared) {
                         // A negative entry: inode 0, remembered for the TTL.
                         Some(t) => {
@@ -701,7 +701,7 @@ impl Filesystem for FuseAdapter {
             match self.fs.opendir(ino.0) {
                 // The kernel keeps the listing in its page cache and drops it itself when a create,
                 // mkdir, unlink or rename through this mount changes the directory.
-                Ok(true) if !self.fs.options().read_only => reply.opened(
+                Ok(true) if !self.fs.options().beside_others() => reply.opened(
                     FileHandle(0),
                     FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
                 ),

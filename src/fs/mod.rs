@@ -54,6 +54,8 @@ const RELEASE_GRACE: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct FsOptions {
     pub read_only: bool,
+    /// The store is shared: daemons of other machines write it too (a PostgreSQL index).
+    pub shared_store: bool,
     /// Report (and record for new entries) this owner instead of the caller's.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -78,10 +80,21 @@ pub const DEFAULT_REWRITABLE: &str = "registered_model_meta";
 /// (checkpoint shards are GBs to tens of GBs) and about ten minutes of hashing.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 40;
 
+impl FsOptions {
+    /// Other daemons change the store too: this is a read-only mount beside the writing
+    /// daemon, or one of the daemons of a shared store. Nothing another daemon may change is
+    /// cached by the kernel for long, and a file committed but still open elsewhere reads as
+    /// being written.
+    pub fn beside_others(&self) -> bool {
+        self.read_only || self.shared_store
+    }
+}
+
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
             read_only: false,
+            shared_store: false,
             uid: None,
             gid: None,
             settle: Duration::from_secs(2),
@@ -501,10 +514,18 @@ impl ArtifactFs {
         attr
     }
 
-    /// Whether a file row is sealed as far as this daemon can tell: a read-only daemon beside
-    /// a writer treats a file committed while still open there as being written.
+    /// Whether a file row is sealed as far as this daemon can tell: a daemon beside others
+    /// treats a file committed while still open elsewhere as being written.
     fn is_sealed_row(&self, e: &Entry) -> bool {
-        e.kind == Kind::File && e.state == State::Live && !(e.committed_open && self.opts.read_only)
+        e.kind == Kind::File
+            && e.state == State::Live
+            && !(e.committed_open && self.open_elsewhere(e))
+    }
+
+    /// Whether file row `e`, committed while still open, is open on another daemon (not by a
+    /// writer of this one).
+    fn open_elsewhere(&self, e: &Entry) -> bool {
+        self.opts.beside_others() && (self.opts.read_only || self.writer_of(e.ino).is_none())
     }
 
     /// The live directory `ino`, or the refusal to use.
@@ -528,7 +549,7 @@ impl ArtifactFs {
     /// follow the `close()` by a few milliseconds, its seal by up to one tick), so `close()` on
     /// the writer and `open()` here right after see the final content, not `EBUSY`.
     fn wait_sealed_elsewhere(&self, ino: u64) {
-        if !self.opts.read_only {
+        if !self.opts.beside_others() || (!self.opts.read_only && self.writer_of(ino).is_some()) {
             return;
         }
         let until = std::time::Instant::now() + RELEASE_GRACE;

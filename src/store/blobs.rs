@@ -40,8 +40,14 @@ pub struct BlobStore {
 impl BlobStore {
     /// Opens (and creates) the blob and temp directories below `root`.
     pub fn open(root: &Path, sync_before_publish: bool) -> io::Result<Self> {
-        let blobs = root.join("blobs").join("sha256");
-        let tmp = root.join("tmp");
+        Self::open_at(&root.join("blobs"), &root.join("tmp"), sync_before_publish)
+    }
+
+    /// Opens (and creates) the blob directory `blobs` (blobs in `blobs/sha256`) with temp files
+    /// in `tmp`, which must be on the same file system (a blob is renamed into place).
+    pub fn open_at(blobs: &Path, tmp: &Path, sync_before_publish: bool) -> io::Result<Self> {
+        let blobs = blobs.join("sha256");
+        let tmp = tmp.to_path_buf();
         for dir in [&blobs, &tmp] {
             fs::create_dir_all(dir)?;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
@@ -59,9 +65,14 @@ impl BlobStore {
 
     /// The blob directory of an existing store, creating nothing (read-only use).
     pub fn open_existing(root: &Path) -> Self {
+        Self::existing_at(&root.join("blobs"), &root.join("tmp"))
+    }
+
+    /// [`BlobStore::open_existing`] of a blob directory `blobs` with temp files in `tmp`.
+    pub fn existing_at(blobs: &Path, tmp: &Path) -> Self {
         BlobStore {
-            blobs: root.join("blobs").join("sha256"),
-            tmp: root.join("tmp"),
+            blobs: blobs.join("sha256"),
+            tmp: tmp.to_path_buf(),
             next_tmp: AtomicU64::new(0),
             sync_before_publish: true,
             unsynced: AtomicBool::new(false),

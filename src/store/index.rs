@@ -46,10 +46,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{
-    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
-};
+use rusqlite::{Connection, OpenFlags, params};
 
+mod db;
+mod postgres;
+use db::{Db, DbRow};
 mod registry;
 pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 
@@ -202,7 +203,7 @@ pub struct FileRow {
 }
 
 pub struct Index {
-    conn: Connection,
+    db: Db,
     /// Files released since their last commit, still `STATE_COMMITTED_OPEN` in the table: sealed
     /// in the next commit's transaction or by [`Index::seal_pending`], whichever comes first.
     pending_seals: RefCell<Vec<u64>>,
@@ -215,6 +216,12 @@ pub struct Index {
     /// The contents `fsck --verify` found damaged, as last read from `damaged_blobs`: reloaded
     /// when another connection (fsck, in its own process) has changed the index since.
     damaged: RefCell<DamageCache>,
+    /// A PostgreSQL index's: this daemon's session (0: none), its machine, the end of its
+    /// block of inode numbers, and when it last told the index it is alive.
+    session: Cell<i64>,
+    machine: String,
+    ino_block_end: Cell<u64>,
+    last_heartbeat: Cell<Option<std::time::Instant>>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -222,6 +229,9 @@ pub struct Index {
 #[derive(Default)]
 struct DamageCache {
     read_at: Option<i64>,
+    /// When the table was last read (a PostgreSQL index has no `data_version`: it reads the
+    /// table again after [`DAMAGE_RELOAD`]).
+    read_when: Option<std::time::Instant>,
     hashes: std::collections::HashSet<Hash>,
 }
 
@@ -252,6 +262,26 @@ impl Reservations {
     }
 }
 
+/// Undoes a step or transaction of the index if the code inside it panics (see
+/// [`Index::write_locked`]).
+struct UndoOnUnwind<'a>(&'a Db, db::Step);
+
+impl Drop for UndoOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.end_step(self.1, false);
+        }
+    }
+}
+
+/// How long a PostgreSQL index's daemon answers whether content is damaged from the table as
+/// it last read it.
+const DAMAGE_RELOAD: Duration = Duration::from_secs(1);
+
+/// How often a PostgreSQL index's daemon tells the index it is alive, and cleans up after
+/// daemons of other machines whose lease ran out.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// How far ahead of the inode numbers handed out [`Index::record_used_inos`] moves the
 /// table's sequence.
 const INO_BLOCK: u64 = 1024;
@@ -261,15 +291,14 @@ const COLUMNS: &str =
 
 /// The first inode number no row has used, nor any row deleted since (`AUTOINCREMENT` keeps the
 /// highest number ever used in `sqlite_sequence`).
-fn first_unused_ino(conn: &Connection) -> io::Result<u64> {
-    conn.query_row(
+fn first_unused_ino(db: &Db) -> io::Result<u64> {
+    db.row(
         "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),
                     COALESCE((SELECT MAX(ino) FROM entries), 0)) + 1",
-        [],
+        params![],
         |r| r.get::<_, i64>(0),
     )
     .map(|n| n as u64)
-    .map_err(to_io)
 }
 
 /// How long a connection waits inside SQLite for another connection's write lock, unless told
@@ -295,15 +324,18 @@ pub fn is_busy(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<IndexBusy>())
 }
 
+/// Checks that `url` is a PostgreSQL URL this index can use (nothing is connected).
+pub fn pg_url_checked(url: &str) -> io::Result<()> {
+    postgres::config(url).map(drop)
+}
+
+/// The connection settings of a `postgresql://` URL (see [`postgres::config`]).
+fn pg_config(url: &str) -> io::Result<::postgres::Config> {
+    postgres::config(url)
+}
+
 fn to_io(e: rusqlite::Error) -> io::Error {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => io::Error::from_raw_os_error(libc::ENOSPC),
-        Some(ErrorCode::ReadOnly) => io::Error::from_raw_os_error(libc::EROFS),
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            io::Error::other(IndexBusy(e.to_string()))
-        }
-        _ => io::Error::other(format!("index: {e}")),
-    }
+    db::sqlite_error(e)
 }
 
 fn kind_code(k: Kind) -> i64 {
@@ -334,57 +366,55 @@ fn state_code(s: State) -> i64 {
     }
 }
 
-fn insert_sql(conflict: &str) -> String {
-    format!(
-        "INSERT {conflict} INTO entries
-         (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
-          atime)
-         VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)"
+/// Inserts row `ino` for `e`; with `skip_taken`, a taken `(parent, name)` inserts nothing
+/// (returns 0) instead of failing with [`io::ErrorKind::AlreadyExists`].
+fn insert_entry(db: &Db, e: &NewEntry, ino: u64, skip_taken: bool) -> io::Result<usize> {
+    let sql = if skip_taken {
+        INSERT_SKIPPING_TAKEN
+    } else {
+        INSERT
+    };
+    db.exec(
+        sql,
+        params![
+            e.parent as i64,
+            e.name,
+            kind_code(e.kind),
+            state_code(e.state),
+            e.zone as i64,
+            e.hash.map(|h| h.to_hex()),
+            e.size as i64,
+            e.mode as i64,
+            e.uid as i64,
+            e.gid as i64,
+            e.time,
+            ino as i64,
+        ],
     )
 }
 
-fn bind_insert(
-    stmt: &mut rusqlite::CachedStatement,
-    e: &NewEntry,
-    ino: u64,
-) -> rusqlite::Result<usize> {
-    stmt.execute(params![
-        e.parent as i64,
-        e.name,
-        kind_code(e.kind),
-        state_code(e.state),
-        e.zone as i64,
-        e.hash.map(|h| h.to_hex()),
-        e.size as i64,
-        e.mode as i64,
-        e.uid as i64,
-        e.gid as i64,
-        e.time,
-        ino as i64,
-    ])
-}
+const INSERT: &str = "INSERT INTO entries
+     (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
+     VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)";
+const INSERT_SKIPPING_TAKEN: &str = "INSERT INTO entries
+     (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
+     VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)
+     ON CONFLICT DO NOTHING";
 
 /// Deletes the row of committed file `ino` that a rename onto identical content replaces;
 /// `false` if it is no longer such a file (nothing deleted).
-fn delete_replaced(conn: &Connection, ino: u64) -> io::Result<bool> {
-    let gone = conn
-        .execute(
-            &format!(
-                "DELETE FROM entries WHERE ino = ?1 AND kind = 2
-                 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
-            ),
-            [ino as i64],
-        )
-        .map_err(to_io)?;
+fn delete_replaced(db: &Db, ino: u64) -> io::Result<bool> {
+    let gone = db.exec(
+        &format!(
+            "DELETE FROM entries WHERE ino = ?1 AND kind = 2
+             AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+        ),
+        params![ino as i64],
+    )?;
     Ok(gone == 1)
 }
 
-/// Whether `e` is a new file that starts being written: reserved, not inserted.
-fn is_reservable(e: &NewEntry) -> bool {
-    e.kind == Kind::File && e.state == State::Writing && e.hash.is_none()
-}
-
-fn row_to_entry(row: &Row) -> rusqlite::Result<Entry> {
+fn row_to_entry(row: &DbRow) -> rusqlite::Result<Entry> {
     let kind = match row.get::<_, i64>(3)? {
         1 => Kind::Dir,
         _ => Kind::File,
@@ -421,34 +451,21 @@ impl Index {
     /// Opens the index for the daemon: creates or migrates the schema, and drops rows of writes
     /// that never completed.
     pub fn open(path: &Path, owner: (u32, u32), now: i64) -> io::Result<Index> {
-        let index = Index::with(Connection::open(path).map_err(to_io)?);
+        let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         index.migrate(owner, now)?;
-        index
-            .conn
-            .execute_batch(&format!(
-                // Directories a registration was still filling go with their trees. Files
-                // being written when the daemon stopped: a version fsync'd before the latest
-                // writes, or committed while still open, is kept; otherwise the file is gone —
-                // its path a tombstone if an earlier version had been committed.
-                "WITH RECURSIVE t(i) AS (
-                     SELECT ino FROM entries WHERE kind = 1 AND state = {STATE_WRITING}
-                     UNION ALL SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
-                 DELETE FROM entries WHERE ino IN t;
-                 UPDATE entries SET state = {STATE_LIVE}
-                     WHERE state IN ({STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN});
-                 UPDATE entries SET state = {STATE_TOMBSTONE}
-                     WHERE state = {STATE_WRITING} AND hash IS NOT NULL;
-                 DELETE FROM entries WHERE state = {STATE_WRITING};",
-            ))
-            .map_err(to_io)?;
-        index.next_ino.set(first_unused_ino(&index.conn)?);
+        index.drop_unfinished_writes("")?;
+        index.next_ino.set(first_unused_ino(&index.db)?);
         Ok(index)
     }
 
-    fn with(conn: Connection) -> Index {
+    fn with(db: Db) -> Index {
         Index {
-            conn,
+            session: Cell::new(0),
+            machine: String::new(),
+            ino_block_end: Cell::new(0),
+            last_heartbeat: Cell::new(None),
+            db,
             pending_seals: Default::default(),
             reserved: Default::default(),
             next_ino: Cell::new(0),
@@ -457,14 +474,87 @@ impl Index {
         }
     }
 
+    /// Opens a PostgreSQL index for a daemon (`url`: `postgresql://…`), of the machine whose
+    /// store has identity `machine`: creates the schema on first use (or checks its version),
+    /// starts this daemon's session and drops what daemons that are gone left being written.
+    pub fn open_postgres(
+        url: &str,
+        machine: &str,
+        owner: (u32, u32),
+        now: i64,
+    ) -> io::Result<Index> {
+        let mut index = Index::with(Db::postgres(pg_config(url)?)?);
+        index.machine = machine.to_owned();
+        postgres::prepare_schema(&index.db, Some((owner, now)))?;
+        let session = postgres::start_session(&index.db, machine, now)?;
+        index.session.set(session);
+        index.last_heartbeat.set(Some(std::time::Instant::now()));
+        index.write_locked(|idx| {
+            idx.drop_unfinished_writes(&format!(
+                " AND {}",
+                postgres::left_by_dead_sessions(session, machine, now)
+            ))?;
+            postgres::forget_dead_sessions(&idx.db, session, machine, now)
+        })?;
+        Ok(index)
+    }
+
+    /// Whether this is a shared (PostgreSQL) index.
+    pub fn is_shared(&self) -> bool {
+        self.db.is_postgres()
+    }
+
+    /// Opens a PostgreSQL index for a command (`ls`, `fsck`, `gc`, ...) beside the daemons that
+    /// write it: checks its schema version, and changes nothing else.
+    pub fn open_postgres_client(url: &str) -> io::Result<Index> {
+        let index = Index::with(Db::postgres(pg_config(url)?)?);
+        postgres::prepare_schema(&index.db, None)?;
+        Ok(index)
+    }
+
+    /// Drops the rows of writes that never completed (those that also meet `scope`, an SQL
+    /// condition on `entries` starting with ` AND`, or all): directories a registration was
+    /// still filling go with their trees. Files being written when their daemon stopped: a
+    /// version fsync'd before the latest writes, or committed while still open, is kept;
+    /// otherwise the file is gone — its path a tombstone if an earlier version had been
+    /// committed.
+    fn drop_unfinished_writes(&self, scope: &str) -> io::Result<()> {
+        self.db.batch(&format!(
+            "WITH RECURSIVE t(i) AS (
+                 SELECT ino FROM entries WHERE kind = 1 AND state = {STATE_WRITING}{scope}
+                 UNION ALL SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
+             DELETE FROM entries WHERE ino IN (SELECT i FROM t);
+             UPDATE entries SET state = {STATE_LIVE}
+                 WHERE state IN ({STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN}){scope};
+             UPDATE entries SET state = {STATE_TOMBSTONE}
+                 WHERE state = {STATE_WRITING} AND hash IS NOT NULL{scope};
+             DELETE FROM entries WHERE state = {STATE_WRITING}{scope};",
+        ))
+    }
+
     /// A new inode number, for a row or a reservation.
     fn new_ino(&self) -> io::Result<u64> {
         let mut ino = self.next_ino.get();
-        if ino == 0 {
-            ino = first_unused_ino(&self.conn)?;
+        if self.db.is_postgres() {
+            if ino == 0 || ino >= self.ino_block_end.get() {
+                ino = postgres::ino_block(&self.db)?;
+                self.ino_block_end.set(ino + postgres::INO_BLOCK);
+            }
+        } else if ino == 0 {
+            ino = first_unused_ino(&self.db)?;
         }
         self.next_ino.set(ino + 1);
         Ok(ino)
+    }
+
+    /// Whether `e` is a new file that starts being written and is reserved, not inserted. A
+    /// PostgreSQL index, which daemons of other machines share, inserts its row at once: its
+    /// unique `(parent, name)` decides between two machines creating the same path.
+    fn reserves(&self, e: &NewEntry) -> bool {
+        e.kind == Kind::File
+            && e.state == State::Writing
+            && e.hash.is_none()
+            && !self.db.is_postgres()
     }
 
     /// The reserved file `ino`, if it is one.
@@ -525,11 +615,11 @@ impl Index {
 
     /// Whether a row in any state (hidden directories included) has `(parent, name)`.
     fn row_at(&self, parent: u64, name: &[u8]) -> io::Result<bool> {
-        self.conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)")
-            .map_err(to_io)?
-            .query_row(params![parent as i64, name], |r| r.get(0))
-            .map_err(to_io)
+        self.db.row(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)",
+            params![parent as i64, name],
+            |r| r.get(0),
+        )
     }
 
     /// Inside a transaction: the row of reserved file `r`, in state `state` with this content
@@ -545,13 +635,12 @@ impl Index {
         mtime: i64,
         ctime: i64,
     ) -> io::Result<()> {
-        self.conn
-            .prepare_cached(&format!(
+        self.db.exec(
+            &format!(
                 "INSERT INTO entries ({COLUMNS})
                  VALUES (?1, ?2, ?3, 2, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-            ))
-            .map_err(to_io)?
-            .execute(params![
+            ),
+            params![
                 r.ino as i64,
                 r.parent as i64,
                 r.name,
@@ -566,8 +655,8 @@ impl Index {
                 ctime,
                 r.crtime,
                 r.atime
-            ])
-            .map_err(to_io)?;
+            ],
+        )?;
         self.record_used_inos()
     }
 
@@ -577,16 +666,18 @@ impl Index {
     /// below the recorded sequence does not write it either); a restart skips the rest of the
     /// block.
     fn record_used_inos(&self) -> io::Result<()> {
+        if self.db.is_postgres() {
+            return Ok(()); // the sequence handed out whole blocks
+        }
         let last = self.next_ino.get().saturating_sub(1);
         if last <= self.recorded_seq.get() {
             return Ok(());
         }
         let ahead = last + INO_BLOCK;
-        self.conn
-            .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'")
-            .map_err(to_io)?
-            .execute([ahead as i64])
-            .map_err(to_io)?;
+        self.db.exec(
+            "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'entries'",
+            params![ahead as i64],
+        )?;
         // (Should the transaction roll back, the next insert past the real sequence records
         // its own number, as AUTOINCREMENT does: only numbers of dropped reservations could be
         // handed out again after a restart, which nothing refers to.)
@@ -613,14 +704,12 @@ impl Index {
             .map(|(&d, &t)| (d, t))
             .collect();
         for &(dir, t) in &dir_times {
-            self.conn
-                .prepare_cached(
-                    "UPDATE entries SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2)
+            self.db.exec(
+                "UPDATE entries SET mtime = CASE WHEN mtime > ?2 THEN mtime ELSE ?2 END,
+                     ctime = CASE WHEN ctime > ?2 THEN ctime ELSE ?2 END
                      WHERE ino = ?1 AND kind = 1",
-                )
-                .map_err(to_io)?
-                .execute(params![dir as i64, t])
-                .map_err(to_io)?;
+                params![dir as i64, t],
+            )?;
         }
         Ok(dir_times)
     }
@@ -641,7 +730,7 @@ impl Index {
     /// it holds: the daemon keeps this short and retries with its index mutex released
     /// (`Store::retry_busy`).
     pub fn set_busy_timeout(&self, timeout: Duration) -> io::Result<()> {
-        self.conn.busy_timeout(timeout).map_err(to_io)
+        self.db.set_lock_timeout(timeout)
     }
 
     /// Opens an existing index for writing beside a daemon that may have it open too (no schema
@@ -649,7 +738,7 @@ impl Index {
     pub fn open_shared(path: &Path) -> io::Result<Index> {
         // Checks that it exists and has our schema version.
         drop(Index::open_readonly(path)?);
-        let index = Index::with(Connection::open(path).map_err(to_io)?);
+        let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         Ok(index)
     }
@@ -676,25 +765,22 @@ impl Index {
                 "index schema version {version}, this artifactfs reads {SCHEMA_VERSION}"
             )));
         }
-        Ok(Index::with(conn))
+        Ok(Index::with(Db::Sqlite(conn)))
     }
 
     fn configure(&self) -> io::Result<()> {
         self.set_busy_timeout(BUSY_TIMEOUT)?;
-        self.conn
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
+        self.db.batch(
+            "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
                  PRAGMA foreign_keys = OFF;",
-            )
-            .map_err(to_io)
+        )
     }
 
     fn migrate(&self, owner: (u32, u32), now: i64) -> io::Result<()> {
         let version: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(to_io)?;
+            .db
+            .row("PRAGMA user_version", params![], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(io::Error::other(format!(
                 "index schema version {version} is newer than this artifactfs ({SCHEMA_VERSION})"
@@ -724,9 +810,8 @@ impl Index {
     /// Version 1: the namespace (entries, with the three fixed directories).
     fn migrate_to_1(&self, owner: (u32, u32), now: i64) -> io::Result<()> {
         let (uid, gid) = owner;
-        self.conn
-            .execute_batch(&format!(
-                "BEGIN;
+        self.db.batch(&format!(
+            "BEGIN;
                  CREATE TABLE entries (
                      ino    INTEGER PRIMARY KEY AUTOINCREMENT,
                      parent INTEGER NOT NULL,
@@ -754,15 +839,13 @@ impl Index {
                       {uid}, {gid}, {now}, {now}, {now});
                  PRAGMA user_version = 1;
                  COMMIT;"
-            ))
-            .map_err(to_io)
+        ))
     }
 
     /// Version 2: the model registry (registered models, versions, aliases).
     fn migrate_to_2(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE registered_models (
                      ino          INTEGER PRIMARY KEY,
                      name         TEXT    NOT NULL UNIQUE,
@@ -798,42 +881,36 @@ impl Index {
                  );
                  PRAGMA user_version = 2;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 3: blobs `fsck --verify` found damaged (reads of their files fail with EIO).
     fn migrate_to_3(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE damaged_blobs (hash TEXT PRIMARY KEY, found INTEGER NOT NULL);
                  PRAGMA user_version = 3;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 4: access times of their own (`touch -a`, `utimensat` with `UTIME_OMIT`); an
     /// existing entry's access time starts as its modification time, which is what the daemon
     /// reported as the access time before.
     fn migrate_to_4(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  ALTER TABLE entries ADD COLUMN atime INTEGER NOT NULL DEFAULT 0;
                  UPDATE entries SET atime = mtime;
                  PRAGMA user_version = 4;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 5: earlier contents of rewritable files (`registered_model_meta`, `--rewritable`).
     fn migrate_to_5(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE history (
                      ino      INTEGER NOT NULL,
                      hash     TEXT    NOT NULL,
@@ -845,8 +922,7 @@ impl Index {
                  CREATE INDEX history_by_hash ON history (hash);
                  PRAGMA user_version = 5;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// Version 6 (layout 2): content of up to [`super::INLINE_MAX`] bytes lives in the index,
@@ -854,54 +930,43 @@ impl Index {
     /// it. Blobs of such sizes that an earlier version wrote stay in `blobs/` and are read from
     /// there.
     fn migrate_to_6(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch(
-                "BEGIN;
+        self.db.batch(
+            "BEGIN;
                  CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BLOB NOT NULL);
                  PRAGMA user_version = 6;
                  COMMIT;",
-            )
-            .map_err(to_io)
+        )
     }
 
     /// The bytes of inline content `hash`, if the index holds it.
     pub fn inline_get(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
-        self.conn
-            .prepare_cached("SELECT data FROM inline_content WHERE hash = ?1")
-            .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| r.get(0))
-            .optional()
-            .map_err(to_io)
+        self.db.one(
+            "SELECT data FROM inline_content WHERE hash = ?1",
+            params![hash.to_hex()],
+            |r| r.get(0),
+        )
     }
 
     /// The size of inline content `hash`, if the index holds it.
     pub fn inline_size(&self, hash: &Hash) -> io::Result<Option<u64>> {
-        self.conn
-            .prepare_cached("SELECT length(data) FROM inline_content WHERE hash = ?1")
-            .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| r.get::<_, i64>(0).map(|n| n as u64))
-            .optional()
-            .map_err(to_io)
+        self.db.one(
+            "SELECT length(data) FROM inline_content WHERE hash = ?1",
+            params![hash.to_hex()],
+            |r| r.get::<_, i64>(0).map(|n| n as u64),
+        )
     }
 
     /// Inline contents in hash order after `after` (hex; `""` for the first page), with their
     /// sizes: garbage collection's listing.
     pub fn inline_list(&self, after: &str, limit: usize) -> io::Result<Vec<(Hash, u64)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT hash, length(data) FROM inline_content WHERE hash > ?1
+        let rows = self.db.all(
+            "SELECT hash, length(data) FROM inline_content WHERE hash > ?1
                  ORDER BY hash LIMIT ?2",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map(params![after, limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(to_io)?;
+            params![after, limit as i64],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+        )?;
         let mut out = Vec::new();
-        for row in rows {
-            let (h, n) = row.map_err(to_io)?;
+        for (h, n) in rows {
             if let Some(h) = Hash::from_hex(&h) {
                 out.push((h, n));
             }
@@ -911,11 +976,10 @@ impl Index {
 
     /// Removes inline content `hash` (garbage collection, inside its transaction).
     pub fn inline_remove(&self, hash: &Hash) -> io::Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM inline_content WHERE hash = ?1")
-            .map_err(to_io)?
-            .execute([hash.to_hex()])
-            .map_err(to_io)?;
+        self.db.exec(
+            "DELETE FROM inline_content WHERE hash = ?1",
+            params![hash.to_hex()],
+        )?;
         Ok(())
     }
 
@@ -929,37 +993,30 @@ impl Index {
         mtime: i64,
         now: i64,
     ) -> io::Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(to_io)?
-            .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
-            .map_err(to_io)?;
+        self.db.exec(
+            "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![ino as i64, hash.to_hex(), size as i64, mtime, now],
+        )?;
         Ok(())
     }
 
     /// Earlier contents of file `ino`, oldest first: (hash, size, mtime, replaced at).
     pub fn history_of(&self, ino: u64) -> io::Result<Vec<(Hash, u64, i64, i64)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1 ORDER BY replaced, rowid",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map([ino as i64], |r| {
+        let rows = self.db.all(
+            "SELECT hash, size, mtime, replaced FROM history WHERE ino = ?1
+             ORDER BY replaced, rowid",
+            params![ino as i64],
+            |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)? as u64,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                 ))
-            })
-            .map_err(to_io)?;
+            },
+        )?;
         let mut out = Vec::new();
-        for row in rows {
-            let (hash, size, mtime, replaced) = row.map_err(to_io)?;
+        for (hash, size, mtime, replaced) in rows {
             let hash = Hash::from_hex(&hash)
                 .ok_or_else(|| io::Error::other(format!("index: bad hash {hash:?} in history")))?;
             out.push((hash, size, mtime, replaced));
@@ -969,12 +1026,10 @@ impl Index {
 
     /// Records that blob `hash` is damaged (missing or wrong bytes).
     pub fn mark_damaged(&self, hash: &Hash, now: i64) -> io::Result<()> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO damaged_blobs (hash, found) VALUES (?1, ?2)",
-                params![hash.to_hex(), now],
-            )
-            .map_err(to_io)?;
+        self.db.exec(
+            "INSERT INTO damaged_blobs (hash, found) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![hash.to_hex(), now],
+        )?;
         self.damaged.borrow_mut().hashes.insert(*hash);
         Ok(())
     }
@@ -983,22 +1038,26 @@ impl Index {
     /// is read again only when another connection has committed since the last read (fsck
     /// marks damage from its own process), which `PRAGMA data_version` tells without I/O.
     pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
-        let version: i64 = self
-            .conn
-            .prepare_cached("PRAGMA data_version")
-            .map_err(to_io)?
-            .query_row([], |r| r.get(0))
-            .map_err(to_io)?;
+        let version: i64 = match self.db.sqlite() {
+            Some(_) => self
+                .db
+                .row("PRAGMA data_version", params![], |r| r.get(0))?,
+            None => 0,
+        };
         let mut cache = self.damaged.borrow_mut();
-        if cache.read_at != Some(version) {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT hash FROM damaged_blobs")
-                .map_err(to_io)?;
-            let hashes = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(to_io)?
-                .filter_map(|h| h.ok().and_then(|h| Hash::from_hex(&h)))
+        let stale = match self.db.sqlite() {
+            Some(_) => cache.read_at != Some(version),
+            None => cache.read_when.is_none_or(|t| t.elapsed() >= DAMAGE_RELOAD),
+        };
+        if stale {
+            cache.read_when = Some(std::time::Instant::now());
+            let hashes = self
+                .db
+                .all("SELECT hash FROM damaged_blobs", params![], |r| {
+                    r.get::<_, String>(0)
+                })?
+                .iter()
+                .filter_map(|h| Hash::from_hex(h))
                 .collect();
             cache.hashes = hashes;
             cache.read_at = Some(version);
@@ -1008,9 +1067,10 @@ impl Index {
 
     /// The blob was stored again with the right bytes.
     pub fn clear_damaged(&self, hash: &Hash) -> io::Result<()> {
-        self.conn
-            .execute("DELETE FROM damaged_blobs WHERE hash = ?1", [hash.to_hex()])
-            .map_err(to_io)?;
+        self.db.exec(
+            "DELETE FROM damaged_blobs WHERE hash = ?1",
+            params![hash.to_hex()],
+        )?;
         self.damaged.borrow_mut().hashes.remove(hash);
         Ok(())
     }
@@ -1021,12 +1081,12 @@ impl Index {
             return Ok(Some(e));
         }
         Ok(self
-            .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"))
-            .map_err(to_io)?
-            .query_row([ino as i64], row_to_entry)
-            .optional()
-            .map_err(to_io)?
+            .db
+            .one(
+                &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
+                params![ino as i64],
+                row_to_entry,
+            )?
             .map(|e| self.current(e)))
     }
 
@@ -1049,15 +1109,15 @@ impl Index {
             return Ok(Some(e));
         }
         Ok(self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
+            .db
+            .one(
+                &format!(
+                    "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
                  AND NOT (kind = 1 AND state = {STATE_WRITING})"
-            ))
-            .map_err(to_io)?
-            .query_row(params![parent as i64, name], row_to_entry)
-            .optional()
-            .map_err(to_io)?
+                ),
+                params![parent as i64, name],
+                row_to_entry,
+            )?
             .map(|e| self.current(e)))
     }
 
@@ -1066,49 +1126,39 @@ impl Index {
     /// by [`Index::reveal_dir`], or dropped with its tree by [`Index::delete_tree`] (or by the
     /// next start after a crash).
     pub fn reveal_dir(&self, ino: u64) -> io::Result<bool> {
-        let n = self
-            .conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
+        let n = self.db.exec(
+            &format!(
+                "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = ?1 AND kind = 1 AND state = {STATE_WRITING}"
-                ),
-                [ino as i64],
-            )
-            .map_err(to_io)?;
+            ),
+            params![ino as i64],
+        )?;
         Ok(n == 1)
     }
 
     /// Deletes `ino` and every row below it, tombstones included.
     pub fn delete_tree(&self, ino: u64) -> io::Result<usize> {
-        self.conn
-            .execute(
-                "WITH RECURSIVE t(i) AS (SELECT ?1 UNION ALL
+        self.db.exec(
+            "WITH RECURSIVE t(i) AS (SELECT ?1 UNION ALL
                      SELECT e.ino FROM entries e JOIN t ON e.parent = t.i)
-                 DELETE FROM entries WHERE ino IN t",
-                [ino as i64],
-            )
-            .map_err(to_io)
+                 DELETE FROM entries WHERE ino IN (SELECT i FROM t)",
+            params![ino as i64],
+        )
     }
 
     /// Up to `limit` visible (live or being written) children of `parent` with an inode number
     /// above `after`, in inode order — a stable order for `readdir` offsets.
     pub fn children(&self, parent: u64, after: u64, limit: usize) -> io::Result<Vec<Entry>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        let rows = self.db.all(
+            &format!(
                 "SELECT {COLUMNS} FROM entries
                  WHERE parent = ?1 AND ino > ?2 AND state != 1
                  AND NOT (kind = 1 AND state = {STATE_WRITING}) ORDER BY ino LIMIT ?3"
-            ))
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map(
-                params![parent as i64, after as i64, limit as i64],
-                row_to_entry,
-            )
-            .map_err(to_io)?;
-        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(to_io)?;
+            ),
+            params![parent as i64, after as i64, limit as i64],
+            row_to_entry,
+        )?;
+        let mut out = rows;
         {
             // Reserved files among them, in the same inode order.
             let r = self.reserved.borrow();
@@ -1131,18 +1181,18 @@ impl Index {
     /// Inserts a row, or reserves the name of a new file being written (see the module doc);
     /// `Ok(None)` when `(parent, name)` is already taken (in any state, or reserved).
     pub fn insert(&self, e: &NewEntry) -> io::Result<Option<u64>> {
-        if is_reservable(e) {
+        if self.reserves(e) {
             return self.reserve(e);
         }
         if self.reserved_at(e.parent, e.name).is_some() {
             return Ok(None);
         }
         let ino = self.new_ino()?;
-        let mut stmt = self.conn.prepare_cached(&insert_sql("")).map_err(to_io)?;
-        match bind_insert(&mut stmt, e, ino) {
-            Ok(_) => Ok(Some(ino)),
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => Ok(None),
-            Err(e) => Err(to_io(e)),
+        // (A conflict skipped, not failed: a failed statement would abort a PostgreSQL
+        // transaction this insert is part of.)
+        match insert_entry(&self.db, e, ino, true)? {
+            0 => Ok(None),
+            _ => Ok(Some(ino)),
         }
     }
 
@@ -1150,7 +1200,7 @@ impl Index {
     /// (its mtime and ctime become the row's time), in the same transaction. A new file being
     /// written is reserved instead, and its directory's new times wait with it (module doc).
     pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
-        if is_reservable(e) {
+        if self.reserves(e) {
             let ino = self.reserve(e)?;
             if ino.is_some() {
                 self.reserved.borrow_mut().touch(e.parent, e.time);
@@ -1169,11 +1219,10 @@ impl Index {
     /// A directory's entries changed (a name was created, removed or renamed in it): its mtime
     /// and ctime become `now`, as on any POSIX file system.
     pub fn touch_dir(&self, dir: u64, now: i64) -> io::Result<()> {
-        self.conn
-            .prepare_cached("UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1")
-            .map_err(to_io)?
-            .execute(params![dir as i64, now])
-            .map_err(to_io)?;
+        self.db.exec(
+            "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
+            params![dir as i64, now],
+        )?;
         Ok(())
     }
 
@@ -1182,14 +1231,11 @@ impl Index {
         if let Some(r) = self.reserved(ino) {
             return self.touch_dir(r.parent, now);
         }
-        self.conn
-            .prepare_cached(
-                "UPDATE entries SET mtime = ?2, ctime = ?2
+        self.db.exec(
+            "UPDATE entries SET mtime = ?2, ctime = ?2
                  WHERE ino = (SELECT parent FROM entries WHERE ino = ?1) AND kind = 1",
-            )
-            .map_err(to_io)?
-            .execute(params![ino as i64, now])
-            .map_err(to_io)?;
+            params![ino as i64, now],
+        )?;
         Ok(())
     }
 
@@ -1197,27 +1243,13 @@ impl Index {
     /// already open (say [`Index::write_locked`]) it is a savepoint of that transaction,
     /// otherwise a transaction of its own.
     fn atomically<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        /// Rolls the step back if `f` panics, as [`Index::write_locked`] does.
-        struct RollbackOnUnwind<'a>(&'a Connection);
-        impl Drop for RollbackOnUnwind<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let _ = self.0.execute_batch("ROLLBACK TO step; RELEASE step");
-                }
-            }
-        }
-        self.conn.execute_batch("SAVEPOINT step").map_err(to_io)?;
-        let guard = RollbackOnUnwind(&self.conn);
+        let step = self.db.begin_step()?;
+        let guard = UndoOnUnwind(&self.db, step);
         let result = f();
         std::mem::forget(guard);
-        let end = if result.is_ok() {
-            "RELEASE step"
-        } else {
-            "ROLLBACK TO step; RELEASE step"
-        };
-        if let Err(e) = self.conn.execute_batch(end) {
-            let _ = self.conn.execute_batch("ROLLBACK TO step; RELEASE step");
-            return Err(to_io(e));
+        if let Err(e) = self.db.end_step(step, result.is_ok()) {
+            let _ = self.db.end_step(step, false);
+            return Err(e);
         }
         result
     }
@@ -1225,29 +1257,17 @@ impl Index {
     /// Inserts many rows in one transaction (bulk loading, e.g. `examples/gen_index.rs`); rows
     /// whose `(parent, name)` is already taken are skipped. Returns how many were inserted.
     pub fn insert_many(&mut self, entries: &[NewEntry]) -> io::Result<usize> {
-        let tx = self.conn.transaction().map_err(to_io)?;
-        let mut inserted = 0;
-        {
-            let mut stmt = tx.prepare_cached(&insert_sql("OR IGNORE")).map_err(to_io)?;
-            let reserved = self.reserved.get_mut();
+        self.write_locked(|idx| {
+            let mut inserted = 0;
             for e in entries {
-                if !reserved.files.is_empty()
-                    && reserved.names.contains_key(&(e.parent, e.name.to_vec()))
-                {
+                if idx.reserved_at(e.parent, e.name).is_some() {
                     continue;
                 }
-                let ino = self.next_ino.get();
-                let ino = if ino == 0 {
-                    first_unused_ino(&tx)?
-                } else {
-                    ino
-                };
-                self.next_ino.set(ino + 1);
-                inserted += bind_insert(&mut stmt, e, ino).map_err(to_io)?;
+                let ino = idx.new_ino()?;
+                inserted += insert_entry(&idx.db, e, ino, true)?;
             }
-        }
-        tx.commit().map_err(to_io)?;
-        Ok(inserted)
+            Ok(inserted)
+        })
     }
 
     /// Records committed content for a file that is being written or was committed before by
@@ -1293,29 +1313,31 @@ impl Index {
                 // The first commit of a new file: its row, in this same transaction.
                 idx.insert_reserved(r, STATE_COMMITTED_OPEN, Some(hash), size, mtime, now)?;
             } else {
-                let n = idx
-                    .conn
-                    .prepare_cached(&format!(
+                let n = idx.db.exec(
+                    &format!(
                         "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
                          state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
-                    ))
-                    .map_err(to_io)?
-                    .execute(params![ino as i64, hash.to_hex(), size as i64, mtime, now])
-                    .map_err(to_io)?;
+                    ),
+                    params![ino as i64, hash.to_hex(), size as i64, mtime, now],
+                )?;
                 if n != 1 {
                     // Removed while open: nothing to record, no content to keep.
                     return Ok(Commit::Gone);
                 }
             }
             if let Stored::Inline { bytes, replace } = content {
-                let verb = if replace { "REPLACE" } else { "IGNORE" };
-                idx.conn
-                    .prepare_cached(&format!(
-                        "INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"
-                    ))
-                    .map_err(to_io)?
-                    .execute(params![hash.to_hex(), bytes])
-                    .map_err(to_io)?;
+                let on_conflict = if replace {
+                    "DO UPDATE SET data = excluded.data"
+                } else {
+                    "DO NOTHING"
+                };
+                idx.db.exec(
+                    &format!(
+                        "INSERT INTO inline_content (hash, data) VALUES (?1, ?2)
+                         ON CONFLICT (hash) {on_conflict}"
+                    ),
+                    params![hash.to_hex(), bytes],
+                )?;
             }
             Ok(Commit::Recorded)
         });
@@ -1337,6 +1359,7 @@ impl Index {
     /// Writes the seals [`Index::seal_later`] queued, and the times reserved names gave their
     /// directories (the periodic work calls it).
     pub fn seal_pending(&self) -> io::Result<()> {
+        self.heartbeat_if_due()?;
         if self.pending_seals.borrow().is_empty() && self.reserved.borrow().dir_times.is_empty() {
             return Ok(());
         }
@@ -1352,16 +1375,15 @@ impl Index {
     ///
     /// The times reserved names gave their directories go into the table too.
     pub fn seal_all_committed(&self) -> io::Result<usize> {
+        let own = self.own_rows();
         let n = self.atomically(|| {
-            let n = self
-                .conn
-                .execute(
-                    &format!(
-                        "UPDATE entries SET state = {STATE_LIVE} WHERE state = {STATE_COMMITTED_OPEN}"
-                    ),
-                    [],
-                )
-                .map_err(to_io)?;
+            let n = self.db.exec(
+                &format!(
+                    "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE state = {STATE_COMMITTED_OPEN}{own}"
+                ),
+                params![],
+            )?;
             self.write_dir_times()?;
             self.record_used_inos()?;
             Ok(n)
@@ -1369,6 +1391,57 @@ impl Index {
         self.pending_seals.borrow_mut().clear();
         self.reserved.borrow_mut().dir_times.clear();
         Ok(n)
+    }
+
+    /// The condition (starting with ` AND`) that limits a statement on `entries` to this
+    /// daemon's own rows: on a PostgreSQL index, those stamped with its session; on an
+    /// embedded one, all (one daemon writes it).
+    fn own_rows(&self) -> String {
+        if self.db.is_postgres() {
+            format!(" AND session = {}", self.session.get())
+        } else {
+            String::new()
+        }
+    }
+
+    /// A PostgreSQL index's daemon, every [`HEARTBEAT`]: tells the index it is alive, and
+    /// cleans up after the daemons whose lease ran out (see `postgres.rs`).
+    fn heartbeat_if_due(&self) -> io::Result<()> {
+        let session = self.session.get();
+        if session == 0
+            || self
+                .last_heartbeat
+                .get()
+                .is_some_and(|t| t.elapsed() < HEARTBEAT)
+        {
+            return Ok(());
+        }
+        let now = super::now_ns();
+        postgres::heartbeat(&self.db, session, now)?;
+        self.last_heartbeat.set(Some(std::time::Instant::now()));
+        self.write_locked(|idx| {
+            idx.drop_unfinished_writes(&format!(
+                " AND {}",
+                postgres::left_by_dead_sessions(session, &idx.machine, now)
+            ))?;
+            postgres::forget_dead_sessions(&idx.db, session, &idx.machine, now)
+        })
+    }
+
+    /// At a clean stop of a daemon of a PostgreSQL index: what it was still writing goes (as
+    /// at a start of the embedded index), and its session ends. Call after
+    /// [`Index::seal_all_committed`].
+    pub fn end_session(&self) -> io::Result<()> {
+        let session = self.session.get();
+        if session == 0 {
+            return Ok(());
+        }
+        self.write_locked(|idx| {
+            idx.drop_unfinished_writes(&idx.own_rows())?;
+            postgres::end_session(&idx.db, session)
+        })?;
+        self.session.set(0);
+        Ok(())
     }
 
     /// Inside a transaction: writes the queued seals and returns how many, to be dropped from
@@ -1383,40 +1456,34 @@ impl Index {
         if inos.is_empty() {
             return Ok(0);
         }
-        self.conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
+        self.db.exec(
+            &format!(
+                "UPDATE entries SET state = {STATE_LIVE}
                      WHERE state = {STATE_COMMITTED_OPEN} AND ino IN ({})",
-                    inos.join(",")
-                ),
-                [],
-            )
-            .map_err(to_io)?;
+                inos.join(",")
+            ),
+            params![],
+        )?;
         Ok(inos.len())
     }
 
     /// Runs `f` in a transaction that holds SQLite's write lock from the start
     /// (`BEGIN IMMEDIATE`): commits if `f` succeeds, rolls back if it fails.
     pub fn write_locked<T>(&self, f: impl FnOnce(&Index) -> io::Result<T>) -> io::Result<T> {
-        /// Rolls the transaction back if `f` panics: otherwise it would stay open, and every
-        /// later `BEGIN` of this connection would fail.
-        struct RollbackOnUnwind<'a>(&'a Connection);
-        impl Drop for RollbackOnUnwind<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let _ = self.0.execute_batch("ROLLBACK");
-                }
-            }
-        }
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(to_io)?;
-        let guard = RollbackOnUnwind(&self.conn);
+        self.db.begin_write()?;
+        // Rolls the transaction back if `f` panics: otherwise it would stay open, and every
+        // later `BEGIN` of this connection would fail.
+        let guard = UndoOnUnwind(&self.db, db::Step::Transaction);
         let result = f(self);
         std::mem::forget(guard);
-        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        if let Err(e) = self.conn.execute_batch(end) {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(to_io(e));
+        let end = if result.is_ok() {
+            self.db.commit()
+        } else {
+            self.db.rollback()
+        };
+        if let Err(e) = end {
+            let _ = self.db.rollback();
+            return Err(e);
         }
         result
     }
@@ -1425,28 +1492,22 @@ impl Index {
     /// a rewritable file (history) does, and the time the
     /// newest tombstone using it was made.
     pub fn blob_users(&self, hash: &Hash) -> io::Result<(bool, Option<i64>)> {
-        self.conn
-            .prepare_cached(
-                "SELECT COALESCE(MAX(state != 1), 0)
+        self.db.row(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND state != 1)
                         OR EXISTS (SELECT 1 FROM history WHERE hash = ?1),
-                        MAX(CASE WHEN state = 1 THEN ctime END)
-                 FROM entries WHERE hash = ?1",
-            )
-            .map_err(to_io)?
-            .query_row([hash.to_hex()], |r| {
-                Ok((r.get::<_, i64>(0)? != 0, r.get(1)?))
-            })
-            .map_err(to_io)
+                    (SELECT MAX(ctime) FROM entries WHERE hash = ?1 AND state = 1)",
+            params![hash.to_hex()],
+            |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?)),
+        )
     }
 
     /// Forgets the content of the tombstones that used `hash` (its blob was collected); the
     /// paths stay taken.
     pub fn purge_tombstones(&self, hash: &Hash) -> io::Result<usize> {
-        self.conn
-            .prepare_cached("UPDATE entries SET hash = NULL WHERE hash = ?1 AND state = 1")
-            .map_err(to_io)?
-            .execute([hash.to_hex()])
-            .map_err(to_io)
+        self.db.exec(
+            "UPDATE entries SET hash = NULL WHERE hash = ?1 AND state = 1",
+            params![hash.to_hex()],
+        )
     }
 
     /// Applies `chmod`/`chown`/`utimens` (to the reservation of a new file being written).
@@ -1463,15 +1524,14 @@ impl Index {
         // A directory's times from reserved names go into the table first (a `utimens` after
         // them wins).
         let dir_time = self.reserved.borrow().dir_times.get(&ino).copied();
-        self.conn
-            .prepare_cached(
-                "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
-                 gid = COALESCE(?4, gid), mtime = COALESCE(?5, MAX(mtime, ?8)),
-                 atime = COALESCE(?6, atime), ctime = MAX(?7, ?8)
+        self.db.exec(
+            "UPDATE entries SET mode = COALESCE(?2, mode), uid = COALESCE(?3, uid),
+                 gid = COALESCE(?4, gid),
+                 mtime = COALESCE(?5, CASE WHEN mtime > ?8 THEN mtime ELSE ?8 END),
+                 atime = COALESCE(?6, atime),
+                 ctime = CASE WHEN CAST(?7 AS BIGINT) > ?8 THEN ?7 ELSE ?8 END
                  WHERE ino = ?1",
-            )
-            .map_err(to_io)?
-            .execute(params![
+            params![
                 ino as i64,
                 c.mode.map(|m| m as i64),
                 c.uid.map(|u| u as i64),
@@ -1480,9 +1540,9 @@ impl Index {
                 c.atime,
                 c.ctime,
                 dir_time.unwrap_or(i64::MIN)
-            ])
-            .map_err(to_io)?;
-        if dir_time.is_some() && self.conn.is_autocommit() {
+            ],
+        )?;
+        if dir_time.is_some() && !self.db.in_transaction() {
             self.reserved.borrow_mut().dir_times.remove(&ino);
         }
         Ok(())
@@ -1502,11 +1562,10 @@ impl Index {
             return Ok(());
         }
         self.atomically(|| {
-            self.conn
-                .prepare_cached("UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1")
-                .map_err(to_io)?
-                .execute(params![ino as i64, now])
-                .map_err(to_io)?;
+            self.db.exec(
+                "UPDATE entries SET state = 1, ctime = ?2 WHERE ino = ?1",
+                params![ino as i64, now],
+            )?;
             self.touch_parent_of(ino, now)
         })
     }
@@ -1515,20 +1574,11 @@ impl Index {
     /// The directory holding it changes too, in the same transaction.
     pub fn revive_dir(&self, ino: u64, mode: u32, uid: u32, gid: u32, now: i64) -> io::Result<()> {
         self.atomically(|| {
-            self.conn
-                .prepare_cached(
-                    "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
+            self.db.exec(
+                "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
                      mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
-                )
-                .map_err(to_io)?
-                .execute(params![
-                    ino as i64,
-                    mode as i64,
-                    uid as i64,
-                    gid as i64,
-                    now
-                ])
-                .map_err(to_io)?;
+                params![ino as i64, mode as i64, uid as i64, gid as i64, now],
+            )?;
             self.touch_parent_of(ino, now)
         })
     }
@@ -1542,17 +1592,14 @@ impl Index {
         owner: (u32, u32),
         now: i64,
     ) -> io::Result<bool> {
-        let n = self
-            .conn
-            .execute(
-                &format!(
+        let n = self.db.exec(
+            &format!(
                     "UPDATE entries SET state = {STATE_WRITING}, mode = ?2, uid = ?3, gid = ?4,
                      mtime = ?5, ctime = ?5
                      WHERE ino = ?1 AND kind = 2 AND state = {STATE_TOMBSTONE} AND hash IS NOT NULL"
                 ),
-                params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
-            )
-            .map_err(to_io)?;
+            params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
+        )?;
         if n == 1 {
             // The name is back in its directory.
             self.touch_parent_of(ino, now)?;
@@ -1566,15 +1613,13 @@ impl Index {
         if self.reserved(ino).is_some() {
             return self.tombstone(ino, now);
         }
-        self.conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
+        self.db.exec(
+            &format!(
+                "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
                      WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})"
-                ),
-                params![ino as i64, now],
-            )
-            .map_err(to_io)?;
+            ),
+            params![ino as i64, now],
+        )?;
         // The name is gone from its directory again.
         self.touch_parent_of(ino, now)?;
         Ok(())
@@ -1596,34 +1641,31 @@ impl Index {
 
     fn unlink_unsealed_rows(&self, ino: u64, now: i64) -> io::Result<()> {
         self.touch_parent_of(ino, now)?;
-        self.conn
-            .execute_batch(&format!(
+        self.db.batch(&format!(
                 "DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING} AND hash IS NULL;
                  UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = {now}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED});"
             ))
-            .map_err(to_io)
     }
 
     /// A committed file is being written again through the same open file (a shell redirect
     /// commits at its first close, before the writes): until it is committed again, a crash
     /// must not leave the earlier version visible — unless that version was fsync'd.
     pub fn mark_rewriting(&self, ino: u64, keep_on_crash: bool) -> io::Result<()> {
-        self.conn
-            .prepare_cached(&format!(
+        self.db.exec(
+            &format!(
                 "UPDATE entries SET state = ?2
                  WHERE ino = ?1 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
-            ))
-            .map_err(to_io)?
-            .execute(params![
+            ),
+            params![
                 ino as i64,
                 if keep_on_crash {
                     STATE_WRITING_KEEP_SYNCED
                 } else {
                     STATE_WRITING
                 }
-            ])
-            .map_err(to_io)?;
+            ],
+        )?;
         Ok(())
     }
 
@@ -1639,14 +1681,12 @@ impl Index {
             return Ok(());
         }
         self.write_locked(|idx| {
-            idx.conn
-                .execute_batch(&format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
+            idx.db.batch(&format!(
+                "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})
                      AND hash IS NOT NULL;
                  DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING};"
-                ))
-                .map_err(to_io)
+            ))
         })
     }
 
@@ -1660,11 +1700,8 @@ impl Index {
         }
         r.dir_times.remove(&ino);
         drop(r);
-        self.conn
-            .prepare_cached("DELETE FROM entries WHERE ino = ?1")
-            .map_err(to_io)?
-            .execute([ino as i64])
-            .map_err(to_io)?;
+        self.db
+            .exec("DELETE FROM entries WHERE ino = ?1", params![ino as i64])?;
         Ok(())
     }
 
@@ -1740,82 +1777,67 @@ impl Index {
         if self.reserved(ino).is_some() {
             return self.rename_reserved(ino, replacing, new_parent, new_name, new_zone, now);
         }
-        // IMMEDIATE: a transaction that reads first and writes later fails at once
-        // (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between.
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(to_io)?;
-        let old = tx
-            .query_row(
+        // One write transaction from the start: one that reads first and writes later fails at
+        // once (SQLITE_BUSY_SNAPSHOT) if another connection (gc) committed in between. A name
+        // taken meanwhile undoes it all (the error), and reads as `false`.
+        let moved = self.write_locked(|idx| {
+            let old = idx.db.row(
                 &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
-                [ino as i64],
+                params![ino as i64],
                 row_to_entry,
-            )
-            .map_err(to_io)?;
-        if let Some(r) = replacing
-            && !delete_replaced(&tx, r)?
-        {
-            return Ok(false);
-        }
-        // Both directories change: a name left one and arrived in the other.
-        for dir in [old.parent, new_parent] {
-            tx.execute(
-                "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
-                params![dir as i64, now],
-            )
-            .map_err(to_io)?;
-        }
-        let moved = tx.execute(
-            "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
-            params![
-                ino as i64,
-                new_parent as i64,
-                new_name,
-                new_zone as i64,
-                now
-            ],
-        );
-        match moved {
-            Ok(_) => {}
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+            )?;
+            if let Some(r) = replacing
+                && !delete_replaced(&idx.db, r)?
+            {
                 return Ok(false);
             }
-            Err(e) => return Err(to_io(e)),
-        }
-        if leave_tombstone && old.hash.is_some() {
-            let tombstone = self.next_ino.get();
-            let tombstone = if tombstone == 0 {
-                first_unused_ino(&tx)?
-            } else {
-                tombstone
-            };
-            self.next_ino.set(tombstone + 1);
-            tx.execute(
-                "INSERT INTO entries
-                 (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
-                  atime, ino)
-                 VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            // Both directories change: a name left one and arrived in the other.
+            for dir in [old.parent, new_parent] {
+                idx.db.exec(
+                    "UPDATE entries SET mtime = ?2, ctime = ?2 WHERE ino = ?1 AND kind = 1",
+                    params![dir as i64, now],
+                )?;
+            }
+            idx.db.exec(
+                "UPDATE entries SET parent = ?2, name = ?3, zone = ?4, ctime = ?5 WHERE ino = ?1",
                 params![
-                    old.parent as i64,
-                    old.name,
-                    old.zone as i64,
-                    old.hash.map(|h| h.to_hex()),
-                    old.size as i64,
-                    old.mode as i64,
-                    old.uid as i64,
-                    old.gid as i64,
-                    old.mtime,
-                    now,
-                    old.crtime,
-                    old.atime,
-                    tombstone as i64
+                    ino as i64,
+                    new_parent as i64,
+                    new_name,
+                    new_zone as i64,
+                    now
                 ],
-            )
-            .map_err(to_io)?;
+            )?;
+            if leave_tombstone && old.hash.is_some() {
+                let tombstone = idx.new_ino()?;
+                idx.db.exec(
+                    "INSERT INTO entries
+                     (parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime,
+                      crtime, atime, ino)
+                     VALUES (?1, ?2, 2, 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    params![
+                        old.parent as i64,
+                        old.name,
+                        old.zone as i64,
+                        old.hash.map(|h| h.to_hex()),
+                        old.size as i64,
+                        old.mode as i64,
+                        old.uid as i64,
+                        old.gid as i64,
+                        old.mtime,
+                        now,
+                        old.crtime,
+                        old.atime,
+                        tombstone as i64
+                    ],
+                )?;
+            }
+            Ok(true)
+        });
+        match moved {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            other => other,
         }
-        tx.commit().map_err(to_io)?;
-        Ok(true)
     }
 
     /// [`Index::rename_file_replacing`] of a reserved file: it has no content, so it leaves no
@@ -1831,7 +1853,7 @@ impl Index {
         now: i64,
     ) -> io::Result<bool> {
         if let Some(r) = replacing {
-            if !delete_replaced(&self.conn, r)? {
+            if !delete_replaced(&self.db, r)? {
                 return Ok(false);
             }
         } else if self.row_at(new_parent, new_name)? {
@@ -1854,19 +1876,11 @@ impl Index {
 
     /// Files with content whose row changed at or after `since` (ns): `(inode, hash)`.
     pub fn changed_since(&self, since: i64) -> io::Result<Vec<(u64, Hash)>> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT ino, hash FROM entries WHERE kind = 2 AND hash IS NOT NULL AND ctime >= ?1",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map([since], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-            })
-            .map_err(to_io)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(to_io)?;
+        let rows = self.db.all(
+            "SELECT ino, hash FROM entries WHERE kind = 2 AND hash IS NOT NULL AND ctime >= ?1",
+            params![since],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+        )?;
         Ok(rows
             .into_iter()
             .filter_map(|(ino, h)| Hash::from_hex(&h).map(|h| (ino, h)))
@@ -1875,27 +1889,26 @@ impl Index {
 
     /// Whether a row older than `before` (ns) uses blob `hash`.
     pub fn hash_used_before(&self, hash: &Hash, before: i64) -> io::Result<bool> {
-        self.conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND ctime < ?2)",
-                params![hash.to_hex(), before],
-                |r| r.get(0),
-            )
-            .map_err(to_io)
+        self.db.row(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND ctime < ?2)",
+            params![hash.to_hex(), before],
+            |r| r.get::<_, i64>(0).map(|b| b != 0),
+        )
     }
 
     /// Leaves checkpoints to [`Index::checkpoint`] on another connection: a checkpoint fsyncs
     /// the WAL and the database, which must not happen inside a commit that a `close()` waits
     /// for.
     pub fn no_auto_checkpoint(&self) -> io::Result<()> {
-        self.conn
-            .execute_batch("PRAGMA wal_autocheckpoint = 0")
-            .map_err(to_io)
+        if self.db.is_postgres() {
+            return Ok(());
+        }
+        self.db.batch("PRAGMA wal_autocheckpoint = 0")
     }
 
     /// Opens a second connection to a store's index that only checkpoints.
     pub fn open_checkpointer(path: &Path) -> io::Result<Index> {
-        let index = Index::with(Connection::open(path).map_err(to_io)?);
+        let index = Index::with(Db::Sqlite(Connection::open(path).map_err(to_io)?));
         index.configure()?;
         index.no_auto_checkpoint()?;
         Ok(index)
@@ -1904,9 +1917,13 @@ impl Index {
     /// Copies what the WAL holds into the database file without waiting for anyone (a passive
     /// checkpoint); returns how many frames the WAL holds.
     pub fn checkpoint(&self) -> io::Result<i64> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
-            .map_err(to_io)
+        if self.db.is_postgres() {
+            return Ok(0);
+        }
+        self.db
+            .row("PRAGMA wal_checkpoint(PASSIVE)", params![], |r| {
+                r.get::<_, i64>(1)
+            })
     }
 
     /// Makes everything committed so far durable, by any connection: `fdatasync` of the WAL file.
@@ -1923,7 +1940,10 @@ impl Index {
     /// was copied back, and a checkpoint syncs the database before it records the copy. No WAL
     /// file at all means the last connection closed it after a complete checkpoint.
     pub fn sync(&self) -> io::Result<()> {
-        let Some(db) = self.conn.path().filter(|p| !p.is_empty()) else {
+        let Some(conn) = self.db.sqlite() else {
+            return Ok(()); // PostgreSQL: a commit is durable when it returns
+        };
+        let Some(db) = conn.path().filter(|p| !p.is_empty()) else {
             return Ok(()); // in memory
         };
         match std::fs::File::open(format!("{db}-wal")) {
@@ -1978,24 +1998,18 @@ impl Index {
 
     /// Every file row with content (live and tombstoned), with its path: what `fsck` checks.
     pub fn file_rows(&self) -> io::Result<Vec<FileRow>> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT ino, hash, size, state FROM entries WHERE kind = 2 AND hash IS NOT NULL",
-            )
-            .map_err(to_io)?;
-        let rows = stmt
-            .query_map([], |r| {
+        let rows = self.db.all(
+            "SELECT ino, hash, size, state FROM entries WHERE kind = 2 AND hash IS NOT NULL",
+            params![],
+            |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)? as u64,
                     r.get::<_, i64>(3)?,
                 ))
-            })
-            .map_err(to_io)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(to_io)?;
+            },
+        )?;
         let mut out = Vec::with_capacity(rows.len());
         for (ino, hex, size, state) in rows {
             let hash = Hash::from_hex(&hex).ok_or_else(|| {
@@ -2017,12 +2031,13 @@ impl Index {
 
     /// Runs `PRAGMA integrity_check`; returns the problems it reports (empty when fine).
     pub fn integrity_problems(&self) -> io::Result<Vec<String>> {
-        let mut stmt = self.conn.prepare("PRAGMA integrity_check").map_err(to_io)?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(to_io)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(to_io)?;
+        if self.db.is_postgres() {
+            // PostgreSQL checks its own pages (and the schema's keys hold by construction).
+            return Ok(Vec::new());
+        }
+        let rows = self.db.all("PRAGMA integrity_check", params![], |r| {
+            r.get::<_, String>(0)
+        })?;
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 }
@@ -2060,6 +2075,38 @@ mod tests {
         NewEntry::new_file(parent, name, 2, 0o644, (0, 0), 1)
     }
 
+    /// One index of each engine, to open again and again: `open(now)` is a start of the
+    /// writing daemon (after a crash, if the last one was not stopped), `other()` another
+    /// connection that reads it (on PostgreSQL, the daemon of another machine).
+    struct Engine {
+        name: &'static str,
+        open: Box<dyn Fn(i64) -> Index>,
+        other: Box<dyn Fn() -> Index>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn engines() -> Vec<Engine> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let p2 = path.clone();
+        let mut v = vec![Engine {
+            name: "sqlite",
+            open: Box::new(move |now| Index::open(&path, (0, 0), now).unwrap()),
+            other: Box::new(move || Index::open_readonly(&p2).unwrap()),
+            _dir: dir,
+        }];
+        if let Some(url) = db::tests::test_pg_url() {
+            let u2 = url.clone();
+            v.push(Engine {
+                name: "postgresql",
+                open: Box::new(move |now| Index::open_postgres(&url, "m1", (0, 0), now).unwrap()),
+                other: Box::new(move || Index::open_postgres(&u2, "m2", (0, 0), 0).unwrap()),
+                _dir: tempfile::tempdir().unwrap(),
+            });
+        }
+        v
+    }
+
     #[test]
     fn schema_has_fixed_roots_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -2093,7 +2140,9 @@ mod tests {
             idx.seal_later(a);
             idx.seal_pending().unwrap();
             // Back to the layout of version 3: no atime column.
-            idx.conn
+            idx.db
+                .sqlite()
+                .unwrap()
                 .execute_batch(
                     "ALTER TABLE entries DROP COLUMN atime; DROP TABLE history;
                      DROP TABLE inline_content; PRAGMA user_version = 3;",
@@ -2106,7 +2155,9 @@ mod tests {
         );
         let idx = Index::open(&path, (0, 0), 6).unwrap();
         let version: i64 = idx
-            .conn
+            .db
+            .sqlite()
+            .unwrap()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
@@ -2138,8 +2189,13 @@ mod tests {
     /// the same transaction as the change itself.
     #[test]
     fn directories_change_with_their_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            directories_change_with_their_entries_in(&mut (engine.open)(5));
+        }
+    }
+
+    fn directories_change_with_their_entries_in(idx: &mut Index) {
         let times = |idx: &Index, ino| {
             let e = idx.get(ino).unwrap().unwrap();
             (e.mtime, e.ctime)
@@ -2152,62 +2208,67 @@ mod tests {
             .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 11))
             .unwrap()
             .unwrap();
-        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        assert_eq!(times(idx, RUNS_INO), (11, 11));
         // A name already taken changes nothing.
         assert_eq!(
             idx.insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d2", 3, 0o755, (0, 0), 12))
                 .unwrap(),
             None
         );
-        assert_eq!(times(&idx, RUNS_INO), (11, 11));
+        assert_eq!(times(idx, RUNS_INO), (11, 11));
         let a = idx
             .insert_in_dir(&NewEntry::new_file(d1, b"a", 3, 0o644, (0, 0), 20))
             .unwrap()
             .unwrap();
-        assert_eq!(times(&idx, d1), (20, 20));
+        assert_eq!(times(idx, d1), (20, 20));
         idx.commit_file(a, &Hash([1; 32]), 1, 21, 21, || true)
             .unwrap();
         assert!(idx.rename_file(a, d2, b"b", 3, 30, true).unwrap());
-        assert_eq!((times(&idx, d1), times(&idx, d2)), ((30, 30), (30, 30)));
-        assert_eq!(times(&idx, a), (21, 30), "the file's ctime, not its mtime");
+        assert_eq!((times(idx, d1), times(idx, d2)), ((30, 30), (30, 30)));
+        assert_eq!(times(idx, a), (21, 30), "the file's ctime, not its mtime");
         // A refused rename (the target is taken) leaves both directories alone.
         idx.insert_in_dir(&NewEntry::new_file(d1, b"c", 3, 0o644, (0, 0), 31))
             .unwrap()
             .unwrap();
         assert!(!idx.rename_file(a, d1, b"c", 3, 40, true).unwrap());
-        assert_eq!((times(&idx, d1), times(&idx, d2)), ((31, 31), (30, 30)));
+        assert_eq!((times(idx, d1), times(idx, d2)), ((31, 31), (30, 30)));
         idx.tombstone(a, 50).unwrap();
-        assert_eq!(times(&idx, d2), (50, 50));
+        assert_eq!(times(idx, d2), (50, 50));
         let c = idx.lookup(d1, b"c").unwrap().unwrap().ino;
         idx.unlink_unsealed(c, 60).unwrap();
-        assert_eq!(times(&idx, d1), (60, 60));
+        assert_eq!(times(idx, d1), (60, 60));
         assert_eq!(idx.get(c).unwrap(), None, "never committed: no trace");
         idx.tombstone(d1, 70).unwrap();
-        assert_eq!(times(&idx, RUNS_INO), (70, 70));
+        assert_eq!(times(idx, RUNS_INO), (70, 70));
         idx.revive_dir(d1, 0o700, 0, 0, 80).unwrap();
-        assert_eq!(times(&idx, RUNS_INO), (80, 80));
+        assert_eq!(times(idx, RUNS_INO), (80, 80));
         // Inside a transaction already open, the same step is a savepoint of it.
         idx.write_locked(|idx| {
             idx.insert_in_dir(&NewEntry::new_file(d2, b"e", 3, 0o644, (0, 0), 90))
                 .map(|_| ())
         })
         .unwrap();
-        assert_eq!(times(&idx, d2), (90, 90));
+        assert_eq!(times(idx, d2), (90, 90));
     }
 
     #[test]
     fn a_commit_stays_unsealed_for_other_readers_until_the_release_reaches_the_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            a_commit_stays_unsealed_in(&engine);
+        }
+    }
+
+    fn a_commit_stays_unsealed_in(engine: &Engine) {
         let h = Hash::of(b"x");
         let (a, b) = {
-            let idx = Index::open(&path, (0, 0), 1).unwrap();
+            let idx = (engine.open)(1);
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             let b = idx.insert(&new_file(RUNS_INO, b"b")).unwrap().unwrap();
             for ino in [a, b] {
                 idx.commit_file(ino, &h, 1, 1, 2, || true).unwrap();
             }
-            let other = Index::open_readonly(&path).unwrap();
+            let other = (engine.other)();
             let seen = other.get(a).unwrap().unwrap();
             assert_eq!((seen.state, seen.committed_open), (State::Live, true));
             // Released: queued, written with the next commit's transaction.
@@ -2225,7 +2286,7 @@ mod tests {
             (a, b)
         };
         // A crash with b committed but still open: its close() returned, so it is kept, sealed.
-        let idx = Index::open(&path, (0, 0), 9).unwrap();
+        let idx = (engine.open)(9);
         let b = idx.get(b).unwrap().unwrap();
         assert_eq!(
             (b.state, b.committed_open, b.hash),
@@ -2236,10 +2297,15 @@ mod tests {
 
     #[test]
     fn a_hidden_directory_is_invisible_and_a_crash_drops_its_tree() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            a_hidden_directory_is_invisible_in(&engine);
+        }
+    }
+
+    fn a_hidden_directory_is_invisible_in(engine: &Engine) {
         let (hidden, shown) = {
-            let idx = Index::open(&path, (0, 0), 1).unwrap();
+            let idx = (engine.open)(1);
             let mk = |parent, name: &'static [u8], state| {
                 let e = NewEntry {
                     state,
@@ -2280,7 +2346,7 @@ mod tests {
             );
             (hidden, shown)
         };
-        let idx = Index::open(&path, (0, 0), 2).unwrap();
+        let idx = (engine.open)(2);
         assert_eq!(idx.get(hidden).unwrap(), None);
         assert_eq!(
             idx.file_rows().unwrap().len(),
@@ -2292,11 +2358,16 @@ mod tests {
 
     #[test]
     fn writing_rows_are_dropped_on_open_and_names_are_unique() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.sqlite");
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            writing_rows_are_dropped_in(&engine);
+        }
+    }
+
+    fn writing_rows_are_dropped_in(engine: &Engine) {
         let hash = Hash([7; 32]);
         {
-            let idx = Index::open(&path, (0, 0), 5).unwrap();
+            let idx = (engine.open)(5);
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             assert!(idx.insert(&new_file(RUNS_INO, b"a")).unwrap().is_none());
             assert_eq!(
@@ -2305,7 +2376,7 @@ mod tests {
             );
             idx.insert(&new_file(RUNS_INO, b"half")).unwrap().unwrap();
         }
-        let idx = Index::open(&path, (0, 0), 6).unwrap();
+        let idx = (engine.open)(6);
         assert!(idx.lookup(RUNS_INO, b"half").unwrap().is_none());
         let a = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
         assert_eq!((a.state, a.hash, a.size), (State::Live, Some(hash), 3));
@@ -2313,8 +2384,13 @@ mod tests {
 
     #[test]
     fn rename_leaves_a_tombstone_with_the_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut idx = Index::open(&dir.path().join("i.sqlite"), (0, 0), 5).unwrap();
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            rename_leaves_a_tombstone_in(&mut (engine.open)(5));
+        }
+    }
+
+    fn rename_leaves_a_tombstone_in(idx: &mut Index) {
         let hash = Hash([1; 32]);
         let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
         idx.commit_file(a, &hash, 1, 6, 6, || true).unwrap();
@@ -2407,7 +2483,9 @@ mod tests {
         }
         // The stand-in holds the checkpoint lock: a passive checkpoint gives up.
         let busy: i64 = other
-            .conn
+            .db
+            .sqlite()
+            .unwrap()
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(0))
             .unwrap();
         assert_eq!(busy, 1, "the checkpoint lock is not held");
@@ -2425,7 +2503,9 @@ mod tests {
 
     /// Rows in the table at `(parent, name)`, whatever the reservations say.
     fn rows_at(idx: &Index, parent: u64, name: &[u8]) -> i64 {
-        idx.conn
+        idx.db
+            .sqlite()
+            .unwrap()
             .query_row(
                 "SELECT COUNT(*) FROM entries WHERE parent = ?1 AND name = ?2",
                 params![parent as i64, name],
@@ -2436,7 +2516,9 @@ mod tests {
 
     /// The table's own mtime and ctime of `ino`.
     fn table_times(idx: &Index, ino: u64) -> (i64, i64) {
-        idx.conn
+        idx.db
+            .sqlite()
+            .unwrap()
             .query_row(
                 "SELECT mtime, ctime FROM entries WHERE ino = ?1",
                 [ino as i64],
@@ -2668,7 +2750,9 @@ mod tests {
         assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
         assert_eq!(rows_at(&idx, RUNS_INO, b"a"), 0);
         // A failure inside the transaction (the row's insert) rolls everything back too.
-        idx.conn
+        idx.db
+            .sqlite()
+            .unwrap()
             .execute_batch(
                 "CREATE TRIGGER no_rows BEFORE INSERT ON entries
                  BEGIN SELECT RAISE(ABORT, 'refused'); END;",
@@ -2678,7 +2762,11 @@ mod tests {
         assert!(idx.commit_file(a, &h, 3, 6, 6, || true).is_err());
         assert_eq!(idx.get(a).unwrap().as_ref(), Some(&reserved));
         assert_eq!(idx.pending_seals.borrow().len(), 1, "the seal stays queued");
-        idx.conn.execute_batch("DROP TRIGGER no_rows").unwrap();
+        idx.db
+            .sqlite()
+            .unwrap()
+            .execute_batch("DROP TRIGGER no_rows")
+            .unwrap();
         assert_eq!(
             idx.commit_file(a, &h, 3, 6, 7, || true).unwrap(),
             Commit::Recorded

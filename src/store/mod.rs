@@ -360,6 +360,173 @@ impl Marker {
     }
 }
 
+/// Where a store keeps its index and its blobs: by default inside the store directory (the
+/// embedded store); a store that several machines share names a PostgreSQL index and a blob
+/// directory that every machine mounts. The store directory stays each machine's own (its
+/// lock, its log, its identity).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locations {
+    /// `postgresql://…`; `None`: `STORE/index.sqlite`.
+    pub index: Option<String>,
+    /// A blob directory (`BLOBS/sha256/…`, temp files in `BLOBS/tmp/<machine>`); `None`:
+    /// `STORE/blobs`.
+    pub blobs: Option<PathBuf>,
+}
+
+/// The locations this process's command line gave (`--index`, `--blobs`): every store it
+/// opens without locations of its own has them.
+static GIVEN: std::sync::OnceLock<Locations> = std::sync::OnceLock::new();
+
+/// The file of a store directory that remembers its [`Locations`] (without a password).
+const LOCATIONS_FILE: &str = "shared";
+
+impl Locations {
+    /// The locations as given on the command line (`--index URL`, `--blobs file:///DIR`).
+    pub fn parse(index: Option<&str>, blobs: Option<&str>) -> io::Result<Locations> {
+        let index = match index {
+            None => None,
+            Some(u) if u.starts_with("postgresql://") || u.starts_with("postgres://") => {
+                index::pg_url_checked(u)?;
+                Some(u.to_owned())
+            }
+            Some(other) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "--index {}: expected postgresql://USER[:PASS]@HOST[:PORT]/DB (without                          --index, the index is STORE/index.sqlite)",
+                        without_password(other)
+                    ),
+                ));
+            }
+        };
+        let blobs = match blobs {
+            None => None,
+            Some(b) => {
+                let path = b.strip_prefix("file://").unwrap_or(b);
+                if !path.starts_with('/') {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("--blobs {b}: expected file:///ABSOLUTE/DIR"),
+                    ));
+                }
+                Some(PathBuf::from(path))
+            }
+        };
+        Ok(Locations { index, blobs })
+    }
+
+    /// Makes these the locations of every store this process opens without locations of its
+    /// own (the command line's; once).
+    pub fn set_for_process(self) {
+        let _ = GIVEN.set(self);
+    }
+
+    /// Whether this is the embedded store's (everything in the store directory).
+    pub fn is_embedded(&self) -> bool {
+        self.index.is_none() && self.blobs.is_none()
+    }
+
+    /// The locations for store `root`: those given, or those it was first mounted with (so
+    /// that `ls`, `fsck`, `gc` need only `--store`). Giving others than it was mounted with is
+    /// an error: one store directory belongs to one store.
+    pub fn for_store(root: &Path, given: Locations) -> io::Result<Locations> {
+        let given = match (given.is_embedded(), GIVEN.get()) {
+            (true, Some(cli)) => cli.clone(),
+            _ => given,
+        };
+        let saved = match fs::read_to_string(root.join(LOCATIONS_FILE)) {
+            Ok(text) => Some(Self::from_file(&text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        match saved {
+            None => Ok(given),
+            Some(saved) if given.is_embedded() => Ok(saved),
+            Some(saved) => {
+                let same_index = saved.index.as_deref().map(without_password)
+                    == given.index.as_deref().map(without_password);
+                if same_index && saved.blobs == given.blobs {
+                    Ok(given) // (with its password, if it has one)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "store {} belongs to the shared store with index {} and blobs {};                              give those (or neither), or use another --store directory",
+                            root.display(),
+                            saved.index.as_deref().unwrap_or("STORE/index.sqlite"),
+                            saved
+                                .blobs
+                                .as_deref()
+                                .map_or("STORE/blobs".into(), |b| b.display().to_string()),
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Remembers these locations in store `root` (nothing for the embedded store).
+    fn save(&self, root: &Path) -> io::Result<()> {
+        if self.is_embedded() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        if let Some(i) = &self.index {
+            text.push_str(&format!("index={}\n", without_password(i)));
+        }
+        if let Some(b) = &self.blobs {
+            text.push_str(&format!("blobs={}\n", b.display()));
+        }
+        fs::write(root.join(LOCATIONS_FILE), text)
+    }
+
+    fn from_file(text: &str) -> Locations {
+        let mut l = Locations::default();
+        for line in text.lines() {
+            if let Some(i) = line.strip_prefix("index=") {
+                l.index = Some(i.to_owned());
+            } else if let Some(b) = line.strip_prefix("blobs=") {
+                l.blobs = Some(PathBuf::from(b));
+            }
+        }
+        l
+    }
+}
+
+/// `url` without the password it may hold (`scheme://user:password@host` → `scheme://user@host`),
+/// for messages and files.
+pub fn without_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[start..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!("{}{}{}", &url[..start], &rest[..colon], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// This machine's identity for a shared store, kept in `STORE/machine-id` (made on first use):
+/// the daemons of one machine follow one another; another machine's are others.
+fn machine_id(root: &Path) -> io::Result<String> {
+    let path = root.join("machine-id");
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    fs::write(&path, format!("{id}\n"))?;
+    Ok(id)
+}
+
 /// How often batched durability syncs the store.
 pub const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -371,9 +538,41 @@ impl Store {
     }
 
     pub fn open_writable_with(root: &Path, durability: Durability) -> io::Result<Store> {
+        Self::open_writable_at(root, &Locations::default(), durability)
+    }
+
+    /// [`Store::open_writable_with`] of a store whose index and blobs may be elsewhere. A
+    /// shared store (a PostgreSQL index) makes every blob durable before its row commits,
+    /// whatever `durability` says: another machine may read the row at once.
+    pub fn open_writable_at(
+        root: &Path,
+        locations: &Locations,
+        durability: Durability,
+    ) -> io::Result<Store> {
         create_store_dir(root)?;
+        let locations = Locations::for_store(root, locations.clone())?;
+        if !locations.is_embedded() && root.join("index.sqlite").exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "store {} holds an embedded store: a shared one needs a --store directory                      of its own (artifactfs migrate copies an embedded store into a shared one)",
+                    root.display()
+                ),
+            ));
+        }
         let lock = take_lock(root)?;
-        let blobs = BlobStore::open(root, durability == Durability::EveryClose)?;
+        locations.save(root)?;
+        if let Some(url) = &locations.index {
+            return Self::open_shared_writable(root, url, &locations, lock);
+        }
+        let blobs = match &locations.blobs {
+            Some(dir) => BlobStore::open_at(
+                dir,
+                &dir.join("tmp").join(machine_id(root)?),
+                durability == Durability::EveryClose,
+            )?,
+            None => BlobStore::open(root, durability == Durability::EveryClose)?,
+        };
         let stale = blobs.clean_tmp()?;
         if stale > 0 {
             log::info!("removed {stale} stale temp file(s) of unfinished writes");
@@ -398,6 +597,45 @@ impl Store {
         store.recover()?;
         store.sync()?;
         Ok(store)
+    }
+
+    /// The writable daemon's store with a PostgreSQL index (see [`Store::open_writable_at`]).
+    fn open_shared_writable(
+        root: &Path,
+        url: &str,
+        locations: &Locations,
+        lock: File,
+    ) -> io::Result<Store> {
+        let machine = machine_id(root)?;
+        let blobs_dir = locations
+            .blobs
+            .clone()
+            .unwrap_or_else(|| root.join("blobs"));
+        let blobs = BlobStore::open_at(&blobs_dir, &blobs_dir.join("tmp").join(&machine), true)?;
+        let stale = blobs.clean_tmp()?;
+        if stale > 0 {
+            log::info!("removed {stale} stale temp file(s) of unfinished writes");
+        }
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
+        let index = Index::open_postgres(url, &machine, owner, now_ns())?;
+        log::info!(
+            "shared store: index {}, blobs {}, machine {machine}",
+            without_password(url),
+            blobs_dir.display()
+        );
+        Ok(Store {
+            root: root.to_path_buf(),
+            blobs,
+            index: Mutex::new(index),
+            checkpointer: None,
+            _lock: Some(lock),
+            last_sync: Mutex::new(std::time::Instant::now()),
+            marking: Mutex::new(()),
+            stopped: Default::default(),
+            durability: Some(Durability::EveryClose),
+            busy_timeout: index::BUSY_TIMEOUT,
+            busy_patience: BUSY_PATIENCE,
+        })
     }
 
     /// After an unclean stop: re-hashes the blobs of rows committed since the last completed
@@ -507,7 +745,11 @@ impl Store {
         // Files released since the last commit, and any whose release never came before the
         // unmount, are sealed for other daemons now (a restart would seal them too, but a
         // clean stop leaves nothing to recover).
-        self.index().seal_all_committed()?;
+        {
+            let idx = self.index();
+            idx.seal_all_committed()?;
+            idx.end_session()?;
+        }
         self.sync_marking(true)?;
         self.stopped
             .store(true, std::sync::atomic::Ordering::Release);
@@ -537,11 +779,16 @@ impl Store {
     /// Opens an existing store without the writer lock and without changing anything (for a
     /// read-only mount, `ls` and `fsck`). A store that was never created is an error.
     pub fn open_readonly(root: &Path) -> io::Result<Store> {
+        Self::open_readonly_at(root, &Locations::default())
+    }
+
+    /// [`Store::open_readonly`] of a store whose index and blobs may be elsewhere.
+    pub fn open_readonly_at(root: &Path, locations: &Locations) -> io::Result<Store> {
         check_access(root)?;
-        let index = Index::open_readonly(&root.join("index.sqlite"))?;
+        let (index, blobs) = Self::open_parts(root, locations, Index::open_readonly)?;
         Ok(Store {
             root: root.to_path_buf(),
-            blobs: BlobStore::open_existing(root),
+            blobs,
             index: Mutex::new(index),
             checkpointer: None,
             _lock: None,
@@ -558,11 +805,16 @@ impl Store {
     /// the writer lock (`gc`, and `fsck` marking damaged blobs: both coordinate through
     /// SQLite's own locking).
     pub fn open_shared(root: &Path) -> io::Result<Store> {
+        Self::open_shared_at(root, &Locations::default())
+    }
+
+    /// [`Store::open_shared`] of a store whose index and blobs may be elsewhere.
+    pub fn open_shared_at(root: &Path, locations: &Locations) -> io::Result<Store> {
         check_access(root)?;
-        let index = Index::open_shared(&root.join("index.sqlite"))?;
+        let (index, blobs) = Self::open_parts(root, locations, Index::open_shared)?;
         Ok(Store {
             root: root.to_path_buf(),
-            blobs: BlobStore::open_existing(root),
+            blobs,
             index: Mutex::new(index),
             checkpointer: None,
             _lock: None,
@@ -573,6 +825,30 @@ impl Store {
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
         })
+    }
+
+    /// The index and blobs of an existing store for a command: the embedded index opened by
+    /// `embedded`, or a PostgreSQL index as a client.
+    fn open_parts(
+        root: &Path,
+        locations: &Locations,
+        embedded: fn(&Path) -> io::Result<Index>,
+    ) -> io::Result<(Index, BlobStore)> {
+        let locations = Locations::for_store(root, locations.clone())?;
+        let index = match &locations.index {
+            Some(url) => Index::open_postgres_client(url)?,
+            None => embedded(&root.join("index.sqlite"))?,
+        };
+        let blobs = match &locations.blobs {
+            Some(dir) => BlobStore::existing_at(dir, &dir.join("tmp").join("none")),
+            None => BlobStore::open_existing(root),
+        };
+        Ok((index, blobs))
+    }
+
+    /// Whether daemons of other machines write this store too (a PostgreSQL index).
+    pub fn is_shared(&self) -> bool {
+        self.index().is_shared()
     }
 
     pub fn root(&self) -> &Path {

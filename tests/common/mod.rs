@@ -36,6 +36,48 @@ pub fn fuse_available(test: &str) -> bool {
     ok
 }
 
+/// The index engine the mount tests run against: `ARTIFACTFS_TEST_INDEX=postgresql` runs them
+/// on a shared store (a PostgreSQL index on the server `ARTIFACTFS_TEST_PG` names, which
+/// `scripts/test.sh` starts, and a blob directory of its own); anything else, the embedded
+/// store.
+pub fn shared_engine() -> bool {
+    std::env::var("ARTIFACTFS_TEST_INDEX").as_deref() == Ok("postgresql")
+}
+
+/// The first mount's arguments for a new store in `dir`: on the shared engine, a new database
+/// of the test server and `dir/blobs`; none for the embedded store.
+fn shared_store_args(dir: &Path) -> Vec<String> {
+    if !shared_engine() {
+        return Vec::new();
+    }
+    let server = std::env::var("ARTIFACTFS_TEST_PG")
+        .expect("ARTIFACTFS_TEST_INDEX=postgresql needs ARTIFACTFS_TEST_PG (scripts/test.sh)");
+    let name = new_database(&server);
+    let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+    vec![
+        "--index".into(),
+        format!("{base}/{name}"),
+        "--blobs".into(),
+        format!("file://{}", dir.join("blobs").display()),
+    ]
+}
+
+/// Creates an empty database on the test server; returns its name.
+pub fn new_database(server: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "afs_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut client = postgres::Client::connect(server, postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    name
+}
+
 /// A mounted store in a temp dir; unmounted (and its daemon gone) when dropped.
 pub struct Mount {
     pub dir: tempfile::TempDir,
@@ -48,6 +90,55 @@ impl Mount {
     /// Mounts a fresh store. Returns `None` (after printing why) where FUSE is unavailable.
     pub fn new(test: &str) -> Option<Mount> {
         Self::with_args(test, &[])
+    }
+
+    /// Two daemons of one shared store, standing for two machines: each with a store
+    /// directory and mount point of its own, both on one new database of the test PostgreSQL
+    /// server and one blob directory. `None` (after saying why) without FUSE or a test server,
+    /// outside CI.
+    pub fn machines(test: &str, n: usize) -> Option<(Vec<Mount>, tempfile::TempDir)> {
+        if !fuse_available(test) {
+            return None;
+        }
+        let Ok(server) = std::env::var("ARTIFACTFS_TEST_PG") else {
+            let why = format!("{test}: skipped: no test PostgreSQL server (ARTIFACTFS_TEST_PG)");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{why} — but CI=true; scripts/test.sh starts one");
+            }
+            eprintln!("{why}");
+            return None;
+        };
+        let shared = tempfile::Builder::new()
+            .prefix("afs-shared-")
+            .tempdir()
+            .unwrap();
+        let name = new_database(&server);
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+        let index = format!("{base}/{name}");
+        let blobs = format!("file://{}", shared.path().join("blobs").display());
+        let mounts = (0..n)
+            .map(|_| Self::bare(&["--index", &index, "--blobs", &blobs]))
+            .collect();
+        Some((mounts, shared))
+    }
+
+    /// A store in a new temp dir, mounted with exactly `args`.
+    fn bare(args: &[&str]) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("afs-test-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
+        m.mount(args);
+        m
     }
 
     pub fn with_args(test: &str, args: &[&str]) -> Option<Mount> {
@@ -67,7 +158,10 @@ impl Mount {
             mnt,
             mounted: false,
         };
-        m.mount(args);
+        let shared = shared_store_args(m.dir.path());
+        let mut all: Vec<&str> = shared.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        m.mount(&all);
         Some(m)
     }
 
@@ -290,6 +384,18 @@ pub fn kill9(pid: i32) {
     );
 }
 
+/// Where store `store` keeps its index (a PostgreSQL URL, or `None`: `STORE/index.sqlite`) and
+/// its blobs (as `STORE/shared` remembers them).
+pub fn store_locations(store: &Path) -> (Option<String>, PathBuf) {
+    let text = std::fs::read_to_string(store.join("shared")).unwrap_or_default();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k).map(str::to_owned))
+    };
+    let blobs = field("blobs=").map_or_else(|| store.join("blobs"), PathBuf::from);
+    (field("index="), blobs)
+}
+
 /// How many contents a store holds: blob files plus the small contents its index holds
 /// (`inline_content`, see `INLINE_MAX`). Read with a read-only connection, also while mounted.
 pub fn stored_contents(store: &Path) -> usize {
@@ -308,7 +414,7 @@ pub fn stored_contents(store: &Path) -> usize {
             })
             .unwrap_or(0)
     }
-    files(&store.join("blobs")) + inline_contents(store).len()
+    files(&store_locations(store).1.join("sha256")) + inline_contents(store).len()
 }
 
 fn index_readonly(store: &Path) -> rusqlite::Connection {
@@ -319,8 +425,21 @@ fn index_readonly(store: &Path) -> rusqlite::Connection {
     .unwrap()
 }
 
+fn shared_index(store: &Path) -> Option<postgres::Client> {
+    let url = store_locations(store).0?;
+    Some(postgres::Client::connect(&url, postgres::NoTls).unwrap())
+}
+
 /// The hashes (hex) of the small contents the index holds.
 pub fn inline_contents(store: &Path) -> Vec<String> {
+    if let Some(mut pg) = shared_index(store) {
+        return pg
+            .query("SELECT hash FROM inline_content", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    }
     let db = index_readonly(store);
     let mut stmt = db.prepare("SELECT hash FROM inline_content").unwrap();
     stmt.query_map([], |r| r.get(0))
@@ -331,21 +450,38 @@ pub fn inline_contents(store: &Path) -> Vec<String> {
 
 /// The stored bytes of content `sha` (hex), wherever the store keeps them.
 pub fn stored_bytes(store: &Path, sha: &str) -> Option<Vec<u8>> {
-    let db = index_readonly(store);
-    let inline = db
-        .query_row(
-            "SELECT data FROM inline_content WHERE hash = ?1",
-            [sha],
-            |r| r.get(0),
-        )
-        .ok();
-    inline
-        .or_else(|| std::fs::read(store.join("blobs/sha256").join(&sha[..2]).join(&sha[2..])).ok())
+    let inline = match shared_index(store) {
+        Some(mut pg) => pg
+            .query_opt("SELECT data FROM inline_content WHERE hash = $1", &[&sha])
+            .unwrap()
+            .map(|r| r.get(0)),
+        None => index_readonly(store)
+            .query_row(
+                "SELECT data FROM inline_content WHERE hash = ?1",
+                [sha],
+                |r| r.get(0),
+            )
+            .ok(),
+    };
+    let blobs = store_locations(store).1;
+    inline.or_else(|| std::fs::read(blobs.join("sha256").join(&sha[..2]).join(&sha[2..])).ok())
 }
 
 /// Changes the stored bytes of small content `sha` behind the daemon's back (a damaged disk):
 /// `None` deletes them.
 pub fn damage_inline(store: &Path, sha: &str, bytes: Option<&[u8]>) {
+    if let Some(mut pg) = shared_index(store) {
+        let n = match bytes {
+            Some(b) => pg.execute(
+                "UPDATE inline_content SET data = $2 WHERE hash = $1",
+                &[&sha, &b],
+            ),
+            None => pg.execute("DELETE FROM inline_content WHERE hash = $1", &[&sha]),
+        }
+        .unwrap();
+        assert_eq!(n, 1, "no inline content {sha}");
+        return;
+    }
     let db = rusqlite::Connection::open(store.join("index.sqlite")).unwrap();
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     let n = match bytes {

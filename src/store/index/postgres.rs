@@ -1,0 +1,364 @@
+//! What only a PostgreSQL index has: its schema, the sessions of the daemons that write to it,
+//! and inode numbers handed out in blocks.
+//!
+//! Several daemons (one a machine) write one PostgreSQL index. Each open starts a *session* (a
+//! row of `sessions`, with the machine's identity and a heartbeat); the connection names it in
+//! the setting `artifactfs.session`, and a trigger stamps it on every row a write leaves in a
+//! state that belongs to a living daemon (being written, committed while still open). A session
+//! ends cleanly with its daemon; a daemon that died leaves its rows behind, and they are cleaned
+//! up as the embedded index cleans up at a start: by the same machine's next start, or by any
+//! daemon once the session's heartbeat is older than [`LEASE`].
+//!
+//! Inode numbers come from the sequence `inos` in blocks of [`INO_BLOCK`]: each daemon hands
+//! out the numbers of its block, so creates need no round trip for them, and numbers are never
+//! handed out twice across daemons.
+
+use std::io;
+
+use rusqlite::params;
+
+use super::db::Db;
+use super::{MODELS_INO, ROOT_INO, RUNS_INO};
+
+/// The PostgreSQL schema's version, in `meta`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How many inode numbers a daemon takes from the sequence at a time.
+pub const INO_BLOCK: u64 = 1024;
+
+/// How long a session lives without a heartbeat before other daemons clean up after it (ns).
+pub const LEASE: i64 = 30_000_000_000;
+
+/// Creates the schema on first use (with `create`), or checks its version.
+pub fn prepare_schema(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()> {
+    db.begin_write()?;
+    let result = create_or_check(db, create);
+    match &result {
+        Ok(()) => db.commit()?,
+        Err(_) => {
+            let _ = db.rollback();
+        }
+    }
+    result
+}
+
+fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()> {
+    let exists: i64 = db.row(
+        "SELECT COUNT(*) FROM information_schema.tables
+         WHERE table_schema = current_schema() AND table_name = 'meta'",
+        params![],
+        |r| r.get(0),
+    )?;
+    if exists == 1 {
+        let version: Option<i64> = db.one(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            params![],
+            |r| r.get(0),
+        )?;
+        return match version {
+            Some(SCHEMA_VERSION) => Ok(()),
+            Some(v) if v > SCHEMA_VERSION => Err(io::Error::other(format!(
+                "index schema version {v} is newer than this artifactfs ({SCHEMA_VERSION}): \
+                 upgrade artifactfs on this machine"
+            ))),
+            Some(v) => Err(io::Error::other(format!(
+                "index schema version {v}: this artifactfs reads {SCHEMA_VERSION}"
+            ))),
+            None => Err(io::Error::other(
+                "index: the database has a table `meta` without a schema version: \
+                 not an artifactfs index",
+            )),
+        };
+    }
+    let Some(((uid, gid), now)) = create else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no artifactfs index in this database yet: a daemon creates it at its first mount",
+        ));
+    };
+    db.batch(&format!(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+         CREATE SEQUENCE inos AS BIGINT START WITH {INO_BLOCK} INCREMENT BY {INO_BLOCK};
+         CREATE TABLE sessions (
+             id        BIGSERIAL PRIMARY KEY,
+             machine   TEXT   NOT NULL,
+             host      TEXT   NOT NULL,
+             pid       BIGINT NOT NULL,
+             started   BIGINT NOT NULL,
+             heartbeat BIGINT NOT NULL
+         );
+         CREATE TABLE entries (
+             ino     BIGINT PRIMARY KEY,
+             parent  BIGINT NOT NULL,
+             name    BYTEA  NOT NULL,
+             kind    BIGINT NOT NULL,
+             state   BIGINT NOT NULL,
+             zone    BIGINT NOT NULL,
+             hash    TEXT,
+             size    BIGINT NOT NULL DEFAULT 0,
+             mode    BIGINT NOT NULL,
+             uid     BIGINT NOT NULL,
+             gid     BIGINT NOT NULL,
+             mtime   BIGINT NOT NULL,
+             ctime   BIGINT NOT NULL,
+             crtime  BIGINT NOT NULL,
+             atime   BIGINT NOT NULL DEFAULT 0,
+             session BIGINT,
+             UNIQUE (parent, name)
+         );
+         CREATE INDEX entries_by_parent ON entries (parent, ino);
+         CREATE INDEX entries_by_hash ON entries (hash);
+         CREATE INDEX entries_by_session ON entries (session) WHERE session IS NOT NULL;
+         CREATE FUNCTION artifactfs_stamp_session() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+             IF NEW.state IN (2, 3, 4) THEN
+                 NEW.session := NULLIF(current_setting('artifactfs.session', true), '')::BIGINT;
+             ELSE
+                 NEW.session := NULL;
+             END IF;
+             RETURN NEW;
+         END $f$;
+         CREATE TRIGGER entries_session BEFORE INSERT OR UPDATE OF state ON entries
+             FOR EACH ROW EXECUTE FUNCTION artifactfs_stamp_session();
+         INSERT INTO entries (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid,
+                              mtime, ctime, crtime, atime) VALUES
+             ({ROOT_INO}, 0, '\\x'::BYTEA, 1, 0, 0, NULL, 0, 493, {uid}, {gid},
+              {now}, {now}, {now}, {now}),
+             ({RUNS_INO}, {ROOT_INO}, convert_to('runs', 'UTF8'), 1, 0, 0, NULL, 0, 493,
+              {uid}, {gid}, {now}, {now}, {now}, {now}),
+             ({MODELS_INO}, {ROOT_INO}, convert_to('models', 'UTF8'), 1, 0, 0, NULL, 0, 493,
+              {uid}, {gid}, {now}, {now}, {now}, {now});
+         CREATE TABLE registered_models (
+             ino          BIGINT PRIMARY KEY,
+             name         TEXT   NOT NULL UNIQUE,
+             next_version BIGINT NOT NULL DEFAULT 1,
+             created      BIGINT NOT NULL
+         );
+         CREATE TABLE model_versions (
+             dir_ino          BIGINT PRIMARY KEY,
+             model_ino        BIGINT NOT NULL,
+             version          BIGINT,
+             status           TEXT   NOT NULL,
+             message          TEXT   NOT NULL DEFAULT '',
+             run_id           TEXT,
+             artifact_path    TEXT,
+             model_uuid       TEXT,
+             model_id         TEXT,
+             flavors          TEXT,
+             signature        TEXT,
+             utc_time_created TEXT,
+             total_size       BIGINT,
+             file_count       BIGINT,
+             digest           TEXT,
+             source           TEXT,
+             updated          BIGINT NOT NULL,
+             UNIQUE (model_ino, version)
+         );
+         CREATE INDEX model_versions_by_model ON model_versions (model_ino, status);
+         CREATE TABLE model_aliases (
+             model_ino BIGINT NOT NULL,
+             alias     TEXT   NOT NULL,
+             version   BIGINT NOT NULL,
+             PRIMARY KEY (model_ino, alias)
+         );
+         CREATE TABLE damaged_blobs (hash TEXT PRIMARY KEY, found BIGINT NOT NULL);
+         CREATE TABLE history (
+             rowid    BIGSERIAL PRIMARY KEY,
+             ino      BIGINT NOT NULL,
+             hash     TEXT   NOT NULL,
+             size     BIGINT NOT NULL,
+             mtime    BIGINT NOT NULL,
+             replaced BIGINT NOT NULL
+         );
+         CREATE INDEX history_by_ino ON history (ino, replaced);
+         CREATE INDEX history_by_hash ON history (hash);
+         CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BYTEA NOT NULL);
+         INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION});"
+    ))
+}
+
+/// Starts this daemon's session; returns its id. The connection names it from now on, also
+/// after a reconnect.
+pub fn start_session(db: &Db, machine: &str, now: i64) -> io::Result<i64> {
+    let host = hostname();
+    let id: i64 = db.row(
+        "INSERT INTO sessions (machine, host, pid, started, heartbeat)
+         VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
+        params![machine, host, std::process::id() as i64, now],
+        |r| r.get(0),
+    )?;
+    db.on_every_connection(&format!("SET artifactfs.session = '{id}'"))?;
+    Ok(id)
+}
+
+/// A condition on `entries` true of the rows left by daemons that are gone: rows stamped with
+/// a session other than `own` that is of this machine (it restarted) or has not had a
+/// heartbeat for [`LEASE`], or that ended.
+pub fn left_by_dead_sessions(own: i64, machine: &str, now: i64) -> String {
+    format!(
+        "session IS NOT NULL AND session NOT IN ({})",
+        live_sessions(own, machine, now)
+    )
+}
+
+/// The sessions that may still be writing, as a query of their ids.
+fn live_sessions(own: i64, machine: &str, now: i64) -> String {
+    let machine = machine.replace('\'', "''");
+    let expired = now - LEASE;
+    format!(
+        "SELECT id FROM sessions WHERE id = {own}
+         OR (machine != '{machine}' AND heartbeat >= {expired})"
+    )
+}
+
+/// Forgets the sessions that are gone (after their rows were cleaned up).
+pub fn forget_dead_sessions(db: &Db, own: i64, machine: &str, now: i64) -> io::Result<()> {
+    db.batch(&format!(
+        "DELETE FROM sessions WHERE id NOT IN ({})",
+        live_sessions(own, machine, now)
+    ))
+}
+
+/// Ends session `id` at a clean stop.
+pub fn end_session(db: &Db, id: i64) -> io::Result<()> {
+    db.exec("DELETE FROM sessions WHERE id = ?1", params![id])?;
+    Ok(())
+}
+
+/// Records that session `id` is alive.
+pub fn heartbeat(db: &Db, id: i64, now: i64) -> io::Result<()> {
+    db.exec(
+        "UPDATE sessions SET heartbeat = ?2 WHERE id = ?1",
+        params![id, now],
+    )?;
+    Ok(())
+}
+
+/// The next block of inode numbers: its first number.
+pub fn ino_block(db: &Db) -> io::Result<u64> {
+    db.row("SELECT nextval('inos')", params![], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on
+    // success (truncated names are cut at the first NUL below anyway).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::from("?");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The connection settings of a `postgresql://USER[:PASS]@HOST[:PORT]/DB[?sslmode=…]` URL. A
+/// password missing from it comes, as libpq's would, from `PGPASSWORD` or from the password file
+/// (`PGPASSFILE`, or `~/.pgpass`; only if no one but its owner can read it).
+pub fn config(url: &str) -> io::Result<postgres::Config> {
+    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "--index: expected a postgresql://USER[:PASS]@HOST[:PORT]/DB URL",
+        ));
+    }
+    let mut config: postgres::Config = url.parse().map_err(|e| {
+        // (The parser's message names the part it could not read, never the password.)
+        io::Error::new(io::ErrorKind::InvalidInput, format!("--index: {e}"))
+    })?;
+    if config.get_password().is_none() {
+        if let Some(p) = std::env::var_os("PGPASSWORD") {
+            config.password(p.as_encoded_bytes());
+        } else if let Some(p) = password_from_file(&config) {
+            config.password(p);
+        }
+    }
+    Ok(config)
+}
+
+/// The password of the first line of the password file that matches the connection
+/// (`host:port:database:user:password`, `*` matching anything, `\:` and `\\` escaped).
+fn password_from_file(config: &postgres::Config) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = match std::env::var_os("PGPASSFILE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".pgpass"),
+    };
+    let meta = std::fs::metadata(&path).ok()?;
+    if meta.mode() & 0o077 != 0 {
+        log::warn!(
+            "password file {} ignored: others can read it (chmod 0600)",
+            path.display()
+        );
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let db = config.get_dbname().unwrap_or(&user).to_owned();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let fields = pgpass_fields(l);
+            (fields.len() == 5).then_some(fields)
+        })
+        .find(|f| {
+            [&host, &port, &db, &user]
+                .iter()
+                .zip(f)
+                .all(|(want, have)| have == "*" || have == *want)
+        })
+        .map(|f| f[4].clone())
+}
+
+/// The fields of a password file line, unescaped.
+fn pgpass_fields(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    fields.last_mut().expect("never empty").push(n);
+                }
+            }
+            ':' => fields.push(String::new()),
+            c => fields.last_mut().expect("never empty").push(c),
+        }
+    }
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_file_lines_unescape() {
+        assert_eq!(
+            pgpass_fields(r"db.example:5432:*:alice:p\:ss\\word"),
+            vec!["db.example", "5432", "*", "alice", r"p:ss\word"]
+        );
+    }
+
+    #[test]
+    fn only_postgresql_urls_are_taken() {
+        assert!(config("mysql://x@y/z").is_err());
+        let c = config("postgresql://alice:secret@127.0.0.1:5433/store").unwrap();
+        assert_eq!(c.get_user(), Some("alice"));
+        assert_eq!(c.get_dbname(), Some("store"));
+        assert_eq!(c.get_ports(), &[5433]);
+        // Debug output (and so any log line of a config) hides the password.
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}
