@@ -145,3 +145,94 @@ fn a_file_sealed_on_one_machine_is_sealed_on_the_other() {
     );
     assert_eq!(std::fs::read(m[0].path("runs/w/artifacts/a")).ok(), None);
 }
+
+/// `kill -9` of one machine's daemon while it writes: what its `close()`s returned for stays,
+/// with its bytes, on the other machine; the file it was still writing is never shown with
+/// its partial bytes there, and is gone (its name free again) once that machine starts again;
+/// the other machine's mount works throughout.
+#[test]
+fn a_machine_killed_while_writing_leaves_only_what_it_closed() {
+    let Some((mut m, _shared)) = Mount::machines("a_machine_killed_while_writing", 2) else {
+        return;
+    };
+    let dir = "runs/k/artifacts";
+    std::fs::create_dir_all(m[0].path(dir)).unwrap();
+    for i in 0..5 {
+        std::fs::write(m[0].path(&format!("{dir}/done{i}")), pseudo_random(i, 5000)).unwrap();
+    }
+    // A file left open with part of its bytes written (a writer in another process).
+    let mut writer = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sys, time\nf = open('{}', 'wb')\nf.write(b'partial' * 1000)\nf.flush()\n\
+             print('ready', flush=True)\ntime.sleep(60)",
+            m[0].path(&format!("{dir}/half")).display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(writer.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    kill9(m[0].daemon_pid());
+    let _ = writer.kill();
+    let _ = writer.wait();
+    m[0].mark_stale();
+
+    let half = m[1].path(&format!("{dir}/half"));
+    // A closed file reads with its bytes, or (its seal had not reached the index when the
+    // daemon died: a dup'd descriptor could still have changed it) is busy until the killed
+    // machine starts again or its lease runs out; never anything else.
+    for i in 0..5 {
+        let p = m[1].path(&format!("{dir}/done{i}"));
+        match std::fs::read(&p) {
+            Ok(b) => assert!(b == pseudo_random(i, 5000), "done{i}: other bytes"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "done{i}: {e}"),
+        }
+    }
+    // Never its partial bytes: the name is held (being written), reading it is refused.
+    match std::fs::read(&half) {
+        Ok(b) => panic!(
+            "the other machine read {} bytes of a half-written file",
+            b.len()
+        ),
+        Err(e) => assert!(
+            matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOENT)),
+            "{e}"
+        ),
+    }
+    // The other machine works on.
+    std::fs::write(m[1].path(&format!("{dir}/meanwhile")), b"m1").unwrap();
+
+    // The killed machine starts again: what it was writing is gone, its name free.
+    m[0].mount(&[]);
+    assert!(
+        wait_until(Duration::from_secs(3), || !half.exists()),
+        "the half-written file outlived its machine's restart"
+    );
+    for i in 0..5 {
+        let p = m[1].path(&format!("{dir}/done{i}"));
+        assert!(
+            wait_until(Duration::from_secs(3), || std::fs::read(&p)
+                .is_ok_and(|b| b == pseudo_random(i, 5000))),
+            "done{i} on the other machine after the restart"
+        );
+    }
+    std::fs::write(&half, b"whole, from the other machine").unwrap();
+    assert!(wait_until(Duration::from_secs(3), || std::fs::read(
+        m[0].path(&format!("{dir}/half"))
+    )
+    .is_ok_and(|b| b == b"whole, from the other machine")));
+    assert_eq!(
+        std::fs::read(m[0].path(&format!("{dir}/meanwhile"))).unwrap(),
+        b"m1"
+    );
+    for (k, machine) in m.iter().enumerate() {
+        let out = machine.cli(&["fsck"]);
+        assert!(out.status.success(), "fsck on machine {k}: {out:?}");
+    }
+}

@@ -579,6 +579,11 @@ impl Index {
             e.mtime = e.mtime.max(t);
             e.ctime = e.ctime.max(t);
         }
+        // Released here, its seal waiting for the next transaction: sealed, for this daemon
+        // (other daemons of a shared store see it being written until the seal is written).
+        if e.committed_open && self.pending_seals.borrow().contains(&e.ino) {
+            e.committed_open = false;
+        }
         e
     }
 
@@ -2274,6 +2279,8 @@ mod tests {
             // Released: queued, written with the next commit's transaction.
             idx.seal_later(a);
             assert!(other.get(a).unwrap().unwrap().committed_open);
+            // ... while the daemon that released it reads it sealed at once.
+            assert!(!idx.get(a).unwrap().unwrap().committed_open);
             let c = idx.insert(&new_file(RUNS_INO, b"c")).unwrap().unwrap();
             idx.commit_file(c, &h, 1, 1, 3, || true).unwrap();
             assert!(!other.get(a).unwrap().unwrap().committed_open);
