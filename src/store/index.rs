@@ -50,6 +50,7 @@ use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
 };
 
+mod cache;
 mod registry;
 pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 
@@ -215,6 +216,11 @@ pub struct Index {
     /// The contents `fsck --verify` found damaged, as last read from `damaged_blobs`: reloaded
     /// when another connection (fsck, in its own process) has changed the index since.
     damaged: RefCell<DamageCache>,
+    /// The WAL-index header, mapped: how [`Index::snapshot`] tells that another connection
+    /// committed. Only the writable daemon's index maps it (see `cache`).
+    shm: Option<cache::ShmHeader>,
+    /// Rows and names read while nothing in the index changed since (see `cache`).
+    cache: RefCell<cache::RowCache>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -443,6 +449,10 @@ impl Index {
             ))
             .map_err(to_io)?;
         index.next_ino.set(first_unused_ino(&index.conn)?);
+        // This connection has the WAL index open (its `-shm` file) from here on, and holds it
+        // for as long as it lives.
+        let mut index = index;
+        index.shm = cache::ShmHeader::map(path);
         Ok(index)
     }
 
@@ -454,7 +464,23 @@ impl Index {
             next_ino: Cell::new(0),
             recorded_seq: Cell::new(0),
             damaged: Default::default(),
+            shm: None,
+            cache: Default::default(),
         }
+    }
+
+    /// The state of the index now, for the cache: `None` (nothing may be cached) without the
+    /// mapped WAL-index header or inside a transaction. Drops the cached answers unless they
+    /// were read in this same state.
+    fn snapshot(&self) -> Option<cache::Snapshot> {
+        let snap = match &self.shm {
+            Some(shm) if self.conn.is_autocommit() => {
+                cache::snapshot(shm, self.conn.total_changes())
+            }
+            _ => None,
+        };
+        self.cache.borrow_mut().validate(snap);
+        snap
     }
 
     /// A new inode number, for a row or a reservation.
@@ -525,11 +551,7 @@ impl Index {
 
     /// Whether a row in any state (hidden directories included) has `(parent, name)`.
     fn row_at(&self, parent: u64, name: &[u8]) -> io::Result<bool> {
-        self.conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)")
-            .map_err(to_io)?
-            .query_row(params![parent as i64, name], |r| r.get(0))
-            .map_err(to_io)
+        Ok(self.row_named(parent, name)?.is_some())
     }
 
     /// Inside a transaction: the row of reserved file `r`, in state `state` with this content
@@ -983,6 +1005,11 @@ impl Index {
     /// is read again only when another connection has committed since the last read (fsck
     /// marks damage from its own process), which `PRAGMA data_version` tells without I/O.
     pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
+        // Nothing committed anywhere since the list was last found current: it still is.
+        let snap = self.snapshot();
+        if snap.is_some() && self.cache.borrow().damaged_current {
+            return Ok(self.damaged.borrow().hashes.contains(hash));
+        }
         let version: i64 = self
             .conn
             .prepare_cached("PRAGMA data_version")
@@ -1003,6 +1030,7 @@ impl Index {
             cache.hashes = hashes;
             cache.read_at = Some(version);
         }
+        self.cache.borrow_mut().damaged_read_at(snap);
         Ok(cache.hashes.contains(hash))
     }
 
@@ -1020,14 +1048,23 @@ impl Index {
         if let Some(e) = self.reserved(ino) {
             return Ok(Some(e));
         }
-        Ok(self
+        let snap = self.snapshot();
+        if snap.is_some()
+            && let Some(e) = self.cache.borrow().row(ino)
+        {
+            return Ok(Some(self.current(e.clone())));
+        }
+        let row = self
             .conn
             .prepare_cached(&format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"))
             .map_err(to_io)?
             .query_row([ino as i64], row_to_entry)
             .optional()
-            .map_err(to_io)?
-            .map(|e| self.current(e)))
+            .map_err(to_io)?;
+        if let Some(e) = &row {
+            self.cache.borrow_mut().keep_row(snap, e);
+        }
+        Ok(row.map(|e| self.current(e)))
     }
 
     /// The row with this inode number, in any state, and whether `fsck --verify` found its
@@ -1048,17 +1085,38 @@ impl Index {
         if let Some(e) = self.reserved_at(parent, name) {
             return Ok(Some(e));
         }
-        Ok(self
+        Ok(match self.row_named(parent, name)? {
+            Some((e, false)) => Some(self.current(e)),
+            // A directory being built: its name is taken, but nothing shows it.
+            Some((_, true)) | None => None,
+        })
+    }
+
+    /// The row at `(parent, name)` in any state, and whether it is a directory being built
+    /// (hidden from lookups and listings).
+    fn row_named(&self, parent: u64, name: &[u8]) -> io::Result<cache::Named> {
+        let snap = self.snapshot();
+        if snap.is_some()
+            && let Some(named) = self.cache.borrow().row_at(parent, name)
+        {
+            return Ok(named.clone());
+        }
+        let named = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
-                 AND NOT (kind = 1 AND state = {STATE_WRITING})"
+                "SELECT {COLUMNS}, kind = 1 AND state = {STATE_WRITING}
+                 FROM entries WHERE parent = ?1 AND name = ?2"
             ))
             .map_err(to_io)?
-            .query_row(params![parent as i64, name], row_to_entry)
+            .query_row(params![parent as i64, name], |r| {
+                Ok((row_to_entry(r)?, r.get::<_, bool>(15)?))
+            })
             .optional()
-            .map_err(to_io)?
-            .map(|e| self.current(e)))
+            .map_err(to_io)?;
+        self.cache
+            .borrow_mut()
+            .keep_row_at(snap, parent, name, &named);
+        Ok(named)
     }
 
     /// A directory being built (a registration filling it in batches): inserted with
@@ -2058,6 +2116,134 @@ mod tests {
 
     fn new_file(parent: u64, name: &[u8]) -> NewEntry<'_> {
         NewEntry::new_file(parent, name, 2, 0o644, (0, 0), 1)
+    }
+
+    /// A sealed file `name` in `runs/`, committed and sealed; its inode number.
+    fn sealed_file(idx: &Index, name: &[u8], content: &[u8]) -> u64 {
+        let ino = idx.insert(&new_file(RUNS_INO, name)).unwrap().unwrap();
+        let h = Hash::of(content);
+        let stored = Stored::Inline {
+            bytes: content,
+            replace: false,
+        };
+        let n = content.len() as u64;
+        assert_eq!(
+            idx.commit_file_with(ino, &h, n, 7, 7, stored).unwrap(),
+            Commit::Recorded
+        );
+        idx.seal_later(ino);
+        idx.seal_pending().unwrap();
+        ino
+    }
+
+    #[test]
+    fn the_writable_index_keeps_answers_while_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index.sqlite"), (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        let snap = idx.snapshot();
+        assert!(snap.is_some(), "the WAL-index header is mapped");
+        let e = idx.get(ino).unwrap().unwrap();
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap(), None);
+        assert_eq!(idx.get_checked(ino).unwrap(), Some((e.clone(), false)));
+        // Reads change nothing: the same snapshot, and the answers come from memory.
+        assert_eq!(idx.snapshot(), snap);
+        assert!(idx.cache.borrow().row(ino).is_some());
+        assert_eq!(idx.cache.borrow().row_at(RUNS_INO, b"b"), Some(&None));
+        assert!(idx.cache.borrow().damaged_current);
+        // A change of this connection (here a metadata change outside any transaction): the
+        // answers read before are gone, the next ones read the table.
+        let chmod = MetaChange {
+            mode: Some(0o600),
+            ctime: 9,
+            ..Default::default()
+        };
+        idx.change_meta(ino, &chmod).unwrap();
+        assert_ne!(idx.snapshot(), snap);
+        assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
+        // So do renames, tombstones and new names.
+        let idx = {
+            let mut idx = idx;
+            assert!(idx.rename_file(ino, RUNS_INO, b"b", 2, 10, true).unwrap());
+            idx
+        };
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap().unwrap().ino, ino);
+        let old = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
+        assert_eq!(old.state, State::Tombstone);
+        idx.tombstone(ino, 11).unwrap();
+        assert_eq!(idx.get(ino).unwrap().unwrap().state, State::Tombstone);
+        assert_eq!(
+            idx.lookup(RUNS_INO, b"b").unwrap().unwrap().state,
+            State::Tombstone
+        );
+        assert!(idx.insert(&new_file(RUNS_INO, b"b")).unwrap().is_none());
+        assert!(idx.insert(&new_file(RUNS_INO, b"c")).unwrap().is_some());
+    }
+
+    #[test]
+    fn another_connections_commit_drops_the_kept_answers_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        let h = Hash::of(b"x");
+        assert!(!idx.get_checked(ino).unwrap().unwrap().1);
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap(), None);
+        // fsck, in its own process: the very next open sees the damage.
+        let fsck = Index::open_shared(&path).unwrap();
+        fsck.mark_damaged(&h, 8).unwrap();
+        assert!(idx.get_checked(ino).unwrap().unwrap().1);
+        fsck.clear_damaged(&h).unwrap();
+        assert!(!idx.get_checked(ino).unwrap().unwrap().1);
+        // Rows changed by another process (nothing does this to a running daemon's live rows
+        // today; the cache does not rely on it).
+        fsck.conn
+            .execute("UPDATE entries SET mode = 384 WHERE ino = ?1", [ino as i64])
+            .unwrap();
+        assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
+        fsck.conn
+            .execute(
+                "INSERT INTO entries (parent, name, kind, state, zone, mode, uid, gid, mtime,
+                 ctime, crtime) VALUES (2, CAST('b' AS BLOB), 2, 1, 2, 420, 0, 0, 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+        assert!(idx.lookup(RUNS_INO, b"b").unwrap().is_some());
+        assert!(idx.insert(&new_file(RUNS_INO, b"b")).unwrap().is_none());
+    }
+
+    #[test]
+    fn rows_seen_inside_a_rolled_back_transaction_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index.sqlite"), (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        assert_eq!(idx.get(ino).unwrap().unwrap().state, State::Live);
+        let failed: io::Result<()> = idx.write_locked(|idx| {
+            idx.conn
+                .execute("UPDATE entries SET state = 1 WHERE ino = ?1", [ino as i64])
+                .map_err(to_io)?;
+            // Read inside the transaction: the uncommitted tombstone.
+            assert_eq!(idx.get(ino)?.unwrap().state, State::Tombstone);
+            assert_eq!(idx.lookup(RUNS_INO, b"a")?.unwrap().state, State::Tombstone);
+            Err(io::Error::other("no"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(idx.get(ino).unwrap().unwrap().state, State::Live);
+        assert_eq!(
+            idx.lookup(RUNS_INO, b"a").unwrap().unwrap().state,
+            State::Live
+        );
+    }
+
+    #[test]
+    fn only_the_writable_index_keeps_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        sealed_file(&idx, b"a", b"x");
+        assert!(idx.snapshot().is_some());
+        assert!(Index::open_shared(&path).unwrap().snapshot().is_none());
+        assert!(Index::open_readonly(&path).unwrap().snapshot().is_none());
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! Answers of the index kept in memory for as long as nothing in the index has changed.
+//!
+//! A warm `cat` of many small files asks the index, for each `open`, for the file's row and
+//! whether another process marked content damaged since; `cp -r` asks whether each new name is
+//! taken twice in a row (the kernel's lookup, then `create`). Each of those questions is a read
+//! transaction (a few µs: locks on the WAL index, a `stat`), and most find the index exactly as
+//! the previous question did. This cache keeps the answers together with a [`Snapshot`] of the
+//! index taken before they were read, and serves them only while the snapshot is unchanged.
+//!
+//! # Why an unchanged snapshot means unchanged answers
+//!
+//! A row changes only through a connection to the index, and a snapshot covers both kinds:
+//!
+//! - **this connection**: inside an open transaction (`BEGIN`, a savepoint) the cache is
+//!   neither read nor filled, so rows not yet committed never enter it, and a rollback leaves
+//!   behind only answers read before it began, which are true again. Every statement outside a
+//!   transaction commits by itself, which moves the WAL-index header (below). Besides, every row
+//!   this connection inserts, updates or deletes counts in SQLite's `total_changes()` as soon as
+//!   its statement ends, whatever the statement (this module's, the registry's), and the count
+//!   is part of the snapshot too.
+//! - **any other connection** (fsck marking damaged content, gc, a second process): its commit
+//!   writes the WAL-index header in the `-shm` file, which every connection maps, before its
+//!   `COMMIT` returns: the change counter, the last frame, the salts and a checksum (SQLite's
+//!   documented WAL-index format, <https://www.sqlite.org/walformat.html>, stable since 3.7.0).
+//!   A snapshot holds a copy of that header, read the way SQLite reads it (both copies, the
+//!   second after a barrier, equal, initialised), so any commit since changes it; a checkpoint
+//!   only copies pages (and a WAL restart changes the salts).
+//!
+//! The snapshot is read before the question goes to SQLite, so an answer is never kept under a
+//! snapshot older than what it read: a commit landing between the two makes the next snapshot
+//! differ and drops the answer. Only the writable daemon's connection uses the cache: it holds
+//! the `-shm` file open (and SQLite's lock on it) for as long as it lives, so the file is
+//! neither truncated nor replaced under the mapping. Other connections (read-only daemons,
+//! `ls`, `fsck`, `gc`) ask SQLite every time, as before.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use super::Entry;
+
+/// Bytes of one copy of the WAL-index header (`struct WalIndexHdr`).
+const HEADER: usize = 48;
+
+/// At most this many answers are kept; beyond it the cache starts over.
+const MAX_KEPT: usize = 1 << 17;
+
+/// The state of the index an answer was read in: this connection's count of changed rows, and
+/// the WAL-index header as of the last commit of any connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct Snapshot {
+    changes: u64,
+    header: [u8; HEADER],
+}
+
+/// A read-only mapping of the first page of the index's `-shm` file.
+pub(super) struct ShmHeader {
+    ptr: *const u8,
+    len: usize,
+}
+
+// The mapping is only read (with volatile reads), from whichever thread holds the index.
+unsafe impl Send for ShmHeader {}
+
+impl ShmHeader {
+    /// Maps `DB-shm`; `None` if it is not there (yet) or too small to hold the header.
+    pub(super) fn map(db: &Path) -> Option<ShmHeader> {
+        let mut shm = db.as_os_str().to_owned();
+        shm.push("-shm");
+        let file = File::open(shm).ok()?;
+        if file.metadata().ok()?.len() < 2 * HEADER as u64 {
+            return None;
+        }
+        let len = 4096;
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(ShmHeader {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    /// The header as of the last commit, or `None` while a commit is writing it (the two
+    /// copies differ) or before it was ever written.
+    fn read(&self) -> Option<[u8; HEADER]> {
+        let mut a = [0u8; HEADER];
+        let mut b = [0u8; HEADER];
+        // SQLite writes copy 2, a barrier, then copy 1; it reads copy 1 then copy 2.
+        for (i, x) in a.iter_mut().enumerate() {
+            *x = unsafe { std::ptr::read_volatile(self.ptr.add(i)) };
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = unsafe { std::ptr::read_volatile(self.ptr.add(HEADER + i)) };
+        }
+        // isInit: byte 12.
+        (a == b && a[12] != 0).then_some(a)
+    }
+}
+
+impl Drop for ShmHeader {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The snapshot now, if the header can be read.
+pub(super) fn snapshot(shm: &ShmHeader, changes: u64) -> Option<Snapshot> {
+    Some(Snapshot {
+        changes,
+        header: shm.read()?,
+    })
+}
+
+/// The row at a name, in any state, and whether it is a directory being built (hidden).
+pub(super) type Named = Option<(Entry, bool)>;
+
+/// Answers read at [`RowCache::at`].
+#[derive(Default)]
+pub(super) struct RowCache {
+    at: Option<Snapshot>,
+    /// Rows by inode number, as `SELECT ... WHERE ino = ?` returned them (before
+    /// `Index::current`).
+    by_ino: HashMap<u64, Entry>,
+    /// The row at `(parent, name)`, in any state, and whether it is a hidden directory (being
+    /// built); `None`: no row there.
+    at_name: HashMap<(u64, Vec<u8>), Named>,
+    /// Whether the damaged-content list of `Index` was read (or kept up to date) at `at`.
+    pub(super) damaged_current: bool,
+}
+
+impl RowCache {
+    /// Drops every answer unless they were read at `now`; afterwards answers read at `now` may
+    /// be kept. `None`: no snapshot, nothing is kept.
+    pub(super) fn validate(&mut self, now: Option<Snapshot>) {
+        if self.at == now && now.is_some() {
+            return;
+        }
+        self.at = now;
+        self.damaged_current = false;
+        fn reset<K, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 1024 && m.len() < m.capacity() / 8 {
+                *m = HashMap::new();
+            } else if !m.is_empty() {
+                m.clear();
+            }
+        }
+        reset(&mut self.by_ino);
+        reset(&mut self.at_name);
+    }
+
+    /// Whether answers read at `snap` may be kept now.
+    fn keeps(&self, snap: Option<Snapshot>) -> bool {
+        snap.is_some() && self.at == snap
+    }
+
+    pub(super) fn row(&self, ino: u64) -> Option<&Entry> {
+        self.by_ino.get(&ino)
+    }
+
+    pub(super) fn row_at(&self, parent: u64, name: &[u8]) -> Option<&Named> {
+        if self.at_name.is_empty() {
+            return None;
+        }
+        self.at_name.get(&(parent, name.to_vec()))
+    }
+
+    /// Keeps `e`, read by inode number at `snap`.
+    pub(super) fn keep_row(&mut self, snap: Option<Snapshot>, e: &Entry) {
+        if self.keeps(snap) {
+            self.make_room();
+            self.by_ino.insert(e.ino, e.clone());
+        }
+    }
+
+    /// Keeps what `(parent, name)` held at `snap`.
+    pub(super) fn keep_row_at(
+        &mut self,
+        snap: Option<Snapshot>,
+        parent: u64,
+        name: &[u8],
+        e: &Named,
+    ) {
+        if self.keeps(snap) {
+            self.make_room();
+            self.at_name.insert((parent, name.to_vec()), e.clone());
+        }
+    }
+
+    /// The damaged-content list was read (or found current) at `snap`.
+    pub(super) fn damaged_read_at(&mut self, snap: Option<Snapshot>) {
+        if self.keeps(snap) {
+            self.damaged_current = true;
+        }
+    }
+
+    fn make_room(&mut self) {
+        if self.by_ino.len() + self.at_name.len() >= MAX_KEPT {
+            self.by_ino = HashMap::new();
+            self.at_name = HashMap::new();
+        }
+    }
+}
