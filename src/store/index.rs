@@ -457,6 +457,8 @@ impl Index {
     }
 
     fn with(conn: Connection) -> Index {
+        // Room for every statement of the common requests (rusqlite keeps 16 by default).
+        conn.set_prepared_statement_cache_capacity(64);
         Index {
             conn,
             pending_seals: Default::default(),
@@ -1251,6 +1253,17 @@ impl Index {
         Ok(())
     }
 
+    /// Runs one statement without parameters or rows (`BEGIN IMMEDIATE`, `COMMIT`, ...), kept
+    /// compiled: the commit of every small file runs several of them.
+    fn run(&self, sql: &str) -> io::Result<()> {
+        self.conn
+            .prepare_cached(sql)
+            .map_err(to_io)?
+            .execute([])
+            .map_err(to_io)?;
+        Ok(())
+    }
+
     /// Runs `f` as one step: all of its changes are made, or none. Inside a transaction
     /// already open (say [`Index::write_locked`]) it is a savepoint of that transaction,
     /// otherwise a transaction of its own.
@@ -1264,18 +1277,19 @@ impl Index {
                 }
             }
         }
-        self.conn.execute_batch("SAVEPOINT step").map_err(to_io)?;
+        self.run("SAVEPOINT step")?;
         let guard = RollbackOnUnwind(&self.conn);
         let result = f();
         std::mem::forget(guard);
         let end = if result.is_ok() {
-            "RELEASE step"
+            self.run("RELEASE step")
         } else {
-            "ROLLBACK TO step; RELEASE step"
+            self.run("ROLLBACK TO step")
+                .and_then(|()| self.run("RELEASE step"))
         };
-        if let Err(e) = self.conn.execute_batch(end) {
+        if let Err(e) = end {
             let _ = self.conn.execute_batch("ROLLBACK TO step; RELEASE step");
-            return Err(to_io(e));
+            return Err(e);
         }
         result
     }
@@ -1432,25 +1446,23 @@ impl Index {
     /// Inside a transaction: writes the queued seals and returns how many, to be dropped from
     /// the queue once the transaction has committed (a rolled-back one leaves them queued).
     fn seal_now(&self) -> io::Result<usize> {
-        let inos: Vec<String> = self
-            .pending_seals
-            .borrow()
-            .iter()
-            .map(|i| i.to_string())
-            .collect();
+        let inos: Vec<u64> = self.pending_seals.borrow().clone();
         if inos.is_empty() {
             return Ok(0);
         }
-        self.conn
-            .execute(
-                &format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
-                     WHERE state = {STATE_COMMITTED_OPEN} AND ino IN ({})",
-                    inos.join(",")
-                ),
-                [],
-            )
+        // One cached statement per file (usually one: the file released since the last
+        // commit) rather than one `IN (...)` list, whose statement would be compiled anew each
+        // time.
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "UPDATE entries SET state = {STATE_LIVE}
+                 WHERE ino = ?1 AND state = {STATE_COMMITTED_OPEN}"
+            ))
             .map_err(to_io)?;
+        for ino in &inos {
+            stmt.execute([*ino as i64]).map_err(to_io)?;
+        }
         Ok(inos.len())
     }
 
@@ -1467,14 +1479,14 @@ impl Index {
                 }
             }
         }
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(to_io)?;
+        self.run("BEGIN IMMEDIATE")?;
         let guard = RollbackOnUnwind(&self.conn);
         let result = f(self);
         std::mem::forget(guard);
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        if let Err(e) = self.conn.execute_batch(end) {
+        if let Err(e) = self.run(end) {
             let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(to_io(e));
+            return Err(e);
         }
         result
     }
