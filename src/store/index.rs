@@ -109,8 +109,9 @@ pub struct Entry {
 pub enum Stored<'a> {
     /// In the blob store; asked under the write lock whether the blob is (still) there.
     Blob(&'a dyn Fn() -> bool),
-    /// These bytes, kept in the index itself.
-    Inline { bytes: &'a [u8], replace: bool },
+    /// These bytes, kept in the index itself (in place of the index's copy if that was found
+    /// damaged).
+    Inline { bytes: &'a [u8] },
 }
 
 /// What a new row needs; the index assigns the inode number.
@@ -187,6 +188,9 @@ pub struct MetaChange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Commit {
     Recorded,
+    /// Recorded, and the content, which `fsck --verify` had found damaged, is whole again:
+    /// these bytes took the damaged copy's place and the mark is gone.
+    Healed,
     /// The row was removed (or tombstoned) while the file was open: nothing recorded.
     Gone,
     /// The blob is not there (garbage collection took it): publish it again and retry.
@@ -1341,8 +1345,10 @@ impl Index {
     }
 
     /// [`Index::commit_file`] for content stored either way: as a blob (whose presence is
-    /// checked under the write lock), or inline, written in the same transaction as the row
-    /// (`replace`: the index's copy was found damaged and these bytes take its place).
+    /// checked under the write lock), or inline, written in the same transaction as the row.
+    /// Inline content that `fsck --verify` found damaged is replaced by these bytes and its
+    /// mark removed, in the same transaction, which is where the damage is asked about too (no
+    /// read transaction of its own): [`Commit::Healed`].
     pub fn commit_file_with(
         &self,
         ino: u64,
@@ -1379,8 +1385,9 @@ impl Index {
                     return Ok(Commit::Gone);
                 }
             }
-            if let Stored::Inline { bytes, replace } = content {
-                let verb = if replace { "REPLACE" } else { "IGNORE" };
+            if let Stored::Inline { bytes } = content {
+                let damaged = idx.is_damaged(hash)?;
+                let verb = if damaged { "REPLACE" } else { "IGNORE" };
                 idx.conn
                     .prepare_cached(&format!(
                         "INSERT OR {verb} INTO inline_content (hash, data) VALUES (?1, ?2)"
@@ -1388,13 +1395,22 @@ impl Index {
                     .map_err(to_io)?
                     .execute(params![hash.to_hex(), bytes])
                     .map_err(to_io)?;
+                if damaged {
+                    idx.conn
+                        .execute("DELETE FROM damaged_blobs WHERE hash = ?1", [hash.to_hex()])
+                        .map_err(to_io)?;
+                    return Ok(Commit::Healed);
+                }
             }
             Ok(Commit::Recorded)
         });
         if result.is_ok() {
             self.pending_seals.borrow_mut().drain(..sealed);
         }
-        if reserved.is_some() && matches!(result, Ok(Commit::Recorded)) {
+        if matches!(result, Ok(Commit::Healed)) {
+            self.damaged.borrow_mut().hashes.remove(hash);
+        }
+        if reserved.is_some() && matches!(result, Ok(Commit::Recorded | Commit::Healed)) {
             self.forget_reservation(ino);
         }
         result
@@ -2134,10 +2150,7 @@ mod tests {
     fn sealed_file(idx: &Index, name: &[u8], content: &[u8]) -> u64 {
         let ino = idx.insert(&new_file(RUNS_INO, name)).unwrap().unwrap();
         let h = Hash::of(content);
-        let stored = Stored::Inline {
-            bytes: content,
-            replace: false,
-        };
+        let stored = Stored::Inline { bytes: content };
         let n = content.len() as u64;
         assert_eq!(
             idx.commit_file_with(ino, &h, n, 7, 7, stored).unwrap(),
