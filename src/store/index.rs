@@ -453,10 +453,10 @@ impl Index {
             ))
             .map_err(to_io)?;
         index.next_ino.set(first_unused_ino(&index.conn)?);
-        // This connection has the WAL index open (its `-shm` file) from here on, and holds it
-        // for as long as it lives.
+        // This connection has mapped the WAL index (its `-shm` file) by now, and keeps it
+        // mapped for as long as it lives.
         let mut index = index;
-        index.shm = cache::ShmHeader::map(path);
+        index.shm = cache::ShmHeader::of(&index.conn);
         Ok(index)
     }
 
@@ -2258,6 +2258,37 @@ mod tests {
             idx.lookup(RUNS_INO, b"a").unwrap().unwrap().state,
             State::Live
         );
+    }
+
+    /// The cache reads the WAL-index header through SQLite's own mapping: opening and closing
+    /// a descriptor of the `-shm` file of our own would drop this process's `fcntl` locks on it,
+    /// among them SQLite's claim on the file (byte 128), and the next process to open the index
+    /// (`gc`, `fsck`) would truncate and rebuild it under the daemon (which then died of
+    /// SIGBUS reading the header).
+    #[test]
+    fn the_writable_index_keeps_its_claim_on_the_wal_index() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        sealed_file(&idx, b"a", b"x");
+        assert!(idx.snapshot().is_some());
+        // A `gc` comes and goes.
+        drop(Index::open_shared(&path).unwrap());
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("index.sqlite-shm"))
+            .unwrap();
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as _;
+        lock.l_whence = libc::SEEK_SET as _;
+        lock.l_start = 128;
+        lock.l_len = 1;
+        let rc = unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        assert_eq!(rc, -1, "nobody holds the WAL index's claim byte");
+        assert!(idx.get(RUNS_INO).unwrap().is_some());
+        assert!(idx.snapshot().is_some());
     }
 
     #[test]

@@ -28,23 +28,19 @@
 //!
 //! The snapshot is read before the question goes to SQLite, so an answer is never kept under a
 //! snapshot older than what it read: a commit landing between the two makes the next snapshot
-//! differ and drops the answer. Only the writable daemon's connection uses the cache: it holds
-//! the `-shm` file open (and SQLite's lock on it) for as long as it lives, so the file is
-//! neither truncated nor replaced under the mapping. Other connections (read-only daemons,
-//! `ls`, `fsck`, `gc`) ask SQLite every time, as before.
+//! differ and drops the answer. The header is read from the connection's own mapping of the
+//! `-shm` file ([`ShmHeader`]). Only the writable daemon's connection uses the cache; other
+//! connections (read-only daemons, `ls`, `fsck`, `gc`) ask SQLite every time, as before.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::io::AsRawFd;
-use std::path::Path;
 
 use super::Entry;
 
 /// Bytes of one copy of the WAL-index header (`struct WalIndexHdr`).
 const HEADER: usize = 48;
 
-/// At most this many answers are kept; beyond it the cache starts over.
-const MAX_KEPT: usize = 1 << 17;
+/// At most this many answers are kept (a few MiB); beyond it the cache starts over.
+const MAX_KEPT: usize = 1 << 14;
 
 /// The state of the index an answer was read in: this connection's count of changed rows, and
 /// the WAL-index header as of the last commit of any connection.
@@ -54,41 +50,51 @@ pub(super) struct Snapshot {
     header: [u8; HEADER],
 }
 
-/// A read-only mapping of the first page of the index's `-shm` file.
+/// The WAL-index header, in the mapping of the `-shm` file that the connection itself made.
+///
+/// Asked of SQLite (`xShmMap` of the database file, region 0, which the connection mapped when
+/// it first read the WAL) rather than opened and mapped again: closing a second descriptor of
+/// the file would drop every `fcntl` lock this process holds on it, SQLite's included (its
+/// claim on the file, without which another process re-creates it, and its WAL read marks).
+/// The region stays mapped until the connection closes, and the [`Index`](super::Index) owning
+/// this also owns (and outlives it with) the connection.
 pub(super) struct ShmHeader {
     ptr: *const u8,
-    len: usize,
 }
 
-// The mapping is only read (with volatile reads), from whichever thread holds the index.
+// Only read (with volatile reads), from whichever thread holds the index.
 unsafe impl Send for ShmHeader {}
 
 impl ShmHeader {
-    /// Maps `DB-shm`; `None` if it is not there (yet) or too small to hold the header.
-    pub(super) fn map(db: &Path) -> Option<ShmHeader> {
-        let mut shm = db.as_os_str().to_owned();
-        shm.push("-shm");
-        let file = File::open(shm).ok()?;
-        if file.metadata().ok()?.len() < 2 * HEADER as u64 {
-            return None;
-        }
-        let len = 4096;
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
+    /// The connection's mapping of the WAL-index header; `None` if it has none (not in WAL mode,
+    /// or the WAL index lives in heap memory).
+    pub(super) fn of(conn: &rusqlite::Connection) -> Option<ShmHeader> {
+        use rusqlite::ffi;
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_FILE_POINTER,
+                &mut file as *mut _ as *mut std::ffi::c_void,
             )
         };
-        if ptr == libc::MAP_FAILED {
+        if rc != ffi::SQLITE_OK || file.is_null() {
+            return None;
+        }
+        let methods = unsafe { (*file).pMethods };
+        if methods.is_null() || unsafe { (*methods).iVersion } < 2 {
+            return None;
+        }
+        let shm_map = unsafe { (*methods).xShmMap }?;
+        let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
+        // Region 0 of 32 KiB (SQLite's region size), not extended: only if already mapped.
+        let rc = unsafe { shm_map(file, 0, 32768, 0, &mut region) };
+        if rc != ffi::SQLITE_OK || region.is_null() {
             return None;
         }
         Some(ShmHeader {
-            ptr: ptr as *const u8,
-            len,
+            ptr: region as *const u8,
         })
     }
 
@@ -107,12 +113,6 @@ impl ShmHeader {
         }
         // isInit: byte 12.
         (a == b && a[12] != 0).then_some(a)
-    }
-}
-
-impl Drop for ShmHeader {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
 
