@@ -476,13 +476,18 @@ impl Index {
     }
 
     /// The state of the index now, for the cache: `None` (nothing may be cached) without the
-    /// mapped WAL-index header or inside a transaction. Drops the cached answers unless they
-    /// were read in this same state.
+    /// mapped WAL-index header, or inside a transaction: one begun (whose uncommitted rows may
+    /// be rolled back), or the read transaction of a statement still stepping (whose reads see
+    /// the index as it was when it began, perhaps older than the header says). Drops the
+    /// cached answers unless they were read in this same state.
     fn snapshot(&self) -> Option<cache::Snapshot> {
+        let idle = self.conn.is_autocommit()
+            && unsafe {
+                rusqlite::ffi::sqlite3_txn_state(self.conn.handle(), c"main".as_ptr())
+                    == rusqlite::ffi::SQLITE_TXN_NONE
+            };
         let snap = match &self.shm {
-            Some(shm) if self.conn.is_autocommit() => {
-                cache::snapshot(shm, self.conn.total_changes())
-            }
+            Some(shm) if idle => cache::snapshot(shm, self.conn.total_changes()),
             _ => None,
         };
         self.cache.borrow_mut().validate(snap);
@@ -2289,6 +2294,28 @@ mod tests {
         assert_eq!(rc, -1, "nobody holds the WAL index's claim byte");
         assert!(idx.get(RUNS_INO).unwrap().is_some());
         assert!(idx.snapshot().is_some());
+    }
+
+    #[test]
+    fn rows_read_inside_a_statements_read_transaction_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        let other = Index::open_shared(&path).unwrap();
+        {
+            // A statement of this connection still stepping holds its read transaction open:
+            // what is read meanwhile is the index as it was when it began.
+            let mut stmt = idx.conn.prepare("SELECT ino FROM entries").unwrap();
+            let mut rows = stmt.query([]).unwrap();
+            assert!(rows.next().unwrap().is_some());
+            other
+                .conn
+                .execute("UPDATE entries SET mode = 384 WHERE ino = ?1", [ino as i64])
+                .unwrap();
+            assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o644);
+        }
+        assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
     }
 
     #[test]

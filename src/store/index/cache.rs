@@ -13,7 +13,9 @@
 //!
 //! - **this connection**: inside an open transaction (`BEGIN`, a savepoint) the cache is
 //!   neither read nor filled, so rows not yet committed never enter it, and a rollback leaves
-//!   behind only answers read before it began, which are true again. Every statement outside a
+//!   behind only answers read before it began, which are true again. Nor while a statement of
+//!   the connection is still stepping: its read transaction would show the reads in between
+//!   the index as it was when it began, perhaps before the commit the header already shows. Every statement outside a
 //!   transaction commits by itself, which moves the WAL-index header (below). Besides, every row
 //!   this connection inserts, updates or deletes counts in SQLite's `total_changes()` as soon as
 //!   its statement ends, whatever the statement (this module's, the registry's), and the count
