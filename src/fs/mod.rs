@@ -1587,14 +1587,24 @@ impl ArtifactFs {
             w.replaces = None;
             w.replaced = true;
         }
-        // Content that fsck found damaged in the store is healed by writing it again.
-        let damaged = self.store.index().is_damaged(&hash)?;
+        // Content that fsck found damaged in the store is healed by writing it again (small
+        // content: asked and healed inside the commit's transaction).
         let recorded = if w.size <= INLINE_MAX {
             let bytes = w.body.contents(w.size)?;
             self.store
-                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes, damaged)?
+                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes)?
         } else {
-            self.commit_blob(w, &hash, damaged, durable)?
+            let damaged = self.store.index().is_damaged(&hash)?;
+            let recorded = self.commit_blob(w, &hash, damaged, durable)?;
+            if damaged && recorded == Commit::Recorded {
+                self.store.retry_busy(
+                    || format!("clearing the damage mark of content {hash}"),
+                    |idx| idx.clear_damaged(&hash),
+                )?;
+                Commit::Healed
+            } else {
+                recorded
+            }
         };
         if recorded == Commit::Gone {
             log::debug!(
@@ -1602,11 +1612,7 @@ impl ArtifactFs {
                 w.ino
             );
         }
-        if damaged && recorded == Commit::Recorded {
-            self.store.retry_busy(
-                || format!("clearing the damage mark of content {hash}"),
-                |idx| idx.clear_damaged(&hash),
-            )?;
+        if recorded == Commit::Healed {
             log::info!("damaged content {hash} was stored again with the right bytes");
         }
         if durable {
@@ -2638,6 +2644,42 @@ mod tests {
             FsOptions::default(),
         );
         assert_eq!(read_all(&fs, ino), b"a few bytes");
+    }
+
+    #[test]
+    fn small_content_marked_damaged_is_refused_at_once_and_healed_by_writing_it_again() {
+        let (d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let ino = write_file(&fs, art, "small", b"right bytes");
+        let hash = Hash::of(b"right bytes");
+        // Opened (and its answer kept) before the damage is found.
+        assert_eq!(read_all(&fs, ino), b"right bytes");
+        // A bit flip in the index's copy, and fsck --verify (in its own process) marks it.
+        let fsck = rusqlite::Connection::open(d.path().join("index.sqlite")).unwrap();
+        fsck.execute(
+            "UPDATE inline_content SET data = CAST('wrong bytes' AS BLOB) WHERE hash = ?1",
+            [hash.to_hex()],
+        )
+        .unwrap();
+        fsck.execute(
+            "INSERT INTO damaged_blobs (hash, found) VALUES (?1, 1)",
+            [hash.to_hex()],
+        )
+        .unwrap();
+        // The very next open sees the mark.
+        match fs.open(ino, libc::O_RDONLY) {
+            Err(FsError::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::EIO)),
+            other => panic!("open of damaged content: {other:?}"),
+        }
+        // The same bytes written again (another path) replace the copy and clear the mark, in
+        // their commit's transaction.
+        write_file(&fs, art, "again", b"right bytes");
+        let marks: i64 = fsck
+            .query_row("SELECT COUNT(*) FROM damaged_blobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(marks, 0);
+        assert!(!fs.store().index().is_damaged(&hash).unwrap());
+        assert_eq!(read_all(&fs, ino), b"right bytes");
     }
 
     /// Holds SQLite's write lock on the store's index from another connection, as `gc` does

@@ -48,6 +48,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, params};
 
+mod cache;
 mod db;
 mod postgres;
 use db::{Db, DbRow};
@@ -109,8 +110,9 @@ pub struct Entry {
 pub enum Stored<'a> {
     /// In the blob store; asked under the write lock whether the blob is (still) there.
     Blob(&'a dyn Fn() -> bool),
-    /// These bytes, kept in the index itself.
-    Inline { bytes: &'a [u8], replace: bool },
+    /// These bytes, kept in the index itself (in place of the index's copy if that was found
+    /// damaged).
+    Inline { bytes: &'a [u8] },
 }
 
 /// What a new row needs; the index assigns the inode number.
@@ -187,6 +189,9 @@ pub struct MetaChange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Commit {
     Recorded,
+    /// Recorded, and the content, which `fsck --verify` had found damaged, is whole again:
+    /// these bytes took the damaged copy's place and the mark is gone.
+    Healed,
     /// The row was removed (or tombstoned) while the file was open: nothing recorded.
     Gone,
     /// The blob is not there (garbage collection took it): publish it again and retry.
@@ -222,6 +227,11 @@ pub struct Index {
     machine: String,
     ino_block_end: Cell<u64>,
     last_heartbeat: Cell<Option<std::time::Instant>>,
+    /// The WAL-index header, mapped: how [`Index::snapshot`] tells that another connection
+    /// committed. Only the writable daemon's index maps it (see `cache`).
+    shm: Option<cache::ShmHeader>,
+    /// Rows and names read while nothing in the index changed since (see `cache`).
+    cache: RefCell<cache::RowCache>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -456,10 +466,18 @@ impl Index {
         index.migrate(owner, now)?;
         index.drop_unfinished_writes("")?;
         index.next_ino.set(first_unused_ino(&index.db)?);
+        // This connection has mapped the WAL index (its `-shm` file) by now, and keeps it
+        // mapped for as long as it lives.
+        let mut index = index;
+        index.shm = index.db.sqlite().and_then(cache::ShmHeader::of);
         Ok(index)
     }
 
     fn with(db: Db) -> Index {
+        if let Some(conn) = db.sqlite() {
+            // Room for every statement of the common requests (rusqlite keeps 16 by default).
+            conn.set_prepared_statement_cache_capacity(64);
+        }
         Index {
             session: Cell::new(0),
             machine: String::new(),
@@ -471,6 +489,8 @@ impl Index {
             next_ino: Cell::new(0),
             recorded_seq: Cell::new(0),
             damaged: Default::default(),
+            shm: None,
+            cache: Default::default(),
         }
     }
 
@@ -530,6 +550,26 @@ impl Index {
                  WHERE state = {STATE_WRITING} AND hash IS NOT NULL{scope};
              DELETE FROM entries WHERE state = {STATE_WRITING}{scope};",
         ))
+    }
+
+    /// The state of the index now, for the cache: `None` (nothing may be cached) without the
+    /// mapped WAL-index header, or inside a transaction: one begun (whose uncommitted rows may
+    /// be rolled back), or the read transaction of a statement still stepping (whose reads see
+    /// the index as it was when it began, perhaps older than the header says). Drops the
+    /// cached answers unless they were read in this same state.
+    fn snapshot(&self) -> Option<cache::Snapshot> {
+        let conn = self.db.sqlite()?;
+        let idle = conn.is_autocommit()
+            && unsafe {
+                rusqlite::ffi::sqlite3_txn_state(conn.handle(), c"main".as_ptr())
+                    == rusqlite::ffi::SQLITE_TXN_NONE
+            };
+        let snap = match &self.shm {
+            Some(shm) if idle => cache::snapshot(shm, conn.total_changes()),
+            _ => None,
+        };
+        self.cache.borrow_mut().validate(snap);
+        snap
     }
 
     /// A new inode number, for a row or a reservation.
@@ -620,11 +660,7 @@ impl Index {
 
     /// Whether a row in any state (hidden directories included) has `(parent, name)`.
     fn row_at(&self, parent: u64, name: &[u8]) -> io::Result<bool> {
-        self.db.row(
-            "SELECT EXISTS (SELECT 1 FROM entries WHERE parent = ?1 AND name = ?2)",
-            params![parent as i64, name],
-            |r| r.get(0),
-        )
+        Ok(self.row_named(parent, name)?.is_some())
     }
 
     /// Inside a transaction: the row of reserved file `r`, in state `state` with this content
@@ -1043,6 +1079,11 @@ impl Index {
     /// is read again only when another connection has committed since the last read (fsck
     /// marks damage from its own process), which `PRAGMA data_version` tells without I/O.
     pub fn is_damaged(&self, hash: &Hash) -> io::Result<bool> {
+        // Nothing committed anywhere since the list was last found current: it still is.
+        let snap = self.snapshot();
+        if snap.is_some() && self.cache.borrow().damaged_current {
+            return Ok(self.damaged.borrow().hashes.contains(hash));
+        }
         let version: i64 = match self.db.sqlite() {
             Some(_) => self
                 .db
@@ -1067,6 +1108,7 @@ impl Index {
             cache.hashes = hashes;
             cache.read_at = Some(version);
         }
+        self.cache.borrow_mut().damaged_read_at(snap);
         Ok(cache.hashes.contains(hash))
     }
 
@@ -1085,14 +1127,21 @@ impl Index {
         if let Some(e) = self.reserved(ino) {
             return Ok(Some(e));
         }
-        Ok(self
-            .db
-            .one(
-                &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
-                params![ino as i64],
-                row_to_entry,
-            )?
-            .map(|e| self.current(e)))
+        let snap = self.snapshot();
+        if snap.is_some()
+            && let Some(e) = self.cache.borrow().row(ino)
+        {
+            return Ok(Some(self.current(e.clone())));
+        }
+        let row = self.db.one(
+            &format!("SELECT {COLUMNS} FROM entries WHERE ino = ?1"),
+            params![ino as i64],
+            row_to_entry,
+        )?;
+        if let Some(e) = &row {
+            self.cache.borrow_mut().keep_row(snap, e);
+        }
+        Ok(row.map(|e| self.current(e)))
     }
 
     /// The row with this inode number, in any state, and whether `fsck --verify` found its
@@ -1113,17 +1162,34 @@ impl Index {
         if let Some(e) = self.reserved_at(parent, name) {
             return Ok(Some(e));
         }
-        Ok(self
-            .db
-            .one(
-                &format!(
-                    "SELECT {COLUMNS} FROM entries WHERE parent = ?1 AND name = ?2
-                 AND NOT (kind = 1 AND state = {STATE_WRITING})"
-                ),
-                params![parent as i64, name],
-                row_to_entry,
-            )?
-            .map(|e| self.current(e)))
+        Ok(match self.row_named(parent, name)? {
+            Some((e, false)) => Some(self.current(e)),
+            // A directory being built: its name is taken, but nothing shows it.
+            Some((_, true)) | None => None,
+        })
+    }
+
+    /// The row at `(parent, name)` in any state, and whether it is a directory being built
+    /// (hidden from lookups and listings).
+    fn row_named(&self, parent: u64, name: &[u8]) -> io::Result<cache::Named> {
+        let snap = self.snapshot();
+        if snap.is_some()
+            && let Some(named) = self.cache.borrow().row_at(parent, name)
+        {
+            return Ok(named.clone());
+        }
+        let named = self.db.one(
+            &format!(
+                "SELECT {COLUMNS}, kind = 1 AND state = {STATE_WRITING}
+                 FROM entries WHERE parent = ?1 AND name = ?2"
+            ),
+            params![parent as i64, name],
+            |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)),
+        )?;
+        self.cache
+            .borrow_mut()
+            .keep_row_at(snap, parent, name, &named);
+        Ok(named)
     }
 
     /// A directory being built (a registration filling it in batches): inserted with
@@ -1294,8 +1360,10 @@ impl Index {
     }
 
     /// [`Index::commit_file`] for content stored either way: as a blob (whose presence is
-    /// checked under the write lock), or inline, written in the same transaction as the row
-    /// (`replace`: the index's copy was found damaged and these bytes take its place).
+    /// checked under the write lock), or inline, written in the same transaction as the row.
+    /// Inline content that `fsck --verify` found damaged is replaced by these bytes and its
+    /// mark removed, in the same transaction, which is where the damage is asked about too (no
+    /// read transaction of its own): [`Commit::Healed`].
     pub fn commit_file_with(
         &self,
         ino: u64,
@@ -1330,8 +1398,9 @@ impl Index {
                     return Ok(Commit::Gone);
                 }
             }
-            if let Stored::Inline { bytes, replace } = content {
-                let on_conflict = if replace {
+            if let Stored::Inline { bytes } = content {
+                let damaged = idx.is_damaged(hash)?;
+                let on_conflict = if damaged {
                     "DO UPDATE SET data = excluded.data"
                 } else {
                     "DO NOTHING"
@@ -1343,13 +1412,23 @@ impl Index {
                     ),
                     params![hash.to_hex(), bytes],
                 )?;
+                if damaged {
+                    idx.db.exec(
+                        "DELETE FROM damaged_blobs WHERE hash = ?1",
+                        params![hash.to_hex()],
+                    )?;
+                    return Ok(Commit::Healed);
+                }
             }
             Ok(Commit::Recorded)
         });
         if result.is_ok() {
             self.pending_seals.borrow_mut().drain(..sealed);
         }
-        if reserved.is_some() && matches!(result, Ok(Commit::Recorded)) {
+        if matches!(result, Ok(Commit::Healed)) {
+            self.damaged.borrow_mut().hashes.remove(hash);
+        }
+        if reserved.is_some() && matches!(result, Ok(Commit::Recorded | Commit::Healed)) {
             self.forget_reservation(ino);
         }
         result
@@ -1452,23 +1531,22 @@ impl Index {
     /// Inside a transaction: writes the queued seals and returns how many, to be dropped from
     /// the queue once the transaction has committed (a rolled-back one leaves them queued).
     fn seal_now(&self) -> io::Result<usize> {
-        let inos: Vec<String> = self
-            .pending_seals
-            .borrow()
-            .iter()
-            .map(|i| i.to_string())
-            .collect();
+        let inos: Vec<u64> = self.pending_seals.borrow().clone();
         if inos.is_empty() {
             return Ok(0);
         }
-        self.db.exec(
-            &format!(
-                "UPDATE entries SET state = {STATE_LIVE}
-                     WHERE state = {STATE_COMMITTED_OPEN} AND ino IN ({})",
-                inos.join(",")
-            ),
-            params![],
-        )?;
+        // One cached statement per file (usually one: the file released since the last
+        // commit) rather than one `IN (...)` list, whose statement would be compiled anew each
+        // time.
+        for ino in &inos {
+            self.db.exec(
+                &format!(
+                    "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE ino = ?1 AND state = {STATE_COMMITTED_OPEN}"
+                ),
+                params![*ino as i64],
+            )?;
+        }
         Ok(inos.len())
     }
 
@@ -2110,6 +2188,197 @@ mod tests {
             });
         }
         v
+    }
+
+    /// A sealed file `name` in `runs/`, committed and sealed; its inode number.
+    fn sealed_file(idx: &Index, name: &[u8], content: &[u8]) -> u64 {
+        let ino = idx.insert(&new_file(RUNS_INO, name)).unwrap().unwrap();
+        let h = Hash::of(content);
+        let stored = Stored::Inline { bytes: content };
+        let n = content.len() as u64;
+        assert_eq!(
+            idx.commit_file_with(ino, &h, n, 7, 7, stored).unwrap(),
+            Commit::Recorded
+        );
+        idx.seal_later(ino);
+        idx.seal_pending().unwrap();
+        ino
+    }
+
+    #[test]
+    fn the_writable_index_keeps_answers_while_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index.sqlite"), (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        let snap = idx.snapshot();
+        assert!(snap.is_some(), "the WAL-index header is mapped");
+        let e = idx.get(ino).unwrap().unwrap();
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap(), None);
+        assert_eq!(idx.get_checked(ino).unwrap(), Some((e.clone(), false)));
+        // Reads change nothing: the same snapshot, and the answers come from memory.
+        assert_eq!(idx.snapshot(), snap);
+        assert!(idx.cache.borrow().row(ino).is_some());
+        assert_eq!(idx.cache.borrow().row_at(RUNS_INO, b"b"), Some(&None));
+        assert!(idx.cache.borrow().damaged_current);
+        // A change of this connection (here a metadata change outside any transaction): the
+        // answers read before are gone, the next ones read the table.
+        let chmod = MetaChange {
+            mode: Some(0o600),
+            ctime: 9,
+            ..Default::default()
+        };
+        idx.change_meta(ino, &chmod).unwrap();
+        assert_ne!(idx.snapshot(), snap);
+        assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
+        // So do renames, tombstones and new names.
+        let idx = {
+            let mut idx = idx;
+            assert!(idx.rename_file(ino, RUNS_INO, b"b", 2, 10, true).unwrap());
+            idx
+        };
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap().unwrap().ino, ino);
+        let old = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
+        assert_eq!(old.state, State::Tombstone);
+        idx.tombstone(ino, 11).unwrap();
+        assert_eq!(idx.get(ino).unwrap().unwrap().state, State::Tombstone);
+        assert_eq!(
+            idx.lookup(RUNS_INO, b"b").unwrap().unwrap().state,
+            State::Tombstone
+        );
+        assert!(idx.insert(&new_file(RUNS_INO, b"b")).unwrap().is_none());
+        assert!(idx.insert(&new_file(RUNS_INO, b"c")).unwrap().is_some());
+    }
+
+    #[test]
+    fn another_connections_commit_drops_the_kept_answers_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        let h = Hash::of(b"x");
+        assert!(!idx.get_checked(ino).unwrap().unwrap().1);
+        assert_eq!(idx.lookup(RUNS_INO, b"b").unwrap(), None);
+        // fsck, in its own process: the very next open sees the damage.
+        let fsck = Index::open_shared(&path).unwrap();
+        fsck.mark_damaged(&h, 8).unwrap();
+        assert!(idx.get_checked(ino).unwrap().unwrap().1);
+        fsck.clear_damaged(&h).unwrap();
+        assert!(!idx.get_checked(ino).unwrap().unwrap().1);
+        // Rows changed by another process (nothing does this to a running daemon's live rows
+        // today; the cache does not rely on it).
+        fsck.db
+            .sqlite()
+            .unwrap()
+            .execute("UPDATE entries SET mode = 384 WHERE ino = ?1", [ino as i64])
+            .unwrap();
+        assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
+        fsck.db
+            .sqlite()
+            .unwrap()
+            .execute(
+                "INSERT INTO entries (parent, name, kind, state, zone, mode, uid, gid, mtime,
+                 ctime, crtime) VALUES (2, CAST('b' AS BLOB), 2, 1, 2, 420, 0, 0, 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+        assert!(idx.lookup(RUNS_INO, b"b").unwrap().is_some());
+        assert!(idx.insert(&new_file(RUNS_INO, b"b")).unwrap().is_none());
+    }
+
+    #[test]
+    fn rows_seen_inside_a_rolled_back_transaction_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index.sqlite"), (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        assert_eq!(idx.get(ino).unwrap().unwrap().state, State::Live);
+        let failed: io::Result<()> = idx.write_locked(|idx| {
+            idx.db
+                .sqlite()
+                .unwrap()
+                .execute("UPDATE entries SET state = 1 WHERE ino = ?1", [ino as i64])
+                .map_err(to_io)?;
+            // Read inside the transaction: the uncommitted tombstone.
+            assert_eq!(idx.get(ino)?.unwrap().state, State::Tombstone);
+            assert_eq!(idx.lookup(RUNS_INO, b"a")?.unwrap().state, State::Tombstone);
+            Err(io::Error::other("no"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(idx.get(ino).unwrap().unwrap().state, State::Live);
+        assert_eq!(
+            idx.lookup(RUNS_INO, b"a").unwrap().unwrap().state,
+            State::Live
+        );
+    }
+
+    /// The cache reads the WAL-index header through SQLite's own mapping: opening and closing
+    /// a descriptor of the `-shm` file of our own would drop this process's `fcntl` locks on it,
+    /// among them SQLite's claim on the file (byte 128), and the next process to open the index
+    /// (`gc`, `fsck`) would truncate and rebuild it under the daemon (which then died of
+    /// SIGBUS reading the header).
+    #[test]
+    fn the_writable_index_keeps_its_claim_on_the_wal_index() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        sealed_file(&idx, b"a", b"x");
+        assert!(idx.snapshot().is_some());
+        // A `gc` comes and goes.
+        drop(Index::open_shared(&path).unwrap());
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("index.sqlite-shm"))
+            .unwrap();
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as _;
+        lock.l_whence = libc::SEEK_SET as _;
+        lock.l_start = 128;
+        lock.l_len = 1;
+        let rc = unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        assert_eq!(rc, -1, "nobody holds the WAL index's claim byte");
+        assert!(idx.get(RUNS_INO).unwrap().is_some());
+        assert!(idx.snapshot().is_some());
+    }
+
+    #[test]
+    fn rows_read_inside_a_statements_read_transaction_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        let ino = sealed_file(&idx, b"a", b"x");
+        let other = Index::open_shared(&path).unwrap();
+        {
+            // A statement of this connection still stepping holds its read transaction open:
+            // what is read meanwhile is the index as it was when it began.
+            let mut stmt = idx
+                .db
+                .sqlite()
+                .unwrap()
+                .prepare("SELECT ino FROM entries")
+                .unwrap();
+            let mut rows = stmt.query([]).unwrap();
+            assert!(rows.next().unwrap().is_some());
+            other
+                .db
+                .sqlite()
+                .unwrap()
+                .execute("UPDATE entries SET mode = 384 WHERE ino = ?1", [ino as i64])
+                .unwrap();
+            assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o644);
+        }
+        assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
+    }
+
+    #[test]
+    fn only_the_writable_index_keeps_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
+        sealed_file(&idx, b"a", b"x");
+        assert!(idx.snapshot().is_some());
+        assert!(Index::open_shared(&path).unwrap().snapshot().is_none());
+        assert!(Index::open_readonly(&path).unwrap().snapshot().is_none());
     }
 
     #[test]

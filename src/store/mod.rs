@@ -970,12 +970,11 @@ impl Store {
         size: u64,
         mtime: i64,
         bytes: &[u8],
-        replace: bool,
     ) -> io::Result<index::Commit> {
         let recorded = self.retry_busy(
             || format!("commit of inode {ino}"),
             |idx| {
-                let stored = index::Stored::Inline { bytes, replace };
+                let stored = index::Stored::Inline { bytes };
                 idx.commit_file_with(ino, hash, size, mtime, now_ns(), stored)
             },
         )?;
@@ -1087,10 +1086,7 @@ pub(crate) fn committed_test_file(store: &Store, name: &[u8], bytes: &[u8]) -> u
 /// Test helper: a committed file `runs/<name>` whose content `bytes` the index holds.
 #[cfg(test)]
 pub(crate) fn inline_test_file(store: &Store, name: &[u8], bytes: &[u8]) -> u64 {
-    let stored = index::Stored::Inline {
-        bytes,
-        replace: false,
-    };
+    let stored = index::Stored::Inline { bytes };
     test_file_with(store, name, bytes, stored)
 }
 

@@ -512,7 +512,7 @@ impl Db {
     /// the module doc) until [`Db::commit`] or [`Db::rollback`].
     pub fn begin_write(&self) -> io::Result<()> {
         match self {
-            Db::Sqlite(c) => c.execute_batch("BEGIN IMMEDIATE").map_err(sqlite_error),
+            Db::Sqlite(_) => self.control("BEGIN IMMEDIATE"),
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
                 let client = pg.client()?;
@@ -543,7 +543,7 @@ impl Db {
 
     fn end(&self, how: &str) -> io::Result<()> {
         match self {
-            Db::Sqlite(c) => c.execute_batch(how).map_err(sqlite_error),
+            Db::Sqlite(_) => self.control(how),
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
                 pg.depth = 0;
@@ -565,6 +565,19 @@ impl Db {
         }
     }
 
+    /// Runs one statement of transaction control (`BEGIN IMMEDIATE`, `COMMIT`, `SAVEPOINT`,
+    /// ...). SQLite keeps it compiled: the commit of every small file runs several.
+    fn control(&self, sql: &str) -> io::Result<()> {
+        match self {
+            Db::Sqlite(c) => c
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map(drop)
+                .map_err(sqlite_error),
+            Db::Postgres(pg) => pg.borrow_mut().batch(sql),
+        }
+    }
+
     /// Whether a transaction is open.
     pub fn in_transaction(&self) -> bool {
         match self {
@@ -577,7 +590,7 @@ impl Db {
     /// write transaction of its own ([`Db::end_step`] ends either).
     pub fn begin_step(&self) -> io::Result<Step> {
         if self.in_transaction() {
-            self.batch("SAVEPOINT step")?;
+            self.control("SAVEPOINT step")?;
             if let Db::Postgres(pg) = self {
                 pg.borrow_mut().depth += 1;
             }
@@ -602,9 +615,10 @@ impl Db {
                     failed = std::mem::take(&mut pg.aborted);
                 }
                 if keep && !failed {
-                    return self.batch("RELEASE step");
+                    return self.control("RELEASE step");
                 }
-                self.batch("ROLLBACK TO step; RELEASE step")?;
+                self.control("ROLLBACK TO step")?;
+                self.control("RELEASE step")?;
                 if keep {
                     return Err(io::Error::other(
                         "index: a statement of the step failed: it was rolled back",

@@ -1,0 +1,217 @@
+//! Answers of the index kept in memory for as long as nothing in the index has changed.
+//!
+//! A warm `cat` of many small files asks the index, for each `open`, for the file's row and
+//! whether another process marked content damaged since; `cp -r` asks whether each new name is
+//! taken twice in a row (the kernel's lookup, then `create`). Each of those questions is a read
+//! transaction (a few µs: locks on the WAL index, a `stat`), and most find the index exactly as
+//! the previous question did. This cache keeps the answers together with a [`Snapshot`] of the
+//! index taken before they were read, and serves them only while the snapshot is unchanged.
+//!
+//! # Why an unchanged snapshot means unchanged answers
+//!
+//! A row changes only through a connection to the index, and a snapshot covers both kinds:
+//!
+//! - **this connection**: inside an open transaction (`BEGIN`, a savepoint) the cache is
+//!   neither read nor filled, so rows not yet committed never enter it, and a rollback leaves
+//!   behind only answers read before it began, which are true again. Nor while a statement of
+//!   the connection is still stepping: its read transaction would show the reads in between
+//!   the index as it was when it began, perhaps before the commit the header already shows. Every statement outside a
+//!   transaction commits by itself, which moves the WAL-index header (below). Besides, every row
+//!   this connection inserts, updates or deletes counts in SQLite's `total_changes()` as soon as
+//!   its statement ends, whatever the statement (this module's, the registry's), and the count
+//!   is part of the snapshot too.
+//! - **any other connection** (fsck marking damaged content, gc, a second process): its commit
+//!   writes the WAL-index header in the `-shm` file, which every connection maps, before its
+//!   `COMMIT` returns: the change counter, the last frame, the salts and a checksum (SQLite's
+//!   documented WAL-index format, <https://www.sqlite.org/walformat.html>, stable since 3.7.0).
+//!   A snapshot holds a copy of that header, read the way SQLite reads it (both copies, the
+//!   second after a barrier, equal, initialised), so any commit since changes it; a checkpoint
+//!   only copies pages (and a WAL restart changes the salts).
+//!
+//! The snapshot is read before the question goes to SQLite, so an answer is never kept under a
+//! snapshot older than what it read: a commit landing between the two makes the next snapshot
+//! differ and drops the answer. The header is read from the connection's own mapping of the
+//! `-shm` file ([`ShmHeader`]). Only the writable daemon's connection uses the cache; other
+//! connections (read-only daemons, `ls`, `fsck`, `gc`) ask SQLite every time, as before.
+
+use std::collections::HashMap;
+
+use super::Entry;
+
+/// Bytes of one copy of the WAL-index header (`struct WalIndexHdr`).
+const HEADER: usize = 48;
+
+/// At most this many answers are kept (a few MiB); beyond it the cache starts over.
+const MAX_KEPT: usize = 1 << 14;
+
+/// The state of the index an answer was read in: this connection's count of changed rows, and
+/// the WAL-index header as of the last commit of any connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct Snapshot {
+    changes: u64,
+    header: [u8; HEADER],
+}
+
+/// The WAL-index header, in the mapping of the `-shm` file that the connection itself made.
+///
+/// Asked of SQLite (`xShmMap` of the database file, region 0, which the connection mapped when
+/// it first read the WAL) rather than opened and mapped again: closing a second descriptor of
+/// the file would drop every `fcntl` lock this process holds on it, SQLite's included (its
+/// claim on the file, without which another process re-creates it, and its WAL read marks).
+/// The region stays mapped until the connection closes, and the [`Index`](super::Index) owning
+/// this also owns (and outlives it with) the connection.
+pub(super) struct ShmHeader {
+    ptr: *const u8,
+}
+
+// Only read (with volatile reads), from whichever thread holds the index.
+unsafe impl Send for ShmHeader {}
+
+impl ShmHeader {
+    /// The connection's mapping of the WAL-index header; `None` if it has none (not in WAL mode,
+    /// or the WAL index lives in heap memory).
+    pub(super) fn of(conn: &rusqlite::Connection) -> Option<ShmHeader> {
+        use rusqlite::ffi;
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_FILE_POINTER,
+                &mut file as *mut _ as *mut std::ffi::c_void,
+            )
+        };
+        if rc != ffi::SQLITE_OK || file.is_null() {
+            return None;
+        }
+        let methods = unsafe { (*file).pMethods };
+        if methods.is_null() || unsafe { (*methods).iVersion } < 2 {
+            return None;
+        }
+        let shm_map = unsafe { (*methods).xShmMap }?;
+        let mut region: *mut std::ffi::c_void = std::ptr::null_mut();
+        // Region 0 of 32 KiB (SQLite's region size), not extended: only if already mapped.
+        let rc = unsafe { shm_map(file, 0, 32768, 0, &mut region) };
+        if rc != ffi::SQLITE_OK || region.is_null() {
+            return None;
+        }
+        Some(ShmHeader {
+            ptr: region as *const u8,
+        })
+    }
+
+    /// The header as of the last commit, or `None` while a commit is writing it (the two
+    /// copies differ) or before it was ever written.
+    fn read(&self) -> Option<[u8; HEADER]> {
+        let mut a = [0u8; HEADER];
+        let mut b = [0u8; HEADER];
+        // SQLite writes copy 2, a barrier, then copy 1; it reads copy 1 then copy 2.
+        for (i, x) in a.iter_mut().enumerate() {
+            *x = unsafe { std::ptr::read_volatile(self.ptr.add(i)) };
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = unsafe { std::ptr::read_volatile(self.ptr.add(HEADER + i)) };
+        }
+        // isInit: byte 12.
+        (a == b && a[12] != 0).then_some(a)
+    }
+}
+
+/// The snapshot now, if the header can be read.
+pub(super) fn snapshot(shm: &ShmHeader, changes: u64) -> Option<Snapshot> {
+    Some(Snapshot {
+        changes,
+        header: shm.read()?,
+    })
+}
+
+/// The row at a name, in any state, and whether it is a directory being built (hidden).
+pub(super) type Named = Option<(Entry, bool)>;
+
+/// Answers read at [`RowCache::at`].
+#[derive(Default)]
+pub(super) struct RowCache {
+    at: Option<Snapshot>,
+    /// Rows by inode number, as `SELECT ... WHERE ino = ?` returned them (before
+    /// `Index::current`).
+    by_ino: HashMap<u64, Entry>,
+    /// The row at `(parent, name)`, in any state, and whether it is a hidden directory (being
+    /// built); `None`: no row there.
+    at_name: HashMap<(u64, Vec<u8>), Named>,
+    /// Whether the damaged-content list of `Index` was read (or kept up to date) at `at`.
+    pub(super) damaged_current: bool,
+}
+
+impl RowCache {
+    /// Drops every answer unless they were read at `now`; afterwards answers read at `now` may
+    /// be kept. `None`: no snapshot, nothing is kept.
+    pub(super) fn validate(&mut self, now: Option<Snapshot>) {
+        if self.at == now && now.is_some() {
+            return;
+        }
+        self.at = now;
+        self.damaged_current = false;
+        fn reset<K, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 1024 && m.len() < m.capacity() / 8 {
+                *m = HashMap::new();
+            } else if !m.is_empty() {
+                m.clear();
+            }
+        }
+        reset(&mut self.by_ino);
+        reset(&mut self.at_name);
+    }
+
+    /// Whether answers read at `snap` may be kept now.
+    fn keeps(&self, snap: Option<Snapshot>) -> bool {
+        snap.is_some() && self.at == snap
+    }
+
+    pub(super) fn row(&self, ino: u64) -> Option<&Entry> {
+        self.by_ino.get(&ino)
+    }
+
+    pub(super) fn row_at(&self, parent: u64, name: &[u8]) -> Option<&Named> {
+        if self.at_name.is_empty() {
+            return None;
+        }
+        self.at_name.get(&(parent, name.to_vec()))
+    }
+
+    /// Keeps `e`, read by inode number at `snap`.
+    pub(super) fn keep_row(&mut self, snap: Option<Snapshot>, e: &Entry) {
+        if self.keeps(snap) {
+            self.make_room();
+            self.by_ino.insert(e.ino, e.clone());
+        }
+    }
+
+    /// Keeps what `(parent, name)` held at `snap`.
+    pub(super) fn keep_row_at(
+        &mut self,
+        snap: Option<Snapshot>,
+        parent: u64,
+        name: &[u8],
+        e: &Named,
+    ) {
+        if self.keeps(snap) {
+            self.make_room();
+            self.at_name.insert((parent, name.to_vec()), e.clone());
+        }
+    }
+
+    /// The damaged-content list was read (or found current) at `snap`.
+    pub(super) fn damaged_read_at(&mut self, snap: Option<Snapshot>) {
+        if self.keeps(snap) {
+            self.damaged_current = true;
+        }
+    }
+
+    fn make_room(&mut self) {
+        if self.by_ino.len() + self.at_name.len() >= MAX_KEPT {
+            self.by_ino = HashMap::new();
+            self.at_name = HashMap::new();
+        }
+    }
+}
