@@ -52,6 +52,19 @@ pub enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Copy an embedded store (index rows, tombstones, history, registry, small contents,
+    /// blobs) into an empty shared store; re-hashes every blob; resumes after an interruption.
+    Migrate {
+        /// The embedded store to copy (only read) [default: as for mount]
+        #[arg(long, env = "ARTIFACTFS_STORE")]
+        store: Option<PathBuf>,
+        /// The shared store's index: postgresql://USER[:PASS]@HOST[:PORT]/DB (an empty database)
+        #[arg(long)]
+        index: String,
+        /// The shared store's blob directory: file:///DIR
+        #[arg(long)]
+        blobs: String,
+    },
     /// Check that every index row has its blob; with --verify, re-hash every blob.
     Fsck {
         #[command(flatten)]
@@ -141,7 +154,7 @@ impl Cmd {
     fn store_arg(&self) -> Option<&StoreArg> {
         match self {
             Cmd::Mount(args) => Some(&args.store),
-            Cmd::Unmount { .. } => None,
+            Cmd::Unmount { .. } | Cmd::Migrate { .. } => None,
             Cmd::Fsck { store, .. } | Cmd::Gc { store, .. } | Cmd::Ls { store, .. } => Some(store),
             Cmd::Models(m) => Some(match m {
                 ModelsCmd::List { store }
@@ -277,6 +290,43 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// `artifactfs migrate` (see `store::migrate`).
+fn migrate(store: Option<PathBuf>, index: &str, blobs: &str) -> Result<()> {
+    let source = absolute(&store.unwrap_or_else(store::default_store_dir));
+    let target = store::Locations::parse(Some(index), Some(blobs))?;
+    let (Some(url), Some(blobs_dir)) = (target.index, target.blobs) else {
+        unreachable!("both given")
+    };
+    let summary = store::migrate::migrate(&source, &url, &blobs_dir, &mut |line| {
+        eprintln!("migrate: {line}");
+    })
+    .with_context(|| format!("cannot migrate {}", source.display()))?;
+    let index_shown = store::without_password(&url);
+    if summary.already_done {
+        println!(
+            "{} was migrated into {index_shown} already: nothing to do",
+            source.display()
+        );
+    } else {
+        println!(
+            "migrated {} into {index_shown} and {}: {} rows, {} blobs copied ({} MiB, each \
+             re-hashed), {} blobs already there",
+            source.display(),
+            blobs_dir.display(),
+            summary.rows,
+            summary.blobs_copied,
+            summary.bytes_copied >> 20,
+            summary.blobs_present
+        );
+        println!(
+            "mount it on each machine with a store directory of its own: artifactfs mount --store \
+             DIR --index {index_shown} --blobs file://{} MOUNTPOINT",
+            blobs_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs the command line; the process exit code comes back.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(store) = cli.command.store_arg() {
@@ -290,6 +340,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             lazy,
             wait,
         } => unmount(&mountpoint, lazy, wait),
+        Cmd::Migrate {
+            store,
+            index,
+            blobs,
+        } => migrate(store, &index, &blobs).map(|_| ExitCode::SUCCESS),
         Cmd::Fsck { store, verify } => fsck(&store.dir(), verify),
         Cmd::Ls {
             store,

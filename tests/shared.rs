@@ -236,3 +236,137 @@ fn a_machine_killed_while_writing_leaves_only_what_it_closed() {
         assert!(out.status.success(), "fsck on machine {k}: {out:?}");
     }
 }
+
+/// Every file below `root` (relative path) with its bytes' SHA-256.
+fn tree(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    let out = sh(root, "find . -type f | sort");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|p| {
+            let rel = p.trim_start_matches("./").to_string();
+            let sha = sha256_hex(&std::fs::read(root.join(&rel)).unwrap());
+            (rel, sha)
+        })
+        .collect()
+}
+
+/// `artifactfs migrate` copies an embedded store into an empty shared one: every file with its
+/// bytes, tombstones that still refuse other bytes, the registry; each blob re-hashed (a
+/// damaged one stops it before any row is copied, naming the file, and a second run resumes);
+/// a second run of a finished migration changes nothing; another store is refused.
+#[test]
+fn migrate_copies_an_embedded_store_into_a_shared_one() {
+    let Some((machines, shared)) = Mount::machines("migrate_copies_an_embedded_store", 0) else {
+        return;
+    };
+    drop(machines);
+    let mut emb = Mount::new("migrate_copies_an_embedded_store").unwrap();
+    let art = "runs/r1/artifacts";
+    std::fs::create_dir_all(emb.path(art)).unwrap();
+    std::fs::write(emb.path(&format!("{art}/small.txt")), b"small").unwrap();
+    let big = pseudo_random(7, 300_000);
+    std::fs::write(emb.path(&format!("{art}/big.bin")), &big).unwrap();
+    std::fs::write(emb.path(&format!("{art}/removed")), b"first").unwrap();
+    std::fs::remove_file(emb.path(&format!("{art}/removed"))).unwrap();
+    sh_ok(
+        &emb.mnt,
+        &format!(
+            "cp -r '{}' models/",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/mlflow/sklearn_iris")
+                .display()
+        ),
+    );
+    let ready = wait_until(Duration::from_secs(30), || {
+        emb.cli(&["models", "show", "sklearn_iris"])
+            .status
+            .success()
+            && String::from_utf8_lossy(&emb.cli(&["models", "show", "sklearn_iris"]).stdout)
+                .contains("READY")
+    });
+    assert!(ready, "the model never became READY");
+    let before = tree(&emb.mnt.join("runs"));
+    let models_before = tree(&emb.mnt.join("models/sklearn_iris"));
+    emb.unmount();
+
+    let server = std::env::var("ARTIFACTFS_TEST_PG").unwrap();
+    let base = server.rsplit_once('/').unwrap().0.to_string();
+    let index = format!("{base}/{}", new_database(&server));
+    let blobs_dir = shared.path().join("blobs");
+    let blobs = format!("file://{}", blobs_dir.display());
+    let migrate = |store: &std::path::Path| {
+        std::process::Command::new(BIN)
+            .args(["migrate", "--store"])
+            .arg(store)
+            .args(["--index", &index, "--blobs", &blobs])
+            .output()
+            .unwrap()
+    };
+
+    // A damaged blob stops it before any row is copied, naming the file that uses it.
+    let sha = sha256_hex(&big);
+    let blob = emb
+        .store
+        .join("blobs/sha256")
+        .join(&sha[..2])
+        .join(&sha[2..]);
+    let good = std::fs::read(&blob).unwrap();
+    let mut perms = std::fs::metadata(&blob).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&blob, perms.clone()).unwrap();
+    std::fs::write(&blob, b"not the bytes").unwrap();
+    let out = migrate(&emb.store);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains(&sha) && err.contains("big.bin"), "{err}");
+    // No daemon serves a migration that has not finished.
+    let probe = Mount::machines_on("migrate_copies_an_embedded_store", &index, &blobs);
+    match probe {
+        Ok(_) => panic!("mounted an unfinished migration"),
+        Err(e) => assert!(e.contains("has not finished"), "{e}"),
+    }
+    // Repaired, it resumes and finishes; a second run has nothing to do.
+    std::fs::write(&blob, &good).unwrap();
+    let out = migrate(&emb.store);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("migrated"),
+        "{out:?}"
+    );
+    let out = migrate(&emb.store);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to do"),
+        "{out:?}"
+    );
+    // Another store into the same (now used) index is refused.
+    let mut other = Mount::new("migrate_copies_an_embedded_store").unwrap();
+    other.unmount();
+    let out = migrate(&other.store);
+    assert!(!out.status.success(), "{out:?}");
+
+    // The shared store, on a machine of its own: the same tree, the same registry, the
+    // tombstone still taken.
+    let m = Mount::machines_on("migrate_copies_an_embedded_store", &index, &blobs).unwrap();
+    assert_eq!(tree(&m.mnt.join("runs")), before);
+    assert_eq!(tree(&m.mnt.join("models/sklearn_iris")), models_before);
+    let show = m.cli(&["models", "show", "sklearn_iris"]);
+    assert!(
+        String::from_utf8_lossy(&show.stdout).contains("READY"),
+        "{show:?}"
+    );
+    let e = std::fs::write(m.path(&format!("{art}/removed")), b"other").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let out = m.cli(&["fsck", "--verify"]);
+    assert!(out.status.success(), "{out:?}");
+    // New entries get inode numbers of their own.
+    std::fs::write(m.path(&format!("{art}/new.txt")), b"new").unwrap();
+    assert_eq!(
+        std::fs::read(m.path(&format!("{art}/new.txt"))).unwrap(),
+        b"new"
+    );
+    assert_eq!(
+        std::fs::read(m.path(&format!("{art}/small.txt"))).unwrap(),
+        b"small"
+    );
+}

@@ -506,6 +506,7 @@ impl Index {
         let mut index = Index::with(Db::postgres(pg_config(url)?)?);
         index.machine = machine.to_owned();
         postgres::prepare_schema(&index.db, Some((owner, now)))?;
+        postgres::refuse_unfinished_migration(&index.db)?;
         let session = postgres::start_session(&index.db, machine, now)?;
         index.session.set(session);
         index.last_heartbeat.set(Some(std::time::Instant::now()));
@@ -524,12 +525,94 @@ impl Index {
         self.db.is_postgres()
     }
 
+    /// Opens a PostgreSQL index as the target of `artifactfs migrate`: creates the schema if
+    /// the database has none; no session (the migration writes nothing being written).
+    pub fn open_postgres_target(url: &str, owner: (u32, u32), now: i64) -> io::Result<Index> {
+        let index = Index::with(Db::postgres(pg_config(url)?)?);
+        postgres::prepare_schema(&index.db, Some((owner, now)))?;
+        Ok(index)
+    }
+
     /// Opens a PostgreSQL index for a command (`ls`, `fsck`, `gc`, ...) beside the daemons that
     /// write it: checks its schema version, and changes nothing else.
     pub fn open_postgres_client(url: &str) -> io::Result<Index> {
         let index = Index::with(Db::postgres(pg_config(url)?)?);
         postgres::prepare_schema(&index.db, None)?;
         Ok(index)
+    }
+
+    /// Copies every row of this (embedded) index into the empty PostgreSQL index `target`, in
+    /// one transaction of `target`: entries (tombstones included; files committed while open
+    /// are sealed, as at any start), earlier contents, the registry, damaged marks and small
+    /// contents; then moves `target`'s inode sequence above every number used here and
+    /// records `migration` as done. All of it or nothing: an interrupted copy leaves `target`
+    /// as it was. Returns how many rows it copied.
+    pub fn copy_rows_into(&self, target: &Index, migration: &str) -> io::Result<u64> {
+        use rusqlite::types::Value;
+        const TABLES: [(&str, &str); 7] = [
+            (
+                "entries",
+                "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, \
+                 crtime, atime",
+            ),
+            ("history", "ino, hash, size, mtime, replaced"),
+            ("registered_models", "ino, name, next_version, created"),
+            (
+                "model_versions",
+                "dir_ino, model_ino, version, status, message, run_id, artifact_path, \
+                 model_uuid, model_id, flavors, signature, utc_time_created, total_size, \
+                 file_count, digest, source, updated",
+            ),
+            ("model_aliases", "model_ino, alias, version"),
+            ("damaged_blobs", "hash, found"),
+            ("inline_content", "hash, data"),
+        ];
+        target.write_locked(|t| {
+            let mut copied = 0u64;
+            for (table, columns) in TABLES {
+                let n = columns.split(',').count();
+                let order = if table == "history" {
+                    " ORDER BY rowid"
+                } else {
+                    ""
+                };
+                let rows = self.db.all(
+                    &format!("SELECT {columns} FROM {table}{order}"),
+                    params![],
+                    |r| {
+                        (0..n)
+                            .map(|i| r.get::<_, Value>(i))
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    },
+                )?;
+                let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+                // The fixed directories are the target's own already: theirs are kept.
+                let insert = format!(
+                    "INSERT INTO {table} ({columns}) VALUES ({}) ON CONFLICT DO NOTHING",
+                    marks.join(", ")
+                );
+                for mut row in rows {
+                    if table == "entries"
+                        && let Value::Integer(state) = row[4]
+                        && state == STATE_COMMITTED_OPEN
+                    {
+                        row[4] = Value::Integer(STATE_LIVE);
+                    }
+                    let params: Vec<&dyn rusqlite::ToSql> =
+                        row.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+                    copied += t.db.exec(&insert, &params)? as u64;
+                }
+            }
+            postgres::finish_migration(&t.db, migration)?;
+            Ok(copied)
+        })
+    }
+
+    /// A PostgreSQL index as a migration finds it: whether `migration` already copied its rows,
+    /// after checking that it holds nothing else (no entry but the fixed directories, or
+    /// this same migration started).
+    pub fn migration_target_state(&self, migration: &str) -> io::Result<bool> {
+        postgres::migration_state(&self.db, migration)
     }
 
     /// Drops the rows of writes that never completed (those that also meet `scope`, an SQL

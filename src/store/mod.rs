@@ -9,6 +9,7 @@
 pub mod blobs;
 pub mod gc;
 pub mod index;
+pub mod migrate;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};

@@ -122,6 +122,36 @@ impl Mount {
         Some((mounts, shared))
     }
 
+    /// A daemon of the shared store `index` + `blobs` (as [`Mount::machines`] makes them),
+    /// with a store directory of its own; the mount's error if it fails.
+    pub fn machines_on(test: &str, index: &str, blobs: &str) -> Result<Mount, String> {
+        assert!(fuse_available(test));
+        let dir = tempfile::Builder::new()
+            .prefix("afs-test-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = Command::new(BIN)
+            .arg("mount")
+            .arg("--store")
+            .arg(&store)
+            .args(["--index", index, "--blobs", blobs])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Mount {
+            dir,
+            store,
+            mnt,
+            mounted: true,
+        })
+    }
+
     /// A store in a new temp dir, mounted with exactly `args`.
     fn bare(args: &[&str]) -> Mount {
         let dir = tempfile::Builder::new()

@@ -225,6 +225,95 @@ pub fn end_session(db: &Db, id: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether `migration` (a description of the store being migrated) already copied its rows
+/// into this index; an error if the index holds anything else: rows beyond the fixed
+/// directories, or another migration. Marks the migration as started.
+pub fn migration_state(db: &Db, migration: &str) -> io::Result<bool> {
+    db.begin_write()?;
+    let result = (|| {
+        let started: Option<String> = db.one(
+            "SELECT key FROM meta WHERE key LIKE 'migration:%' LIMIT 1",
+            params![],
+            |r| r.get(0),
+        )?;
+        let ours = format!("migration:{migration}");
+        match started {
+            Some(key) if key == ours => {}
+            Some(key) => {
+                return Err(io::Error::other(format!(
+                    "the target index holds another migration ({}): give it a database of its own",
+                    key.trim_start_matches("migration:")
+                )));
+            }
+            None => {
+                let entries: i64 =
+                    db.row("SELECT COUNT(*) FROM entries", params![], |r| r.get(0))?;
+                if entries > 3 {
+                    return Err(io::Error::other(
+                        "the target index is not empty (a shared store already uses it): \
+                         migrate into an empty database",
+                    ));
+                }
+                db.exec(
+                    "INSERT INTO meta (key, value) VALUES (?1, 0)",
+                    params![ours],
+                )?;
+            }
+        }
+        let done: i64 = db.row(
+            "SELECT value FROM meta WHERE key = ?1",
+            params![format!("migration:{migration}")],
+            |r| r.get(0),
+        )?;
+        Ok(done == 1)
+    })();
+    match &result {
+        Ok(_) => db.commit()?,
+        Err(_) => {
+            let _ = db.rollback();
+        }
+    }
+    result
+}
+
+/// A daemon never serves an index a migration is still filling.
+pub fn refuse_unfinished_migration(db: &Db) -> io::Result<()> {
+    let unfinished: Option<String> = db.one(
+        "SELECT key FROM meta WHERE key LIKE 'migration:%' AND value = 0 LIMIT 1",
+        params![],
+        |r| r.get(0),
+    )?;
+    match unfinished {
+        None => Ok(()),
+        Some(key) => Err(io::Error::other(format!(
+            "the migration of {} into this index has not finished: run artifactfs migrate again \
+             (it resumes) before mounting",
+            key.trim_start_matches("migration:")
+        ))),
+    }
+}
+
+/// Inside the copy's transaction: the inode sequence moves above every number the copied rows
+/// use, and the migration is recorded as done.
+pub fn finish_migration(db: &Db, migration: &str) -> io::Result<()> {
+    let max: i64 = db.row(
+        "SELECT COALESCE(MAX(ino), 0) FROM entries",
+        params![],
+        |r| r.get(0),
+    )?;
+    let block = INO_BLOCK as i64;
+    db.row(
+        "SELECT setval('inos', ?1)",
+        params![(max / block + 1) * block],
+        |r| r.get::<_, i64>(0),
+    )?;
+    db.exec(
+        "UPDATE meta SET value = 1 WHERE key = ?1",
+        params![format!("migration:{migration}")],
+    )?;
+    Ok(())
+}
+
 /// Records that session `id` is alive.
 pub fn heartbeat(db: &Db, id: i64, now: i64) -> io::Result<()> {
     db.exec(
