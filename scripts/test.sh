@@ -71,6 +71,7 @@ start_pg() {
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w start \
         -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1" >/dev/null
     export ARTIFACTFS_TEST_PG="postgresql://artifactfs@127.0.0.1:$port/postgres"
+    export ARTIFACTFS_TEST_PG_BIN="$PG_BIN"    # for tests that run a server of their own
     echo "test PostgreSQL: $ARTIFACTFS_TEST_PG (data in $PG_DIR)"
 }
 

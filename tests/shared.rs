@@ -370,3 +370,156 @@ fn migrate_copies_an_embedded_store_into_a_shared_one() {
         b"small"
     );
 }
+
+/// A PostgreSQL server of this test's own (it is stopped and restarted, which the suite's
+/// shared server must not be), stopped and removed when dropped.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnServer {
+    fn start() -> Option<OwnServer> {
+        let Ok(bin) = std::env::var("ARTIFACTFS_TEST_PG_BIN") else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: ARTIFACTFS_TEST_PG_BIN must name PostgreSQL's binaries (scripts/test.sh)"
+            );
+            eprintln!("skipped: no ARTIFACTFS_TEST_PG_BIN");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("afs-pg-own-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let s = OwnServer {
+            dir,
+            bin: bin.into(),
+            port,
+        };
+        s.pg(&["initdb", "-D", "DATA", "-A", "trust", "-U", "artifactfs"]);
+        s.ctl("start");
+        Some(s)
+    }
+
+    fn url(&self) -> String {
+        format!("postgresql://artifactfs@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs a PostgreSQL program as the `postgres` user (root may not run the server); `DATA`
+    /// stands for the data directory.
+    fn pg(&self, args: &[&str]) -> std::process::Output {
+        let data = self.dir.path().join("data");
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("DATA", &data.display().to_string()))
+            .collect();
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(&args[0]))
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out
+    }
+
+    fn ctl(&self, what: &str) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        match what {
+            "stop" => self.pg(&["pg_ctl", "-D", "DATA", "-m", "fast", "-w", "stop"]),
+            _ => self.pg(&["pg_ctl", "-D", "DATA", "-l", &log, "-w", what, "-o", &opts]),
+        };
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// PostgreSQL restarted while files are written: requests wait for it and go on (no write
+/// fails, every closed file is there); stopped for good, a request fails with EIO after about
+/// 10 s, and once it is back the same mount works again without a restart.
+#[test]
+fn a_postgresql_restart_is_waited_out_and_an_outage_fails_with_eio() {
+    if !fuse_available("a_postgresql_restart_is_waited_out") {
+        return;
+    }
+    let Some(server) = OwnServer::start() else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let blobs = format!("file://{}", shared.path().join("blobs").display());
+    let m =
+        Mount::machines_on("a_postgresql_restart_is_waited_out", &server.url(), &blobs).unwrap();
+    let dir = m.path("runs/pg/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let writer = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let mut failed = Vec::new();
+            for i in 0..150u64 {
+                if let Err(e) = std::fs::write(dir.join(format!("f{i}")), pseudo_random(i, 100)) {
+                    failed.push((i, e.to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            failed
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    server.ctl("restart");
+    let failed = writer.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "writes failed across the restart: {failed:?}"
+    );
+    for i in 0..150u64 {
+        assert_eq!(
+            std::fs::read(dir.join(format!("f{i}"))).unwrap(),
+            pseudo_random(i, 100),
+            "f{i}"
+        );
+    }
+
+    server.ctl("stop");
+    let t = Instant::now();
+    let e = std::fs::write(dir.join("during"), b"x").unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(30),
+        "failed after {waited:?}"
+    );
+    server.ctl("start");
+    std::fs::write(dir.join("after"), b"back").unwrap();
+    assert_eq!(std::fs::read(dir.join("after")).unwrap(), b"back");
+    assert!(!dir.join("during").exists());
+    let out = m.cli(&["fsck"]);
+    assert!(out.status.success(), "{out:?}");
+}

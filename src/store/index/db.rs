@@ -246,6 +246,9 @@ pub(crate) fn sqlite_error(e: rusqlite::Error) -> io::Error {
 /// connection's password: the server's messages do not carry it, and the client's name only
 /// host, port, user and database.
 pub(crate) fn pg_error(e: postgres::Error) -> io::Error {
+    if is_outage(&e) {
+        return io::Error::other(Unreachable(format!("index: PostgreSQL unreachable: {e}")));
+    }
     let Some(code) = e.code() else {
         return io::Error::other(format!("index: {e}"));
     };
@@ -270,7 +273,80 @@ pub(crate) fn pg_error(e: postgres::Error) -> io::Error {
     }
 }
 
+/// PostgreSQL could not be reached, or dropped the connection (a restart, the network): the
+/// statement may be tried again on a new connection once it is back.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether `e` says PostgreSQL is unreachable (see [`Unreachable`]).
+fn is_unreachable(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Unreachable>())
+}
+
+/// Whether a PostgreSQL error is the connection's, not the statement's: the connection is
+/// closed, the server is shutting down or starting, a connection exception (class 08), or an
+/// I/O error (connecting, reading, writing).
+fn is_outage(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        return *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || code.code().starts_with("08");
+    }
+    std::error::Error::source(e).is_some_and(|s| s.is::<io::Error>())
+}
+
+/// How long a request outside a transaction waits for PostgreSQL to come back (a restart, a
+/// network outage), trying again, before it fails with `EIO`.
+pub(crate) const OUTAGE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Pg {
+    /// Runs `f` (a statement, or the start of a transaction) and, while PostgreSQL is
+    /// unreachable and no transaction is open, tries again on a new connection for up to
+    /// [`OUTAGE_PATIENCE`]. Inside a transaction nothing is tried again: the transaction went
+    /// with its connection, and its caller gets the error.
+    fn patiently<T>(&mut self, mut f: impl FnMut(&mut Pg) -> io::Result<T>) -> io::Result<T> {
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(50);
+        let mut logged = false;
+        loop {
+            let result = f(self);
+            match result {
+                Err(e) if is_unreachable(&e) && self.depth == 0 => {
+                    self.client = None;
+                    self.statements.clear();
+                    if start.elapsed() >= OUTAGE_PATIENCE {
+                        log::error!("{e}; gave up after {:?}", OUTAGE_PATIENCE);
+                        return Err(e);
+                    }
+                    if !logged {
+                        log::warn!("{e}; trying again for up to {:?}", OUTAGE_PATIENCE);
+                        logged = true;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+                other => {
+                    if logged && other.is_ok() {
+                        log::info!("PostgreSQL reachable again after {:?}", start.elapsed());
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
     /// The connection, made again if the last one broke (outside a transaction only: a broken
     /// transaction is gone with its connection, and its caller has had the error).
     fn client(&mut self) -> io::Result<&mut postgres::Client> {
@@ -319,7 +395,20 @@ impl Pg {
         &mut self,
         sql: &str,
         params: &[&dyn ToSql],
-        f: impl FnOnce(
+        f: impl Fn(
+            &mut postgres::Client,
+            &postgres::Statement,
+            &[&(dyn PgToSql + Sync)],
+        ) -> Result<T, postgres::Error>,
+    ) -> io::Result<T> {
+        self.patiently(|pg| pg.run_once(sql, params, &f))
+    }
+
+    fn run_once<T>(
+        &mut self,
+        sql: &str,
+        params: &[&dyn ToSql],
+        f: &impl Fn(
             &mut postgres::Client,
             &postgres::Statement,
             &[&(dyn PgToSql + Sync)],
@@ -350,7 +439,7 @@ impl Pg {
 
     /// Runs statements without parameters, as [`Pg::run`] does.
     fn batch(&mut self, sql: &str) -> io::Result<()> {
-        let result = self.client()?.batch_execute(sql).map_err(pg_error);
+        let result = self.patiently(|pg| pg.client()?.batch_execute(sql).map_err(pg_error));
         if result.is_err() && self.depth > 0 {
             self.aborted = true;
         }
@@ -515,17 +604,19 @@ impl Db {
             Db::Sqlite(_) => self.control("BEGIN IMMEDIATE"),
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
-                let client = pg.client()?;
-                let begun = client
-                    .batch_execute(&format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
-                    ))
-                    .map_err(pg_error);
-                if let Err(e) = begun {
-                    // (The lock was not had in time: the transaction begun is over too.)
-                    let _ = client.batch_execute("ROLLBACK");
-                    return Err(e);
-                }
+                pg.patiently(|pg| {
+                    let client = pg.client()?;
+                    let begun = client
+                        .batch_execute(&format!(
+                            "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+                        ))
+                        .map_err(pg_error);
+                    if begun.is_err() && !client.is_closed() {
+                        // (The lock was not had in time: the transaction begun is over too.)
+                        let _ = client.batch_execute("ROLLBACK");
+                    }
+                    begun
+                })?;
                 pg.depth = 1;
                 pg.aborted = false;
                 Ok(())
