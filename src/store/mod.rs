@@ -1026,6 +1026,12 @@ pub fn create_store_dir(root: &Path) -> io::Result<()> {
         })
 }
 
+/// How long taking the writer lock keeps trying before it reports the holder. A process that
+/// held the lock and let it go (a command, a daemon just stopped) may still share it for a
+/// moment with a child it forked, until that child calls `exec` (a `flock` belongs to the open
+/// file, which a fork shares).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Takes the exclusive writer lock `STORE/lock` (flock), recording our pid in it.
 fn take_lock(root: &Path) -> io::Result<File> {
     let path = root.join("lock");
@@ -1036,6 +1042,13 @@ fn take_lock(root: &Path) -> io::Result<File> {
         .truncate(false)
         .mode(0o600)
         .open(&path)?;
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
+        && io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
@@ -1289,5 +1302,27 @@ mod tests {
             "{err}"
         );
         assert!(Store::open_readonly(dir.path()).is_ok());
+    }
+
+    /// A store closed while a child forked meanwhile still shares its lock (the child has not
+    /// reached `exec` yet): the next writer waits for that moment instead of being refused.
+    #[test]
+    fn a_lock_shared_with_a_child_for_a_moment_is_waited_for() {
+        use std::os::unix::io::FromRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open_writable(dir.path()).unwrap();
+        // What fork does to the lock file's descriptor: another one of the same open file.
+        let fd = first._lock.as_ref().unwrap().as_raw_fd();
+        let shared = unsafe { File::from_raw_fd(libc::dup(fd)) };
+        drop(first);
+        let child = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(shared); // exec closes it
+        });
+        let t = std::time::Instant::now();
+        let second = Store::open_writable(dir.path());
+        assert!(second.is_ok(), "{:?}", second.err());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(250));
+        child.join().unwrap();
     }
 }
