@@ -376,16 +376,11 @@ fn state_code(s: State) -> i64 {
     }
 }
 
-/// Inserts row `ino` for `e`; with `skip_taken`, a taken `(parent, name)` inserts nothing
-/// (returns 0) instead of failing with [`io::ErrorKind::AlreadyExists`].
-fn insert_entry(db: &Db, e: &NewEntry, ino: u64, skip_taken: bool) -> io::Result<usize> {
-    let sql = if skip_taken {
-        INSERT_SKIPPING_TAKEN
-    } else {
-        INSERT
-    };
+/// Inserts row `ino` for `e`; a taken `(parent, name)` inserts nothing (returns 0): skipped, not
+/// failed, since a failed statement would abort a PostgreSQL transaction the insert is part of.
+fn insert_entry(db: &Db, e: &NewEntry, ino: u64) -> io::Result<usize> {
     db.exec(
-        sql,
+        INSERT_SKIPPING_TAKEN,
         params![
             e.parent as i64,
             e.name,
@@ -403,9 +398,6 @@ fn insert_entry(db: &Db, e: &NewEntry, ino: u64, skip_taken: bool) -> io::Result
     )
 }
 
-const INSERT: &str = "INSERT INTO entries
-     (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
-     VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)";
 const INSERT_SKIPPING_TAKEN: &str = "INSERT INTO entries
      (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
      VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)
@@ -510,13 +502,7 @@ impl Index {
         let session = postgres::start_session(&index.db, machine, now)?;
         index.session.set(session);
         index.last_heartbeat.set(Some(std::time::Instant::now()));
-        index.write_locked(|idx| {
-            idx.drop_unfinished_writes(&format!(
-                " AND {}",
-                postgres::left_by_dead_sessions(session, machine, now)
-            ))?;
-            postgres::forget_dead_sessions(&idx.db, session, machine, now)
-        })?;
+        index.clean_up_after_dead_sessions(now)?;
         Ok(index)
     }
 
@@ -1342,9 +1328,7 @@ impl Index {
             return Ok(None);
         }
         let ino = self.new_ino()?;
-        // (A conflict skipped, not failed: a failed statement would abort a PostgreSQL
-        // transaction this insert is part of.)
-        match insert_entry(&self.db, e, ino, true)? {
+        match insert_entry(&self.db, e, ino)? {
             0 => Ok(None),
             _ => Ok(Some(ino)),
         }
@@ -1418,7 +1402,7 @@ impl Index {
                     continue;
                 }
                 let ino = idx.new_ino()?;
-                inserted += insert_entry(&idx.db, e, ino, true)?;
+                inserted += insert_entry(&idx.db, e, ino)?;
             }
             Ok(inserted)
         })
@@ -1526,7 +1510,10 @@ impl Index {
     /// Writes the seals [`Index::seal_later`] queued, and the times reserved names gave their
     /// directories (the periodic work calls it).
     pub fn seal_pending(&self) -> io::Result<()> {
-        self.heartbeat_if_due()?;
+        // A heartbeat that fails (PostgreSQL busy or away) must not hold up the seals.
+        if let Err(e) = self.heartbeat_if_due() {
+            log::warn!("heartbeat of this daemon's session failed (tried again in 5 s): {e}");
+        }
         if self.pending_seals.borrow().is_empty() && self.reserved.borrow().dir_times.is_empty() {
             return Ok(());
         }
@@ -1583,9 +1570,20 @@ impl Index {
         {
             return Ok(());
         }
+        // (Set first: a failure is tried again at the next heartbeat, not at every tick.)
+        self.last_heartbeat.set(Some(std::time::Instant::now()));
         let now = super::now_ns();
         postgres::heartbeat(&self.db, session, now)?;
-        self.last_heartbeat.set(Some(std::time::Instant::now()));
+        self.clean_up_after_dead_sessions(now)
+    }
+
+    /// Drops what daemons that are gone left being written, and forgets their sessions (see
+    /// `postgres.rs`); takes the write lock only when there are any.
+    fn clean_up_after_dead_sessions(&self, now: i64) -> io::Result<()> {
+        let session = self.session.get();
+        if !postgres::any_dead_session(&self.db, session, &self.machine, now)? {
+            return Ok(());
+        }
         self.write_locked(|idx| {
             idx.drop_unfinished_writes(&format!(
                 " AND {}",
@@ -2400,7 +2398,6 @@ mod tests {
     /// SIGBUS reading the header).
     #[test]
     fn the_writable_index_keeps_its_claim_on_the_wal_index() {
-        use std::os::unix::io::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.sqlite");
         let idx = Index::open(&path, (0, 0), 5).unwrap();
@@ -2408,17 +2405,7 @@ mod tests {
         assert!(idx.snapshot().is_some());
         // A `gc` comes and goes.
         drop(Index::open_shared(&path).unwrap());
-        let shm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.path().join("index.sqlite-shm"))
-            .unwrap();
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = libc::F_WRLCK as _;
-        lock.l_whence = libc::SEEK_SET as _;
-        lock.l_start = 128;
-        lock.l_len = 1;
-        let rc = unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        let (_shm, rc) = lock_shm_byte(dir.path(), 128);
         assert_eq!(rc, -1, "nobody holds the WAL index's claim byte");
         assert!(idx.get(RUNS_INO).unwrap().is_some());
         assert!(idx.snapshot().is_some());
@@ -2763,6 +2750,25 @@ mod tests {
         assert_eq!(idx.file_rows().unwrap().len(), 2);
     }
 
+    /// Takes an OFD write lock on byte `byte` of the `-shm` file of the index in `dir` (a
+    /// stand-in for another process's SQLite lock); returns the file holding it and `fcntl`'s
+    /// result.
+    fn lock_shm_byte(dir: &Path, byte: i64) -> (std::fs::File, i32) {
+        use std::os::unix::io::AsRawFd;
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("index.sqlite-shm"))
+            .unwrap();
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as _;
+        lock.l_whence = libc::SEEK_SET as _;
+        lock.l_start = byte;
+        lock.l_len = 1;
+        let rc = unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        (shm, rc)
+    }
+
     /// Pages of `file` in the page cache that are dirty or under writeback (`cachestat(2)`,
     /// Linux 6.5+); `None` where the kernel lacks it.
     fn unsynced_pages(file: &std::fs::File) -> Option<u64> {
@@ -2805,7 +2811,6 @@ mod tests {
     /// loss itself cannot be staged here; this checks the mechanism.)
     #[test]
     fn sync_makes_the_wal_durable_while_another_connection_checkpoints() {
-        use std::os::unix::io::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.sqlite");
         let idx = Index::open(&path, (0, 0), 5).unwrap();
@@ -2814,22 +2819,8 @@ mod tests {
         if unsynced_pages(&wal).is_none() {
             panic!("this kernel has no cachestat(2); the test cannot observe the WAL's sync");
         }
-        let shm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.path().join("index.sqlite-shm"))
-            .unwrap();
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = libc::F_WRLCK as _;
-        lock.l_whence = libc::SEEK_SET as _;
-        lock.l_start = 121;
-        lock.l_len = 1;
-        assert_eq!(
-            unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
-            0,
-            "{}",
-            io::Error::last_os_error()
-        );
+        let (_shm, rc) = lock_shm_byte(dir.path(), 121);
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
         let other = Index::open_checkpointer(&path).unwrap();
         for i in 0..50u32 {
             let name = format!("f{i}");

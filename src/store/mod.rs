@@ -497,6 +497,22 @@ impl Locations {
 /// `url` without the password it may hold (`scheme://user:password@host` → `scheme://user@host`),
 /// for messages and files.
 pub fn without_password(url: &str) -> String {
+    // A password may also be a query parameter (`?password=…`, libpq's `key=value` form).
+    let url = match url.split_once('?') {
+        Some((base, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.to_ascii_lowercase().starts_with("password="))
+                .collect();
+            if kept.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            }
+        }
+        None => url.to_owned(),
+    };
+    let url = url.as_str();
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
@@ -1302,6 +1318,24 @@ mod tests {
             "{err}"
         );
         assert!(Store::open_readonly(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        for (url, shown) in [
+            ("postgresql://ml:s3cret@db/a", "postgresql://ml@db/a"),
+            (
+                "postgresql://ml@db/a?password=s3cret",
+                "postgresql://ml@db/a",
+            ),
+            (
+                "postgresql://ml@db/a?sslmode=require&Password=s3cret&x=1",
+                "postgresql://ml@db/a?sslmode=require&x=1",
+            ),
+            ("postgresql://db/a", "postgresql://db/a"),
+        ] {
+            assert_eq!(without_password(url), shown);
+        }
     }
 
     /// A store closed while a child forked meanwhile still shares its lock (the child has not

@@ -211,6 +211,18 @@ fn live_sessions(own: i64, machine: &str, now: i64) -> String {
     )
 }
 
+/// Whether any session other than the live ones is recorded (see [`left_by_dead_sessions`]).
+pub fn any_dead_session(db: &Db, own: i64, machine: &str, now: i64) -> io::Result<bool> {
+    db.row(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM sessions WHERE id NOT IN ({}))",
+            live_sessions(own, machine, now)
+        ),
+        params![],
+        |r| r.get::<_, i64>(0).map(|b| b != 0),
+    )
+}
+
 /// Forgets the sessions that are gone (after their rows were cleaned up).
 pub fn forget_dead_sessions(db: &Db, own: i64, machine: &str, now: i64) -> io::Result<()> {
     db.batch(&format!(
