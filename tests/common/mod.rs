@@ -126,34 +126,20 @@ impl Mount {
     /// with a store directory of its own; the mount's error if it fails.
     pub fn machines_on(test: &str, index: &str, blobs: &str) -> Result<Mount, String> {
         assert!(fuse_available(test));
-        let dir = tempfile::Builder::new()
-            .prefix("afs-test-")
-            .tempdir()
-            .unwrap();
-        let store = dir.path().join("store");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let out = Command::new(BIN)
-            .arg("mount")
-            .arg("--store")
-            .arg(&store)
-            .args(["--index", index, "--blobs", blobs])
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        Ok(Mount {
-            dir,
-            store,
-            mnt,
-            mounted: true,
-        })
+        let mut m = Self::unmounted();
+        m.try_mount(&["--index", index, "--blobs", blobs])?;
+        Ok(m)
     }
 
     /// A store in a new temp dir, mounted with exactly `args`.
     fn bare(args: &[&str]) -> Mount {
+        let mut m = Self::unmounted();
+        m.mount(args);
+        m
+    }
+
+    /// A new temp dir with a store directory and a mount point, not mounted yet.
+    fn unmounted() -> Mount {
         let dir = tempfile::Builder::new()
             .prefix("afs-test-")
             .tempdir()
@@ -161,33 +147,19 @@ impl Mount {
         let store = dir.path().join("store");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let mut m = Mount {
+        Mount {
             dir,
             store,
             mnt,
             mounted: false,
-        };
-        m.mount(args);
-        m
+        }
     }
 
     pub fn with_args(test: &str, args: &[&str]) -> Option<Mount> {
         if !fuse_available(test) {
             return None;
         }
-        let dir = tempfile::Builder::new()
-            .prefix("afs-test-")
-            .tempdir()
-            .unwrap();
-        let store = dir.path().join("store");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let mut m = Mount {
-            dir,
-            store,
-            mnt,
-            mounted: false,
-        };
+        let mut m = Self::unmounted();
         let shared = shared_store_args(m.dir.path());
         let mut all: Vec<&str> = shared.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
@@ -197,6 +169,13 @@ impl Mount {
 
     /// Mounts (again) the same store at the same place.
     pub fn mount(&mut self, args: &[&str]) {
+        if let Err(e) = self.try_mount(args) {
+            panic!("mount failed: {e}");
+        }
+    }
+
+    /// [`Mount::mount`], with the mount's error (its stderr) if it fails.
+    pub fn try_mount(&mut self, args: &[&str]) -> Result<(), String> {
         let out = Command::new(BIN)
             .arg("mount")
             .arg("--store")
@@ -209,12 +188,11 @@ impl Mount {
             )
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "mount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
         self.mounted = true;
+        Ok(())
     }
 
     /// Unmounts cleanly and waits for the daemon to exit.
