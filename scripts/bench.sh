@@ -6,11 +6,15 @@
 #   --quick        smoke test: 64 MiB instead of 1 GiB, 1,000 files instead of 10,000,
 #                  a 100,000-file index instead of 1,000,000, 3 counted runs
 #   --runs N       counted runs per workload (default 5; one warm-up run comes first)
-#   --only LIST    run only these workloads (numbers 1-7; 7 is measured together with 1)
+#   --only LIST    run only these workloads (numbers 1-7 and 9; 7 is measured together with 1)
 #   --dir DIR      work directory, holding the native trees and the stores (default
 #                  target/bench); it must not be a FUSE mount, and it is emptied first
 #   --keep         keep the work directory's trees and stores afterwards
 #   --mount-arg A  extra argument for `artifactfs mount` (repeatable), e.g. --no-passthrough
+#   --index URL    also run workload 9: a shared store (PostgreSQL index, blob directory)
+#                  against the embedded one. URL is a PostgreSQL server whose user may create
+#                  databases (one is made and dropped per run), or `local` for a throwaway
+#                  server this script starts and stops (scripts/pg-throwaway.sh)
 #
 # Needs root (or a user allowed to mount FUSE), /dev/fuse, python3, openssl (installed with
 # apt-get when missing and root). Builds target/release/artifactfs and the gen_index example.
@@ -32,10 +36,11 @@ ROOT=$(pwd)
 
 QUICK=0
 RUNS=""
-ONLY="1,2,3,4,5,6,7"
+ONLY=""
 WORK="$ROOT/target/bench"
 KEEP=0
 MOUNT_ARGS=()
+INDEX=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -44,12 +49,21 @@ while [ $# -gt 0 ]; do
         --dir) WORK="$2"; shift ;;
         --keep) KEEP=1 ;;
         --mount-arg) MOUNT_ARGS+=("$2"); shift ;;
+        --index) INDEX="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 
+if [ -z "$ONLY" ]; then
+    ONLY="1,2,3,4,5,6,7"
+    [ -n "$INDEX" ] && ONLY="$ONLY,9"
+fi
+if [[ ",$ONLY," == *",9,"* ]] && [ -z "$INDEX" ]; then
+    echo "bench.sh: workload 9 needs --index URL or --index local" >&2
+    exit 2
+fi
 if [ "$QUICK" = 1 ]; then
     BIG_MIB=64; NFILES=1000; MODEL_MIB=16; STAT_LARGE=100000; : "${RUNS:=3}"
 else
@@ -76,6 +90,7 @@ fi
 cleanup() {
     local rc=$? mp
     trap - EXIT INT TERM
+    drop_bench_db
     for mp in "${MOUNTS[@]}"; do
         if mountpoint -q "$mp" 2>/dev/null; then
             "$AFS" unmount "$mp" >/dev/null 2>&1 || "$AFS" unmount --lazy "$mp" >/dev/null 2>&1 ||
@@ -85,7 +100,26 @@ cleanup() {
     if [ "$KEEP" = 0 ] && [ -d "$WORK" ]; then
         rm -rf --one-file-system "$WORK" 2>/dev/null || true
     fi
+    stop_pg
     exit "$rc"
+}
+# The shared index of workload 9: a database made for one run (BENCH_DB, its URL BENCH_DB_URL)
+# on the server at PG_URL.
+. scripts/pg-throwaway.sh
+PG_URL="" BENCH_DB="" BENCH_DB_URL=""
+with_db() {   # URL DB: URL with its database replaced by DB
+    python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$1" "$2"
+}
+make_bench_db() {
+    BENCH_DB="afs_bench_$$_$1"
+    psql -q "$PG_URL" -c "CREATE DATABASE $BENCH_DB" >/dev/null
+    BENCH_DB_URL=$(with_db "$PG_URL" "$BENCH_DB")
+}
+drop_bench_db() {
+    if [ -n "$BENCH_DB" ]; then
+        psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS $BENCH_DB" >/dev/null 2>&1 || true
+        BENCH_DB=""
+    fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -509,6 +543,50 @@ if want 6; then
     unmount_store "$M_SMALL" "$S_SMALL" 6a
     unmount_store "$M_LARGE" "$S_LARGE" "6b 6c"
     rmtree "$S_SMALL" "$S_LARGE"
+fi
+
+# ----- 9: a shared store (PostgreSQL index + blob directory) against the embedded one -------
+
+if want 9; then
+    if [ "$INDEX" = local ]; then
+        start_pg >&2
+        PG_URL="$ARTIFACTFS_TEST_PG"
+    else
+        PG_URL="$INDEX"
+    fi
+    command -v psql >/dev/null || { echo "bench.sh: workload 9 needs psql" >&2; exit 1; }
+    row 9a "9 cp -r $NFILES files of 4 KiB, shared index vs embedded" s
+    row 9b "9 stat after 9a, shared index vs embedded (µs/stat)" us
+    trash=()
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 9: run $REP of $RUNS"
+        settle; fresh_mount "w9-embedded-r$REP"
+        settle; timed 9a native c_cpr "$SRC_TREE" "$ART/rep$REP"
+        [ "$DROP_OK" = 1 ] && drop_caches 2
+        record 9b native "$(stat_batch "$ART/rep$REP" "$NFILES" "$REP")"
+        unmount_store "$MNT" "$STORE" ""
+        trash+=("$STORE")
+
+        make_bench_db "$REP"
+        STORE="$WORK/stores/w9-shared-r$REP"
+        mkdir -p "$STORE-blobs" "$MNT"
+        MOUNTS+=("$MNT")
+        "$AFS" mount --store "$STORE" --index "$BENCH_DB_URL" --blobs "file://$STORE-blobs" \
+            "${MOUNT_ARGS[@]}" "$MNT" >/dev/null
+        mkdir "$MNT/runs/bench"
+        settle; timed 9a mount c_cpr "$SRC_TREE" "$ART/rep$REP"
+        [ "$DROP_OK" = 1 ] && drop_caches 2
+        record 9b mount "$(stat_batch "$ART/rep$REP" "$NFILES" "$REP")"
+        unmount_store "$MNT" "$STORE" "9a 9b"
+        drop_bench_db
+        trash+=("$STORE" "$STORE-blobs")
+    done
+    log "workload 9: removing the copies"
+    rmtree "${trash[@]}"
+    sync
+    note 9a "native column: the same cp -r into an embedded store (fresh per run); mount: a fresh shared store (a new database on the PostgreSQL server, blobs in a directory), server $(with_db "$PG_URL" "…" | sed 's#//[^@/]*@#//#') on this machine over TCP; target ≤ 2×"
+    note 9b "mean of $STAT_K stats of never-stat'ed paths of the tree 9a wrote, on the daemon that wrote it; native column: the embedded store"
+    stop_pg
 fi
 
 # ----- the table -----------------------------------------------------------------------------

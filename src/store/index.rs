@@ -232,6 +232,8 @@ pub struct Index {
     shm: Option<cache::ShmHeader>,
     /// Rows and names read while nothing in the index changed since (see `cache`).
     cache: RefCell<cache::RowCache>,
+    /// A PostgreSQL index's daemon keeps answers too, for a moment (see `cache::pg_snapshot`).
+    pg_cache: bool,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -398,6 +400,54 @@ fn insert_entry(db: &Db, e: &NewEntry, ino: u64) -> io::Result<usize> {
     )
 }
 
+/// The row [`insert_entry`] makes of `e` as inode `ino`.
+fn new_entry_row(e: &NewEntry, ino: u64) -> Entry {
+    Entry {
+        ino,
+        parent: e.parent,
+        name: e.name.to_vec(),
+        kind: e.kind,
+        state: e.state,
+        zone: e.zone,
+        hash: e.hash,
+        size: e.size,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.time,
+        ctime: e.time,
+        crtime: e.time,
+        atime: e.time,
+        committed_open: false,
+    }
+}
+
+/// [`insert_entry`]'s statement with its values written in, for a PostgreSQL script
+/// ([`Db::write_script`]).
+fn insert_entry_sql(e: &NewEntry, ino: u64) -> String {
+    let t = e.time;
+    format!(
+        "INSERT INTO entries
+         (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
+          atime)
+         VALUES ({ino}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {t}, {t}, {t}, {t})
+         ON CONFLICT DO NOTHING",
+        e.parent,
+        db::lit_bytes(e.name),
+        kind_code(e.kind),
+        state_code(e.state),
+        e.zone,
+        match e.hash {
+            Some(h) => format!("'{}'", h.to_hex()),
+            None => "NULL".into(),
+        },
+        e.size,
+        e.mode,
+        e.uid,
+        e.gid,
+    )
+}
+
 const INSERT_SKIPPING_TAKEN: &str = "INSERT INTO entries
      (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
      VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)
@@ -482,6 +532,7 @@ impl Index {
             recorded_seq: Cell::new(0),
             damaged: Default::default(),
             shm: None,
+            pg_cache: false,
             cache: Default::default(),
         }
     }
@@ -501,6 +552,7 @@ impl Index {
         postgres::refuse_unfinished_migration(&index.db)?;
         let session = postgres::start_session(&index.db, machine, now)?;
         index.session.set(session);
+        index.pg_cache = true;
         index.last_heartbeat.set(Some(std::time::Instant::now()));
         index.clean_up_after_dead_sessions(now)?;
         Ok(index)
@@ -627,6 +679,11 @@ impl Index {
     /// the index as it was when it began, perhaps older than the header says). Drops the
     /// cached answers unless they were read in this same state.
     fn snapshot(&self) -> Option<cache::Snapshot> {
+        if self.pg_cache {
+            let snap = self.snapshot_unvalidated();
+            self.cache.borrow_mut().validate(snap);
+            return snap;
+        }
         let conn = self.db.sqlite()?;
         let idle = conn.is_autocommit()
             && unsafe {
@@ -639,6 +696,15 @@ impl Index {
         };
         self.cache.borrow_mut().validate(snap);
         snap
+    }
+
+    /// A PostgreSQL daemon's snapshot now, without dropping what was kept before it.
+    fn snapshot_unvalidated(&self) -> Option<cache::Snapshot> {
+        if self.pg_cache {
+            self.db.writes().map(cache::pg_snapshot)
+        } else {
+            None
+        }
     }
 
     /// A new inode number, for a row or a reservation.
@@ -1213,6 +1279,28 @@ impl Index {
         Ok(row.map(|e| self.current(e)))
     }
 
+    /// Row `ino` as the cache has it now, if it has it (before `current`).
+    fn cached_row(&self, ino: u64) -> Option<Entry> {
+        self.snapshot()?;
+        self.cache.borrow().row(ino).cloned()
+    }
+
+    /// After a change of this daemon's own, made with the cache at `before`, that changed
+    /// exactly rows `patched` (as they now are) and rows `forget` (in ways not known here):
+    /// the answers kept stay true with those patched in.
+    fn patch_own_change(&self, before: Option<cache::Snapshot>, patched: &[Entry], forget: &[u64]) {
+        let now = self.snapshot_unvalidated();
+        let mut cache = self.cache.borrow_mut();
+        if cache.rebase(before, now) {
+            for &ino in forget {
+                cache.forget_ino(ino);
+            }
+            for e in patched {
+                cache.patch_row(e);
+            }
+        }
+    }
+
     /// The row with this inode number, in any state, and whether `fsck --verify` found its
     /// blob damaged: what opening a file needs, in one statement.
     pub fn get_checked(&self, ino: u64) -> io::Result<Option<(Entry, bool)>> {
@@ -1345,6 +1433,37 @@ impl Index {
             }
             return Ok(ino);
         }
+        if self.db.is_postgres() && !self.db.in_transaction() {
+            // The row and its directory's times in one round trip (the directory is touched
+            // only if the row went in: its inode number is new).
+            let ino = self.new_ino()?;
+            let t = e.time;
+            let parent_before = self.cached_row(e.parent);
+            let before = self.snapshot();
+            let counts = self.db.write_script(&[
+                insert_entry_sql(e, ino),
+                format!(
+                    "UPDATE entries SET mtime = {t}, ctime = {t} WHERE ino = {} AND kind = 1
+                     AND EXISTS (SELECT 1 FROM entries WHERE ino = {ino})",
+                    e.parent
+                ),
+            ])?;
+            // What this changed is known exactly: the new row, and its directory's times.
+            let mut patched = vec![];
+            if counts[0] == 1 {
+                patched.push(new_entry_row(e, ino));
+                match parent_before {
+                    Some(mut dir) if counts[1] == 1 => {
+                        dir.mtime = t;
+                        dir.ctime = t;
+                        patched.push(dir);
+                    }
+                    _ => patched.clear(), // (its directory unknown: start over)
+                }
+            }
+            self.patch_own_change(before, &patched, &[]);
+            return Ok((counts[0] == 1).then_some(ino));
+        }
         self.atomically(|| {
             let ino = self.insert(e)?;
             if ino.is_some() {
@@ -1440,6 +1559,12 @@ impl Index {
         now: i64,
         content: Stored,
     ) -> io::Result<Commit> {
+        if let Stored::Inline { bytes } = content
+            && self.db.is_postgres()
+            && !self.db.in_transaction()
+        {
+            return self.commit_inline_script(ino, hash, size, mtime, now, bytes);
+        }
         let mut sealed = 0;
         let reserved = self.reserved(ino);
         let result = self.write_locked(|idx| {
@@ -1499,6 +1624,86 @@ impl Index {
             self.forget_reservation(ino);
         }
         result
+    }
+
+    /// [`Index::commit_file_with`] of inline content on a PostgreSQL index: the same
+    /// transaction (the queued seals, the row, the content, healing damaged content) as one
+    /// script, in one round trip. The content goes in only if the row took it.
+    fn commit_inline_script(
+        &self,
+        ino: u64,
+        hash: &Hash,
+        size: u64,
+        mtime: i64,
+        now: i64,
+        bytes: &[u8],
+    ) -> io::Result<Commit> {
+        let damaged = self.is_damaged(hash)?;
+        let seals: Vec<u64> = self.pending_seals.borrow().clone();
+        let h = hash.to_hex();
+        let mut body: Vec<String> = seals
+            .iter()
+            .map(|s| {
+                format!(
+                    "UPDATE entries SET state = {STATE_LIVE}
+                     WHERE ino = {s} AND state = {STATE_COMMITTED_OPEN}"
+                )
+            })
+            .collect();
+        body.push(format!(
+            "UPDATE entries SET hash = '{h}', size = {size}, mtime = {mtime}, ctime = {now},
+             state = {STATE_COMMITTED_OPEN} WHERE ino = {ino} AND state != 1"
+        ));
+        let took = format!(
+            "EXISTS (SELECT 1 FROM entries WHERE ino = {ino} AND hash = '{h}'
+                     AND state = {STATE_COMMITTED_OPEN})"
+        );
+        let on_conflict = if damaged {
+            "DO UPDATE SET data = excluded.data"
+        } else {
+            "DO NOTHING"
+        };
+        body.push(format!(
+            "INSERT INTO inline_content (hash, data) SELECT '{h}', {} WHERE {took}
+             ON CONFLICT (hash) {on_conflict}",
+            db::lit_bytes(bytes)
+        ));
+        if damaged {
+            body.push(format!(
+                "DELETE FROM damaged_blobs WHERE hash = '{h}' AND {took}"
+            ));
+        }
+        let row_before = self.cached_row(ino);
+        let before = self.snapshot();
+        let counts = self.db.write_script(&body)?;
+        self.pending_seals.borrow_mut().drain(..seals.len());
+        // What this changed is known exactly: the sealed rows, and this one.
+        let mut patched = vec![];
+        let mut forget = seals.clone();
+        if counts[seals.len()] == 1 {
+            match row_before {
+                Some(mut e) => {
+                    e.hash = Some(*hash);
+                    e.size = size;
+                    e.mtime = mtime;
+                    e.ctime = now;
+                    e.state = State::Live;
+                    e.committed_open = true;
+                    patched.push(e);
+                }
+                None => forget.push(ino),
+            }
+        }
+        self.patch_own_change(before, &patched, &forget);
+        if counts[seals.len()] != 1 {
+            // Removed while open: nothing recorded.
+            return Ok(Commit::Gone);
+        }
+        if damaged {
+            self.damaged.borrow_mut().hashes.remove(hash);
+            return Ok(Commit::Healed);
+        }
+        Ok(Commit::Recorded)
     }
 
     /// File `ino` was released: its committed content is final. Other daemons see it sealed
@@ -2264,7 +2469,13 @@ mod tests {
             v.push(Engine {
                 name: "postgresql",
                 open: Box::new(move |now| Index::open_postgres(&url, "m1", (0, 0), now).unwrap()),
-                other: Box::new(move || Index::open_postgres(&u2, "m2", (0, 0), 0).unwrap()),
+                // (Without the moment a daemon keeps answers: these tests ask what the table
+                // says.)
+                other: Box::new(move || {
+                    let mut other = Index::open_postgres(&u2, "m2", (0, 0), 0).unwrap();
+                    other.pg_cache = false;
+                    other
+                }),
                 _dir: tempfile::tempdir().unwrap(),
             });
         }
@@ -2284,6 +2495,76 @@ mod tests {
         idx.seal_later(ino);
         idx.seal_pending().unwrap();
         ino
+    }
+
+    /// A PostgreSQL index's daemon keeps answers for a moment: its own changes show at once
+    /// (those of the one-round-trip scripts patched into what it keeps, the others dropping
+    /// it), another machine's within `cache::PG_KEEP`.
+    #[test]
+    fn a_shared_index_keeps_answers_for_a_moment_and_its_own_changes_show_at_once() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 5).unwrap();
+        let other = Index::open_postgres(&url, "m2", (0, 0), 5).unwrap();
+        assert!(idx.pg_cache);
+        let art = idx
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"kept", 2, 0o755, (0, 0), 5))
+            .unwrap()
+            .unwrap();
+        // Read once, then answered from memory: the same values.
+        assert_eq!(idx.lookup(art, b"f").unwrap(), None);
+        let dir = idx.get(art).unwrap().unwrap();
+        // Its own create: the new row and the directory's times, at once.
+        let f = idx
+            .insert_in_dir(&NewEntry::new_file(art, b"f", 3, 0o644, (0, 0), 9))
+            .unwrap()
+            .unwrap();
+        assert_eq!(idx.lookup(art, b"f").unwrap().unwrap().ino, f);
+        assert_eq!(idx.get(f).unwrap().unwrap().state, State::Writing);
+        let d = idx.get(art).unwrap().unwrap();
+        assert_eq!((d.mtime, d.ctime, d.ino), (9, 9, dir.ino));
+        // Its own commit, and the seal that rides with the next one.
+        let h = Hash::of(b"x");
+        let stored = Stored::Inline { bytes: b"x" };
+        assert_eq!(
+            idx.commit_file_with(f, &h, 1, 10, 11, stored).unwrap(),
+            Commit::Recorded
+        );
+        let e = idx.get(f).unwrap().unwrap();
+        assert_eq!((e.hash, e.size, e.committed_open), (Some(h), 1, true));
+        idx.seal_later(f);
+        let g = idx
+            .insert_in_dir(&NewEntry::new_file(art, b"g", 3, 0o644, (0, 0), 12))
+            .unwrap()
+            .unwrap();
+        let stored = Stored::Inline { bytes: b"x" };
+        idx.commit_file_with(g, &h, 1, 12, 12, stored).unwrap();
+        assert!(idx.pending_seals.borrow().is_empty());
+        assert!(!idx.get(f).unwrap().unwrap().committed_open);
+        assert!(!idx.lookup(art, b"f").unwrap().unwrap().committed_open);
+        // A change made the ordinary way drops what was kept.
+        idx.tombstone(g, 13).unwrap();
+        assert_eq!(idx.get(g).unwrap().unwrap().state, State::Tombstone);
+        // Another machine's change: seen within the moment.
+        assert_eq!(idx.lookup(art, b"h").unwrap(), None);
+        let h2 = other
+            .insert_in_dir(&NewEntry::new_file(art, b"h", 3, 0o644, (0, 0), 14))
+            .unwrap()
+            .unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(e) = idx.lookup(art, b"h").unwrap() {
+                assert_eq!(e.ino, h2);
+                break;
+            }
+            assert!(
+                start.elapsed() <= cache::PG_KEEP * 2,
+                "not seen after {:?}",
+                start.elapsed()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -126,6 +126,29 @@ pub(super) fn snapshot(shm: &ShmHeader, changes: u64) -> Option<Snapshot> {
     })
 }
 
+/// A PostgreSQL index's snapshot (the daemon's, see `Index::snapshot`): how many times its
+/// connection may have changed rows, and the current [`PG_KEEP`]-long period. Other machines'
+/// changes cannot be seen coming, so answers are kept for at most that period: far below the
+/// time the kernel itself keeps a shared store's attributes and names.
+pub(super) fn pg_snapshot(writes: u64) -> Snapshot {
+    use std::sync::OnceLock;
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let period = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        / PG_KEEP.as_millis() as u64;
+    let mut header = [0u8; HEADER];
+    header[..8].copy_from_slice(&period.to_le_bytes());
+    Snapshot {
+        changes: writes,
+        header,
+    }
+}
+
+/// At most how long a PostgreSQL index's daemon keeps an answer (see [`pg_snapshot`]).
+pub(super) const PG_KEEP: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The row at a name, in any state, and whether it is a directory being built (hidden).
 pub(super) type Named = Option<(Entry, bool)>;
 
@@ -206,6 +229,45 @@ impl RowCache {
         if self.keeps(snap) {
             self.damaged_current = true;
         }
+    }
+
+    /// After a change of the caller's own, whose every effect on rows it patches in
+    /// ([`RowCache::patch_row`], [`RowCache::forget_ino`]): answers read at `from` are true at
+    /// `to` too. Returns whether they were kept (otherwise the cache starts over at `to`).
+    pub(super) fn rebase(&mut self, from: Option<Snapshot>, to: Option<Snapshot>) -> bool {
+        // (Within one period only: what was read in an earlier one is not kept longer.)
+        let same_period = matches!((from, to), (Some(a), Some(b)) if a.header == b.header);
+        if same_period && self.at == from {
+            self.at = to;
+            true
+        } else {
+            self.validate(to);
+            false
+        }
+    }
+
+    /// Row `e` as it now is, by inode number and by name (a visible row).
+    pub(super) fn patch_row(&mut self, e: &Entry) {
+        if self.at.is_none() {
+            return;
+        }
+        self.make_room();
+        if let Some(old) = self.by_ino.insert(e.ino, e.clone())
+            && (old.parent, &old.name) != (e.parent, &e.name)
+        {
+            self.at_name.remove(&(old.parent, old.name));
+        }
+        // (A directory being built is hidden, as `Index::row_named` reads it.)
+        let hidden = e.kind == super::Kind::Dir && e.state == super::State::Writing;
+        self.at_name
+            .insert((e.parent, e.name.clone()), Some((e.clone(), hidden)));
+    }
+
+    /// Row `ino` changed in a way not patched in: forgets every answer about it.
+    pub(super) fn forget_ino(&mut self, ino: u64) {
+        self.by_ino.remove(&ino);
+        self.at_name
+            .retain(|_, named| !matches!(named, Some((e, _)) if e.ino == ino));
     }
 
     fn make_room(&mut self) {

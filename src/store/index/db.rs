@@ -53,8 +53,16 @@ pub(crate) struct Pg {
     depth: usize,
     /// Run on every new connection (session settings).
     setup: String,
-    /// The `lock_timeout` set last (ms).
+    /// The `lock_timeout` asked for last (ms), and the one the connection has: applied with
+    /// the next statement that may wait for a lock (a write, the start of a transaction), in
+    /// the same round trip where it can be, so that flipping it around a commit
+    /// (`Store::retry_busy`) costs nothing.
     lock_timeout: Option<u128>,
+    applied_lock_timeout: Option<u128>,
+    /// Counts what this connection sent that may have changed rows (anything but a `SELECT`
+    /// outside a transaction): answers read in between are the index as this connection left
+    /// it (see `cache`).
+    writes: u64,
     /// A statement of the open transaction (or step) failed: PostgreSQL ignores everything
     /// until it is rolled back, and a `COMMIT` would roll it back without an error.
     aborted: bool,
@@ -227,6 +235,20 @@ pub(crate) fn pg_placeholders(sql: &str) -> String {
     out
 }
 
+/// Bytes as a PostgreSQL `BYTEA` literal for [`Db::write_script`] (hex digits only: safe
+/// whatever the bytes and the server's string settings).
+pub(crate) fn lit_bytes(b: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2 + 20);
+    s.push_str("decode('");
+    for &byte in b {
+        s.push(HEX[usize::from(byte >> 4)] as char);
+        s.push(HEX[usize::from(byte & 15)] as char);
+    }
+    s.push_str("', 'hex')");
+    s
+}
+
 /// A SQLite error as an `io::Error` (see the module doc).
 pub(crate) fn sqlite_error(e: rusqlite::Error) -> io::Error {
     match e.sqlite_error_code() {
@@ -361,15 +383,12 @@ impl Pg {
             }
         }
         if self.client.is_none() {
+            self.writes += 1;
             let mut client = self.config.connect(postgres::NoTls).map_err(pg_error)?;
             if !self.setup.is_empty() {
                 client.batch_execute(&self.setup).map_err(pg_error)?;
             }
-            if let Some(ms) = self.lock_timeout {
-                client
-                    .batch_execute(&format!("SET lock_timeout = {ms}"))
-                    .map_err(pg_error)?;
-            }
+            self.applied_lock_timeout = None;
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -414,6 +433,9 @@ impl Pg {
             &[&(dyn PgToSql + Sync)],
         ) -> Result<T, postgres::Error>,
     ) -> io::Result<T> {
+        if self.depth > 0 || !sql.trim_start().starts_with("SELECT") {
+            self.writes += 1;
+        }
         let stmt = self.prepared(sql)?;
         if stmt.params().len() != params.len() {
             return Err(io::Error::other(format!(
@@ -437,9 +459,44 @@ impl Pg {
         result
     }
 
+    /// `SET lock_timeout …; ` when the connection's differs from the one asked for (marked
+    /// applied: the caller sends it before anything else), or nothing.
+    fn lock_timeout_prefix(&mut self) -> String {
+        match self.lock_timeout {
+            Some(ms) if self.applied_lock_timeout != Some(ms) => {
+                self.applied_lock_timeout = Some(ms);
+                format!("SET lock_timeout = {ms}; ")
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// Applies the `lock_timeout` asked for, if the connection does not have it yet.
+    fn apply_lock_timeout(&mut self) -> io::Result<()> {
+        self.client()?;
+        let prefix = self.lock_timeout_prefix();
+        if prefix.is_empty() {
+            return Ok(());
+        }
+        let r = self.client()?.batch_execute(&prefix).map_err(pg_error);
+        if r.is_err() {
+            self.applied_lock_timeout = None;
+        }
+        r
+    }
+
     /// Runs statements without parameters, as [`Pg::run`] does.
     fn batch(&mut self, sql: &str) -> io::Result<()> {
-        let result = self.patiently(|pg| pg.client()?.batch_execute(sql).map_err(pg_error));
+        self.writes += 1;
+        let result = self.patiently(|pg| {
+            pg.client()?;
+            let sql = format!("{}{sql}", pg.lock_timeout_prefix());
+            let r = pg.client()?.batch_execute(&sql).map_err(pg_error);
+            if r.is_err() {
+                pg.applied_lock_timeout = None;
+            }
+            r
+        });
         if result.is_err() && self.depth > 0 {
             self.aborted = true;
         }
@@ -459,6 +516,8 @@ impl Db {
             depth: 0,
             setup: String::new(),
             lock_timeout: None,
+            applied_lock_timeout: None,
+            writes: 0,
             aborted: false,
         };
         pg.client()?;
@@ -482,18 +541,22 @@ impl Db {
         match self {
             Db::Sqlite(c) => c.busy_timeout(timeout).map_err(sqlite_error),
             Db::Postgres(pg) => {
-                let ms = timeout.as_millis().max(1);
-                if pg.borrow().lock_timeout == Some(ms) {
-                    return Ok(());
-                }
-                let sql = format!("SET lock_timeout = {ms}");
-                {
-                    let mut pg = pg.borrow_mut();
-                    pg.client()?.batch_execute(&sql).map_err(pg_error)?;
-                    pg.lock_timeout = Some(ms);
-                }
+                // Applied with the next statement that may wait for a lock (see `Pg`).
+                pg.borrow_mut().lock_timeout = Some(timeout.as_millis().max(1));
                 Ok(())
             }
+        }
+    }
+
+    /// PostgreSQL: how many times this connection may have changed rows so far (see `Pg`);
+    /// `None` inside a transaction or on SQLite.
+    pub fn writes(&self) -> Option<u64> {
+        match self {
+            Db::Postgres(pg) => {
+                let pg = pg.borrow();
+                (pg.depth == 0).then_some(pg.writes)
+            }
+            Db::Sqlite(_) => None,
         }
     }
 
@@ -517,10 +580,14 @@ impl Db {
                 .prepare_cached(sql)
                 .and_then(|mut s| s.execute(params))
                 .map_err(sqlite_error),
-            Db::Postgres(pg) => pg
-                .borrow_mut()
-                .run(sql, params, |c, s, p| c.execute(s, p))
-                .map(|n| n as usize),
+            Db::Postgres(pg) => {
+                let mut pg = pg.borrow_mut();
+                if pg.depth == 0 {
+                    pg.patiently(|pg| pg.apply_lock_timeout())?;
+                }
+                pg.run(sql, params, |c, s, p| c.execute(s, p))
+                    .map(|n| n as usize)
+            }
         }
     }
 
@@ -597,6 +664,62 @@ impl Db {
         }
     }
 
+    /// PostgreSQL only: runs `body`, statements with their values written in (see
+    /// [`lit_bytes`]), as one write transaction (with the write lock, as [`Db::begin_write`]
+    /// takes it), in one round trip. Returns the number of rows each statement of `body`
+    /// changed or returned, in order. Outside a transaction only; on an error nothing of it
+    /// stays. A connection that breaks while it runs is not tried again (whether it committed
+    /// is unknown): the caller gets the error, as for a `COMMIT`.
+    pub fn write_script(&self, body: &[String]) -> io::Result<Vec<u64>> {
+        let Db::Postgres(pg) = self else {
+            return Err(io::Error::other("index: a script needs PostgreSQL"));
+        };
+        let mut guard = pg.borrow_mut();
+        let pg = &mut *guard;
+        if pg.depth > 0 {
+            return Err(io::Error::other("index: a script inside a transaction"));
+        }
+        pg.patiently(|pg| pg.client().map(drop))?;
+        pg.writes += 1;
+        let prefix = pg.lock_timeout_prefix();
+        let mut sql = format!("{prefix}BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY});");
+        for statement in body {
+            sql.push(' ');
+            sql.push_str(statement);
+            sql.push(';');
+        }
+        sql.push_str(" COMMIT");
+        let client = pg.client.as_mut().expect("connected above");
+        match client.simple_query(&sql) {
+            Ok(messages) => {
+                let counts: Vec<u64> = messages
+                    .iter()
+                    .filter_map(|m| match m {
+                        postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                        _ => None,
+                    })
+                    .collect();
+                // SET, BEGIN and the lock before the body, COMMIT after it.
+                let skip = usize::from(!prefix.is_empty()) + 2;
+                if counts.len() != skip + body.len() + 1 {
+                    return Err(io::Error::other(format!(
+                        "index: {} results for a script of {} statements",
+                        counts.len(),
+                        body.len()
+                    )));
+                }
+                Ok(counts[skip..skip + body.len()].to_vec())
+            }
+            Err(e) => {
+                pg.applied_lock_timeout = None;
+                if !client.is_closed() {
+                    let _ = client.batch_execute("ROLLBACK");
+                }
+                Err(pg_error(e))
+            }
+        }
+    }
+
     /// Starts a transaction that writes: it holds the index's write lock from its start (see
     /// the module doc) until [`Db::commit`] or [`Db::rollback`].
     pub fn begin_write(&self) -> io::Result<()> {
@@ -604,13 +727,20 @@ impl Db {
             Db::Sqlite(_) => self.control("BEGIN IMMEDIATE"),
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
+                pg.writes += 1;
                 pg.patiently(|pg| {
+                    pg.client()?;
+                    let prefix = pg.lock_timeout_prefix();
                     let client = pg.client()?;
                     let begun = client
                         .batch_execute(&format!(
-                            "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+                            "{prefix}BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
                         ))
                         .map_err(pg_error);
+                    if begun.is_err() {
+                        pg.applied_lock_timeout = None;
+                    }
+                    let client = pg.client.as_mut().expect("connected above");
                     if begun.is_err() && !client.is_closed() {
                         // (The lock was not had in time: the transaction begun is over too.)
                         let _ = client.batch_execute("ROLLBACK");
@@ -638,7 +768,12 @@ impl Db {
             Db::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
                 pg.depth = 0;
+                pg.writes += 1;
                 let aborted = std::mem::take(&mut pg.aborted);
+                if aborted || how != "COMMIT" {
+                    // A `SET lock_timeout` sent with the `BEGIN` goes with the transaction.
+                    pg.applied_lock_timeout = None;
+                }
                 match pg.client.as_mut() {
                     Some(c) if !c.is_closed() && aborted && how == "COMMIT" => {
                         let _ = c.batch_execute("ROLLBACK");
@@ -646,7 +781,13 @@ impl Db {
                             "index: a statement of the transaction failed: it was rolled back",
                         ))
                     }
-                    Some(c) if !c.is_closed() => c.batch_execute(how).map_err(pg_error),
+                    Some(c) if !c.is_closed() => {
+                        let r = c.batch_execute(how).map_err(pg_error);
+                        if r.is_err() {
+                            pg.applied_lock_timeout = None;
+                        }
+                        r
+                    }
                     _ if how == "ROLLBACK" => Ok(()),
                     _ => Err(io::Error::other(
                         "index: the connection to PostgreSQL broke before the commit",
@@ -1013,6 +1154,67 @@ pub(crate) mod tests {
             .row("SELECT COUNT(*) FROM t", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// A script: one transaction with the write lock, the rows each statement changed, any
+    /// bytes written in intact; a failing statement leaves nothing of the script, and the
+    /// connection goes on. The lock timeout asked for holds for it, and is not lost with a
+    /// transaction rolled back.
+    #[test]
+    fn a_script_is_one_transaction_of_its_statements() {
+        let Some(url) = test_pg_url() else {
+            return;
+        };
+        let db = Db::postgres(url.parse().unwrap()).unwrap();
+        let other = Db::postgres(url.parse().unwrap()).unwrap();
+        create(&db, "postgresql");
+        let all: Vec<u8> = (0..=255).collect();
+        let counts = db
+            .write_script(&[
+                format!("INSERT INTO t (id, name) VALUES (1, {})", lit_bytes(&all)),
+                format!("INSERT INTO t (id, name) VALUES (2, {})", lit_bytes(b"")),
+                "UPDATE t SET n = 7 WHERE id IN (1, 2, 3)".into(),
+                "INSERT INTO t (id, name) VALUES (1, 'x') ON CONFLICT DO NOTHING".into(),
+            ])
+            .unwrap();
+        assert_eq!(counts, [1, 1, 2, 0]);
+        let name: Vec<u8> = db
+            .row("SELECT name FROM t WHERE id = 1", params![], |r| r.get(0))
+            .unwrap();
+        assert_eq!(name, all);
+        // The second statement fails: the first does not stay either.
+        let e = db
+            .write_script(&[
+                "INSERT INTO t (id, name) VALUES (3, 'c')".into(),
+                "INSERT INTO t (id, name) VALUES (1, 'd')".into(),
+            ])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        let count = |db: &Db| -> i64 {
+            db.row("SELECT COUNT(*) FROM t", params![], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&db), 2);
+        // It waits for the write lock, as long as the lock timeout asked for allows.
+        db.set_lock_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
+        other.begin_write().unwrap();
+        let e = db
+            .write_script(&["INSERT INTO t (id, name) VALUES (4, 'e')".into()])
+            .unwrap_err();
+        assert!(super::super::is_busy(&e), "{e}");
+        db.begin_write().unwrap_err();
+        other.rollback().unwrap();
+        // (A rolled-back transaction took its `SET` with it: asked for again, it is sent again.)
+        other.begin_write().unwrap();
+        let started = std::time::Instant::now();
+        let e = db.write_script(&["SELECT 1".into()]).unwrap_err();
+        assert!(super::super::is_busy(&e), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        other.commit().unwrap();
+        db.write_script(&["INSERT INTO t (id, name) VALUES (6, 'g')".into()])
+            .unwrap();
+        assert_eq!(count(&other), 3);
     }
 
     #[test]
