@@ -1286,14 +1286,23 @@ impl Index {
     }
 
     /// After a change of this daemon's own, made with the cache at `before`, that changed
-    /// exactly rows `patched` (as they now are) and rows `forget` (in ways not known here):
-    /// the answers kept stay true with those patched in.
-    fn patch_own_change(&self, before: Option<cache::Snapshot>, patched: &[Entry], forget: &[u64]) {
+    /// exactly rows `patched` (as they now are), rows `forget` (in ways not known here) and
+    /// sealed rows `sealed`: the answers kept stay true with those patched in.
+    fn patch_own_change(
+        &self,
+        before: Option<cache::Snapshot>,
+        patched: &[Entry],
+        forget: &[u64],
+        sealed: &[u64],
+    ) {
         let now = self.snapshot_unvalidated();
         let mut cache = self.cache.borrow_mut();
         if cache.rebase(before, now) {
             for &ino in forget {
                 cache.forget_ino(ino);
+            }
+            for &ino in sealed {
+                cache.sealed(ino);
             }
             for e in patched {
                 cache.patch_row(e);
@@ -1330,10 +1339,34 @@ impl Index {
     /// (hidden from lookups and listings).
     fn row_named(&self, parent: u64, name: &[u8]) -> io::Result<cache::Named> {
         let snap = self.snapshot();
-        if snap.is_some()
-            && let Some(named) = self.cache.borrow().row_at(parent, name)
-        {
-            return Ok(named.clone());
+        if snap.is_some() {
+            let cache = self.cache.borrow();
+            if let Some(named) = cache.row_at(parent, name) {
+                return Ok(named.clone());
+            }
+            if cache.is_complete(parent) {
+                return Ok(None);
+            }
+        }
+        if self.pg_cache && snap.is_some() && !self.cache.borrow().is_too_large(parent) {
+            // The whole directory, if it is small: the next names looked up there are known.
+            let rows = self.db.all(
+                &format!(
+                    "SELECT {COLUMNS}, kind = 1 AND state = {STATE_WRITING}
+                     FROM entries WHERE parent = ?1 LIMIT ?2"
+                ),
+                params![parent as i64, cache::LISTING_MAX as i64 + 1],
+                |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)),
+            )?;
+            let whole = rows.len() <= cache::LISTING_MAX;
+            let named = rows.iter().find(|(e, _)| e.name == name).cloned();
+            if whole || named.is_some() {
+                self.cache
+                    .borrow_mut()
+                    .keep_listing(snap, parent, whole.then_some(&rows[..]));
+                return Ok(named);
+            }
+            self.cache.borrow_mut().keep_listing(snap, parent, None);
         }
         let named = self.db.one(
             &format!(
@@ -1440,28 +1473,41 @@ impl Index {
             let t = e.time;
             let parent_before = self.cached_row(e.parent);
             let before = self.snapshot();
-            let counts = self.db.write_script(&[
-                insert_entry_sql(e, ino),
-                format!(
-                    "UPDATE entries SET mtime = {t}, ctime = {t} WHERE ino = {} AND kind = 1
-                     AND EXISTS (SELECT 1 FROM entries WHERE ino = {ino})",
-                    e.parent
-                ),
-            ])?;
-            // What this changed is known exactly: the new row, and its directory's times.
-            let mut patched = vec![];
-            if counts[0] == 1 {
-                patched.push(new_entry_row(e, ino));
-                match parent_before {
-                    Some(mut dir) if counts[1] == 1 => {
-                        dir.mtime = t;
-                        dir.ctime = t;
-                        patched.push(dir);
+            let counts = self.db.write_script(
+                &[
+                    insert_entry_sql(e, ino),
+                    format!(
+                        "UPDATE entries SET mtime = {t}, ctime = {t} WHERE ino = {} AND kind = 1
+                         AND EXISTS (SELECT 1 FROM entries WHERE ino = {ino})",
+                        e.parent
+                    ),
+                ],
+                // (Its inode number is its own: a row with it is this insert's.)
+                &|db| {
+                    let there = db.row(
+                        "SELECT EXISTS (SELECT 1 FROM entries WHERE ino = ?1)",
+                        params![ino as i64],
+                        |r| r.get::<_, bool>(0),
+                    )?;
+                    Ok(there.then(|| vec![1, 1]))
+                },
+            )?;
+            match parent_before {
+                Some(mut dir) if counts[0] == 1 && counts[1] == 1 => {
+                    // What this changed is known exactly: the new row, and its directory's
+                    // times; a new directory is empty.
+                    dir.mtime = t;
+                    dir.ctime = t;
+                    self.patch_own_change(before, &[new_entry_row(e, ino), dir], &[], &[]);
+                    if e.kind == Kind::Dir {
+                        let snap = self.snapshot();
+                        self.cache.borrow_mut().keep_listing(snap, ino, Some(&[]));
                     }
-                    _ => patched.clear(), // (its directory unknown: start over)
                 }
+                // (The name was taken, by a row perhaps not known here; or the directory's
+                // row is not kept: start over.)
+                _ => self.cache.borrow_mut().validate(None),
             }
-            self.patch_own_change(before, &patched, &[]);
             return Ok((counts[0] == 1).then_some(ino));
         }
         self.atomically(|| {
@@ -1638,6 +1684,7 @@ impl Index {
         now: i64,
         bytes: &[u8],
     ) -> io::Result<Commit> {
+        const UNKNOWN: u64 = u64::MAX;
         let damaged = self.is_damaged(hash)?;
         let seals: Vec<u64> = self.pending_seals.borrow().clone();
         let h = hash.to_hex();
@@ -1675,11 +1722,35 @@ impl Index {
         }
         let row_before = self.cached_row(ino);
         let before = self.snapshot();
-        let counts = self.db.write_script(&body)?;
-        self.pending_seals.borrow_mut().drain(..seals.len());
+        let n_seals = seals.len();
+        let n = body.len();
+        let counts = self.db.write_script(&body, &|db| {
+            // (The row holds this content only if this commit made it so.)
+            let there = db.row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM entries WHERE ino = ?1 AND hash = ?2
+                     AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN}))"
+                ),
+                params![ino as i64, h],
+                |r| r.get::<_, bool>(0),
+            )?;
+            // (Whether the seals went in is not known: they stay queued, and are written
+            // again, which changes nothing if they did.)
+            Ok(there.then(|| {
+                let mut counts = vec![UNKNOWN; n];
+                counts[n_seals] = 1;
+                counts
+            }))
+        })?;
+        let sealed = if counts[..seals.len()].contains(&UNKNOWN) {
+            &[][..]
+        } else {
+            self.pending_seals.borrow_mut().drain(..seals.len());
+            &seals[..]
+        };
         // What this changed is known exactly: the sealed rows, and this one.
         let mut patched = vec![];
-        let mut forget = seals.clone();
+        let mut forget = vec![];
         if counts[seals.len()] == 1 {
             match row_before {
                 Some(mut e) => {
@@ -1694,7 +1765,7 @@ impl Index {
                 None => forget.push(ino),
             }
         }
-        self.patch_own_change(before, &patched, &forget);
+        self.patch_own_change(before, &patched, &forget, sealed);
         if counts[seals.len()] != 1 {
             // Removed while open: nothing recorded.
             return Ok(Commit::Gone);

@@ -162,9 +162,18 @@ pub(super) struct RowCache {
     /// The row at `(parent, name)`, in any state, and whether it is a hidden directory (being
     /// built); `None`: no row there.
     at_name: HashMap<(u64, Vec<u8>), Named>,
+    /// Directories whose every name `at_name` holds (a name missing there is not in them),
+    /// and directories found too large to be read whole (see [`LISTING_MAX`]).
+    complete: std::collections::HashSet<u64>,
+    too_large: std::collections::HashSet<u64>,
     /// Whether the damaged-content list of `Index` was read (or kept up to date) at `at`.
     pub(super) damaged_current: bool,
 }
+
+/// A PostgreSQL daemon reads a directory of up to this many names whole when it looks up a
+/// name not kept, so that the next lookups there (`cp -r` creating its files one by one) need no
+/// round trip.
+pub(super) const LISTING_MAX: usize = 256;
 
 impl RowCache {
     /// Drops every answer unless they were read at `now`; afterwards answers read at `now` may
@@ -184,6 +193,42 @@ impl RowCache {
         }
         reset(&mut self.by_ino);
         reset(&mut self.at_name);
+        self.complete.clear();
+        self.too_large.clear();
+    }
+
+    /// Whether every name of directory `dir` is kept.
+    pub(super) fn is_complete(&self, dir: u64) -> bool {
+        self.complete.contains(&dir)
+    }
+
+    /// Whether directory `dir` was found too large to be read whole.
+    pub(super) fn is_too_large(&self, dir: u64) -> bool {
+        self.too_large.contains(&dir)
+    }
+
+    /// Keeps every row of directory `dir`, read whole at `snap` (each with whether it is a
+    /// hidden directory being built); `None`: more than [`LISTING_MAX`] names.
+    pub(super) fn keep_listing(
+        &mut self,
+        snap: Option<Snapshot>,
+        dir: u64,
+        rows: Option<&[(Entry, bool)]>,
+    ) {
+        if !self.keeps(snap) {
+            return;
+        }
+        let Some(rows) = rows else {
+            self.too_large.insert(dir);
+            return;
+        };
+        self.make_room();
+        for (e, hidden) in rows {
+            self.by_ino.insert(e.ino, e.clone());
+            self.at_name
+                .insert((dir, e.name.clone()), Some((e.clone(), *hidden)));
+        }
+        self.complete.insert(dir);
     }
 
     /// Whether answers read at `snap` may be kept now.
@@ -263,17 +308,32 @@ impl RowCache {
             .insert((e.parent, e.name.clone()), Some((e.clone(), hidden)));
     }
 
-    /// Row `ino` changed in a way not patched in: forgets every answer about it.
+    /// Row `ino` changed in a way not patched in: forgets every answer about it (and which
+    /// directories are kept whole: its own may be one).
     pub(super) fn forget_ino(&mut self, ino: u64) {
         self.by_ino.remove(&ino);
         self.at_name
             .retain(|_, named| !matches!(named, Some((e, _)) if e.ino == ino));
+        self.complete.clear();
+    }
+
+    /// Row `ino` was sealed (its commit, made while open, is final), if it is kept.
+    pub(super) fn sealed(&mut self, ino: u64) {
+        if let Some(e) = self.by_ino.get_mut(&ino) {
+            e.committed_open = false;
+        }
+        for (e, _) in self.at_name.values_mut().flatten() {
+            if e.ino == ino {
+                e.committed_open = false;
+            }
+        }
     }
 
     fn make_room(&mut self) {
         if self.by_ino.len() + self.at_name.len() >= MAX_KEPT {
             self.by_ino = HashMap::new();
             self.at_name = HashMap::new();
+            self.complete.clear();
         }
     }
 }

@@ -668,9 +668,34 @@ impl Db {
     /// [`lit_bytes`]), as one write transaction (with the write lock, as [`Db::begin_write`]
     /// takes it), in one round trip. Returns the number of rows each statement of `body`
     /// changed or returned, in order. Outside a transaction only; on an error nothing of it
-    /// stays. A connection that breaks while it runs is not tried again (whether it committed
-    /// is unknown): the caller gets the error, as for a `COMMIT`.
-    pub fn write_script(&self, body: &[String]) -> io::Result<Vec<u64>> {
+    /// stays.
+    ///
+    /// While PostgreSQL is unreachable it is tried again, as a statement outside a
+    /// transaction is, for up to [`OUTAGE_PATIENCE`]. A connection that broke while the script
+    /// ran leaves unknown whether it committed: once PostgreSQL answers again, `done` is asked
+    /// (the counts it would have returned if its changes are there, `None` if not), and the
+    /// script runs again only if they are not.
+    pub fn write_script(
+        &self,
+        body: &[String],
+        done: &dyn Fn(&Db) -> io::Result<Option<Vec<u64>>>,
+    ) -> io::Result<Vec<u64>> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.script_once(body) {
+                Err(e) if is_unreachable(&e) && start.elapsed() < OUTAGE_PATIENCE => {
+                    log::warn!("{e}; the transaction is tried again once it answers");
+                    // (Asking waits for PostgreSQL, as any statement outside a transaction.)
+                    if let Some(counts) = done(self)? {
+                        return Ok(counts);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn script_once(&self, body: &[String]) -> io::Result<Vec<u64>> {
         let Db::Postgres(pg) = self else {
             return Err(io::Error::other("index: a script needs PostgreSQL"));
         };
@@ -1160,6 +1185,10 @@ pub(crate) mod tests {
     /// bytes written in intact; a failing statement leaves nothing of the script, and the
     /// connection goes on. The lock timeout asked for holds for it, and is not lost with a
     /// transaction rolled back.
+    fn run_script(db: &Db, body: &[String]) -> io::Result<Vec<u64>> {
+        db.write_script(body, &|_| Ok(None))
+    }
+
     #[test]
     fn a_script_is_one_transaction_of_its_statements() {
         let Some(url) = test_pg_url() else {
@@ -1169,26 +1198,30 @@ pub(crate) mod tests {
         let other = Db::postgres(url.parse().unwrap()).unwrap();
         create(&db, "postgresql");
         let all: Vec<u8> = (0..=255).collect();
-        let counts = db
-            .write_script(&[
+        let counts = run_script(
+            &db,
+            &[
                 format!("INSERT INTO t (id, name) VALUES (1, {})", lit_bytes(&all)),
                 format!("INSERT INTO t (id, name) VALUES (2, {})", lit_bytes(b"")),
                 "UPDATE t SET n = 7 WHERE id IN (1, 2, 3)".into(),
                 "INSERT INTO t (id, name) VALUES (1, 'x') ON CONFLICT DO NOTHING".into(),
-            ])
-            .unwrap();
+            ],
+        )
+        .unwrap();
         assert_eq!(counts, [1, 1, 2, 0]);
         let name: Vec<u8> = db
             .row("SELECT name FROM t WHERE id = 1", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(name, all);
         // The second statement fails: the first does not stay either.
-        let e = db
-            .write_script(&[
+        let e = run_script(
+            &db,
+            &[
                 "INSERT INTO t (id, name) VALUES (3, 'c')".into(),
                 "INSERT INTO t (id, name) VALUES (1, 'd')".into(),
-            ])
-            .unwrap_err();
+            ],
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
         let count = |db: &Db| -> i64 {
             db.row("SELECT COUNT(*) FROM t", params![], |r| r.get(0))
@@ -1199,21 +1232,21 @@ pub(crate) mod tests {
         db.set_lock_timeout(std::time::Duration::from_millis(50))
             .unwrap();
         other.begin_write().unwrap();
-        let e = db
-            .write_script(&["INSERT INTO t (id, name) VALUES (4, 'e')".into()])
-            .unwrap_err();
+        let e = run_script(&db, &["INSERT INTO t (id, name) VALUES (4, 'e')".into()]).unwrap_err();
         assert!(super::super::is_busy(&e), "{e}");
         db.begin_write().unwrap_err();
         other.rollback().unwrap();
         // (A rolled-back transaction took its `SET` with it: asked for again, it is sent again.)
         other.begin_write().unwrap();
         let started = std::time::Instant::now();
-        let e = db.write_script(&["SELECT 1".into()]).unwrap_err();
+        let e = run_script(&db, &["SELECT 1".into()]).unwrap_err();
         assert!(super::super::is_busy(&e), "{e}");
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         other.commit().unwrap();
-        db.write_script(&["INSERT INTO t (id, name) VALUES (6, 'g')".into()])
+        // (Other tests' writers take the same lock: wait longer for it now.)
+        db.set_lock_timeout(std::time::Duration::from_secs(10))
             .unwrap();
+        run_script(&db, &["INSERT INTO t (id, name) VALUES (6, 'g')".into()]).unwrap();
         assert_eq!(count(&other), 3);
     }
 
