@@ -234,6 +234,9 @@ pub struct Index {
     cache: RefCell<cache::RowCache>,
     /// A PostgreSQL index's daemon keeps answers too, for a moment (see `cache::pg_snapshot`).
     pg_cache: bool,
+    /// Files being written whose rows this daemon deleted (`unlink` while open): their
+    /// commits find them gone (see `gone_or_lost`). A few bytes for each such file.
+    removed_here: RefCell<std::collections::HashSet<u64>>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -533,6 +536,7 @@ impl Index {
             damaged: Default::default(),
             shm: None,
             pg_cache: false,
+            removed_here: RefCell::default(),
             cache: Default::default(),
         }
     }
@@ -1475,6 +1479,11 @@ impl Index {
             let before = self.snapshot();
             let counts = self.db.write_script(
                 &[
+                    // Not waited for on the server's disk: nothing was stored yet, and the
+                    // commit that stores the file's content waits for this too (the WAL is
+                    // flushed in order). A server crash may lose it (a moment's worth): then
+                    // that commit finds no row and fails (`gone_or_lost`), and the name is free.
+                    "SET LOCAL synchronous_commit = off".into(),
                     insert_entry_sql(e, ino),
                     format!(
                         "UPDATE entries SET mtime = {t}, ctime = {t} WHERE ino = {} AND kind = 1
@@ -1489,9 +1498,10 @@ impl Index {
                         params![ino as i64],
                         |r| r.get::<_, bool>(0),
                     )?;
-                    Ok(there.then(|| vec![1, 1]))
+                    Ok(there.then(|| vec![0, 1, 1]))
                 },
             )?;
+            let counts = &counts[1..];
             match parent_before {
                 Some(mut dir) if counts[0] == 1 && counts[1] == 1 => {
                     // What this changed is known exactly: the new row, and its directory's
@@ -1663,6 +1673,9 @@ impl Index {
         if result.is_ok() {
             self.pending_seals.borrow_mut().drain(..sealed);
         }
+        if matches!(result, Ok(Commit::Gone)) {
+            return self.gone_or_lost(ino);
+        }
         if matches!(result, Ok(Commit::Healed)) {
             self.damaged.borrow_mut().hashes.remove(hash);
         }
@@ -1768,13 +1781,40 @@ impl Index {
         self.patch_own_change(before, &patched, &forget, sealed);
         if counts[seals.len()] != 1 {
             // Removed while open: nothing recorded.
-            return Ok(Commit::Gone);
+            return self.gone_or_lost(ino);
         }
         if damaged {
             self.damaged.borrow_mut().hashes.remove(hash);
             return Ok(Commit::Healed);
         }
         Ok(Commit::Recorded)
+    }
+
+    /// A commit found file `ino`'s row removed or tombstoned: [`Commit::Gone`] if this daemon
+    /// removed it (an `unlink` while open) or a tombstone took its place. On a shared index a
+    /// row that is simply not there any more was not removed by this daemon: PostgreSQL lost
+    /// it (the server crashed before its create reached the disk, see `insert_in_dir`), or
+    /// another machine dropped it when this one's lease ran out. Its content is not recorded,
+    /// and `close()` must not say it is: an error (`EIO`).
+    fn gone_or_lost(&self, ino: u64) -> io::Result<Commit> {
+        if !self.db.is_postgres() || self.removed_here.borrow().contains(&ino) {
+            return Ok(Commit::Gone);
+        }
+        let there = self.db.row(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE ino = ?1)",
+            params![ino as i64],
+            |r| r.get::<_, bool>(0),
+        )?;
+        if there {
+            return Ok(Commit::Gone);
+        }
+        log::error!(
+            "inode {ino}: its row is gone from the shared index, not removed here (PostgreSQL \
+             lost it in a crash, or this machine's lease ran out): its content is not recorded"
+        );
+        Err(io::Error::other(format!(
+            "index: the row of inode {ino}, being written, is gone from the shared index"
+        )))
     }
 
     /// File `ino` was released: its committed content is final. Other daemons see it sealed
@@ -2080,6 +2120,10 @@ impl Index {
     }
 
     fn unlink_unsealed_rows(&self, ino: u64, now: i64) -> io::Result<()> {
+        if self.db.is_postgres() {
+            // (Its commit, if one follows, finds no row: removed here, see `gone_or_lost`.)
+            self.removed_here.borrow_mut().insert(ino);
+        }
         self.touch_parent_of(ino, now)?;
         self.db.batch(&format!(
                 "DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING} AND hash IS NULL;
@@ -2635,6 +2679,66 @@ mod tests {
                 start.elapsed()
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// On a shared index a commit that finds its row gone fails, unless this daemon removed
+    /// it (an `unlink` while open, then one commit per descriptor): a row PostgreSQL lost in a
+    /// crash (its create is not waited for on disk) or that another machine dropped must not
+    /// let `close()` say the content is stored.
+    #[test]
+    fn a_commit_whose_row_vanished_fails_unless_it_was_removed_here() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 5).unwrap();
+        let h = Hash::of(b"x");
+        for inline in [true, false] {
+            let name = if inline {
+                b"lost-inline".as_slice()
+            } else {
+                b"lost-blob"
+            };
+            let f = idx
+                .insert_in_dir(&NewEntry::new_file(RUNS_INO, name, 3, 0o644, (0, 0), 9))
+                .unwrap()
+                .unwrap();
+            // (What a server crash does to a create not yet on disk.)
+            let other = Index::open_postgres_client(&url).unwrap();
+            other
+                .db
+                .exec("DELETE FROM entries WHERE ino = ?1", params![f as i64])
+                .unwrap();
+            std::thread::sleep(cache::PG_KEEP);
+            let r = if inline {
+                idx.commit_file_with(f, &h, 1, 10, 10, Stored::Inline { bytes: b"x" })
+            } else {
+                idx.commit_file(f, &h, 1, 10, 10, || true)
+            };
+            let e = r.unwrap_err();
+            assert!(e.to_string().contains("gone from the shared index"), "{e}");
+            // Removed here while open: nothing recorded, no error, at every commit.
+            let g = idx
+                .insert_in_dir(&NewEntry::new_file(
+                    RUNS_INO,
+                    b"unlinked",
+                    3,
+                    0o644,
+                    (0, 0),
+                    9,
+                ))
+                .unwrap()
+                .unwrap();
+            idx.unlink_unsealed(g, 11).unwrap();
+            for _ in 0..2 {
+                let r = if inline {
+                    idx.commit_file_with(g, &h, 1, 12, 12, Stored::Inline { bytes: b"x" })
+                } else {
+                    idx.commit_file(g, &h, 1, 12, 12, || true)
+                };
+                assert_eq!(r.unwrap(), Commit::Gone);
+            }
+            assert_eq!(idx.lookup(RUNS_INO, b"unlinked").unwrap(), None);
         }
     }
 
