@@ -11,6 +11,9 @@ use std::io;
 pub enum Refusal {
     /// No such entry.
     NotFound,
+    /// On a shared store: the entry the kernel still remembers was removed by another machine
+    /// since it was looked up. `ESTALE` makes the kernel look its name up again, once.
+    Stale,
     /// The path exists or was used before (tombstone).
     Exists,
     /// Forbidden by the write-once rules or the namespace.

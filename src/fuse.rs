@@ -73,6 +73,7 @@ pub fn errno(e: &FsError) -> Errno {
     let code = match e {
         FsError::Refused(kind) => match kind {
             Refusal::NotFound => libc::ENOENT,
+            Refusal::Stale => libc::ESTALE,
             Refusal::Exists => libc::EEXIST,
             Refusal::NotPermitted => libc::EPERM,
             Refusal::Busy => libc::EBUSY,
@@ -104,13 +105,16 @@ pub fn errno(e: &FsError) -> Errno {
 /// one) may change the store behind this mount, so nothing is cached for more than a second.
 pub fn ttl(attr: &Attr, shared: bool) -> Duration {
     match attr.kind {
-        _ if (attr.sealed || attr.stable) && !shared => Duration::from_secs(3600),
+        _ if (attr.sealed || (attr.stable && attr.kind == NodeKind::Dir)) && !shared => {
+            Duration::from_secs(3600)
+        }
         // Registry links change when versions settle, without the kernel seeing it.
         NodeKind::Symlink => Duration::ZERO,
         // Beside a writer, a file it still writes changes size behind this mount's back: its
         // attributes are never cached, or a read right after the writer's close() would stop
         // at the size seen before (found by the soak).
-        NodeKind::File if shared && !attr.sealed => Duration::ZERO,
+        // (Not one written through this mount, whose size the kernel tracks itself.)
+        NodeKind::File if shared && !attr.sealed && !attr.stable => Duration::ZERO,
         // Files being written: their size is the kernel's own to track, and only this handle
         // can change them. Directories the registry changes by itself (`models/`).
         NodeKind::Dir | NodeKind::File => Duration::from_secs(1),

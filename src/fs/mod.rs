@@ -142,7 +142,8 @@ pub struct Attr {
     /// Content and size can never change again: safe to cache for long.
     pub sealed: bool,
     /// A directory whose entries and attributes change only through this mount (`runs/` and
-    /// below), never by the daemon itself: the kernel's own invalidation keeps its cache true.
+    /// below), never by the daemon itself, or a file this daemon is writing: the kernel's own
+    /// invalidation keeps its cache true.
     pub stable: bool,
 }
 
@@ -510,6 +511,8 @@ impl ArtifactFs {
             attr.sealed = false;
             attr.size = size;
             attr.mtime = from_ns(mtime);
+            // Written here: only this mount changes it until it is sealed.
+            attr.stable = true;
         }
         attr
     }
@@ -1031,6 +1034,13 @@ impl ArtifactFs {
         let idx = self.store.index();
         let (e, damaged) = match idx.get_checked(ino)? {
             Some((e, damaged)) if e.state != State::Tombstone => (e, damaged),
+            // Removed by another machine since the kernel looked its name up (it keeps names
+            // for a moment): it is to look again, and find what the path holds now (`echo x >
+            // f` then meets the tombstone's refusal, not ENOENT).
+            _ if self.opts.beside_others() => {
+                idx.forget_kept();
+                return Err(FsError::Refused(Refusal::Stale));
+            }
             _ => return Err(FsError::Refused(Refusal::NotFound)),
         };
         if e.kind == Kind::Dir {

@@ -1283,6 +1283,11 @@ impl Index {
         Ok(row.map(|e| self.current(e)))
     }
 
+    /// Drops every answer kept (one was found out of date).
+    pub fn forget_kept(&self) {
+        self.cache.borrow_mut().validate(None);
+    }
+
     /// Row `ino` as the cache has it now, if it has it (before `current`).
     fn cached_row(&self, ino: u64) -> Option<Entry> {
         self.snapshot()?;

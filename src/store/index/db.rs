@@ -1168,6 +1168,9 @@ pub(crate) mod tests {
         assert!(super::super::is_busy(&e), "{e}");
         assert!(!two.in_transaction());
         one.commit().unwrap();
+        // (Other tests' writers take the same lock, in the same database: wait longer now.)
+        two.set_lock_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
         two.begin_write().unwrap();
         two.exec(
             "INSERT INTO t (id, name) VALUES (?1, ?2)",
