@@ -590,6 +590,8 @@ impl Index {
     /// records `migration` as done. All of it or nothing: an interrupted copy leaves `target`
     /// as it was. Returns how many rows it copied.
     pub fn copy_rows_into(&self, target: &Index, migration: &str) -> io::Result<u64> {
+        /// Rows read from this index at a time.
+        const MIGRATE_PAGE: usize = 1000;
         use rusqlite::types::Value;
         const TABLES: [(&str, &str); 7] = [
             (
@@ -613,36 +615,45 @@ impl Index {
             let mut copied = 0u64;
             for (table, columns) in TABLES {
                 let n = columns.split(',').count();
-                let order = if table == "history" {
-                    " ORDER BY rowid"
-                } else {
-                    ""
-                };
-                let rows = self.db.all(
-                    &format!("SELECT {columns} FROM {table}{order}"),
-                    params![],
-                    |r| {
-                        (0..n)
-                            .map(|i| r.get::<_, Value>(i))
-                            .collect::<rusqlite::Result<Vec<_>>>()
-                    },
-                )?;
                 let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
                 // The fixed directories are the target's own already: theirs are kept.
                 let insert = format!(
                     "INSERT INTO {table} ({columns}) VALUES ({}) ON CONFLICT DO NOTHING",
                     marks.join(", ")
                 );
-                for mut row in rows {
-                    if table == "entries"
-                        && let Value::Integer(state) = row[4]
-                        && state == STATE_COMMITTED_OPEN
-                    {
-                        row[4] = Value::Integer(STATE_LIVE);
+                // A page of rows at a time, in rowid order (history's order is its meaning),
+                // so that memory stays bounded whatever the store's size.
+                let mut after = i64::MIN;
+                loop {
+                    let page = self.db.all(
+                        &format!(
+                            "SELECT rowid, {columns} FROM {table} WHERE rowid > ?1
+                             ORDER BY rowid LIMIT {MIGRATE_PAGE}"
+                        ),
+                        params![after],
+                        |r| {
+                            let rowid = r.get::<_, i64>(0)?;
+                            let row = (1..=n)
+                                .map(|i| r.get::<_, Value>(i))
+                                .collect::<rusqlite::Result<Vec<_>>>()?;
+                            Ok((rowid, row))
+                        },
+                    )?;
+                    let Some(&(last, _)) = page.last() else {
+                        break;
+                    };
+                    after = last;
+                    for (_, mut row) in page {
+                        if table == "entries"
+                            && let Value::Integer(state) = row[4]
+                            && state == STATE_COMMITTED_OPEN
+                        {
+                            row[4] = Value::Integer(STATE_LIVE);
+                        }
+                        let params: Vec<&dyn rusqlite::ToSql> =
+                            row.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+                        copied += t.db.exec(&insert, &params)? as u64;
                     }
-                    let params: Vec<&dyn rusqlite::ToSql> =
-                        row.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
-                    copied += t.db.exec(&insert, &params)? as u64;
                 }
             }
             postgres::finish_migration(&t.db, migration)?;
@@ -2685,6 +2696,44 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// `migrate` copies rows a page at a time: more than a page of entries and of history
+    /// arrives whole, history in its order, committed-open files sealed.
+    #[test]
+    fn copying_rows_into_a_shared_index_goes_page_by_page() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut src = Index::open(&dir.path().join("index.sqlite"), (0, 0), 5).unwrap();
+        let names: Vec<Vec<u8>> = (0..2500).map(|i| format!("f{i}").into_bytes()).collect();
+        let entries: Vec<NewEntry> = names.iter().map(|n| new_file(RUNS_INO, n)).collect();
+        assert_eq!(src.insert_many(&entries).unwrap(), 2500);
+        let open = src.insert(&new_file(RUNS_INO, b"open")).unwrap().unwrap();
+        src.commit_file(open, &Hash::of(b"x"), 1, 1, 2, || true)
+            .unwrap();
+        for i in 0..1200u64 {
+            src.db
+                .exec(
+                    "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, 1, ?3, ?3)",
+                    params![open as i64, Hash::of(&i.to_le_bytes()).to_hex(), i as i64],
+                )
+                .unwrap();
+        }
+        let target = Index::open_postgres_target(&url, (0, 0), 5).unwrap();
+        let copied = src.copy_rows_into(&target, "m-paged").unwrap();
+        assert!(copied >= 2500 + 1 + 1200, "{copied}");
+        let count = |sql: &str| -> i64 { target.db.row(sql, params![], |r| r.get(0)).unwrap() };
+        assert_eq!(count("SELECT COUNT(*) FROM entries WHERE kind = 2"), 2501);
+        assert_eq!(count("SELECT COUNT(*) FROM entries WHERE state = 4"), 0);
+        let times: Vec<i64> = target
+            .db
+            .all("SELECT mtime FROM history ORDER BY rowid", params![], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(times, (0..1200).collect::<Vec<i64>>());
     }
 
     /// On a shared index a commit that finds its row gone fails, unless this daemon removed
