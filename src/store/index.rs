@@ -1184,8 +1184,12 @@ impl Index {
         mtime: i64,
         now: i64,
     ) -> io::Result<()> {
+        // Once, even if tried again (a shared index's connection that broke after the
+        // insert): `now` tells this replacement from any other of the file.
         self.db.exec(
-            "INSERT INTO history (ino, hash, size, mtime, replaced) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO history (ino, hash, size, mtime, replaced)
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS
+                 (SELECT 1 FROM history WHERE ino = ?1 AND hash = ?2 AND replaced = ?5)",
             params![ino as i64, hash.to_hex(), size as i64, mtime, now],
         )?;
         Ok(())
