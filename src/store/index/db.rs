@@ -497,6 +497,14 @@ impl Db {
         }
     }
 
+    /// A PostgreSQL index's connection settings (for a connection of another's own).
+    pub fn pg_config(&self) -> Option<postgres::Config> {
+        match self {
+            Db::Sqlite(_) => None,
+            Db::Postgres(pg) => Some(pg.borrow().config.clone()),
+        }
+    }
+
     /// Whether this is a PostgreSQL index.
     pub fn is_postgres(&self) -> bool {
         matches!(self, Db::Postgres(_))
