@@ -52,6 +52,7 @@ pub fn forward_vanished(
                     .and_then(|()| notifier.inval_inode(INodeNo(parent), 0, 0))
             };
             for what in rx {
+                log::debug!("invalidating {what:?}");
                 let r = match &what {
                     Invalidate::Entry(parent, name) => entry(*parent, name),
                     // Attributes (the size) and every cached page.
