@@ -169,8 +169,8 @@ pub const SHARED_TTL_ENV: &str = "ARTIFACTFS_TEST_SHARED_TTL";
 /// files and directories, negative entries): 1 s. On a shared store, PostgreSQL's
 /// notifications invalidate each change at once (see [`forward_vanished`]); this is the
 /// fallback for what they cannot cover — a lookup answered from the index just before a change
-/// whose notification overtakes the answer on its way into the kernel, and notifications lost
-/// before the listener noticed its connection broke.
+/// whose notification overtakes the answer on its way into the kernel, and the changes made
+/// while the listener is cut off from PostgreSQL (it invalidates everything once it is back).
 pub fn shared_ttl() -> Duration {
     static TTL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *TTL.get_or_init(|| {
