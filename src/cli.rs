@@ -754,9 +754,14 @@ fn serve_session(
     config.clone_fd = true;
 
     let adapter = FuseAdapter::new(fs.clone(), !args.no_passthrough);
+    let handed = adapter.handed();
     let mut session = fuser::Session::new(adapter, mp, &config)
         .map_err(|e| mounts::explain_mount_error(e, mp))?;
-    crate::fuse::forward_vanished(fs, session.notifier())?;
+    crate::fuse::forward_vanished(fs, session.notifier(), handed)?;
+    // On a shared store, other machines' changes reach the kernel's caches at once.
+    if fs.watch_other_machines()? {
+        log::info!("listening for the changes of other machines (PostgreSQL notifications)");
+    }
     let unmounter = session.unmount_callable();
     let mp_for_signal = mp.to_path_buf();
     std::thread::Builder::new()

@@ -8,11 +8,13 @@
 //! files kept in the page cache, no FLUSH for sealed files). Its one piece of state is FUSE
 //! passthrough: when the kernel offers it, a sealed file's reads are handed to the kernel
 //! straight from its blob file, so they cost what a native read costs. When the daemon itself
-//! drops a name the kernel may have cached, [`forward_vanished`] tells the kernel.
+//! drops a name the kernel may have cached, or on a shared store any machine changes the index,
+//! [`forward_vanished`] tells the kernel; for that it remembers, on a shared store, what the
+//! kernel was handed ([`Handed`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -30,22 +32,52 @@ use fuser::BackingId;
 use crate::error::{FsError, Refusal};
 use crate::fs::{ArtifactFs, Attr, Caller, Invalidate, Lookup, NodeKind, Opened, SetAttr, SetTime};
 
-/// Passes the names the daemon drops by itself (see [`ArtifactFs::on_vanish`]) on to the
-/// kernel, from a thread of its own: an invalidation waits for the directory's lock, which a
-/// request in flight may hold.
-pub fn forward_vanished(fs: &ArtifactFs, notifier: fuser::Notifier) -> std::io::Result<()> {
+/// Passes what the kernel must forget (see [`ArtifactFs::on_vanish`]: names the daemon drops
+/// by itself, and on a shared store every change of the index) on to the kernel, from a thread
+/// of its own: an invalidation waits for the directory's lock, which a request in flight may
+/// hold. `handed`: what the kernel was handed, forgotten whole on [`Invalidate::Everything`].
+pub fn forward_vanished(
+    fs: &ArtifactFs,
+    notifier: fuser::Notifier,
+    handed: Option<Arc<Mutex<Handed>>>,
+) -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<Invalidate>();
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
+            // The entry, and the directory's cached listing and attributes.
+            let entry = |parent: u64, name: &[u8]| {
+                notifier
+                    .inval_entry(INodeNo(parent), OsStr::from_bytes(name))
+                    .and_then(|()| notifier.inval_inode(INodeNo(parent), 0, 0))
+            };
             for what in rx {
+                log::debug!("invalidating {what:?}");
                 let r = match &what {
-                    // The entry, and the directory's cached listing and attributes.
-                    Invalidate::Entry(parent, name) => notifier
-                        .inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
-                        .and_then(|()| notifier.inval_inode(INodeNo(*parent), 0, 0)),
+                    Invalidate::Entry(parent, name) => entry(*parent, name),
                     // Attributes (the size) and every cached page.
                     Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                    // (A negative offset: no page.)
+                    Invalidate::Attributes(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
+                    Invalidate::Everything => {
+                        let (names, inodes) = match &handed {
+                            Some(h) => h.lock().unwrap_or_else(|p| p.into_inner()).all(),
+                            None => Default::default(),
+                        };
+                        log::info!(
+                            "invalidating everything the kernel may cache: {} name(s), {} \
+                             inode(s)",
+                            names.len(),
+                            inodes.len()
+                        );
+                        for (parent, name) in &names {
+                            let _ = entry(*parent, name);
+                        }
+                        for ino in inodes.iter().chain(&[crate::store::index::ROOT_INO]) {
+                            let _ = notifier.inval_inode(INodeNo(*ino), 0, 0);
+                        }
+                        Ok(())
+                    }
                 };
                 if let Err(e) = r {
                     log::debug!("cannot invalidate {what:?}: {e}");
@@ -102,7 +134,8 @@ pub fn errno(e: &FsError) -> Errno {
 }
 
 /// How long the kernel may cache an entry's attributes. `shared`: another daemon (the writable
-/// one) may change the store behind this mount, so nothing is cached for more than a second.
+/// one, or another machine's) may change the store behind this mount, so nothing is cached for
+/// longer than [`shared_ttl`].
 pub fn ttl(attr: &Attr, shared: bool) -> Duration {
     match attr.kind {
         _ if (attr.sealed || (attr.stable && attr.kind == NodeKind::Dir)) && !shared => {
@@ -115,6 +148,7 @@ pub fn ttl(attr: &Attr, shared: bool) -> Duration {
         // at the size seen before (found by the soak).
         // (Not one written through this mount, whose size the kernel tracks itself.)
         NodeKind::File if shared && !attr.sealed && !attr.stable => Duration::ZERO,
+        NodeKind::Dir | NodeKind::File if shared => shared_ttl(),
         // Files being written: their size is the kernel's own to track, and only this handle
         // can change them. Directories the registry changes by itself (`models/`).
         NodeKind::Dir | NodeKind::File => Duration::from_secs(1),
@@ -126,9 +160,30 @@ pub fn ttl(attr: &Attr, shared: bool) -> Duration {
 pub fn negative_ttl(cacheable: bool, shared: bool) -> Option<Duration> {
     match (cacheable, shared) {
         (false, _) => None,
-        (true, true) => Some(Duration::from_secs(1)),
+        (true, true) => Some(shared_ttl()),
         (true, false) => Some(Duration::from_secs(60)),
     }
+}
+
+/// The test knob that lengthens [`shared_ttl`] (seconds), so that a test can tell a change
+/// brought by a notification from one the TTL let through.
+pub const SHARED_TTL_ENV: &str = "ARTIFACTFS_TEST_SHARED_TTL";
+
+/// How long the kernel caches what another daemon may change (entries, attributes of sealed
+/// files and directories, negative entries): 1 s. On a shared store, PostgreSQL's
+/// notifications invalidate each change at once (see [`forward_vanished`]); this is the
+/// fallback for what they cannot cover — a lookup answered from the index just before a change
+/// whose notification overtakes the answer on its way into the kernel, and the changes made
+/// while the listener is cut off from PostgreSQL (it invalidates everything once it is back).
+pub fn shared_ttl() -> Duration {
+    static TTL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TTL.get_or_init(|| {
+        std::env::var(SHARED_TTL_ENV)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(Duration::from_secs(1), Duration::from_secs_f64)
+    })
 }
 
 /// Sealed files smaller than this are read through the daemon once and then served from the
@@ -225,6 +280,64 @@ pub struct FuseAdapter {
     passthrough: AtomicBool,
     backing: Mutex<Backing>,
     commits: CommitPool,
+    /// On a shared store: what the kernel was handed, for [`Invalidate::Everything`].
+    handed: Option<Arc<Mutex<Handed>>>,
+}
+
+/// What the kernel was handed and may cache, on a shared store: each inode with the name it
+/// was last handed by and how many lookups of it the kernel has not forgotten yet, and the
+/// negative entries whose TTL has not run out. After notifications of changes may have been
+/// missed, the daemon has the kernel forget all of it ([`forward_vanished`]).
+#[derive(Default)]
+pub struct Handed {
+    inodes: HashMap<u64, (u64, Vec<u8>, u64)>,
+    absent: HashMap<(u64, Vec<u8>), Instant>,
+}
+
+impl Handed {
+    /// The kernel is handed inode `ino` as `name` in `parent` (one lookup more).
+    fn handed(&mut self, parent: u64, name: &[u8], ino: u64) {
+        let known = self
+            .inodes
+            .entry(ino)
+            .or_insert_with(|| (parent, Vec::new(), 0));
+        if known.0 != parent || known.1 != name {
+            *known = (parent, name.to_vec(), known.2);
+        }
+        known.2 += 1;
+    }
+
+    /// The kernel is told `name` is absent from `parent` until `until`.
+    fn absent_until(&mut self, parent: u64, name: &[u8], until: Instant) {
+        if self.absent.len() >= 1 << 16 {
+            let now = Instant::now();
+            self.absent.retain(|_, t| *t > now);
+        }
+        self.absent.insert((parent, name.to_vec()), until);
+    }
+
+    /// The kernel forgot `nlookup` lookups of `ino`.
+    fn forget(&mut self, ino: u64, nlookup: u64) {
+        if let Some(known) = self.inodes.get_mut(&ino) {
+            known.2 = known.2.saturating_sub(nlookup);
+            if known.2 == 0 {
+                self.inodes.remove(&ino);
+            }
+        }
+    }
+
+    /// Everything the kernel may still cache: the names (entry, negative or not) and inodes.
+    fn all(&self) -> (Vec<(u64, Vec<u8>)>, Vec<u64>) {
+        let now = Instant::now();
+        let mut names: Vec<(u64, Vec<u8>)> = self
+            .absent
+            .iter()
+            .filter(|(_, t)| **t > now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        names.extend(self.inodes.values().map(|(p, n, _)| (*p, n.clone())));
+        (names, self.inodes.keys().copied().collect())
+    }
 }
 
 /// Threads of the commit pool: two long commits at a time (hashing is CPU-bound; more would
@@ -240,12 +353,19 @@ struct Backing {
 
 impl FuseAdapter {
     pub fn new(fs: Arc<ArtifactFs>, passthrough: bool) -> Self {
+        let shared = fs.options().shared_store;
         FuseAdapter {
             fs,
             passthrough: AtomicBool::new(passthrough),
             backing: Mutex::new(Backing::default()),
             commits: CommitPool::new(COMMIT_THREADS),
+            handed: shared.then(Default::default),
         }
+    }
+
+    /// What the kernel was handed (on a shared store), for [`forward_vanished`].
+    pub fn handed(&self) -> Option<Arc<Mutex<Handed>>> {
+        self.handed.clone()
     }
 
     /// A flush, fsync or release: inline when cheap, on the commit pool when it may be long.
@@ -259,10 +379,29 @@ impl FuseAdapter {
         }
     }
 
-    fn reply_entry(&self, reply: ReplyEntry, res: Result<Attr, FsError>) {
+    /// Replies with the entry `name` of directory `parent` (or the error).
+    fn reply_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        reply: ReplyEntry,
+        res: Result<Attr, FsError>,
+    ) {
         match res {
-            Ok(attr) => reply.entry(&self.ttl(&attr), &file_attr(&attr), Generation(0)),
+            Ok(attr) => {
+                self.handing_out(parent, name.as_bytes(), attr.ino);
+                reply.entry(&self.ttl(&attr), &file_attr(&attr), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Records that the kernel is handed inode `ino` as `name` in `parent` (on a shared store).
+    fn handing_out(&self, parent: u64, name: &[u8], ino: u64) {
+        if let Some(h) = &self.handed {
+            h.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .handed(parent, name, ino);
         }
     }
 
@@ -394,12 +533,16 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
             match self.fs.lookup_or_absent(parent.0, name.as_bytes()) {
-                Ok(Lookup::Found(attr)) => self.reply_entry(reply, Ok(attr)),
+                Ok(Lookup::Found(attr)) => self.reply_entry(parent.0, name, reply, Ok(attr)),
                 Ok(Lookup::Absent { cacheable }) => {
                     let shared = self.fs.options().beside_others();
                     match negative_ttl(cacheable, shared) {
                         // A negative entry: inode 0, remembered for the TTL.
                         Some(t) => {
+                            if let Some(h) = &self.handed {
+                                let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+                                h.absent_until(parent.0, name.as_bytes(), Instant::now() + t);
+                            }
                             let mut attr = file_attr(&NEGATIVE);
                             attr.ino = INodeNo(0);
                             reply.entry(&t, &attr, Generation(0));
@@ -410,6 +553,15 @@ impl Filesystem for FuseAdapter {
                 Err(e) => reply.error(errno(&e)),
             }
         })
+    }
+
+    // (fuser's batch_forget calls this for each inode: its type for them is private.)
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Some(h) = &self.handed {
+            h.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(ino.0, nlookup);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -471,6 +623,8 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("mknod", || {
             self.reply_entry(
+                parent.0,
+                name,
                 reply,
                 self.fs.retrying("mknod", || {
                     self.fs
@@ -491,6 +645,8 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("mkdir", || {
             self.reply_entry(
+                parent.0,
+                name,
                 reply,
                 self.fs.retrying("mkdir", || {
                     self.fs
@@ -530,6 +686,8 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("symlink", || {
             self.reply_entry(
+                parent.0,
+                link_name,
                 reply,
                 self.fs.retrying("symlink", || {
                     self.fs.symlink(
@@ -733,6 +891,7 @@ impl Filesystem for FuseAdapter {
                         let t = if e.name == b"." || e.name == b".." {
                             Duration::ZERO
                         } else {
+                            self.handing_out(ino.0, &e.name, e.attr.ino);
                             self.ttl(&e.attr)
                         };
                         if reply.add(
@@ -858,13 +1017,16 @@ impl Filesystem for FuseAdapter {
                 self.fs
                     .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
             }) {
-                Ok((attr, fh)) => reply.created(
-                    &self.ttl(&attr),
-                    &file_attr(&attr),
-                    Generation(0),
-                    FileHandle(fh),
-                    WRITING,
-                ),
+                Ok((attr, fh)) => {
+                    self.handing_out(parent.0, name.as_bytes(), attr.ino);
+                    reply.created(
+                        &self.ttl(&attr),
+                        &file_attr(&attr),
+                        Generation(0),
+                        FileHandle(fh),
+                        WRITING,
+                    )
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         })
@@ -884,6 +1046,35 @@ fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the kernel was handed is remembered until it forgets every lookup of it, by the
+    /// name it was last handed by; negative entries until their cache time runs out.
+    #[test]
+    fn handed_inodes_last_until_forgotten() {
+        let mut h = Handed::default();
+        h.handed(2, b"a", 10);
+        h.handed(2, b"b", 10); // renamed, looked up again
+        h.handed(2, b"c", 11);
+        h.absent_until(2, b"gone", Instant::now() + Duration::from_secs(60));
+        h.absent_until(2, b"expired", Instant::now() - Duration::from_secs(1));
+        let (mut names, mut inodes) = h.all();
+        names.sort();
+        inodes.sort();
+        assert_eq!(
+            names,
+            vec![
+                (2, b"b".to_vec()),
+                (2, b"c".to_vec()),
+                (2, b"gone".to_vec())
+            ]
+        );
+        assert_eq!(inodes, vec![10, 11]);
+        h.forget(10, 1);
+        h.forget(11, 1);
+        assert_eq!(h.all().1, vec![10]);
+        h.forget(10, 5);
+        assert!(h.all().1.is_empty());
+    }
 
     /// What fuser 0.18 hands over for a `utimensat` time, from the kernel's `timespec`.
     fn as_fuser_gives(secs: i64, nsecs: u32) -> SystemTime {

@@ -523,3 +523,224 @@ fn a_postgresql_restart_is_waited_out_and_an_outage_fails_with_eio() {
     let out = m.cli(&["fsck"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// The test knob that makes the kernel cache what another machine may change for 60 s instead
+/// of 1 s: a change seen within a second was brought by a notification, not by the TTL.
+const LONG_TTL: (&str, &str) = ("ARTIFACTFS_TEST_SHARED_TTL", "60");
+
+/// Waits up to `limit` for `cond`; how long it took, or `None`.
+fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// Whether `name` is listed in directory `dir`.
+fn listed(dir: &std::path::Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .any(|e| e.unwrap().file_name() == name)
+}
+
+/// A connection to the test's database as its owner (the test server's superuser).
+fn sql(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).unwrap()
+}
+
+/// With the kernel allowed to cache for 60 s, a change on one machine still reaches the
+/// other's cached entries within a second — a new file in a directory it had listed and a name
+/// it had found absent, an unlink of a file it had read, the same file created again at its
+/// tombstone, a rename — because PostgreSQL's notifications invalidate them. With the
+/// notifying trigger disabled for a moment, the same kind of change stays unseen for 2 s,
+/// twice the default cache time: the TTL alone would not have brought it.
+#[test]
+fn notifications_not_the_ttl_bring_changes_to_the_other_machine() {
+    let Some((m, _shared)) =
+        Mount::machines_with("notifications_not_the_ttl_bring_changes", 2, &[LONG_TTL])
+    else {
+        return;
+    };
+    let index = std::fs::read_to_string(m[0].store.join("shared")).unwrap();
+    let index = index
+        .lines()
+        .find_map(|l| l.strip_prefix("index="))
+        .map(str::to_owned);
+    let dir = "runs/n/artifacts";
+    std::fs::create_dir_all(m[0].path(dir)).unwrap();
+    let (a, b) = (m[0].path(dir), m[1].path(dir));
+    assert!(within(Duration::from_secs(1), || b.is_dir()).is_some());
+    let mut seen = Vec::new();
+
+    // A new file, in a directory the other machine has listed, under a name it found absent
+    // (a negative entry). Only `stat` and `open` ask for it: a listing would replace the
+    // negative entry by itself (readdirplus hands the kernel the entries it lists).
+    let _ = listed(&b, "x");
+    assert!(!b.join("new").exists());
+    std::fs::write(a.join("new"), b"new bytes").unwrap();
+    let t = within(Duration::from_secs(1), || {
+        std::fs::read(b.join("new")).is_ok_and(|x| x == b"new bytes")
+    });
+    assert!(
+        t.is_some(),
+        "the new file did not show on the other machine within 1 s"
+    );
+    seen.push(("create", t.unwrap()));
+    assert!(listed(&b, "new"));
+
+    // Unlinked (a tombstone) after the other machine read it: gone there too.
+    assert_eq!(std::fs::read(b.join("new")).unwrap(), b"new bytes");
+    std::fs::remove_file(a.join("new")).unwrap();
+    let t = within(Duration::from_secs(1), || {
+        !b.join("new").exists() && !listed(&b, "new")
+    });
+    assert!(t.is_some(), "the unlinked file stayed on the other machine");
+    seen.push(("unlink", t.unwrap()));
+
+    // The same bytes created again at the tombstone: back.
+    std::fs::write(a.join("new"), b"new bytes").unwrap();
+    let t = within(Duration::from_secs(1), || {
+        std::fs::read(b.join("new")).is_ok_and(|x| x == b"new bytes")
+    });
+    assert!(
+        t.is_some(),
+        "the file created again at its tombstone did not show"
+    );
+    seen.push(("create at tombstone", t.unwrap()));
+
+    // Renamed: the old name goes, the new one comes, on the other machine.
+    assert!(!b.join("moved").exists());
+    std::fs::rename(a.join("new"), a.join("moved")).unwrap();
+    let t = within(Duration::from_secs(1), || {
+        !b.join("new").exists() && std::fs::read(b.join("moved")).is_ok_and(|x| x == b"new bytes")
+    });
+    assert!(t.is_some(), "the rename did not show on the other machine");
+    seen.push(("rename", t.unwrap()));
+    eprintln!("seen on the other machine after: {seen:?}");
+
+    // Control: without the notifying trigger, the other machine keeps its cached answer.
+    let index = index.expect("STORE/shared names the index");
+    let mut db = sql(&index);
+    assert!(!b.join("quiet").exists());
+    db.batch_execute("ALTER TABLE entries DISABLE TRIGGER entries_notify")
+        .unwrap();
+    std::fs::write(a.join("quiet"), b"q").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let unseen = !b.join("quiet").exists();
+    db.batch_execute("ALTER TABLE entries ENABLE TRIGGER entries_notify")
+        .unwrap();
+    assert!(
+        unseen,
+        "a change announced by no notification showed within 2 s: the TTL is not 60 s; the \
+         other machine's log:\n{}",
+        m[1].log()
+    );
+    assert!(a.join("quiet").exists());
+}
+
+/// The listener outlives PostgreSQL: after a restart it listens again by itself (a change is
+/// seen on the other machine within a second, with the kernel allowed to cache for 60 s), and
+/// after it missed notifications (its connection cut while another machine committed) it
+/// has the kernel forget everything it may cache, so that change shows too.
+#[test]
+fn the_listener_comes_back_after_postgresql_restarts_and_forgets_what_it_missed() {
+    if !fuse_available("the_listener_comes_back") {
+        return;
+    }
+    let Some(server) = OwnServer::start() else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let blobs = format!("file://{}", shared.path().join("blobs").display());
+    let m: Vec<Mount> = (0..2)
+        .map(|_| {
+            Mount::machines_on_with(
+                "the_listener_comes_back",
+                &server.url(),
+                &blobs,
+                &[LONG_TTL],
+            )
+            .unwrap()
+        })
+        .collect();
+    let dir = "runs/l/artifacts";
+    std::fs::create_dir_all(m[0].path(dir)).unwrap();
+    let (a, b) = (m[0].path(dir), m[1].path(dir));
+    assert!(within(Duration::from_secs(1), || b.is_dir()).is_some());
+    let machine_b = std::fs::read_to_string(m[1].store.join("machine-id")).unwrap();
+    let listener_b = format!("artifactfs listen {}", machine_b.trim());
+    let listening = |db: &mut postgres::Client| {
+        db.query_one(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&listener_b],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    };
+
+    // A restart: the listener connects again by itself and hears the next change.
+    assert!(!b.join("after-restart").exists());
+    server.ctl("restart");
+    // (From another database: PostgreSQL refuses to shut out the one a connection is on.)
+    let mut db = sql(&server.url().replace("/postgres", "/template1"));
+    assert!(
+        within(Duration::from_secs(10), || listening(&mut db)).is_some(),
+        "machine B's listener did not come back after the restart"
+    );
+    std::fs::write(a.join("after-restart"), b"r").unwrap();
+    let t = within(Duration::from_secs(1), || {
+        std::fs::read(b.join("after-restart")).is_ok_and(|x| x == b"r")
+    });
+    assert!(
+        t.is_some(),
+        "a change after the restart did not show within 1 s"
+    );
+    eprintln!("after the restart, a change showed in {:?}", t.unwrap());
+
+    // Missed notifications: B's listener is cut off (and kept off) while A commits.
+    assert!(!b.join("missed").exists());
+    assert_eq!(std::fs::read(b.join("after-restart")).unwrap(), b"r");
+    db.batch_execute("ALTER DATABASE postgres ALLOW_CONNECTIONS false")
+        .unwrap();
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        &[&listener_b],
+    )
+    .unwrap();
+    assert!(
+        within(Duration::from_secs(5), || !listening(&mut db)).is_some(),
+        "machine B's listener outlived pg_terminate_backend"
+    );
+    std::fs::write(a.join("missed"), b"m").unwrap();
+    std::fs::remove_file(a.join("after-restart")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !b.join("missed").exists() && b.join("after-restart").exists(),
+        "B saw the changes with its listener cut off: the test proves nothing"
+    );
+    db.batch_execute("ALTER DATABASE postgres ALLOW_CONNECTIONS true")
+        .unwrap();
+    let t = within(Duration::from_secs(3), || {
+        std::fs::read(b.join("missed")).is_ok_and(|x| x == b"m")
+            && !b.join("after-restart").exists()
+    });
+    assert!(
+        t.is_some(),
+        "after its listener came back, B still showed what it had cached; its log:\n{}",
+        m[1].log()
+    );
+    eprintln!(
+        "changes missed by the listener showed {:?} after connections were allowed again",
+        t.unwrap()
+    );
+    assert!(
+        m[1].log().matches("listening again after").count() >= 2,
+        "{}",
+        m[1].log()
+    );
+}

@@ -309,7 +309,7 @@ pub struct ArtifactFs {
     models: models::ModelState,
     /// Told `(parent, name)` when the daemon itself removes a name the kernel may have cached
     /// in a directory it was told is [`Attr::stable`] (an unfinished file dropped at release).
-    vanish_hook: std::sync::OnceLock<VanishHook>,
+    vanish_hook: Arc<std::sync::OnceLock<VanishHook>>,
     /// Rows deleted while their file was still open (a file removed before its first commit,
     /// a draft's file below `models/`): what `fstat` of a descriptor on them shows until the
     /// last one is released.
@@ -328,6 +328,26 @@ pub enum Invalidate {
     /// The size, attributes and cached pages of inode `.0` (after an `O_TRUNC` that changed
     /// nothing, or a new content of a rewritable file).
     Inode(u64),
+    /// The attributes of inode `.0` (not its pages: its bytes are the same).
+    Attributes(u64),
+    /// Everything the kernel was told and may still cache: changes may have been missed.
+    Everything,
+}
+
+impl Invalidate {
+    /// What the kernel must forget after a change of a shared store's index.
+    fn after(change: crate::store::Change) -> Invalidate {
+        use crate::store::Change;
+        match change {
+            Change::Name { parent, name } => Invalidate::Entry(parent, name),
+            Change::Inode { ino, content: true } => Invalidate::Inode(ino),
+            Change::Inode {
+                ino,
+                content: false,
+            } => Invalidate::Attributes(ino),
+            Change::Anything => Invalidate::Everything,
+        }
+    }
 }
 
 fn from_ns(ns: i64) -> SystemTime {
@@ -392,7 +412,7 @@ impl ArtifactFs {
             mem: body::MemBudget::default(),
             abandoned: Mutex::new(Vec::new()),
             models: models::ModelState::default(),
-            vanish_hook: std::sync::OnceLock::new(),
+            vanish_hook: Default::default(),
             removed_open: Mutex::new(HashMap::new()),
         };
         fs.resume_pending();
@@ -403,6 +423,27 @@ impl ArtifactFs {
     /// directory (the FUSE adapter invalidates the kernel's caches). Set once.
     pub fn on_vanish(&self, hook: VanishHook) {
         let _ = self.vanish_hook.set(hook);
+    }
+
+    /// On a shared store: tells the hook of [`ArtifactFs::on_vanish`] what the kernel must
+    /// forget whenever any machine (this one included) changes the index — the name and the
+    /// directory listing of each entry created, removed or renamed, the attributes (and for a
+    /// new content, the pages) of each row changed, and everything after the store's listener
+    /// had to connect again. Set the hook first. Returns whether the store announces changes
+    /// (not an embedded store: there, every change comes through this mount).
+    ///
+    /// This daemon's own changes are forwarded too: most came through the kernel, which then
+    /// knows them already (an invalidation costs it one lookup more), but not all of them do
+    /// (seals and directory times written by the periodic work, the registry's validations,
+    /// the cleanup after another machine's dead session), and telling those apart in the
+    /// index would cost every write more than the lookups cost.
+    pub fn watch_other_machines(&self) -> io::Result<bool> {
+        let hook = self.vanish_hook.clone();
+        self.store.watch(Box::new(move |change| {
+            if let Some(hook) = hook.get() {
+                hook(Invalidate::after(change));
+            }
+        }))
     }
 
     pub fn store(&self) -> &Store {

@@ -52,6 +52,7 @@ mod cache;
 mod db;
 mod postgres;
 use db::{Db, DbRow};
+pub use postgres::{Change, ChangeSink, Listener};
 mod registry;
 pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 
@@ -237,6 +238,8 @@ pub struct Index {
     /// Files being written whose rows this daemon deleted (`unlink` while open): their
     /// commits find them gone (see `gone_or_lost`). A few bytes for each such file.
     removed_here: RefCell<std::collections::HashSet<u64>>,
+    /// How many changes of other connections the listener heard of (see `cache::pg_snapshot`).
+    heard: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// [`Index::is_damaged`]'s memory: the table's hashes and the `PRAGMA data_version` they were
@@ -537,6 +540,7 @@ impl Index {
             shm: None,
             pg_cache: false,
             removed_here: RefCell::default(),
+            heard: Default::default(),
             cache: Default::default(),
         }
     }
@@ -560,6 +564,19 @@ impl Index {
         index.last_heartbeat.set(Some(std::time::Instant::now()));
         index.clean_up_after_dead_sessions(now)?;
         Ok(index)
+    }
+
+    /// On a shared (PostgreSQL) index: starts a [`Listener`] that hands every change any
+    /// daemon or command commits to `sink`. `None` on the embedded index (one writer, whose
+    /// kernel sees every change itself).
+    pub fn listen(&self, sink: ChangeSink) -> io::Result<Option<Listener>> {
+        match self.db.pg_config() {
+            Some(config) => {
+                let own = self.db.backend_pid().unwrap_or_default();
+                Listener::start(config, &self.machine, sink, self.heard.clone(), own).map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     /// Whether this is a shared (PostgreSQL) index.
@@ -716,7 +733,8 @@ impl Index {
     /// A PostgreSQL daemon's snapshot now, without dropping what was kept before it.
     fn snapshot_unvalidated(&self) -> Option<cache::Snapshot> {
         if self.pg_cache {
-            self.db.writes().map(cache::pg_snapshot)
+            let heard = self.heard.load(std::sync::atomic::Ordering::Acquire);
+            self.db.writes().map(|w| cache::pg_snapshot(w, heard))
         } else {
             None
         }
@@ -2702,6 +2720,52 @@ mod tests {
         }
     }
 
+    /// With its listener, a daemon drops what it keeps as soon as it hears of another
+    /// connection's change, not only after the moment it keeps answers; its own changes,
+    /// which what it keeps shows already, do not count.
+    #[test]
+    fn a_heard_change_of_another_machine_drops_what_is_kept() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 5).unwrap();
+        let other = Index::open_postgres(&url, "m2", (0, 0), 5).unwrap();
+        let _listener = idx.listen(Box::new(|_| {})).unwrap().unwrap();
+        let heard = || idx.heard.load(std::sync::atomic::Ordering::Acquire);
+        let wait_heard = |n: u64| {
+            let start = std::time::Instant::now();
+            while heard() < n {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(5),
+                    "never heard"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        };
+        wait_heard(1); // (the listener's connect)
+        let dir = idx
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"heard", 2, 0o755, (0, 0), 5))
+            .unwrap()
+            .unwrap();
+        assert_eq!(idx.lookup(dir, b"x").unwrap(), None);
+        // Its own change is not counted...
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let before = heard();
+        idx.insert_in_dir(&NewEntry::new_file(dir, b"own", 3, 0o644, (0, 0), 6))
+            .unwrap()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(heard(), before, "its own create was counted");
+        assert_eq!(idx.lookup(dir, b"x").unwrap(), None);
+        // ... another machine's is, and the next answer is read again.
+        let x = other
+            .insert_in_dir(&NewEntry::new_file(dir, b"x", 3, 0o644, (0, 0), 7))
+            .unwrap()
+            .unwrap();
+        wait_heard(before + 1);
+        assert_eq!(idx.lookup(dir, b"x").unwrap().map(|e| e.ino), Some(x));
+    }
+
     /// `migrate` copies rows a page at a time: more than a page of entries and of history
     /// arrives whole, history in its order, committed-open files sealed.
     #[test]
@@ -2963,6 +3027,122 @@ mod tests {
         assert!(idx.snapshot().is_some());
         assert!(Index::open_shared(&path).unwrap().snapshot().is_none());
         assert!(Index::open_readonly(&path).unwrap().snapshot().is_none());
+    }
+
+    /// On PostgreSQL, every change of a row is announced at its commit to every listener of
+    /// the store: a new file (its name, its inode), a rename (both names), a tombstone and a
+    /// deleted row (the name), an update of anything else (the inode alone); a rollback is
+    /// never announced.
+    #[test]
+    fn changes_are_announced_to_listeners_at_commit() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let mut idx = Index::open_postgres(&url, "m1", (0, 0), 1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<Change>();
+        let tx = std::sync::Mutex::new(tx);
+        let _listener = Index::open_postgres_client(&url)
+            .unwrap()
+            .listen(Box::new(move |c| {
+                let _ = tx.lock().unwrap().send(c);
+            }))
+            .unwrap()
+            .expect("a PostgreSQL index has a listener");
+        // Its first connection may have missed anything: it says so first.
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(first, Change::Anything);
+        let drain = || {
+            let mut got = Vec::new();
+            while let Ok(c) = rx.recv_timeout(Duration::from_millis(300)) {
+                got.push(c);
+            }
+            got
+        };
+        let name = |parent: u64, n: &[u8]| Change::Name {
+            parent,
+            name: n.to_vec(),
+        };
+        let inode = |ino: u64, content: bool| Change::Inode { ino, content };
+
+        let ino = sealed_file(&idx, b"a", b"bytes");
+        let got = drain();
+        for want in [name(RUNS_INO, b"a"), inode(ino, true), inode(ino, false)] {
+            assert!(got.contains(&want), "{want:?} not in {got:?}");
+        }
+        assert!(!got.contains(&Change::Anything), "{got:?}");
+
+        assert!(idx.rename_file(ino, RUNS_INO, b"b", 0, 2, true).unwrap());
+        let got = drain();
+        for want in [name(RUNS_INO, b"a"), name(RUNS_INO, b"b")] {
+            assert!(got.contains(&want), "{want:?} not in {got:?}");
+        }
+
+        idx.tombstone(ino, 3).unwrap();
+        let got = drain();
+        assert!(got.contains(&name(RUNS_INO, b"b")), "{got:?}");
+        idx.delete_row(ino).unwrap();
+        let got = drain();
+        assert!(got.contains(&name(RUNS_INO, b"b")), "{got:?}");
+
+        // A change of attributes names no entry.
+        let other = sealed_file(&idx, b"c", b"more");
+        drain();
+        idx.change_meta(
+            other,
+            &MetaChange {
+                mode: Some(0o600),
+                ctime: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(drain(), vec![inode(other, false)]);
+
+        // Nothing of a rolled-back transaction.
+        idx.db.begin_write().unwrap();
+        idx.db
+            .exec("DELETE FROM entries WHERE ino = ?1", params![other as i64])
+            .unwrap();
+        idx.db.rollback().unwrap();
+        assert_eq!(drain(), vec![]);
+    }
+
+    /// An index of schema version 1 (without the notifying triggers) is upgraded by the next
+    /// daemon that opens it; a command (`ls`) asks for that and changes nothing.
+    #[test]
+    fn a_version_1_index_gets_its_triggers_from_the_next_daemon() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 1).unwrap();
+        idx.end_session().unwrap();
+        idx.db
+            .batch(
+                "DROP TRIGGER entries_notify ON entries;
+                 DROP TRIGGER registered_models_notify ON registered_models;
+                 DROP TRIGGER model_versions_notify ON model_versions;
+                 DROP TRIGGER model_aliases_notify ON model_aliases;
+                 DROP FUNCTION artifactfs_notify_entry(); DROP FUNCTION artifactfs_notify_dirs();
+                 UPDATE meta SET value = 1 WHERE key = 'schema_version'",
+            )
+            .unwrap();
+        let triggers = |idx: &Index| -> i64 {
+            idx.db
+                .row(
+                    "SELECT COUNT(*) FROM information_schema.triggers
+                     WHERE trigger_schema = current_schema() AND trigger_name LIKE '%_notify'",
+                    params![],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(triggers(&idx), 0);
+        let e = Index::open_postgres_client(&url).err().unwrap();
+        assert!(e.to_string().contains("upgrades it"), "{e}");
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 2).unwrap();
+        // (One row of information_schema.triggers per event: insert, update, delete.)
+        assert_eq!(triggers(&idx), 12);
+        Index::open_postgres_client(&url).unwrap();
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 pub use blobs::BlobStore;
-pub use index::Index;
+pub use index::{Change, ChangeSink, Index};
 
 /// A SHA-256 content hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,6 +245,8 @@ pub struct Store {
     busy_timeout: Duration,
     /// How long [`Store::retry_busy`] keeps trying.
     busy_patience: Duration,
+    /// A shared store's listener for the changes of other machines (see [`Store::watch`]).
+    listener: Mutex<Option<index::Listener>>,
 }
 
 /// What `STORE/synced` records. Each value is a claim that stays true once made: the blobs of
@@ -610,6 +612,7 @@ impl Store {
             durability: Some(durability),
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
+            listener: Default::default(),
         };
         store.recover()?;
         store.sync()?;
@@ -652,6 +655,7 @@ impl Store {
             durability: Some(Durability::EveryClose),
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
+            listener: Default::default(),
         })
     }
 
@@ -756,6 +760,13 @@ impl Store {
     /// nothing. Call it once nothing writes to the store any more (the daemon does after the
     /// session ended and the periodic work stopped); dropping the store does it otherwise.
     pub fn stop(&self) -> io::Result<()> {
+        // No more changes to hand up: the mount is gone.
+        drop(
+            self.listener
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         if self._lock.is_none() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
@@ -815,6 +826,7 @@ impl Store {
             durability: None,
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
+            listener: Default::default(),
         })
     }
 
@@ -841,6 +853,7 @@ impl Store {
             durability: None,
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
+            listener: Default::default(),
         })
     }
 
@@ -861,6 +874,16 @@ impl Store {
             None => BlobStore::open_existing(root),
         };
         Ok((index, blobs))
+    }
+
+    /// On a shared store, hands every change of its index that any machine commits to `sink`,
+    /// from a thread of its own that listens to PostgreSQL's notifications, until the store
+    /// stops (see [`index::Listener`]). Returns whether it listens (not on an embedded store).
+    pub fn watch(&self, sink: ChangeSink) -> io::Result<bool> {
+        let listener = self.index().listen(sink)?;
+        let listening = listener.is_some();
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = listener;
+        Ok(listening)
     }
 
     /// Whether daemons of other machines write this store too (a PostgreSQL index).

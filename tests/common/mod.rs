@@ -84,6 +84,8 @@ pub struct Mount {
     pub store: PathBuf,
     pub mnt: PathBuf,
     mounted: bool,
+    /// Environment variables of the daemon, besides the test's own.
+    env: Vec<(String, String)>,
 }
 
 impl Mount {
@@ -97,6 +99,15 @@ impl Mount {
     /// server and one blob directory. `None` (after saying why) without FUSE or a test server,
     /// outside CI.
     pub fn machines(test: &str, n: usize) -> Option<(Vec<Mount>, tempfile::TempDir)> {
+        Self::machines_with(test, n, &[])
+    }
+
+    /// [`Mount::machines`] whose daemons run with the environment variables `env` too.
+    pub fn machines_with(
+        test: &str,
+        n: usize,
+        env: &[(&str, &str)],
+    ) -> Option<(Vec<Mount>, tempfile::TempDir)> {
         if !fuse_available(test) {
             return None;
         }
@@ -117,7 +128,15 @@ impl Mount {
         let index = format!("{base}/{name}");
         let blobs = format!("file://{}", shared.path().join("blobs").display());
         let mounts = (0..n)
-            .map(|_| Self::bare(&["--index", &index, "--blobs", &blobs]))
+            .map(|_| {
+                let mut m = Self::unmounted();
+                m.env = env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                m.mount(&["--index", &index, "--blobs", &blobs]);
+                m
+            })
             .collect();
         Some((mounts, shared))
     }
@@ -125,17 +144,24 @@ impl Mount {
     /// A daemon of the shared store `index` + `blobs` (as [`Mount::machines`] makes them),
     /// with a store directory of its own; the mount's error if it fails.
     pub fn machines_on(test: &str, index: &str, blobs: &str) -> Result<Mount, String> {
-        assert!(fuse_available(test));
-        let mut m = Self::unmounted();
-        m.try_mount(&["--index", index, "--blobs", blobs])?;
-        Ok(m)
+        Self::machines_on_with(test, index, blobs, &[])
     }
 
-    /// A store in a new temp dir, mounted with exactly `args`.
-    fn bare(args: &[&str]) -> Mount {
+    /// [`Mount::machines_on`] whose daemon runs with the environment variables `env` too.
+    pub fn machines_on_with(
+        test: &str,
+        index: &str,
+        blobs: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Mount, String> {
+        assert!(fuse_available(test));
         let mut m = Self::unmounted();
-        m.mount(args);
-        m
+        m.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.try_mount(&["--index", index, "--blobs", blobs])?;
+        Ok(m)
     }
 
     /// A new temp dir with a store directory and a mount point, not mounted yet.
@@ -152,6 +178,7 @@ impl Mount {
             store,
             mnt,
             mounted: false,
+            env: Vec::new(),
         }
     }
 
@@ -182,6 +209,7 @@ impl Mount {
             .arg(&self.store)
             .args(args)
             .arg(&self.mnt)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

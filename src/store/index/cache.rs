@@ -127,10 +127,12 @@ pub(super) fn snapshot(shm: &ShmHeader, changes: u64) -> Option<Snapshot> {
 }
 
 /// A PostgreSQL index's snapshot (the daemon's, see `Index::snapshot`): how many times its
-/// connection may have changed rows, and the current [`PG_KEEP`]-long period. Other machines'
-/// changes cannot be seen coming, so answers are kept for at most that period: far below the
-/// time the kernel itself keeps a shared store's attributes and names.
-pub(super) fn pg_snapshot(writes: u64) -> Snapshot {
+/// connection may have changed rows, how many changes of other connections (other machines,
+/// `gc`, `fsck`) its listener has heard of (`postgres::Listener`: a commit's notification
+/// reaches it within milliseconds), and the current [`PG_KEEP`]-long period: answers are kept
+/// for at most that period, for changes not heard of (far below the time the kernel itself keeps
+/// a shared store's attributes and names).
+pub(super) fn pg_snapshot(writes: u64, heard: u64) -> Snapshot {
     use std::sync::OnceLock;
     static START: OnceLock<std::time::Instant> = OnceLock::new();
     let period = START
@@ -140,6 +142,7 @@ pub(super) fn pg_snapshot(writes: u64) -> Snapshot {
         / PG_KEEP.as_millis() as u64;
     let mut header = [0u8; HEADER];
     header[..8].copy_from_slice(&period.to_le_bytes());
+    header[8..16].copy_from_slice(&heard.to_le_bytes());
     Snapshot {
         changes: writes,
         header,

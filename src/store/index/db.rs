@@ -63,6 +63,9 @@ pub(crate) struct Pg {
     /// outside a transaction): answers read in between are the index as this connection left
     /// it (see `cache`).
     writes: u64,
+    /// The PostgreSQL backend process of the current connection (0: none yet): notifications
+    /// of its own commits carry it (see `postgres::Listener`).
+    backend_pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// A statement of the open transaction (or step) failed: PostgreSQL ignores everything
     /// until it is rolled back, and a `COMMIT` would roll it back without an error.
     aborted: bool,
@@ -389,6 +392,12 @@ impl Pg {
                 client.batch_execute(&self.setup).map_err(pg_error)?;
             }
             self.applied_lock_timeout = None;
+            let pid: i32 = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .map_err(pg_error)?
+                .get(0);
+            self.backend_pid
+                .store(pid as u32, std::sync::atomic::Ordering::Release);
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -518,6 +527,7 @@ impl Db {
             lock_timeout: None,
             applied_lock_timeout: None,
             writes: 0,
+            backend_pid: Default::default(),
             aborted: false,
         };
         pg.client()?;
@@ -557,6 +567,22 @@ impl Db {
                 (pg.depth == 0).then_some(pg.writes)
             }
             Db::Sqlite(_) => None,
+        }
+    }
+
+    /// PostgreSQL: the backend process of this connection, kept current across reconnects.
+    pub fn backend_pid(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU32>> {
+        match self {
+            Db::Sqlite(_) => None,
+            Db::Postgres(pg) => Some(pg.borrow().backend_pid.clone()),
+        }
+    }
+
+    /// A PostgreSQL index's connection settings (for a connection of another's own).
+    pub fn pg_config(&self) -> Option<postgres::Config> {
+        match self {
+            Db::Sqlite(_) => None,
+            Db::Postgres(pg) => Some(pg.borrow().config.clone()),
         }
     }
 

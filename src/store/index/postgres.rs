@@ -12,6 +12,12 @@
 //! Inode numbers come from the sequence `inos` in blocks of [`INO_BLOCK`]: each daemon hands
 //! out the numbers of its block, so creates need no round trip for them, and numbers are never
 //! handed out twice across daemons.
+//!
+//! Every change of a row that the mounts show is announced to the other daemons: triggers on
+//! `entries` and on the registry's tables `NOTIFY` the store's channel (PostgreSQL delivers a
+//! notification at its transaction's commit, never for a rollback), whoever made the change —
+//! a daemon, `gc`, `fsck`, `migrate`, a cleanup after a dead session. Each daemon's
+//! [`Listener`] hears them on a connection of its own and hands them up as [`Change`]s.
 
 use std::io;
 
@@ -20,8 +26,76 @@ use rusqlite::params;
 use super::db::Db;
 use super::{MODELS_INO, ROOT_INO, RUNS_INO};
 
-/// The PostgreSQL schema's version, in `meta`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The PostgreSQL schema's version, in `meta`. 2: the triggers that announce changes
+/// ([`NOTIFY_SCHEMA`]); a daemon upgrades an index of version 1 by adding them.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The channel the index's triggers announce changes on: one per schema, so that stores in
+/// other schemas of the same database (the index's unit tests) do not hear each other's (a
+/// channel's name is at most 63 bytes: a number stands for the schema's name).
+const CHANNEL: &str = "'artifactfs_' || hashtext(current_schema())";
+
+/// The triggers that announce each change (see [`parse_change`] for the payload). A row of
+/// `entries` tells its inode, whether its content changed, and the `(parent, name)` pairs whose
+/// lookup changed: the row's own for an insert or a delete, the old and new ones for a rename,
+/// the row's for an update that makes it a tombstone or a tombstone no more (the lookup shows
+/// it, or no longer); an update of anything else (a seal, times, the mode) names no pair. A
+/// registry row tells the registry directories it shows in (the model's directory, a version's
+/// directory). Names are hex in the payload: at most 255 bytes, so a payload stays far below
+/// PostgreSQL's limit of 8,000 bytes.
+const NOTIFY_SCHEMA: &str = "
+CREATE FUNCTION artifactfs_notify_entry() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    msg TEXT;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        msg := NEW.ino || ' 1 ' || NEW.parent || ' ' || encode(NEW.name, 'hex');
+    ELSIF TG_OP = 'DELETE' THEN
+        msg := OLD.ino || ' 1 ' || OLD.parent || ' ' || encode(OLD.name, 'hex');
+    ELSE
+        msg := NEW.ino || CASE WHEN OLD.hash IS DISTINCT FROM NEW.hash THEN ' 1' ELSE ' 0' END;
+        IF OLD.parent <> NEW.parent OR OLD.name <> NEW.name THEN
+            msg := msg || ' ' || OLD.parent || ' ' || encode(OLD.name, 'hex')
+                       || ' ' || NEW.parent || ' ' || encode(NEW.name, 'hex');
+        ELSIF (OLD.state = 1) <> (NEW.state = 1) THEN
+            msg := msg || ' ' || NEW.parent || ' ' || encode(NEW.name, 'hex');
+        END IF;
+    END IF;
+    PERFORM pg_notify('artifactfs_' || hashtext(current_schema()), msg);
+    RETURN NULL;
+END $f$;
+CREATE TRIGGER entries_notify AFTER INSERT OR UPDATE OR DELETE ON entries
+    FOR EACH ROW EXECUTE FUNCTION artifactfs_notify_entry();
+CREATE FUNCTION artifactfs_notify_dirs() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    r JSONB;
+    i INT;
+BEGIN
+    FOR i IN 0 .. TG_NARGS - 1 LOOP
+        IF TG_OP <> 'INSERT' THEN
+            r := to_jsonb(OLD);
+            IF r ->> TG_ARGV[i] IS NOT NULL THEN
+                PERFORM pg_notify('artifactfs_' || hashtext(current_schema()),
+                                  (r ->> TG_ARGV[i]) || ' 0');
+            END IF;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            r := to_jsonb(NEW);
+            IF r ->> TG_ARGV[i] IS NOT NULL THEN
+                PERFORM pg_notify('artifactfs_' || hashtext(current_schema()),
+                                  (r ->> TG_ARGV[i]) || ' 0');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $f$;
+CREATE TRIGGER registered_models_notify AFTER INSERT OR UPDATE OR DELETE ON registered_models
+    FOR EACH ROW EXECUTE FUNCTION artifactfs_notify_dirs('ino');
+CREATE TRIGGER model_versions_notify AFTER INSERT OR UPDATE OR DELETE ON model_versions
+    FOR EACH ROW EXECUTE FUNCTION artifactfs_notify_dirs('model_ino', 'dir_ino');
+CREATE TRIGGER model_aliases_notify AFTER INSERT OR UPDATE OR DELETE ON model_aliases
+    FOR EACH ROW EXECUTE FUNCTION artifactfs_notify_dirs('model_ino');
+";
 
 /// How many inode numbers a daemon takes from the sequence at a time.
 pub const INO_BLOCK: u64 = 1024;
@@ -57,9 +131,23 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
         )?;
         return match version {
             Some(SCHEMA_VERSION) => Ok(()),
+            // Version 1 lacks only the triggers that announce changes: a daemon adds them.
+            Some(1) if create.is_some() => {
+                db.batch(NOTIFY_SCHEMA)?;
+                db.exec(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    params![SCHEMA_VERSION],
+                )?;
+                log::info!("index schema upgraded from version 1 to {SCHEMA_VERSION}");
+                Ok(())
+            }
             Some(v) if v > SCHEMA_VERSION => Err(io::Error::other(format!(
                 "index schema version {v} is newer than this artifactfs ({SCHEMA_VERSION}): \
                  upgrade artifactfs on this machine"
+            ))),
+            Some(1) => Err(io::Error::other(format!(
+                "index schema version 1: this artifactfs reads {SCHEMA_VERSION}; the next \
+                 mount of a daemon upgrades it"
             ))),
             Some(v) => Err(io::Error::other(format!(
                 "index schema version {v}: this artifactfs reads {SCHEMA_VERSION}"
@@ -173,6 +261,7 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
          CREATE INDEX history_by_ino ON history (ino, replaced);
          CREATE INDEX history_by_hash ON history (hash);
          CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BYTEA NOT NULL);
+         {NOTIFY_SCHEMA}
          INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION});"
     ))
 }
@@ -341,6 +430,176 @@ pub fn ino_block(db: &Db) -> io::Result<u64> {
         .map(|n| n as u64)
 }
 
+/// A change of the index that another daemon (or this one, or a command) committed, as its
+/// [`Listener`] hands it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// What name `name` in directory `parent` leads to changed (it appeared, went, moved, became
+    /// a tombstone or was created again), and so did the directory's listing.
+    Name { parent: u64, name: Vec<u8> },
+    /// The row of inode `ino` changed (its attributes; `content`: its bytes too).
+    Inode { ino: u64, content: bool },
+    /// Changes may have been missed (the listener connected again after a break): anything
+    /// may have changed.
+    Anything,
+}
+
+/// The changes one notification's payload announces (see [`NOTIFY_SCHEMA`]):
+/// `INO CONTENT [PARENT NAME_HEX]...`. A payload that does not read so announces
+/// [`Change::Anything`] (never less than what may have changed).
+pub fn parse_change(payload: &str) -> Vec<Change> {
+    let parsed = (|| {
+        let mut fields = payload.split(' ');
+        let ino = fields.next()?.parse().ok()?;
+        let content = match fields.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        let mut changes = vec![Change::Inode { ino, content }];
+        while let Some(parent) = fields.next() {
+            let parent: u64 = parent.parse().ok()?;
+            let name = unhex(fields.next()?)?;
+            // (The root's row has no parent: nothing caches a name for it.)
+            if parent != 0 {
+                changes.push(Change::Name { parent, name });
+            }
+        }
+        Some(changes)
+    })();
+    parsed.unwrap_or_else(|| {
+        log::warn!("unreadable change notification {payload:?}: invalidating everything");
+        vec![Change::Anything]
+    })
+}
+
+fn unhex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Where a [`Listener`] hands the changes it hears.
+pub type ChangeSink = Box<dyn Fn(Change) + Send>;
+
+/// How long the listener waits for a notification before it looks whether it should stop, and
+/// how often an idle connection is checked (a server that vanished without closing it).
+const LISTEN_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+const LISTEN_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A thread that `LISTEN`s to the store's [`CHANNEL`] on a connection of its own and hands each change to
+/// its sink. A connection that breaks (a restart of PostgreSQL, the network) is made again by
+/// itself, pausing 50 ms to 1 s between tries, for as long as it takes; once it listens again
+/// it hands up [`Change::Anything`]: notifications committed meanwhile were lost. So does its
+/// first connection (whatever was cached before it listened). Stops when dropped. Its
+/// connection's `application_name` is `artifactfs listen MACHINE` (in `pg_stat_activity`).
+pub struct Listener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Listener {
+    pub fn start(
+        mut config: postgres::Config,
+        machine: &str,
+        sink: ChangeSink,
+        heard: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        own: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    ) -> io::Result<Listener> {
+        let name = format!("artifactfs listen {machine}");
+        config.application_name(name.trim_end());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::Builder::new()
+            .name("listen".into())
+            .spawn(move || listen(&config, &sink, &stopping, &heard, &own))?;
+        Ok(Listener { stop })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Hands changes to `sink`; counts in `heard` those not committed by the connection whose
+/// backend process is `own` (the daemon's index, whose own changes its answers kept already
+/// show), and every (re)connect.
+fn listen(
+    config: &postgres::Config,
+    sink: &ChangeSink,
+    stop: &std::sync::atomic::AtomicBool,
+    heard: &std::sync::atomic::AtomicU64,
+    own: &std::sync::atomic::AtomicU32,
+) {
+    use postgres::fallible_iterator::FallibleIterator;
+    use std::sync::atomic::Ordering;
+    let mut pause = std::time::Duration::from_millis(50);
+    let mut broke: Option<std::time::Instant> = None;
+    while !stop.load(Ordering::Acquire) {
+        let connected = config.connect(postgres::NoTls).and_then(|mut c| {
+            let channel: String = c.query_one(&format!("SELECT {CHANNEL}"), &[])?.get(0);
+            c.batch_execute(&format!("LISTEN \"{channel}\""))?;
+            Ok(c)
+        });
+        let mut client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if broke.is_none() {
+                    log::warn!("change notifications: cannot listen ({e}); trying again");
+                    broke = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Some(t) = broke.take() {
+            log::info!(
+                "change notifications: listening again after {:?}; invalidating everything \
+                 the kernel caches",
+                t.elapsed()
+            );
+        }
+        pause = std::time::Duration::from_millis(50);
+        heard.fetch_add(1, Ordering::AcqRel);
+        sink(Change::Anything);
+        let mut quiet = std::time::Instant::now();
+        let why = loop {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let next = client.notifications().timeout_iter(LISTEN_POLL).next();
+            match next {
+                Ok(Some(n)) => {
+                    quiet = std::time::Instant::now();
+                    if n.process_id() as u32 != own.load(Ordering::Acquire) {
+                        heard.fetch_add(1, Ordering::AcqRel);
+                    }
+                    for change in parse_change(n.payload()) {
+                        sink(change);
+                    }
+                }
+                Ok(None) if client.is_closed() => break "the connection closed".to_string(),
+                Ok(None) if quiet.elapsed() >= LISTEN_PROBE => {
+                    if let Err(e) = client.is_valid(LISTEN_PROBE) {
+                        break e.to_string();
+                    }
+                    quiet = std::time::Instant::now();
+                }
+                Ok(None) => {}
+                Err(e) => break e.to_string(),
+            }
+        };
+        log::warn!("change notifications: {why}; listening again");
+        broke = Some(std::time::Instant::now());
+    }
+}
+
 fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on
@@ -450,6 +709,51 @@ mod tests {
             pgpass_fields(r"db.example:5432:*:alice:p\:ss\\word"),
             vec!["db.example", "5432", "*", "alice", r"p:ss\word"]
         );
+    }
+
+    #[test]
+    fn change_payloads_read_back() {
+        assert_eq!(
+            parse_change("42 1 7 6162"),
+            vec![
+                Change::Inode {
+                    ino: 42,
+                    content: true
+                },
+                Change::Name {
+                    parent: 7,
+                    name: b"ab".to_vec()
+                }
+            ]
+        );
+        assert_eq!(
+            parse_change("42 0 7 61 8 "),
+            vec![
+                Change::Inode {
+                    ino: 42,
+                    content: false
+                },
+                Change::Name {
+                    parent: 7,
+                    name: b"a".to_vec()
+                },
+                Change::Name {
+                    parent: 8,
+                    name: vec![]
+                }
+            ]
+        );
+        // The root's row names no parent.
+        assert_eq!(
+            parse_change("1 1 0 "),
+            vec![Change::Inode {
+                ino: 1,
+                content: true
+            }]
+        );
+        for bad in ["", "x 1", "42 2", "42 1 7", "42 1 7 6", "42 1 7 zz"] {
+            assert_eq!(parse_change(bad), vec![Change::Anything], "{bad:?}");
+        }
     }
 
     #[test]
