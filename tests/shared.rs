@@ -523,3 +523,202 @@ fn a_postgresql_restart_is_waited_out_and_an_outage_fails_with_eio() {
     let out = m.cli(&["fsck"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// The MLflow fixtures (tests/fixtures/mlflow, inside the repository).
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mlflow")
+        .join(name)
+}
+
+/// A version directory's registry status, as `getxattr` reads it on a mount.
+fn version_status(path: &std::path::Path) -> Option<String> {
+    getxattr(path, "user.artifactfs.status")
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The registry links `ls -l` shows in a model directory: name -> target.
+fn registry_links(
+    cwd: &std::path::Path,
+    dir: &str,
+) -> std::collections::BTreeMap<String, String> {
+    String::from_utf8_lossy(&sh(cwd, &format!("ls -l '{dir}'")).stdout)
+        .lines()
+        .filter(|l| l.starts_with('l'))
+        .filter_map(|l| {
+            let (left, target) = l.split_once(" -> ")?;
+            Some((left.rsplit(' ').next()?.to_string(), target.to_string()))
+        })
+        .collect()
+}
+
+/// Two machines copy model versions into the same `models/NAME/` at the same moment, round
+/// after round (one of them, some rounds, slowly: notes of its own a file at a time after the
+/// model's files, so that a machine that only watched its own copy would find the other's
+/// directory complete enough to pass while files still arrive): every version is decided exactly once, in PostgreSQL — version
+/// numbers unique and without gaps, the same READY/FAILED, `latest` and aliases on both
+/// machines, every READY version sealed on both, and no copy refused midway.
+#[test]
+fn registry_races_across_machines_decide_each_version_once() {
+    let Some((m, _shared)) =
+        Mount::machines_with("registry_races_across_machines", 2, &["--settle", "0.3"])
+    else {
+        return;
+    };
+    std::fs::create_dir(m[0].path("models/race")).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || m[1]
+        .path("models/race")
+        .is_dir()));
+    let rounds = 12;
+    let mut expected: Vec<(String, &str)> = Vec::new();
+    let started = Instant::now();
+    for i in 0..rounds {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        // Machine 1 copies a broken model every third round, and slowly every other round.
+        let b_fixture = if i % 3 == 2 {
+            "broken_missing_model_file"
+        } else {
+            "sklearn_nosig"
+        };
+        let slow = i % 2 == 1;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let copy_a = {
+            let (mnt, barrier, a) = (m[0].mnt.clone(), barrier.clone(), a.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                sh(
+                    &mnt,
+                    &format!(
+                        "cp -r '{}' models/race/{a}",
+                        fixture("sklearn_iris").display()
+                    ),
+                )
+            })
+        };
+        let copy_b = {
+            let (mnt, barrier, b) = (m[1].mnt.clone(), barrier.clone(), b.clone());
+            let src = fixture(b_fixture);
+            std::thread::spawn(move || {
+                barrier.wait();
+                let script = if slow {
+                    // Everything MLmodel names first, then notes of its own, a file at a time.
+                    format!(
+                        "set -e; cp -r '{s}' models/race/{b}; for n in 1 2 3 4 5 6; do \
+                         sleep 0.12; echo note $n > models/race/{b}/notes$n.txt; done",
+                        s = src.display()
+                    )
+                } else {
+                    format!("cp -r '{}' models/race/{b}", src.display())
+                };
+                sh(&mnt, &script)
+            })
+        };
+        for (name, out) in [(&a, copy_a.join().unwrap()), (&b, copy_b.join().unwrap())] {
+            assert!(
+                out.status.success(),
+                "round {i}: the copy of {name} was refused: {}\nlogs:\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                m[0].log(),
+                m[1].log()
+            );
+        }
+        expected.push((a, "READY"));
+        expected.push((
+            b,
+            if b_fixture.starts_with("broken") {
+                "FAILED"
+            } else {
+                "READY"
+            },
+        ));
+    }
+    // Every version decided, the same way on both machines.
+    for (dir, want) in &expected {
+        for (k, machine) in m.iter().enumerate() {
+            let p = machine.path(&format!("models/race/{dir}"));
+            assert!(
+                wait_until(Duration::from_secs(20), || version_status(&p).as_deref()
+                    == Some(*want)),
+                "{dir} on machine {k}: {:?}, not {want}\nlogs:\n{}\n{}",
+                version_status(&p),
+                m[0].log(),
+                m[1].log()
+            );
+        }
+    }
+    let decided: Vec<usize> = m
+        .iter()
+        .map(|machine| {
+            machine
+                .log()
+                .lines()
+                .filter(|l| l.contains("READY as version") || l.contains(": FAILED: "))
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "{} versions copied in {rounds} rounds and decided in {:?}, by machine 0 and 1: {decided:?}",
+        expected.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        decided.iter().sum::<usize>(),
+        expected.len(),
+        "each version decided exactly once"
+    );
+    // Version numbers: unique, 1..=N without gaps, the same on both machines.
+    let ready: Vec<&String> = expected
+        .iter()
+        .filter(|(_, s)| *s == "READY")
+        .map(|(d, _)| d)
+        .collect();
+    let mut numbers = Vec::new();
+    for dir in &ready {
+        let n: Vec<String> = m
+            .iter()
+            .map(|machine| {
+                String::from_utf8_lossy(
+                    &getxattr(
+                        &machine.path(&format!("models/race/{dir}")),
+                        "user.artifactfs.version",
+                    )
+                    .unwrap(),
+                )
+                .into_owned()
+            })
+            .collect();
+        assert_eq!(n[0], n[1], "{dir}: version on the two machines");
+        numbers.push(n[0].parse::<u64>().unwrap());
+    }
+    numbers.sort();
+    assert_eq!(
+        numbers,
+        (1..=ready.len() as u64).collect::<Vec<_>>(),
+        "version numbers"
+    );
+    // The links and an alias set on one machine agree on the other.
+    sh_ok(&m[0].mnt, "ln -sfn 2 models/race/@champion");
+    assert!(wait_until(Duration::from_secs(3), || {
+        registry_links(&m[1].mnt, "models/race").get("@champion") == registry_links(&m[0].mnt, "models/race").get("@champion")
+    }));
+    let links = registry_links(&m[0].mnt, "models/race");
+    assert_eq!(links.len(), ready.len() + 2, "{links:?}");
+    assert_eq!(links, registry_links(&m[1].mnt, "models/race"));
+    assert_eq!(links["latest"], links[&ready.len().to_string()]);
+    // Every READY version is sealed on both machines.
+    for dir in &ready {
+        for machine in &m {
+            let out = sh(
+                &machine.mnt,
+                &format!("echo x > models/race/{dir}/extra"),
+            );
+            assert!(
+                !out.status.success()
+                    && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+                "{dir}: {out:?}"
+            );
+        }
+    }
+}
+

@@ -774,6 +774,7 @@ impl ArtifactFs {
                 now,
                 "mkdir",
             )?;
+            self.model_guard_after(&idx, "mkdir", &pdir, name, ino)?;
             if place == Place::Runs {
                 // Every run has artifacts/.
                 self.make_dir(
@@ -989,6 +990,9 @@ impl ArtifactFs {
                 });
             }
         };
+        if expect.is_none() {
+            self.model_guard_after(&idx, "create", &pdir, name, ino)?;
+        }
         let unit = self.unit_for_new(&idx, &pdir, ino)?;
         if let Some(unit) = unit {
             self.model_touch(&idx, unit, true)?;

@@ -84,6 +84,8 @@ pub struct Mount {
     pub store: PathBuf,
     pub mnt: PathBuf,
     mounted: bool,
+    /// Environment variables of the daemon.
+    env: Vec<(String, String)>,
 }
 
 impl Mount {
@@ -97,6 +99,26 @@ impl Mount {
     /// server and one blob directory. `None` (after saying why) without FUSE or a test server,
     /// outside CI.
     pub fn machines(test: &str, n: usize) -> Option<(Vec<Mount>, tempfile::TempDir)> {
+        Self::machines_with(test, n, &[])
+    }
+
+    /// [`Mount::machines`], each daemon mounted with `args` too.
+    pub fn machines_with(
+        test: &str,
+        n: usize,
+        args: &[&str],
+    ) -> Option<(Vec<Mount>, tempfile::TempDir)> {
+        Self::machines_with_env(test, n, args, &[])
+    }
+
+    /// [`Mount::machines_with`], each daemon started with the environment variables `env` too
+    /// (also when mounted again).
+    pub fn machines_with_env(
+        test: &str,
+        n: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Option<(Vec<Mount>, tempfile::TempDir)> {
         if !fuse_available(test) {
             return None;
         }
@@ -117,7 +139,17 @@ impl Mount {
         let index = format!("{base}/{name}");
         let blobs = format!("file://{}", shared.path().join("blobs").display());
         let mounts = (0..n)
-            .map(|_| Self::bare(&["--index", &index, "--blobs", &blobs]))
+            .map(|_| {
+                let mut all = vec!["--index", index.as_str(), "--blobs", blobs.as_str()];
+                all.extend_from_slice(args);
+                let mut m = Self::unmounted();
+                m.env = env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                m.mount(&all);
+                m
+            })
             .collect();
         Some((mounts, shared))
     }
@@ -152,6 +184,7 @@ impl Mount {
             store,
             mnt,
             mounted: false,
+            env: Vec::new(),
         }
     }
 
@@ -186,6 +219,7 @@ impl Mount {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         if !out.status.success() {
