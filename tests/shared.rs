@@ -722,3 +722,143 @@ fn registry_races_across_machines_decide_each_version_once() {
     }
 }
 
+/// A writer in another process on `path` (a new file): writes `first` bytes, `fsync`s them if
+/// `sync`, says `ready`; on a line from the test writes 4,000 more bytes and closes, then
+/// prints what the write and the close returned.
+fn paused_writer(path: &std::path::Path, first: usize, sync: bool) -> std::process::Child {
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import os, sys\n\
+             fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)\n\
+             os.write(fd, b'p' * {first})\n\
+             {}\n\
+             print('ready', flush=True)\n\
+             sys.stdin.readline()\n\
+             out = []\n\
+             for what, f in (('write', lambda: os.write(fd, b'm' * 4000)), ('close', lambda: os.close(fd))):\n\
+             \x20   try:\n\
+             \x20       f(); out.append(what + ' ok')\n\
+             \x20   except OSError as e:\n\
+             \x20       out.append('%s errno %d' % (what, e.errno))\n\
+             print(', '.join(out), flush=True)",
+            if sync { "os.fsync(fd)" } else { "pass" }
+        ))
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready", "{}", path.display());
+    child
+}
+
+/// Lets a [`paused_writer`] go on; what its write and close returned.
+fn resume_writer(mut child: std::process::Child) -> String {
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A daemon stopped (SIGSTOP) for longer than the lease: another machine cleans up what it
+/// was writing (a file never committed is gone and its name free, one committed by `fsync`
+/// keeps that content, sealed); once it runs again its writers cannot bring any of it back —
+/// their writes and `close()`s fail with `EIO`, nothing half-written or conflicting becomes
+/// visible — and it goes on with a new session for new files. (The lease is shortened to 2 s
+/// by the test-only `ARTIFACTFS_TEST_LEASE_MS`.)
+#[test]
+fn a_stalled_machine_finds_its_lease_gone_and_resurrects_nothing() {
+    let Some((m, _shared)) = Mount::machines_with_env(
+        "a_stalled_machine_finds_its_lease_gone",
+        2,
+        &[],
+        &[("ARTIFACTFS_TEST_LEASE_MS", "2000")],
+    ) else {
+        return;
+    };
+    let dir = "runs/stall/artifacts";
+    std::fs::create_dir_all(m[0].path(dir)).unwrap();
+    std::fs::write(m[0].path(&format!("{dir}/done")), b"closed before").unwrap();
+    let p = |k: usize, name: &str| m[k].path(&format!("{dir}/{name}"));
+    // A large file never committed, and a small one committed by fsync and then written on.
+    let half = paused_writer(&p(0, "half"), 300_000, false);
+    let synced = paused_writer(&p(0, "synced"), 5_000, true);
+    assert!(wait_until(Duration::from_secs(3), || std::fs::read(p(1, "done"))
+        .is_ok_and(|b| b == b"closed before")));
+
+    let pid = m[0].daemon_pid();
+    let stopped = Instant::now();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let cont = scopeguard(pid);
+    // The other machine cleans up once the lease (2 s) ran out.
+    let cleaned = wait_until(Duration::from_secs(15), || {
+        !p(1, "half").exists()
+            && std::fs::read(p(1, "synced")).is_ok_and(|b| b == vec![b'p'; 5_000])
+    });
+    let cleaned_after = stopped.elapsed();
+    assert!(
+        cleaned,
+        "not cleaned up after {cleaned_after:?}: half exists {}, synced reads {:?}\nlog:\n{}",
+        p(1, "half").exists(),
+        std::fs::read(p(1, "synced")).map(|b| b.len()),
+        m[1].log()
+    );
+    // Its name is free: the other machine writes a file of its own there.
+    std::fs::write(p(1, "half"), b"the other machine's").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(cont); // SIGCONT
+    let stalled = stopped.elapsed();
+
+    assert_eq!(resume_writer(half), "write ok, close errno 5");
+    assert_eq!(resume_writer(synced), "write errno 5, close errno 5");
+    for k in 0..2 {
+        assert!(
+            wait_until(Duration::from_secs(3), || {
+                std::fs::read(p(k, "half")).is_ok_and(|b| b == b"the other machine's")
+                    && std::fs::read(p(k, "synced")).is_ok_and(|b| b == vec![b'p'; 5_000])
+            }),
+            "machine {k}: half {:?}, synced {:?}",
+            std::fs::read(p(k, "half")).map(|b| b.len()),
+            std::fs::read(p(k, "synced")).map(|b| b.len())
+        );
+    }
+    // The stalled machine goes on, with a new session, for new files.
+    for i in 0..5 {
+        let bytes = pseudo_random(i, 100 + 70_000 * (i as usize % 2));
+        std::fs::write(p(0, &format!("after{i}")), &bytes).unwrap();
+        assert!(wait_until(Duration::from_secs(3), || std::fs::read(p(
+            1,
+            &format!("after{i}")
+        ))
+        .is_ok_and(|b| b == bytes)));
+    }
+    assert!(
+        m[0].log().contains("was ended by another machine"),
+        "{}",
+        m[0].log()
+    );
+    eprintln!(
+        "stalled for {stalled:?}; the other machine had cleaned up after {cleaned_after:?}"
+    );
+    for (k, machine) in m.iter().enumerate() {
+        let out = machine.cli(&["fsck"]);
+        assert!(out.status.success(), "fsck on machine {k}: {out:?}");
+    }
+}
+
+/// Sends SIGCONT to `pid` when dropped (a stopped daemon never outlives a failed test).
+fn scopeguard(pid: i32) -> impl Drop {
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    Cont(pid)
+}

@@ -240,6 +240,10 @@ struct Writer {
     /// Released: its entry in `writer_attrs` is gone and must not come back (a `utimens`
     /// that found this writer just before the release must not leave a stale size behind).
     released: bool,
+    /// The daemon's session (shared store) when the writer began: if the daemon lost it
+    /// since (its lease ran out and another machine cleaned up), the writer's changes fail
+    /// with `EIO` instead of reaching rows that are no longer its own.
+    session: i64,
 }
 
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
@@ -1016,6 +1020,7 @@ impl ArtifactFs {
             replaces: None,
             replaced: false,
             released: false,
+            session: idx.session(),
         };
         self.handles
             .write()
@@ -1130,6 +1135,7 @@ impl ArtifactFs {
             replaces: Some((hash, e.size, e.mtime)),
             replaced: false,
             released: false,
+            session: self.store.index().session(),
         };
         // The inode's one writer slot first: a second writer racing this open is Busy before
         // anything about the row changes.
@@ -1404,7 +1410,10 @@ impl ArtifactFs {
             && w.committed
             && let Err(e) = self.store.retry_busy(
                 || format!("write to inode {}", w.ino),
-                |idx| idx.mark_rewriting(w.ino, w.synced),
+                |idx| {
+                    idx.check_writer_session(w.session)?;
+                    idx.mark_rewriting(w.ino, w.synced)
+                },
             )
         {
             w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
@@ -1596,7 +1605,7 @@ impl ArtifactFs {
         let recorded = if w.size <= INLINE_MAX {
             let bytes = w.body.contents(w.size)?;
             self.store
-                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes)?
+                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes, w.session)?
         } else {
             let damaged = self.store.index().is_damaged(&hash)?;
             let recorded = self.commit_blob(w, &hash, damaged, durable)?;
@@ -1651,6 +1660,7 @@ impl ArtifactFs {
             let recorded = self.store.retry_busy(
                 || format!("commit of inode {}", w.ino),
                 |idx| {
+                    idx.check_writer_session(w.session)?;
                     idx.commit_file(w.ino, hash, w.size, w.mtime, now_ns(), || {
                         blobs.exists(hash)
                     })

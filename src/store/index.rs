@@ -227,6 +227,8 @@ pub struct Index {
     machine: String,
     ino_block_end: Cell<u64>,
     last_heartbeat: Cell<Option<std::time::Instant>>,
+    /// When a heartbeat last found this daemon's session alive.
+    alive_at: Cell<Option<std::time::Instant>>,
     /// The WAL-index header, mapped: how [`Index::snapshot`] tells that another connection
     /// committed. Only the writable daemon's index maps it (see `cache`).
     shm: Option<cache::ShmHeader>,
@@ -290,10 +292,6 @@ impl Drop for UndoOnUnwind<'_> {
 /// it last read it.
 const DAMAGE_RELOAD: Duration = Duration::from_secs(1);
 
-/// How often a PostgreSQL index's daemon tells the index it is alive, and cleans up after
-/// daemons of other machines whose lease ran out.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-
 /// How far ahead of the inode numbers handed out [`Index::record_used_inos`] moves the
 /// table's sequence.
 const INO_BLOCK: u64 = 1024;
@@ -332,6 +330,26 @@ impl std::fmt::Display for IndexBusy {
 impl std::error::Error for IndexBusy {}
 
 /// Whether `e` is an [`IndexBusy`]: another connection held the index's write lock.
+/// The error of a writer whose daemon's session `session` lost its lease (`EIO`).
+fn lease_lost(session: i64) -> io::Error {
+    io::Error::other(LeaseLost(format!(
+            "this daemon's session {session} lost its lease (another machine cleaned up what it \
+             was writing): the file's writes are not recorded"
+    )))
+}
+
+/// See [`lease_lost`]; reads as `EIO`.
+#[derive(Debug)]
+pub struct LeaseLost(String);
+
+impl std::fmt::Display for LeaseLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LeaseLost {}
+
 pub fn is_busy(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<IndexBusy>())
 }
@@ -525,6 +543,7 @@ impl Index {
             machine: String::new(),
             ino_block_end: Cell::new(0),
             last_heartbeat: Cell::new(None),
+            alive_at: Cell::new(None),
             db,
             pending_seals: Default::default(),
             reserved: Default::default(),
@@ -550,11 +569,13 @@ impl Index {
         index.machine = machine.to_owned();
         postgres::prepare_schema(&index.db, Some((owner, now)))?;
         postgres::refuse_unfinished_migration(&index.db)?;
-        let session = postgres::start_session(&index.db, machine, now)?;
+        let _ = now;
+        let session = postgres::start_session(&index.db, machine)?;
         index.session.set(session);
         index.pg_cache = true;
         index.last_heartbeat.set(Some(std::time::Instant::now()));
-        index.clean_up_after_dead_sessions(now)?;
+        index.alive_at.set(Some(std::time::Instant::now()));
+        index.clean_up_after_dead_sessions()?;
         Ok(index)
     }
 
@@ -1426,6 +1447,7 @@ impl Index {
     /// (its mtime and ctime become the row's time), in the same transaction. A new file being
     /// written is reserved instead, and its directory's new times wait with it (module doc).
     pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        self.renew_if_stale()?;
         if self.reserves(e) {
             let ino = self.reserve(e)?;
             if ino.is_some() {
@@ -1578,14 +1600,21 @@ impl Index {
                 // The first commit of a new file: its row, in this same transaction.
                 idx.insert_reserved(r, STATE_COMMITTED_OPEN, Some(hash), size, mtime, now)?;
             } else {
+                // On a shared index, only a row still stamped with this daemon's session: one
+                // another daemon cleaned up (this daemon's lease ran out) stays as it left it.
+                let own = idx.own_rows();
                 let n = idx.db.exec(
                     &format!(
                         "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
-                         state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
+                         state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1{own}"
                     ),
                     params![ino as i64, hash.to_hex(), size as i64, mtime, now],
                 )?;
                 if n != 1 {
+                    let session = idx.session.get();
+                    if session != 0 && !postgres::session_exists(&idx.db, session)? {
+                        return Err(lease_lost(session));
+                    }
                     // Removed while open: nothing to record, no content to keep.
                     return Ok(Commit::Gone);
                 }
@@ -1650,9 +1679,11 @@ impl Index {
                 )
             })
             .collect();
+        // (Only a row still stamped with this daemon's session: see `commit_file_with`.)
+        let own = self.own_rows();
         body.push(format!(
             "UPDATE entries SET hash = '{h}', size = {size}, mtime = {mtime}, ctime = {now},
-             state = {STATE_COMMITTED_OPEN} WHERE ino = {ino} AND state != 1"
+             state = {STATE_COMMITTED_OPEN} WHERE ino = {ino} AND state != 1{own}"
         ));
         let took = format!(
             "EXISTS (SELECT 1 FROM entries WHERE ino = {ino} AND hash = '{h}'
@@ -1696,6 +1727,10 @@ impl Index {
         }
         self.patch_own_change(before, &patched, &forget);
         if counts[seals.len()] != 1 {
+            let session = self.session.get();
+            if session != 0 && !postgres::session_exists(&self.db, session)? {
+                return Err(lease_lost(session));
+            }
             // Removed while open: nothing recorded.
             return Ok(Commit::Gone);
         }
@@ -1763,38 +1798,93 @@ impl Index {
         }
     }
 
-    /// A PostgreSQL index's daemon, every [`HEARTBEAT`]: tells the index it is alive, and
-    /// cleans up after the daemons whose lease ran out (see `postgres.rs`).
+    /// A PostgreSQL index's daemon, every heartbeat interval (`postgres::heartbeat_interval`):
+    /// tells the index it is alive, and cleans up after the daemons whose lease ran out (see
+    /// `postgres.rs`).
     fn heartbeat_if_due(&self) -> io::Result<()> {
-        let session = self.session.get();
-        if session == 0
-            || self
-                .last_heartbeat
-                .get()
-                .is_some_and(|t| t.elapsed() < HEARTBEAT)
+        if self
+            .last_heartbeat
+            .get()
+            .is_some_and(|t| t.elapsed() < postgres::heartbeat_interval())
         {
+            return Ok(());
+        }
+        self.heartbeat()
+    }
+
+    fn heartbeat(&self) -> io::Result<()> {
+        let session = self.session.get();
+        if session == 0 {
             return Ok(());
         }
         // (Set first: a failure is tried again at the next heartbeat, not at every tick.)
         self.last_heartbeat.set(Some(std::time::Instant::now()));
-        let now = super::now_ns();
-        postgres::heartbeat(&self.db, session, now)?;
-        self.clean_up_after_dead_sessions(now)
+        if !postgres::heartbeat(&self.db, session)? {
+            self.start_new_session(session)?;
+        }
+        self.alive_at.set(Some(std::time::Instant::now()));
+        self.clean_up_after_dead_sessions()
+    }
+
+    /// This daemon's session `lost` was ended by another daemon (it had not renewed its lease
+    /// in time: stalled, or cut off from PostgreSQL), which cleaned up what it was writing.
+    /// Those files' writers fail with `EIO` ([`Index::check_writer_session`]); a new session
+    /// serves what comes next.
+    fn start_new_session(&self, lost: i64) -> io::Result<()> {
+        let session = postgres::start_session(&self.db, &self.machine)?;
+        self.session.set(session);
+        log::error!(
+            "this daemon's session {lost} was ended by another machine: it had not renewed its \
+             lease for over {:?} (stalled?), and what it was writing was cleaned up (those \
+             files' writes fail with EIO); went on as session {session}",
+            postgres::lease()
+        );
+        Ok(())
+    }
+
+    /// This daemon's session now (0 on the embedded index): a writer records the one it
+    /// started in and gives it to [`Index::check_writer_session`].
+    pub fn session(&self) -> i64 {
+        self.session.get()
+    }
+
+    /// A PostgreSQL index's daemon whose session may have run out of lease (no heartbeat found
+    /// it alive for half a lease: it was stalled, or PostgreSQL was away) asks now, before it
+    /// writes, and starts a new session if it had lost its own.
+    pub fn renew_if_stale(&self) -> io::Result<()> {
+        if self.session.get() != 0
+            && !self.db.in_transaction()
+            && self
+                .alive_at
+                .get()
+                .is_none_or(|t| t.elapsed() >= postgres::lease() / 2)
+        {
+            self.heartbeat()?;
+        }
+        Ok(())
+    }
+
+    /// Fails with `EIO` if `session` (the one a writer started in) is not this daemon's
+    /// session any more: the lease ran out, and another daemon cleaned up what the writer had
+    /// written. Call under the same hold of the index as the commit it guards.
+    pub fn check_writer_session(&self, session: i64) -> io::Result<()> {
+        self.renew_if_stale()?;
+        if session != self.session.get() {
+            return Err(lease_lost(session));
+        }
+        Ok(())
     }
 
     /// Drops what daemons that are gone left being written, and forgets their sessions (see
     /// `postgres.rs`); takes the write lock only when there are any.
-    fn clean_up_after_dead_sessions(&self, now: i64) -> io::Result<()> {
+    fn clean_up_after_dead_sessions(&self) -> io::Result<()> {
         let session = self.session.get();
-        if !postgres::any_dead_session(&self.db, session, &self.machine, now)? {
+        if !postgres::any_dead_session(&self.db, session, &self.machine)? {
             return Ok(());
         }
         self.write_locked(|idx| {
-            idx.drop_unfinished_writes(&format!(
-                " AND {}",
-                postgres::left_by_dead_sessions(session, &idx.machine, now)
-            ))?;
-            postgres::forget_dead_sessions(&idx.db, session, &idx.machine, now)
+            postgres::forget_dead_sessions(&idx.db, session, &idx.machine)?;
+            idx.drop_unfinished_writes(&format!(" AND {}", postgres::LEFT_BY_DEAD_SESSIONS))
         })
     }
 
@@ -1982,10 +2072,11 @@ impl Index {
         if self.reserved(ino).is_some() {
             return self.tombstone(ino, now);
         }
+        let own = self.own_rows();
         self.db.exec(
             &format!(
                 "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
-                     WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})"
+                     WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED}){own}"
             ),
             params![ino as i64, now],
         )?;
@@ -2021,10 +2112,14 @@ impl Index {
     /// commits at its first close, before the writes): until it is committed again, a crash
     /// must not leave the earlier version visible — unless that version was fsync'd.
     pub fn mark_rewriting(&self, ino: u64, keep_on_crash: bool) -> io::Result<()> {
+        // A row committed while open is written again only while it is still this daemon's
+        // (on a shared index: stamped with its session; one another daemon sealed after this
+        // daemon's lease ran out stays sealed, and the writer's session check fails it).
+        let own = self.own_rows();
         self.db.exec(
             &format!(
-                "UPDATE entries SET state = ?2
-                 WHERE ino = ?1 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+                "UPDATE entries SET state = ?2 WHERE ino = ?1
+                 AND (state = {STATE_LIVE} OR (state = {STATE_COMMITTED_OPEN}{own}))"
             ),
             params![
                 ino as i64,
@@ -2049,12 +2144,14 @@ impl Index {
         if self.reserved.borrow_mut().remove(ino).is_some() {
             return Ok(());
         }
+        // (On a shared index, only while the row is still this daemon's: see `mark_rewriting`.)
         self.write_locked(|idx| {
+            let own = idx.own_rows();
             idx.db.batch(&format!(
                 "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})
-                     AND hash IS NOT NULL;
-                 DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING};"
+                     AND hash IS NOT NULL{own};
+                 DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING}{own};"
             ))
         })
     }

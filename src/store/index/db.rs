@@ -51,8 +51,8 @@ pub(crate) struct Pg {
     statements: HashMap<String, postgres::Statement>,
     /// Open transaction, savepoints included (0: none).
     depth: usize,
-    /// Run on every new connection (session settings).
-    setup: String,
+    /// Settings made on every new connection, by name (see [`Db::set_on_every_connection`]).
+    settings: Vec<(String, String)>,
     /// The `lock_timeout` asked for last (ms), and the one the connection has: applied with
     /// the next statement that may wait for a lock (a write, the start of a transaction), in
     /// the same round trip where it can be, so that flipping it around a commit
@@ -385,8 +385,10 @@ impl Pg {
         if self.client.is_none() {
             self.writes += 1;
             let mut client = self.config.connect(postgres::NoTls).map_err(pg_error)?;
-            if !self.setup.is_empty() {
-                client.batch_execute(&self.setup).map_err(pg_error)?;
+            for (name, value) in &self.settings {
+                client
+                    .batch_execute(&format!("SET {name} = '{value}'"))
+                    .map_err(pg_error)?;
             }
             self.applied_lock_timeout = None;
             self.client = Some(client);
@@ -514,7 +516,7 @@ impl Db {
             client: None,
             statements: HashMap::new(),
             depth: 0,
-            setup: String::new(),
+            settings: Vec::new(),
             lock_timeout: None,
             applied_lock_timeout: None,
             writes: 0,
@@ -524,13 +526,15 @@ impl Db {
         Ok(Db::Postgres(Box::new(RefCell::new(pg))))
     }
 
-    /// Runs `sql` now and on every connection made again after a break (session settings).
-    pub fn on_every_connection(&self, sql: &str) -> io::Result<()> {
-        self.batch(sql)?;
+    /// Sets the setting `name` to `value` (no quote in either) now and on every connection made
+    /// again after a break, replacing what an earlier call set it to.
+    pub fn set_on_every_connection(&self, name: &str, value: &str) -> io::Result<()> {
+        debug_assert!(!name.contains('\'') && !value.contains('\''));
+        self.batch(&format!("SET {name} = '{value}'"))?;
         if let Db::Postgres(pg) = self {
             let mut pg = pg.borrow_mut();
-            pg.setup.push_str(sql);
-            pg.setup.push(';');
+            pg.settings.retain(|(n, _)| n != name);
+            pg.settings.push((name.to_owned(), value.to_owned()));
         }
         Ok(())
     }
