@@ -579,6 +579,16 @@ impl Index {
         Ok(index)
     }
 
+    /// On a shared index: takes the lock that lets one `gc` or `fsck` (`what`) at a time run
+    /// on the store, from any machine, for as long as this index is open; `Ok(Some(holder))`
+    /// names the process that has it instead. Nothing on the embedded index (`Ok(None)`).
+    pub fn take_maintenance_lock(&self, what: &str) -> io::Result<Option<String>> {
+        if !self.db.is_postgres() {
+            return Ok(None);
+        }
+        postgres::take_maintenance_lock(&self.db, what)
+    }
+
     /// Whether this is a shared (PostgreSQL) index.
     pub fn is_shared(&self) -> bool {
         self.db.is_postgres()

@@ -53,6 +53,9 @@ pub(crate) struct Pg {
     depth: usize,
     /// Settings made on every new connection, by name (see [`Db::set_on_every_connection`]).
     settings: Vec<(String, String)>,
+    /// A session-level advisory lock this connection holds (see [`Db::try_session_lock`]):
+    /// taken again on a new connection, or the connection fails.
+    session_lock: Option<i64>,
     /// The `lock_timeout` asked for last (ms), and the one the connection has: applied with
     /// the next statement that may wait for a lock (a write, the start of a transaction), in
     /// the same round trip where it can be, so that flipping it around a commit
@@ -390,6 +393,18 @@ impl Pg {
                     .batch_execute(&format!("SET {name} = '{value}'"))
                     .map_err(pg_error)?;
             }
+            if let Some(key) = self.session_lock {
+                let had: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                    .map_err(pg_error)?
+                    .get(0);
+                if !had {
+                    return Err(io::Error::other(
+                        "index: the connection to PostgreSQL broke, and another process took \
+                         this one's lock meanwhile",
+                    ));
+                }
+            }
             self.applied_lock_timeout = None;
             self.client = Some(client);
         }
@@ -517,6 +532,7 @@ impl Db {
             statements: HashMap::new(),
             depth: 0,
             settings: Vec::new(),
+            session_lock: None,
             lock_timeout: None,
             applied_lock_timeout: None,
             writes: 0,
@@ -524,6 +540,25 @@ impl Db {
         };
         pg.client()?;
         Ok(Db::Postgres(Box::new(RefCell::new(pg))))
+    }
+
+    /// Takes the session-level advisory lock `key` if it is free (`false` if another
+    /// connection holds it) and keeps it for the connection's life, on every connection made
+    /// again after a break too (a new connection that cannot have it fails). Always `true` on
+    /// SQLite.
+    pub fn try_session_lock(&self, key: i64) -> io::Result<bool> {
+        let Db::Postgres(pg) = self else {
+            return Ok(true);
+        };
+        let had = self.row(
+            "SELECT pg_try_advisory_lock(?1)",
+            rusqlite::params![key],
+            |r| r.get::<_, i64>(0).map(|b| b != 0),
+        )?;
+        if had {
+            pg.borrow_mut().session_lock = Some(key);
+        }
+        Ok(had)
     }
 
     /// Sets the setting `name` to `value` (no quote in either) now and on every connection made

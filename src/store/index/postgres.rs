@@ -372,6 +372,37 @@ pub fn finish_migration(db: &Db, migration: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// The advisory lock `gc` and `fsck` hold for as long as they run, so that one machine at a
+/// time collects or checks a shared store ("artifgc" in ASCII).
+pub const MAINTENANCE_LOCK_KEY: i64 = 0x0061_7274_6966_6763;
+
+/// Takes [`MAINTENANCE_LOCK_KEY`] for command `what` (`gc`, `fsck`) of this process, or says
+/// who holds it: `Ok(None)` when taken, `Ok(Some(holder))` when another process has it.
+pub fn take_maintenance_lock(db: &Db, what: &str) -> io::Result<Option<String>> {
+    let name = format!(
+        "artifactfs {what} on {} (pid {})",
+        hostname().replace('\'', ""),
+        std::process::id()
+    );
+    db.set_on_every_connection("application_name", &name)?;
+    if db.try_session_lock(MAINTENANCE_LOCK_KEY)? {
+        return Ok(None);
+    }
+    let (hi, lo) = (MAINTENANCE_LOCK_KEY >> 32, MAINTENANCE_LOCK_KEY & 0xffff_ffff);
+    let holder: Option<String> = db.one(
+        &format!(
+            "SELECT a.application_name || COALESCE(', from ' || host(a.client_addr), '')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND l.classid::text::bigint = {hi} AND l.objid::text::bigint = {lo}
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        params![],
+        |r| r.get(0),
+    )?;
+    Ok(Some(holder.unwrap_or_else(|| "another process".into())))
+}
+
 /// Records that session `id` is alive; `false` if it no longer exists (another daemon ended
 /// it after its lease ran out).
 pub fn heartbeat(db: &Db, id: i64) -> io::Result<bool> {
