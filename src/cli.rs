@@ -1135,8 +1135,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> {
     let shared = store::Locations::for_store(store_dir, store::Locations::default())
         .is_ok_and(|l| !l.is_embedded());
-    if std::fs::read_dir(store_dir).is_ok() && !shared && !store_dir.join("index.sqlite").exists()
-    {
+    if std::fs::read_dir(store_dir).is_ok() && !shared && !store_dir.join("index.sqlite").exists() {
         bail!("no store at {}", store_dir.display());
     }
     // The index is shared with a running daemon (if any) through SQLite's own locking.

@@ -315,7 +315,10 @@ fn decide(
             .iter()
             .any(|v| v.status == VersionStatus::Ready && v.dir_ino != model);
     let verdict = if ready_subdirs {
-        Err("MLmodel at the top of a registered model that already has versions in subdirectories".into())
+        Err(
+            "MLmodel at the top of a registered model that already has versions in subdirectories"
+                .into(),
+        )
     } else {
         validate_dir(idx, blobs, dir)?
     };

@@ -878,9 +878,15 @@ impl ArtifactFs {
         }
         if place == Place::Models || unit.is_some() {
             // A draft below models/ that never became a version: gone, and the name is free.
-            idx.delete_row(dir.ino)?;
-            idx.touch_dir(parent, now_ns())?;
-            idx.version_delete(dir.ino)?;
+            let remove = |idx: &Index| {
+                idx.delete_row(dir.ino)?;
+                idx.touch_dir(parent, now_ns())?;
+                idx.version_delete(dir.ino)
+            };
+            match unit {
+                Some(unit) => self.model_change(&idx, "rmdir", &dir, unit, remove)?,
+                None => remove(&idx)?,
+            }
             if place == Place::Models {
                 idx.model_delete(dir.ino)?;
             } else if let Some(unit) = self.model_unit(&idx, &pdir)? {
@@ -1863,8 +1869,10 @@ impl ArtifactFs {
         if let Some(unit) = self.model_guard(&idx, "unlink", &e, None)? {
             // A file of a draft below models/: removed outright, the name is free again.
             self.keep_if_open(&e);
-            idx.delete_row(e.ino)?;
-            idx.touch_dir(parent, now_ns())?;
+            self.model_change(&idx, "unlink", &e, unit, |idx| {
+                idx.delete_row(e.ino)?;
+                idx.touch_dir(parent, now_ns())
+            })?;
             self.model_touch(&idx, unit, unit.dir != unit.model)?;
             return Ok(());
         }
@@ -1901,7 +1909,7 @@ impl ArtifactFs {
         exchange: bool,
         retried: bool,
     ) -> FsResult<()> {
-        let mut idx = self.store.index();
+        let idx = self.store.index();
         self.read_only(&idx, "rename", parent, Some(name))?;
         if exchange {
             return Err(Self::deny(
@@ -2000,7 +2008,20 @@ impl ArtifactFs {
         }
         // Below runs/ the old path keeps its content as a tombstone; a model draft's does not.
         let tombstone = src_unit.is_none();
-        if !idx.rename_file(e.ino, new_parent, new_name, zone as u8, now_ns(), tombstone)? {
+        let units: Vec<_> = [src_unit, self.model_unit(&idx, &dst_dir)?]
+            .into_iter()
+            .flatten()
+            .collect();
+        let renamed = self.unsealed_then(&idx, &units, |idx| {
+            idx.rename_file(e.ino, new_parent, new_name, zone as u8, now_ns(), tombstone)
+        })?;
+        let Some(renamed) = renamed else {
+            // Sealed by another machine since the guards: refused as they refuse.
+            self.model_guard(&idx, "rename", &e, None)?;
+            self.model_guard(&idx, "rename to", &dst_dir, Some(new_name))?;
+            return Err(FsError::Refused(Refusal::NotPermitted));
+        };
+        if !renamed {
             return Err(FsError::Refused(Refusal::Exists));
         }
         if let Some(unit) = src_unit {

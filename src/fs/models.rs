@@ -196,6 +196,50 @@ impl ArtifactFs {
         Ok(())
     }
 
+    /// Makes `change` to entry `e` below a model, which [`ArtifactFs::model_guard`] allowed
+    /// (see [`ArtifactFs::unsealed_then`]); refused as the guard refuses it if the version was
+    /// sealed since.
+    pub(super) fn model_change<T>(
+        &self,
+        idx: &Index,
+        op: &str,
+        e: &Entry,
+        unit: Unit,
+        change: impl FnOnce(&Index) -> io::Result<T>,
+    ) -> FsResult<T> {
+        match self.unsealed_then(idx, &[unit], change)? {
+            Some(t) => Ok(t),
+            None => {
+                self.model_guard(idx, op, e, None)?;
+                Err(FsError::Refused(Refusal::NotPermitted))
+            }
+        }
+    }
+
+    /// Runs `change`, a change below models that [`ArtifactFs::model_guard`] allowed for
+    /// `units`. On a shared store it runs in one transaction holding the index's write lock
+    /// that first asks the seals again: another machine may have made one of the versions
+    /// READY since the guard (its READY transaction holds the same lock). `None` (nothing
+    /// changed) if one is sealed now.
+    pub(super) fn unsealed_then<T>(
+        &self,
+        idx: &Index,
+        units: &[Unit],
+        change: impl FnOnce(&Index) -> io::Result<T>,
+    ) -> FsResult<Option<T>> {
+        if !idx.is_shared() || units.is_empty() {
+            return Ok(Some(change(idx)?));
+        }
+        Ok(idx.write_locked(|idx| {
+            for unit in units {
+                if registry::sealing_version(idx, *unit)?.is_some() {
+                    return Ok(None);
+                }
+            }
+            change(idx).map(Some)
+        })?)
+    }
+
     /// Records a change below a model: its version directory is PENDING again and the model
     /// must be quiet for the settle time before it is validated.
     pub(super) fn model_touch(&self, idx: &Index, unit: Unit, mark_pending: bool) -> FsResult<()> {
@@ -308,14 +352,14 @@ impl ArtifactFs {
             let settled =
                 registry::settle_model(&mut idx, &self.store.blobs, model, now_ns(), &mut quiet);
             let outcomes = match settled {
-                    Ok(o) => o,
-                    Err(e) => {
-                        log::warn!("settling model inode {model} failed: {e}");
-                        drop(idx);
-                        self.models.bump(model, 0);
-                        continue;
-                    }
-                };
+                Ok(o) => o,
+                Err(e) => {
+                    log::warn!("settling model inode {model} failed: {e}");
+                    drop(idx);
+                    self.models.bump(model, 0);
+                    continue;
+                }
+            };
             if outcomes.iter().any(|(_, o)| *o == Outcome::Deferred) {
                 self.models.bump(model, 0);
             }
@@ -793,6 +837,8 @@ impl ArtifactFs {
             log_path(&src_path),
         );
         self.models.bump(model, 0);
+        // Its activity stamp is this daemon's own: quiet once the settle time has passed.
+        lock(&self.models.stamps).insert(vdir, (now, Instant::now()));
         let e = idx.get(vdir)?.ok_or(FsError::Refused(Refusal::NotFound))?;
         drop(idx);
         Ok(self.attr_of(&e))

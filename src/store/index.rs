@@ -333,7 +333,7 @@ impl std::error::Error for IndexBusy {}
 /// The error of a writer whose daemon's session `session` lost its lease (`EIO`).
 fn lease_lost(session: i64) -> io::Error {
     io::Error::other(LeaseLost(format!(
-            "this daemon's session {session} lost its lease (another machine cleaned up what it \
+        "this daemon's session {session} lost its lease (another machine cleaned up what it \
              was writing): the file's writes are not recorded"
     )))
 }
@@ -1938,7 +1938,12 @@ impl Index {
 
     /// Runs `f` in a transaction that holds SQLite's write lock from the start
     /// (`BEGIN IMMEDIATE`): commits if `f` succeeds, rolls back if it fails.
+    ///
+    /// Inside a transaction already open, `f` runs as a step of it (see [`Index::atomically`]).
     pub fn write_locked<T>(&self, f: impl FnOnce(&Index) -> io::Result<T>) -> io::Result<T> {
+        if self.db.in_transaction() {
+            return self.atomically(|| f(self));
+        }
         self.db.begin_write()?;
         // Rolls the transaction back if `f` panics: otherwise it would stay open, and every
         // later `BEGIN` of this connection would fail.
@@ -2211,7 +2216,7 @@ impl Index {
     /// Moves file `ino` to `(new_parent, new_name)`; if it had committed content and
     /// `leave_tombstone`, the old path becomes a tombstone in the same transaction. `Ok(false)` if the new path is taken.
     pub fn rename_file(
-        &mut self,
+        &self,
         ino: u64,
         new_parent: u64,
         new_name: &[u8],
@@ -2235,7 +2240,7 @@ impl Index {
     /// transaction. `Ok(false)` if `replacing` is no longer a sealed file.
     #[allow(clippy::too_many_arguments)]
     pub fn rename_file_replacing(
-        &mut self,
+        &self,
         ino: u64,
         replacing: Option<u64>,
         new_parent: u64,
@@ -2701,7 +2706,7 @@ mod tests {
         assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
         // So do renames, tombstones and new names.
         let idx = {
-            let mut idx = idx;
+            let idx = idx;
             assert!(idx.rename_file(ino, RUNS_INO, b"b", 2, 10, true).unwrap());
             idx
         };
@@ -3524,7 +3529,7 @@ mod tests {
         let mut handed_out = std::collections::BTreeSet::new();
         let mut take = |ino: u64| assert!(handed_out.insert(ino), "inode {ino} handed out twice");
         {
-            let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+            let idx = Index::open(&path, (0, 0), 5).unwrap();
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             take(a);
             let d = idx
@@ -3578,7 +3583,7 @@ mod tests {
     fn a_reserved_file_renames_and_unlinks_without_a_trace() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("i.sqlite");
-        let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
         let d = idx
             .insert(&NewEntry::new_dir(RUNS_INO, b"d", 3, 0o755, (0, 0), 1))
             .unwrap()

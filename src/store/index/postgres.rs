@@ -388,7 +388,10 @@ pub fn take_maintenance_lock(db: &Db, what: &str) -> io::Result<Option<String>> 
     if db.try_session_lock(MAINTENANCE_LOCK_KEY)? {
         return Ok(None);
     }
-    let (hi, lo) = (MAINTENANCE_LOCK_KEY >> 32, MAINTENANCE_LOCK_KEY & 0xffff_ffff);
+    let (hi, lo) = (
+        MAINTENANCE_LOCK_KEY >> 32,
+        MAINTENANCE_LOCK_KEY & 0xffff_ffff,
+    );
     let holder: Option<String> = db.one(
         &format!(
             "SELECT a.application_name || COALESCE(', from ' || host(a.client_addr), '')
