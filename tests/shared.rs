@@ -539,10 +539,7 @@ fn version_status(path: &std::path::Path) -> Option<String> {
 }
 
 /// The registry links `ls -l` shows in a model directory: name -> target.
-fn registry_links(
-    cwd: &std::path::Path,
-    dir: &str,
-) -> std::collections::BTreeMap<String, String> {
+fn registry_links(cwd: &std::path::Path, dir: &str) -> std::collections::BTreeMap<String, String> {
     String::from_utf8_lossy(&sh(cwd, &format!("ls -l '{dir}'")).stdout)
         .lines()
         .filter(|l| l.starts_with('l'))
@@ -700,7 +697,8 @@ fn registry_races_across_machines_decide_each_version_once() {
     // The links and an alias set on one machine agree on the other.
     sh_ok(&m[0].mnt, "ln -sfn 2 models/race/@champion");
     assert!(wait_until(Duration::from_secs(3), || {
-        registry_links(&m[1].mnt, "models/race").get("@champion") == registry_links(&m[0].mnt, "models/race").get("@champion")
+        registry_links(&m[1].mnt, "models/race").get("@champion")
+            == registry_links(&m[0].mnt, "models/race").get("@champion")
     }));
     let links = registry_links(&m[0].mnt, "models/race");
     assert_eq!(links.len(), ready.len() + 2, "{links:?}");
@@ -709,10 +707,7 @@ fn registry_races_across_machines_decide_each_version_once() {
     // Every READY version is sealed on both machines.
     for dir in &ready {
         for machine in &m {
-            let out = sh(
-                &machine.mnt,
-                &format!("echo x > models/race/{dir}/extra"),
-            );
+            let out = sh(&machine.mnt, &format!("echo x > models/race/{dir}/extra"));
             assert!(
                 !out.status.success()
                     && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
@@ -789,8 +784,10 @@ fn a_stalled_machine_finds_its_lease_gone_and_resurrects_nothing() {
     // A large file never committed, and a small one committed by fsync and then written on.
     let half = paused_writer(&p(0, "half"), 300_000, false);
     let synced = paused_writer(&p(0, "synced"), 5_000, true);
-    assert!(wait_until(Duration::from_secs(3), || std::fs::read(p(1, "done"))
-        .is_ok_and(|b| b == b"closed before")));
+    assert!(wait_until(Duration::from_secs(3), || std::fs::read(p(
+        1, "done"
+    ))
+    .is_ok_and(|b| b == b"closed before")));
 
     let pid = m[0].daemon_pid();
     let stopped = Instant::now();
@@ -843,9 +840,7 @@ fn a_stalled_machine_finds_its_lease_gone_and_resurrects_nothing() {
         "{}",
         m[0].log()
     );
-    eprintln!(
-        "stalled for {stalled:?}; the other machine had cleaned up after {cleaned_after:?}"
-    );
+    eprintln!("stalled for {stalled:?}; the other machine had cleaned up after {cleaned_after:?}");
     for (k, machine) in m.iter().enumerate() {
         let out = machine.cli(&["fsck"]);
         assert!(out.status.success(), "fsck on machine {k}: {out:?}");
@@ -866,7 +861,7 @@ fn scopeguard(pid: i32) -> impl Drop {
 /// `gc` and `fsck` run from one machine at a time: while one holds the store's maintenance
 /// lock, another is refused at once, in one line naming the holder, with exit status 75.
 /// And `gc` stays safe while another machine writes: run again and again (retention 0) from
-/// machine 0 while machine 1 writes small and large files, the same contents under several
+/// machine 0 and a third machine (the CLI only) while machine 1 writes small and large files, the same contents under several
 /// names, and removes some right away (their contents become garbage, then are written
 /// again: a blob published but whose row is not committed yet, or that gc takes between the
 /// two, is stored again by the commit), every file machine 1 closed reads back exactly on both
@@ -880,8 +875,10 @@ fn gc_runs_one_at_a_time_and_is_safe_while_another_machine_writes() {
     std::fs::create_dir_all(m[1].path(dir)).unwrap();
 
     // The maintenance lock held by another process: gc and fsck are refused, naming it.
-    let (index, _) = store_locations(&m[0].store);
-    let mut holder = postgres::Client::connect(&index.unwrap(), postgres::NoTls).unwrap();
+    let (index, blobs) = store_locations(&m[0].store);
+    let (index, blobs) = (index.unwrap(), format!("file://{}", blobs.display()));
+    let third = tempfile::tempdir().unwrap();
+    let mut holder = postgres::Client::connect(&index, postgres::NoTls).unwrap();
     holder
         .batch_execute(&format!(
             "SET application_name = 'the test''s holder'; SELECT pg_advisory_lock({})",
@@ -922,18 +919,23 @@ fn gc_runs_one_at_a_time_and_is_safe_while_another_machine_writes() {
     let (mut runs, mut refused) = (0, 0);
     let started = Instant::now();
     while !writer.is_finished() {
-        // Two at the same moment, from both machines: each runs whole or is refused.
+        // Two at the same moment, from machine 0 and from a third machine (a store directory
+        // of its own, the locations given): each runs whole or is refused.
         let other = {
-            let store = m[1].store.clone();
+            let (store, index, blobs) = (third.path().to_owned(), index.clone(), blobs.clone());
             std::thread::spawn(move || {
                 std::process::Command::new(BIN)
-                    .args(["gc", "--older-than", "0", "--store"])
+                    .args(["gc", "--older-than", "0", "--index", &index, "--blobs", &blobs])
+                    .arg("--store")
                     .arg(store)
                     .output()
                     .unwrap()
             })
         };
-        for out in [m[0].cli(&["gc", "--older-than", "0"]), other.join().unwrap()] {
+        for out in [
+            m[0].cli(&["gc", "--older-than", "0"]),
+            other.join().unwrap(),
+        ] {
             match out.status.code() {
                 Some(0) => runs += 1,
                 Some(75) => refused += 1,
@@ -955,7 +957,10 @@ fn gc_runs_one_at_a_time_and_is_safe_while_another_machine_writes() {
             );
         }
         let out = machine.cli(&["fsck", "--verify"]);
-        assert!(out.status.success(), "fsck --verify on machine {k}: {out:?}");
+        assert!(
+            out.status.success(),
+            "fsck --verify on machine {k}: {out:?}"
+        );
     }
     let stored_again = m[1]
         .log()
