@@ -925,7 +925,15 @@ fn gc_runs_one_at_a_time_and_is_safe_while_another_machine_writes() {
             let (store, index, blobs) = (third.path().to_owned(), index.clone(), blobs.clone());
             std::thread::spawn(move || {
                 std::process::Command::new(BIN)
-                    .args(["gc", "--older-than", "0", "--index", &index, "--blobs", &blobs])
+                    .args([
+                        "gc",
+                        "--older-than",
+                        "0",
+                        "--index",
+                        &index,
+                        "--blobs",
+                        &blobs,
+                    ])
                     .arg("--store")
                     .arg(store)
                     .output()

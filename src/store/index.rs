@@ -329,7 +329,6 @@ impl std::fmt::Display for IndexBusy {
 
 impl std::error::Error for IndexBusy {}
 
-/// Whether `e` is an [`IndexBusy`]: another connection held the index's write lock.
 /// The error of a writer whose daemon's session `session` lost its lease (`EIO`).
 fn lease_lost(session: i64) -> io::Error {
     io::Error::other(LeaseLost(format!(
@@ -350,6 +349,7 @@ impl std::fmt::Display for LeaseLost {
 
 impl std::error::Error for LeaseLost {}
 
+/// Whether `e` is an [`IndexBusy`]: another connection held the index's write lock.
 pub fn is_busy(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<IndexBusy>())
 }
@@ -569,7 +569,6 @@ impl Index {
         index.machine = machine.to_owned();
         postgres::prepare_schema(&index.db, Some((owner, now)))?;
         postgres::refuse_unfinished_migration(&index.db)?;
-        let _ = now;
         let session = postgres::start_session(&index.db, machine)?;
         index.session.set(session);
         index.pg_cache = true;
