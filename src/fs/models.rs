@@ -311,9 +311,10 @@ impl ArtifactFs {
         if let Err(e) = self.store.index().seal_pending() {
             log::warn!("sealing released files in the index failed (retried): {e}");
         }
-        if self.store.is_shared() {
+        if self.store.is_shared() && !self.store.index().heartbeat_failing() {
             // Versions another machine left pending (it stopped or died before deciding them)
-            // are looked at here too, now and then.
+            // are looked at here too, now and then (not while PostgreSQL is away: the query
+            // would hold the index while it waits).
             let mut last = lock(&self.models.last_pending_scan);
             if last.is_none_or(|t| t.elapsed() >= PENDING_SCAN) {
                 *last = Some(Instant::now());

@@ -227,8 +227,10 @@ pub struct Index {
     machine: String,
     ino_block_end: Cell<u64>,
     last_heartbeat: Cell<Option<std::time::Instant>>,
-    /// When a heartbeat last found this daemon's session alive.
+    /// When a heartbeat last found this daemon's session alive, and whether the last one
+    /// failed (PostgreSQL away).
     alive_at: Cell<Option<std::time::Instant>>,
+    heartbeat_failed: Cell<bool>,
     /// The WAL-index header, mapped: how [`Index::snapshot`] tells that another connection
     /// committed. Only the writable daemon's index maps it (see `cache`).
     shm: Option<cache::ShmHeader>,
@@ -544,6 +546,7 @@ impl Index {
             ino_block_end: Cell::new(0),
             last_heartbeat: Cell::new(None),
             alive_at: Cell::new(None),
+            heartbeat_failed: Cell::new(false),
             db,
             pending_seals: Default::default(),
             reserved: Default::default(),
@@ -1828,9 +1831,11 @@ impl Index {
         }
         // (Set first: a failure is tried again at the next heartbeat, not at every tick.)
         self.last_heartbeat.set(Some(std::time::Instant::now()));
+        self.heartbeat_failed.set(true);
         if !postgres::heartbeat(&self.db, session)? {
             self.start_new_session(session)?;
         }
+        self.heartbeat_failed.set(false);
         self.alive_at.set(Some(std::time::Instant::now()));
         self.clean_up_after_dead_sessions()
     }
@@ -1851,6 +1856,13 @@ impl Index {
         Ok(())
     }
 
+    /// Whether the last heartbeat failed (PostgreSQL away): periodic work that can wait
+    /// holds back meanwhile (a statement waits up to `OUTAGE_PATIENCE` for PostgreSQL, with the
+    /// index held).
+    pub fn heartbeat_failing(&self) -> bool {
+        self.heartbeat_failed.get()
+    }
+
     /// This daemon's session now (0 on the embedded index): a writer records the one it
     /// started in and gives it to [`Index::check_writer_session`].
     pub fn session(&self) -> i64 {
@@ -1858,11 +1870,14 @@ impl Index {
     }
 
     /// A PostgreSQL index's daemon whose session may have run out of lease (no heartbeat found
-    /// it alive for half a lease: it was stalled, or PostgreSQL was away) asks now, before it
-    /// writes, and starts a new session if it had lost its own.
+    /// it alive for half a lease: it was stalled) asks now, before it writes, and starts a new
+    /// session if it had lost its own. Not while heartbeats fail (PostgreSQL away): the
+    /// request's own statements wait for it, once; a commit that finds its row cleaned up
+    /// fails with `EIO` all the same.
     pub fn renew_if_stale(&self) -> io::Result<()> {
         if self.session.get() != 0
             && !self.db.in_transaction()
+            && !self.heartbeat_failed.get()
             && self
                 .alive_at
                 .get()
