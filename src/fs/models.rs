@@ -311,16 +311,19 @@ impl ArtifactFs {
         if let Err(e) = self.store.index().seal_pending() {
             log::warn!("sealing released files in the index failed (retried): {e}");
         }
-        if self.store.is_shared() && !self.store.index().heartbeat_failing() {
-            // Versions another machine left pending (it stopped or died before deciding them)
-            // are looked at here too, now and then (not while PostgreSQL is away: the query
-            // would hold the index while it waits).
-            let mut last = lock(&self.models.last_pending_scan);
-            if last.is_none_or(|t| t.elapsed() >= PENDING_SCAN) {
-                *last = Some(Instant::now());
-                drop(last);
-                self.resume_pending();
-            }
+        // Versions another machine left pending (it stopped or died before deciding them)
+        // are looked at here too, now and then: right after a heartbeat found PostgreSQL there
+        // (the query would hold the index while it waits for PostgreSQL).
+        let alive = self.store.index().alive_at();
+        let mut last = lock(&self.models.last_pending_scan);
+        if let Some(alive) = alive
+            && last.is_none_or(|l| alive > l && l.elapsed() >= PENDING_SCAN)
+        {
+            *last = Some(Instant::now());
+            drop(last);
+            self.resume_pending();
+        } else {
+            drop(last);
         }
         let due: Vec<u64> = {
             let mut act = lock(&self.models.activity);

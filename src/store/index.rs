@@ -1856,11 +1856,11 @@ impl Index {
         Ok(())
     }
 
-    /// Whether the last heartbeat failed (PostgreSQL away): periodic work that can wait
-    /// holds back meanwhile (a statement waits up to `OUTAGE_PATIENCE` for PostgreSQL, with the
-    /// index held).
-    pub fn heartbeat_failing(&self) -> bool {
-        self.heartbeat_failed.get()
+    /// When a heartbeat last found this daemon's session alive (a PostgreSQL index's): periodic
+    /// work that may wait runs right after one, so as not to meet an outage, where a statement
+    /// waits up to `OUTAGE_PATIENCE` with the index held.
+    pub fn alive_at(&self) -> Option<std::time::Instant> {
+        self.alive_at.get()
     }
 
     /// This daemon's session now (0 on the embedded index): a writer records the one it
