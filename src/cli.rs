@@ -992,10 +992,32 @@ fn wait_for_daemon(
     }
 }
 
+/// The exit status of `gc` or `fsck` refused because another one runs on the shared store
+/// (`EX_TEMPFAIL`: try again later).
+pub const EXIT_MAINTENANCE_BUSY: u8 = 75;
+
+/// On a shared store, takes the lock that lets one `gc` or `fsck` (`what`) at a time run from
+/// any machine; `Some(exit status)` after saying, in one line, who holds it.
+fn one_at_a_time(store: &Store, what: &str) -> Result<Option<ExitCode>> {
+    match store.index().take_maintenance_lock(what)? {
+        None => Ok(None),
+        Some(holder) => {
+            eprintln!(
+                "artifactfs {what}: refused: {holder} is running on this shared store (one gc \
+                 or fsck at a time, from any machine); try again once it has finished"
+            );
+            Ok(Some(ExitCode::from(EXIT_MAINTENANCE_BUSY)))
+        }
+    }
+}
+
 fn fsck(store_dir: &Path, verify: bool) -> Result<ExitCode> {
     // Shared with a running daemon: fsck only adds to the list of damaged blobs.
     let store = Store::open_shared(store_dir)
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    if let Some(code) = one_at_a_time(&store, if verify { "fsck --verify" } else { "fsck" })? {
+        return Ok(code);
+    }
     let mut damaged = Vec::new();
     let rows = store.index().file_rows()?;
     let mut problems = store.index().integrity_problems()?;
@@ -1116,12 +1138,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn gc(store_dir: &Path, retention: Duration, dry_run: bool) -> Result<ExitCode> {
-    if std::fs::read_dir(store_dir).is_ok() && !store_dir.join("index.sqlite").exists() {
+    let shared = store::Locations::for_store(store_dir, store::Locations::default())
+        .is_ok_and(|l| !l.is_embedded());
+    if std::fs::read_dir(store_dir).is_ok() && !shared && !store_dir.join("index.sqlite").exists() {
         bail!("no store at {}", store_dir.display());
     }
     // The index is shared with a running daemon (if any) through SQLite's own locking.
     let store = Store::open_shared(store_dir)
         .with_context(|| format!("cannot open store {}", store_dir.display()))?;
+    if let Some(code) = one_at_a_time(&store, "gc")? {
+        return Ok(code);
+    }
     let r = store.gc(&store::gc::GcOptions { retention, dry_run })?;
     println!(
         "{} blobs: {} in use, {} kept for removed files younger than {:?}, {} {} ({} bytes); \

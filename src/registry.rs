@@ -183,16 +183,50 @@ pub enum Outcome {
     Failed(String),
     /// No MLmodel: a plain directory, nothing registered.
     NotAModel,
+    /// Not decided yet, to be looked at again: on a shared store, files may still arrive from
+    /// another machine (the directory has not been quiet long enough, a file in it is being
+    /// written, or another machine is validating it), or it changed during the validation.
+    Deferred,
+}
+
+/// The digest of `dir`'s files as they are, if every one of them is sealed (`None` while a
+/// file is still being written or awaits its seal, on any machine).
+pub fn sealed_tree_digest(idx: &Index, dir: u64) -> io::Result<Option<String>> {
+    let mut files = BTreeMap::new();
+    for (rel, e) in idx.descendants(dir)? {
+        if e.kind != Kind::File {
+            continue;
+        }
+        match e.hash {
+            Some(hash) if e.state == State::Live && !e.committed_open => {
+                files.insert(rel, hash.to_hex());
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(tree_digest(&files)))
 }
 
 /// Validates every version directory of `model` that is PENDING (or not yet looked at),
 /// recording the results.
 /// Returns `(directory inode, outcome)` for each one looked at.
+///
+/// `quiet(dir, stamp)` says whether version directory `dir` has been quiet for the settle
+/// time since its activity stamp (`model_versions.updated`, which every change in it sets,
+/// on any machine) became `stamp`; asked on a shared store only (one daemon knows its own
+/// activity). There a version is decided exactly once, by one machine:
+/// - it is looked at once it is quiet and none of its files is still being written;
+/// - one daemon at a time validates it ([`Index::claim_validation`]; the others defer);
+/// - the decision is written in one transaction holding the index's write lock, and only if
+///   the version is still PENDING with the same stamp and, for READY, its files are still the
+///   ones validated, all sealed (a file created after the READY transaction finds the version
+///   sealed: see `fs`).
 pub fn settle_model(
     idx: &mut Index,
     blobs: &BlobStore,
     model: u64,
     now: i64,
+    quiet: &mut dyn FnMut(u64, i64) -> bool,
 ) -> io::Result<Vec<(u64, Outcome)>> {
     let mut out = Vec::new();
     if idx.model(model)?.is_none() {
@@ -213,6 +247,7 @@ pub fn settle_model(
                 .map(|c| c.ino),
         );
     }
+    let shared = idx.is_shared();
     for dir in units {
         // READY is final; FAILED stays until something changes in the directory (which makes
         // it PENDING again).
@@ -228,26 +263,21 @@ pub fn settle_model(
             continue;
         }
         idx.version_pending(dir, model, now)?;
-        let ready_subdirs = direct
-            && idx
-                .versions_of(model)?
-                .iter()
-                .any(|v| v.status == VersionStatus::Ready && v.dir_ino != model);
-        let verdict = if ready_subdirs {
-            Err("MLmodel at the top of a registered model that already has versions in subdirectories".into())
-        } else {
-            validate_dir(idx, blobs, dir)?
+        let Some(stamp) = idx.version_of_dir(dir)?.map(|v| v.updated) else {
+            continue;
         };
-        match verdict {
-            Ok(record) => {
-                let n = idx.version_ready(dir, &record, now)?;
-                out.push((dir, Outcome::Ready(n)));
-            }
-            Err(msg) => {
-                idx.version_fail(dir, &msg, now)?;
-                out.push((dir, Outcome::Failed(msg)));
-            }
+        if shared && (!quiet(dir, stamp) || sealed_tree_digest(idx, dir)?.is_none()) {
+            out.push((dir, Outcome::Deferred));
+            continue;
         }
+        if !idx.claim_validation(dir)? {
+            out.push((dir, Outcome::Deferred));
+            continue;
+        }
+        let decided = decide(idx, blobs, model, dir, direct, stamp, now);
+        let released = idx.release_validation(dir);
+        out.push((dir, decided?));
+        released?;
     }
     if direct {
         // Subdirectories of a direct model are its parts, not versions.
@@ -256,6 +286,60 @@ pub fn settle_model(
         }
     }
     Ok(out)
+}
+
+/// Validates version directory `dir` (PENDING with activity stamp `stamp`, claimed by this
+/// daemon) and records the verdict, if the version is still as it was validated (see
+/// [`settle_model`]).
+fn decide(
+    idx: &Index,
+    blobs: &BlobStore,
+    model: u64,
+    dir: u64,
+    direct: bool,
+    stamp: i64,
+    now: i64,
+) -> io::Result<Outcome> {
+    let as_validated = |idx: &Index| -> io::Result<bool> {
+        Ok(idx
+            .version_of_dir(dir)?
+            .is_some_and(|v| v.status == VersionStatus::Pending && v.updated == stamp))
+    };
+    // (Another daemon may have decided it before this one got the claim.)
+    if !as_validated(idx)? {
+        return Ok(Outcome::Deferred);
+    }
+    let ready_subdirs = direct
+        && idx
+            .versions_of(model)?
+            .iter()
+            .any(|v| v.status == VersionStatus::Ready && v.dir_ino != model);
+    let verdict = if ready_subdirs {
+        Err(
+            "MLmodel at the top of a registered model that already has versions in subdirectories"
+                .into(),
+        )
+    } else {
+        validate_dir(idx, blobs, dir)?
+    };
+    let shared = idx.is_shared();
+    idx.write_locked(|idx| {
+        if !as_validated(idx)? {
+            return Ok(Outcome::Deferred);
+        }
+        match verdict {
+            Ok(record) => {
+                if shared && sealed_tree_digest(idx, dir)?.as_deref() != Some(&record.digest) {
+                    return Ok(Outcome::Deferred);
+                }
+                Ok(Outcome::Ready(idx.version_ready(dir, &record, now)?))
+            }
+            Err(msg) => {
+                idx.version_fail(dir, &msg, now)?;
+                Ok(Outcome::Failed(msg))
+            }
+        }
+    })
 }
 
 /// The newest READY version of a model.

@@ -560,9 +560,12 @@ fn sql(url: &str) -> postgres::Client {
 /// twice the default cache time: the TTL alone would not have brought it.
 #[test]
 fn notifications_not_the_ttl_bring_changes_to_the_other_machine() {
-    let Some((m, _shared)) =
-        Mount::machines_with("notifications_not_the_ttl_bring_changes", 2, &[LONG_TTL])
-    else {
+    let Some((m, _shared)) = Mount::machines_with_env(
+        "notifications_not_the_ttl_bring_changes",
+        2,
+        &[],
+        &[LONG_TTL],
+    ) else {
         return;
     };
     let index = std::fs::read_to_string(m[0].store.join("shared")).unwrap();
@@ -743,4 +746,464 @@ fn the_listener_comes_back_after_postgresql_restarts_and_forgets_what_it_missed(
         "{}",
         m[1].log()
     );
+}
+
+/// The MLflow fixtures (tests/fixtures/mlflow, inside the repository).
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mlflow")
+        .join(name)
+}
+
+/// A version directory's registry status, as `getxattr` reads it on a mount.
+fn version_status(path: &std::path::Path) -> Option<String> {
+    getxattr(path, "user.artifactfs.status")
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The registry links `ls -l` shows in a model directory: name -> target.
+fn registry_links(cwd: &std::path::Path, dir: &str) -> std::collections::BTreeMap<String, String> {
+    String::from_utf8_lossy(&sh(cwd, &format!("ls -l '{dir}'")).stdout)
+        .lines()
+        .filter(|l| l.starts_with('l'))
+        .filter_map(|l| {
+            let (left, target) = l.split_once(" -> ")?;
+            Some((left.rsplit(' ').next()?.to_string(), target.to_string()))
+        })
+        .collect()
+}
+
+/// Two machines copy model versions into the same `models/NAME/` at the same moment, round
+/// after round (one of them, some rounds, slowly: notes of its own a file at a time after the
+/// model's files, so that a machine that only watched its own copy would find the other's
+/// directory complete enough to pass while files still arrive): every version is decided exactly once, in PostgreSQL — version
+/// numbers unique and without gaps, the same READY/FAILED, `latest` and aliases on both
+/// machines, every READY version sealed on both, and no copy refused midway.
+#[test]
+fn registry_races_across_machines_decide_each_version_once() {
+    let Some((m, _shared)) =
+        Mount::machines_with("registry_races_across_machines", 2, &["--settle", "0.3"])
+    else {
+        return;
+    };
+    std::fs::create_dir(m[0].path("models/race")).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || m[1]
+        .path("models/race")
+        .is_dir()));
+    let rounds = 12;
+    let mut expected: Vec<(String, &str)> = Vec::new();
+    let started = Instant::now();
+    for i in 0..rounds {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        // Machine 1 copies a broken model every third round, and slowly every other round.
+        let b_fixture = if i % 3 == 2 {
+            "broken_missing_model_file"
+        } else {
+            "sklearn_nosig"
+        };
+        let slow = i % 2 == 1;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let copy_a = {
+            let (mnt, barrier, a) = (m[0].mnt.clone(), barrier.clone(), a.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                sh(
+                    &mnt,
+                    &format!(
+                        "cp -r '{}' models/race/{a}",
+                        fixture("sklearn_iris").display()
+                    ),
+                )
+            })
+        };
+        let copy_b = {
+            let (mnt, barrier, b) = (m[1].mnt.clone(), barrier.clone(), b.clone());
+            let src = fixture(b_fixture);
+            std::thread::spawn(move || {
+                barrier.wait();
+                let script = if slow {
+                    // Everything MLmodel names first, then notes of its own, a file at a time.
+                    format!(
+                        "set -e; cp -r '{s}' models/race/{b}; for n in 1 2 3 4 5 6; do \
+                         sleep 0.12; echo note $n > models/race/{b}/notes$n.txt; done",
+                        s = src.display()
+                    )
+                } else {
+                    format!("cp -r '{}' models/race/{b}", src.display())
+                };
+                sh(&mnt, &script)
+            })
+        };
+        for (name, out) in [(&a, copy_a.join().unwrap()), (&b, copy_b.join().unwrap())] {
+            assert!(
+                out.status.success(),
+                "round {i}: the copy of {name} was refused: {}\nlogs:\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                m[0].log(),
+                m[1].log()
+            );
+        }
+        expected.push((a, "READY"));
+        expected.push((
+            b,
+            if b_fixture.starts_with("broken") {
+                "FAILED"
+            } else {
+                "READY"
+            },
+        ));
+    }
+    // Every version decided, the same way on both machines.
+    for (dir, want) in &expected {
+        for (k, machine) in m.iter().enumerate() {
+            let p = machine.path(&format!("models/race/{dir}"));
+            assert!(
+                wait_until(Duration::from_secs(20), || version_status(&p).as_deref()
+                    == Some(*want)),
+                "{dir} on machine {k}: {:?}, not {want}\nlogs:\n{}\n{}",
+                version_status(&p),
+                m[0].log(),
+                m[1].log()
+            );
+        }
+    }
+    let decided: Vec<usize> = m
+        .iter()
+        .map(|machine| {
+            machine
+                .log()
+                .lines()
+                .filter(|l| l.contains("READY as version") || l.contains(": FAILED: "))
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "{} versions copied in {rounds} rounds and decided in {:?}, by machine 0 and 1: {decided:?}",
+        expected.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        decided.iter().sum::<usize>(),
+        expected.len(),
+        "each version decided exactly once"
+    );
+    // Version numbers: unique, 1..=N without gaps, the same on both machines.
+    let ready: Vec<&String> = expected
+        .iter()
+        .filter(|(_, s)| *s == "READY")
+        .map(|(d, _)| d)
+        .collect();
+    let mut numbers = Vec::new();
+    for dir in &ready {
+        let n: Vec<String> = m
+            .iter()
+            .map(|machine| {
+                String::from_utf8_lossy(
+                    &getxattr(
+                        &machine.path(&format!("models/race/{dir}")),
+                        "user.artifactfs.version",
+                    )
+                    .unwrap(),
+                )
+                .into_owned()
+            })
+            .collect();
+        assert_eq!(n[0], n[1], "{dir}: version on the two machines");
+        numbers.push(n[0].parse::<u64>().unwrap());
+    }
+    numbers.sort();
+    assert_eq!(
+        numbers,
+        (1..=ready.len() as u64).collect::<Vec<_>>(),
+        "version numbers"
+    );
+    // The links and an alias set on one machine agree on the other.
+    sh_ok(&m[0].mnt, "ln -sfn 2 models/race/@champion");
+    assert!(wait_until(Duration::from_secs(3), || {
+        registry_links(&m[1].mnt, "models/race").get("@champion")
+            == registry_links(&m[0].mnt, "models/race").get("@champion")
+    }));
+    let links = registry_links(&m[0].mnt, "models/race");
+    assert_eq!(links.len(), ready.len() + 2, "{links:?}");
+    assert_eq!(links, registry_links(&m[1].mnt, "models/race"));
+    assert_eq!(links["latest"], links[&ready.len().to_string()]);
+    // Every READY version is sealed on both machines.
+    for dir in &ready {
+        for machine in &m {
+            let out = sh(&machine.mnt, &format!("echo x > models/race/{dir}/extra"));
+            assert!(
+                !out.status.success()
+                    && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+                "{dir}: {out:?}"
+            );
+        }
+    }
+}
+
+/// A writer in another process on `path` (a new file): writes `first` bytes, `fsync`s them if
+/// `sync`, says `ready`; on a line from the test writes 4,000 more bytes and closes, then
+/// prints what the write and the close returned.
+fn paused_writer(path: &std::path::Path, first: usize, sync: bool) -> std::process::Child {
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import os, sys\n\
+             fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)\n\
+             os.write(fd, b'p' * {first})\n\
+             {}\n\
+             print('ready', flush=True)\n\
+             sys.stdin.readline()\n\
+             out = []\n\
+             for what, f in (('write', lambda: os.write(fd, b'm' * 4000)), ('close', lambda: os.close(fd))):\n\
+             \x20   try:\n\
+             \x20       f(); out.append(what + ' ok')\n\
+             \x20   except OSError as e:\n\
+             \x20       out.append('%s errno %d' % (what, e.errno))\n\
+             print(', '.join(out), flush=True)",
+            if sync { "os.fsync(fd)" } else { "pass" }
+        ))
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready", "{}", path.display());
+    child
+}
+
+/// Lets a [`paused_writer`] go on; what its write and close returned.
+fn resume_writer(mut child: std::process::Child) -> String {
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A daemon stopped (SIGSTOP) for longer than the lease: another machine cleans up what it
+/// was writing (a file never committed is gone and its name free, one committed by `fsync`
+/// keeps that content, sealed); once it runs again its writers cannot bring any of it back —
+/// their writes and `close()`s fail with `EIO`, nothing half-written or conflicting becomes
+/// visible — and it goes on with a new session for new files. (The lease is shortened to 2 s
+/// by the test-only `ARTIFACTFS_TEST_LEASE_MS`.)
+#[test]
+fn a_stalled_machine_finds_its_lease_gone_and_resurrects_nothing() {
+    let Some((m, _shared)) = Mount::machines_with_env(
+        "a_stalled_machine_finds_its_lease_gone",
+        2,
+        &[],
+        &[("ARTIFACTFS_TEST_LEASE_MS", "2000")],
+    ) else {
+        return;
+    };
+    let dir = "runs/stall/artifacts";
+    std::fs::create_dir_all(m[0].path(dir)).unwrap();
+    std::fs::write(m[0].path(&format!("{dir}/done")), b"closed before").unwrap();
+    let p = |k: usize, name: &str| m[k].path(&format!("{dir}/{name}"));
+    // A large file never committed, and a small one committed by fsync and then written on.
+    let half = paused_writer(&p(0, "half"), 300_000, false);
+    let synced = paused_writer(&p(0, "synced"), 5_000, true);
+    assert!(wait_until(Duration::from_secs(3), || std::fs::read(p(
+        1, "done"
+    ))
+    .is_ok_and(|b| b == b"closed before")));
+
+    let pid = m[0].daemon_pid();
+    let stopped = Instant::now();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let cont = scopeguard(pid);
+    // The other machine cleans up once the lease (2 s) ran out.
+    let cleaned = wait_until(Duration::from_secs(15), || {
+        !p(1, "half").exists()
+            && std::fs::read(p(1, "synced")).is_ok_and(|b| b == vec![b'p'; 5_000])
+    });
+    let cleaned_after = stopped.elapsed();
+    assert!(
+        cleaned,
+        "not cleaned up after {cleaned_after:?}: half exists {}, synced reads {:?}\nlog:\n{}",
+        p(1, "half").exists(),
+        std::fs::read(p(1, "synced")).map(|b| b.len()),
+        m[1].log()
+    );
+    // Its name is free: the other machine writes a file of its own there.
+    std::fs::write(p(1, "half"), b"the other machine's").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(cont); // SIGCONT
+    let stalled = stopped.elapsed();
+
+    assert_eq!(resume_writer(half), "write ok, close errno 5");
+    assert_eq!(resume_writer(synced), "write errno 5, close errno 5");
+    for k in 0..2 {
+        assert!(
+            wait_until(Duration::from_secs(3), || {
+                std::fs::read(p(k, "half")).is_ok_and(|b| b == b"the other machine's")
+                    && std::fs::read(p(k, "synced")).is_ok_and(|b| b == vec![b'p'; 5_000])
+            }),
+            "machine {k}: half {:?}, synced {:?}",
+            std::fs::read(p(k, "half")).map(|b| b.len()),
+            std::fs::read(p(k, "synced")).map(|b| b.len())
+        );
+    }
+    // The stalled machine goes on, with a new session, for new files.
+    for i in 0..5 {
+        let bytes = pseudo_random(i, 100 + 70_000 * (i as usize % 2));
+        std::fs::write(p(0, &format!("after{i}")), &bytes).unwrap();
+        assert!(wait_until(Duration::from_secs(3), || std::fs::read(p(
+            1,
+            &format!("after{i}")
+        ))
+        .is_ok_and(|b| b == bytes)));
+    }
+    assert!(
+        m[0].log().contains("was ended by another machine"),
+        "{}",
+        m[0].log()
+    );
+    eprintln!("stalled for {stalled:?}; the other machine had cleaned up after {cleaned_after:?}");
+    for (k, machine) in m.iter().enumerate() {
+        let out = machine.cli(&["fsck"]);
+        assert!(out.status.success(), "fsck on machine {k}: {out:?}");
+    }
+}
+
+/// Sends SIGCONT to `pid` when dropped (a stopped daemon never outlives a failed test).
+fn scopeguard(pid: i32) -> impl Drop {
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    Cont(pid)
+}
+
+/// `gc` and `fsck` run from one machine at a time: while one holds the store's maintenance
+/// lock, another is refused at once, in one line naming the holder, with exit status 75.
+/// And `gc` stays safe while another machine writes: run again and again (retention 0) from
+/// machine 0 and a third machine (the CLI only) while machine 1 writes small and large files, the same contents under several
+/// names, and removes some right away (their contents become garbage, then are written
+/// again: a blob published but whose row is not committed yet, or that gc takes between the
+/// two, is stored again by the commit), every file machine 1 closed reads back exactly on both
+/// machines, and `fsck --verify` is clean.
+#[test]
+fn gc_runs_one_at_a_time_and_is_safe_while_another_machine_writes() {
+    let Some((m, _shared)) = Mount::machines("gc_runs_one_at_a_time", 2) else {
+        return;
+    };
+    let dir = "runs/gc/artifacts";
+    std::fs::create_dir_all(m[1].path(dir)).unwrap();
+
+    // The maintenance lock held by another process: gc and fsck are refused, naming it.
+    let (index, blobs) = store_locations(&m[0].store);
+    let (index, blobs) = (index.unwrap(), format!("file://{}", blobs.display()));
+    let third = tempfile::tempdir().unwrap();
+    let mut holder = postgres::Client::connect(&index, postgres::NoTls).unwrap();
+    holder
+        .batch_execute(&format!(
+            "SET application_name = 'the test''s holder'; SELECT pg_advisory_lock({})",
+            0x0061_7274_6966_6763i64
+        ))
+        .unwrap();
+    for args in [&["gc"][..], &["fsck", "--verify"], &["fsck"]] {
+        let t = Instant::now();
+        let out = m[0].cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{args:?}: {out:?}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("the test's holder"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+    drop(holder);
+
+    let writer = {
+        let dir = m[1].path(dir);
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for i in 0..240u64 {
+                // 40 contents, each written six times: small ones in the index, large ones
+                // as blobs.
+                let size = if i % 2 == 0 { 3_000 } else { 150_000 };
+                let bytes = pseudo_random(i % 40, size + (i % 40) as usize);
+                let path = dir.join(format!("f{i}"));
+                std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("f{i}: {e}"));
+                if i % 3 == 0 {
+                    std::fs::remove_file(&path).unwrap();
+                } else {
+                    kept.push((format!("f{i}"), bytes));
+                }
+            }
+            kept
+        })
+    };
+    let (mut runs, mut refused) = (0, 0);
+    let started = Instant::now();
+    while !writer.is_finished() {
+        // Two at the same moment, from machine 0 and from a third machine (a store directory
+        // of its own, the locations given): each runs whole or is refused.
+        let other = {
+            let (store, index, blobs) = (third.path().to_owned(), index.clone(), blobs.clone());
+            std::thread::spawn(move || {
+                std::process::Command::new(BIN)
+                    .args([
+                        "gc",
+                        "--older-than",
+                        "0",
+                        "--index",
+                        &index,
+                        "--blobs",
+                        &blobs,
+                    ])
+                    .arg("--store")
+                    .arg(store)
+                    .output()
+                    .unwrap()
+            })
+        };
+        for out in [
+            m[0].cli(&["gc", "--older-than", "0"]),
+            other.join().unwrap(),
+        ] {
+            match out.status.code() {
+                Some(0) => runs += 1,
+                Some(75) => refused += 1,
+                _ => panic!("gc: {out:?}"),
+            }
+        }
+    }
+    let kept = writer.join().unwrap();
+    let out = m[0].cli(&["gc", "--older-than", "0"]);
+    assert!(out.status.success(), "{out:?}");
+    for (k, machine) in m.iter().enumerate() {
+        for (name, bytes) in &kept {
+            let p = machine.path(&format!("{dir}/{name}"));
+            assert!(
+                wait_until(Duration::from_secs(3), || std::fs::read(&p)
+                    .is_ok_and(|b| b == *bytes)),
+                "{name} on machine {k}: {:?}",
+                std::fs::read(&p).map(|b| b.len())
+            );
+        }
+        let out = machine.cli(&["fsck", "--verify"]);
+        assert!(
+            out.status.success(),
+            "fsck --verify on machine {k}: {out:?}"
+        );
+    }
+    let stored_again = m[1]
+        .log()
+        .lines()
+        .filter(|l| l.contains("collected during a commit"))
+        .count();
+    eprintln!(
+        "{} files written by machine 1 in {:?} while gc ran {runs} times ({refused} refused: \
+         another was running); blobs stored again after gc took them mid-commit: {stored_again}",
+        240,
+        started.elapsed()
+    );
+    assert!(runs > 0);
 }

@@ -241,6 +241,10 @@ struct Writer {
     /// Released: its entry in `writer_attrs` is gone and must not come back (a `utimens`
     /// that found this writer just before the release must not leave a stale size behind).
     released: bool,
+    /// The daemon's session (shared store) when the writer began: if the daemon lost it
+    /// since (its lease ran out and another machine cleaned up), the writer's changes fail
+    /// with `EIO` instead of reaching rows that are no longer its own.
+    session: i64,
 }
 
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
@@ -818,6 +822,7 @@ impl ArtifactFs {
                 now,
                 "mkdir",
             )?;
+            self.model_guard_after(&idx, "mkdir", &pdir, name, ino)?;
             if place == Place::Runs {
                 // Every run has artifacts/.
                 self.make_dir(
@@ -917,9 +922,15 @@ impl ArtifactFs {
         }
         if place == Place::Models || unit.is_some() {
             // A draft below models/ that never became a version: gone, and the name is free.
-            idx.delete_row(dir.ino)?;
-            idx.touch_dir(parent, now_ns())?;
-            idx.version_delete(dir.ino)?;
+            let remove = |idx: &Index| {
+                idx.delete_row(dir.ino)?;
+                idx.touch_dir(parent, now_ns())?;
+                idx.version_delete(dir.ino)
+            };
+            match unit {
+                Some(unit) => self.model_change(&idx, "rmdir", &dir, unit, remove)?,
+                None => remove(&idx)?,
+            }
             if place == Place::Models {
                 idx.model_delete(dir.ino)?;
             } else if let Some(unit) = self.model_unit(&idx, &pdir)? {
@@ -1033,6 +1044,9 @@ impl ArtifactFs {
                 });
             }
         };
+        if expect.is_none() {
+            self.model_guard_after(&idx, "create", &pdir, name, ino)?;
+        }
         let unit = self.unit_for_new(&idx, &pdir, ino)?;
         if let Some(unit) = unit {
             self.model_touch(&idx, unit, true)?;
@@ -1056,6 +1070,7 @@ impl ArtifactFs {
             replaces: None,
             replaced: false,
             released: false,
+            session: idx.session(),
         };
         self.handles
             .write()
@@ -1177,6 +1192,7 @@ impl ArtifactFs {
             replaces: Some((hash, e.size, e.mtime)),
             replaced: false,
             released: false,
+            session: self.store.index().session(),
         };
         // The inode's one writer slot first: a second writer racing this open is Busy before
         // anything about the row changes.
@@ -1451,7 +1467,10 @@ impl ArtifactFs {
             && w.committed
             && let Err(e) = self.store.retry_busy(
                 || format!("write to inode {}", w.ino),
-                |idx| idx.mark_rewriting(w.ino, w.synced),
+                |idx| {
+                    idx.check_writer_session(w.session)?;
+                    idx.mark_rewriting(w.ino, w.synced)
+                },
             )
         {
             w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
@@ -1643,7 +1662,7 @@ impl ArtifactFs {
         let recorded = if w.size <= INLINE_MAX {
             let bytes = w.body.contents(w.size)?;
             self.store
-                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes)?
+                .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes, w.session)?
         } else {
             let damaged = self.store.index().is_damaged(&hash)?;
             let recorded = self.commit_blob(w, &hash, damaged, durable)?;
@@ -1698,6 +1717,7 @@ impl ArtifactFs {
             let recorded = self.store.retry_busy(
                 || format!("commit of inode {}", w.ino),
                 |idx| {
+                    idx.check_writer_session(w.session)?;
                     idx.commit_file(w.ino, hash, w.size, w.mtime, now_ns(), || {
                         blobs.exists(hash)
                     })
@@ -1900,8 +1920,10 @@ impl ArtifactFs {
         if let Some(unit) = self.model_guard(&idx, "unlink", &e, None)? {
             // A file of a draft below models/: removed outright, the name is free again.
             self.keep_if_open(&e);
-            idx.delete_row(e.ino)?;
-            idx.touch_dir(parent, now_ns())?;
+            self.model_change(&idx, "unlink", &e, unit, |idx| {
+                idx.delete_row(e.ino)?;
+                idx.touch_dir(parent, now_ns())
+            })?;
             self.model_touch(&idx, unit, unit.dir != unit.model)?;
             return Ok(());
         }
@@ -1938,7 +1960,7 @@ impl ArtifactFs {
         exchange: bool,
         retried: bool,
     ) -> FsResult<()> {
-        let mut idx = self.store.index();
+        let idx = self.store.index();
         self.read_only(&idx, "rename", parent, Some(name))?;
         if exchange {
             return Err(Self::deny(
@@ -2037,7 +2059,20 @@ impl ArtifactFs {
         }
         // Below runs/ the old path keeps its content as a tombstone; a model draft's does not.
         let tombstone = src_unit.is_none();
-        if !idx.rename_file(e.ino, new_parent, new_name, zone as u8, now_ns(), tombstone)? {
+        let units: Vec<_> = [src_unit, self.model_unit(&idx, &dst_dir)?]
+            .into_iter()
+            .flatten()
+            .collect();
+        let renamed = self.unsealed_then(&idx, &units, |idx| {
+            idx.rename_file(e.ino, new_parent, new_name, zone as u8, now_ns(), tombstone)
+        })?;
+        let Some(renamed) = renamed else {
+            // Sealed by another machine since the guards: refused as they refuse.
+            self.model_guard(&idx, "rename", &e, None)?;
+            self.model_guard(&idx, "rename to", &dst_dir, Some(new_name))?;
+            return Err(FsError::Refused(Refusal::NotPermitted));
+        };
+        if !renamed {
             return Err(FsError::Refused(Refusal::Exists));
         }
         if let Some(unit) = src_unit {

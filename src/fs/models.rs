@@ -62,10 +62,19 @@ pub struct ModelState {
     /// One that is never renamed (an interrupted `ln -sfn`) is forgotten after
     /// [`TEMP_LINK_LIFETIME`].
     temp_links: Mutex<HashMap<LinkKey, (u64, Instant)>>,
+    /// On a shared store: each pending version directory's activity stamp as this daemon last
+    /// saw (or wrote) it, and since when (see `registry::settle_model`).
+    stamps: Mutex<HashMap<u64, (i64, Instant)>>,
+    /// When the pending versions of every model were last looked for (a shared store's other
+    /// machines may leave some: see [`ArtifactFs::tick`]).
+    last_pending_scan: Mutex<Option<Instant>>,
 }
 
 /// A registry link: (model directory's inode, name).
 type LinkKey = (u64, Vec<u8>);
+
+/// How often a shared store's daemon looks for versions left pending by any machine.
+const PENDING_SCAN: Duration = Duration::from_secs(5);
 
 /// How long a temporary link waits for its rename to `@alias`.
 const TEMP_LINK_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
@@ -163,11 +172,83 @@ impl ArtifactFs {
         Ok(Some(unit))
     }
 
+    /// On a shared store, after `ino` was created as `name` in `dir` below a model: asks
+    /// [`ArtifactFs::model_guard`] again, and if another machine made the version READY
+    /// meanwhile (between the first guard and the insert), removes the new entry and refuses.
+    /// The READY transaction and the insert both hold the index's write lock, and READY is
+    /// only written if every file of the version is sealed: either the READY comes first and
+    /// this check sees it, or it sees the new entry and leaves the version PENDING.
+    pub(super) fn model_guard_after(
+        &self,
+        idx: &Index,
+        op: &str,
+        dir: &Entry,
+        name: &[u8],
+        ino: u64,
+    ) -> FsResult<()> {
+        if !idx.is_shared() || !in_models(dir) || dir.ino == MODELS_INO {
+            return Ok(());
+        }
+        if let Err(e) = self.model_guard(idx, op, dir, Some(name)) {
+            idx.delete_row(ino)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Makes `change` to entry `e` below a model, which [`ArtifactFs::model_guard`] allowed
+    /// (see [`ArtifactFs::unsealed_then`]); refused as the guard refuses it if the version was
+    /// sealed since.
+    pub(super) fn model_change<T>(
+        &self,
+        idx: &Index,
+        op: &str,
+        e: &Entry,
+        unit: Unit,
+        change: impl FnOnce(&Index) -> io::Result<T>,
+    ) -> FsResult<T> {
+        match self.unsealed_then(idx, &[unit], change)? {
+            Some(t) => Ok(t),
+            None => {
+                self.model_guard(idx, op, e, None)?;
+                Err(FsError::Refused(Refusal::NotPermitted))
+            }
+        }
+    }
+
+    /// Runs `change`, a change below models that [`ArtifactFs::model_guard`] allowed for
+    /// `units`. On a shared store it runs in one transaction holding the index's write lock
+    /// that first asks the seals again: another machine may have made one of the versions
+    /// READY since the guard (its READY transaction holds the same lock). `None` (nothing
+    /// changed) if one is sealed now.
+    pub(super) fn unsealed_then<T>(
+        &self,
+        idx: &Index,
+        units: &[Unit],
+        change: impl FnOnce(&Index) -> io::Result<T>,
+    ) -> FsResult<Option<T>> {
+        if !idx.is_shared() || units.is_empty() {
+            return Ok(Some(change(idx)?));
+        }
+        Ok(idx.write_locked(|idx| {
+            for unit in units {
+                if registry::sealing_version(idx, *unit)?.is_some() {
+                    return Ok(None);
+                }
+            }
+            change(idx).map(Some)
+        })?)
+    }
+
     /// Records a change below a model: its version directory is PENDING again and the model
     /// must be quiet for the settle time before it is validated.
     pub(super) fn model_touch(&self, idx: &Index, unit: Unit, mark_pending: bool) -> FsResult<()> {
-        if mark_pending && idx.version_pending(unit.dir, unit.model, now_ns())? {
-            log::info!("registry: {}: PENDING", log_path(&idx.path_of(unit.dir)?));
+        if mark_pending {
+            let now = now_ns();
+            if idx.version_touched(unit.dir, unit.model, now)? {
+                log::info!("registry: {}: PENDING", log_path(&idx.path_of(unit.dir)?));
+            }
+            lock(&self.models.stamps).insert(unit.dir, (now, Instant::now()));
         }
         self.models.bump(unit.model, 0);
         Ok(())
@@ -230,6 +311,20 @@ impl ArtifactFs {
         if let Err(e) = self.store.index().seal_pending() {
             log::warn!("sealing released files in the index failed (retried): {e}");
         }
+        // Versions another machine left pending (it stopped or died before deciding them)
+        // are looked at here too, now and then: right after a heartbeat found PostgreSQL there
+        // (the query would hold the index while it waits for PostgreSQL).
+        let alive = self.store.index().alive_at();
+        let mut last = lock(&self.models.last_pending_scan);
+        if let Some(alive) = alive
+            && last.is_none_or(|l| alive > l && l.elapsed() >= PENDING_SCAN)
+        {
+            *last = Some(Instant::now());
+            drop(last);
+            self.resume_pending();
+        } else {
+            drop(last);
+        }
         let due: Vec<u64> = {
             let mut act = lock(&self.models.activity);
             let due: Vec<u64> = act
@@ -247,22 +342,40 @@ impl ArtifactFs {
         let mut lines = Vec::new();
         for model in due {
             let mut idx = self.store.index();
-            let outcomes =
-                match registry::settle_model(&mut idx, &self.store.blobs, model, now_ns()) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        log::warn!("settling model inode {model} failed: {e}");
-                        drop(idx);
-                        self.models.bump(model, 0);
-                        continue;
+            let settle = self.opts.settle;
+            let mut quiet = |dir: u64, stamp: i64| {
+                let mut stamps = lock(&self.models.stamps);
+                match stamps.get(&dir) {
+                    Some((seen, since)) if *seen == stamp => since.elapsed() >= settle,
+                    _ => {
+                        stamps.insert(dir, (stamp, Instant::now()));
+                        false
                     }
-                };
+                }
+            };
+            let settled =
+                registry::settle_model(&mut idx, &self.store.blobs, model, now_ns(), &mut quiet);
+            let outcomes = match settled {
+                Ok(o) => o,
+                Err(e) => {
+                    log::warn!("settling model inode {model} failed: {e}");
+                    drop(idx);
+                    self.models.bump(model, 0);
+                    continue;
+                }
+            };
+            if outcomes.iter().any(|(_, o)| *o == Outcome::Deferred) {
+                self.models.bump(model, 0);
+            }
             for (dir, outcome) in outcomes {
+                if outcome != Outcome::Deferred {
+                    lock(&self.models.stamps).remove(&dir);
+                }
                 let path = idx.path_of(dir).unwrap_or_default();
                 let line = match outcome {
                     Outcome::Ready(n) => format!("/{}: READY as version {n}", path.display()),
                     Outcome::Failed(msg) => format!("/{}: FAILED: {msg}", path.display()),
-                    Outcome::NotAModel => continue,
+                    Outcome::NotAModel | Outcome::Deferred => continue,
                 };
                 log::info!("registry: {line}");
                 lines.push(line);
@@ -728,6 +841,8 @@ impl ArtifactFs {
             log_path(&src_path),
         );
         self.models.bump(model, 0);
+        // Its activity stamp is this daemon's own: quiet once the settle time has passed.
+        lock(&self.models.stamps).insert(vdir, (now, Instant::now()));
         let e = idx.get(vdir)?.ok_or(FsError::Refused(Refusal::NotFound))?;
         drop(idx);
         Ok(self.attr_of(&e))

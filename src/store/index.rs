@@ -228,6 +228,10 @@ pub struct Index {
     machine: String,
     ino_block_end: Cell<u64>,
     last_heartbeat: Cell<Option<std::time::Instant>>,
+    /// When a heartbeat last found this daemon's session alive, and whether the last one
+    /// failed (PostgreSQL away).
+    alive_at: Cell<Option<std::time::Instant>>,
+    heartbeat_failed: Cell<bool>,
     /// The WAL-index header, mapped: how [`Index::snapshot`] tells that another connection
     /// committed. Only the writable daemon's index maps it (see `cache`).
     shm: Option<cache::ShmHeader>,
@@ -296,10 +300,6 @@ impl Drop for UndoOnUnwind<'_> {
 /// it last read it.
 const DAMAGE_RELOAD: Duration = Duration::from_secs(1);
 
-/// How often a PostgreSQL index's daemon tells the index it is alive, and cleans up after
-/// daemons of other machines whose lease ran out.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-
 /// How far ahead of the inode numbers handed out [`Index::record_used_inos`] moves the
 /// table's sequence.
 const INO_BLOCK: u64 = 1024;
@@ -336,6 +336,26 @@ impl std::fmt::Display for IndexBusy {
 }
 
 impl std::error::Error for IndexBusy {}
+
+/// The error of a writer whose daemon's session `session` lost its lease (`EIO`).
+fn lease_lost(session: i64) -> io::Error {
+    io::Error::other(LeaseLost(format!(
+        "this daemon's session {session} lost its lease (another machine cleaned up what it \
+             was writing): the file's writes are not recorded"
+    )))
+}
+
+/// See [`lease_lost`]; reads as `EIO`.
+#[derive(Debug)]
+pub struct LeaseLost(String);
+
+impl std::fmt::Display for LeaseLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LeaseLost {}
 
 /// Whether `e` is an [`IndexBusy`]: another connection held the index's write lock.
 pub fn is_busy(e: &io::Error) -> bool {
@@ -531,6 +551,8 @@ impl Index {
             machine: String::new(),
             ino_block_end: Cell::new(0),
             last_heartbeat: Cell::new(None),
+            alive_at: Cell::new(None),
+            heartbeat_failed: Cell::new(false),
             db,
             pending_seals: Default::default(),
             reserved: Default::default(),
@@ -558,11 +580,12 @@ impl Index {
         index.machine = machine.to_owned();
         postgres::prepare_schema(&index.db, Some((owner, now)))?;
         postgres::refuse_unfinished_migration(&index.db)?;
-        let session = postgres::start_session(&index.db, machine, now)?;
+        let session = postgres::start_session(&index.db, machine)?;
         index.session.set(session);
         index.pg_cache = true;
         index.last_heartbeat.set(Some(std::time::Instant::now()));
-        index.clean_up_after_dead_sessions(now)?;
+        index.alive_at.set(Some(std::time::Instant::now()));
+        index.clean_up_after_dead_sessions()?;
         Ok(index)
     }
 
@@ -577,6 +600,16 @@ impl Index {
             }
             None => Ok(None),
         }
+    }
+
+    /// On a shared index: takes the lock that lets one `gc` or `fsck` (`what`) at a time run
+    /// on the store, from any machine, for as long as this index is open; `Ok(Some(holder))`
+    /// names the process that has it instead. Nothing on the embedded index (`Ok(None)`).
+    pub fn take_maintenance_lock(&self, what: &str) -> io::Result<Option<String>> {
+        if !self.db.is_postgres() {
+            return Ok(None);
+        }
+        postgres::take_maintenance_lock(&self.db, what)
     }
 
     /// Whether this is a shared (PostgreSQL) index.
@@ -1501,6 +1534,7 @@ impl Index {
     /// (its mtime and ctime become the row's time), in the same transaction. A new file being
     /// written is reserved instead, and its directory's new times wait with it (module doc).
     pub fn insert_in_dir(&self, e: &NewEntry) -> io::Result<Option<u64>> {
+        self.renew_if_stale()?;
         if self.reserves(e) {
             let ino = self.reserve(e)?;
             if ino.is_some() {
@@ -1672,14 +1706,21 @@ impl Index {
                 // The first commit of a new file: its row, in this same transaction.
                 idx.insert_reserved(r, STATE_COMMITTED_OPEN, Some(hash), size, mtime, now)?;
             } else {
+                // On a shared index, only a row still stamped with this daemon's session: one
+                // another daemon cleaned up (this daemon's lease ran out) stays as it left it.
+                let own = idx.own_rows();
                 let n = idx.db.exec(
                     &format!(
                         "UPDATE entries SET hash = ?2, size = ?3, mtime = ?4, ctime = ?5,
-                         state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1"
+                         state = {STATE_COMMITTED_OPEN} WHERE ino = ?1 AND state != 1{own}"
                     ),
                     params![ino as i64, hash.to_hex(), size as i64, mtime, now],
                 )?;
                 if n != 1 {
+                    let session = idx.session.get();
+                    if session != 0 && !postgres::session_exists(&idx.db, session)? {
+                        return Err(lease_lost(session));
+                    }
                     // Removed while open: nothing to record, no content to keep.
                     return Ok(Commit::Gone);
                 }
@@ -1748,9 +1789,11 @@ impl Index {
                 )
             })
             .collect();
+        // (Only a row still stamped with this daemon's session: see `commit_file_with`.)
+        let own = self.own_rows();
         body.push(format!(
             "UPDATE entries SET hash = '{h}', size = {size}, mtime = {mtime}, ctime = {now},
-             state = {STATE_COMMITTED_OPEN} WHERE ino = {ino} AND state != 1"
+             state = {STATE_COMMITTED_OPEN} WHERE ino = {ino} AND state != 1{own}"
         ));
         let took = format!(
             "EXISTS (SELECT 1 FROM entries WHERE ino = {ino} AND hash = '{h}'
@@ -1818,6 +1861,10 @@ impl Index {
         }
         self.patch_own_change(before, &patched, &forget, sealed);
         if counts[seals.len()] != 1 {
+            let session = self.session.get();
+            if session != 0 && !postgres::session_exists(&self.db, session)? {
+                return Err(lease_lost(session));
+            }
             // Removed while open: nothing recorded.
             return self.gone_or_lost(ino);
         }
@@ -1912,38 +1959,105 @@ impl Index {
         }
     }
 
-    /// A PostgreSQL index's daemon, every [`HEARTBEAT`]: tells the index it is alive, and
-    /// cleans up after the daemons whose lease ran out (see `postgres.rs`).
+    /// A PostgreSQL index's daemon, every heartbeat interval (`postgres::heartbeat_interval`):
+    /// tells the index it is alive, and cleans up after the daemons whose lease ran out (see
+    /// `postgres.rs`).
     fn heartbeat_if_due(&self) -> io::Result<()> {
-        let session = self.session.get();
-        if session == 0
-            || self
-                .last_heartbeat
-                .get()
-                .is_some_and(|t| t.elapsed() < HEARTBEAT)
+        if self
+            .last_heartbeat
+            .get()
+            .is_some_and(|t| t.elapsed() < postgres::heartbeat_interval())
         {
+            return Ok(());
+        }
+        self.heartbeat()
+    }
+
+    fn heartbeat(&self) -> io::Result<()> {
+        let session = self.session.get();
+        if session == 0 {
             return Ok(());
         }
         // (Set first: a failure is tried again at the next heartbeat, not at every tick.)
         self.last_heartbeat.set(Some(std::time::Instant::now()));
-        let now = super::now_ns();
-        postgres::heartbeat(&self.db, session, now)?;
-        self.clean_up_after_dead_sessions(now)
+        self.heartbeat_failed.set(true);
+        if !postgres::heartbeat(&self.db, session)? {
+            self.start_new_session(session)?;
+        }
+        self.heartbeat_failed.set(false);
+        self.alive_at.set(Some(std::time::Instant::now()));
+        self.clean_up_after_dead_sessions()
+    }
+
+    /// This daemon's session `lost` was ended by another daemon (it had not renewed its lease
+    /// in time: stalled, or cut off from PostgreSQL), which cleaned up what it was writing.
+    /// Those files' writers fail with `EIO` ([`Index::check_writer_session`]); a new session
+    /// serves what comes next.
+    fn start_new_session(&self, lost: i64) -> io::Result<()> {
+        let session = postgres::start_session(&self.db, &self.machine)?;
+        self.session.set(session);
+        log::error!(
+            "this daemon's session {lost} was ended by another machine: it had not renewed its \
+             lease for over {:?} (stalled?), and what it was writing was cleaned up (those \
+             files' writes fail with EIO); went on as session {session}",
+            postgres::lease()
+        );
+        Ok(())
+    }
+
+    /// When a heartbeat last found this daemon's session alive (a PostgreSQL index's): periodic
+    /// work that may wait runs right after one, so as not to meet an outage, where a statement
+    /// waits up to `OUTAGE_PATIENCE` with the index held.
+    pub fn alive_at(&self) -> Option<std::time::Instant> {
+        self.alive_at.get()
+    }
+
+    /// This daemon's session now (0 on the embedded index): a writer records the one it
+    /// started in and gives it to [`Index::check_writer_session`].
+    pub fn session(&self) -> i64 {
+        self.session.get()
+    }
+
+    /// A PostgreSQL index's daemon whose session may have run out of lease (no heartbeat found
+    /// it alive for half a lease: it was stalled) asks now, before it writes, and starts a new
+    /// session if it had lost its own. Not while heartbeats fail (PostgreSQL away): the
+    /// request's own statements wait for it, once; a commit that finds its row cleaned up
+    /// fails with `EIO` all the same.
+    pub fn renew_if_stale(&self) -> io::Result<()> {
+        if self.session.get() != 0
+            && !self.db.in_transaction()
+            && !self.heartbeat_failed.get()
+            && self
+                .alive_at
+                .get()
+                .is_none_or(|t| t.elapsed() >= postgres::lease() / 2)
+        {
+            self.heartbeat()?;
+        }
+        Ok(())
+    }
+
+    /// Fails with `EIO` if `session` (the one a writer started in) is not this daemon's
+    /// session any more: the lease ran out, and another daemon cleaned up what the writer had
+    /// written. Call under the same hold of the index as the commit it guards.
+    pub fn check_writer_session(&self, session: i64) -> io::Result<()> {
+        self.renew_if_stale()?;
+        if session != self.session.get() {
+            return Err(lease_lost(session));
+        }
+        Ok(())
     }
 
     /// Drops what daemons that are gone left being written, and forgets their sessions (see
     /// `postgres.rs`); takes the write lock only when there are any.
-    fn clean_up_after_dead_sessions(&self, now: i64) -> io::Result<()> {
+    fn clean_up_after_dead_sessions(&self) -> io::Result<()> {
         let session = self.session.get();
-        if !postgres::any_dead_session(&self.db, session, &self.machine, now)? {
+        if !postgres::any_dead_session(&self.db, session, &self.machine)? {
             return Ok(());
         }
         self.write_locked(|idx| {
-            idx.drop_unfinished_writes(&format!(
-                " AND {}",
-                postgres::left_by_dead_sessions(session, &idx.machine, now)
-            ))?;
-            postgres::forget_dead_sessions(&idx.db, session, &idx.machine, now)
+            postgres::forget_dead_sessions(&idx.db, session, &idx.machine)?;
+            idx.drop_unfinished_writes(&format!(" AND {}", postgres::LEFT_BY_DEAD_SESSIONS))
         })
     }
 
@@ -1987,7 +2101,12 @@ impl Index {
 
     /// Runs `f` in a transaction that holds SQLite's write lock from the start
     /// (`BEGIN IMMEDIATE`): commits if `f` succeeds, rolls back if it fails.
+    ///
+    /// Inside a transaction already open, `f` runs as a step of it (see [`Index::atomically`]).
     pub fn write_locked<T>(&self, f: impl FnOnce(&Index) -> io::Result<T>) -> io::Result<T> {
+        if self.db.in_transaction() {
+            return self.atomically(|| f(self));
+        }
         self.db.begin_write()?;
         // Rolls the transaction back if `f` panics: otherwise it would stay open, and every
         // later `BEGIN` of this connection would fail.
@@ -2131,10 +2250,11 @@ impl Index {
         if self.reserved(ino).is_some() {
             return self.tombstone(ino, now);
         }
+        let own = self.own_rows();
         self.db.exec(
             &format!(
                 "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
-                     WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})"
+                     WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED}){own}"
             ),
             params![ino as i64, now],
         )?;
@@ -2174,10 +2294,14 @@ impl Index {
     /// commits at its first close, before the writes): until it is committed again, a crash
     /// must not leave the earlier version visible — unless that version was fsync'd.
     pub fn mark_rewriting(&self, ino: u64, keep_on_crash: bool) -> io::Result<()> {
+        // A row committed while open is written again only while it is still this daemon's
+        // (on a shared index: stamped with its session; one another daemon sealed after this
+        // daemon's lease ran out stays sealed, and the writer's session check fails it).
+        let own = self.own_rows();
         self.db.exec(
             &format!(
-                "UPDATE entries SET state = ?2
-                 WHERE ino = ?1 AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN})"
+                "UPDATE entries SET state = ?2 WHERE ino = ?1
+                 AND (state = {STATE_LIVE} OR (state = {STATE_COMMITTED_OPEN}{own}))"
             ),
             params![
                 ino as i64,
@@ -2202,12 +2326,14 @@ impl Index {
         if self.reserved.borrow_mut().remove(ino).is_some() {
             return Ok(());
         }
+        // (On a shared index, only while the row is still this daemon's: see `mark_rewriting`.)
         self.write_locked(|idx| {
+            let own = idx.own_rows();
             idx.db.batch(&format!(
                 "UPDATE entries SET state = {STATE_LIVE}
                      WHERE ino = {ino} AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED})
-                     AND hash IS NOT NULL;
-                 DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING};"
+                     AND hash IS NOT NULL{own};
+                 DELETE FROM entries WHERE ino = {ino} AND state = {STATE_WRITING}{own};"
             ))
         })
     }
@@ -2257,7 +2383,7 @@ impl Index {
     /// Moves file `ino` to `(new_parent, new_name)`; if it had committed content and
     /// `leave_tombstone`, the old path becomes a tombstone in the same transaction. `Ok(false)` if the new path is taken.
     pub fn rename_file(
-        &mut self,
+        &self,
         ino: u64,
         new_parent: u64,
         new_name: &[u8],
@@ -2281,7 +2407,7 @@ impl Index {
     /// transaction. `Ok(false)` if `replacing` is no longer a sealed file.
     #[allow(clippy::too_many_arguments)]
     pub fn rename_file_replacing(
-        &mut self,
+        &self,
         ino: u64,
         replacing: Option<u64>,
         new_parent: u64,
@@ -2891,7 +3017,7 @@ mod tests {
         assert_eq!(idx.get(ino).unwrap().unwrap().mode, 0o600);
         // So do renames, tombstones and new names.
         let idx = {
-            let mut idx = idx;
+            let idx = idx;
             assert!(idx.rename_file(ino, RUNS_INO, b"b", 2, 10, true).unwrap());
             idx
         };
@@ -3038,7 +3164,7 @@ mod tests {
         let Some(url) = db::tests::test_pg_url() else {
             return;
         };
-        let mut idx = Index::open_postgres(&url, "m1", (0, 0), 1).unwrap();
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 1).unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<Change>();
         let tx = std::sync::Mutex::new(tx);
         let _listener = Index::open_postgres_client(&url)
@@ -3830,7 +3956,7 @@ mod tests {
         let mut handed_out = std::collections::BTreeSet::new();
         let mut take = |ino: u64| assert!(handed_out.insert(ino), "inode {ino} handed out twice");
         {
-            let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+            let idx = Index::open(&path, (0, 0), 5).unwrap();
             let a = idx.insert(&new_file(RUNS_INO, b"a")).unwrap().unwrap();
             take(a);
             let d = idx
@@ -3884,7 +4010,7 @@ mod tests {
     fn a_reserved_file_renames_and_unlinks_without_a_trace() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("i.sqlite");
-        let mut idx = Index::open(&path, (0, 0), 5).unwrap();
+        let idx = Index::open(&path, (0, 0), 5).unwrap();
         let d = idx
             .insert(&NewEntry::new_dir(RUNS_INO, b"d", 3, 0o755, (0, 0), 1))
             .unwrap()

@@ -1002,7 +1002,8 @@ impl Store {
     /// Records small content (up to [`INLINE_MAX`]) and file `ino`'s row in one index
     /// transaction (see [`Index::commit_file_with`]), waiting out other processes' locks like
     /// every commit ([`Store::retry_busy`]). The periodic sync is then due for it, as for a
-    /// blob published without fsync.
+    /// blob published without fsync. `session` is the one the writer began in (see
+    /// [`Index::check_writer_session`]).
     pub fn commit_inline(
         &self,
         ino: u64,
@@ -1010,10 +1011,12 @@ impl Store {
         size: u64,
         mtime: i64,
         bytes: &[u8],
+        session: i64,
     ) -> io::Result<index::Commit> {
         let recorded = self.retry_busy(
             || format!("commit of inode {ino}"),
             |idx| {
+                idx.check_writer_session(session)?;
                 let stored = index::Stored::Inline { bytes };
                 idx.commit_file_with(ino, hash, size, mtime, now_ns(), stored)
             },

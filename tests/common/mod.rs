@@ -102,10 +102,21 @@ impl Mount {
         Self::machines_with(test, n, &[])
     }
 
-    /// [`Mount::machines`] whose daemons run with the environment variables `env` too.
+    /// [`Mount::machines`], each daemon mounted with `args` too.
     pub fn machines_with(
         test: &str,
         n: usize,
+        args: &[&str],
+    ) -> Option<(Vec<Mount>, tempfile::TempDir)> {
+        Self::machines_with_env(test, n, args, &[])
+    }
+
+    /// [`Mount::machines_with`], each daemon started with the environment variables `env` too
+    /// (also when mounted again).
+    pub fn machines_with_env(
+        test: &str,
+        n: usize,
+        args: &[&str],
         env: &[(&str, &str)],
     ) -> Option<(Vec<Mount>, tempfile::TempDir)> {
         if !fuse_available(test) {
@@ -129,12 +140,14 @@ impl Mount {
         let blobs = format!("file://{}", shared.path().join("blobs").display());
         let mounts = (0..n)
             .map(|_| {
+                let mut all = vec!["--index", index.as_str(), "--blobs", blobs.as_str()];
+                all.extend_from_slice(args);
                 let mut m = Self::unmounted();
                 m.env = env
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect();
-                m.mount(&["--index", &index, "--blobs", &blobs]);
+                m.mount(&all);
                 m
             })
             .collect();
@@ -214,6 +227,7 @@ impl Mount {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         if !out.status.success() {

@@ -51,8 +51,11 @@ pub(crate) struct Pg {
     statements: HashMap<String, postgres::Statement>,
     /// Open transaction, savepoints included (0: none).
     depth: usize,
-    /// Run on every new connection (session settings).
-    setup: String,
+    /// Settings made on every new connection, by name (see [`Db::set_on_every_connection`]).
+    settings: Vec<(String, String)>,
+    /// A session-level advisory lock this connection holds (see [`Db::try_session_lock`]):
+    /// taken again on a new connection, or the connection fails.
+    session_lock: Option<i64>,
     /// The `lock_timeout` asked for last (ms), and the one the connection has: applied with
     /// the next statement that may wait for a lock (a write, the start of a transaction), in
     /// the same round trip where it can be, so that flipping it around a commit
@@ -388,8 +391,22 @@ impl Pg {
         if self.client.is_none() {
             self.writes += 1;
             let mut client = self.config.connect(postgres::NoTls).map_err(pg_error)?;
-            if !self.setup.is_empty() {
-                client.batch_execute(&self.setup).map_err(pg_error)?;
+            for (name, value) in &self.settings {
+                client
+                    .batch_execute(&format!("SET {name} = '{value}'"))
+                    .map_err(pg_error)?;
+            }
+            if let Some(key) = self.session_lock {
+                let had: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                    .map_err(pg_error)?
+                    .get(0);
+                if !had {
+                    return Err(io::Error::other(
+                        "index: the connection to PostgreSQL broke, and another process took \
+                         this one's lock meanwhile",
+                    ));
+                }
             }
             self.applied_lock_timeout = None;
             let pid: i32 = client
@@ -523,7 +540,8 @@ impl Db {
             client: None,
             statements: HashMap::new(),
             depth: 0,
-            setup: String::new(),
+            settings: Vec::new(),
+            session_lock: None,
             lock_timeout: None,
             applied_lock_timeout: None,
             writes: 0,
@@ -534,13 +552,34 @@ impl Db {
         Ok(Db::Postgres(Box::new(RefCell::new(pg))))
     }
 
-    /// Runs `sql` now and on every connection made again after a break (session settings).
-    pub fn on_every_connection(&self, sql: &str) -> io::Result<()> {
-        self.batch(sql)?;
+    /// Takes the session-level advisory lock `key` if it is free (`false` if another
+    /// connection holds it) and keeps it for the connection's life, on every connection made
+    /// again after a break too (a new connection that cannot have it fails). Always `true` on
+    /// SQLite.
+    pub fn try_session_lock(&self, key: i64) -> io::Result<bool> {
+        let Db::Postgres(pg) = self else {
+            return Ok(true);
+        };
+        let had = self.row(
+            "SELECT pg_try_advisory_lock(?1)",
+            rusqlite::params![key],
+            |r| r.get::<_, i64>(0).map(|b| b != 0),
+        )?;
+        if had {
+            pg.borrow_mut().session_lock = Some(key);
+        }
+        Ok(had)
+    }
+
+    /// Sets the setting `name` to `value` (no quote in either) now and on every connection made
+    /// again after a break, replacing what an earlier call set it to.
+    pub fn set_on_every_connection(&self, name: &str, value: &str) -> io::Result<()> {
+        debug_assert!(!name.contains('\'') && !value.contains('\''));
+        self.batch(&format!("SET {name} = '{value}'"))?;
         if let Db::Postgres(pg) = self {
             let mut pg = pg.borrow_mut();
-            pg.setup.push_str(sql);
-            pg.setup.push(';');
+            pg.settings.retain(|(n, _)| n != name);
+            pg.settings.push((name.to_owned(), value.to_owned()));
         }
         Ok(())
     }

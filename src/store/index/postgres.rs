@@ -7,7 +7,11 @@
 //! state that belongs to a living daemon (being written, committed while still open). A session
 //! ends cleanly with its daemon; a daemon that died leaves its rows behind, and they are cleaned
 //! up as the embedded index cleans up at a start: by the same machine's next start, or by any
-//! daemon once the session's heartbeat is older than [`LEASE`].
+//! daemon once the session's heartbeat is older than [`LEASE`] (by the server's clock). The
+//! session and its rows go in one transaction; a daemon that was stalled for longer (SIGSTOP)
+//! finds its session gone at its next heartbeat or commit: what it was writing fails with
+//! `EIO` (a commit only changes a row still stamped with the writer's session), and it starts
+//! a new session for what comes next.
 //!
 //! Inode numbers come from the sequence `inos` in blocks of [`INO_BLOCK`]: each daemon hands
 //! out the numbers of its block, so creates need no round trip for them, and numbers are never
@@ -20,6 +24,7 @@
 //! [`Listener`] hears them on a connection of its own and hands them up as [`Change`]s.
 
 use std::io;
+use std::time::Duration;
 
 use rusqlite::params;
 
@@ -100,8 +105,31 @@ CREATE TRIGGER model_aliases_notify AFTER INSERT OR UPDATE OR DELETE ON model_al
 /// How many inode numbers a daemon takes from the sequence at a time.
 pub const INO_BLOCK: u64 = 1024;
 
-/// How long a session lives without a heartbeat before other daemons clean up after it (ns).
-pub const LEASE: i64 = 30_000_000_000;
+/// How long a session lives without a heartbeat before other daemons clean up after it.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// The lease in force: [`LEASE`], unless the test-only environment variable
+/// `ARTIFACTFS_TEST_LEASE_MS` shortens it (the tests of a stalled daemon do not wait 30 s). Not
+/// for production: every daemon of a store must use the same lease.
+pub fn lease() -> Duration {
+    static LEASE_IN_FORCE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *LEASE_IN_FORCE.get_or_init(|| {
+        std::env::var("ARTIFACTFS_TEST_LEASE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(LEASE, |ms| Duration::from_millis(ms.max(100)))
+    })
+}
+
+/// How often a daemon tells the index it is alive: a sixth of the lease (5 s), so that a few
+/// heartbeats may fail or come late before the lease runs out.
+pub fn heartbeat_interval() -> Duration {
+    lease() / 6
+}
+
+/// The server's clock in nanoseconds since the epoch: heartbeats are stamped, and leases
+/// judged, by one clock (the machines' clocks may disagree).
+const SERVER_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT";
 
 /// Creates the schema on first use (with `create`), or checks its version.
 pub fn prepare_schema(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()> {
@@ -267,56 +295,65 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
 }
 
 /// Starts this daemon's session; returns its id. The connection names it from now on, also
-/// after a reconnect.
-pub fn start_session(db: &Db, machine: &str, now: i64) -> io::Result<i64> {
+/// after a reconnect (a session started again replaces the one before).
+pub fn start_session(db: &Db, machine: &str) -> io::Result<i64> {
     let host = hostname();
     let id: i64 = db.row(
-        "INSERT INTO sessions (machine, host, pid, started, heartbeat)
-         VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
-        params![machine, host, std::process::id() as i64, now],
+        &format!(
+            "INSERT INTO sessions (machine, host, pid, started, heartbeat)
+             VALUES (?1, ?2, ?3, {SERVER_NOW}, {SERVER_NOW}) RETURNING id"
+        ),
+        params![machine, host, std::process::id() as i64],
         |r| r.get(0),
     )?;
-    db.on_every_connection(&format!("SET artifactfs.session = '{id}'"))?;
+    db.set_on_every_connection("artifactfs.session", &id.to_string())?;
+    // A transaction left open by a daemon that stopped answering (SIGSTOP, swapped out)
+    // would hold every machine's writes: the server ends it, and its connection.
+    let idle = (lease() / 2).max(Duration::from_secs(5));
+    db.set_on_every_connection(
+        "idle_in_transaction_session_timeout",
+        &idle.as_millis().to_string(),
+    )?;
     Ok(id)
 }
 
-/// A condition on `entries` true of the rows left by daemons that are gone: rows stamped with
-/// a session other than `own` that is of this machine (it restarted) or has not had a
-/// heartbeat for [`LEASE`], or that ended.
-pub fn left_by_dead_sessions(own: i64, machine: &str, now: i64) -> String {
-    format!(
-        "session IS NOT NULL AND session NOT IN ({})",
-        live_sessions(own, machine, now)
-    )
-}
-
-/// The sessions that may still be writing, as a query of their ids.
-fn live_sessions(own: i64, machine: &str, now: i64) -> String {
+/// The sessions that are gone, as a condition on `sessions`: any but `own` that is of this
+/// machine (it restarted) or whose heartbeat is older than the lease, by the server's clock.
+/// (A condition on the row itself, so that a `DELETE` racing a heartbeat re-checks it against
+/// the heartbeat's new value.)
+fn dead_sessions(own: i64, machine: &str) -> String {
     let machine = machine.replace('\'', "''");
-    let expired = now - LEASE;
-    format!(
-        "SELECT id FROM sessions WHERE id = {own}
-         OR (machine != '{machine}' AND heartbeat >= {expired})"
-    )
+    let lease = lease().as_nanos();
+    format!("id != {own} AND (machine = '{machine}' OR heartbeat < {SERVER_NOW} - {lease})")
 }
 
-/// Whether any session other than the live ones is recorded (see [`left_by_dead_sessions`]).
-pub fn any_dead_session(db: &Db, own: i64, machine: &str, now: i64) -> io::Result<bool> {
+/// A condition on `entries` true of the rows left by daemons that are gone: stamped with a
+/// session that is no longer in `sessions` (see [`forget_dead_sessions`], which runs first in
+/// the same transaction).
+pub const LEFT_BY_DEAD_SESSIONS: &str =
+    "session IS NOT NULL AND session NOT IN (SELECT id FROM sessions)";
+
+/// Whether any session is gone (see [`dead_sessions`]), or any row is stamped with a session
+/// that no longer exists (written by a daemon that had lost its session without knowing yet).
+pub fn any_dead_session(db: &Db, own: i64, machine: &str) -> io::Result<bool> {
     db.row(
         &format!(
-            "SELECT EXISTS (SELECT 1 FROM sessions WHERE id NOT IN ({}))",
-            live_sessions(own, machine, now)
+            "SELECT EXISTS (SELECT 1 FROM sessions WHERE {})
+                 OR EXISTS (SELECT 1 FROM entries WHERE {LEFT_BY_DEAD_SESSIONS})",
+            dead_sessions(own, machine)
         ),
         params![],
         |r| r.get::<_, i64>(0).map(|b| b != 0),
     )
 }
 
-/// Forgets the sessions that are gone (after their rows were cleaned up).
-pub fn forget_dead_sessions(db: &Db, own: i64, machine: &str, now: i64) -> io::Result<()> {
+/// Inside the write transaction that then drops their rows ([`LEFT_BY_DEAD_SESSIONS`]):
+/// forgets the sessions that are gone. A heartbeat racing this waits for it and then finds its
+/// session gone, or comes first and keeps it.
+pub fn forget_dead_sessions(db: &Db, own: i64, machine: &str) -> io::Result<()> {
     db.batch(&format!(
-        "DELETE FROM sessions WHERE id NOT IN ({})",
-        live_sessions(own, machine, now)
+        "DELETE FROM sessions WHERE {}",
+        dead_sessions(own, machine)
     ))
 }
 
@@ -324,6 +361,15 @@ pub fn forget_dead_sessions(db: &Db, own: i64, machine: &str, now: i64) -> io::R
 pub fn end_session(db: &Db, id: i64) -> io::Result<()> {
     db.exec("DELETE FROM sessions WHERE id = ?1", params![id])?;
     Ok(())
+}
+
+/// Whether session `id` still exists (another daemon ends it once its lease ran out).
+pub fn session_exists(db: &Db, id: i64) -> io::Result<bool> {
+    db.row(
+        "SELECT EXISTS (SELECT 1 FROM sessions WHERE id = ?1)",
+        params![id],
+        |r| r.get::<_, i64>(0).map(|b| b != 0),
+    )
 }
 
 /// Whether `migration` (a description of the store being migrated) already copied its rows
@@ -415,13 +461,48 @@ pub fn finish_migration(db: &Db, migration: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Records that session `id` is alive.
-pub fn heartbeat(db: &Db, id: i64, now: i64) -> io::Result<()> {
-    db.exec(
-        "UPDATE sessions SET heartbeat = ?2 WHERE id = ?1",
-        params![id, now],
+/// The advisory lock `gc` and `fsck` hold for as long as they run, so that one machine at a
+/// time collects or checks a shared store ("artifgc" in ASCII).
+pub const MAINTENANCE_LOCK_KEY: i64 = 0x0061_7274_6966_6763;
+
+/// Takes [`MAINTENANCE_LOCK_KEY`] for command `what` (`gc`, `fsck`) of this process, or says
+/// who holds it: `Ok(None)` when taken, `Ok(Some(holder))` when another process has it.
+pub fn take_maintenance_lock(db: &Db, what: &str) -> io::Result<Option<String>> {
+    let name = format!(
+        "artifactfs {what} on {} (pid {})",
+        hostname().replace('\'', ""),
+        std::process::id()
+    );
+    db.set_on_every_connection("application_name", &name)?;
+    if db.try_session_lock(MAINTENANCE_LOCK_KEY)? {
+        return Ok(None);
+    }
+    let (hi, lo) = (
+        MAINTENANCE_LOCK_KEY >> 32,
+        MAINTENANCE_LOCK_KEY & 0xffff_ffff,
+    );
+    let holder: Option<String> = db.one(
+        &format!(
+            "SELECT a.application_name || COALESCE(', from ' || host(a.client_addr), '')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND l.classid::text::bigint = {hi} AND l.objid::text::bigint = {lo}
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        params![],
+        |r| r.get(0),
     )?;
-    Ok(())
+    Ok(Some(holder.unwrap_or_else(|| "another process".into())))
+}
+
+/// Records that session `id` is alive; `false` if it no longer exists (another daemon ended
+/// it after its lease ran out).
+pub fn heartbeat(db: &Db, id: i64) -> io::Result<bool> {
+    let n = db.exec(
+        &format!("UPDATE sessions SET heartbeat = {SERVER_NOW} WHERE id = ?1"),
+        params![id],
+    )?;
+    Ok(n == 1)
 }
 
 /// The next block of inode numbers: its first number.

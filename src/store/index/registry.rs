@@ -111,6 +111,12 @@ fn row_to_model(r: &DbRow) -> rusqlite::Result<ModelRow> {
     })
 }
 
+/// The advisory lock key of validating version directory `dir` ("vd" in the top bits; inode
+/// numbers stay far below 2^48).
+fn validation_key(dir: u64) -> i64 {
+    (0x7664i64 << 48) | (dir & ((1 << 48) - 1)) as i64
+}
+
 impl Index {
     pub fn model_create(&self, ino: u64, name: &str, now: i64) -> io::Result<()> {
         self.db.exec(
@@ -207,54 +213,73 @@ impl Index {
         Ok(())
     }
 
-    /// Makes a version READY with the model's next number, in one transaction; returns the number.
-    pub fn version_ready(
-        &mut self,
-        dir_ino: u64,
-        rec: &VersionRecord,
-        now: i64,
-    ) -> io::Result<u64> {
-        // One write transaction (see `Index::rename_file`).
-        self.write_locked(|idx| {
-            let model_ino: i64 = idx.db.row(
-                "SELECT model_ino FROM model_versions WHERE dir_ino = ?1",
-                params![dir_ino as i64],
-                |r| r.get(0),
-            )?;
-            let number: i64 = idx.db.row(
-                "SELECT next_version FROM registered_models WHERE ino = ?1",
-                params![model_ino],
-                |r| r.get(0),
-            )?;
-            idx.db.exec(
-                "UPDATE registered_models SET next_version = ?2 WHERE ino = ?1",
-                params![model_ino, number + 1],
-            )?;
-            idx.db.exec(
-                "UPDATE model_versions SET version = ?2, status = 'READY', message = '', run_id = ?3,
-                 artifact_path = ?4, model_uuid = ?5, model_id = ?6, flavors = ?7, signature = ?8,
-                 utc_time_created = ?9, total_size = ?10, file_count = ?11, digest = ?12,
-                 source = COALESCE(?13, source), updated = ?14
-                 WHERE dir_ino = ?1",
-                params![
-                    dir_ino as i64,
-                    number,
-                    rec.run_id,
-                    rec.artifact_path,
-                    rec.model_uuid,
-                    rec.model_id,
-                    rec.flavors,
-                    rec.signature,
-                    rec.utc_time_created,
-                    rec.total_size as i64,
-                    rec.file_count as i64,
-                    rec.digest,
-                    rec.source,
-                    now
-                ],
-            )?;
-            Ok(number as u64)
-        })
+    /// Records activity in a version directory (a name created, removed or renamed in it):
+    /// the directory is PENDING again unless READY, and its `updated` stamp becomes `now`. Every
+    /// machine of a shared store reads that stamp to tell whether the directory has been quiet
+    /// long enough to validate (see `crate::registry::settle_model`). Returns whether the status
+    /// changed.
+    pub fn version_touched(&self, dir_ino: u64, model_ino: u64, now: i64) -> io::Result<bool> {
+        let before: Option<String> = self.db.one(
+            "SELECT status FROM model_versions WHERE dir_ino = ?1",
+            params![dir_ino as i64],
+            |r| r.get(0),
+        )?;
+        if before.as_deref() == Some("READY") {
+            return Ok(false);
+        }
+        self.db.exec(
+            "INSERT INTO model_versions (dir_ino, model_ino, status, message, updated)
+                 VALUES (?1, ?2, 'PENDING', '', ?3)
+                 ON CONFLICT (dir_ino) DO UPDATE SET status = 'PENDING', message = '', updated = ?3
+                 WHERE model_versions.status != 'READY'",
+            params![dir_ino as i64, model_ino as i64, now],
+        )?;
+        Ok(before.as_deref() != Some("PENDING"))
+    }
+
+    /// Inside a write transaction: makes a version READY with the model's next number;
+    /// returns the number. The caller has checked, in the same transaction, that the version
+    /// is still PENDING as it validated it (see `crate::registry::settle_model`).
+    pub fn version_ready(&self, dir_ino: u64, rec: &VersionRecord, now: i64) -> io::Result<u64> {
+        debug_assert!(self.db.in_transaction());
+        let model_ino: i64 = self.db.row(
+            "SELECT model_ino FROM model_versions WHERE dir_ino = ?1",
+            params![dir_ino as i64],
+            |r| r.get(0),
+        )?;
+        let number: i64 = self.db.row(
+            "SELECT next_version FROM registered_models WHERE ino = ?1",
+            params![model_ino],
+            |r| r.get(0),
+        )?;
+        self.db.exec(
+            "UPDATE registered_models SET next_version = ?2 WHERE ino = ?1",
+            params![model_ino, number + 1],
+        )?;
+        self.db.exec(
+            "UPDATE model_versions SET version = ?2, status = 'READY', message = '', run_id = ?3,
+             artifact_path = ?4, model_uuid = ?5, model_id = ?6, flavors = ?7, signature = ?8,
+             utc_time_created = ?9, total_size = ?10, file_count = ?11, digest = ?12,
+             source = COALESCE(?13, source), updated = ?14
+             WHERE dir_ino = ?1",
+            params![
+                dir_ino as i64,
+                number,
+                rec.run_id,
+                rec.artifact_path,
+                rec.model_uuid,
+                rec.model_id,
+                rec.flavors,
+                rec.signature,
+                rec.utc_time_created,
+                rec.total_size as i64,
+                rec.file_count as i64,
+                rec.digest,
+                rec.source,
+                now
+            ],
+        )?;
+        Ok(number as u64)
     }
 
     /// Records where a version was registered from (before it validates).
@@ -282,6 +307,32 @@ impl Index {
             params![],
             |r| r.get::<_, i64>(0).map(|v| v as u64),
         )
+    }
+
+    /// Takes the claim on validating version directory `dir`: on a shared index a PostgreSQL
+    /// advisory lock of this daemon's connection, so that one machine at a time validates a
+    /// version (`false`: another daemon holds it); on the embedded index always `true` (one
+    /// daemon). Release it with [`Index::release_validation`].
+    pub fn claim_validation(&self, dir: u64) -> io::Result<bool> {
+        if !self.db.is_postgres() {
+            return Ok(true);
+        }
+        self.db.row(
+            "SELECT pg_try_advisory_lock(?1)",
+            params![validation_key(dir)],
+            |r| r.get::<_, i64>(0).map(|b| b != 0),
+        )
+    }
+
+    pub fn release_validation(&self, dir: u64) -> io::Result<()> {
+        if self.db.is_postgres() {
+            self.db.row(
+                "SELECT pg_advisory_unlock(?1)",
+                params![validation_key(dir)],
+                |r| r.get::<_, i64>(0),
+            )?;
+        }
+        Ok(())
     }
 
     pub fn alias_set(&self, model_ino: u64, alias: &str, version: u64) -> io::Result<()> {
