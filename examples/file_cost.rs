@@ -14,7 +14,8 @@
 //! 200 ms. Then every file is opened for reading and released, twice, as a warm `cat` of the
 //! tree does (the kernel's page cache holds the bytes: only `open` and `release` reach the
 //! daemon); the second round's means are printed. The store is removed afterwards. Used for the
-//! per-file cost breakdown in the README (Performance).
+//! per-file cost breakdown in the README (Performance). `FILE_COST_INDEX=postgresql://…` with
+//! `FILE_COST_BLOBS=file:///DIR` measures a shared store instead.
 
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,27 @@ fn main() -> Result<()> {
         .prefix("file-cost-")
         .tempdir_in(base)
         .context("temp store")?;
-    let store = Store::open_writable(dir.path())?;
-    let fs = ArtifactFs::new(store, FsOptions::default());
+    // FILE_COST_INDEX=postgresql://… (and FILE_COST_BLOBS=file:///DIR): a shared store.
+    let store = match std::env::var("FILE_COST_INDEX") {
+        Ok(index) => {
+            let blobs = std::env::var("FILE_COST_BLOBS").ok();
+            let locations = artifactfs::store::Locations::parse(Some(&index), blobs.as_deref())?;
+            Store::open_writable_at(
+                dir.path(),
+                &locations,
+                artifactfs::store::Durability::EveryClose,
+            )?
+        }
+        Err(_) => Store::open_writable(dir.path())?,
+    };
+    let shared = store.is_shared();
+    let fs = ArtifactFs::new(
+        store,
+        FsOptions {
+            shared_store: shared,
+            ..FsOptions::default()
+        },
+    );
     let me = Caller {
         uid: 0,
         gid: 0,

@@ -448,32 +448,6 @@ fn new_entry_row(e: &NewEntry, ino: u64) -> Entry {
     }
 }
 
-/// [`insert_entry`]'s statement with its values written in, for a PostgreSQL script
-/// ([`Db::write_script`]).
-fn insert_entry_sql(e: &NewEntry, ino: u64) -> String {
-    let t = e.time;
-    format!(
-        "INSERT INTO entries
-         (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime,
-          atime)
-         VALUES ({ino}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {t}, {t}, {t}, {t})
-         ON CONFLICT DO NOTHING",
-        e.parent,
-        db::lit_bytes(e.name),
-        kind_code(e.kind),
-        state_code(e.state),
-        e.zone,
-        match e.hash {
-            Some(h) => format!("'{}'", h.to_hex()),
-            None => "NULL".into(),
-        },
-        e.size,
-        e.mode,
-        e.uid,
-        e.gid,
-    )
-}
-
 const INSERT_SKIPPING_TAKEN: &str = "INSERT INTO entries
      (ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime)
      VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)
@@ -1549,19 +1523,26 @@ impl Index {
             let t = e.time;
             let parent_before = self.cached_row(e.parent);
             let before = self.snapshot();
-            let counts = self.db.write_script(
-                &[
-                    // Not waited for on the server's disk: nothing was stored yet, and the
-                    // commit that stores the file's content waits for this too (the WAL is
-                    // flushed in order). A server crash may lose it (a moment's worth): then
-                    // that commit finds no row and fails (`gone_or_lost`), and the name is free.
-                    "SET LOCAL synchronous_commit = off".into(),
-                    insert_entry_sql(e, ino),
-                    format!(
-                        "UPDATE entries SET mtime = {t}, ctime = {t} WHERE ino = {} AND kind = 1
-                         AND EXISTS (SELECT 1 FROM entries WHERE ino = {ino})",
-                        e.parent
-                    ),
+            // Not waited for on the server's disk: nothing was stored yet, and the commit that
+            // stores the file's content waits for this too (the WAL is flushed in order). A
+            // server crash may lose it (a moment's worth): then that commit finds no row and
+            // fails (`gone_or_lost`), and the name is free. (`postgres::functions_schema`.)
+            let done = self.db.write_call(
+                "SELECT artifactfs_create(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    self.db.lock_timeout_ms(),
+                    ino as i64,
+                    e.parent as i64,
+                    e.name,
+                    kind_code(e.kind),
+                    state_code(e.state),
+                    e.zone as i64,
+                    e.hash.map(|h| h.to_hex()),
+                    e.size as i64,
+                    e.mode as i64,
+                    e.uid as i64,
+                    e.gid as i64,
+                    t,
                 ],
                 // (Its inode number is its own: a row with it is this insert's.)
                 &|db| {
@@ -1570,10 +1551,10 @@ impl Index {
                         params![ino as i64],
                         |r| r.get::<_, bool>(0),
                     )?;
-                    Ok(there.then(|| vec![0, 1, 1]))
+                    Ok(there.then_some(3))
                 },
             )?;
-            let counts = &counts[1..];
+            let counts = [(done & 1) as u64, ((done >> 1) & 1) as u64];
             match parent_before {
                 Some(mut dir) if counts[0] == 1 && counts[1] == 1 => {
                     // What this changed is known exactly: the new row, and its directory's
@@ -1691,7 +1672,7 @@ impl Index {
             && self.db.is_postgres()
             && !self.db.in_transaction()
         {
-            return self.commit_inline_script(ino, hash, size, mtime, now, bytes);
+            return self.commit_inline_call(ino, hash, size, mtime, now, bytes);
         }
         let mut sealed = 0;
         let reserved = self.reserved(ino);
@@ -1766,8 +1747,9 @@ impl Index {
 
     /// [`Index::commit_file_with`] of inline content on a PostgreSQL index: the same
     /// transaction (the queued seals, the row, the content, healing damaged content) as one
-    /// script, in one round trip. The content goes in only if the row took it.
-    fn commit_inline_script(
+    /// call of a server function, in one round trip. The content goes in only if the row took
+    /// it.
+    fn commit_inline_call(
         &self,
         ino: u64,
         hash: &Hash,
@@ -1777,65 +1759,49 @@ impl Index {
         bytes: &[u8],
     ) -> io::Result<Commit> {
         const UNKNOWN: u64 = u64::MAX;
+        const UNKNOWN_SEALS: i64 = 3;
         let damaged = self.is_damaged(hash)?;
         let seals: Vec<u64> = self.pending_seals.borrow().clone();
         let h = hash.to_hex();
-        let mut body: Vec<String> = seals
-            .iter()
-            .map(|s| {
-                format!(
-                    "UPDATE entries SET state = {STATE_LIVE}
-                     WHERE ino = {s} AND state = {STATE_COMMITTED_OPEN}"
-                )
-            })
-            .collect();
-        // (Only a row still stamped with this daemon's session: see `commit_file_with`.)
-        let own = self.own_rows();
-        body.push(format!(
-            "UPDATE entries SET hash = '{h}', size = {size}, mtime = {mtime}, ctime = {now},
-             state = {STATE_COMMITTED_OPEN} WHERE ino = {ino} AND state != 1{own}"
-        ));
-        let took = format!(
-            "EXISTS (SELECT 1 FROM entries WHERE ino = {ino} AND hash = '{h}'
-                     AND state = {STATE_COMMITTED_OPEN})"
-        );
-        let on_conflict = if damaged {
-            "DO UPDATE SET data = excluded.data"
-        } else {
-            "DO NOTHING"
-        };
-        body.push(format!(
-            "INSERT INTO inline_content (hash, data) SELECT '{h}', {} WHERE {took}
-             ON CONFLICT (hash) {on_conflict}",
-            db::lit_bytes(bytes)
-        ));
-        if damaged {
-            body.push(format!(
-                "DELETE FROM damaged_blobs WHERE hash = '{h}' AND {took}"
-            ));
-        }
         let row_before = self.cached_row(ino);
         let before = self.snapshot();
-        let n_seals = seals.len();
-        let n = body.len();
-        let counts = self.db.write_script(&body, &|db| {
-            // (The row holds this content only if this commit made it so.)
-            let there = db.row(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM entries WHERE ino = ?1 AND hash = ?2
-                     AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN}))"
-                ),
-                params![ino as i64, h],
-                |r| r.get::<_, bool>(0),
-            )?;
-            // (Whether the seals went in is not known: they stay queued, and are written
-            // again, which changes nothing if they did.)
-            Ok(there.then(|| {
-                let mut counts = vec![UNKNOWN; n];
-                counts[n_seals] = 1;
-                counts
-            }))
-        })?;
+        let seal_list = seals
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        // (See `postgres::functions_schema`.)
+        let done = self.db.write_call(
+            "SELECT artifactfs_commit_inline(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                self.db.lock_timeout_ms(),
+                seal_list,
+                ino as i64,
+                h,
+                size as i64,
+                mtime,
+                now,
+                self.session.get(),
+                bytes,
+                i64::from(damaged),
+            ],
+            &|db| {
+                // (The row holds this content only if this commit made it so.)
+                let there = db.row(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM entries WHERE ino = ?1 AND hash = ?2
+                         AND state IN ({STATE_LIVE}, {STATE_COMMITTED_OPEN}))"
+                    ),
+                    params![ino as i64, h],
+                    |r| r.get::<_, bool>(0),
+                )?;
+                // (Whether the seals went in is not known: they stay queued, and are written
+                // again, which changes nothing if they did.)
+                Ok(there.then_some(UNKNOWN_SEALS))
+            },
+        )?;
+        let mut counts = vec![if done == UNKNOWN_SEALS { UNKNOWN } else { 0 }; seals.len()];
+        counts.push(u64::from(done == 1 || done == UNKNOWN_SEALS));
         let sealed = if counts[..seals.len()].contains(&UNKNOWN) {
             &[][..]
         } else {
@@ -2777,7 +2743,7 @@ mod tests {
     }
 
     /// A PostgreSQL index's daemon keeps answers for a moment: its own changes show at once
-    /// (those of the one-round-trip scripts patched into what it keeps, the others dropping
+    /// (those of the one-round-trip server functions patched into what it keeps, the others dropping
     /// it), another machine's within `cache::PG_KEEP`.
     #[test]
     fn a_shared_index_keeps_answers_for_a_moment_and_its_own_changes_show_at_once() {
@@ -2928,6 +2894,79 @@ mod tests {
             })
             .unwrap();
         assert_eq!(times, (0..1200).collect::<Vec<i64>>());
+    }
+
+    /// A create and a small file's commit, each one call of a server function, wait for the
+    /// write lock another connection holds only as long as the lock timeout asked for, then
+    /// fail as busy (retried by the daemon), having changed nothing; and go through once it is
+    /// free.
+    #[test]
+    fn the_server_functions_wait_for_the_write_lock_as_long_as_asked() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 5).unwrap();
+        let other = Index::open_postgres_client(&url).unwrap();
+        let f = idx
+            .insert_in_dir(&NewEntry::new_file(
+                RUNS_INO,
+                b"locked",
+                3,
+                0o644,
+                (0, 0),
+                6,
+            ))
+            .unwrap()
+            .unwrap();
+        idx.set_busy_timeout(Duration::from_millis(50)).unwrap();
+        other.db.begin_write().unwrap();
+        let e = idx
+            .insert_in_dir(&NewEntry::new_file(
+                RUNS_INO,
+                b"locked2",
+                3,
+                0o644,
+                (0, 0),
+                7,
+            ))
+            .unwrap_err();
+        assert!(is_busy(&e), "{e}");
+        let h = Hash::of(b"x");
+        let e = idx
+            .commit_file_with(f, &h, 1, 8, 8, Stored::Inline { bytes: b"x" })
+            .unwrap_err();
+        assert!(is_busy(&e), "{e}");
+        other.db.rollback().unwrap();
+        // (Other tests' writers take the same lock: wait longer now.)
+        idx.set_busy_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(idx.lookup(RUNS_INO, b"locked2").unwrap(), None);
+        assert!(idx.get(f).unwrap().unwrap().hash.is_none());
+        assert_eq!(
+            idx.commit_file_with(f, &h, 1, 8, 8, Stored::Inline { bytes: b"x" })
+                .unwrap(),
+            Commit::Recorded
+        );
+        assert!(
+            idx.insert_in_dir(&NewEntry::new_file(
+                RUNS_INO,
+                b"locked2",
+                3,
+                0o644,
+                (0, 0),
+                9
+            ))
+            .unwrap()
+            .is_some()
+        );
+        let data: Vec<u8> = other
+            .db
+            .row(
+                "SELECT data FROM inline_content WHERE hash = ?1",
+                params![h.to_hex()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(data, b"x");
     }
 
     /// On a shared index a commit that finds its row gone fails, unless this daemon removed

@@ -30,7 +30,7 @@ use super::IndexBusy;
 
 /// The advisory lock key every write transaction on a PostgreSQL index takes first
 /// (`pg_advisory_xact_lock`): "artifac" in ASCII.
-const WRITE_LOCK_KEY: i64 = 0x0061_7274_6966_6163;
+pub(crate) const WRITE_LOCK_KEY: i64 = 0x0061_7274_6966_6163;
 
 /// How many prepared statements a PostgreSQL connection keeps (the index uses a few dozen).
 const MAX_STATEMENTS: usize = 256;
@@ -239,20 +239,6 @@ pub(crate) fn pg_placeholders(sql: &str) -> String {
         }
     }
     out
-}
-
-/// Bytes as a PostgreSQL `BYTEA` literal for [`Db::write_script`] (hex digits only: safe
-/// whatever the bytes and the server's string settings).
-pub(crate) fn lit_bytes(b: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2 + 20);
-    s.push_str("decode('");
-    for &byte in b {
-        s.push(HEX[usize::from(byte >> 4)] as char);
-        s.push(HEX[usize::from(byte & 15)] as char);
-    }
-    s.push_str("', 'hex')");
-    s
 }
 
 /// A SQLite error as an `io::Error` (see the module doc).
@@ -729,30 +715,42 @@ impl Db {
         }
     }
 
-    /// PostgreSQL only: runs `body`, statements with their values written in (see
-    /// [`lit_bytes`]), as one write transaction (with the write lock, as [`Db::begin_write`]
-    /// takes it), in one round trip. Returns the number of rows each statement of `body`
-    /// changed or returned, in order. Outside a transaction only; on an error nothing of it
-    /// stays.
-    ///
-    /// While PostgreSQL is unreachable it is tried again, as a statement outside a
-    /// transaction is, for up to [`OUTAGE_PATIENCE`]. A connection that broke while the script
-    /// ran leaves unknown whether it committed: once PostgreSQL answers again, `done` is asked
-    /// (the counts it would have returned if its changes are there, `None` if not), and the
-    /// script runs again only if they are not.
-    pub fn write_script(
+    /// PostgreSQL only: runs `sql`, one statement that writes by itself (a call of one of the
+    /// index's server functions) and returns one integer, outside a transaction, in one round
+    /// trip. While PostgreSQL is unreachable it is tried again, as a statement outside a
+    /// transaction is, for up to [`OUTAGE_PATIENCE`]. A connection that broke while it ran
+    /// leaves unknown whether it committed: once PostgreSQL answers again, `done` is asked (what
+    /// it would have returned if its change is there, `None` if not), and it runs again only
+    /// if it is not.
+    pub fn write_call(
         &self,
-        body: &[String],
-        done: &dyn Fn(&Db) -> io::Result<Option<Vec<u64>>>,
-    ) -> io::Result<Vec<u64>> {
+        sql: &str,
+        params: &[&dyn ToSql],
+        done: &dyn Fn(&Db) -> io::Result<Option<i64>>,
+    ) -> io::Result<i64> {
+        let Db::Postgres(pg) = self else {
+            return Err(io::Error::other(
+                "index: a server function needs PostgreSQL",
+            ));
+        };
         let start = std::time::Instant::now();
         loop {
-            match self.script_once(body) {
+            let result = {
+                let mut pg = pg.borrow_mut();
+                if pg.depth > 0 {
+                    return Err(io::Error::other("index: a write call inside a transaction"));
+                }
+                pg.patiently(|pg| pg.client().map(drop))?;
+                pg.writes += 1;
+                pg.run_once(sql, params, &|c, s, p| {
+                    c.query_one(s, p).and_then(|row| row.try_get::<_, i64>(0))
+                })
+            };
+            match result {
                 Err(e) if is_unreachable(&e) && start.elapsed() < OUTAGE_PATIENCE => {
-                    log::warn!("{e}; the transaction is tried again once it answers");
-                    // (Asking waits for PostgreSQL, as any statement outside a transaction.)
-                    if let Some(counts) = done(self)? {
-                        return Ok(counts);
+                    log::warn!("{e}; the change is tried again once it answers");
+                    if let Some(v) = done(self)? {
+                        return Ok(v);
                     }
                 }
                 other => return other,
@@ -760,53 +758,11 @@ impl Db {
         }
     }
 
-    fn script_once(&self, body: &[String]) -> io::Result<Vec<u64>> {
-        let Db::Postgres(pg) = self else {
-            return Err(io::Error::other("index: a script needs PostgreSQL"));
-        };
-        let mut guard = pg.borrow_mut();
-        let pg = &mut *guard;
-        if pg.depth > 0 {
-            return Err(io::Error::other("index: a script inside a transaction"));
-        }
-        pg.patiently(|pg| pg.client().map(drop))?;
-        pg.writes += 1;
-        let prefix = pg.lock_timeout_prefix();
-        let mut sql = format!("{prefix}BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY});");
-        for statement in body {
-            sql.push(' ');
-            sql.push_str(statement);
-            sql.push(';');
-        }
-        sql.push_str(" COMMIT");
-        let client = pg.client.as_mut().expect("connected above");
-        match client.simple_query(&sql) {
-            Ok(messages) => {
-                let counts: Vec<u64> = messages
-                    .iter()
-                    .filter_map(|m| match m {
-                        postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
-                        _ => None,
-                    })
-                    .collect();
-                // SET, BEGIN and the lock before the body, COMMIT after it.
-                let skip = usize::from(!prefix.is_empty()) + 2;
-                if counts.len() != skip + body.len() + 1 {
-                    return Err(io::Error::other(format!(
-                        "index: {} results for a script of {} statements",
-                        counts.len(),
-                        body.len()
-                    )));
-                }
-                Ok(counts[skip..skip + body.len()].to_vec())
-            }
-            Err(e) => {
-                pg.applied_lock_timeout = None;
-                if !client.is_closed() {
-                    let _ = client.batch_execute("ROLLBACK");
-                }
-                Err(pg_error(e))
-            }
+    /// The lock timeout asked for last, in ms (-1: none asked for; SQLite: -1).
+    pub fn lock_timeout_ms(&self) -> i64 {
+        match self {
+            Db::Postgres(pg) => pg.borrow().lock_timeout.map_or(-1, |ms| ms as i64),
+            Db::Sqlite(_) => -1,
         }
     }
 
@@ -1247,75 +1203,6 @@ pub(crate) mod tests {
             .row("SELECT COUNT(*) FROM t", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
-    }
-
-    /// A script: one transaction with the write lock, the rows each statement changed, any
-    /// bytes written in intact; a failing statement leaves nothing of the script, and the
-    /// connection goes on. The lock timeout asked for holds for it, and is not lost with a
-    /// transaction rolled back.
-    fn run_script(db: &Db, body: &[String]) -> io::Result<Vec<u64>> {
-        db.write_script(body, &|_| Ok(None))
-    }
-
-    #[test]
-    fn a_script_is_one_transaction_of_its_statements() {
-        let Some(url) = test_pg_url() else {
-            return;
-        };
-        let db = Db::postgres(url.parse().unwrap()).unwrap();
-        let other = Db::postgres(url.parse().unwrap()).unwrap();
-        create(&db, "postgresql");
-        let all: Vec<u8> = (0..=255).collect();
-        let counts = run_script(
-            &db,
-            &[
-                format!("INSERT INTO t (id, name) VALUES (1, {})", lit_bytes(&all)),
-                format!("INSERT INTO t (id, name) VALUES (2, {})", lit_bytes(b"")),
-                "UPDATE t SET n = 7 WHERE id IN (1, 2, 3)".into(),
-                "INSERT INTO t (id, name) VALUES (1, 'x') ON CONFLICT DO NOTHING".into(),
-            ],
-        )
-        .unwrap();
-        assert_eq!(counts, [1, 1, 2, 0]);
-        let name: Vec<u8> = db
-            .row("SELECT name FROM t WHERE id = 1", params![], |r| r.get(0))
-            .unwrap();
-        assert_eq!(name, all);
-        // The second statement fails: the first does not stay either.
-        let e = run_script(
-            &db,
-            &[
-                "INSERT INTO t (id, name) VALUES (3, 'c')".into(),
-                "INSERT INTO t (id, name) VALUES (1, 'd')".into(),
-            ],
-        )
-        .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
-        let count = |db: &Db| -> i64 {
-            db.row("SELECT COUNT(*) FROM t", params![], |r| r.get(0))
-                .unwrap()
-        };
-        assert_eq!(count(&db), 2);
-        // It waits for the write lock, as long as the lock timeout asked for allows.
-        db.set_lock_timeout(std::time::Duration::from_millis(50))
-            .unwrap();
-        other.begin_write().unwrap();
-        let e = run_script(&db, &["INSERT INTO t (id, name) VALUES (4, 'e')".into()]).unwrap_err();
-        assert!(super::super::is_busy(&e), "{e}");
-        db.begin_write().unwrap_err();
-        other.rollback().unwrap();
-        // (A rolled-back transaction took its `SET` with it: asked for again, it is sent again.)
-        other.begin_write().unwrap();
-        let started = std::time::Instant::now();
-        let e = run_script(&db, &["SELECT 1".into()]).unwrap_err();
-        assert!(super::super::is_busy(&e), "{e}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(2));
-        other.commit().unwrap();
-        // (Other tests' writers take the same lock: wait longer for it now.)
-        db.set_lock_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        run_script(&db, &["INSERT INTO t (id, name) VALUES (6, 'g')".into()]).unwrap();
-        assert_eq!(count(&other), 3);
     }
 
     #[test]

@@ -162,6 +162,8 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
             // Version 1 lacks only the triggers that announce changes: a daemon adds them.
             Some(1) if create.is_some() => {
                 db.batch(NOTIFY_SCHEMA)?;
+                db.batch(&functions_schema())?;
+                db.batch(INLINE_STORAGE)?;
                 db.exec(
                     "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
                     params![SCHEMA_VERSION],
@@ -289,9 +291,91 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
          CREATE INDEX history_by_ino ON history (ino, replaced);
          CREATE INDEX history_by_hash ON history (hash);
          CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BYTEA NOT NULL);
+         {INLINE_STORAGE}
          {NOTIFY_SCHEMA}
-         INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION});"
+         {functions}
+         INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION});",
+        functions = functions_schema()
     ))
+}
+
+/// How small contents are kept: a row of up to a page (8,160 bytes) stays in the table's own
+/// page instead of going to TOAST storage, and a larger one goes there uncompressed (artifact
+/// bytes rarely compress, and the attempt cost each 4 KiB content 0.45 ms of the server's time,
+/// against 0.1 ms now: measured on this VM with `pg_stat_statements`).
+const INLINE_STORAGE: &str = "
+    ALTER TABLE inline_content SET (toast_tuple_target = 8160);
+    ALTER TABLE inline_content ALTER COLUMN data SET STORAGE EXTERNAL;";
+
+/// The two changes a daemon makes for every small file, as server functions: one prepared
+/// statement each, one round trip, planned once per connection (PL/pgSQL keeps its plans),
+/// where the same statements sent as text cost twice the time (measured with pgbench on this
+/// VM: 0.21 against 0.47 ms for a create). Both take the write lock first (as
+/// `Db::begin_write` does), with the lock timeout the caller passes (negative: the session's).
+///
+/// - `artifactfs_create`: the row of a new entry, unless its `(parent, name)` is taken, and
+///   its directory's times; not waited for on the server's disk (see `Index::insert_in_dir`).
+///   Returns 1 if the row went in, plus 2 if the directory was touched.
+/// - `artifactfs_commit_inline`: a small file's commit (see `Index::commit_file_with`): the
+///   seals queued (`seals`, inode numbers separated by commas), the row (only while not a
+///   tombstone and, with a session, still stamped with it), its inline content, healing it if
+///   `damaged`. Returns 1 if the row took the content, 0 if not (nothing else changes then but
+///   the seals).
+fn functions_schema() -> String {
+    let key = super::db::WRITE_LOCK_KEY;
+    format!(
+        "CREATE OR REPLACE FUNCTION artifactfs_create(
+             p_lock_ms BIGINT, p_ino BIGINT, p_parent BIGINT, p_name BYTEA, p_kind BIGINT,
+             p_state BIGINT, p_zone BIGINT, p_hash TEXT, p_size BIGINT, p_mode BIGINT,
+             p_uid BIGINT, p_gid BIGINT, p_t BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $f$
+         DECLARE inserted BIGINT; touched BIGINT := 0;
+         BEGIN
+             IF p_lock_ms >= 0 THEN
+                 PERFORM set_config('lock_timeout', p_lock_ms::TEXT, true);
+             END IF;
+             PERFORM set_config('synchronous_commit', 'off', true);
+             PERFORM pg_advisory_xact_lock({key});
+             INSERT INTO entries (ino, parent, name, kind, state, zone, hash, size, mode, uid,
+                                  gid, mtime, ctime, crtime, atime)
+                 VALUES (p_ino, p_parent, p_name, p_kind, p_state, p_zone, p_hash, p_size,
+                         p_mode, p_uid, p_gid, p_t, p_t, p_t, p_t)
+                 ON CONFLICT DO NOTHING;
+             GET DIAGNOSTICS inserted = ROW_COUNT;
+             IF inserted = 1 THEN
+                 UPDATE entries SET mtime = p_t, ctime = p_t WHERE ino = p_parent AND kind = 1;
+                 GET DIAGNOSTICS touched = ROW_COUNT;
+             END IF;
+             RETURN inserted + 2 * touched;
+         END $f$;
+         CREATE OR REPLACE FUNCTION artifactfs_commit_inline(
+             p_lock_ms BIGINT, p_seals TEXT, p_ino BIGINT, p_hash TEXT, p_size BIGINT,
+             p_mtime BIGINT, p_now BIGINT, p_session BIGINT, p_data BYTEA, p_damaged BIGINT)
+             RETURNS BIGINT LANGUAGE plpgsql AS $f$
+         DECLARE n BIGINT;
+         BEGIN
+             IF p_lock_ms >= 0 THEN
+                 PERFORM set_config('lock_timeout', p_lock_ms::TEXT, true);
+             END IF;
+             PERFORM pg_advisory_xact_lock({key});
+             IF p_seals <> '' THEN
+                 UPDATE entries SET state = 0
+                     WHERE ino = ANY (string_to_array(p_seals, ',')::BIGINT[]) AND state = 4;
+             END IF;
+             UPDATE entries SET hash = p_hash, size = p_size, mtime = p_mtime, ctime = p_now,
+                     state = 4
+                 WHERE ino = p_ino AND state <> 1 AND (p_session = 0 OR session = p_session);
+             GET DIAGNOSTICS n = ROW_COUNT;
+             IF n = 1 AND p_damaged = 1 THEN
+                 INSERT INTO inline_content (hash, data) VALUES (p_hash, p_data)
+                     ON CONFLICT (hash) DO UPDATE SET data = excluded.data;
+                 DELETE FROM damaged_blobs WHERE hash = p_hash;
+             ELSIF n = 1 THEN
+                 INSERT INTO inline_content (hash, data) VALUES (p_hash, p_data)
+                     ON CONFLICT (hash) DO NOTHING;
+             END IF;
+             RETURN n;
+         END $f$;"
+    )
 }
 
 /// Starts this daemon's session; returns its id. The connection names it from now on, also
