@@ -2858,6 +2858,76 @@ mod tests {
         assert_eq!(idx.lookup(dir, b"x").unwrap().map(|e| e.ino), Some(x));
     }
 
+    /// A daemon's listener does not hand up the changes of its own creates and small-file
+    /// commits (its kernel made them), but does those of another machine's, and its own
+    /// other changes.
+    #[test]
+    fn changes_made_through_its_own_kernel_are_not_handed_up() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 5).unwrap();
+        let other = Index::open_postgres(&url, "m2", (0, 0), 5).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<Change>();
+        let tx = std::sync::Mutex::new(tx);
+        let _listener = idx
+            .listen(Box::new(move |c| {
+                let _ = tx.lock().unwrap().send(c);
+            }))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Change::Anything
+        );
+        let mine = idx
+            .insert_in_dir(&NewEntry::new_file(RUNS_INO, b"mine", 3, 0o644, (0, 0), 6))
+            .unwrap()
+            .unwrap();
+        let h = Hash::of(b"x");
+        idx.commit_file_with(mine, &h, 1, 7, 7, Stored::Inline { bytes: b"x" })
+            .unwrap();
+        // Made otherwise (a tombstone: `rm`, through the kernel too, but not through those
+        // functions), its own change is handed up.
+        idx.tombstone(mine, 8).unwrap();
+        let theirs = other
+            .insert_in_dir(&NewEntry::new_file(
+                RUNS_INO,
+                b"theirs",
+                3,
+                0o644,
+                (0, 0),
+                9,
+            ))
+            .unwrap()
+            .unwrap();
+        let mut seen = vec![];
+        while let Ok(c) = rx.recv_timeout(Duration::from_secs(2)) {
+            seen.push(c);
+        }
+        let named = |name: &[u8]| {
+            seen.iter()
+                .any(|c| matches!(c, Change::Name { parent, name: n } if *parent == RUNS_INO && n == name))
+        };
+        assert!(named(b"theirs"), "{seen:?}");
+        assert!(
+            seen.contains(&Change::Inode {
+                ino: theirs,
+                content: true
+            }),
+            "{seen:?}"
+        );
+        // The tombstone's notification names it; its create and commit sent none.
+        assert!(named(b"mine"), "{seen:?}");
+        assert!(
+            !seen.contains(&Change::Inode {
+                ino: mine,
+                content: true
+            }),
+            "{seen:?}"
+        );
+    }
+
     /// `migrate` copies rows a page at a time: more than a page of entries and of history
     /// arrives whole, history in its order, committed-open files sealed.
     #[test]
