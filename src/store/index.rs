@@ -1397,7 +1397,10 @@ impl Index {
                 return Ok(None);
             }
         }
-        if self.pg_cache && snap.is_some() && !self.cache.borrow().is_too_large(parent) {
+        if self.pg_cache
+            && !self.cache.borrow().is_too_large(parent)
+            && self.cache.borrow_mut().missed_again(snap, parent)
+        {
             // The whole directory, if it is small: the next names looked up there are known.
             let rows = self.db.all(
                 &format!(
@@ -2810,6 +2813,40 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// A lookup of a name not kept reads one row; the second in the same directory (within the
+    /// moment answers are kept) reads the directory whole, and the names after it need no
+    /// query.
+    #[test]
+    fn the_second_name_not_kept_in_a_directory_reads_it_whole() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 5).unwrap();
+        let other = Index::open_postgres(&url, "m2", (0, 0), 5).unwrap();
+        let dir = other
+            .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"whole", 2, 0o755, (0, 0), 5))
+            .unwrap()
+            .unwrap();
+        let a = other
+            .insert_in_dir(&NewEntry::new_file(dir, b"a", 3, 0o644, (0, 0), 6))
+            .unwrap()
+            .unwrap();
+        // (Both lookups in one moment: tried again if a new one began between them.)
+        let mut whole = false;
+        for _ in 0..5 {
+            idx.forget_kept();
+            assert_eq!(idx.lookup(dir, b"x").unwrap(), None);
+            assert!(!idx.cache.borrow().is_complete(dir));
+            assert_eq!(idx.lookup(dir, b"a").unwrap().map(|e| e.ino), Some(a));
+            whole = idx.cache.borrow().is_complete(dir);
+            if whole {
+                break;
+            }
+        }
+        assert!(whole, "the second lookup did not read the directory whole");
+        assert_eq!(idx.lookup(dir, b"y").unwrap(), None);
     }
 
     /// With its listener, a daemon drops what it keeps as soon as it hears of another

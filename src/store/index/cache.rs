@@ -169,13 +169,17 @@ pub(super) struct RowCache {
     /// and directories found too large to be read whole (see [`LISTING_MAX`]).
     complete: std::collections::HashSet<u64>,
     too_large: std::collections::HashSet<u64>,
+    /// Directories where a name not kept was looked up once already: the next such lookup
+    /// reads the directory whole (`cp -r` looks up name after name in one directory; a `stat`
+    /// here and there does not pay for whole directories).
+    missed: std::collections::HashSet<u64>,
     /// Whether the damaged-content list of `Index` was read (or kept up to date) at `at`.
     pub(super) damaged_current: bool,
 }
 
 /// A PostgreSQL daemon reads a directory of up to this many names whole when it looks up a
-/// name not kept, so that the next lookups there (`cp -r` creating its files one by one) need no
-/// round trip.
+/// second name not kept there, so that the next lookups there (`cp -r` creating its files one
+/// by one) need no round trip.
 pub(super) const LISTING_MAX: usize = 256;
 
 impl RowCache {
@@ -198,6 +202,13 @@ impl RowCache {
         reset(&mut self.at_name);
         self.complete.clear();
         self.too_large.clear();
+        self.missed.clear();
+    }
+
+    /// Notes a lookup of a name not kept in directory `dir`; whether it is the second (then
+    /// the directory is worth reading whole).
+    pub(super) fn missed_again(&mut self, snap: Option<Snapshot>, dir: u64) -> bool {
+        self.keeps(snap) && !self.missed.insert(dir)
     }
 
     /// Whether every name of directory `dir` is kept.
