@@ -2128,6 +2128,13 @@ impl ArtifactFs {
         if name.starts_with(b"security.") || name.starts_with(b"system.") {
             return Err(FsError::Refused(Refusal::NotSupported));
         }
+        if name == XATTR_SHA256.as_bytes() {
+            // A RELEASE already on its way (`close()` returned a moment ago) is given the same
+            // grace as for `open`: the kernel does not wait for it, so this request may come
+            // first (found on a shared store: `echo x > f; getfattr f` answered ENODATA).
+            self.wait_sealed(ino);
+            self.wait_sealed_elsewhere(ino);
+        }
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;
         if name == XATTR_SHA256.as_bytes() {
@@ -2148,6 +2155,7 @@ impl ArtifactFs {
         if ino >= models::VIRT_BASE {
             return Ok(Vec::new());
         }
+        self.wait_sealed(ino); // (as `getxattr` does)
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;
         let mut names: Vec<&str> = Vec::new();
@@ -2275,6 +2283,28 @@ mod tests {
         let data = fs.read(fh, 0, 1 << 20).unwrap();
         fs.release(fh).unwrap();
         data
+    }
+
+    /// The hash xattr asked right after `close()`, before the kernel's RELEASE arrived (it
+    /// does not wait for it): the RELEASE is given its moment, and the hash is the answer.
+    #[test]
+    fn the_hash_asked_before_the_release_arrives_waits_for_it() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let (attr, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"hello").unwrap();
+        fs.flush(fh).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                fs.release(fh).unwrap();
+            });
+            assert_eq!(
+                fs.getxattr(attr.ino, XATTR_SHA256.as_bytes()).unwrap(),
+                Hash::of(b"hello").to_hex().into_bytes()
+            );
+        });
+        assert_eq!(fs.listxattr(attr.ino).unwrap(), b"user.artifactfs.sha256\0");
     }
 
     #[test]
