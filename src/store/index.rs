@@ -407,23 +407,29 @@ fn state_code(s: State) -> i64 {
 /// Inserts row `ino` for `e`; a taken `(parent, name)` inserts nothing (returns 0): skipped, not
 /// failed, since a failed statement would abort a PostgreSQL transaction the insert is part of.
 fn insert_entry(db: &Db, e: &NewEntry, ino: u64) -> io::Result<usize> {
-    db.exec(
-        INSERT_SKIPPING_TAKEN,
-        params![
-            e.parent as i64,
-            e.name,
-            kind_code(e.kind),
-            state_code(e.state),
-            e.zone as i64,
-            e.hash.map(|h| h.to_hex()),
-            e.size as i64,
-            e.mode as i64,
-            e.uid as i64,
-            e.gid as i64,
-            e.time,
-            ino as i64,
-        ],
-    )
+    let values = entry_values(e, ino);
+    let params: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v as _).collect();
+    db.exec(INSERT_SKIPPING_TAKEN, &params)
+}
+
+/// The values of [`INSERT_SKIPPING_TAKEN`]'s parameters for `e` as inode `ino` (those of the
+/// server function `artifactfs_create` too, see `Index::insert_in_dir`).
+fn entry_values(e: &NewEntry, ino: u64) -> [rusqlite::types::Value; 12] {
+    use rusqlite::types::Value::{Blob, Integer, Null, Text};
+    [
+        Integer(e.parent as i64),
+        Blob(e.name.to_vec()),
+        Integer(kind_code(e.kind)),
+        Integer(state_code(e.state)),
+        Integer(e.zone as i64),
+        e.hash.map_or(Null, |h| Text(h.to_hex())),
+        Integer(e.size as i64),
+        Integer(e.mode as i64),
+        Integer(e.uid as i64),
+        Integer(e.gid as i64),
+        Integer(e.time),
+        Integer(ino as i64),
+    ]
 }
 
 /// The row [`insert_entry`] makes of `e` as inode `ino`.
@@ -1530,23 +1536,14 @@ impl Index {
             // stores the file's content waits for this too (the WAL is flushed in order). A
             // server crash may lose it (a moment's worth): then that commit finds no row and
             // fails (`gone_or_lost`), and the name is free. (`postgres::functions_schema`.)
+            let lock_ms = rusqlite::types::Value::Integer(self.db.lock_timeout_ms());
+            let values = entry_values(e, ino);
+            let params: Vec<&dyn rusqlite::ToSql> =
+                values.iter().chain([&lock_ms]).map(|v| v as _).collect();
             let done = self.db.write_call(
-                "SELECT artifactfs_create(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    self.db.lock_timeout_ms(),
-                    ino as i64,
-                    e.parent as i64,
-                    e.name,
-                    kind_code(e.kind),
-                    state_code(e.state),
-                    e.zone as i64,
-                    e.hash.map(|h| h.to_hex()),
-                    e.size as i64,
-                    e.mode as i64,
-                    e.uid as i64,
-                    e.gid as i64,
-                    t,
-                ],
+                // (The parameters of `INSERT_SKIPPING_TAKEN`, then the lock timeout.)
+                "SELECT artifactfs_create(?13, ?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                &params,
                 // (Its inode number is its own: a row with it is this insert's.)
                 &|db| {
                     let there = db.row(

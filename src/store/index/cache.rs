@@ -279,6 +279,11 @@ impl RowCache {
     ) {
         if self.keeps(snap) {
             self.make_room();
+            // (Every row kept by name is kept by inode number too: `sealed` and `forget_ino`
+            // find its name there, without a scan.)
+            if let Some((row, _)) = e {
+                self.by_ino.insert(row.ino, row.clone());
+            }
             self.at_name.insert((parent, name.to_vec()), e.clone());
         }
     }
@@ -325,21 +330,20 @@ impl RowCache {
     /// Row `ino` changed in a way not patched in: forgets every answer about it (and which
     /// directories are kept whole: its own may be one).
     pub(super) fn forget_ino(&mut self, ino: u64) {
-        self.by_ino.remove(&ino);
-        self.at_name
-            .retain(|_, named| !matches!(named, Some((e, _)) if e.ino == ino));
+        if let Some(e) = self.by_ino.remove(&ino) {
+            self.at_name.remove(&(e.parent, e.name));
+        }
         self.complete.clear();
     }
 
     /// Row `ino` was sealed (its commit, made while open, is final), if it is kept.
     pub(super) fn sealed(&mut self, ino: u64) {
-        if let Some(e) = self.by_ino.get_mut(&ino) {
-            e.committed_open = false;
-        }
-        for (e, _) in self.at_name.values_mut().flatten() {
-            if e.ino == ino {
-                e.committed_open = false;
-            }
+        let Some(e) = self.by_ino.get_mut(&ino) else {
+            return; // (nor by name: see `keep_row_at`)
+        };
+        e.committed_open = false;
+        if let Some(Some((named, _))) = self.at_name.get_mut(&(e.parent, e.name.clone())) {
+            named.committed_open = false;
         }
     }
 
