@@ -39,6 +39,9 @@ fi
 # A throwaway PostgreSQL server for the shared-store tests (start_pg / stop_pg): tests find it
 # through ARTIFACTFS_TEST_PG.
 . scripts/pg-throwaway.sh
+# A throwaway S3 server (moto) for the S3 tests (start_s3 / stop_s3): tests find it through
+# ARTIFACTFS_TEST_S3 (and a python with boto3 through ARTIFACTFS_TEST_S3_PYTHON).
+. scripts/s3-throwaway.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
@@ -53,7 +56,7 @@ stop_dockerd() {
         docker_dir=""
     fi
 }
-trap 'stop_dockerd; stop_pg' EXIT
+trap 'stop_dockerd; stop_pg; stop_s3' EXIT
 trap 'exit 130' INT    # bash runs no EXIT trap when a signal ends it: exit instead
 trap 'exit 143' TERM HUP
 # In CI a container test that cannot run is a failure; elsewhere the tests skip, saying why.
@@ -106,11 +109,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 start_pg
+start_s3
 cargo test --all-targets --locked
 stop_dockerd
 # The mount tests that define the semantics, again on a shared store (PostgreSQL index).
 ARTIFACTFS_TEST_INDEX=postgresql cargo test --locked --test semantics --test tools --test registry
 stop_pg
+stop_s3
 
 # The real MLflow client end to end (creates target/e2e-venv from PyPI on first use).
 if [ "${SKIP_E2E:-}" = 1 ]; then

@@ -177,8 +177,10 @@ pub struct StoreArg {
     /// store was first mounted with]
     #[arg(long, env = "ARTIFACTFS_INDEX")]
     pub index: Option<String>,
-    /// A blob directory every machine mounts: file:///DIR [default: STORE/blobs, or the one
-    /// the store was first mounted with]
+    /// Where the blobs are: a directory every machine mounts (file:///DIR), or a bucket
+    /// (s3://BUCKET[/PREFIX], configured by AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID…;
+    /// gs:// and az:// likewise) [default: STORE/blobs, or those the store was first mounted
+    /// with]
     #[arg(long, env = "ARTIFACTFS_BLOBS")]
     pub blobs: Option<String>,
 }
@@ -236,6 +238,10 @@ pub struct MountArgs {
     /// byte of a file is hashed when it is committed, holes included.
     #[arg(long, default_value = "1T", value_parser = parse_size)]
     pub max_file_size: u64,
+    /// With blobs in a bucket: the most the machine's cache of it (STORE/cache) may hold (K, M,
+    /// G, T suffixes); least recently opened content goes first, open content never
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
     /// A file name below runs/ that may be replaced with other content, its earlier contents
     /// kept as history (`ls --history`); repeatable. registered_model_meta (MLflow writes it on
     /// every load) is rewritable unless `--rewritable none` is given.
@@ -294,12 +300,23 @@ fn absolute(p: &Path) -> PathBuf {
 fn migrate(store: Option<PathBuf>, index: &str, blobs: &str) -> Result<()> {
     let source = absolute(&store.unwrap_or_else(store::default_store_dir));
     let target = store::Locations::parse(Some(index), Some(blobs))?;
-    let (Some(url), Some(blobs_dir)) = (target.index, target.blobs) else {
-        unreachable!("both given")
+    let Some(url) = target.index else {
+        unreachable!("given")
     };
-    let summary = store::migrate::migrate(&source, &url, &blobs_dir, &mut |line| {
-        eprintln!("migrate: {line}");
-    })
+    let blobs_shown = match (&target.bucket, &target.blobs) {
+        (Some(b), _) => b.clone(),
+        (None, Some(d)) => format!("file://{}", d.display()),
+        (None, None) => unreachable!("given"),
+    };
+    let summary = store::migrate::migrate(
+        &source,
+        &url,
+        target.blobs.as_deref(),
+        target.bucket.as_deref(),
+        &mut |line| {
+            eprintln!("migrate: {line}");
+        },
+    )
     .with_context(|| format!("cannot migrate {}", source.display()))?;
     let index_shown = store::without_password(&url);
     if summary.already_done {
@@ -309,10 +326,9 @@ fn migrate(store: Option<PathBuf>, index: &str, blobs: &str) -> Result<()> {
         );
     } else {
         println!(
-            "migrated {} into {index_shown} and {}: {} rows, {} blobs copied ({} MiB, each \
-             re-hashed), {} blobs already there",
+            "migrated {} into {index_shown} and {blobs_shown}: {} rows, {} blobs copied ({} MiB, \
+             each re-hashed), {} blobs already there",
             source.display(),
-            blobs_dir.display(),
             summary.rows,
             summary.blobs_copied,
             summary.bytes_copied >> 20,
@@ -320,8 +336,7 @@ fn migrate(store: Option<PathBuf>, index: &str, blobs: &str) -> Result<()> {
         );
         println!(
             "mount it on each machine with a store directory of its own: artifactfs mount --store \
-             DIR --index {index_shown} --blobs file://{} MOUNTPOINT",
-            blobs_dir.display()
+             DIR --index {index_shown} --blobs {blobs_shown} MOUNTPOINT"
         );
     }
     Ok(())
@@ -400,7 +415,7 @@ pub fn mount_helper_args(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::
                         ("sync_every_close", None) => out.push("--sync-every-close".into()),
                         (
                             "uid" | "gid" | "settle" | "threads" | "log_file" | "max_file_size"
-                            | "rewritable",
+                            | "cache_size" | "rewritable",
                             Some(v),
                         ) => {
                             out.push(format!("--{}", key.replace('_', "-")).into());
@@ -550,6 +565,7 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     cmd.arg("--settle").arg(args.settle.to_string());
     cmd.arg("--max-file-size")
         .arg(args.max_file_size.to_string());
+    cmd.arg("--cache-size").arg(args.cache_size.to_string());
     for name in &args.rewritable {
         cmd.arg("--rewritable").arg(name);
     }
@@ -613,6 +629,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     let store_dir = args.store.dir();
     let mp = absolute(&args.mountpoint);
     check_mountpoint(&mp)?;
+    store::set_cache_size(args.cache_size);
     let durability = if args.sync_every_close {
         store::Durability::EveryClose
     } else {

@@ -6,8 +6,11 @@
 //! never modified after it is published; nothing here deletes one (that is garbage collection's
 //! job, which must consult the index first).
 //!
-//! This module knows nothing about paths, runs or SQLite: a second backend (S3, say) would
-//! implement the same operations behind `Store`.
+//! With a bucket (`--blobs s3://…`, see [`super::s3`]) the same operations go to the bucket,
+//! and the directory is the machine's local cache of it: a blob is uploaded before it counts as
+//! published, opened from the cache, and fetched (verified) into the cache when it is not there.
+//!
+//! This module knows nothing about paths, runs or SQLite.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -19,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 
 use super::Hash;
+use super::s3::{BlobCache, ObjectInfo, Remote};
 
 /// The blob directory of one store.
 #[derive(Debug)]
@@ -32,6 +36,11 @@ pub struct BlobStore {
     sync_before_publish: bool,
     /// Blobs were published without fsync since the last `Store::sync`.
     unsynced: AtomicBool,
+    /// The bucket that holds the blobs; the directory is then a cache of it.
+    remote: Option<std::sync::Arc<Remote>>,
+    /// The bound of that cache (a daemon's); `None` with a bucket: nothing fetched is kept
+    /// (commands).
+    cache: Option<BlobCache>,
     /// The directories `sync_dirs` synced, in order (what the unit tests check).
     #[cfg(test)]
     synced_dirs: std::sync::Mutex<Vec<PathBuf>>,
@@ -58,9 +67,45 @@ impl BlobStore {
             next_tmp: AtomicU64::new(0),
             sync_before_publish,
             unsynced: AtomicBool::new(false),
+            remote: None,
+            cache: None,
             #[cfg(test)]
             synced_dirs: Default::default(),
         })
+    }
+
+    /// The blobs of bucket `remote`, with `cache_dir` (`cache_dir/sha256/…`) as the local cache
+    /// bounded by `cache` (`None`: nothing fetched is kept) and temp files in `tmp` (on the
+    /// cache's file system).
+    pub fn open_remote(
+        cache_dir: &Path,
+        tmp: &Path,
+        remote: Remote,
+        cache: Option<BlobCache>,
+    ) -> io::Result<Self> {
+        let mut store = Self::open_at(cache_dir, tmp, false)?;
+        store.remote = Some(std::sync::Arc::new(remote));
+        store.cache = cache;
+        Ok(store)
+    }
+
+    /// The blobs of bucket `remote` for a command: nothing fetched is kept, temp files go to
+    /// the system's temp directory, nothing is created.
+    pub fn remote_client(remote: Remote) -> Self {
+        let tmp = std::env::temp_dir();
+        let mut store = Self::existing_at(&tmp, &tmp);
+        store.remote = Some(std::sync::Arc::new(remote));
+        store
+    }
+
+    /// The bucket, when the blobs live in one.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_deref()
+    }
+
+    /// The local cache's bound, with a bucket.
+    pub fn cache(&self) -> Option<&BlobCache> {
+        self.cache.as_ref()
     }
 
     /// The blob directory of an existing store, creating nothing (read-only use).
@@ -76,6 +121,8 @@ impl BlobStore {
             next_tmp: AtomicU64::new(0),
             sync_before_publish: true,
             unsynced: AtomicBool::new(false),
+            remote: None,
+            cache: None,
             #[cfg(test)]
             synced_dirs: Default::default(),
         }
@@ -148,6 +195,14 @@ impl BlobStore {
         hash: &Hash,
         replace: bool,
     ) -> io::Result<bool> {
+        if let Some(remote) = &self.remote {
+            let len = file.metadata()?.len();
+            if !remote.upload_file(file, len, hash, replace)? {
+                return Ok(false);
+            }
+            self.keep(hash, len, |dest| fs::rename(tmp, dest))?;
+            return Ok(true);
+        }
         let dest = self.path(hash);
         if dest.exists() && !replace {
             self.sync_dirs_if_every_close(hash)?;
@@ -207,6 +262,19 @@ impl BlobStore {
     }
 
     pub fn publish_bytes_as(&self, bytes: &[u8], hash: &Hash, replace: bool) -> io::Result<bool> {
+        if let Some(remote) = &self.remote {
+            if !remote.upload_bytes(bytes, hash, replace)? {
+                return Ok(false);
+            }
+            let (mut file, tmp) = self.new_temp()?;
+            let kept = file
+                .write_all(bytes)
+                .and_then(|()| self.keep(hash, bytes.len() as u64, |dest| fs::rename(&tmp, dest)));
+            if kept.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            return Ok(true);
+        }
         if self.path(hash).exists() && !replace {
             self.sync_dirs_if_every_close(hash)?;
             return Ok(false);
@@ -293,27 +361,65 @@ impl BlobStore {
         })())
     }
 
+    /// Whether the blob is stored (in the bucket, with one: asked there, not the cache).
     pub fn exists(&self, hash: &Hash) -> bool {
-        self.path(hash).exists()
+        match &self.remote {
+            Some(remote) => matches!(remote.head(hash), Ok(Some(_))),
+            None => self.path(hash).exists(),
+        }
     }
 
-    /// Every blob, by the two-hex-digit directory it sits in (for garbage collection).
-    pub fn prefixes(&self) -> io::Result<Vec<PathBuf>> {
-        let mut dirs: Vec<PathBuf> = fs::read_dir(&self.blobs)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
+    /// Moves freshly written content `hash` of `len` bytes into the cache (`place` puts the file
+    /// at the path it is given), and keeps the cache within its bound. Without a cache the
+    /// content is not kept: `place` is not called.
+    fn keep(
+        &self,
+        hash: &Hash,
+        len: u64,
+        place: impl FnOnce(&Path) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let dest = self.path(hash);
+        fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
+        place(&dest)?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o444))?;
+        cache.insert(hash, len);
+        cache.evict(|h| self.path(h));
+        Ok(())
+    }
+
+    /// Every blob, by the two hex digits it starts with (for garbage collection): the
+    /// directories there are, or all 256 prefixes of a bucket.
+    pub fn prefixes(&self) -> io::Result<Vec<String>> {
+        if self.remote.is_some() {
+            return Ok((0..=255u8).map(|b| format!("{b:02x}")).collect());
+        }
+        let mut dirs: Vec<String> = fs::read_dir(&self.blobs)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
             .collect();
         dirs.sort();
         Ok(dirs)
     }
 
-    /// The blobs in one prefix directory, with their sizes.
-    pub fn blobs_in(&self, prefix: &Path) -> io::Result<Vec<(Hash, u64)>> {
-        let head = prefix
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
+    /// The blobs whose hashes start with `head` (two hex digits), with their sizes. In a
+    /// bucket, objects younger than the upload grace are left out: their uploads may not have
+    /// committed their rows yet.
+    pub fn blobs_in(&self, head: &str) -> io::Result<Vec<(Hash, u64)>> {
+        if let Some(remote) = &self.remote {
+            let young =
+                super::now_ns() - super::s3::upload_grace().as_nanos().min(i64::MAX as u128) as i64;
+            return Ok(remote
+                .list(head)?
+                .into_iter()
+                .filter(|(_, o)| o.modified_ns <= young)
+                .map(|(h, o)| (h, o.size))
+                .collect());
+        }
+        let prefix = self.blobs.join(head);
         let mut out = Vec::new();
         for e in fs::read_dir(prefix)? {
             let e = e?;
@@ -330,6 +436,12 @@ impl BlobStore {
 
     /// Deletes a blob (garbage collection only, with the index write lock held).
     pub fn remove(&self, hash: &Hash) -> io::Result<()> {
+        if let Some(remote) = &self.remote {
+            remote.delete(hash)?;
+            if let Some(cache) = &self.cache {
+                cache.forget(hash);
+            }
+        }
         match fs::remove_file(self.path(hash)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -339,17 +451,98 @@ impl BlobStore {
     /// Makes a published blob durable: its bytes and the directory entries that lead to it
     /// (`fsync()`).
     pub fn sync_published(&self, hash: &Hash) -> io::Result<()> {
+        if self.remote.is_some() {
+            return Ok(()); // durable in the bucket once uploaded
+        }
         File::open(self.path(hash))?.sync_all()?;
         self.sync_dirs(hash)
     }
 
-    /// Opens a blob for reading.
+    /// Opens a blob for reading. From a bucket: from the cache, or fetched (whole, verified)
+    /// into it first.
     pub fn open_blob(&self, hash: &Hash) -> io::Result<File> {
-        File::open(self.path(hash))
+        let Some(remote) = &self.remote else {
+            return File::open(self.path(hash));
+        };
+        let path = self.path(hash);
+        if let Some(cache) = &self.cache {
+            match cache.touch(hash) {
+                Some(false) => match File::open(&path) {
+                    Ok(f) => return Ok(f),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => cache.forget(hash),
+                    Err(e) => return Err(e),
+                },
+                Some(true) => {
+                    // Left by a daemon that did not stop cleanly: whole only if it hashes right.
+                    let good = File::open(&path).and_then(hash_reader).ok() == Some(*hash);
+                    cache.forget(hash);
+                    if good {
+                        let len = fs::metadata(&path)?.len();
+                        cache.insert(hash, len);
+                        return File::open(&path);
+                    }
+                    log::warn!("cached content {hash} is damaged: fetched again");
+                    let _ = fs::remove_file(&path);
+                }
+                None => {}
+            }
+        }
+        let (file, tmp) = self.new_temp()?;
+        let fetched = (|| {
+            let got = remote.fetch(hash, &mut |at, bytes| file.write_all_at(bytes, at))?;
+            match got {
+                None => Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{}: no object {hash}", remote.url()),
+                )),
+                Some((actual, _)) if actual != *hash => {
+                    log::error!(
+                        "{}: object {hash} hashes to {actual}: not served (run artifactfs fsck --verify)",
+                        remote.url()
+                    );
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("object {hash} is damaged in the bucket"),
+                    ))
+                }
+                Some((_, size)) => Ok(size),
+            }
+        })();
+        match fetched {
+            Ok(size) if self.cache.is_some() => {
+                let kept = self.keep(hash, size, |dest| fs::rename(&tmp, dest));
+                if kept.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                kept?;
+                Ok(file)
+            }
+            Ok(_) => {
+                fs::remove_file(&tmp)?;
+                Ok(file)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`BlobStore::open_blob`], shared, for content kept open (by a file handle): with a
+    /// cache, it is not evicted while this lives.
+    pub fn open_shared(&self, hash: &Hash) -> io::Result<std::sync::Arc<File>> {
+        let file = std::sync::Arc::new(self.open_blob(hash)?);
+        if let Some(cache) = &self.cache {
+            cache.opened(hash, &file);
+        }
+        Ok(file)
     }
 
     /// Size of a blob on disk, or `None` if it is missing.
     pub fn size(&self, hash: &Hash) -> io::Result<Option<u64>> {
+        if let Some(remote) = &self.remote {
+            return Ok(remote.head(hash)?.map(|o: ObjectInfo| o.size));
+        }
         match fs::metadata(self.path(hash)) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -359,6 +552,9 @@ impl BlobStore {
 
     /// Re-hashes a blob and returns the hash its bytes actually have.
     pub fn rehash(&self, hash: &Hash) -> io::Result<Hash> {
+        if let Some(remote) = &self.remote {
+            return remote.rehash(hash);
+        }
         hash_reader(self.open_blob(hash)?)
     }
 }

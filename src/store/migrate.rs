@@ -29,12 +29,13 @@ pub struct Summary {
     pub already_done: bool,
 }
 
-/// Copies the embedded store at `source` into the shared store of `index_url` and
-/// `blobs_dir`; `progress` gets a line now and then.
+/// Copies the embedded store at `source` into the shared store of `index_url` with its blobs in
+/// `blobs_dir` or in bucket `bucket`; `progress` gets a line now and then.
 pub fn migrate(
     source: &Path,
     index_url: &str,
-    blobs_dir: &Path,
+    blobs_dir: Option<&Path>,
+    bucket: Option<&str>,
     progress: &mut dyn FnMut(&str),
 ) -> io::Result<Summary> {
     if !source.join("index.sqlite").exists() {
@@ -52,8 +53,20 @@ pub fn migrate(
         summary.already_done = true;
         return Ok(summary);
     }
-    let dest = BlobStore::open_at(blobs_dir, &blobs_dir.join("tmp").join("migrate"), true)?;
-    dest.clean_tmp()?;
+    let dest = match (bucket, blobs_dir) {
+        (Some(url), _) => BlobStore::remote_client(super::s3::Remote::open(url)?),
+        (None, Some(dir)) => {
+            let dest = BlobStore::open_at(dir, &dir.join("tmp").join("migrate"), true)?;
+            dest.clean_tmp()?;
+            dest
+        }
+        (None, None) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "migrate needs --blobs (file:///DIR or s3://BUCKET[/PREFIX])",
+            ));
+        }
+    };
     let mut blobs = Vec::new();
     for prefix in src.blobs.prefixes()? {
         blobs.extend(src.blobs.blobs_in(&prefix)?);
@@ -61,7 +74,7 @@ pub fn migrate(
     let total: u64 = blobs.iter().map(|(_, n)| n).sum();
     let mut last = Instant::now();
     for (i, (hash, size)) in blobs.iter().enumerate() {
-        let there = std::fs::metadata(dest.path(hash)).is_ok_and(|m| m.len() == *size);
+        let there = dest.size(hash)? == Some(*size);
         if there {
             summary.blobs_present += 1;
         } else {
@@ -90,6 +103,18 @@ pub fn migrate(
 /// they do not match.
 fn copy_blob(src: &Store, dest: &BlobStore, hash: &Hash) -> io::Result<()> {
     let mut input = File::open(src.blobs.path(hash))?;
+    if let Some(remote) = dest.remote() {
+        // Hashed first, then uploaded from the same (locked, unchanging) file.
+        let got = super::blobs::hash_reader(&input)?;
+        if got != *hash {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("its bytes hash to {got}"),
+            ));
+        }
+        let len = input.metadata()?.len();
+        return remote.upload_file(&input, len, hash, false).map(drop);
+    }
     let (mut out, tmp) = dest.new_temp()?;
     let result = (|| {
         let mut hasher = Sha256::new();

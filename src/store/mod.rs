@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod gc;
 pub mod index;
 pub mod migrate;
+pub mod s3;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -128,7 +129,7 @@ pub fn open_content(idx: &Index, blobs: &BlobStore, hash: &Hash, size: u64) -> i
     {
         return Ok(Content::Inline(bytes));
     }
-    Ok(Content::Blob(std::sync::Arc::new(blobs.open_blob(hash)?)))
+    Ok(Content::Blob(blobs.open_shared(hash)?))
 }
 
 /// The size of stored content `hash` and whether the index holds it (`false`: a blob); `None`
@@ -374,6 +375,17 @@ pub struct Locations {
     /// A blob directory (`BLOBS/sha256/…`, temp files in `BLOBS/tmp/<machine>`); `None`:
     /// `STORE/blobs`.
     pub blobs: Option<PathBuf>,
+    /// A bucket (`s3://BUCKET[/PREFIX]`, `gs://…`, `az://…`) instead of a blob directory; the
+    /// machine's cache of it is `STORE/cache`.
+    pub bucket: Option<String>,
+}
+
+/// The bound of a daemon's cache of a bucket (`--cache-size`), set once by the command line.
+static CACHE_SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Sets the bound of the bucket cache of the store this process mounts (`--cache-size`).
+pub fn set_cache_size(bytes: u64) {
+    let _ = CACHE_SIZE.set(bytes);
 }
 
 /// The locations this process's command line gave (`--index`, `--blobs`): every store it
@@ -402,20 +414,37 @@ impl Locations {
                 ));
             }
         };
+        let mut bucket = None;
         let blobs = match blobs {
             None => None,
+            Some(b) if s3::is_bucket_url(b) => {
+                bucket = Some(b.trim_end_matches('/').to_owned());
+                None
+            }
             Some(b) => {
                 let path = b.strip_prefix("file://").unwrap_or(b);
                 if !path.starts_with('/') {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
-                        format!("--blobs {b}: expected file:///ABSOLUTE/DIR"),
+                        format!(
+                            "--blobs {b}: expected file:///ABSOLUTE/DIR or s3://BUCKET[/PREFIX]"
+                        ),
                     ));
                 }
                 Some(PathBuf::from(path))
             }
         };
-        Ok(Locations { index, blobs })
+        if bucket.is_some() && index.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "--blobs s3://… needs a shared index as well (--index postgresql://…)",
+            ));
+        }
+        Ok(Locations {
+            index,
+            blobs,
+            bucket,
+        })
     }
 
     /// Makes these the locations of every store this process opens without locations of its
@@ -426,7 +455,7 @@ impl Locations {
 
     /// Whether this is the embedded store's (everything in the store directory).
     pub fn is_embedded(&self) -> bool {
-        self.index.is_none() && self.blobs.is_none()
+        self.index.is_none() && self.blobs.is_none() && self.bucket.is_none()
     }
 
     /// The locations for store `root`: those given, or those it was first mounted with (so
@@ -448,7 +477,7 @@ impl Locations {
             Some(saved) => {
                 let same_index = saved.index.as_deref().map(without_password)
                     == given.index.as_deref().map(without_password);
-                if same_index && saved.blobs == given.blobs {
+                if same_index && saved.blobs == given.blobs && saved.bucket == given.bucket {
                     Ok(given) // (with its password, if it has one)
                 } else {
                     Err(io::Error::new(
@@ -457,10 +486,10 @@ impl Locations {
                             "store {} belongs to the shared store with index {} and blobs {};                              give those (or neither), or use another --store directory",
                             root.display(),
                             saved.index.as_deref().unwrap_or("STORE/index.sqlite"),
-                            saved
+                            saved.bucket.clone().unwrap_or_else(|| saved
                                 .blobs
                                 .as_deref()
-                                .map_or("STORE/blobs".into(), |b| b.display().to_string()),
+                                .map_or("STORE/blobs".into(), |b| b.display().to_string())),
                         ),
                     ))
                 }
@@ -480,6 +509,9 @@ impl Locations {
         if let Some(b) = &self.blobs {
             text.push_str(&format!("blobs={}\n", b.display()));
         }
+        if let Some(b) = &self.bucket {
+            text.push_str(&format!("blobs={b}\n"));
+        }
         fs::write(root.join(LOCATIONS_FILE), text)
     }
 
@@ -489,7 +521,11 @@ impl Locations {
             if let Some(i) = line.strip_prefix("index=") {
                 l.index = Some(i.to_owned());
             } else if let Some(b) = line.strip_prefix("blobs=") {
-                l.blobs = Some(PathBuf::from(b));
+                if s3::is_bucket_url(b) {
+                    l.bucket = Some(b.to_owned());
+                } else {
+                    l.blobs = Some(PathBuf::from(b));
+                }
             }
         }
         l
@@ -631,7 +667,23 @@ impl Store {
             .blobs
             .clone()
             .unwrap_or_else(|| root.join("blobs"));
-        let blobs = BlobStore::open_at(&blobs_dir, &blobs_dir.join("tmp").join(&machine), true)?;
+        let blobs = match &locations.bucket {
+            Some(url) => {
+                // The cache is only known whole after a clean stop; then a start marks the
+                // store as running, so that a crash from here on is seen as one.
+                let trusted = matches!(Marker::load(root), (Some(Marker::Clean(_)), true));
+                Marker::Synced(now_ns()).write(root)?;
+                let limit = *CACHE_SIZE.get().unwrap_or(&s3::DEFAULT_CACHE_SIZE);
+                let cache = s3::BlobCache::load(&root.join("cache"), limit, trusted)?;
+                BlobStore::open_remote(
+                    &root.join("cache"),
+                    &root.join("tmp"),
+                    s3::Remote::open(url)?,
+                    Some(cache),
+                )?
+            }
+            None => BlobStore::open_at(&blobs_dir, &blobs_dir.join("tmp").join(&machine), true)?,
+        };
         let stale = blobs.clean_tmp()?;
         if stale > 0 {
             log::info!("removed {stale} stale temp file(s) of unfinished writes");
@@ -641,7 +693,10 @@ impl Store {
         log::info!(
             "shared store: index {}, blobs {}, machine {machine}",
             without_password(url),
-            blobs_dir.display()
+            locations
+                .bucket
+                .clone()
+                .unwrap_or_else(|| blobs_dir.display().to_string())
         );
         Ok(Store {
             root: root.to_path_buf(),
@@ -869,9 +924,11 @@ impl Store {
             Some(url) => Index::open_postgres_client(url)?,
             None => embedded(&root.join("index.sqlite"))?,
         };
-        let blobs = match &locations.blobs {
-            Some(dir) => BlobStore::existing_at(dir, &dir.join("tmp").join("none")),
-            None => BlobStore::open_existing(root),
+        let blobs = match (&locations.bucket, &locations.blobs) {
+            // A command keeps nothing it fetches: its temp files are the system's.
+            (Some(url), _) => BlobStore::remote_client(s3::Remote::open(url)?),
+            (None, Some(dir)) => BlobStore::existing_at(dir, &dir.join("tmp").join("none")),
+            (None, None) => BlobStore::open_existing(root),
         };
         Ok((index, blobs))
     }
@@ -995,8 +1052,14 @@ impl Store {
     }
 
     /// Opens content `hash` of `size` bytes (see [`open_content`]).
+    /// The index is not held while a blob is opened (fetching one from a bucket takes time).
     pub fn open_content(&self, hash: &Hash, size: u64) -> io::Result<Content> {
-        open_content(&self.index(), &self.blobs, hash, size)
+        if size <= INLINE_MAX
+            && let Some(bytes) = self.index().inline_get(hash)?
+        {
+            return Ok(Content::Inline(bytes));
+        }
+        Ok(Content::Blob(self.blobs.open_shared(hash)?))
     }
 
     /// Records small content (up to [`INLINE_MAX`]) and file `ino`'s row in one index

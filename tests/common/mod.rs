@@ -44,22 +44,106 @@ pub fn shared_engine() -> bool {
     std::env::var("ARTIFACTFS_TEST_INDEX").as_deref() == Ok("postgresql")
 }
 
+/// `ARTIFACTFS_TEST_BLOBS=s3`: the shared stores of the tests keep their blobs in a new bucket
+/// of the test S3 server (`ARTIFACTFS_TEST_S3`, which `scripts/test.sh` starts) instead of a
+/// directory.
+pub fn s3_blobs() -> bool {
+    std::env::var("ARTIFACTFS_TEST_BLOBS").as_deref() == Ok("s3")
+}
+
+/// The environment a daemon or command needs to reach the test S3 server at `endpoint`.
+pub fn s3_env_for(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "artifactfs-test"),
+        ("AWS_SECRET_ACCESS_KEY", "artifactfs-test-secret"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// The test S3 server's endpoint; `None` (after saying why) without one, outside CI.
+pub fn s3_endpoint(test: &str) -> Option<String> {
+    match std::env::var("ARTIFACTFS_TEST_S3") {
+        Ok(e) => Some(e),
+        Err(_) => {
+            let why = format!("{test}: skipped: no test S3 server (ARTIFACTFS_TEST_S3)");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{why} — but CI=true; scripts/test.sh starts one");
+            }
+            eprintln!("{why}");
+            None
+        }
+    }
+}
+
+/// Creates a new, empty bucket on the S3 server at `endpoint` (moto takes an unsigned PUT);
+/// returns its name.
+pub fn new_bucket(endpoint: &str) -> String {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "afs-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "creating bucket {name}: {answer}"
+    );
+    name
+}
+
+/// Where a new shared store keeps its blobs: `dir/blobs`, or with [`s3_blobs`] a new bucket
+/// (`s3://BUCKET/blobs`) and the environment that reaches it.
+fn shared_blobs(dir: &Path) -> (String, Vec<(String, String)>) {
+    if s3_blobs() {
+        let endpoint = std::env::var("ARTIFACTFS_TEST_S3")
+            .expect("ARTIFACTFS_TEST_BLOBS=s3 needs ARTIFACTFS_TEST_S3 (scripts/test.sh)");
+        let bucket = new_bucket(&endpoint);
+        (format!("s3://{bucket}/blobs"), s3_env_for(&endpoint))
+    } else {
+        (
+            format!("file://{}", dir.join("blobs").display()),
+            Vec::new(),
+        )
+    }
+}
+
 /// The first mount's arguments for a new store in `dir`: on the shared engine, a new database
 /// of the test server and `dir/blobs`; none for the embedded store.
-fn shared_store_args(dir: &Path) -> Vec<String> {
+/// (With [`s3_blobs`], a new bucket, and the environment that reaches it.)
+fn shared_store_args(dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
     if !shared_engine() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let server = std::env::var("ARTIFACTFS_TEST_PG")
         .expect("ARTIFACTFS_TEST_INDEX=postgresql needs ARTIFACTFS_TEST_PG (scripts/test.sh)");
     let name = new_database(&server);
     let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
-    vec![
-        "--index".into(),
-        format!("{base}/{name}"),
-        "--blobs".into(),
-        format!("file://{}", dir.join("blobs").display()),
-    ]
+    let (blobs, env) = shared_blobs(dir);
+    (
+        vec![
+            "--index".into(),
+            format!("{base}/{name}"),
+            "--blobs".into(),
+            blobs,
+        ],
+        env,
+    )
 }
 
 /// Creates an empty database on the test server; returns its name.
@@ -137,7 +221,7 @@ impl Mount {
         let name = new_database(&server);
         let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
         let index = format!("{base}/{name}");
-        let blobs = format!("file://{}", shared.path().join("blobs").display());
+        let (blobs, blobs_env) = shared_blobs(shared.path());
         let mounts = (0..n)
             .map(|_| {
                 let mut all = vec!["--index", index.as_str(), "--blobs", blobs.as_str()];
@@ -146,6 +230,7 @@ impl Mount {
                 m.env = env
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(blobs_env.iter().cloned())
                     .collect();
                 m.mount(&all);
                 m
@@ -173,7 +258,35 @@ impl Mount {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if blobs.starts_with("s3://") {
+            let endpoint = std::env::var("ARTIFACTFS_TEST_S3").unwrap();
+            m.env.extend(s3_env_for(&endpoint));
+        }
         m.try_mount(&["--index", index, "--blobs", blobs])?;
+        Ok(m)
+    }
+
+    /// A daemon of a shared store mounted with `args` (`--index`, `--blobs`, …) and the
+    /// environment variables `env` (with an `s3://` bucket, also those reaching the test S3
+    /// server), with a store directory of its own; the mount's error if it fails.
+    pub fn machines_on_with_args(
+        test: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Mount, String> {
+        assert!(fuse_available(test));
+        let mut m = Self::unmounted();
+        m.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if args.iter().any(|a| a.starts_with("s3://"))
+            && !env.iter().any(|(k, _)| *k == "AWS_ENDPOINT_URL")
+        {
+            let endpoint = std::env::var("ARTIFACTFS_TEST_S3").unwrap();
+            m.env.extend(s3_env_for(&endpoint));
+        }
+        m.try_mount(args)?;
         Ok(m)
     }
 
@@ -200,7 +313,8 @@ impl Mount {
             return None;
         }
         let mut m = Self::unmounted();
-        let shared = shared_store_args(m.dir.path());
+        let (shared, env) = shared_store_args(m.dir.path());
+        m.env = env;
         let mut all: Vec<&str> = shared.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
         m.mount(&all);
@@ -272,9 +386,16 @@ impl Mount {
         std::fs::read_to_string(self.store.join("artifactfs.log")).unwrap_or_default()
     }
 
+    /// The environment of this mount's daemon (besides the test's own): commands of its
+    /// store need it too (a bucket's endpoint and keys).
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     /// Runs `artifactfs <args> --store STORE`.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .arg("--store")
             .arg(&self.store)

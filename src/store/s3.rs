@@ -1,0 +1,733 @@
+//! The object-store blob backend: content in a bucket (`s3://BUCKET[/PREFIX]`, also `gs://` and
+//! `az://`), under `PREFIX/sha256/<2 hex>/<62 hex>`, and a bounded local cache of it.
+//!
+//! Everything async stays in this file: one small tokio runtime drives `object_store`, and every
+//! function here blocks its caller (a FUSE worker thread, a command) until the bucket answered.
+//! Large objects move in parts of [`PART`] bytes, several at once, each part a task of its own;
+//! the caller's thread does the reading, hashing and writing of local files in between.
+//!
+//! Faults: `object_store` retries 5xx, SlowDown, throttling and refused connections with
+//! backoff; a part whose body breaks off is asked for again. Both stop after the patience
+//! ([`PATIENCE`], about 30 s), and then the caller gets an error (`close()` and `read()`
+//! answer `EIO`). Nothing is published by a failed call: an object appears whole or not at all.
+//!
+//! The cache ([`BlobCache`]) keeps whole, verified objects as files, so that sealed files are read
+//! (and passed through to the kernel) at local disk speed. It stays within its size by dropping
+//! the least recently opened content first, never content that is open.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as Key;
+use object_store::{
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig,
+};
+use sha2::{Digest, Sha256};
+
+use super::Hash;
+
+/// The size of one part of an upload or of a ranged download.
+pub const PART: u64 = 8 << 20;
+/// Content up to this size is uploaded in one PUT (conditional: it never replaces an object).
+const ONE_PUT_MAX: u64 = 2 * PART;
+/// Parts in flight at once, per upload or download.
+const PARALLEL: usize = 8;
+/// How long a call keeps retrying a bucket that is down or answers 5xx.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+/// The default bound of the local cache (`--cache-size`).
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+/// `gc` leaves objects younger than this alone: an upload in flight has not committed its row
+/// yet (the commit's own check under the index's write lock is what keeps it correct; this
+/// spares uploading it twice).
+pub const UPLOAD_GRACE: Duration = Duration::from_secs(3600);
+
+/// The patience, shortened by tests (`ARTIFACTFS_TEST_S3_PATIENCE_MS`).
+fn patience() -> Duration {
+    std::env::var("ARTIFACTFS_TEST_S3_PATIENCE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(PATIENCE, Duration::from_millis)
+}
+
+/// The upload grace, shortened by tests (`ARTIFACTFS_TEST_UPLOAD_GRACE_MS`).
+pub fn upload_grace() -> Duration {
+    std::env::var("ARTIFACTFS_TEST_UPLOAD_GRACE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(UPLOAD_GRACE, Duration::from_millis)
+}
+
+/// Whether `--blobs` names a bucket rather than a directory.
+pub fn is_bucket_url(url: &str) -> bool {
+    ["s3://", "s3a://", "gs://", "az://", "azure://", "abfs://"]
+        .iter()
+        .any(|s| url.starts_with(s))
+}
+
+/// What the bucket knows of one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// Last modified, ns since the epoch.
+    pub modified_ns: i64,
+}
+
+/// A bucket holding content by its hash.
+pub struct Remote {
+    rt: tokio::runtime::Runtime,
+    store: Arc<dyn ObjectStore>,
+    /// `PREFIX/` or empty.
+    prefix: String,
+    /// The URL as given (it holds no credentials: those come from the environment).
+    url: String,
+    patience: Duration,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({})", self.url)
+    }
+}
+
+impl Remote {
+    /// Connects to the bucket of `url`, configured from the standard environment variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, …, `AWS_ALLOW_HTTP`; the GCS and
+    /// Azure equivalents). Nothing is sent yet.
+    pub fn open(url: &str) -> io::Result<Remote> {
+        Self::open_with(url, &[])
+    }
+
+    /// [`Remote::open`] with `vars` (`AWS_…` names and values) taken before the process's
+    /// environment: for tests, which must not change their own environment.
+    pub fn open_with(url: &str, vars: &[(String, String)]) -> io::Result<Remote> {
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(name).ok())
+        };
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad(format!("--blobs {url}: expected s3://BUCKET[/PREFIX]")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        if bucket.is_empty() || prefix.split('/').any(|p| p == "." || p == "..") {
+            return Err(bad(format!(
+                "--blobs {url}: expected {scheme}://BUCKET[/PREFIX]"
+            )));
+        }
+        // rustls needs one crypto provider for the process (ring: no C toolchain needed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let patience = patience();
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: usize::MAX,
+            retry_timeout: patience,
+        };
+        // (Set key by key: replacing the client options would drop those read from the
+        // environment, AWS_ALLOW_HTTP among them.)
+        let timeouts = [
+            (ClientConfigKey::ConnectTimeout, "5s"),
+            (ClientConfigKey::Timeout, "120s"),
+        ];
+        let base = format!("{scheme}://{bucket}");
+        let fail = |e: object_store::Error| bad(format!("--blobs {url}: {e}"));
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "s3" | "s3a" => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env();
+                for (k, v) in vars {
+                    if let Ok(key) = k.to_ascii_lowercase().parse() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                for (k, v) in timeouts {
+                    b = b.with_config(object_store::aws::AmazonS3ConfigKey::Client(k), v);
+                }
+                let mut b = b.with_url(&base).with_retry(retry);
+                // AWS_ALLOW_HTTP is read by from_env(); an http:// endpoint without it would
+                // fail every request with an obscure "builder error".
+                if var("AWS_ENDPOINT_URL")
+                    .or_else(|| var("AWS_ENDPOINT"))
+                    .is_some_and(|e| e.starts_with("http://"))
+                    && var("AWS_ALLOW_HTTP").is_none()
+                {
+                    return Err(bad(format!(
+                        "--blobs {url}: the endpoint is http://: set AWS_ALLOW_HTTP=true to allow it"
+                    )));
+                }
+                if var("AWS_REGION").is_none() && var("AWS_DEFAULT_REGION").is_none() {
+                    b = b.with_region("us-east-1");
+                }
+                Arc::new(b.build().map_err(fail)?)
+            }
+            "gs" => {
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+                for (k, v) in timeouts {
+                    b = b.with_config(object_store::gcp::GoogleConfigKey::Client(k), v);
+                }
+                Arc::new(b.with_url(&base).with_retry(retry).build().map_err(fail)?)
+            }
+            "az" | "azure" | "abfs" => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
+                for (k, v) in timeouts {
+                    b = b.with_config(object_store::azure::AzureConfigKey::Client(k), v);
+                }
+                Arc::new(b.with_url(&base).with_retry(retry).build().map_err(fail)?)
+            }
+            other => {
+                return Err(bad(format!(
+                    "--blobs {url}: unknown scheme {other}:// (s3://, gs://, az:// or file://)"
+                )));
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("artifactfs-s3")
+            .enable_all()
+            .build()?;
+        Ok(Remote {
+            rt,
+            store,
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            url: url.to_owned(),
+            patience,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs one request (retries included) to its end, or until the patience is over: an
+    /// endpoint that accepts connections and never answers is given up on too.
+    fn block<T>(
+        &self,
+        fut: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        self.rt.block_on(in_time(self.patience, fut))
+    }
+
+    fn key(&self, hash: &Hash) -> Key {
+        let hex = hash.to_hex();
+        Key::from(format!("{}sha256/{}/{}", self.prefix, &hex[..2], &hex[2..]))
+    }
+
+    /// An error of the bucket as an `io::Error` (`NotFound` stays `NotFound`), logged once.
+    fn error(&self, what: &str, hash: Option<&Hash>, e: object_store::Error) -> io::Error {
+        let kind = match &e {
+            object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+            object_store::Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
+            _ => io::ErrorKind::Other,
+        };
+        let on = hash.map_or(String::new(), |h| format!(" of {h}"));
+        if kind != io::ErrorKind::NotFound {
+            log::error!("{}: {what}{on} failed: {e}", self.url);
+        }
+        io::Error::new(kind, format!("{}: {what}{on}: {e}", self.url))
+    }
+
+    /// Size and age of the object holding `hash`, `None` if the bucket has none.
+    pub fn head(&self, hash: &Hash) -> io::Result<Option<ObjectInfo>> {
+        match self.block(self.store.head(&self.key(hash))) {
+            Ok(m) => Ok(Some(ObjectInfo {
+                size: m.size,
+                modified_ns: m.last_modified.timestamp_nanos_opt().unwrap_or(0),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("HEAD", Some(hash), e)),
+        }
+    }
+
+    /// Uploads the first `len` bytes of `file` as the object of `hash`, unless the bucket has it
+    /// already (then `false`). `replace`: the object there is damaged; these bytes take its
+    /// place (the only way an object is ever written twice).
+    pub fn upload_file(
+        &self,
+        file: &File,
+        len: u64,
+        hash: &Hash,
+        replace: bool,
+    ) -> io::Result<bool> {
+        if !replace && self.head(hash)?.is_some() {
+            return Ok(false);
+        }
+        if len <= ONE_PUT_MAX {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, 0)?;
+            return self.put_one(Bytes::from(buf), hash, replace);
+        }
+        self.put_parts(file, len, hash)
+    }
+
+    /// [`Remote::upload_file`] of bytes in memory.
+    pub fn upload_bytes(&self, bytes: &[u8], hash: &Hash, replace: bool) -> io::Result<bool> {
+        if !replace && self.head(hash)?.is_some() {
+            return Ok(false);
+        }
+        self.put_one(Bytes::copy_from_slice(bytes), hash, replace)
+    }
+
+    /// One PUT; a conditional one (`If-None-Match: *`) unless `replace`.
+    fn put_one(&self, bytes: Bytes, hash: &Hash, replace: bool) -> io::Result<bool> {
+        let opts = PutOptions {
+            mode: if replace {
+                PutMode::Overwrite
+            } else {
+                PutMode::Create
+            },
+            ..Default::default()
+        };
+        let key = self.key(hash);
+        let put = self
+            .store
+            .put_opts(&key, PutPayload::from_bytes(bytes), opts);
+        match self.block(put) {
+            Ok(_) => Ok(true),
+            // Stored meanwhile by another writer of the same content.
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.error("PUT", Some(hash), e)),
+        }
+    }
+
+    /// A multipart upload: this thread reads the parts, up to [`PARALLEL`] of them travel at
+    /// once. A multipart upload cannot be made conditional everywhere: two machines storing the
+    /// same new content at the same moment may both write it (the same bytes under the same key).
+    fn put_parts(&self, file: &File, len: u64, hash: &Hash) -> io::Result<bool> {
+        let key = self.key(hash);
+        let mut upload = self
+            .block(self.store.put_multipart(&key))
+            .map_err(|e| self.error("multipart upload", Some(hash), e))?;
+        let result = (|| {
+            let mut flying = VecDeque::new();
+            let mut at = 0;
+            while at < len {
+                let n = PART.min(len - at);
+                let mut buf = vec![0u8; n as usize];
+                file.read_exact_at(&mut buf, at)?;
+                at += n;
+                let part = upload.put_part(PutPayload::from(buf));
+                flying.push_back(self.rt.spawn(in_time(self.patience, part)));
+                if flying.len() >= PARALLEL {
+                    self.join(flying.pop_front().expect("one in flight"), hash)?;
+                }
+            }
+            for part in flying {
+                self.join(part, hash)?;
+            }
+            self.block(upload.complete())
+                .map_err(|e| self.error("completing the upload", Some(hash), e))
+        })();
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let _ = self.block(upload.abort());
+                Err(e)
+            }
+        }
+    }
+
+    fn join<T>(
+        &self,
+        task: tokio::task::JoinHandle<object_store::Result<T>>,
+        hash: &Hash,
+    ) -> io::Result<T> {
+        match self.rt.block_on(task) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.error("part", Some(hash), e)),
+            Err(e) => Err(io::Error::other(format!(
+                "{}: a part's task: {e}",
+                self.url
+            ))),
+        }
+    }
+
+    /// Reads the object of `hash` whole, in ranges of [`PART`] bytes, [`PARALLEL`] at once,
+    /// handing each range to `sink` in order (offset, bytes). Returns the hash and the size of
+    /// what was read: the caller decides what a mismatch means. `None` when the bucket has no
+    /// such object.
+    pub fn fetch(
+        &self,
+        hash: &Hash,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<Option<(Hash, u64)>> {
+        let deadline = Instant::now() + self.patience;
+        let key = self.key(hash);
+        let mut hasher = Sha256::new();
+        // The first range also tells the object's size.
+        let first = self.block(range(self.store.clone(), key.clone(), 0, PART, deadline));
+        let (first, size) = match first {
+            Ok(v) => v,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error("GET", Some(hash), e)),
+        };
+        hasher.update(&first);
+        sink(0, &first)?;
+        let mut flying = VecDeque::new();
+        let mut next = first.len() as u64;
+        let mut done = next;
+        while done < size {
+            while next < size && flying.len() < PARALLEL {
+                let end = (next + PART).min(size);
+                let task = in_time(
+                    self.patience,
+                    range(self.store.clone(), key.clone(), next, end, deadline),
+                );
+                flying.push_back((next, self.rt.spawn(task)));
+                next = end;
+            }
+            let (at, task) = flying.pop_front().expect("ranges in flight");
+            let (bytes, _) = match self.rt.block_on(task) {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.error("GET", Some(hash), e)),
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "{}: a range's task: {e}",
+                        self.url
+                    )));
+                }
+            };
+            if bytes.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{}: object {hash} ended at {at} of {size} bytes", self.url),
+                ));
+            }
+            hasher.update(&bytes);
+            sink(at, &bytes)?;
+            done = at + bytes.len() as u64;
+        }
+        Ok(Some((Hash::from_digest(hasher), size)))
+    }
+
+    /// What the object of `hash` actually hashes to (streamed, nothing kept).
+    pub fn rehash(&self, hash: &Hash) -> io::Result<Hash> {
+        match self.fetch(hash, &mut |_, _| Ok(()))? {
+            Some((h, _)) => Ok(h),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: no object {hash}", self.url),
+            )),
+        }
+    }
+
+    /// The objects whose hashes begin with `head` (two hex digits): hash, size, age.
+    pub fn list(&self, head: &str) -> io::Result<Vec<(Hash, ObjectInfo)>> {
+        let dir = Key::from(format!("{}sha256/{head}", self.prefix));
+        let listed: Vec<object_store::Result<object_store::ObjectMeta>> = self.rt.block_on(async {
+            match tokio::time::timeout(
+                self.patience,
+                self.store.list(Some(&dir)).collect::<Vec<_>>(),
+            )
+            .await
+            {
+                Ok(v) => v,
+                Err(_) => vec![Err(object_store::Error::Generic {
+                    store: "bucket",
+                    source: "LIST: no answer in time".into(),
+                })],
+            }
+        });
+        let mut out = Vec::new();
+        for m in listed {
+            let m = m.map_err(|e| self.error("LIST", None, e))?;
+            let name = m.location.filename().unwrap_or_default();
+            if let Some(h) = Hash::from_hex(&format!("{head}{name}")) {
+                out.push((
+                    h,
+                    ObjectInfo {
+                        size: m.size,
+                        modified_ns: m.last_modified.timestamp_nanos_opt().unwrap_or(0),
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the object of `hash` (garbage collection only, with the index write lock held).
+    pub fn delete(&self, hash: &Hash) -> io::Result<()> {
+        match self.block(self.store.delete(&self.key(hash))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("DELETE", Some(hash), e)),
+        }
+    }
+
+    /// Puts `bytes` under `hash`'s key as they are, overwriting: for tests that stage a
+    /// damaged object.
+    #[doc(hidden)]
+    pub fn put_raw(&self, hash: &Hash, bytes: &[u8]) -> io::Result<()> {
+        self.put_one(Bytes::copy_from_slice(bytes), hash, true)
+            .map(drop)
+    }
+}
+
+/// `fut`, or an error once `patience` is over.
+async fn in_time<T>(
+    patience: Duration,
+    fut: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    match tokio::time::timeout(patience, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(object_store::Error::Generic {
+            store: "bucket",
+            source: format!("no answer within {patience:?}").into(),
+        }),
+    }
+}
+
+/// Bytes `start..end` of `key` (fewer at the object's end) and the object's size; a body that
+/// breaks off is asked for again until `deadline`.
+async fn range(
+    store: Arc<dyn ObjectStore>,
+    key: Key,
+    start: u64,
+    end: u64,
+    deadline: Instant,
+) -> object_store::Result<(Bytes, u64)> {
+    loop {
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(start..end)),
+            ..Default::default()
+        };
+        let got = match store.get_opts(&key, opts).await {
+            Ok(r) => {
+                let size = r.meta.size;
+                r.bytes().await.map(|b| (b, size))
+            }
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok(v) => return Ok(v),
+            Err(e @ object_store::Error::NotFound { .. }) => return Err(e),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                log::debug!("{key}: range {start}..{end}: {e}; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// The local cache of a bucket's content: whole objects as files in `DIR/sha256/…` (the same
+/// layout as a blob directory), bounded by size, least recently opened first out.
+#[derive(Debug)]
+pub struct BlobCache {
+    limit: u64,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Debug, Default)]
+struct CacheState {
+    used: u64,
+    tick: u64,
+    /// hash → (size, last use, verified since the daemon started).
+    entries: HashMap<Hash, (u64, u64, bool)>,
+    /// Content handed out open: not evicted while any of these is alive.
+    open: HashMap<Hash, Weak<File>>,
+}
+
+impl BlobCache {
+    /// The cache in `dir` (`dir/sha256/…`), taking stock of what an earlier daemon left there.
+    /// `trusted`: the last stop was clean, so every file there is whole; otherwise each is
+    /// re-hashed the first time it is opened (a power loss may have emptied it).
+    pub fn load(dir: &Path, limit: u64, trusted: bool) -> io::Result<BlobCache> {
+        let mut found = Vec::new();
+        let root = dir.join("sha256");
+        if let Ok(prefixes) = fs::read_dir(&root) {
+            for p in prefixes.flatten() {
+                let head = p.file_name().to_string_lossy().into_owned();
+                for e in fs::read_dir(p.path())?.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if let (Some(h), Ok(m)) =
+                        (Hash::from_hex(&format!("{head}{name}")), e.metadata())
+                    {
+                        let used = m.accessed().or_else(|_| m.modified()).ok();
+                        found.push((used, h, m.len()));
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(t, _, _)| *t);
+        let mut state = CacheState::default();
+        for (_, h, n) in found {
+            state.tick += 1;
+            state.used += n;
+            state.entries.insert(h, (n, state.tick, trusted));
+        }
+        log::info!(
+            "blob cache {}: {} content(s), {} MiB of at most {} MiB",
+            dir.display(),
+            state.entries.len(),
+            state.used >> 20,
+            limit >> 20
+        );
+        Ok(BlobCache {
+            limit,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `hash` used now; returns whether it must be re-hashed before use (`None`: the
+    /// cache does not know it).
+    pub fn touch(&self, hash: &Hash) -> Option<bool> {
+        let mut s = self.lock();
+        s.tick += 1;
+        let tick = s.tick;
+        s.entries.get_mut(hash).map(|e| {
+            e.1 = tick;
+            !e.2
+        })
+    }
+
+    /// Records that the cache file of `hash` holds its `size` verified bytes.
+    pub fn insert(&self, hash: &Hash, size: u64) {
+        let mut s = self.lock();
+        s.tick += 1;
+        let tick = s.tick;
+        if let Some(old) = s.entries.insert(*hash, (size, tick, true)) {
+            s.used -= old.0;
+        }
+        s.used += size;
+    }
+
+    /// Forgets `hash` (its file is gone or bad).
+    pub fn forget(&self, hash: &Hash) {
+        let mut s = self.lock();
+        if let Some(old) = s.entries.remove(hash) {
+            s.used -= old.0;
+        }
+    }
+
+    /// Remembers that `file` (the content of `hash`) is open: it stays while `file` lives.
+    pub fn opened(&self, hash: &Hash, file: &Arc<File>) {
+        let mut s = self.lock();
+        s.open.retain(|_, w| w.strong_count() > 0);
+        s.open.insert(*hash, Arc::downgrade(file));
+    }
+
+    /// Drops least recently used content until the cache is within its bound again, skipping
+    /// content that is open; `path` gives a hash's file. Returns what it removed.
+    pub fn evict(&self, path: impl Fn(&Hash) -> PathBuf) -> Vec<Hash> {
+        let victims = {
+            let mut s = self.lock();
+            if s.used <= self.limit {
+                return Vec::new();
+            }
+            s.open.retain(|_, w| w.strong_count() > 0);
+            let mut order: Vec<(u64, Hash, u64)> = s
+                .entries
+                .iter()
+                .filter(|(h, _)| !s.open.contains_key(*h))
+                .map(|(h, (n, t, _))| (*t, *h, *n))
+                .collect();
+            order.sort_unstable();
+            let mut over = s.used - self.limit;
+            let mut victims = Vec::new();
+            for (_, h, n) in order {
+                if over == 0 {
+                    break;
+                }
+                over = over.saturating_sub(n);
+                s.used -= n;
+                s.entries.remove(&h);
+                victims.push(h);
+            }
+            if s.used > self.limit {
+                log::info!(
+                    "blob cache over its bound ({} MiB of {} MiB): the rest is open",
+                    s.used >> 20,
+                    self.limit >> 20
+                );
+            }
+            victims
+        };
+        for h in &victims {
+            let _ = fs::remove_file(path(h));
+        }
+        victims
+    }
+
+    /// Bytes the cache holds (for tests and the log).
+    pub fn used(&self) -> u64 {
+        self.lock().used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The least recently opened content goes first; open content never does.
+    #[test]
+    fn eviction_is_lru_and_spares_open_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::load(dir.path(), 250, true).unwrap();
+        let path = |h: &Hash| dir.path().join(h.to_hex());
+        let hashes: Vec<Hash> = (0..4u8).map(|i| Hash::of(&[i])).collect();
+        for h in &hashes {
+            fs::write(path(h), [0u8; 100]).unwrap();
+            cache.insert(h, 100);
+        }
+        // 0 is the oldest but open; 1 was used again.
+        let open = Arc::new(File::open(path(&hashes[0])).unwrap());
+        cache.opened(&hashes[0], &open);
+        assert_eq!(cache.touch(&hashes[1]), Some(false));
+        let gone = cache.evict(path);
+        assert_eq!(gone, vec![hashes[2], hashes[3]]);
+        assert_eq!(cache.used(), 200);
+        assert!(path(&hashes[0]).exists() && !path(&hashes[2]).exists());
+        // Closed, it may go.
+        drop(open);
+        cache.insert(&Hash::of(b"new"), 100);
+        fs::write(path(&Hash::of(b"new")), [0u8; 100]).unwrap();
+        assert_eq!(cache.evict(path), vec![hashes[0]]);
+    }
+
+    #[test]
+    fn untrusted_entries_need_a_rehash() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Hash::of(b"x");
+        let hex = h.to_hex();
+        fs::create_dir_all(dir.path().join("sha256").join(&hex[..2])).unwrap();
+        fs::write(
+            dir.path().join("sha256").join(&hex[..2]).join(&hex[2..]),
+            b"x",
+        )
+        .unwrap();
+        let cache = BlobCache::load(dir.path(), 1 << 20, false).unwrap();
+        assert_eq!(cache.touch(&h), Some(true));
+        cache.insert(&h, 1);
+        assert_eq!(cache.touch(&h), Some(false));
+        assert_eq!(cache.touch(&Hash::of(b"y")), None);
+    }
+
+    #[test]
+    fn bucket_urls() {
+        assert!(is_bucket_url("s3://b/p"));
+        assert!(!is_bucket_url("file:///x"));
+        let e = Remote::open("s3:///nobucket").unwrap_err();
+        assert!(e.to_string().contains("expected s3://BUCKET"), "{e}");
+    }
+}

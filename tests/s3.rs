@@ -1,0 +1,523 @@
+//! Blobs in S3-compatible object storage (`--blobs s3://BUCKET/PREFIX`) with a PostgreSQL index:
+//! content-addressed keys, cold reads on another machine, the local cache's bound, a bucket
+//! that stops answering, damaged objects, `gc`, `fsck --verify` and `migrate`.
+//! Needs the test PostgreSQL and S3 servers `scripts/test.sh` starts (`ARTIFACTFS_TEST_PG`,
+//! `ARTIFACTFS_TEST_S3`); the outage test runs an S3 server of its own.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::io::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A new shared store on the test servers: its index URL and its bucket (`s3://B/blobs`).
+fn new_store(test: &str, endpoint: Option<&str>) -> Option<(String, String, String)> {
+    if !fuse_available(test) {
+        return None;
+    }
+    let endpoint = match endpoint {
+        Some(e) => e.to_owned(),
+        None => s3_endpoint(test)?,
+    };
+    let Ok(server) = std::env::var("ARTIFACTFS_TEST_PG") else {
+        let why = format!("{test}: skipped: no test PostgreSQL server (ARTIFACTFS_TEST_PG)");
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{why} — but CI=true; scripts/test.sh starts one");
+        }
+        eprintln!("{why}");
+        return None;
+    };
+    let base = server.rsplit_once('/').unwrap().0.to_string();
+    let index = format!("{base}/{}", new_database(&server));
+    let bucket = new_bucket(&endpoint);
+    Some((index, bucket, endpoint))
+}
+
+/// A daemon of the store `index` + `s3://bucket/blobs` with `args` and `env` too.
+fn machine(test: &str, index: &str, bucket: &str, args: &[&str], env: &[(&str, &str)]) -> Mount {
+    let blobs = format!("s3://{bucket}/blobs");
+    let mut all = vec!["--index", index, "--blobs", blobs.as_str()];
+    all.extend_from_slice(args);
+    Mount::machines_on_with_args(test, &all, env).unwrap()
+}
+
+/// The keys of a bucket and their sizes (a plain ListObjectsV2, parsed by hand).
+fn list_keys(endpoint: &str, bucket: &str) -> Vec<(String, u64)> {
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "GET /{bucket}?list-type=2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut xml = String::new();
+    conn.read_to_string(&mut xml).unwrap();
+    let field = |item: &str, tag: &str| -> String {
+        let open = format!("<{tag}>");
+        let start = item.find(&open).unwrap() + open.len();
+        let end = item[start..].find("</").unwrap() + start;
+        item[start..end].to_string()
+    };
+    xml.split("<Contents>")
+        .skip(1)
+        .map(|item| (field(item, "Key"), field(item, "Size").parse().unwrap()))
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    artifactfs::store::Hash::of(bytes).to_hex()
+}
+
+/// The key content `bytes` has below `blobs/`.
+fn key_of(bytes: &[u8]) -> String {
+    let hex = sha256_hex(bytes);
+    format!("blobs/sha256/{}/{}", &hex[..2], &hex[2..])
+}
+
+/// Bytes in the cache directory of a store, and the hashes there.
+fn cache_of(store: &Path) -> (u64, Vec<String>) {
+    let mut bytes = 0;
+    let mut names = Vec::new();
+    if let Ok(dirs) = std::fs::read_dir(store.join("cache/sha256")) {
+        for d in dirs.flatten() {
+            for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                bytes += f.metadata().unwrap().len();
+                names.push(format!(
+                    "{}{}",
+                    d.file_name().to_string_lossy(),
+                    f.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    (bytes, names)
+}
+
+/// Objects are keyed by their SHA-256 below the prefix, stored once, and small content makes
+/// none; another machine with an empty cache reads every file right (large ones in ranges),
+/// and then has them in its cache.
+#[test]
+fn content_is_keyed_by_its_hash_and_a_cold_machine_reads_it() {
+    let test = "content_is_keyed_by_its_hash";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let b = machine(test, &index, &bucket, &[], &[]);
+    let dir = "runs/r/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let small = b"metrics: 0.97\n".to_vec();
+    let mid = pseudo_random(1, 1 << 20);
+    // Multipart: more than two parts of 8 MiB, and a last part that is not whole.
+    let big = pseudo_random(2, 20 * (1 << 20) + 12345);
+    for (name, bytes) in [("small", &small), ("mid", &mid), ("big", &big)] {
+        std::fs::write(a.path(&format!("{dir}/{name}")), bytes).unwrap();
+    }
+    // The same content under other names: nothing new stored.
+    sh_ok(
+        &a.mnt,
+        &format!("cp {dir}/mid {dir}/mid-again && cp {dir}/big {dir}/big-again"),
+    );
+    let mut keys = list_keys(&endpoint, &bucket);
+    keys.sort();
+    let mut want = vec![
+        (key_of(&mid), mid.len() as u64),
+        (key_of(&big), big.len() as u64),
+    ];
+    want.sort();
+    assert_eq!(keys, want, "one object per content, none for small content");
+    assert_eq!(cache_of(&b.store).1.len(), 0, "b has fetched nothing yet");
+    for (name, bytes) in [
+        ("small", &small),
+        ("mid", &mid),
+        ("big", &big),
+        ("big-again", &big),
+    ] {
+        let path = b.path(&format!("{dir}/{name}"));
+        assert!(
+            wait_until(Duration::from_secs(3), || path.exists()),
+            "{name}"
+        );
+        assert_eq!(&std::fs::read(&path).unwrap(), bytes, "{name} on b");
+    }
+    let (_, cached) = cache_of(&b.store);
+    let mut cached = cached;
+    cached.sort();
+    let mut hashes = vec![sha256_hex(&mid), sha256_hex(&big)];
+    hashes.sort();
+    assert_eq!(cached, hashes, "b keeps what it fetched");
+    // A warm read is served from the cache: the bucket is not asked (the log says nothing).
+    assert_eq!(std::fs::read(b.path(&format!("{dir}/mid"))).unwrap(), mid);
+    let out = b.cli(&["fsck", "--verify"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("all re-hashed") && !text.contains("problem"),
+        "{text}"
+    );
+}
+
+/// With a small `--cache-size`, the cache stays within it by dropping what was opened least
+/// recently, never content that is open; everything dropped is fetched again when read.
+#[test]
+fn the_cache_stays_within_its_size_and_keeps_open_content() {
+    let test = "the_cache_stays_within_its_size";
+    let Some((index, bucket, _)) = new_store(test, None) else {
+        return;
+    };
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let b = machine(test, &index, &bucket, &["--cache-size", "3M"], &[]);
+    let dir = "runs/c/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let files: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(100 + i, 1 << 20)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        std::fs::write(a.path(&format!("{dir}/f{i}")), bytes).unwrap();
+    }
+    let path = |i: usize| b.path(&format!("{dir}/f{i}"));
+    assert!(wait_until(Duration::from_secs(3), || path(5).exists()));
+    // f0 stays open while the others are read.
+    let mut held = std::fs::File::open(path(0)).unwrap();
+    let mut first = [0u8; 10];
+    held.read_exact(&mut first).unwrap();
+    for i in 1..6 {
+        assert_eq!(std::fs::read(path(i)).unwrap(), files[i], "f{i}");
+        let (bytes, _) = cache_of(&b.store);
+        assert!(bytes <= 3 << 20, "cache holds {bytes} bytes after f{i}");
+    }
+    let (_, cached) = cache_of(&b.store);
+    assert!(
+        cached.contains(&sha256_hex(&files[0])),
+        "open content was evicted: {cached:?}"
+    );
+    assert!(
+        cached.contains(&sha256_hex(&files[5])),
+        "the latest read is not kept: {cached:?}"
+    );
+    assert!(!cached.contains(&sha256_hex(&files[1])), "{cached:?}");
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    assert_eq!([&first[..], &rest[..]].concat(), files[0]);
+    drop(held);
+    // Evicted content comes back from the bucket.
+    for (i, bytes) in files.iter().enumerate() {
+        assert_eq!(&std::fs::read(path(i)).unwrap(), bytes, "f{i} again");
+    }
+    assert!(cache_of(&b.store).0 <= 3 << 20);
+}
+
+/// An S3 server of the test's own (moto, from the venv `scripts/test.sh` made), stopped with the
+/// test.
+struct OwnS3 {
+    child: Child,
+    endpoint: String,
+}
+
+impl OwnS3 {
+    fn start() -> Option<OwnS3> {
+        let python = match std::env::var("ARTIFACTFS_TEST_S3_PYTHON") {
+            Ok(p) => PathBuf::from(p),
+            Err(_) => {
+                s3_endpoint("OwnS3")?;
+                panic!("ARTIFACTFS_TEST_S3_PYTHON is not set (scripts/test.sh sets it)");
+            }
+        };
+        let server = python.parent().unwrap().join("moto_server");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s3 = OwnS3 {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "moto did not start"
+        );
+        Some(s3)
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for OwnS3 {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `bytes` to a new file at `path` and closes it, returning close()'s error (which
+/// `std::fs::write` would drop).
+fn write_and_close(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    let fd = f.into_raw_fd();
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A bucket that stops answering is waited for: a close() during a short outage returns once it
+/// answers again. A longer one fails the close() with EIO after the patience, leaves nothing
+/// half-visible, and service comes back without a restart.
+#[test]
+fn a_bucket_outage_is_waited_out_then_fails_with_eio_and_service_comes_back() {
+    let test = "a_bucket_outage_is_waited_out";
+    if !fuse_available(test) {
+        return;
+    }
+    let Some(s3) = OwnS3::start() else {
+        return;
+    };
+    let Some((index, bucket, _)) = new_store(test, Some(&s3.endpoint)) else {
+        return;
+    };
+    let own = s3_env_for(&s3.endpoint);
+    let mut env: Vec<(&str, &str)> = own.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("ARTIFACTFS_TEST_S3_PATIENCE_MS", "5000"));
+    let m = machine(test, &index, &bucket, &[], &env);
+    let dir = m.path("runs/o/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let before = pseudo_random(1, 300_000);
+    write_and_close(&dir.join("before"), &before).unwrap();
+
+    // A short outage: the close waits for it.
+    s3.signal(libc::SIGSTOP);
+    let writer = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = write_and_close(&dir.join("during"), &pseudo_random(2, 300_000));
+            (r.map_err(|e| e.to_string()), t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(2000));
+    s3.signal(libc::SIGCONT);
+    let (r, waited) = writer.join().unwrap();
+    assert_eq!(r, Ok(()), "close() across a 2 s outage");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "it did not wait: {waited:?}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("during")).unwrap(),
+        pseudo_random(2, 300_000)
+    );
+
+    // A long one: EIO after the patience (5 s here, 30 s by default).
+    s3.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    let e = write_and_close(&dir.join("lost"), &pseudo_random(3, 300_000)).unwrap_err();
+    let waited = t.elapsed();
+    s3.signal(libc::SIGCONT);
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(30),
+        "failed after {waited:?}"
+    );
+    // Nothing half-visible: the file is missing, empty, or whole (the release that follows
+    // the failed close() tries its commit once more, and the bucket may be back by then).
+    match std::fs::read(dir.join("lost")) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}"),
+        Ok(bytes) => assert!(
+            bytes.is_empty() || bytes == pseudo_random(3, 300_000),
+            "{} bytes of a failed close",
+            bytes.len()
+        ),
+    }
+    // Service is back without a restart.
+    let after = pseudo_random(4, 300_000);
+    write_and_close(&dir.join("after"), &after).unwrap();
+    assert_eq!(std::fs::read(dir.join("after")).unwrap(), after);
+    assert_eq!(std::fs::read(dir.join("before")).unwrap(), before);
+    let log = m.log();
+    assert!(
+        !log.contains("artifactfs-test-secret"),
+        "a credential reached the log"
+    );
+}
+
+/// An object damaged or truncated in the bucket is never served: a machine that must fetch it
+/// answers EIO; `fsck --verify` names it with the paths that use it; writing the same content
+/// again repairs it.
+#[test]
+fn a_damaged_object_is_never_served_and_fsck_names_its_paths() {
+    let test = "a_damaged_object_is_never_served";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let dir = "runs/d/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let good = pseudo_random(5, 200_000);
+    let other = pseudo_random(6, 300_000);
+    std::fs::write(a.path(&format!("{dir}/model.bin")), &good).unwrap();
+    std::fs::write(a.path(&format!("{dir}/other.bin")), &other).unwrap();
+    let hash = artifactfs::store::Hash::of(&good);
+    let remote = artifactfs::store::s3::Remote::open_with(
+        &format!("s3://{bucket}/blobs"),
+        &s3_env_for(&endpoint),
+    )
+    .unwrap();
+    // Truncated: the first half of the bytes under the same key.
+    remote.put_raw(&hash, &good[..100_000]).unwrap();
+
+    let b = machine(test, &index, &bucket, &[], &[]);
+    let path = b.path(&format!("{dir}/model.bin"));
+    assert!(wait_until(Duration::from_secs(3), || path.exists()));
+    let e = std::fs::read(&path).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        !cache_of(&b.store).1.contains(&hash.to_hex()),
+        "bad bytes were cached"
+    );
+    assert_eq!(
+        std::fs::read(b.path(&format!("{dir}/other.bin"))).unwrap(),
+        other
+    );
+
+    // Damaged in place: same size, other bytes.
+    let mut flipped = good.clone();
+    flipped[150_000] ^= 1;
+    remote.put_raw(&hash, &flipped).unwrap();
+    let out = b.cli(&["fsck", "--verify"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("content {hash} is corrupt"))
+            && text.contains("/runs/d/artifacts/model.bin"),
+        "{text}"
+    );
+    // Missing altogether.
+    let ohash = artifactfs::store::Hash::of(&other);
+    remote.delete(&ohash).unwrap();
+    let out = b.cli(&["fsck"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!("content {ohash} is missing")) && text.contains("other.bin"),
+        "{text}"
+    );
+
+    // The same content written again replaces the damaged object. (A daemon of a shared store
+    // reads the list of damaged content at most a second old.)
+    std::thread::sleep(Duration::from_millis(1200));
+    std::fs::write(a.path(&format!("{dir}/model-again.bin")), &good).unwrap();
+    assert_eq!(remote.rehash(&hash).unwrap(), hash);
+    let c = machine(test, &index, &bucket, &[], &[]);
+    assert_eq!(
+        std::fs::read(c.path(&format!("{dir}/model.bin"))).unwrap(),
+        good
+    );
+}
+
+/// `gc` deletes an object only when no file uses it and it is older than the upload grace.
+#[test]
+fn gc_deletes_unused_objects_past_the_upload_grace_only() {
+    let test = "gc_deletes_unused_objects";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let dir = "runs/g/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let kept = pseudo_random(7, 100_000);
+    let removed = pseudo_random(8, 100_000);
+    std::fs::write(a.path(&format!("{dir}/kept")), &kept).unwrap();
+    std::fs::write(a.path(&format!("{dir}/removed")), &removed).unwrap();
+    std::fs::remove_file(a.path(&format!("{dir}/removed"))).unwrap();
+    // An object no row uses yet (an upload whose commit is still to come).
+    let remote = artifactfs::store::s3::Remote::open_with(
+        &format!("s3://{bucket}/blobs"),
+        &s3_env_for(&endpoint),
+    )
+    .unwrap();
+    let orphan = b"uploaded, not committed yet".repeat(4000);
+    remote
+        .upload_bytes(&orphan, &artifactfs::store::Hash::of(&orphan), false)
+        .unwrap();
+    let gc = |grace_ms: &str| {
+        let out = Command::new(BIN)
+            .envs(a.env().iter().map(|(k, v)| (k, v)))
+            .env("ARTIFACTFS_TEST_UPLOAD_GRACE_MS", grace_ms)
+            .args(["gc", "--older-than", "0", "--store"])
+            .arg(&a.store)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let mut keys: Vec<String> = list_keys(&endpoint, &bucket)
+            .into_iter()
+            .map(|k| k.0)
+            .collect();
+        keys.sort();
+        keys
+    };
+    let mut all = vec![key_of(&kept), key_of(&removed), key_of(&orphan)];
+    all.sort();
+    assert_eq!(gc("3600000"), all, "everything is younger than the grace");
+    assert_eq!(gc("0"), vec![key_of(&kept)]);
+    assert_eq!(std::fs::read(a.path(&format!("{dir}/kept"))).unwrap(), kept);
+}
+
+/// `migrate` copies an embedded store into PostgreSQL plus a bucket; the shared store then
+/// shows the same tree with the same bytes.
+#[test]
+fn migrate_copies_an_embedded_store_into_postgresql_and_a_bucket() {
+    let test = "migrate_into_postgresql_and_a_bucket";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    let mut emb = Mount::new(test).unwrap();
+    let art = "runs/m/artifacts";
+    std::fs::create_dir_all(emb.path(art)).unwrap();
+    std::fs::write(emb.path(&format!("{art}/small.txt")), b"small").unwrap();
+    let big = pseudo_random(9, 3_000_000);
+    std::fs::write(emb.path(&format!("{art}/big.bin")), &big).unwrap();
+    emb.unmount();
+    let blobs = format!("s3://{bucket}/blobs");
+    let out = Command::new(BIN)
+        .envs(s3_env_for(&endpoint))
+        .args(["migrate", "--store"])
+        .arg(&emb.store)
+        .args(["--index", &index, "--blobs", &blobs])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 blobs copied"),
+        "{out:?}"
+    );
+    assert_eq!(
+        list_keys(&endpoint, &bucket),
+        vec![(key_of(&big), big.len() as u64)]
+    );
+    let m = machine(test, &index, &bucket, &[], &[]);
+    assert_eq!(
+        std::fs::read(m.path(&format!("{art}/big.bin"))).unwrap(),
+        big
+    );
+    assert_eq!(
+        std::fs::read(m.path(&format!("{art}/small.txt"))).unwrap(),
+        b"small"
+    );
+    let out = m.cli(&["fsck", "--verify"]);
+    assert!(out.status.success(), "{out:?}");
+}
