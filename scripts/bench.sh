@@ -2,11 +2,12 @@
 # Benchmark: artifactfs mount against a native directory on the same disk.
 #
 # Usage: scripts/bench.sh [--quick] [--runs N] [--only 1,3,6] [--dir DIR] [--keep]
-#                         [--mount-arg ARG]...
+#                         [--mount-arg ARG]... [--index URL|local] [--s3 local]
 #   --quick        smoke test: 64 MiB instead of 1 GiB, 1,000 files instead of 10,000,
 #                  a 100,000-file index instead of 1,000,000, 3 counted runs
 #   --runs N       counted runs per workload (default 5; one warm-up run comes first)
-#   --only LIST    run only these workloads (numbers 1-7 and 9; 7 is measured together with 1)
+#   --only LIST    run only these workloads (numbers 1-7, 9 and 10; 7 is measured together
+#                  with 1)
 #   --dir DIR      work directory, holding the native trees and the stores (default
 #                  target/bench); it must not be a FUSE mount, and it is emptied first
 #   --keep         keep the work directory's trees and stores afterwards
@@ -15,6 +16,10 @@
 #                  against the embedded one. URL is a PostgreSQL server whose user may create
 #                  databases (one is made and dropped per run), or `local` for a throwaway
 #                  server this script starts and stops (scripts/pg-throwaway.sh)
+#   --s3 local     also run workload 10: the shared store with its blobs in S3-compatible
+#                  object storage, here a throwaway moto server this script starts and stops
+#                  (scripts/s3-throwaway.sh; `local` is the only choice for now). A fresh bucket
+#                  and database per run; its index is --index's server (`local` if not given)
 #
 # Needs root (or a user allowed to mount FUSE), /dev/fuse, python3, openssl (installed with
 # apt-get when missing and root). Builds target/release/artifactfs and the gen_index example.
@@ -41,6 +46,7 @@ WORK="$ROOT/target/bench"
 KEEP=0
 MOUNT_ARGS=()
 INDEX=""
+S3=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -50,6 +56,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --mount-arg) MOUNT_ARGS+=("$2"); shift ;;
         --index) INDEX="$2"; shift ;;
+        --s3) S3="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -59,6 +66,16 @@ done
 if [ -z "$ONLY" ]; then
     ONLY="1,2,3,4,5,6,7"
     [ -n "$INDEX" ] && ONLY="$ONLY,9"
+    [ -n "$S3" ] && ONLY="$ONLY,10"
+fi
+if [ -n "$S3" ] && [ "$S3" != local ]; then
+    echo "bench.sh: --s3 $S3: only --s3 local (a throwaway moto server) for now" >&2
+    exit 2
+fi
+if [[ ",$ONLY," == *",10,"* ]]; then
+    [ -n "$S3" ] || { echo "bench.sh: workload 10 needs --s3 local" >&2; exit 2; }
+    # Workload 10's index: --index's server, or a throwaway one (not adding workload 9 then).
+    [ -n "$INDEX" ] || INDEX=local
 fi
 if [[ ",$ONLY," == *",9,"* ]] && [ -z "$INDEX" ]; then
     echo "bench.sh: workload 9 needs --index URL or --index local" >&2
@@ -97,10 +114,12 @@ cleanup() {
                 umount -l "$mp" 2>/dev/null || echo "bench.sh: could not unmount $mp" >&2
         fi
     done
+    drop_bucket
     if [ "$KEEP" = 0 ] && [ -d "$WORK" ]; then
         rm -rf --one-file-system "$WORK" 2>/dev/null || true
     fi
     stop_pg
+    stop_s3
     exit "$rc"
 }
 # The shared index of workload 9: a database made for one run (BENCH_DB, its URL BENCH_DB_URL)
@@ -121,6 +140,25 @@ drop_bench_db() {
         BENCH_DB=""
     fi
 }
+# The bucket of workload 10: one made for one run (BENCH_BUCKET) on the throwaway S3 server;
+# S3_ENV is what an artifactfs command needs to reach it.
+. scripts/s3-throwaway.sh
+BENCH_BUCKET=""
+S3_ENV=()
+drop_bucket() {   # empties and removes BENCH_BUCKET (moto keeps large objects in temp files)
+    if [ -n "$BENCH_BUCKET" ]; then
+        "$ARTIFACTFS_TEST_S3_PYTHON" - "$ARTIFACTFS_TEST_S3" "$BENCH_BUCKET" <<'PY' >/dev/null 2>&1 || true
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id="bench", aws_secret_access_key="bench")
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[2]):
+    for o in page.get("Contents", []):
+        s3.delete_object(Bucket=sys.argv[2], Key=o["Key"])
+s3.delete_bucket(Bucket=sys.argv[2])
+PY
+        BENCH_BUCKET=""
+    fi
+}
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -136,6 +174,10 @@ mount_store() {
         return 1
     fi
     DAEMON_PID=$(tr -dc 0-9 < "$1/lock")
+    passthrough_of "$1"
+}
+# passthrough_of STORE: sets PASSTHROUGH from what the daemon of STORE logged.
+passthrough_of() {
     if grep -q "passthrough on" "$1/artifactfs.log" 2>/dev/null; then
         PASSTHROUGH=on
     elif grep -qi "passthrough" "$1/artifactfs.log" 2>/dev/null; then
@@ -249,7 +291,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ----- inputs (created once per bench run) -------------------------------------------------
 
-if want 1 || want 2 || want 7; then
+if want 1 || want 2 || want 7 || want 10; then
     log "creating a $BIG_MIB MiB random file"
     # 1 MiB writes, as dd bs=1M and the daemon write it: the page cache's folio sizes follow the
     # write sizes, and small folios would make the native reads of workload 2 slower.
@@ -545,16 +587,22 @@ if want 6; then
     rmtree "$S_SMALL" "$S_LARGE"
 fi
 
-# ----- 9: a shared store (PostgreSQL index + blob directory) against the embedded one -------
-
-if want 9; then
+# pg_up N: PG_URL is the server of --index (a throwaway one, started once, for `local`).
+pg_up() {
+    [ -n "$PG_URL" ] && return 0
     if [ "$INDEX" = local ]; then
         start_pg >&2
         PG_URL="$ARTIFACTFS_TEST_PG"
     else
         PG_URL="$INDEX"
     fi
-    command -v psql >/dev/null || { echo "bench.sh: workload 9 needs psql" >&2; exit 1; }
+    command -v psql >/dev/null || { echo "bench.sh: workload $1 needs psql" >&2; exit 1; }
+}
+
+# ----- 9: a shared store (PostgreSQL index + blob directory) against the embedded one -------
+
+if want 9; then
+    pg_up 9
     row 9a "9 cp -r $NFILES files of 4 KiB, shared index vs embedded" s
     row 9b "9 stat after 9a, shared index vs embedded (µs/stat)" us
     trash=()
@@ -586,6 +634,119 @@ if want 9; then
     sync
     note 9a "native column: the same cp -r into an embedded store (fresh per run); mount: a fresh shared store (a new database on the PostgreSQL server, blobs in a directory), server $(with_db "$PG_URL" "…" | sed 's#//[^@/]*@#//#') on this machine over TCP; target ≤ 2×"
     note 9b "mean of $STAT_K stats of never-stat'ed paths of the tree 9a wrote, on the daemon that wrote it; native column: the embedded store"
+    want 10 || stop_pg
+fi
+
+# ----- 10: the shared store with its blobs in S3 (moto) against the embedded one -----------
+
+# mount_s3 STORE MNT [VAR=VALUE]...: mounts a machine of the shared store (database
+# BENCH_DB_URL, blobs in bucket BENCH_BUCKET) whose cache is STORE/cache; its daemon gets the
+# VARs too. Sets DAEMON_PID.
+mount_s3() {
+    local store=$1 mp=$2 out
+    shift 2
+    mkdir -p "$mp"
+    MOUNTS+=("$mp")
+    if ! out=$(env "${S3_ENV[@]}" "$@" "$AFS" mount --store "$store" --index "$BENCH_DB_URL" \
+        --blobs "s3://$BENCH_BUCKET/blobs" "${MOUNT_ARGS[@]}" "$mp" 2>&1); then
+        echo "bench.sh: mount failed: $out" >&2
+        return 1
+    fi
+    DAEMON_PID=$(tr -dc 0-9 < "$store/lock")
+    passthrough_of "$store"
+}
+# s3_get KEY: seconds a plain GET of object KEY of BENCH_BUCKET takes with boto3 (its bytes
+# read in 1 MiB pieces and discarded), timed around the GET alone.
+s3_get() {
+    "$ARTIFACTFS_TEST_S3_PYTHON" - "$ARTIFACTFS_TEST_S3" "$BENCH_BUCKET" "$1" <<'PY'
+import sys, time, boto3
+url, bucket, key = sys.argv[1:]
+s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                  aws_access_key_id="bench", aws_secret_access_key="bench")
+t0 = time.perf_counter()
+r = s3.get_object(Bucket=bucket, Key=key)
+body, n = r["Body"], 0
+while chunk := body.read(1 << 20):
+    n += len(chunk)
+t = time.perf_counter() - t0
+if n != r["ContentLength"]:
+    sys.exit(f"s3_get: {n} bytes of {r['ContentLength']}")
+print(f"{t:.6f}")
+PY
+}
+# cold_read KEY MNT: the boto3 GET of the big file's object, then cat of the big file on the
+# machine mounted at MNT (whose cache is empty); the page cache dropped before each.
+cold_read() {
+    local t
+    [ "$DROP_OK" = 1 ] && drop_caches 3
+    t=$(s3_get "$BIG_KEY")
+    record "$1" native "$t"
+    [ "$DROP_OK" = 1 ] && drop_caches 3
+    timed "$1" mount r_cat "$2/runs/bench/artifacts/big.bin"
+}
+if want 10; then
+    pg_up 10
+    start_s3 >&2
+    S3_ENV=(AWS_ENDPOINT_URL="$ARTIFACTFS_TEST_S3" AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=bench
+            AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1)
+    BIG_SHA=$(sha256sum "$SRC_BIG" | cut -d' ' -f1)
+    BIG_KEY="blobs/sha256/${BIG_SHA:0:2}/${BIG_SHA:2}"
+    SZ="$BIG_MIB MiB"; [ "$BIG_MIB" = 1024 ] && SZ="1 GiB"
+    row 10a "10 S3: write $SZ (cp), vs the embedded store" s
+    row 10b "10 S3: cold read $SZ on a 2nd machine (cat), 1 GET, vs a boto3 GET" s
+    row 10b8 "10 S3: cold read $SZ on a 2nd machine (cat), 8 ranged GETs, vs a boto3 GET" s
+    row 10c "10 S3: warm read $SZ again on the 2nd machine (cat), vs native cat" s
+    row 10d "10 S3: cp -r $NFILES files of 4 KiB, vs the embedded store" s
+    M2="$WORK/mnt/m2"
+    for REP in $(seq 0 "$RUNS"); do
+        log "workload 10: run $REP of $RUNS"
+        # The reference of 10a and 10d: a fresh embedded store.
+        settle; fresh_mount "w10-embedded-r$REP"
+        settle_big; timed 10a native w_cp "$ART/big.bin"
+        settle; timed 10d native c_cpr "$SRC_TREE" "$ART/tree"
+        unmount_store "$MNT" "$STORE" ""
+        rmtree "$STORE"
+
+        # Machine 1 writes into a fresh shared store: a new database and a new bucket.
+        make_bench_db "w10_r$REP"
+        BENCH_BUCKET="afs-bench-$$-r$REP"
+        make_bucket "$BENCH_BUCKET"
+        S_1="$WORK/stores/w10-m1-r$REP" S_2="$WORK/stores/w10-m2-r$REP" S_3="$WORK/stores/w10-m3-r$REP"
+        settle; mount_s3 "$S_1" "$MNT"
+        mkdir "$MNT/runs/bench"
+        settle_big; timed 10a mount w_cp "$ART/big.bin"
+        settle; timed 10d mount c_cpr "$SRC_TREE" "$ART/tree"
+        unmount_store "$MNT" "$S_1" "10a 10d"
+
+        # Machine 2 (a fresh store: its cache is empty) reads it, with one streamed GET; then
+        # again, from its cache.
+        settle; mount_s3 "$S_2" "$M2" ARTIFACTFS_S3_RANGES=1
+        cold_read 10b "$M2"
+        cat "$SRC_BIG" > /dev/null
+        timed 10c native r_cat "$SRC_BIG"
+        timed 10c mount r_cat "$M2/runs/bench/artifacts/big.bin"
+        unmount_store "$M2" "$S_2" "10b 10c"
+        # Machine 3, the same with the default ranged GETs.
+        settle; mount_s3 "$S_3" "$M2"
+        cold_read 10b8 "$M2"
+        unmount_store "$M2" "$S_3" "10b8"
+
+        drop_bench_db
+        drop_bucket
+        rmtree "$S_1" "$S_2" "$S_3"
+        # Re-warm the inputs that the next run reads from the page cache.
+        if [ "$DROP_OK" = 1 ]; then cat "$SRC_TREE"/*/* > /dev/null; fi
+    done
+    sync
+    server="server $(with_db "$PG_URL" "…" | sed 's#//[^@/]*@#//#')"
+    [ "$INDEX" = local ] && server="a throwaway PostgreSQL server"
+    if [ "$DROP_OK" = 1 ]; then c="page cache dropped (echo 3) before each side"; else c="page cache not dropped (drop_caches not writable)"; fi
+    note 10a "native column: the same cp into an embedded store (fresh per run); mount: a fresh shared store (a new database on $server, blobs in a new bucket of a throwaway moto $MOTO_VERSION, both on this machine), timed around cp, close() included; target: report"
+    note 10b "machine 2: a fresh store (empty cache) on the same database and bucket, mounted after machine 1 unmounted; daemon with ARTIFACTFS_S3_RANGES=1 (one streamed GET: the fair setting on moto, which serves a ranged GET in time proportional to the whole object); native column: boto3 get_object of the same object, read and discarded, timed in python around the GET alone; $c; target ≤ 1.2×"
+    note 10b8 "as 10b on a 3rd fresh machine, ARTIFACTFS_S3_RANGES unset (default: 8 ranged GETs in flight; each costs moto the whole object); target ≤ 1.2×"
+    note 10c "cat again on machine 2 (from its cache, passthrough: $PASSTHROUGH); native column: cat of the input file, page cache warm; target: native"
+    note 10d "on 10a's mounts after 10a; small contents live in the index (no PUT); native column: the embedded store; target ≤ 2×"
+    stop_s3
     stop_pg
 fi
 

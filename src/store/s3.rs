@@ -38,7 +38,7 @@ use super::Hash;
 pub const PART: u64 = 8 << 20;
 /// Content up to this size is uploaded in one PUT (conditional: it never replaces an object).
 const ONE_PUT_MAX: u64 = 2 * PART;
-/// Parts in flight at once, per upload or download.
+/// Parts in flight at once, per upload, and by default per download (`ARTIFACTFS_S3_RANGES`).
 const PARALLEL: usize = 8;
 /// How long a call keeps retrying a bucket that is down or answers 5xx.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -89,6 +89,8 @@ pub struct Remote {
     /// The URL as given (it holds no credentials: those come from the environment).
     url: String,
     patience: Duration,
+    /// Ranged GETs one download keeps in flight; 1: one GET, streamed.
+    ranges: usize,
 }
 
 impl std::fmt::Debug for Remote {
@@ -208,6 +210,11 @@ impl Remote {
             },
             url: url.to_owned(),
             patience,
+            // Servers that read a whole object for every range (moto) are faster with one GET.
+            ranges: var("ARTIFACTFS_S3_RANGES")
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n >= 1)
+                .unwrap_or(PARALLEL),
         })
     }
 
@@ -368,11 +375,19 @@ impl Remote {
         hash: &Hash,
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> io::Result<Option<(Hash, u64)>> {
-        let deadline = Instant::now() + self.patience;
+        if self.ranges == 1 {
+            return self.fetch_streamed(hash, sink);
+        }
         let key = self.key(hash);
         let mut hasher = Sha256::new();
         // The first range also tells the object's size.
-        let first = self.block(range(self.store.clone(), key.clone(), 0, PART, deadline));
+        let first = self.block(range(
+            self.store.clone(),
+            key.clone(),
+            0,
+            PART,
+            self.patience,
+        ));
         let (first, size) = match first {
             Ok(v) => v,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -384,11 +399,11 @@ impl Remote {
         let mut next = first.len() as u64;
         let mut done = next;
         while done < size {
-            while next < size && flying.len() < PARALLEL {
+            while next < size && flying.len() < self.ranges {
                 let end = (next + PART).min(size);
                 let task = in_time(
                     self.patience,
-                    range(self.store.clone(), key.clone(), next, end, deadline),
+                    range(self.store.clone(), key.clone(), next, end, self.patience),
                 );
                 flying.push_back((next, self.rt.spawn(task)));
                 next = end;
@@ -415,6 +430,67 @@ impl Remote {
             done = at + bytes.len() as u64;
         }
         Ok(Some((Hash::from_digest(hasher), size)))
+    }
+
+    /// [`Remote::fetch`] with one GET whose body is handed on as it arrives; a body that breaks
+    /// off goes on with a GET of the rest, until the patience is over.
+    fn fetch_streamed(
+        &self,
+        hash: &Hash,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<Option<(Hash, u64)>> {
+        let key = self.key(hash);
+        let mut hasher = Sha256::new();
+        let mut at = 0u64;
+        let mut size = None;
+        let mut since = Instant::now();
+        loop {
+            let opts = GetOptions {
+                range: (at > 0).then_some(GetRange::Offset(at)),
+                ..Default::default()
+            };
+            let mut body = match self.block(self.store.get_opts(&key, opts)) {
+                Ok(r) => {
+                    size.get_or_insert(r.meta.size);
+                    r.into_stream()
+                }
+                Err(object_store::Error::NotFound { .. }) if at == 0 => return Ok(None),
+                Err(e) => return Err(self.error("GET", Some(hash), e)),
+            };
+            let size = size.expect("set above");
+            let broke = loop {
+                // (The timer is made inside the runtime, where it has a clock.)
+                let next = self
+                    .rt
+                    .block_on(async { tokio::time::timeout(self.patience, body.next()).await });
+                match next {
+                    Ok(Some(Ok(bytes))) => {
+                        hasher.update(&bytes);
+                        sink(at, &bytes)?;
+                        at += bytes.len() as u64;
+                        since = Instant::now();
+                    }
+                    Ok(None) => break None,
+                    Ok(Some(Err(e))) => break Some(e.to_string()),
+                    Err(_) => break Some("no bytes in time".into()),
+                }
+            };
+            if at >= size {
+                return Ok(Some((Hash::from_digest(hasher), at)));
+            }
+            let why = broke.unwrap_or_else(|| format!("ended at {at} of {size} bytes"));
+            if since.elapsed() >= self.patience {
+                log::error!("{}: GET of {hash}: {why}", self.url);
+                return Err(io::Error::other(format!(
+                    "{}: GET of {hash}: {why}",
+                    self.url
+                )));
+            }
+            log::debug!(
+                "{}: GET of {hash} broke off at {at}: {why}; going on",
+                self.url
+            );
+        }
     }
 
     /// What the object of `hash` actually hashes to (streamed, nothing kept).
@@ -494,14 +570,15 @@ async fn in_time<T>(
 }
 
 /// Bytes `start..end` of `key` (fewer at the object's end) and the object's size; a body that
-/// breaks off is asked for again until `deadline`.
+/// breaks off is asked for again for `patience`.
 async fn range(
     store: Arc<dyn ObjectStore>,
     key: Key,
     start: u64,
     end: u64,
-    deadline: Instant,
+    patience: Duration,
 ) -> object_store::Result<(Bytes, u64)> {
+    let deadline = Instant::now() + patience;
     loop {
         let opts = GetOptions {
             range: Some(GetRange::Bounded(start..end)),
