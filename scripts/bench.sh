@@ -674,6 +674,18 @@ if n != r["ContentLength"]:
 print(f"{t:.6f}")
 PY
 }
+# log_problems STORE...: shows the warnings and errors the daemons of STOREs logged (the first 5
+# of each), before the stores are removed.
+log_problems() {
+    local st n
+    for st in "$@"; do
+        n=$(grep -cE '^\[[^]]* (WARN|ERROR) ' "$st/artifactfs.log" 2>/dev/null || true)
+        if [ "${n:-0}" -gt 0 ]; then
+            log "$(basename "$st")/artifactfs.log: $n warning/error lines, the first:"
+            grep -E '^\[[^]]* (WARN|ERROR) ' "$st/artifactfs.log" | head -n 5 | cut -c1-400 >&2
+        fi
+    done
+}
 # cold_read KEY MNT: the boto3 GET of the big file's object, then cat of the big file on the
 # machine mounted at MNT (whose cache is empty); the page cache dropped before each.
 cold_read() {
@@ -733,6 +745,7 @@ if want 10; then
 
         drop_bench_db
         drop_bucket
+        log_problems "$S_1" "$S_2" "$S_3"
         rmtree "$S_1" "$S_2" "$S_3"
         # Re-warm the inputs that the next run reads from the page cache.
         if [ "$DROP_OK" = 1 ]; then cat "$SRC_TREE"/*/* > /dev/null; fi

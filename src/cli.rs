@@ -242,6 +242,12 @@ pub struct MountArgs {
     /// G, T suffixes); least recently opened content goes first, open content never
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// With blobs in a bucket: upload a large file written sequentially while it is written,
+    /// to a temporary key copied to its content key at close(); close() then waits for the
+    /// tail, the completion and the copy instead of the whole upload (see the README: on
+    /// servers whose copy is slow, this is slower)
+    #[arg(long)]
+    pub upload_while_writing: bool,
     /// A file name below runs/ that may be replaced with other content, its earlier contents
     /// kept as history (`ls --history`); repeatable. registered_model_meta (MLflow writes it on
     /// every load) is rewritable unless `--rewritable none` is given.
@@ -413,6 +419,7 @@ pub fn mount_helper_args(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::
                         ("allow_other", None) => out.push("--allow-other".into()),
                         ("no_passthrough", None) => out.push("--no-passthrough".into()),
                         ("sync_every_close", None) => out.push("--sync-every-close".into()),
+                        ("upload_while_writing", None) => out.push("--upload-while-writing".into()),
                         (
                             "uid" | "gid" | "settle" | "threads" | "log_file" | "max_file_size"
                             | "cache_size" | "rewritable",
@@ -575,6 +582,9 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
     if args.sync_every_close {
         cmd.arg("--sync-every-close");
     }
+    if args.upload_while_writing {
+        cmd.arg("--upload-while-writing");
+    }
     cmd.arg(&mp)
         .env(READY_ENV, "1")
         .stdin(Stdio::null())
@@ -630,6 +640,7 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
     let mp = absolute(&args.mountpoint);
     check_mountpoint(&mp)?;
     store::set_cache_size(args.cache_size);
+    store::set_upload_while_writing(args.upload_while_writing);
     let durability = if args.sync_every_close {
         store::Durability::EveryClose
     } else {

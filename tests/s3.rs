@@ -530,3 +530,104 @@ fn migrate_copies_an_embedded_store_into_postgresql_and_a_bucket() {
     let out = m.cli(&["fsck", "--verify"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Whether the bucket has a multipart upload in progress (a plain ListMultipartUploads).
+fn uploads_in_progress(endpoint: &str, bucket: &str) -> usize {
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "GET /{bucket}?uploads HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut xml = String::new();
+    conn.read_to_string(&mut xml).unwrap();
+    xml.matches("<Upload>").count()
+}
+
+/// `--upload-while-writing`: a large file written sequentially is on its way to the bucket
+/// before its close(); files written otherwise (out of order, truncated) are uploaded at the
+/// commit; every content ends under its own key, nothing temporary is left, and another
+/// machine reads them all.
+#[test]
+fn a_large_file_written_sequentially_is_uploaded_while_written() {
+    let test = "a_large_file_written_sequentially_is_uploaded";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    let a = machine(test, &index, &bucket, &["--upload-while-writing"], &[]);
+    let dir = a.path("runs/u/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seq = pseudo_random(11, 40 << 20);
+    let mut f = std::fs::File::create(dir.join("seq")).unwrap();
+    for chunk in seq.chunks(1 << 20) {
+        f.write_all(chunk).unwrap();
+    }
+    assert_eq!(
+        uploads_in_progress(&endpoint, &bucket),
+        1,
+        "no upload before close()"
+    );
+    write_and_close_file(f);
+    assert_eq!(uploads_in_progress(&endpoint, &bucket), 0);
+    // Out of order: the second half first.
+    let ooo = pseudo_random(12, 30 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(dir.join("ooo")).unwrap();
+        f.write_all_at(&ooo[15 << 20..], 15 << 20).unwrap();
+        f.write_all_at(&ooo[..15 << 20], 0).unwrap();
+        write_and_close_file(f);
+    }
+    // Written past the stream's start, then truncated.
+    let cut = pseudo_random(13, 40 << 20);
+    {
+        let mut f = std::fs::File::create(dir.join("cut")).unwrap();
+        for chunk in cut.chunks(1 << 20) {
+            f.write_all(chunk).unwrap();
+        }
+        f.set_len(20 << 20).unwrap();
+        write_and_close_file(f);
+    }
+    // The same content again, streamed: stored once.
+    std::fs::write(dir.join("seq-again"), &seq).unwrap();
+    let mut keys: Vec<String> = list_keys(&endpoint, &bucket)
+        .into_iter()
+        .map(|k| k.0)
+        .collect();
+    keys.sort();
+    let mut want = vec![key_of(&seq), key_of(&ooo), key_of(&cut[..20 << 20])];
+    want.sort();
+    assert_eq!(
+        keys,
+        want,
+        "content keys only, nothing temporary left; a's log: {}",
+        a.log()
+            .lines()
+            .filter(|l| !l.contains("DEBUG fuser"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(uploads_in_progress(&endpoint, &bucket), 0);
+    let b = machine(test, &index, &bucket, &[], &[]);
+    for (name, bytes) in [
+        ("seq", &seq[..]),
+        ("ooo", &ooo[..]),
+        ("cut", &cut[..20 << 20]),
+        ("seq-again", &seq[..]),
+    ] {
+        let got = std::fs::read(b.path(&format!("runs/u/artifacts/{name}"))).unwrap();
+        assert!(got == bytes, "{name} on b: {} bytes", got.len());
+    }
+}
+
+/// Closes `f`, panicking with close()'s error if it has one.
+fn write_and_close_file(f: std::fs::File) {
+    let fd = f.into_raw_fd();
+    assert_eq!(
+        unsafe { libc::close(fd) },
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+}

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::blobs::{hash_reader, read_full_at};
+use crate::store::s3::Streaming;
 use crate::store::{BlobStore, Hash};
 
 /// Largest file kept in memory while it is written.
@@ -180,7 +181,19 @@ impl Body {
     /// Publishes the content as blob `hash`. A disk body whose temp file became the blob is
     /// frozen afterwards; on a dedup hit it keeps its temp file.
     /// `replace`: the existing blob is known to be damaged; these bytes take its place.
+    #[cfg(test)]
     pub fn publish(&mut self, blobs: &BlobStore, hash: &Hash, replace: bool) -> io::Result<()> {
+        self.publish_streamed(blobs, hash, replace, Streaming::Idle)
+    }
+
+    /// [`Body::publish`] of a body whose upload began while it was written.
+    pub fn publish_streamed(
+        &mut self,
+        blobs: &BlobStore,
+        hash: &Hash,
+        replace: bool,
+        stream: Streaming,
+    ) -> io::Result<()> {
         if replace {
             self.thaw(blobs)?;
         }
@@ -188,7 +201,7 @@ impl Body {
             Body::Mem(v) => blobs.publish_bytes_as(v, hash, replace).map(|_| ()),
             Body::Disk { file, tmp } => {
                 if let Some(path) = tmp.take() {
-                    match blobs.publish_as(file, &path, hash, replace) {
+                    match blobs.publish_streamed(file, &path, hash, replace, stream) {
                         Ok(true) => {}
                         Ok(false) => *tmp = Some(path),
                         Err(e) => {
@@ -199,6 +212,15 @@ impl Body {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The temp file of a body on disk that is not published yet (what an upload while
+    /// writing reads from).
+    pub fn unpublished_file(&self) -> Option<&File> {
+        match self {
+            Body::Disk { file, tmp: Some(_) } => Some(file),
+            _ => None,
         }
     }
 

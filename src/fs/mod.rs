@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
 use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
+use crate::store::s3::Streaming;
 use crate::store::{Content, Hash, INLINE_MAX, Store, now_ns, to_ns};
 
 mod access;
@@ -245,6 +246,9 @@ struct Writer {
     /// since (its lease ran out and another machine cleaned up), the writer's changes fail
     /// with `EIO` instead of reaching rows that are no longer its own.
     session: i64,
+    /// With blobs in a bucket: the upload of a large file begun while it is written
+    /// sequentially (its `close()` then waits for the tail only).
+    stream: Streaming,
 }
 
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
@@ -1071,6 +1075,7 @@ impl ArtifactFs {
             replaced: false,
             released: false,
             session: idx.session(),
+            stream: Streaming::Idle,
         };
         self.handles
             .write()
@@ -1193,6 +1198,7 @@ impl ArtifactFs {
             replaced: false,
             released: false,
             session: self.store.index().session(),
+            stream: Streaming::Idle,
         };
         // The inode's one writer slot first: a second writer racing this open is Busy before
         // anything about the row changes.
@@ -1406,6 +1412,16 @@ impl ArtifactFs {
             } else {
                 w.hash_ok = false;
             }
+        }
+        // Sequential writes of a large file go to the bucket as they come; any other write
+        // makes it wait for the commit.
+        if w.hash_ok {
+            let w = &mut *w;
+            if let Some(file) = w.body.unpublished_file() {
+                self.store.blobs.stream_feed(&mut w.stream, file, end);
+            }
+        } else if matches!(w.stream, Streaming::On(_)) {
+            self.store.blobs.stream_stop(&mut w.stream);
         }
         w.size = w.size.max(end);
         w.mtime = now_ns();
@@ -1706,8 +1722,10 @@ impl ArtifactFs {
     ) -> FsResult<Commit> {
         let blobs = &self.store.blobs;
         let mut attempts = 0;
+        let mut stream = std::mem::take(&mut w.stream);
         loop {
-            w.body.publish(blobs, hash, damaged)?;
+            w.body
+                .publish_streamed(blobs, hash, damaged, std::mem::take(&mut stream))?;
             if durable {
                 blobs.sync_published(hash)?;
             }
@@ -1809,6 +1827,7 @@ impl ArtifactFs {
                             w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
                             if size != w.size {
                                 w.hash_ok = false;
+                                self.store.blobs.stream_stop(&mut w.stream);
                             }
                             w.size = size;
                             w.mtime = now;

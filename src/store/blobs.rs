@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 
 use super::Hash;
-use super::s3::{BlobCache, ObjectInfo, Remote};
+use super::s3::{BlobCache, ObjectInfo, Remote, Streaming};
 
 /// The blob directory of one store.
 #[derive(Debug)]
@@ -41,6 +41,8 @@ pub struct BlobStore {
     /// The bound of that cache (a daemon's); `None` with a bucket: nothing fetched is kept
     /// (commands).
     cache: Option<BlobCache>,
+    /// With a bucket: large files written sequentially are uploaded while they are written.
+    upload_while_writing: bool,
     /// The directories `sync_dirs` synced, in order (what the unit tests check).
     #[cfg(test)]
     synced_dirs: std::sync::Mutex<Vec<PathBuf>>,
@@ -69,6 +71,7 @@ impl BlobStore {
             unsynced: AtomicBool::new(false),
             remote: None,
             cache: None,
+            upload_while_writing: false,
             #[cfg(test)]
             synced_dirs: Default::default(),
         })
@@ -98,6 +101,42 @@ impl BlobStore {
         store
     }
 
+    /// With a bucket: uploads the whole parts of a file being written sequentially (`file`,
+    /// `end` bytes so far) once it is larger than one PUT takes, so that its `close()` waits
+    /// for the tail only. Anything else does nothing.
+    pub fn stream_feed(&self, stream: &mut Streaming, file: &File, end: u64) {
+        let Some(remote) = self.remote.as_ref().filter(|_| self.upload_while_writing) else {
+            return;
+        };
+        if matches!(stream, Streaming::Idle) && end > super::s3::ONE_PUT_MAX {
+            *stream = match remote.stream_begin() {
+                Ok(up) => Streaming::On(up),
+                Err(e) => {
+                    log::warn!("{e}: the file is uploaded at its commit");
+                    Streaming::Off
+                }
+            };
+        }
+        if let Streaming::On(up) = stream {
+            remote.stream_feed(up, file, end);
+        }
+    }
+
+    /// Turns the upload while writing on or off (`--upload-while-writing`).
+    pub fn set_upload_while_writing(&mut self, on: bool) {
+        self.upload_while_writing = on;
+    }
+
+    /// Gives up the upload of a file being written (it was not written sequentially).
+    pub fn stream_stop(&self, stream: &mut Streaming) {
+        if let (Some(remote), Streaming::On(up)) =
+            (&self.remote, std::mem::replace(stream, Streaming::Off))
+        {
+            remote.stream_abort(up);
+        }
+        *stream = Streaming::Off;
+    }
+
     /// The bucket, when the blobs live in one.
     pub fn remote(&self) -> Option<&Remote> {
         self.remote.as_deref()
@@ -123,6 +162,7 @@ impl BlobStore {
             unsynced: AtomicBool::new(false),
             remote: None,
             cache: None,
+            upload_while_writing: false,
             #[cfg(test)]
             synced_dirs: Default::default(),
         }
@@ -195,9 +235,26 @@ impl BlobStore {
         hash: &Hash,
         replace: bool,
     ) -> io::Result<bool> {
+        self.publish_streamed(file, tmp, hash, replace, Streaming::Idle)
+    }
+
+    /// [`BlobStore::publish_as`] of a file whose upload to the bucket began while it was
+    /// written (`stream`, see [`BlobStore::stream_feed`]).
+    pub fn publish_streamed(
+        &self,
+        file: &File,
+        tmp: &Path,
+        hash: &Hash,
+        replace: bool,
+        stream: Streaming,
+    ) -> io::Result<bool> {
         if let Some(remote) = &self.remote {
             let len = file.metadata()?.len();
-            if !remote.upload_file(file, len, hash, replace)? {
+            let stored = match stream {
+                Streaming::On(up) => remote.stream_finish(up, file, len, hash, replace)?,
+                _ => remote.upload_file(file, len, hash, replace)?,
+            };
+            if !stored {
                 return Ok(false);
             }
             self.keep(hash, len, |dest| fs::rename(tmp, dest))?;
@@ -361,10 +418,11 @@ impl BlobStore {
         })())
     }
 
-    /// Whether the blob is stored (in the bucket, with one: asked there, not the cache).
+    /// Whether the blob is stored (in the bucket, with one: asked there, not the cache, and only
+    /// briefly: see [`Remote::has_quickly`]).
     pub fn exists(&self, hash: &Hash) -> bool {
         match &self.remote {
-            Some(remote) => matches!(remote.head(hash), Ok(Some(_))),
+            Some(remote) => remote.has_quickly(hash),
             None => self.path(hash).exists(),
         }
     }

@@ -62,6 +62,16 @@ impl Store {
     pub fn gc(&self, opts: &GcOptions) -> io::Result<GcReport> {
         let cutoff =
             now_ns().saturating_sub(opts.retention.as_nanos().min(i64::MAX as u128) as i64);
+        if let Some(remote) = self.blobs.remote()
+            && !opts.dry_run
+        {
+            // Temporary objects of uploads while writing that a killed daemon never copied.
+            let grace = super::s3::upload_grace().as_nanos().min(i64::MAX as u128) as i64;
+            let n = remote.clean_staging(now_ns().saturating_sub(grace))?;
+            if n > 0 {
+                log::info!("gc: removed {n} abandoned temporary object(s) of uploads");
+            }
+        }
         let prefixes = self.blobs.prefixes()?;
         let progress = io::stderr().is_terminal();
         let mut report = GcReport::default();

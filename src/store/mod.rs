@@ -388,6 +388,16 @@ pub fn set_cache_size(bytes: u64) {
     let _ = CACHE_SIZE.set(bytes);
 }
 
+/// `--upload-while-writing`, set once by the command line.
+static UPLOAD_WHILE_WRITING: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the daemon upload large files to the bucket while they are written
+/// (`--upload-while-writing`).
+pub fn set_upload_while_writing(on: bool) {
+    UPLOAD_WHILE_WRITING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The locations this process's command line gave (`--index`, `--blobs`): every store it
 /// opens without locations of its own has them.
 static GIVEN: std::sync::OnceLock<Locations> = std::sync::OnceLock::new();
@@ -675,12 +685,16 @@ impl Store {
                 Marker::Synced(now_ns()).write(root)?;
                 let limit = *CACHE_SIZE.get().unwrap_or(&s3::DEFAULT_CACHE_SIZE);
                 let cache = s3::BlobCache::load(&root.join("cache"), limit, trusted)?;
-                BlobStore::open_remote(
+                let mut blobs = BlobStore::open_remote(
                     &root.join("cache"),
                     &root.join("tmp"),
                     s3::Remote::open(url)?,
                     Some(cache),
-                )?
+                )?;
+                blobs.set_upload_while_writing(
+                    UPLOAD_WHILE_WRITING.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                blobs
             }
             None => BlobStore::open_at(&blobs_dir, &blobs_dir.join("tmp").join(&machine), true)?,
         };

@@ -36,12 +36,15 @@ use super::Hash;
 
 /// The size of one part of an upload or of a ranged download.
 pub const PART: u64 = 8 << 20;
-/// Content up to this size is uploaded in one PUT (conditional: it never replaces an object).
-const ONE_PUT_MAX: u64 = 2 * PART;
+/// Content up to this size is uploaded in one PUT (conditional: it never replaces an object);
+/// a file written sequentially past it is uploaded while it is written.
+pub const ONE_PUT_MAX: u64 = 2 * PART;
 /// Parts in flight at once, per upload, and by default per download (`ARTIFACTFS_S3_RANGES`).
 const PARALLEL: usize = 8;
 /// How long a call keeps retrying a bucket that is down or answers 5xx.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+/// The longest a commit waits for the bucket with the index's write lock held.
+const QUICK: Duration = Duration::from_secs(2);
 /// The default bound of the local cache (`--cache-size`).
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
 /// `gc` leaves objects younger than this alone: an upload in flight has not committed its row
@@ -158,7 +161,12 @@ impl Remote {
                 for (k, v) in timeouts {
                     b = b.with_config(object_store::aws::AmazonS3ConfigKey::Client(k), v);
                 }
-                let mut b = b.with_url(&base).with_retry(retry);
+                // A finished streamed upload is copied to its content key only if that key
+                // is free (UploadPartCopy, completed with If-None-Match).
+                let mut b = b
+                    .with_url(&base)
+                    .with_retry(retry)
+                    .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart);
                 // AWS_ALLOW_HTTP is read by from_env(); an http:// endpoint without it would
                 // fail every request with an obscure "builder error".
                 if var("AWS_ENDPOINT_URL")
@@ -259,6 +267,21 @@ impl Remote {
             })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error("HEAD", Some(hash), e)),
+        }
+    }
+
+    /// Whether the bucket has the object of `hash`, asked with the index's write lock held (a
+    /// commit's last check against garbage collection): bounded to [`QUICK`], so that a bucket
+    /// that is down holds up no other machine's commits for long. `false` when no answer came.
+    pub fn has_quickly(&self, hash: &Hash) -> bool {
+        let key = self.key(hash);
+        match self.rt.block_on(in_time(QUICK, self.store.head(&key))) {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => {
+                log::warn!("{}: HEAD of {hash} under the index lock: {e}", self.url);
+                false
+            }
         }
     }
 
@@ -364,6 +387,148 @@ impl Remote {
                 self.url
             ))),
         }
+    }
+
+    /// Begins the upload of a file still being written (its hash not known yet): a multipart
+    /// upload to a temporary key, `PREFIX/staging/<random>`, fed whole parts by
+    /// [`Remote::stream_feed`] while the file grows and finished by [`Remote::stream_finish`].
+    pub fn stream_begin(&self) -> io::Result<StreamUpload> {
+        let mut id = [0u8; 12];
+        File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut id))?;
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let key = Key::from(format!("{}staging/{id}", self.prefix));
+        let upload = self
+            .block(self.store.put_multipart(&key))
+            .map_err(|e| self.error("starting an upload", None, e))?;
+        Ok(StreamUpload {
+            upload: Some(upload),
+            rt: self.rt.handle().clone(),
+            key,
+            sent: 0,
+            flying: VecDeque::new(),
+            broken: false,
+        })
+    }
+
+    /// Sends the whole parts of `file` up to `end` that are not sent yet. Waits (backpressure)
+    /// while [`PARALLEL`] parts are in flight. A failure only marks the upload broken: the
+    /// commit then uploads the file as usual.
+    pub fn stream_feed(&self, up: &mut StreamUpload, file: &File, end: u64) {
+        while !up.broken && end >= up.sent + PART {
+            let mut buf = vec![0u8; PART as usize];
+            if file.read_exact_at(&mut buf, up.sent).is_err() {
+                up.broken = true;
+                break;
+            }
+            up.sent += PART;
+            let part = up.upload().put_part(PutPayload::from(buf));
+            up.flying
+                .push_back(self.rt.spawn(in_time(self.patience, part)));
+            while up.flying.len() >= PARALLEL {
+                let oldest = up.flying.pop_front().expect("parts in flight");
+                if self.join(oldest, &Hash([0; 32])).is_err() {
+                    up.broken = true;
+                }
+            }
+        }
+    }
+
+    /// Finishes a streamed upload of `file`, `len` bytes hashing to `hash`: the rest is sent,
+    /// the upload completed, and the temporary object copied to the content key (unless the
+    /// bucket has that content already) and deleted. Falls back to [`Remote::upload_file`]
+    /// when the stream broke or the copy cannot be made. Returns whether bytes were stored.
+    pub fn stream_finish(
+        &self,
+        mut up: StreamUpload,
+        file: &File,
+        len: u64,
+        hash: &Hash,
+        replace: bool,
+    ) -> io::Result<bool> {
+        if !up.broken && !replace && self.head(hash)?.is_some() {
+            self.stream_abort(up);
+            return Ok(false);
+        }
+        let finished = (|| {
+            if up.broken || len < up.sent {
+                return Err(io::Error::other("the streamed upload broke off"));
+            }
+            let mut at = up.sent;
+            while at < len {
+                let n = PART.min(len - at);
+                let mut buf = vec![0u8; n as usize];
+                file.read_exact_at(&mut buf, at)?;
+                at += n;
+                let part = up.upload().put_part(PutPayload::from(buf));
+                up.flying
+                    .push_back(self.rt.spawn(in_time(self.patience, part)));
+            }
+            let t = Instant::now();
+            for part in std::mem::take(&mut up.flying) {
+                self.join(part, hash)?;
+            }
+            let parts_done = t.elapsed();
+            let mut upload = up.upload.take().expect("not finished yet");
+            self.block(upload.complete())
+                .map_err(|e| self.error("completing the upload", Some(hash), e))?;
+            let completed = t.elapsed();
+            let copied = self.block(self.store.copy(&up.key, &self.key(hash)));
+            let copied_at = t.elapsed();
+            let _ = self.block(self.store.delete(&up.key));
+            log::debug!(
+                "streamed upload of {hash}: last parts {parts_done:?}, complete at {completed:?}, \
+                 copied at {copied_at:?}, temporary key deleted at {:?}",
+                t.elapsed()
+            );
+            match copied {
+                Ok(()) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(self.error("copying the upload to its key", Some(hash), e)),
+            }
+        })();
+        match finished {
+            Ok(stored) => Ok(stored),
+            Err(e) => {
+                log::info!(
+                    "{}: streamed upload of {hash} not used ({e}); uploading it again",
+                    self.url
+                );
+                self.stream_abort(up);
+                self.upload_file(file, len, hash, replace)
+            }
+        }
+    }
+
+    /// Gives up a streamed upload (the file was not written sequentially, or was dropped).
+    pub fn stream_abort(&self, mut up: StreamUpload) {
+        for part in std::mem::take(&mut up.flying) {
+            part.abort();
+        }
+        if let Some(mut upload) = up.upload.take() {
+            let _ = self.block(upload.abort());
+        }
+    }
+
+    /// Deletes temporary objects of streamed uploads older than `older_than_ns` (left by a
+    /// daemon killed between completing and copying one). Returns how many.
+    pub fn clean_staging(&self, older_than_ns: i64) -> io::Result<usize> {
+        let dir = Key::from(format!("{}staging", self.prefix));
+        let listed: Vec<object_store::Result<object_store::ObjectMeta>> = self.rt.block_on(async {
+            tokio::time::timeout(
+                self.patience,
+                self.store.list(Some(&dir)).collect::<Vec<_>>(),
+            )
+            .await
+            .unwrap_or_default()
+        });
+        let mut n = 0;
+        for m in listed.into_iter().flatten() {
+            if m.last_modified.timestamp_nanos_opt().unwrap_or(0) < older_than_ns {
+                let _ = self.block(self.store.delete(&m.location));
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Reads the object of `hash` whole, in ranges of [`PART`] bytes, [`PARALLEL`] at once,
@@ -552,6 +717,58 @@ impl Remote {
     pub fn put_raw(&self, hash: &Hash, bytes: &[u8]) -> io::Result<()> {
         self.put_one(Bytes::copy_from_slice(bytes), hash, true)
             .map(drop)
+    }
+}
+
+/// A multipart upload of a file still being written (see [`Remote::stream_begin`]).
+pub struct StreamUpload {
+    /// `None` once completed or aborted.
+    upload: Option<Box<dyn object_store::MultipartUpload>>,
+    /// Where an upload dropped unfinished is aborted.
+    rt: tokio::runtime::Handle,
+    key: Key,
+    /// Bytes handed to parts so far (whole parts of [`PART`]).
+    sent: u64,
+    flying: VecDeque<tokio::task::JoinHandle<object_store::Result<()>>>,
+    /// A part failed: the commit uploads the file as usual.
+    broken: bool,
+}
+
+impl StreamUpload {
+    fn upload(&mut self) -> &mut Box<dyn object_store::MultipartUpload> {
+        self.upload.as_mut().expect("not finished yet")
+    }
+}
+
+impl Drop for StreamUpload {
+    /// A file given up (its writer failed, the daemon stops) aborts its upload in the
+    /// background; a kill leaves it to the bucket's lifecycle rule.
+    fn drop(&mut self) {
+        for part in self.flying.drain(..) {
+            part.abort();
+        }
+        if let Some(mut upload) = self.upload.take() {
+            self.rt.spawn(async move {
+                let _ = upload.abort().await;
+            });
+        }
+    }
+}
+
+/// Where the upload of a file being written stands.
+#[derive(Debug, Default)]
+pub enum Streaming {
+    /// Not begun (too small so far, or no bucket).
+    #[default]
+    Idle,
+    On(StreamUpload),
+    /// Given up for this file: it is uploaded at its commit.
+    Off,
+}
+
+impl std::fmt::Debug for StreamUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamUpload({}, {} bytes sent)", self.key, self.sent)
     }
 }
 

@@ -86,8 +86,13 @@ pub fn new_bucket(endpoint: &str) -> String {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
+    // (The time too: one S3 server may outlive many test processes, and pids come round again.)
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let name = format!(
-        "afs-{}-{}",
+        "afs-{}-{}-{nanos}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     );
