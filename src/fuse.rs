@@ -277,11 +277,71 @@ fn caller(req: &Request) -> Caller {
 pub struct FuseAdapter {
     fs: Arc<ArtifactFs>,
     /// Passthrough wanted (command line) and, after `init`, granted by the kernel.
-    passthrough: AtomicBool,
-    backing: Mutex<Backing>,
+    passthrough: Arc<AtomicBool>,
+    backing: Arc<Mutex<Backing>>,
     commits: CommitPool,
+    /// Opens that fetch content from a bucket first.
+    fetches: CommitPool,
     /// On a shared store: what the kernel was handed, for [`Invalidate::Everything`].
     handed: Option<Arc<Mutex<Handed>>>,
+}
+
+/// Answers `open` requests: in a request thread, or in the fetch pool.
+struct Opener {
+    fs: Arc<ArtifactFs>,
+    passthrough: Arc<AtomicBool>,
+    backing: Arc<Mutex<Backing>>,
+}
+
+impl Opener {
+    /// Answers an `open`; `fetch`: the content comes from a bucket, and this thread (of the
+    /// fetch pool) gets it now, so that no read waits for it in a request thread.
+    fn open(&self, ino: u64, flags: i32, fetch: bool, reply: ReplyOpen) {
+        guarded("open", || match self.fs.open(ino, flags) {
+            Ok((fh, Opened::Sealed { size })) => {
+                if fetch && let Err(e) = self.fs.open_content_now(fh) {
+                    let _ = self.fs.release(fh);
+                    return reply.error(errno(&e));
+                }
+                self.opened_sealed(ino, fh, size, reply)
+            }
+            Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), WRITING),
+            Err(e) => reply.error(errno(&e)),
+        })
+    }
+
+    fn opened_sealed(&self, ino: u64, fh: u64, size: u64, reply: ReplyOpen) {
+        if size >= SMALL_FILE && self.passthrough.load(Ordering::Relaxed) {
+            let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+            let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
+                Some(id) => Ok(id),
+                None => match self.fs.backing_file(fh) {
+                    Ok(file) => reply.open_backing(&*file).map(Arc::new),
+                    Err(e) => {
+                        drop(b);
+                        let _ = self.fs.release(fh);
+                        return reply.error(errno(&e));
+                    }
+                },
+            };
+            match id {
+                Ok(id) => {
+                    b.by_ino.insert(ino, Arc::downgrade(&id));
+                    b.by_fh.insert(fh, id.clone());
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("FUSE passthrough failed ({e}); serving reads through the daemon");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        reply.opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+        );
+    }
 }
 
 /// What the kernel was handed and may cache, on a shared store: each inode with the name it
@@ -343,6 +403,8 @@ impl Handed {
 /// Threads of the commit pool: two long commits at a time (hashing is CPU-bound; more would
 /// only share the same cores), the rest wait their turn without holding a request thread.
 const COMMIT_THREADS: usize = 2;
+/// Threads that open files whose content must first come from a bucket.
+const FETCH_THREADS: usize = 4;
 
 /// Backing files registered with the kernel: one per inode while any handle has it open.
 #[derive(Default)]
@@ -356,9 +418,10 @@ impl FuseAdapter {
         let shared = fs.options().shared_store;
         FuseAdapter {
             fs,
-            passthrough: AtomicBool::new(passthrough),
-            backing: Mutex::new(Backing::default()),
+            passthrough: Arc::new(AtomicBool::new(passthrough)),
+            backing: Default::default(),
             commits: CommitPool::new(COMMIT_THREADS),
+            fetches: CommitPool::new(FETCH_THREADS),
             handed: shared.then(Default::default),
         }
     }
@@ -412,37 +475,13 @@ impl FuseAdapter {
     /// Replies to an open of a sealed file: through passthrough when it is on and the file is
     /// not small, otherwise from the kernel's page cache, which is kept across opens (the
     /// content never changes). A sealed file's `close()` has nothing to do: no FLUSH.
-    fn opened_sealed(&self, ino: u64, fh: u64, size: u64, reply: ReplyOpen) {
-        if size >= SMALL_FILE && self.passthrough.load(Ordering::Relaxed) {
-            let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
-            let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
-                Some(id) => Ok(id),
-                None => match self.fs.backing_file(fh) {
-                    Ok(file) => reply.open_backing(&*file).map(Arc::new),
-                    Err(e) => {
-                        drop(b);
-                        let _ = self.fs.release(fh);
-                        return reply.error(errno(&e));
-                    }
-                },
-            };
-            match id {
-                Ok(id) => {
-                    b.by_ino.insert(ino, Arc::downgrade(&id));
-                    b.by_fh.insert(fh, id.clone());
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
-                    return;
-                }
-                Err(e) => {
-                    log::warn!("FUSE passthrough failed ({e}); serving reads through the daemon");
-                    self.passthrough.store(false, Ordering::Relaxed);
-                }
-            }
+    /// What answering an `open` needs, for a thread of the fetch pool.
+    fn opener(&self) -> Opener {
+        Opener {
+            fs: self.fs.clone(),
+            passthrough: self.passthrough.clone(),
+            backing: self.backing.clone(),
         }
-        reply.opened(
-            FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-        );
     }
 }
 
@@ -747,11 +786,14 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        guarded("open", || match self.fs.open(ino.0, flags.0) {
-            Ok((fh, Opened::Sealed { size })) => self.opened_sealed(ino.0, fh, size, reply),
-            Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), WRITING),
-            Err(e) => reply.error(errno(&e)),
-        })
+        let opener = self.opener();
+        if self.fs.open_is_heavy(ino.0) {
+            // Its content comes from a bucket first: the request threads stay free meanwhile.
+            self.fetches
+                .run(Box::new(move || opener.open(ino.0, flags.0, true, reply)));
+        } else {
+            opener.open(ino.0, flags.0, false, reply)
+        }
     }
 
     fn read(

@@ -353,6 +353,44 @@ fn a_bucket_outage_is_waited_out_then_fails_with_eio_and_service_comes_back() {
             bytes.len()
         ),
     }
+    // Cold reads waiting for the bucket hold no request thread: with more of them waiting
+    // than the mount has request threads, it still answers stat and ls at once.
+    let files: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(20 + i, 100_000)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        write_and_close(&dir.join(format!("cold{i}")), bytes).unwrap();
+    }
+    let cold = machine(test, &index, &bucket, &["--threads", "4"], &env);
+    let cold_dir = cold.path("runs/o/artifacts");
+    assert!(wait_until(Duration::from_secs(3), || cold_dir
+        .join("cold5")
+        .exists()));
+    s3.signal(libc::SIGSTOP);
+    let readers: Vec<_> = (0..6)
+        .map(|i| {
+            let path = cold_dir.join(format!("cold{i}"));
+            std::thread::spawn(move || std::fs::read(path).map_err(|e| e.to_string()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    assert!(std::fs::metadata(cold_dir.join("before")).is_ok());
+    assert!(std::fs::read_dir(&cold_dir).unwrap().count() >= 6);
+    let answered = t.elapsed();
+    s3.signal(libc::SIGCONT);
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r.join().unwrap();
+        assert!(
+            got.as_ref() == Ok(&files[i]),
+            "cold{i}: {:?} (stat and ls answered in {answered:?}); log: {}",
+            got.map(|b| b.len()),
+            cold.log()
+        );
+    }
+    assert!(
+        answered < Duration::from_secs(1),
+        "stat and ls took {answered:?} while cold reads waited"
+    );
+
     // Service is back without a restart.
     let after = pseudo_random(4, 300_000);
     write_and_close(&dir.join("after"), &after).unwrap();

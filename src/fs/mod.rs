@@ -1341,6 +1341,15 @@ impl ArtifactFs {
         }
     }
 
+    /// Opens the content of sealed handle `fh` now rather than at its first read (on the
+    /// adapter's fetch pool, for content that comes from a bucket).
+    pub fn open_content_now(&self, fh: u64) -> FsResult<()> {
+        match self.handle(fh)? {
+            Handle::Read(h) => self.content_of(&h).map(drop),
+            _ => Ok(()),
+        }
+    }
+
     /// The content of a sealed handle, opened on first use.
     fn content_of(&self, h: &Sealed) -> FsResult<Arc<Content>> {
         if let Some(f) = h.file.get() {
@@ -1532,10 +1541,28 @@ impl ArtifactFs {
         let Ok(Handle::Write(w)) = self.handle(fh) else {
             return false;
         };
+        let bucket = self.store.blobs.remote().is_some();
         match w.try_lock() {
-            Ok(w) => w.dirty && w.size > HEAVY_COMMIT && !(w.hash_ok && w.hashed == w.size),
+            Ok(w) => {
+                w.dirty
+                    && ((w.size > HEAVY_COMMIT && !(w.hash_ok && w.hashed == w.size))
+                        // An upload to a bucket, however the file was written.
+                        || (bucket && w.size > INLINE_MAX))
+            }
             Err(_) => true,
         }
+    }
+
+    /// Whether an `open` of `ino` may take long: a sealed file whose content must first be
+    /// fetched from a bucket into the cache. The adapter runs those on a pool of its own.
+    pub fn open_is_heavy(&self, ino: u64) -> bool {
+        if self.store.blobs.remote().is_none() {
+            return false;
+        }
+        let Ok(Some(e)) = self.store.index().get(ino) else {
+            return false;
+        };
+        e.size > INLINE_MAX && e.hash.is_some_and(|h| !self.store.blobs.cached(&h))
     }
 
     /// `close()` of a descriptor: commit what this handle wrote.

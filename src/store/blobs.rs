@@ -137,6 +137,11 @@ impl BlobStore {
         *stream = Streaming::Off;
     }
 
+    /// Whether the content is in the local cache (with a bucket) or the blob directory.
+    pub fn cached(&self, hash: &Hash) -> bool {
+        self.path(hash).exists()
+    }
+
     /// The bucket, when the blobs live in one.
     pub fn remote(&self) -> Option<&Remote> {
         self.remote.as_deref()
