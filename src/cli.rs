@@ -913,10 +913,12 @@ const STILL_MOUNTED_ELSEWHERE: u8 = 2;
 fn unmount(mountpoint: &Path, lazy: bool, wait: bool) -> Result<ExitCode> {
     let mp = absolute(mountpoint);
     let store = store_of_mount(&mp);
-    // The file system's device number identifies its mounts in every namespace.
+    // The file system's device number identifies its mounts in every namespace, with its
+    // source (the store directory): once the daemon is gone, a new FUSE mount may get the
+    // same device number.
     let dev = mounts::mounted_at(&mp)
         .filter(|e| e.fstype.starts_with("fuse"))
-        .map(|e| e.dev);
+        .map(|e| (e.dev, e.source));
     umount(&mp, if lazy { libc::MNT_DETACH } else { 0 }).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => anyhow!(
             "{} is busy (files are open); close them or use --lazy",
@@ -928,7 +930,7 @@ fn unmount(mountpoint: &Path, lazy: bool, wait: bool) -> Result<ExitCode> {
     if lazy && !wait {
         return Ok(ExitCode::SUCCESS);
     }
-    wait_for_daemon(&mp, store.as_deref(), dev.as_deref(), wait)
+    wait_for_daemon(&mp, store.as_deref(), dev.as_ref(), wait)
 }
 
 fn capitalized(s: &str) -> String {
@@ -945,11 +947,14 @@ fn capitalized(s: &str) -> String {
 fn wait_for_daemon(
     mp: &Path,
     store: Option<&Path>,
-    dev: Option<&str>,
+    dev: Option<&(String, PathBuf)>,
     wait: bool,
 ) -> Result<ExitCode> {
     let start = std::time::Instant::now();
-    let holders = || dev.map(mounts::fuse_mounts_of).unwrap_or_default();
+    let holders = || {
+        dev.map(|(dev, source)| mounts::fuse_mounts_of(dev, source))
+            .unwrap_or_default()
+    };
     let daemon = store
         .and_then(|s| std::fs::read_to_string(s.join("lock")).ok())
         .map(|pid| format!("its daemon (pid {})", pid.trim()))

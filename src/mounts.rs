@@ -203,9 +203,11 @@ pub struct Holder {
     pub own_namespace: bool,
 }
 
-/// Every mount of the FUSE file system `dev` (`major:minor`) in every mount namespace that has
-/// a process (each namespace read once, from its first process in `/proc`).
-pub fn fuse_mounts_of(dev: &str) -> Vec<Holder> {
+/// Every mount of the FUSE file system `dev` (`major:minor`) mounted from `source` (its
+/// fsname: a device number is used again by a later mount once a daemon is gone) in every
+/// mount namespace that has a process (each namespace read once, from its first process in
+/// `/proc`).
+pub fn fuse_mounts_of(dev: &str, source: &Path) -> Vec<Holder> {
     let own = std::fs::read_link("/proc/self/ns/mnt").ok();
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
@@ -230,7 +232,7 @@ pub fn fuse_mounts_of(dev: &str) -> Vec<Holder> {
             .map(|c| c.trim().to_string())
             .unwrap_or_default();
         for e in parse_mountinfo(&text) {
-            if e.dev == dev && e.fstype.starts_with("fuse") {
+            if e.dev == dev && e.source == source && e.fstype.starts_with("fuse") {
                 out.push(Holder {
                     pid,
                     comm: comm.clone(),
