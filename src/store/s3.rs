@@ -623,21 +623,37 @@ impl Remote {
                 Err(e) => return Err(self.error("GET", Some(hash), e)),
             };
             let size = size.expect("set above");
+            // A task of the runtime receives the body while this thread hashes and writes what
+            // came before (up to 256 pieces ahead): the network does not wait for the disk.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(256);
+            let patience = self.patience;
+            let pump = self.rt.spawn(async move {
+                loop {
+                    let piece = match tokio::time::timeout(patience, body.next()).await {
+                        Ok(Some(Ok(bytes))) => Ok(bytes),
+                        Ok(Some(Err(e))) => Err(e.to_string()),
+                        Ok(None) => break,
+                        Err(_) => Err("no bytes in time".to_string()),
+                    };
+                    let last = piece.is_err();
+                    if tx.send(piece).await.is_err() || last {
+                        break;
+                    }
+                }
+            });
             let broke = loop {
-                // (The timer is made inside the runtime, where it has a clock.)
-                let next = self
-                    .rt
-                    .block_on(async { tokio::time::timeout(self.patience, body.next()).await });
-                match next {
-                    Ok(Some(Ok(bytes))) => {
+                match self.rt.block_on(rx.recv()) {
+                    Some(Ok(bytes)) => {
                         hasher.update(&bytes);
-                        sink(at, &bytes)?;
+                        if let Err(e) = sink(at, &bytes) {
+                            pump.abort();
+                            return Err(e);
+                        }
                         at += bytes.len() as u64;
                         since = Instant::now();
                     }
-                    Ok(None) => break None,
-                    Ok(Some(Err(e))) => break Some(e.to_string()),
-                    Err(_) => break Some("no bytes in time".into()),
+                    Some(Err(e)) => break Some(e),
+                    None => break None,
                 }
             };
             if at >= size {
