@@ -386,8 +386,9 @@ fn a_bucket_outage_is_waited_out_then_fails_with_eio_and_service_comes_back() {
             cold.log()
         );
     }
+    // (Blocked behind the fetches, they would have waited for the 5 s patience.)
     assert!(
-        answered < Duration::from_secs(1),
+        answered < Duration::from_secs(3),
         "stat and ls took {answered:?} while cold reads waited"
     );
 
