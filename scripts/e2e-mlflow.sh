@@ -6,7 +6,8 @@
 # 1. Creates (or reuses) the virtualenv target/e2e-venv with pinned mlflow and scikit-learn
 #    (scripts/e2e-venv.sh: pip runs only when the installed versions differ from the pins).
 # 2. Builds target/release/artifactfs with `cargo build --release` (an up-to-date build is a
-#    no-op; E2E_NO_BUILD=1 reuses an existing binary without invoking cargo).
+#    no-op; E2E_NO_BUILD=1 reuses an existing binary without invoking cargo; E2E_BIN=PATH uses
+#    that binary instead, as scripts/test.sh does with the debug build its tests made).
 # 3. Mounts a fresh store in a temp dir (`artifactfs mount --store STORE --settle 1 MNT`) and runs
 #    scripts/e2e_mlflow.py against it: tracking in SQLite outside the mount, artifacts in
 #    file://MNT/runs, the model registry in MNT/models. The scenario prints a summary table.
@@ -14,6 +15,7 @@
 #
 # Exit 0 only if every check passed. Environment:
 #   E2E_NO_BUILD=1   reuse target/release/artifactfs
+#   E2E_BIN=PATH     use this artifactfs binary (nothing is built)
 #   E2E_STRACE=1     run the scenario under `strace -f -e trace=file,desc` (log kept in the work dir)
 #   E2E_KEEP=1       keep the work dir (store, daemon log, sqlite db); it is always kept on failure
 #   RUST_LOG         passed to the daemon (e.g. debug)
@@ -21,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-BIN=$ROOT/target/release/artifactfs
+BIN=${E2E_BIN:-$ROOT/target/release/artifactfs}
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 secs_since() { local d=$(($(now_ms) - $1)); printf '%d.%01d' $((d / 1000)) $((d % 1000 / 100)); }
@@ -37,7 +39,10 @@ phase_end
 
 # ---- 2. binary ------------------------------------------------------------------------------------
 phase_start build
-if [ "${E2E_NO_BUILD:-0}" = 1 ] && [ -x "$BIN" ]; then
+if [ -n "${E2E_BIN:-}" ]; then
+    [ -x "$BIN" ] || { echo "e2e-mlflow: E2E_BIN=$BIN is not an executable" >&2; exit 1; }
+    echo "build: using $BIN (E2E_BIN)"
+elif [ "${E2E_NO_BUILD:-0}" = 1 ] && [ -x "$BIN" ]; then
     echo "build: reusing $BIN (E2E_NO_BUILD=1)"
 else
     cargo build --release --locked   # waits if another build holds the lock
