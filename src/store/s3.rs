@@ -356,11 +356,11 @@ impl Remote {
                 let part = upload.put_part(PutPayload::from(buf));
                 flying.push_back(self.rt.spawn(in_time(self.patience, part)));
                 if flying.len() >= PARALLEL {
-                    self.join(flying.pop_front().expect("one in flight"), hash)?;
+                    self.join(flying.pop_front().expect("one in flight"), Some(hash))?;
                 }
             }
             for part in flying {
-                self.join(part, hash)?;
+                self.join(part, Some(hash))?;
             }
             self.block(upload.complete())
                 .map_err(|e| self.error("completing the upload", Some(hash), e))
@@ -377,11 +377,11 @@ impl Remote {
     fn join<T>(
         &self,
         task: tokio::task::JoinHandle<object_store::Result<T>>,
-        hash: &Hash,
+        hash: Option<&Hash>,
     ) -> io::Result<T> {
         match self.rt.block_on(task) {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.error("part", Some(hash), e)),
+            Ok(Err(e)) => Err(self.error("part", hash, e)),
             Err(e) => Err(io::Error::other(format!(
                 "{}: a part's task: {e}",
                 self.url
@@ -426,7 +426,8 @@ impl Remote {
                 .push_back(self.rt.spawn(in_time(self.patience, part)));
             while up.flying.len() >= PARALLEL {
                 let oldest = up.flying.pop_front().expect("parts in flight");
-                if self.join(oldest, &Hash([0; 32])).is_err() {
+                // (The hash is not known yet.)
+                if self.join(oldest, None).is_err() {
                     up.broken = true;
                 }
             }
@@ -465,7 +466,7 @@ impl Remote {
             }
             let t = Instant::now();
             for part in std::mem::take(&mut up.flying) {
-                self.join(part, hash)?;
+                self.join(part, Some(hash))?;
             }
             let parts_done = t.elapsed();
             let mut upload = up.upload.take().expect("not finished yet");
