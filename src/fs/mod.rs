@@ -1012,13 +1012,12 @@ impl ArtifactFs {
                 if !idx.recreate_at_tombstone(t.ino, mode & 0o7777, (uid, gid), now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
-                let blob = crate::store::open_content(&idx, &self.store.blobs, &hash, t.size)
-                    .ok()
-                    .map(Arc::new);
+                // (Its blob is opened once the index is let go: from a bucket it may be
+                // fetched first.)
                 expect = Some(Expected {
                     hash,
                     size: t.size,
-                    blob,
+                    blob: None,
                 });
                 log::info!(
                     "create {}: the path held a file before; accepted if the bytes are the same ({} bytes, {hash})",
@@ -1057,6 +1056,7 @@ impl ArtifactFs {
             self.model_write_activity(unit.model, 1);
         }
         let fh = self.new_fh();
+        let expected = expect.as_ref().map(|x: &Expected| (x.hash, x.size));
         let writer = Writer {
             ino,
             body: body::Body::new(),
@@ -1085,6 +1085,15 @@ impl ArtifactFs {
         lock(&self.writing).insert(ino, fh);
         let entry = idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?;
         drop(idx);
+        if let Some((hash, size)) = expected
+            && let Ok(Handle::Write(w)) = self.handle(fh)
+        {
+            // Without it, the hash decides at close() (see `Expected::refuses`).
+            let blob = self.store.open_content(&hash, size).ok().map(Arc::new);
+            if let Some(x) = lock(&w).expect.as_mut() {
+                x.blob = blob;
+            }
+        }
         Ok((self.attr_of(&entry), fh))
     }
 

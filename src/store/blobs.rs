@@ -134,7 +134,6 @@ impl BlobStore {
         {
             remote.stream_abort(up);
         }
-        *stream = Streaming::Off;
     }
 
     /// Whether the content is in the local cache (with a bucket) or the blob directory.
@@ -262,7 +261,12 @@ impl BlobStore {
             if !stored {
                 return Ok(false);
             }
-            self.keep(hash, len, |dest| fs::rename(tmp, dest))?;
+            // The object is stored: a cache that cannot take the file (a full disk) fails
+            // nothing; the caller keeps its temp file, as when the content was there already.
+            if let Err(e) = self.keep(hash, len, |dest| fs::rename(tmp, dest)) {
+                log::warn!("content {hash} is stored but not kept in the cache: {e}");
+                return Ok(false);
+            }
             return Ok(true);
         }
         let dest = self.path(hash);
@@ -473,8 +477,7 @@ impl BlobStore {
     /// committed their rows yet.
     pub fn blobs_in(&self, head: &str) -> io::Result<Vec<(Hash, u64)>> {
         if let Some(remote) = &self.remote {
-            let young =
-                super::now_ns() - super::s3::upload_grace().as_nanos().min(i64::MAX as u128) as i64;
+            let young = super::s3::grace_cutoff_ns();
             return Ok(remote
                 .list(head)?
                 .into_iter()
@@ -538,12 +541,11 @@ impl BlobStore {
                 Some(true) => {
                     // Left by a daemon that did not stop cleanly: whole only if it hashes right.
                     let good = File::open(&path).and_then(hash_reader).ok() == Some(*hash);
-                    cache.forget(hash);
                     if good {
-                        let len = fs::metadata(&path)?.len();
-                        cache.insert(hash, len);
+                        cache.insert(hash, fs::metadata(&path)?.len()); // (now verified)
                         return File::open(&path);
                     }
+                    cache.forget(hash);
                     log::warn!("cached content {hash} is damaged: fetched again");
                     let _ = fs::remove_file(&path);
                 }
@@ -572,16 +574,15 @@ impl BlobStore {
             }
         })();
         match fetched {
-            Ok(size) if self.cache.is_some() => {
-                let kept = self.keep(hash, size, |dest| fs::rename(&tmp, dest));
-                if kept.is_err() {
-                    let _ = fs::remove_file(&tmp);
+            Ok(size) => {
+                // Without a cache, or with one that cannot take it (a full disk), the verified
+                // bytes are served from the unlinked temp file.
+                if self.cache.is_some()
+                    && let Err(e) = self.keep(hash, size, |dest| fs::rename(&tmp, dest))
+                {
+                    log::warn!("content {hash} is not kept in the cache: {e}");
                 }
-                kept?;
-                Ok(file)
-            }
-            Ok(_) => {
-                fs::remove_file(&tmp)?;
+                let _ = fs::remove_file(&tmp);
                 Ok(file)
             }
             Err(e) => {

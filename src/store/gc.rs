@@ -66,8 +66,7 @@ impl Store {
             && !opts.dry_run
         {
             // Temporary objects of uploads while writing that a killed daemon never copied.
-            let grace = super::s3::upload_grace().as_nanos().min(i64::MAX as u128) as i64;
-            let n = remote.clean_staging(now_ns().saturating_sub(grace))?;
+            let n = remote.clean_staging(super::s3::grace_cutoff_ns())?;
             if n > 0 {
                 log::info!("gc: removed {n} abandoned temporary object(s) of uploads");
             }

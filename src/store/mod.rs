@@ -124,12 +124,18 @@ impl Content {
 /// Opens content `hash` of `size` bytes through a locked index: inline if the index holds it,
 /// else its blob (small content stored before the index held any stays a blob).
 pub fn open_content(idx: &Index, blobs: &BlobStore, hash: &Hash, size: u64) -> io::Result<Content> {
-    if size <= INLINE_MAX
-        && let Some(bytes) = idx.inline_get(hash)?
-    {
-        return Ok(Content::Inline(bytes));
+    match inline_content(idx, hash, size)? {
+        Some(content) => Ok(content),
+        None => Ok(Content::Blob(blobs.open_shared(hash)?)),
     }
-    Ok(Content::Blob(blobs.open_shared(hash)?))
+}
+
+/// The content `hash` of `size` bytes if the index holds it.
+fn inline_content(idx: &Index, hash: &Hash, size: u64) -> io::Result<Option<Content>> {
+    if size > INLINE_MAX {
+        return Ok(None);
+    }
+    Ok(idx.inline_get(hash)?.map(Content::Inline))
 }
 
 /// The size of stored content `hash` and whether the index holds it (`false`: a blob); `None`
@@ -1068,12 +1074,12 @@ impl Store {
     /// Opens content `hash` of `size` bytes (see [`open_content`]).
     /// The index is not held while a blob is opened (fetching one from a bucket takes time).
     pub fn open_content(&self, hash: &Hash, size: u64) -> io::Result<Content> {
-        if size <= INLINE_MAX
-            && let Some(bytes) = self.index().inline_get(hash)?
-        {
-            return Ok(Content::Inline(bytes));
+        // (A statement of its own: the guard is dropped before the blob is opened.)
+        let inline = inline_content(&self.index(), hash, size)?;
+        match inline {
+            Some(content) => Ok(content),
+            None => Ok(Content::Blob(self.blobs.open_shared(hash)?)),
         }
-        Ok(Content::Blob(self.blobs.open_shared(hash)?))
     }
 
     /// Records small content (up to [`INLINE_MAX`]) and file `ino`'s row in one index

@@ -60,12 +60,14 @@ fn patience() -> Duration {
         .map_or(PATIENCE, Duration::from_millis)
 }
 
-/// The upload grace, shortened by tests (`ARTIFACTFS_TEST_UPLOAD_GRACE_MS`).
-pub fn upload_grace() -> Duration {
-    std::env::var("ARTIFACTFS_TEST_UPLOAD_GRACE_MS")
+/// Objects last modified before this time (ns) are past the upload grace ([`UPLOAD_GRACE`],
+/// shortened by tests: `ARTIFACTFS_TEST_UPLOAD_GRACE_MS`).
+pub fn grace_cutoff_ns() -> i64 {
+    let grace = std::env::var("ARTIFACTFS_TEST_UPLOAD_GRACE_MS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .map_or(UPLOAD_GRACE, Duration::from_millis)
+        .map_or(UPLOAD_GRACE, Duration::from_millis);
+    super::now_ns().saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64)
 }
 
 /// Whether `--blobs` names a bucket rather than a directory.
@@ -514,14 +516,7 @@ impl Remote {
     /// daemon killed between completing and copying one). Returns how many.
     pub fn clean_staging(&self, older_than_ns: i64) -> io::Result<usize> {
         let dir = Key::from(format!("{}staging", self.prefix));
-        let listed: Vec<object_store::Result<object_store::ObjectMeta>> = self.rt.block_on(async {
-            tokio::time::timeout(
-                self.patience,
-                self.store.list(Some(&dir)).collect::<Vec<_>>(),
-            )
-            .await
-            .unwrap_or_default()
-        });
+        let listed = self.list_all(&dir);
         let mut n = 0;
         for m in listed.into_iter().flatten() {
             if m.last_modified.timestamp_nanos_opt().unwrap_or(0) < older_than_ns {
@@ -689,20 +684,7 @@ impl Remote {
     /// The objects whose hashes begin with `head` (two hex digits): hash, size, age.
     pub fn list(&self, head: &str) -> io::Result<Vec<(Hash, ObjectInfo)>> {
         let dir = Key::from(format!("{}sha256/{head}", self.prefix));
-        let listed: Vec<object_store::Result<object_store::ObjectMeta>> = self.rt.block_on(async {
-            match tokio::time::timeout(
-                self.patience,
-                self.store.list(Some(&dir)).collect::<Vec<_>>(),
-            )
-            .await
-            {
-                Ok(v) => v,
-                Err(_) => vec![Err(object_store::Error::Generic {
-                    store: "bucket",
-                    source: "LIST: no answer in time".into(),
-                })],
-            }
-        });
+        let listed = self.list_all(&dir);
         let mut out = Vec::new();
         for m in listed {
             let m = m.map_err(|e| self.error("LIST", None, e))?;
@@ -718,6 +700,23 @@ impl Remote {
             }
         }
         Ok(out)
+    }
+
+    /// Every object below `dir` (all pages), or an error once the patience is over.
+    fn list_all(&self, dir: &Key) -> Vec<object_store::Result<object_store::ObjectMeta>> {
+        self.rt.block_on(async {
+            tokio::time::timeout(
+                self.patience,
+                self.store.list(Some(dir)).collect::<Vec<_>>(),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                vec![Err(object_store::Error::Generic {
+                    store: "bucket",
+                    source: "LIST: no answer in time".into(),
+                })]
+            })
+        })
     }
 
     /// Deletes the object of `hash` (garbage collection only, with the index write lock held).
@@ -851,8 +850,8 @@ struct CacheState {
     tick: u64,
     /// hash → (size, last use, verified since the daemon started).
     entries: HashMap<Hash, (u64, u64, bool)>,
-    /// Content handed out open: not evicted while any of these is alive.
-    open: HashMap<Hash, Weak<File>>,
+    /// Content handed out open (one per open handle): not evicted while any of these lives.
+    open: HashMap<Hash, Vec<Weak<File>>>,
 }
 
 impl BlobCache {
@@ -932,10 +931,12 @@ impl BlobCache {
     }
 
     /// Remembers that `file` (the content of `hash`) is open: it stays while `file` lives.
+    /// (Only this content's list is tidied: an open is a request of its own.)
     pub fn opened(&self, hash: &Hash, file: &Arc<File>) {
         let mut s = self.lock();
-        s.open.retain(|_, w| w.strong_count() > 0);
-        s.open.insert(*hash, Arc::downgrade(file));
+        let handles = s.open.entry(*hash).or_default();
+        handles.retain(|w| w.strong_count() > 0);
+        handles.push(Arc::downgrade(file));
     }
 
     /// Drops least recently used content until the cache is within its bound again, skipping
@@ -946,7 +947,10 @@ impl BlobCache {
             if s.used <= self.limit {
                 return Vec::new();
             }
-            s.open.retain(|_, w| w.strong_count() > 0);
+            s.open.retain(|_, handles| {
+                handles.retain(|w| w.strong_count() > 0);
+                !handles.is_empty()
+            });
             let mut order: Vec<(u64, Hash, u64)> = s
                 .entries
                 .iter()
