@@ -83,7 +83,6 @@ pub fn s3_endpoint(test: &str) -> Option<String> {
 /// Creates a new, empty bucket on the S3 server at `endpoint` (moto takes an unsigned PUT);
 /// returns its name.
 pub fn new_bucket(endpoint: &str) -> String {
-    use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
     // (The time too: one S3 server may outlive many test processes, and pids come round again.)
@@ -96,20 +95,28 @@ pub fn new_bucket(endpoint: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     );
-    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
-    let mut conn = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        conn,
-        "PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer).unwrap();
+    let answer = s3_http(endpoint, "PUT", &format!("/{name}"));
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "creating bucket {name}: {answer}"
     );
     name
+}
+
+/// One unsigned request to the S3 server at `endpoint` (moto takes them), without a body; the
+/// whole answer, status line and headers included.
+pub fn s3_http(endpoint: &str, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// Where a new shared store keeps its blobs: `dir/blobs`, or with [`s3_blobs`] a new bucket
@@ -149,6 +156,21 @@ fn shared_store_args(dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
         ],
         env,
     )
+}
+
+/// The test PostgreSQL server's URL; `None` (after saying why) without one, outside CI.
+pub fn pg_server(test: &str) -> Option<String> {
+    match std::env::var("ARTIFACTFS_TEST_PG") {
+        Ok(server) => Some(server),
+        Err(_) => {
+            let why = format!("{test}: skipped: no test PostgreSQL server (ARTIFACTFS_TEST_PG)");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{why} — but CI=true; scripts/test.sh starts one");
+            }
+            eprintln!("{why}");
+            None
+        }
+    }
 }
 
 /// Creates an empty database on the test server; returns its name.
@@ -211,14 +233,7 @@ impl Mount {
         if !fuse_available(test) {
             return None;
         }
-        let Ok(server) = std::env::var("ARTIFACTFS_TEST_PG") else {
-            let why = format!("{test}: skipped: no test PostgreSQL server (ARTIFACTFS_TEST_PG)");
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{why} — but CI=true; scripts/test.sh starts one");
-            }
-            eprintln!("{why}");
-            return None;
-        };
+        let server = pg_server(test)?;
         let shared = tempfile::Builder::new()
             .prefix("afs-shared-")
             .tempdir()
@@ -257,18 +272,7 @@ impl Mount {
         blobs: &str,
         env: &[(&str, &str)],
     ) -> Result<Mount, String> {
-        assert!(fuse_available(test));
-        let mut m = Self::unmounted();
-        m.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        if blobs.starts_with("s3://") {
-            let endpoint = std::env::var("ARTIFACTFS_TEST_S3").unwrap();
-            m.env.extend(s3_env_for(&endpoint));
-        }
-        m.try_mount(&["--index", index, "--blobs", blobs])?;
-        Ok(m)
+        Self::machines_on_with_args(test, &["--index", index, "--blobs", blobs], env)
     }
 
     /// A daemon of a shared store mounted with `args` (`--index`, `--blobs`, …) and the
