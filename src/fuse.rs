@@ -125,7 +125,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Io(io) => {
             let code = io.raw_os_error().unwrap_or(libc::EIO);
             if code != libc::ENOSPC && code != libc::EDQUOT {
-                log::warn!("I/O error: {io}");
+                log::warn!("{}: I/O error: {io}", OP.get());
             }
             code
         }
@@ -485,12 +485,20 @@ impl FuseAdapter {
     }
 }
 
+thread_local! {
+    /// The request this thread is answering (named in the log line of an I/O error).
+    static OP: std::cell::Cell<&'static str> = const { std::cell::Cell::new("request") };
+}
+
 /// Runs one request's handler, catching a panic: its reply is dropped unsent, which fuser
 /// answers with `EIO`; the panic hook has logged the message and backtrace; the request thread
 /// lives on for the next request (fuser itself would lose the thread, and after enough panics
 /// the mount would hang).
-fn guarded(op: &str, f: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+fn guarded(op: &'static str, f: impl FnOnce()) {
+    let outer = OP.replace(op);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+    OP.set(outer);
+    if panicked {
         log::error!("{op}: the handler panicked (answered EIO); the daemon goes on");
     }
 }
@@ -571,7 +579,9 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
-            match self.fs.lookup_or_absent(parent.0, name.as_bytes()) {
+            match self.fs.retrying("lookup", || {
+                self.fs.lookup_or_absent(parent.0, name.as_bytes())
+            }) {
                 Ok(Lookup::Found(attr)) => self.reply_entry(parent.0, name, reply, Ok(attr)),
                 Ok(Lookup::Absent { cacheable }) => {
                     let shared = self.fs.options().beside_others();
@@ -604,9 +614,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        guarded("getattr", || match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
+        guarded("getattr", || {
+            match self.fs.retrying("getattr", || self.fs.getattr(ino.0)) {
+                Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
         })
     }
 
@@ -741,9 +753,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        guarded("readlink", || match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
+        guarded("readlink", || {
+            match self.fs.retrying("readlink", || self.fs.readlink(ino.0)) {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(&e)),
+            }
         })
     }
 
@@ -885,18 +899,23 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        guarded("readdir", || match self.fs.readdir(ino.0, offset, 256) {
-            Ok(entries) => {
-                for e in entries {
-                    let kind = file_type(e.attr.kind);
-                    let name = OsStr::from_bytes(&e.name);
-                    if reply.add(INodeNo(e.attr.ino), e.cookie, kind, name) {
-                        break;
+        guarded("readdir", || {
+            match self
+                .fs
+                .retrying("readdir", || self.fs.readdir(ino.0, offset, 256))
+            {
+                Ok(entries) => {
+                    for e in entries {
+                        let kind = file_type(e.attr.kind);
+                        let name = OsStr::from_bytes(&e.name);
+                        if reply.add(INodeNo(e.attr.ino), e.cookie, kind, name) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(e) => reply.error(errno(&e)),
             }
-            Err(e) => reply.error(errno(&e)),
         })
     }
 
@@ -924,7 +943,10 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         guarded("readdirplus", || {
-            match self.fs.readdir(ino.0, offset, 128) {
+            match self
+                .fs
+                .retrying("readdirplus", || self.fs.readdir(ino.0, offset, 128))
+            {
                 Ok(entries) => {
                     for e in entries {
                         let name = OsStr::from_bytes(&e.name);
@@ -998,7 +1020,10 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", || {
-            match self.fs.getxattr(ino.0, name.as_bytes()) {
+            match self
+                .fs
+                .retrying("getxattr", || self.fs.getxattr(ino.0, name.as_bytes()))
+            {
                 Ok(v) => xattr_reply(reply, &v, size),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -1006,9 +1031,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        guarded("listxattr", || match self.fs.listxattr(ino.0) {
-            Ok(v) => xattr_reply(reply, &v, size),
-            Err(e) => reply.error(errno(&e)),
+        guarded("listxattr", || {
+            match self.fs.retrying("listxattr", || self.fs.listxattr(ino.0)) {
+                Ok(v) => xattr_reply(reply, &v, size),
+                Err(e) => reply.error(errno(&e)),
+            }
         })
     }
 

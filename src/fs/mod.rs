@@ -51,6 +51,10 @@ const HEAVY_COMMIT: u64 = 64 << 20;
 /// How long `open` of a file being written waits for its release before answering `Busy`.
 const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
+/// How long a further write of a request whose row already went in waits for a busy index
+/// (see `ArtifactFs::after_insert`).
+const AFTER_INSERT_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Mount-wide behaviour chosen on the command line.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -471,14 +475,36 @@ impl ArtifactFs {
     /// nothing, and is simply done again. (One that writes several rows outside a transaction
     /// could in principle meet it between two of them — another process would have to take
     /// the lock in those microseconds and keep it past the busy timeout — and is then answered
-    /// as the index stands, e.g. `EEXIST`, where it used to fail with `EIO`.) Commits retry on
-    /// their own ([`Store::retry_busy`]).
+    /// as the index stands, e.g. `EEXIST`, where it used to fail with `EIO`; the registry's
+    /// write after a new row waits instead, see [`ArtifactFs::after_insert`].) Commits retry on
+    /// their own ([`Store::retry_busy`]). Requests that only read (`lookup`, `getattr`,
+    /// `readdir`, xattrs) are run again the same way: a read should never meet a lock, but
+    /// PostgreSQL's reads can (a table lock of another session), and a retry is always safe.
     pub fn retrying<T>(&self, op: &str, f: impl FnMut() -> FsResult<T>) -> FsResult<T> {
         self.store.retry_while_busy(
             || op.to_string(),
             |e: &FsError| matches!(e, FsError::Io(io) if crate::store::index::is_busy(io)),
             f,
         )
+    }
+
+    /// Runs `f`, a further write of a request whose row already went in (`mkdir`, `create`
+    /// below `models/`: the version marked PENDING). Failing busy there would make the
+    /// kernel's request fail, or its retry ([`ArtifactFs::retrying`]) meet its own row
+    /// (`EEXIST`): instead `f` runs once more waiting inside the index, up to
+    /// [`AFTER_INSERT_PATIENCE`] (the index mutex held meanwhile; another machine's registry
+    /// transaction holding the version's row is over in milliseconds).
+    fn after_insert<T>(&self, idx: &Index, mut f: impl FnMut() -> FsResult<T>) -> FsResult<T> {
+        match f() {
+            Err(FsError::Io(e)) if crate::store::index::is_busy(&e) => {
+                log::debug!("index busy after an insert ({e}); waiting for it");
+                idx.set_busy_timeout(AFTER_INSERT_PATIENCE)?;
+                let result = f();
+                idx.set_busy_timeout(self.store.busy_timeout())?;
+                result
+            }
+            result => result,
+        }
     }
 
     /// Logs one line saying what was refused and why, and returns the refusal.
@@ -846,9 +872,11 @@ impl ArtifactFs {
                 })?;
             }
             if place == Place::Models {
-                idx.model_create(ino, &String::from_utf8_lossy(name), now)?;
+                self.after_insert(&idx, || {
+                    Ok(idx.model_create(ino, &String::from_utf8_lossy(name), now)?)
+                })?;
             } else if let Some(unit) = self.unit_for_new(&idx, &pdir, ino)? {
-                self.model_touch(&idx, unit, true)?;
+                self.after_insert(&idx, || self.model_touch(&idx, unit, true))?;
             }
             idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?
         };
@@ -1052,7 +1080,7 @@ impl ArtifactFs {
         }
         let unit = self.unit_for_new(&idx, &pdir, ino)?;
         if let Some(unit) = unit {
-            self.model_touch(&idx, unit, true)?;
+            self.after_insert(&idx, || self.model_touch(&idx, unit, true))?;
             self.model_write_activity(unit.model, 1);
         }
         let fh = self.new_fh();
@@ -2909,6 +2937,43 @@ mod tests {
         fs.release(fh).unwrap();
         assert!(fs.getattr(attr.ino).unwrap().sealed);
         assert_eq!(read_all(&fs, attr.ino), b"committed after the wait");
+    }
+
+    /// A file or directory made below `models/` is a row, then the version's PENDING mark:
+    /// another process holding the index's lock between the two must not fail the request
+    /// (nor make its retry meet its own row, `EEXIST`): the mark waits for the lock.
+    #[test]
+    fn a_new_entry_below_a_model_waits_for_a_busy_index_after_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_writable(dir.path()).unwrap();
+        store
+            .set_busy_timeout(crate::store::DAEMON_BUSY_TIMEOUT)
+            .unwrap();
+        let fs = ArtifactFs::new(store, FsOptions::default());
+        let m = fs.mkdir(ME, MODELS_INO, b"m", 0o755).unwrap().ino;
+        let v = fs.mkdir(ME, m, b"v1", 0o755).unwrap().ino;
+        // A file is only reserved (SQLite): its first write to the index is the mark.
+        let holder = IndexHolder::new(dir.path());
+        let hold = Duration::from_millis(600);
+        let (made, waited) = std::thread::scope(|s| {
+            let fs = &fs;
+            let create = s.spawn(move || {
+                let started = std::time::Instant::now();
+                let made = fs.retrying("create", || fs.create(ME, v, b"MLmodel", 0o644));
+                (made, started.elapsed())
+            });
+            std::thread::sleep(hold);
+            drop(holder);
+            create.join().unwrap()
+        });
+        let (attr, fh) = made.expect("the create waited for the lock");
+        assert!(waited >= hold - Duration::from_millis(100), "{waited:?}");
+        fs.write(fh, 0, b"x").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert!(fs.getattr(attr.ino).unwrap().sealed);
+        let status = fs.getxattr(v, models::XATTR_STATUS.as_bytes()).unwrap();
+        assert_eq!(status, b"PENDING");
     }
 
     #[test]

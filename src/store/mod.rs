@@ -1066,6 +1066,11 @@ impl Store {
         Ok(())
     }
 
+    /// The index connection's own busy timeout (see [`Store::set_busy_timeout`]).
+    pub fn busy_timeout(&self) -> Duration {
+        self.busy_timeout
+    }
+
     /// How long [`Store::retry_busy`] keeps trying (tests shorten it).
     pub fn set_busy_patience(&mut self, patience: Duration) {
         self.busy_patience = patience;
