@@ -647,7 +647,15 @@ fn serve(args: &MountArgs, report_ready: bool) -> Result<()> {
         store::Durability::Batched
     };
     let mut store = if args.read_only {
-        Store::open_readonly(&store_dir)
+        Store::open_readonly(&store_dir).map(|mut s| {
+            match s.keep_fetched() {
+                Ok(true) => log::info!("read-only: what it fetches from the bucket is kept"),
+                Ok(false) => {}
+                // (A store directory this user cannot write: reads still work.)
+                Err(e) => log::warn!("read-only: keeping nothing it fetches: {e}"),
+            }
+            s
+        })
     } else {
         Store::open_writable_with(&store_dir, durability)
     }

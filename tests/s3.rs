@@ -86,9 +86,14 @@ fn key_of(bytes: &[u8]) -> String {
 
 /// Bytes in the cache directory of a store, and the hashes there.
 fn cache_of(store: &Path) -> (u64, Vec<String>) {
+    cache_in(&store.join("cache"))
+}
+
+/// Bytes in cache directory `cache` (`cache/sha256/…`), and the hashes there.
+fn cache_in(cache: &Path) -> (u64, Vec<String>) {
     let mut bytes = 0;
     let mut names = Vec::new();
-    if let Ok(dirs) = std::fs::read_dir(store.join("cache/sha256")) {
+    if let Ok(dirs) = std::fs::read_dir(cache.join("sha256")) {
         for d in dirs.flatten() {
             for f in std::fs::read_dir(d.path()).unwrap().flatten() {
                 bytes += f.metadata().unwrap().len();
@@ -679,4 +684,79 @@ fn write_and_close_file(f: std::fs::File) {
         "{}",
         std::io::Error::last_os_error()
     );
+}
+
+/// A `--read-only` daemon on a bucket keeps what it fetches (`STORE/cache-ro`), also across a
+/// clean restart: with the bucket stopped, what it read before is read again, and what it never
+/// read fails with EIO after the patience. After a stop that was not clean, a damaged file in
+/// that cache is never served: it is re-hashed at its first open and fetched again.
+#[test]
+fn a_read_only_daemon_keeps_what_it_fetches() {
+    let test = "a_read_only_daemon_keeps_what_it_fetches";
+    if !fuse_available(test) {
+        return;
+    }
+    let Some(s3) = OwnS3::start() else {
+        return;
+    };
+    let Some((index, bucket, _)) = new_store(test, Some(&s3.endpoint)) else {
+        return;
+    };
+    let own = s3_env_for(&s3.endpoint);
+    let mut env: Vec<(&str, &str)> = own.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("ARTIFACTFS_TEST_S3_PATIENCE_MS", "3000"));
+    let a = machine(test, &index, &bucket, &[], &env);
+    let dir = "runs/ro/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let read_before = pseudo_random(50, 2 << 20);
+    let never_read = pseudo_random(51, 2 << 20);
+    write_and_close(&a.path(&format!("{dir}/read")), &read_before).unwrap();
+    write_and_close(&a.path(&format!("{dir}/never")), &never_read).unwrap();
+
+    // Machine b: its store directory made by a writable mount, then mounted read-only.
+    let mut b = machine(test, &index, &bucket, &[], &env);
+    b.unmount();
+    b.mount(&["--read-only"]);
+    let kept = b.store.join("cache-ro");
+    assert_eq!(
+        std::fs::read(b.path(&format!("{dir}/read"))).unwrap(),
+        read_before
+    );
+    let hash = sha256_hex(&read_before);
+    assert_eq!(cache_in(&kept).1, vec![hash.clone()], "{}", b.log());
+    assert!(b.log().contains("what it fetches from the bucket is kept"));
+
+    // A clean restart, the bucket stopped: what was read is read from the cache.
+    b.unmount();
+    // (`unmount` does not wait for a read-only daemon to finish.)
+    assert!(
+        wait_until(Duration::from_secs(10), || kept.join("clean").exists()),
+        "no clean mark: {}",
+        b.log()
+    );
+    b.mount(&["--read-only"]);
+    s3.signal(libc::SIGSTOP);
+    let again = std::fs::read(b.path(&format!("{dir}/read")));
+    let never = std::fs::read(b.path(&format!("{dir}/never")));
+    s3.signal(libc::SIGCONT);
+    assert_eq!(again.unwrap(), read_before, "{}", b.log());
+    assert_eq!(never.unwrap_err().raw_os_error(), Some(libc::EIO));
+
+    // As after a stop that was not clean (no mark), with the kept file damaged: fetched again.
+    b.unmount();
+    assert!(wait_until(Duration::from_secs(10), || kept
+        .join("clean")
+        .exists()));
+    std::fs::remove_file(kept.join("clean")).unwrap();
+    let file = kept.join("sha256").join(&hash[..2]).join(&hash[2..]);
+    let mut damaged = std::fs::read(&file).unwrap();
+    damaged[1000] ^= 0xff;
+    std::fs::write(&file, &damaged).unwrap();
+    b.mount(&["--read-only"]);
+    assert_eq!(
+        std::fs::read(b.path(&format!("{dir}/read"))).unwrap(),
+        read_before
+    );
+    assert!(b.log().contains("is damaged: fetched again"), "{}", b.log());
+    assert_eq!(std::fs::read(&file).unwrap(), read_before);
 }

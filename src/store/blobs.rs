@@ -92,6 +92,23 @@ impl BlobStore {
         Ok(store)
     }
 
+    /// These blobs' bucket, with `cache_dir` as its local cache (see [`BlobStore::open_remote`]):
+    /// a `--read-only` daemon's (`Store::keep_fetched`).
+    pub fn with_cache(
+        &self,
+        cache_dir: &Path,
+        tmp: &Path,
+        cache: BlobCache,
+    ) -> io::Result<Option<Self>> {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let mut store = Self::open_at(cache_dir, tmp, false)?;
+        store.remote = Some(remote.clone());
+        store.cache = Some(cache);
+        Ok(Some(store))
+    }
+
     /// The blobs of bucket `remote` for a command: nothing fetched is kept, temp files go to
     /// the system's temp directory, nothing is created.
     pub fn remote_client(remote: Remote) -> Self {

@@ -254,6 +254,8 @@ pub struct Store {
     busy_patience: Duration,
     /// A shared store's listener for the changes of other machines (see [`Store::watch`]).
     listener: Mutex<Option<index::Listener>>,
+    /// A `--read-only` daemon's hold of `STORE/cache-ro` (see [`Store::keep_fetched`]).
+    read_only_cache: Option<File>,
 }
 
 /// What `STORE/synced` records. Each value is a claim that stays true once made: the blobs of
@@ -387,6 +389,13 @@ pub struct Locations {
 }
 
 /// The bound of a daemon's cache of a bucket (`--cache-size`), set once by the command line.
+/// A `--read-only` daemon's cache of a bucket's content, in the store directory (see
+/// [`Store::keep_fetched`]), and the file in it that says its last holder stopped cleanly.
+const READ_ONLY_CACHE: &str = "cache-ro";
+const READ_ONLY_CACHE_CLEAN: &str = "clean";
+/// How long a read-only daemon waits for another to let go of that cache.
+const READ_ONLY_CACHE_PATIENCE: Duration = Duration::from_secs(3);
+
 static CACHE_SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// Sets the bound of the bucket cache of the store this process mounts (`--cache-size`).
@@ -665,6 +674,7 @@ impl Store {
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
             listener: Default::default(),
+            read_only_cache: None,
         };
         store.recover()?;
         store.sync()?;
@@ -731,6 +741,7 @@ impl Store {
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
             listener: Default::default(),
+            read_only_cache: None,
         })
     }
 
@@ -842,6 +853,17 @@ impl Store {
                 .unwrap_or_else(|p| p.into_inner())
                 .take(),
         );
+        if let Some(lock) = &self.read_only_cache
+            && !self.stopped.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // What it fetched is on disk: the next read-only daemon trusts it.
+            if unsafe { libc::syncfs(lock.as_raw_fd()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let dir = self.root.join(READ_ONLY_CACHE);
+            File::create(dir.join(READ_ONLY_CACHE_CLEAN))?.sync_all()?;
+            File::open(&dir)?.sync_all()?;
+        }
         if self._lock.is_none() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
@@ -902,7 +924,60 @@ impl Store {
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
             listener: Default::default(),
+            read_only_cache: None,
         })
+    }
+
+    /// On a store whose blobs are in a bucket, a `--read-only` daemon keeps what it fetches in
+    /// `STORE/cache-ro`, bounded like a writable daemon's cache (`--cache-size`), when no other
+    /// read-only daemon of this store holds that directory (a lock file in it); otherwise it
+    /// keeps nothing, and every open of content not kept fetches it again (into a temp file
+    /// there, unlinked). A writable daemon's cache is its own (`STORE/cache`): it evicts by what
+    /// it opens itself. What the directory holds after a stop that was not clean is re-hashed
+    /// the first time it is opened, as in a writable daemon's cache. Returns whether it keeps.
+    pub fn keep_fetched(&mut self) -> io::Result<bool> {
+        if self.blobs.remote().is_none() || self._lock.is_some() {
+            return Ok(false);
+        }
+        let dir = self.root.join(READ_ONLY_CACHE);
+        create_store_dir(&dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join("lock"))?;
+        // (The read-only daemon of this store stopped a moment ago may still be finishing:
+        // `unmount` does not wait for read-only daemons.)
+        let since = Instant::now();
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
+            && since.elapsed() < READ_ONLY_CACHE_PATIENCE
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            log::info!(
+                "{} is another read-only daemon's: this one keeps nothing it fetches",
+                dir.display()
+            );
+            return Ok(false);
+        }
+        // Trusted only after a clean stop; the mark goes until the next one.
+        let clean = dir.join(READ_ONLY_CACHE_CLEAN);
+        let trusted = clean.exists();
+        if trusted {
+            fs::remove_file(&clean)?;
+            File::open(&dir)?.sync_all()?;
+        }
+        let limit = *CACHE_SIZE.get().unwrap_or(&s3::DEFAULT_CACHE_SIZE);
+        let cache = s3::BlobCache::load(&dir, limit, trusted)?;
+        let Some(blobs) = self.blobs.with_cache(&dir, &dir.join("tmp"), cache)? else {
+            return Ok(false);
+        };
+        blobs.clean_tmp()?;
+        self.blobs = blobs;
+        self.read_only_cache = Some(lock);
+        Ok(true)
     }
 
     /// Opens an existing store to change its index and blobs beside a running daemon, without
@@ -929,6 +1004,7 @@ impl Store {
             busy_timeout: index::BUSY_TIMEOUT,
             busy_patience: BUSY_PATIENCE,
             listener: Default::default(),
+            read_only_cache: None,
         })
     }
 
