@@ -931,8 +931,8 @@ impl Store {
     /// On a store whose blobs are in a bucket, a `--read-only` daemon keeps what it fetches in
     /// `STORE/cache-ro`, bounded like a writable daemon's cache (`--cache-size`), when no other
     /// read-only daemon of this store holds that directory (a lock file in it); otherwise it
-    /// keeps nothing, and every open of content not kept fetches it again (into a temp file
-    /// there, unlinked). A writable daemon's cache is its own (`STORE/cache`): it evicts by what
+    /// keeps nothing, and every open of content not kept fetches it again (into an unlinked
+    /// temp file in the system's temp directory, as commands do). A writable daemon's cache is its own (`STORE/cache`): it evicts by what
     /// it opens itself. What the directory holds after a stop that was not clean is re-hashed
     /// the first time it is opened, as in a writable daemon's cache. Returns whether it keeps.
     pub fn keep_fetched(&mut self) -> io::Result<bool> {
