@@ -235,6 +235,43 @@ fn the_cache_stays_within_its_size_and_keeps_open_content() {
 
 /// An S3 server of the test's own (moto, from the venv `scripts/test.sh` made), stopped with the
 /// test.
+/// A shared store whose bucket is on an S3 server of the test's own (which it may stop), and
+/// the environment its daemons need: that server's, and a patience of `patience_ms`.
+struct OwnStore {
+    s3: OwnS3,
+    index: String,
+    bucket: String,
+    env: Vec<(String, String)>,
+}
+
+impl OwnStore {
+    fn new(test: &str, patience_ms: u64) -> Option<OwnStore> {
+        if !fuse_available(test) {
+            return None;
+        }
+        let s3 = OwnS3::start()?;
+        let (index, bucket, _) = new_store(test, Some(&s3.endpoint))?;
+        let mut env = s3_env_for(&s3.endpoint);
+        env.push((
+            "ARTIFACTFS_TEST_S3_PATIENCE_MS".into(),
+            patience_ms.to_string(),
+        ));
+        Some(OwnStore {
+            s3,
+            index,
+            bucket,
+            env,
+        })
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
 struct OwnS3 {
     child: Child,
     endpoint: String,
@@ -306,19 +343,12 @@ fn write_and_close(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[test]
 fn a_bucket_outage_is_waited_out_then_fails_with_eio_and_service_comes_back() {
     let test = "a_bucket_outage_is_waited_out";
-    if !fuse_available(test) {
-        return;
-    }
-    let Some(s3) = OwnS3::start() else {
+    let Some(own) = OwnStore::new(test, 5000) else {
         return;
     };
-    let Some((index, bucket, _)) = new_store(test, Some(&s3.endpoint)) else {
-        return;
-    };
-    let own = s3_env_for(&s3.endpoint);
-    let mut env: Vec<(&str, &str)> = own.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    env.push(("ARTIFACTFS_TEST_S3_PATIENCE_MS", "5000"));
-    let m = machine(test, &index, &bucket, &[], &env);
+    let (s3, index, bucket) = (&own.s3, own.index.as_str(), own.bucket.as_str());
+    let env = own.env();
+    let m = machine(test, index, bucket, &[], &env);
     let dir = m.path("runs/o/artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     let before = pseudo_random(1, 300_000);
@@ -385,7 +415,7 @@ fn a_bucket_outage_is_waited_out_then_fails_with_eio_and_service_comes_back() {
     for (i, bytes) in files.iter().enumerate() {
         write_and_close(&dir.join(format!("cold{i}")), bytes).unwrap();
     }
-    let cold = machine(test, &index, &bucket, &["--threads", "4"], &env);
+    let cold = machine(test, index, bucket, &["--threads", "4"], &env);
     let cold_dir = cold.path("runs/o/artifacts");
     assert!(wait_until(Duration::from_secs(3), || cold_dir
         .join("cold5")
@@ -693,19 +723,12 @@ fn write_and_close_file(f: std::fs::File) {
 #[test]
 fn a_read_only_daemon_keeps_what_it_fetches() {
     let test = "a_read_only_daemon_keeps_what_it_fetches";
-    if !fuse_available(test) {
-        return;
-    }
-    let Some(s3) = OwnS3::start() else {
+    let Some(own) = OwnStore::new(test, 3000) else {
         return;
     };
-    let Some((index, bucket, _)) = new_store(test, Some(&s3.endpoint)) else {
-        return;
-    };
-    let own = s3_env_for(&s3.endpoint);
-    let mut env: Vec<(&str, &str)> = own.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    env.push(("ARTIFACTFS_TEST_S3_PATIENCE_MS", "3000"));
-    let a = machine(test, &index, &bucket, &[], &env);
+    let (s3, index, bucket) = (&own.s3, own.index.as_str(), own.bucket.as_str());
+    let env = own.env();
+    let a = machine(test, index, bucket, &[], &env);
     let dir = "runs/ro/artifacts";
     std::fs::create_dir_all(a.path(dir)).unwrap();
     let read_before = pseudo_random(50, 2 << 20);
@@ -714,7 +737,7 @@ fn a_read_only_daemon_keeps_what_it_fetches() {
     write_and_close(&a.path(&format!("{dir}/never")), &never_read).unwrap();
 
     // Machine b: its store directory made by a writable mount, then mounted read-only.
-    let mut b = machine(test, &index, &bucket, &[], &env);
+    let mut b = machine(test, index, bucket, &[], &env);
     b.unmount();
     b.mount(&["--read-only"]);
     let kept = b.store.join("cache-ro");
