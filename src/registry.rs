@@ -35,6 +35,47 @@ pub struct Unit {
     pub dir: u64,
 }
 
+/// The contents a validation of `model`'s pending versions may have to fetch from a bucket:
+/// the files at the top of each pending version directory that are small enough to be an
+/// `MLmodel` or an environment file but too large to live in the index, and not in `blobs`'
+/// local cache. (None without a bucket.) The daemon fetches them with the index let go, so
+/// that a slow or unreachable bucket holds up the validation alone, never the mount's other
+/// requests, which all need the index.
+pub fn contents_to_fetch(idx: &Index, blobs: &BlobStore, model: u64) -> io::Result<Vec<Hash>> {
+    if blobs.remote().is_none() {
+        return Ok(Vec::new());
+    }
+    let units: Vec<u64> = if is_direct(idx, model)? {
+        vec![model]
+    } else {
+        idx.children(model, 0, usize::MAX >> 1)?
+            .iter()
+            .filter(|c| c.kind == Kind::Dir)
+            .map(|c| c.ino)
+            .collect()
+    };
+    let mut out = Vec::new();
+    for dir in units {
+        if idx
+            .version_of_dir(dir)?
+            .is_some_and(|v| v.status != VersionStatus::Pending)
+        {
+            continue;
+        }
+        for c in idx.children(dir, 0, usize::MAX >> 1)? {
+            if c.kind == Kind::File
+                && c.size > crate::store::INLINE_MAX
+                && c.size <= mlmodel::MAX_MLMODEL_BYTES as u64
+                && let Some(h) = c.hash
+                && !blobs.cached(&h)
+            {
+                out.push(h);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Finds the registered model and candidate version directory of `ino` (an entry below
 /// `models/<name>/`, or `models/<name>` itself). `None` outside `models/`.
 pub fn unit_of(idx: &Index, ino: u64) -> io::Result<Option<Unit>> {

@@ -783,3 +783,75 @@ fn a_read_only_daemon_keeps_what_it_fetches() {
     assert!(b.log().contains("is damaged: fetched again"), "{}", b.log());
     assert_eq!(std::fs::read(&file).unwrap(), read_before);
 }
+
+/// A model version whose `MLmodel` is too large to live in the index is validated by a machine
+/// that must fetch it. With the bucket stopped then, that machine's mount still answers at once
+/// (the fetch waits with the index let go: it used to hold every request of the mount for the
+/// fetch's patience), and the version is READY once the bucket is back.
+#[test]
+fn validating_a_model_fetches_with_the_index_let_go() {
+    let test = "validating_a_model_fetches_with_the_index_let_go";
+    let Some(own) = OwnStore::new(test, 20_000) else {
+        return;
+    };
+    let (s3, index, bucket) = (&own.s3, own.index.as_str(), own.bucket.as_str());
+    let env = own.env();
+    // Machine a writes the model and leaves its validation to b (a settles only after 60 s).
+    let a = machine(test, index, bucket, &["--settle", "60"], &env);
+    let b = machine(test, index, bucket, &["--settle", "0.3"], &env);
+    let src = tempfile::tempdir().unwrap();
+    let model = src.path().join("v1");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlflow/sklearn_iris");
+    sh_ok(src.path(), &format!("cp -r '{}' v1", fixture.display()));
+    let mut mlmodel = std::fs::read(model.join("MLmodel")).unwrap();
+    mlmodel.extend_from_slice(format!("# {}\n", "x".repeat(100_000)).as_bytes());
+    std::fs::write(model.join("MLmodel"), &mlmodel).unwrap();
+    std::fs::create_dir(a.path("models/big")).unwrap();
+    sh_ok(
+        &a.mnt,
+        &format!("cp -r '{}' models/big/v1", model.display()),
+    );
+
+    // The bucket stops; then b adds a note (small: in the index, no upload), which makes it
+    // validate the version 0.3 s later, fetching the MLmodel.
+    s3.signal(libc::SIGSTOP);
+    std::fs::write(b.path("models/big/v1/notes.txt"), b"trained on b\n").unwrap();
+    let fetching = wait_until(Duration::from_secs(10), || {
+        b.log().contains("registry: fetching")
+    });
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        // A name never looked up: a LOOKUP the daemon must answer from the index.
+        let t = Instant::now();
+        let _ = std::fs::metadata(b.path(&format!("runs/nothing{i}")));
+        slowest = slowest.max(t.elapsed());
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fetched_before = !cache_of(&b.store).1.is_empty();
+    s3.signal(libc::SIGCONT);
+    assert!(
+        fetching && !fetched_before,
+        "b did not fetch; log: {}",
+        b.log()
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "b's lookups took up to {slowest:?} while it validated; log: {}",
+        b.log()
+    );
+    let v1 = b.path("models/big/v1");
+    assert!(
+        wait_until(Duration::from_secs(30), || getxattr(
+            &v1,
+            "user.artifactfs.status"
+        )
+        .is_ok_and(|s| s == b"READY")),
+        "not READY: {:?}; log: {}",
+        getxattr(&v1, "user.artifactfs.status").map(|s| String::from_utf8_lossy(&s).into_owned()),
+        b.log()
+    );
+    assert!(cache_of(&b.store).1.contains(&sha256_hex(&mlmodel)));
+}

@@ -254,6 +254,22 @@ impl ArtifactFs {
         Ok(())
     }
 
+    /// Fetches into the cache what validating `model` will read from a bucket, with the
+    /// index let go (see `registry::contents_to_fetch`).
+    fn fetch_for_validation(&self, model: u64) -> std::io::Result<()> {
+        let wanted = registry::contents_to_fetch(&self.store.index(), &self.store.blobs, model)?;
+        if !wanted.is_empty() {
+            log::info!(
+                "registry: fetching {} content(s) of model inode {model} to validate it",
+                wanted.len()
+            );
+        }
+        for h in &wanted {
+            self.store.blobs.open_blob(h)?;
+        }
+        Ok(())
+    }
+
     /// A file below a model was opened for writing (`+1`) or released (`-1`), or written.
     pub(super) fn model_write_activity(&self, model: u64, open_delta: isize) {
         self.models.bump(model, open_delta);
@@ -341,6 +357,13 @@ impl ArtifactFs {
         };
         let mut lines = Vec::new();
         for model in due {
+            // What the validation will read from a bucket is fetched first, with the index let
+            // go (see `registry::contents_to_fetch`).
+            if let Err(e) = self.fetch_for_validation(model) {
+                log::warn!("registry: model inode {model} is validated later: {e}");
+                self.models.bump(model, 0);
+                continue;
+            }
             let mut idx = self.store.index();
             let settle = self.opts.settle;
             let mut quiet = |dir: u64, stamp: i64| {
