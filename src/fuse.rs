@@ -297,7 +297,15 @@ impl Opener {
     /// Answers an `open`; `fetch`: the content comes from a bucket, and this thread (of the
     /// fetch pool) gets it now, so that no read waits for it in a request thread.
     fn open(&self, ino: u64, flags: i32, fetch: bool, reply: ReplyOpen) {
-        guarded("open", || match self.fs.open(ino, flags) {
+        // An open for reading only reads the index until it makes its handle: run again while
+        // the index is busy, as lookups are (one that may write is not).
+        let reads_only = flags & libc::O_ACCMODE == libc::O_RDONLY
+            && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
+        let open = || match reads_only {
+            true => self.fs.retrying("open", || self.fs.open(ino, flags)),
+            false => self.fs.open(ino, flags),
+        };
+        guarded("open", || match open() {
             Ok((fh, Opened::Sealed { size })) => {
                 if fetch && let Err(e) = self.fs.open_content_now(fh) {
                     let _ = self.fs.release(fh);

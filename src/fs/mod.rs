@@ -478,7 +478,7 @@ impl ArtifactFs {
     /// as the index stands, e.g. `EEXIST`, where it used to fail with `EIO`; the registry's
     /// write after a new row waits instead, see [`ArtifactFs::after_insert`].) Commits retry on
     /// their own ([`Store::retry_busy`]). Requests that only read (`lookup`, `getattr`,
-    /// `readdir`, xattrs) are run again the same way: a read should never meet a lock, but
+    /// `readdir`, xattrs, an `open` for reading) are run again the same way: a read should never meet a lock, but
     /// PostgreSQL's reads can (a table lock of another session), and a retry is always safe.
     pub fn retrying<T>(&self, op: &str, f: impl FnMut() -> FsResult<T>) -> FsResult<T> {
         self.store.retry_while_busy(
