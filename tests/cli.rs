@@ -23,20 +23,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The daemon pid that a successful `artifactfs mount` reports: "mounted ... (pid N, log ...)".
-/// (A failed one may name another daemon's pid, which is not ours to wait for.)
-fn reported_pid(o: &Output) -> Option<i32> {
-    if !o.status.success() {
-        return None;
-    }
-    let err = stderr(o);
-    let err = &err[err.find("mounted ")?..];
-    let rest = &err[err.find("(pid ")? + 5..];
-    rest[..rest.find(|c: char| !c.is_ascii_digit())?]
-        .parse()
-        .ok()
-}
-
 /// A mount this file made itself (beyond the harness's `Mount`): unmounted on drop, lazily if
 /// need be, and its daemon waited for.
 struct ExtraMount {

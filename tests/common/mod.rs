@@ -197,6 +197,9 @@ pub struct Mount {
     mounted: bool,
     /// Environment variables of the daemon, besides the test's own.
     env: Vec<(String, String)>,
+    /// The daemon's pid, as its mount reported it: waited for after the unmount (`unmount`
+    /// does not wait for a read-only daemon's clean stop, which writes into the store).
+    pid: Option<i32>,
 }
 
 impl Mount {
@@ -314,6 +317,7 @@ impl Mount {
             mnt,
             mounted: false,
             env: Vec::new(),
+            pid: None,
         }
     }
 
@@ -357,6 +361,7 @@ impl Mount {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         self.mounted = true;
+        self.pid = reported_pid(&out);
         Ok(())
     }
 
@@ -375,6 +380,14 @@ impl Mount {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
         self.mounted = false;
+        if let Some(pid) = self.pid.take()
+            && !wait_until(Duration::from_secs(10), || process_gone(pid))
+        {
+            eprintln!(
+                "daemon {pid} of {} still running after unmount",
+                self.mnt.display()
+            );
+        }
     }
 
     /// Forgets the mount without unmounting (after the daemon was killed; `umount` still runs on drop).
@@ -538,6 +551,20 @@ pub fn sha_xattr(path: &Path) -> String {
 }
 
 /// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+/// The daemon pid that a successful `artifactfs mount` reports: "mounted ... (pid N, log ...)".
+/// (A failed one may name another daemon's pid, which is not ours to wait for.)
+pub fn reported_pid(o: &Output) -> Option<i32> {
+    if !o.status.success() {
+        return None;
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    let err = &err[err.find("mounted ")?..];
+    let rest = &err[err.find("(pid ")? + 5..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit())?]
+        .parse()
+        .ok()
+}
+
 pub fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
