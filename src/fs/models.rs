@@ -257,6 +257,9 @@ impl ArtifactFs {
     /// Fetches into the cache what validating `model` will read from a bucket, with the
     /// index let go (see `registry::contents_to_fetch`).
     fn fetch_for_validation(&self, model: u64) -> std::io::Result<()> {
+        if self.store.blobs.remote().is_none() {
+            return Ok(()); // (nothing to fetch: no need to take the index)
+        }
         let wanted = registry::contents_to_fetch(&self.store.index(), &self.store.blobs, model)?;
         if !wanted.is_empty() {
             log::info!(

@@ -950,17 +950,15 @@ impl Store {
         // (The read-only daemon of this store stopped a moment ago may still be finishing:
         // `unmount` does not wait for read-only daemons.)
         let since = Instant::now();
-        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
-            && since.elapsed() < READ_ONLY_CACHE_PATIENCE
-        {
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if since.elapsed() >= READ_ONLY_CACHE_PATIENCE {
+                log::info!(
+                    "{} is another read-only daemon's: this one keeps nothing it fetches",
+                    dir.display()
+                );
+                return Ok(false);
+            }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            log::info!(
-                "{} is another read-only daemon's: this one keeps nothing it fetches",
-                dir.display()
-            );
-            return Ok(false);
         }
         // Trusted only after a clean stop; the mark goes until the next one.
         let clean = dir.join(READ_ONLY_CACHE_CLEAN);

@@ -67,10 +67,16 @@ pub fn s3_env_for(endpoint: &str) -> Vec<(String, String)> {
 
 /// The test S3 server's endpoint; `None` (after saying why) without one, outside CI.
 pub fn s3_endpoint(test: &str) -> Option<String> {
-    match std::env::var("ARTIFACTFS_TEST_S3") {
-        Ok(e) => Some(e),
+    test_server(test, "ARTIFACTFS_TEST_S3", "S3")
+}
+
+/// The test server that `scripts/test.sh` names in variable `var`; `None` (after saying why)
+/// without one, outside CI.
+fn test_server(test: &str, var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(server) => Some(server),
         Err(_) => {
-            let why = format!("{test}: skipped: no test S3 server (ARTIFACTFS_TEST_S3)");
+            let why = format!("{test}: skipped: no test {what} server ({var})");
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("{why} — but CI=true; scripts/test.sh starts one");
             }
@@ -160,17 +166,7 @@ fn shared_store_args(dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
 
 /// The test PostgreSQL server's URL; `None` (after saying why) without one, outside CI.
 pub fn pg_server(test: &str) -> Option<String> {
-    match std::env::var("ARTIFACTFS_TEST_PG") {
-        Ok(server) => Some(server),
-        Err(_) => {
-            let why = format!("{test}: skipped: no test PostgreSQL server (ARTIFACTFS_TEST_PG)");
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{why} — but CI=true; scripts/test.sh starts one");
-            }
-            eprintln!("{why}");
-            None
-        }
-    }
+    test_server(test, "ARTIFACTFS_TEST_PG", "PostgreSQL")
 }
 
 /// Creates an empty database on the test server; returns its name.
