@@ -321,10 +321,15 @@ impl Opener {
     fn opened_sealed(&self, ino: u64, fh: u64, size: u64, reply: ReplyOpen) {
         if size >= SMALL_FILE && self.passthrough.load(Ordering::Relaxed) {
             let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+            // The kernel refuses (ETXTBSY) a passthrough open of an inode that is open through
+            // its page cache, and the other way round: while a handle reads content still
+            // arriving from a bucket (no backing file yet), every open of the inode does so.
             let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
-                Some(id) => Ok(id),
+                Some(id) => Some(Ok(id)),
+                None if b.cached.contains_key(&ino) => None,
                 None => match self.fs.backing_file(fh) {
-                    Ok(file) => reply.open_backing(&*file).map(Arc::new),
+                    Ok(Some(file)) => Some(reply.open_backing(&*file).map(Arc::new)),
+                    Ok(None) => None,
                     Err(e) => {
                         drop(b);
                         let _ = self.fs.release(fh);
@@ -333,15 +338,19 @@ impl Opener {
                 },
             };
             match id {
-                Ok(id) => {
+                Some(Ok(id)) => {
                     b.by_ino.insert(ino, Arc::downgrade(&id));
                     b.by_fh.insert(fh, id.clone());
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
                     return;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     log::warn!("FUSE passthrough failed ({e}); serving reads through the daemon");
                     self.passthrough.store(false, Ordering::Relaxed);
+                }
+                None => {
+                    *b.cached.entry(ino).or_default() += 1;
+                    b.cached_fh.insert(fh, ino);
                 }
             }
         }
@@ -419,6 +428,10 @@ const FETCH_THREADS: usize = 4;
 struct Backing {
     by_fh: HashMap<u64, Arc<BackingId>>,
     by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Handles of files large enough for passthrough opened without it (their content was
+    /// still arriving from a bucket), and their inodes with how many such handles each has.
+    cached_fh: HashMap<u64, u64>,
+    cached: HashMap<u64, usize>,
 }
 
 impl FuseAdapter {
@@ -829,10 +842,19 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guarded("read", || match self.fs.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e)),
-        })
+        let read = move |fs: &ArtifactFs, reply: ReplyData| {
+            guarded("read", || match fs.read(fh.0, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            })
+        };
+        if self.fs.read_would_wait(fh.0, offset, size) {
+            // Bytes still on their way from a bucket: the request threads stay free meanwhile.
+            let fs = self.fs.clone();
+            self.fetches.run(Box::new(move || read(&fs, reply)));
+        } else {
+            read(&self.fs, reply)
+        }
     }
 
     fn write(
@@ -882,6 +904,14 @@ impl Filesystem for FuseAdapter {
                 // or the map would grow with every file ever read.
                 if b.by_ino.get(&ino.0).is_some_and(|w| w.strong_count() == 0) {
                     b.by_ino.remove(&ino.0);
+                }
+                if let Some(ino) = b.cached_fh.remove(&fh.0)
+                    && let Some(n) = b.cached.get_mut(&ino)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        b.cached.remove(&ino);
+                    }
                 }
             }
             self.commit(fh.0, reply, |fs, fh| fs.release(fh))

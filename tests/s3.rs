@@ -540,6 +540,80 @@ fn a_damaged_object_is_never_served_and_fsck_names_its_paths() {
     );
 }
 
+/// A large content a machine does not have is served piece by piece as it arrives, each piece
+/// checked against the states its writer recorded in the index: with the object damaged in its
+/// last piece, the first pieces are read (the whole object never verifies), the damaged one
+/// fails with `EIO` and nothing of it is cached; the object repaired, a new open reads it all.
+/// A second open while the first still reads through the daemon is served the same way (the
+/// kernel refuses a passthrough open beside a cached one).
+#[test]
+fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
+    let test = "served_piece_by_piece";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let dir = "runs/p/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let good = pseudo_random(9, 2 * PIECE + 1_000_000);
+    std::fs::write(a.path(&format!("{dir}/weights.bin")), &good).unwrap();
+    let hash = artifactfs::store::Hash::of(&good);
+    let remote = artifactfs::store::s3::Remote::open_with(
+        &format!("s3://{bucket}/blobs"),
+        &s3_env_for(&endpoint),
+    )
+    .unwrap();
+    let mut damaged = good.clone();
+    damaged[2 * PIECE + 500] ^= 1;
+    remote.put_raw(&hash, &damaged).unwrap();
+
+    let b = machine(test, &index, &bucket, &[], &[]);
+    let path = b.path(&format!("{dir}/weights.bin"));
+    assert!(wait_until(Duration::from_secs(3), || path.exists()));
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0u8; 2 * PIECE];
+    f.read_exact(&mut head).unwrap();
+    assert!(
+        head == good[..2 * PIECE],
+        "the checked pieces are the content's"
+    );
+    let mut rest = Vec::new();
+    let e = f.read_to_end(&mut rest).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    drop(f);
+    assert!(
+        !cache_of(&b.store).1.contains(&hash.to_hex()),
+        "a damaged object was cached"
+    );
+    assert!(
+        b.log().contains("does not hash as the index says"),
+        "{}",
+        b.log()
+    );
+
+    remote.put_raw(&hash, &good).unwrap();
+    let mut first = std::fs::File::open(&path).unwrap();
+    let mut one = vec![0u8; 4096];
+    first.read_exact(&mut one).unwrap();
+    assert_eq!(one, good[..4096]);
+    // The whole content has arrived and is cached, the first handle still open.
+    assert!(
+        wait_until(Duration::from_secs(20), || cache_of(&b.store)
+            .1
+            .contains(&hash.to_hex())),
+        "not cached"
+    );
+    let second = std::fs::read(&path).unwrap();
+    assert!(second == good, "read by a second open");
+    let mut all = one;
+    first.read_to_end(&mut all).unwrap();
+    assert!(all == good, "read by the first handle");
+    drop(first);
+    // Every handle closed: the next open reads from the cache file.
+    assert!(std::fs::read(&path).unwrap() == good);
+}
+
 /// `gc` deletes an object only when no file uses it and it is older than the upload grace.
 #[test]
 fn gc_deletes_unused_objects_past_the_upload_grace_only() {
@@ -602,6 +676,9 @@ fn migrate_copies_an_embedded_store_into_postgresql_and_a_bucket() {
     std::fs::write(emb.path(&format!("{art}/small.txt")), b"small").unwrap();
     let big = pseudo_random(9, 3_000_000);
     std::fs::write(emb.path(&format!("{art}/big.bin")), &big).unwrap();
+    // More than one piece: the migration records its piece states too.
+    let huge = pseudo_random(10, artifactfs::store::pieces::PIECE as usize + 1000);
+    std::fs::write(emb.path(&format!("{art}/huge.bin")), &huge).unwrap();
     emb.unmount();
     let blobs = format!("s3://{bucket}/blobs");
     let out = Command::new(BIN)
@@ -613,18 +690,41 @@ fn migrate_copies_an_embedded_store_into_postgresql_and_a_bucket() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("1 blobs copied"),
+        String::from_utf8_lossy(&out.stdout).contains("2 blobs copied"),
         "{out:?}"
     );
+    let mut want = vec![
+        (key_of(&big), big.len() as u64),
+        (key_of(&huge), huge.len() as u64),
+    ];
+    want.sort();
+    let mut keys = list_keys(&endpoint, &bucket);
+    keys.sort();
+    assert_eq!(keys, want);
+    let target = artifactfs::store::Index::open_postgres_client(&index).unwrap();
+    let huge_hash = artifactfs::store::Hash::of(&huge);
+    let (piece, states) = target
+        .pieces_get(&huge_hash)
+        .unwrap()
+        .expect("piece states");
     assert_eq!(
-        list_keys(&endpoint, &bucket),
-        vec![(key_of(&big), big.len() as u64)]
+        (piece, states.len()),
+        (artifactfs::store::pieces::PIECE, 32)
     );
+    assert_eq!(
+        target
+            .pieces_get(&artifactfs::store::Hash::of(&big))
+            .unwrap(),
+        None,
+        "one piece needs no states"
+    );
+    drop(target);
     let m = machine(test, &index, &bucket, &[], &[]);
     assert_eq!(
         std::fs::read(m.path(&format!("{art}/big.bin"))).unwrap(),
         big
     );
+    assert!(std::fs::read(m.path(&format!("{art}/huge.bin"))).unwrap() == huge);
     assert_eq!(
         std::fs::read(m.path(&format!("{art}/small.txt"))).unwrap(),
         b"small"

@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::store::blobs::{hash_reader, read_full_at};
+use crate::store::blobs::{hash_reader_pieces, read_full_at};
 use crate::store::s3::Streaming;
 use crate::store::{BlobStore, Hash};
 
@@ -163,9 +163,14 @@ impl Body {
     }
 
     /// Hashes the first `len` bytes from scratch (when writes were not sequential).
-    pub fn rehash(&mut self, len: u64) -> io::Result<Hash> {
+    /// Also returns the hash's states at every piece boundary (see [`crate::store::pieces`]).
+    pub fn rehash(&mut self, len: u64) -> io::Result<(Hash, Vec<u8>)> {
         match self {
-            Body::Mem(v) => Ok(Hash::of(&v[..len as usize])),
+            Body::Mem(v) => {
+                let mut h = crate::store::pieces::PieceHasher::new();
+                h.update(&v[..len as usize]);
+                Ok(h.finish())
+            }
             Body::Disk { file, .. } => {
                 // A failed write may have left bytes past the logical end.
                 if file.metadata()?.len() != len {
@@ -173,7 +178,7 @@ impl Body {
                 }
                 let mut f = file.try_clone()?;
                 f.rewind()?;
-                hash_reader(io::Read::take(f, len))
+                hash_reader_pieces(io::Read::take(f, len))
             }
         }
     }
@@ -274,7 +279,7 @@ mod tests {
         assert_eq!(b.read_at(&mut buf, 0).unwrap(), 6);
         assert_eq!(&buf, b"hello\x07");
         let len = 5 + MEM_FILE_MAX;
-        let h = b.rehash(len).unwrap();
+        let h = b.rehash(len).unwrap().0;
         b.publish(&blobs, &h, false).unwrap();
         // Frozen: the next write goes to a copy, the blob stays as published.
         b.write_at(&blobs, &budget, b"X", 0).unwrap();
@@ -296,7 +301,7 @@ mod tests {
         let len = data.len() as u64;
         let mut first = Body::new();
         first.write_at(&blobs, &budget, &data, 0).unwrap();
-        let h = first.rehash(len).unwrap();
+        let h = first.rehash(len).unwrap().0;
         first.publish(&blobs, &h, false).unwrap();
         first.discard(&budget);
         assert_eq!(tmp_count(), 0, "the first copy's temp file became the blob");
@@ -304,7 +309,7 @@ mod tests {
         let mut again = Body::new();
         again.write_at(&blobs, &budget, &data, 0).unwrap();
         assert!(matches!(again, Body::Disk { .. }));
-        assert_eq!(again.rehash(len).unwrap(), h);
+        assert_eq!(again.rehash(len).unwrap().0, h);
         again.publish(&blobs, &h, false).unwrap();
         // Kept until the index row is committed, in case gc takes the existing blob meanwhile.
         assert!(matches!(again, Body::Disk { tmp: Some(_), .. }));

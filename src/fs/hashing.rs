@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
+use crate::store::pieces::PieceHasher;
+#[cfg(test)]
 use sha2::{Digest, Sha256};
 
 /// Files are hashed on a thread of their own once they are this large.
@@ -45,10 +47,10 @@ impl Drop for Slot {
 }
 
 pub enum RunningHash {
-    Inline(Sha256),
+    Inline(PieceHasher),
     Background {
         tx: SyncSender<Vec<u8>>,
-        thread: JoinHandle<Sha256>,
+        thread: JoinHandle<PieceHasher>,
     },
     /// The state was lost (no thread could be started, or it died): re-hash at commit.
     Poisoned,
@@ -56,7 +58,7 @@ pub enum RunningHash {
 
 impl RunningHash {
     pub fn new() -> Self {
-        RunningHash::Inline(Sha256::new())
+        RunningHash::Inline(PieceHasher::new())
     }
 
     /// Adds the next bytes; `total` is how many bytes have been hashed with these included.
@@ -99,7 +101,7 @@ impl RunningHash {
 
     /// The digest state of everything added so far (waits for the hashing thread), or `None`
     /// if it was lost and the content must be re-hashed.
-    pub fn finish(&mut self) -> Option<Sha256> {
+    pub fn finish(&mut self) -> Option<PieceHasher> {
         let state = match std::mem::replace(self, RunningHash::Poisoned) {
             RunningHash::Inline(h) => Some(h),
             RunningHash::Background { tx, thread } => {
@@ -142,7 +144,7 @@ mod tests {
         assert!(hashes.iter().any(|h| matches!(h, RunningHash::Inline(_))));
         let want = Sha256::digest(&chunk);
         for mut h in hashes {
-            assert_eq!(h.finish().unwrap().finalize(), want);
+            assert_eq!(h.finish().unwrap().hash().0, want.as_slice());
         }
     }
 
@@ -160,11 +162,14 @@ mod tests {
         }
         assert!(matches!(h, RunningHash::Background { .. }));
         let first = h.finish().unwrap();
-        assert_eq!(first.clone().finalize(), Sha256::digest(&data));
+        assert_eq!(first.hash().0, Sha256::digest(&data).as_slice());
         // More bytes after a commit continue from the same state.
         h.update(b"tail", total + 4);
         let mut all = data.clone();
         all.extend_from_slice(b"tail");
-        assert_eq!(h.finish().unwrap().finalize(), Sha256::digest(&all));
+        assert_eq!(
+            h.finish().unwrap().hash().0,
+            Sha256::digest(&all).as_slice()
+        );
     }
 }

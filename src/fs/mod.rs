@@ -1366,15 +1366,25 @@ impl ArtifactFs {
         }
     }
 
-    /// The blob file behind a handle on a sealed file (for kernel passthrough); content the
-    /// index holds has none (it is smaller than any file the adapter passes through).
-    pub fn backing_file(&self, fh: u64) -> FsResult<Arc<File>> {
+    /// The blob file behind a handle on a sealed file (for kernel passthrough). Content the
+    /// index holds has none (it is smaller than any file the adapter passes through), nor has
+    /// content still arriving from a bucket (its reads wait for each piece's check): `None`.
+    pub fn backing_file(&self, fh: u64) -> FsResult<Option<Arc<File>>> {
         match self.handle(fh)? {
-            Handle::Read(h) => match self.content_of(&h)?.file() {
-                Some(f) => Ok(f.clone()),
-                None => Err(FsError::Refused(Refusal::BadHandle)),
-            },
+            Handle::Read(h) => Ok(self.content_of(&h)?.file().cloned()),
             Handle::Write(_) | Handle::Rewrite(_) => Err(FsError::Refused(Refusal::BadHandle)),
+        }
+    }
+
+    /// Whether a read of `size` bytes at `offset` of handle `fh` would wait for content still
+    /// arriving from a bucket (the adapter then answers it off its request threads).
+    pub fn read_would_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
+        match self.handle(fh) {
+            Ok(Handle::Read(h)) => h
+                .file
+                .get()
+                .is_some_and(|c| c.would_wait(offset.saturating_add(size as u64))),
+            _ => false,
         }
     }
 
@@ -1709,8 +1719,8 @@ impl ArtifactFs {
         } else {
             None
         };
-        let hash = if let Some(state) = running {
-            Hash::from_digest(state)
+        let (hash, pieces) = if let Some(state) = running {
+            state.finish()
         } else {
             let size = w.size;
             w.body.rehash(size)?
@@ -1746,6 +1756,9 @@ impl ArtifactFs {
         } else {
             let damaged = self.store.index().is_damaged(&hash)?;
             let recorded = self.commit_blob(w, &hash, damaged, durable)?;
+            if recorded != Commit::Gone {
+                self.store.keep_pieces(&hash, w.size, &pieces)?;
+            }
             if damaged && recorded == Commit::Recorded {
                 self.store.retry_busy(
                     || format!("clearing the damage mark of content {hash}"),
@@ -3225,8 +3238,10 @@ mod tests {
             }
         }
         let db = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
-        db.execute_batch("DROP TABLE inline_content; PRAGMA user_version = 5;")
-            .unwrap();
+        db.execute_batch(
+            "DROP TABLE inline_content; DROP TABLE piece_states; PRAGMA user_version = 5;",
+        )
+        .unwrap();
         drop(db);
         let err = Store::open_readonly(dir).err().expect("a version 5 index");
         assert!(err.to_string().contains("version 5"), "{err}");

@@ -12,16 +12,19 @@
 //!
 //! This module knows nothing about paths, runs or SQLite.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use sha2::{Digest, Sha256};
 
 use super::Hash;
+use super::pieces::PieceCheck;
 use super::s3::{BlobCache, ObjectInfo, Remote, Streaming};
 
 /// The blob directory of one store.
@@ -40,9 +43,12 @@ pub struct BlobStore {
     remote: Option<std::sync::Arc<Remote>>,
     /// The bound of that cache (a daemon's); `None` with a bucket: nothing fetched is kept
     /// (commands).
-    cache: Option<BlobCache>,
+    cache: Option<Arc<BlobCache>>,
     /// With a bucket: large files written sequentially are uploaded while they are written.
     upload_while_writing: bool,
+    /// Contents being fetched from the bucket and served as their pieces arrive, by hash: one
+    /// fetch for all the readers of a content.
+    arriving: Arc<Mutex<HashMap<Hash, Weak<Arriving>>>>,
     /// The directories `sync_dirs` synced, in order (what the unit tests check).
     #[cfg(test)]
     synced_dirs: std::sync::Mutex<Vec<PathBuf>>,
@@ -72,6 +78,7 @@ impl BlobStore {
             remote: None,
             cache: None,
             upload_while_writing: false,
+            arriving: Default::default(),
             #[cfg(test)]
             synced_dirs: Default::default(),
         })
@@ -88,7 +95,7 @@ impl BlobStore {
     ) -> io::Result<Self> {
         let mut store = Self::open_at(cache_dir, tmp, false)?;
         store.remote = Some(std::sync::Arc::new(remote));
-        store.cache = cache;
+        store.cache = cache.map(Arc::new);
         Ok(store)
     }
 
@@ -105,7 +112,7 @@ impl BlobStore {
         };
         let mut store = Self::open_at(cache_dir, tmp, false)?;
         store.remote = Some(remote.clone());
-        store.cache = Some(cache);
+        store.cache = Some(Arc::new(cache));
         Ok(Some(store))
     }
 
@@ -165,7 +172,7 @@ impl BlobStore {
 
     /// The local cache's bound, with a bucket.
     pub fn cache(&self) -> Option<&BlobCache> {
-        self.cache.as_ref()
+        self.cache.as_deref()
     }
 
     /// The blob directory of an existing store, creating nothing (read-only use).
@@ -184,6 +191,7 @@ impl BlobStore {
             remote: None,
             cache: None,
             upload_while_writing: false,
+            arriving: Default::default(),
             #[cfg(test)]
             synced_dirs: Default::default(),
         }
@@ -201,8 +209,7 @@ impl BlobStore {
 
     /// Where the blob with this hash lives.
     pub fn path(&self, hash: &Hash) -> PathBuf {
-        let hex = hash.to_hex();
-        self.blobs.join(&hex[..2]).join(&hex[2..])
+        blob_path(&self.blobs, hash)
     }
 
     /// Removes every temp file: they belong to writes whose `close()` never returned.
@@ -462,16 +469,10 @@ impl BlobStore {
         len: u64,
         place: impl FnOnce(&Path) -> io::Result<()>,
     ) -> io::Result<()> {
-        let Some(cache) = &self.cache else {
-            return Ok(());
-        };
-        let dest = self.path(hash);
-        fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
-        place(&dest)?;
-        fs::set_permissions(&dest, fs::Permissions::from_mode(0o444))?;
-        cache.insert(hash, len);
-        cache.evict(|h| self.path(h));
-        Ok(())
+        match &self.cache {
+            Some(cache) => keep_in(cache, &self.blobs, hash, len, place),
+            None => Ok(()),
+        }
     }
 
     /// Every blob, by the two hex digits it starts with (for garbage collection): the
@@ -571,8 +572,12 @@ impl BlobStore {
         }
         let (file, tmp) = self.new_temp()?;
         let fetched = (|| {
-            let got = remote.fetch(hash, &mut |at, bytes| file.write_all_at(bytes, at))?;
-            match got {
+            let mut hasher = Sha256::new();
+            let got = remote.fetch(hash, &mut |at, bytes| {
+                hasher.update(bytes);
+                file.write_all_at(bytes, at)
+            })?;
+            match got.map(|size| (Hash::from_digest(hasher), size)) {
                 None => Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("{}: no object {hash}", remote.url()),
@@ -619,6 +624,47 @@ impl BlobStore {
         Ok(file)
     }
 
+    /// Opens content `hash` of a bucket that is not in the cache for reads that are served as
+    /// its pieces arrive, each once `check` passed it (see [`super::pieces`]): a thread of its
+    /// own fetches it into a temp file, which becomes its cache file once it is whole. Readers
+    /// of the same content share one fetch.
+    pub fn open_arriving(&self, hash: &Hash, check: PieceCheck) -> io::Result<Arc<Arriving>> {
+        let Some(remote) = self.remote.clone() else {
+            return Err(io::Error::other("no bucket"));
+        };
+        let mut map = self.arriving.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = map.get(hash).and_then(Weak::upgrade) {
+            return Ok(a);
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let (file, tmp) = self.new_temp()?;
+        let size = check.size();
+        let arriving = Arc::new(Arriving {
+            size,
+            file: Arc::new(file),
+            progress: Mutex::new(Progress {
+                good: 0,
+                failed: None,
+            }),
+            arrived: Condvar::new(),
+        });
+        let job = Fetch {
+            hash: *hash,
+            check,
+            tmp,
+            arriving: arriving.clone(),
+            remote,
+            cache: self.cache.clone(),
+            dir: self.blobs.clone(),
+            map: self.arriving.clone(),
+        };
+        std::thread::Builder::new()
+            .name("fetch".into())
+            .spawn(move || job.run())?;
+        map.insert(*hash, Arc::downgrade(&arriving));
+        Ok(arriving)
+    }
+
     /// Size of a blob on disk, or `None` if it is missing.
     pub fn size(&self, hash: &Hash) -> io::Result<Option<u64>> {
         if let Some(remote) = &self.remote {
@@ -640,6 +686,197 @@ impl BlobStore {
     }
 }
 
+/// Where content `hash` lives in blob directory `dir`.
+fn blob_path(dir: &Path, hash: &Hash) -> PathBuf {
+    let hex = hash.to_hex();
+    dir.join(&hex[..2]).join(&hex[2..])
+}
+
+/// Moves content `hash` of `len` bytes into `cache`, whose files are in `dir` (`place` puts
+/// the file at the path it is given), and keeps the cache within its bound.
+fn keep_in(
+    cache: &BlobCache,
+    dir: &Path,
+    hash: &Hash,
+    len: u64,
+    place: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
+    let dest = blob_path(dir, hash);
+    fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
+    place(&dest)?;
+    fs::set_permissions(&dest, fs::Permissions::from_mode(0o444))?;
+    cache.insert(hash, len);
+    cache.evict(|h| blob_path(dir, h));
+    Ok(())
+}
+
+/// Content of a bucket on its way into the cache (see [`BlobStore::open_arriving`]).
+#[derive(Debug)]
+pub struct Arriving {
+    size: u64,
+    file: Arc<File>,
+    progress: Mutex<Progress>,
+    arrived: Condvar,
+}
+
+#[derive(Debug)]
+struct Progress {
+    /// Bytes from the start that are in the file and checked.
+    good: u64,
+    /// Why no more will come.
+    failed: Option<String>,
+}
+
+impl Arriving {
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads what [`read_full_at`] would, once those bytes have arrived and were checked:
+    /// waits for them, or fails (`EIO`) if they cannot come.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let end = offset.saturating_add(buf.len() as u64).min(self.size);
+        if offset >= end {
+            return Ok(0);
+        }
+        self.wait_for(end)?;
+        read_full_at(&self.file, &mut buf[..(end - offset) as usize], offset)
+    }
+
+    /// Waits until the first `end` bytes have arrived and were checked.
+    pub fn wait_for(&self, end: u64) -> io::Result<()> {
+        let mut p = self.progress();
+        while p.good < end.min(self.size) && p.failed.is_none() {
+            p = self.arrived.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        match &p.failed {
+            Some(why) if p.good < end.min(self.size) => Err(io::Error::other(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// The content's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether bytes `..end` are there now (or will never be): a read of them does not wait.
+    pub fn ready(&self, end: u64) -> bool {
+        let p = self.progress();
+        p.good >= end.min(self.size) || p.failed.is_some()
+    }
+
+    fn advance(&self, good: u64) {
+        let mut p = self.progress();
+        if good > p.good {
+            p.good = good;
+            self.arrived.notify_all();
+        }
+    }
+
+    fn fail(&self, why: String) {
+        self.progress().failed = Some(why);
+        self.arrived.notify_all();
+    }
+}
+
+/// The thread of an [`Arriving`] content: fetches, checks, and keeps it.
+struct Fetch {
+    hash: Hash,
+    check: PieceCheck,
+    tmp: PathBuf,
+    arriving: Arc<Arriving>,
+    remote: Arc<Remote>,
+    cache: Option<Arc<BlobCache>>,
+    dir: PathBuf,
+    map: Arc<Mutex<HashMap<Hash, Weak<Arriving>>>>,
+}
+
+/// Contents fetched as they arrive at most at once (each with up to `s3::PARALLEL` ranges of
+/// 8 MiB in flight); further ones wait for a turn.
+const MAX_FETCHES: usize = 4;
+
+/// How many fetches of arriving contents run now.
+static FETCHES: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// A turn among the [`MAX_FETCHES`], given back when dropped.
+struct Turn;
+
+impl Turn {
+    fn take() -> Turn {
+        let mut n = FETCHES.0.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= MAX_FETCHES {
+            n = FETCHES.1.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *FETCHES.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        FETCHES.1.notify_one();
+    }
+}
+
+impl Fetch {
+    fn run(mut self) {
+        let _turn = Turn::take();
+        let (hash, a) = (self.hash, self.arriving.clone());
+        let check = &mut self.check;
+        let got = self.remote.fetch(&hash, &mut |at, bytes| {
+            a.file.write_all_at(bytes, at)?;
+            match check.feed(bytes) {
+                Ok(good) => {
+                    a.advance(good);
+                    Ok(())
+                }
+                Err(piece) => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the piece at byte {piece} does not hash as the index says"),
+                )),
+            }
+        });
+        let size = a.size;
+        let outcome = match got {
+            Ok(Some(_)) if self.check.good() == size => Ok(()),
+            Ok(Some(n)) => Err(format!("it has {n} bytes, not {size}")),
+            Ok(None) => Err("no such object".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                if let Some(cache) = &self.cache {
+                    // Open content is never evicted: marked so before it counts.
+                    cache.opened(&hash, &a.file);
+                    let tmp = &self.tmp;
+                    if let Err(e) = keep_in(cache, &self.dir, &hash, size, |d| fs::rename(tmp, d)) {
+                        log::warn!("content {hash} is not kept in the cache: {e}");
+                    }
+                }
+                a.advance(size);
+            }
+            Err(why) => {
+                log::error!(
+                    "{}: object {hash}: {why}; what did not arrive checked is not served \
+                     (run artifactfs fsck --verify)",
+                    self.remote.url()
+                );
+                a.fail(format!("object {hash} of {}: {why}", self.remote.url()));
+            }
+        }
+        let _ = fs::remove_file(&self.tmp);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&hash)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&a)))
+        {
+            map.remove(&hash);
+        }
+    }
+}
+
 /// Reads until `buf` is full or end of file; returns the bytes read.
 pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
@@ -652,6 +889,23 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
         }
     }
     Ok(done)
+}
+
+/// SHA-256 of everything `reader` yields, with its states at every piece boundary (see
+/// [`super::pieces`]).
+pub fn hash_reader_pieces(mut reader: impl Read) -> io::Result<(Hash, Vec<u8>)> {
+    let mut hasher = super::pieces::PieceHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finish())
 }
 
 /// SHA-256 of everything `reader` yields.

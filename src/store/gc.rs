@@ -141,6 +141,7 @@ impl Store {
                                     idx.inline_remove(hash)?;
                                 } else {
                                     self.blobs.remove(hash)?;
+                                    idx.pieces_remove(hash)?;
                                 }
                                 batch.tombstones_purged += idx.purge_tombstones(hash)? as u64;
                             }

@@ -58,8 +58,11 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 
 use super::Hash;
 
+/// The table of piece states (both engines; `BLOB` is `BYTEA` in PostgreSQL's).
+pub const PIECE_STATES_TABLE: &str = "CREATE TABLE piece_states (hash TEXT PRIMARY KEY, piece BIGINT NOT NULL, states BLOB NOT NULL);";
+
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -623,7 +626,7 @@ impl Index {
         /// Rows read from this index at a time.
         const MIGRATE_PAGE: usize = 1000;
         use rusqlite::types::Value;
-        const TABLES: [(&str, &str); 7] = [
+        const TABLES: [(&str, &str); 8] = [
             (
                 "entries",
                 "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, \
@@ -640,6 +643,7 @@ impl Index {
             ("model_aliases", "model_ino, alias, version"),
             ("damaged_blobs", "hash, found"),
             ("inline_content", "hash, data"),
+            ("piece_states", "hash, piece, states"),
         ];
         target.write_locked(|t| {
             let mut copied = 0u64;
@@ -1026,6 +1030,9 @@ impl Index {
         if version < 6 {
             self.migrate_to_6()?;
         }
+        if version < 7 {
+            self.migrate_to_7()?;
+        }
         Ok(())
     }
 
@@ -1158,6 +1165,47 @@ impl Index {
                  PRAGMA user_version = 6;
                  COMMIT;",
         )
+    }
+
+    /// Version 7: SHA-256's states at the piece boundaries of large contents kept in a bucket
+    /// (see [`super::pieces`]), so that a reader is served each piece once it is checked,
+    /// before the whole content has arrived.
+    fn migrate_to_7(&self) -> io::Result<()> {
+        self.db.batch(&format!(
+            "BEGIN;
+                 {PIECE_STATES_TABLE}
+                 PRAGMA user_version = 7;
+                 COMMIT;"
+        ))
+    }
+
+    /// Records the piece states of content `hash` (pieces of `piece` bytes); states already
+    /// recorded for it are kept.
+    pub fn pieces_put(&self, hash: &Hash, piece: u64, states: &[u8]) -> io::Result<()> {
+        self.db.exec(
+            "INSERT INTO piece_states (hash, piece, states) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+            params![hash.to_hex(), piece as i64, states],
+        )?;
+        Ok(())
+    }
+
+    /// The piece size and piece states of content `hash`, if the index holds them.
+    pub fn pieces_get(&self, hash: &Hash) -> io::Result<Option<(u64, Vec<u8>)>> {
+        self.db.one(
+            "SELECT piece, states FROM piece_states WHERE hash = ?1",
+            params![hash.to_hex()],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+        )
+    }
+
+    /// Forgets the piece states of content `hash` (garbage collection, with its blob).
+    pub fn pieces_remove(&self, hash: &Hash) -> io::Result<()> {
+        self.db.exec(
+            "DELETE FROM piece_states WHERE hash = ?1",
+            params![hash.to_hex()],
+        )?;
+        Ok(())
     }
 
     /// The bytes of inline content `hash`, if the index holds it.
@@ -3376,10 +3424,11 @@ mod tests {
         assert_eq!(drain(), vec![]);
     }
 
-    /// An index of schema version 1 (without the notifying triggers) is upgraded by the next
-    /// daemon that opens it; a command (`ls`) asks for that and changes nothing.
+    /// An index of schema version 1 (without the notifying triggers) or 2 (without the piece
+    /// states) is upgraded by the next daemon that opens it; a command (`ls`) asks for that
+    /// and changes nothing.
     #[test]
-    fn a_version_1_index_gets_its_triggers_from_the_next_daemon() {
+    fn a_version_1_or_2_index_is_upgraded_by_the_next_daemon() {
         let Some(url) = db::tests::test_pg_url() else {
             return;
         };
@@ -3392,6 +3441,7 @@ mod tests {
                  DROP TRIGGER model_versions_notify ON model_versions;
                  DROP TRIGGER model_aliases_notify ON model_aliases;
                  DROP FUNCTION artifactfs_notify_entry(); DROP FUNCTION artifactfs_notify_dirs();
+                 DROP TABLE piece_states;
                  UPDATE meta SET value = 1 WHERE key = 'schema_version'",
             )
             .unwrap();
@@ -3411,6 +3461,30 @@ mod tests {
         let idx = Index::open_postgres(&url, "m1", (0, 0), 2).unwrap();
         // (One row of information_schema.triggers per event: insert, update, delete.)
         assert_eq!(triggers(&idx), 12);
+        Index::open_postgres_client(&url).unwrap();
+
+        // Version 2 lacks only the piece states.
+        let hash = Hash([7; 32]);
+        idx.pieces_put(&hash, 8, b"states").unwrap();
+        idx.end_session().unwrap();
+        idx.db
+            .batch(
+                "DROP TABLE piece_states;
+                 UPDATE meta SET value = 2 WHERE key = 'schema_version'",
+            )
+            .unwrap();
+        let e = Index::open_postgres_client(&url).err().unwrap();
+        assert!(e.to_string().contains("version 2") && e.to_string().contains("upgrades it"));
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 3).unwrap();
+        assert_eq!(idx.pieces_get(&hash).unwrap(), None);
+        idx.pieces_put(&hash, 8, b"states").unwrap();
+        idx.pieces_put(&hash, 8, b"others").unwrap();
+        assert_eq!(
+            idx.pieces_get(&hash).unwrap(),
+            Some((8, b"states".to_vec()))
+        );
+        idx.pieces_remove(&hash).unwrap();
+        assert_eq!(idx.pieces_get(&hash).unwrap(), None);
         Index::open_postgres_client(&url).unwrap();
     }
 
@@ -3452,7 +3526,7 @@ mod tests {
                 .unwrap()
                 .execute_batch(
                     "ALTER TABLE entries DROP COLUMN atime; DROP TABLE history;
-                     DROP TABLE inline_content; PRAGMA user_version = 3;",
+                     DROP TABLE inline_content; DROP TABLE piece_states; PRAGMA user_version = 3;",
                 )
                 .unwrap();
         }

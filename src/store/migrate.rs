@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::pieces::PIECE;
 use super::{Hash, Store, blobs::BlobStore, index::Index, now_ns};
 
 /// What a migration did.
@@ -75,10 +76,23 @@ pub fn migrate(
     let mut last = Instant::now();
     for (i, (hash, size)) in blobs.iter().enumerate() {
         let there = dest.size(hash)? == Some(*size);
+        // In a bucket, content of more than one piece gets its piece states (see
+        // `super::pieces`), so that it is read as it arrives.
+        let pieces = bucket.is_some() && *size > PIECE;
         if there {
             summary.blobs_present += 1;
+            if pieces && target.pieces_get(hash)?.is_none() {
+                let input = File::open(src.blobs.path(hash))?;
+                let (got, states) = super::blobs::hash_reader_pieces(input)?;
+                if got == *hash {
+                    target.pieces_put(hash, PIECE, &states)?;
+                }
+            }
         } else {
-            copy_blob(&src, &dest, hash).map_err(|e| blob_error(&src, hash, e))?;
+            let states = copy_blob(&src, &dest, hash).map_err(|e| blob_error(&src, hash, e))?;
+            if pieces {
+                target.pieces_put(hash, PIECE, &states)?;
+            }
             summary.blobs_copied += 1;
             summary.bytes_copied += size;
         }
@@ -100,12 +114,12 @@ pub fn migrate(
 }
 
 /// Copies blob `hash` into `dest`, re-hashing the bytes on the way; nothing is published if
-/// they do not match.
-fn copy_blob(src: &Store, dest: &BlobStore, hash: &Hash) -> io::Result<()> {
+/// they do not match. Into a bucket, returns the hash's piece states (else nothing).
+fn copy_blob(src: &Store, dest: &BlobStore, hash: &Hash) -> io::Result<Vec<u8>> {
     let mut input = File::open(src.blobs.path(hash))?;
     if let Some(remote) = dest.remote() {
         // Hashed first, then uploaded from the same (locked, unchanging) file.
-        let got = super::blobs::hash_reader(&input)?;
+        let (got, states) = super::blobs::hash_reader_pieces(&input)?;
         if got != *hash {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -113,7 +127,7 @@ fn copy_blob(src: &Store, dest: &BlobStore, hash: &Hash) -> io::Result<()> {
             ));
         }
         let len = input.metadata()?.len();
-        return remote.upload_file(&input, len, hash, false).map(drop);
+        return remote.upload_file(&input, len, hash, false).map(|_| states);
     }
     let (mut out, tmp) = dest.new_temp()?;
     let result = (|| {
@@ -134,7 +148,7 @@ fn copy_blob(src: &Store, dest: &BlobStore, hash: &Hash) -> io::Result<()> {
                 format!("its bytes hash to {got}"),
             ));
         }
-        dest.publish(&out, &tmp, hash).map(drop)
+        dest.publish(&out, &tmp, hash).map(|_| Vec::new())
     })();
     if result.is_err() || tmp.exists() {
         let _ = std::fs::remove_file(&tmp);

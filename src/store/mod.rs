@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod gc;
 pub mod index;
 pub mod migrate;
+pub mod pieces;
 pub mod s3;
 
 use std::fmt;
@@ -80,10 +81,12 @@ impl fmt::Display for Hash {
 /// See the README's "Store layout" for the measurement behind the number.
 pub const INLINE_MAX: u64 = 64 * 1024;
 
-/// A stored content, open for reading: a blob file, or bytes the index holds.
+/// A stored content, open for reading: a blob file, bytes the index holds, or a bucket's
+/// content on its way into the cache, read as its pieces arrive.
 pub enum Content {
     Blob(std::sync::Arc<File>),
     Inline(Vec<u8>),
+    Arriving(std::sync::Arc<blobs::Arriving>),
 }
 
 impl Content {
@@ -97,14 +100,20 @@ impl Content {
                 Ok(n)
             }
             Content::Blob(f) => blobs::read_full_at(f, buf, offset),
+            Content::Arriving(a) => a.read_at(buf, offset),
         }
+    }
+
+    /// Whether a read of `..end` would wait for bytes still on their way from a bucket.
+    pub fn would_wait(&self, end: u64) -> bool {
+        matches!(self, Content::Arriving(a) if !a.ready(end))
     }
 
     /// The blob file, for content that is one (kernel passthrough needs a file).
     pub fn file(&self) -> Option<&std::sync::Arc<File>> {
         match self {
             Content::Blob(f) => Some(f),
-            Content::Inline(_) => None,
+            Content::Inline(_) | Content::Arriving(_) => None,
         }
     }
 
@@ -115,6 +124,12 @@ impl Content {
             Content::Blob(f) => {
                 let mut out = Vec::new();
                 (&**f).take(limit).read_to_end(&mut out)?;
+                Ok(out)
+            }
+            Content::Arriving(a) => {
+                let mut out = vec![0; limit.min(a.size()) as usize];
+                let n = a.read_at(&mut out, 0)?;
+                out.truncate(n);
                 Ok(out)
             }
         }
@@ -1152,13 +1167,45 @@ impl Store {
 
     /// Opens content `hash` of `size` bytes (see [`open_content`]).
     /// The index is not held while a blob is opened (fetching one from a bucket takes time).
+    /// Content of more than one piece that a bucket holds and the cache does not, and whose
+    /// piece states the index has, is served as its pieces arrive ([`Content::Arriving`]).
     pub fn open_content(&self, hash: &Hash, size: u64) -> io::Result<Content> {
+        let arriving = self.blobs.remote().is_some() && size > pieces::PIECE;
         // (A statement of its own: the guard is dropped before the blob is opened.)
-        let inline = inline_content(&self.index(), hash, size)?;
-        match inline {
-            Some(content) => Ok(content),
-            None => Ok(Content::Blob(self.blobs.open_shared(hash)?)),
+        let (inline, states) = {
+            let idx = self.index();
+            let states = match arriving && !self.blobs.cached(hash) {
+                true => idx.pieces_get(hash)?,
+                false => None,
+            };
+            (inline_content(&idx, hash, size)?, states)
+        };
+        if let Some(content) = inline {
+            return Ok(content);
         }
+        let check = states
+            .filter(|(piece, _)| *piece == pieces::PIECE)
+            .and_then(|(_, states)| pieces::PieceCheck::new(*hash, size, states));
+        if let Some(check) = check {
+            match self.blobs.open_arriving(hash, check) {
+                Ok(a) => return Ok(Content::Arriving(a)),
+                Err(e) => log::warn!("content {hash}: {e}; fetched whole before it is read"),
+            }
+        }
+        Ok(Content::Blob(self.blobs.open_shared(hash)?))
+    }
+
+    /// Records the piece states of content `hash` of `size` bytes (see [`pieces`]) when its
+    /// blob is in a bucket and it has more than one piece: a reader on another machine is
+    /// then served each piece once it arrived and was checked.
+    pub fn keep_pieces(&self, hash: &Hash, size: u64, states: &[u8]) -> io::Result<()> {
+        if self.blobs.remote().is_none() || size <= pieces::PIECE {
+            return Ok(());
+        }
+        self.retry_busy(
+            || format!("piece states of content {hash}"),
+            |idx| idx.pieces_put(hash, pieces::PIECE, states),
+        )
     }
 
     /// Records small content (up to [`INLINE_MAX`]) and file `ino`'s row in one index

@@ -528,19 +528,18 @@ impl Remote {
     }
 
     /// Reads the object of `hash` whole, in ranges of [`PART`] bytes, [`PARALLEL`] at once,
-    /// handing each range to `sink` in order (offset, bytes). Returns the hash and the size of
-    /// what was read: the caller decides what a mismatch means. `None` when the bucket has no
-    /// such object.
+    /// handing each range to `sink` in order (offset, bytes). Returns the size of what was read:
+    /// the caller hashes what it is handed and decides what a mismatch means. `None` when the
+    /// bucket has no such object.
     pub fn fetch(
         &self,
         hash: &Hash,
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
-    ) -> io::Result<Option<(Hash, u64)>> {
+    ) -> io::Result<Option<u64>> {
         if self.ranges == 1 {
             return self.fetch_streamed(hash, sink);
         }
         let key = self.key(hash);
-        let mut hasher = Sha256::new();
         // The first range also tells the object's size.
         let first = self.block(range(
             self.store.clone(),
@@ -554,7 +553,6 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.error("GET", Some(hash), e)),
         };
-        hasher.update(&first);
         sink(0, &first)?;
         let mut flying = VecDeque::new();
         let mut next = first.len() as u64;
@@ -586,11 +584,10 @@ impl Remote {
                     format!("{}: object {hash} ended at {at} of {size} bytes", self.url),
                 ));
             }
-            hasher.update(&bytes);
             sink(at, &bytes)?;
             done = at + bytes.len() as u64;
         }
-        Ok(Some((Hash::from_digest(hasher), size)))
+        Ok(Some(size))
     }
 
     /// [`Remote::fetch`] with one GET whose body is handed on as it arrives; a body that breaks
@@ -599,9 +596,8 @@ impl Remote {
         &self,
         hash: &Hash,
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
-    ) -> io::Result<Option<(Hash, u64)>> {
+    ) -> io::Result<Option<u64>> {
         let key = self.key(hash);
-        let mut hasher = Sha256::new();
         let mut at = 0u64;
         let mut size = None;
         let mut since = Instant::now();
@@ -640,7 +636,6 @@ impl Remote {
             let broke = loop {
                 match self.rt.block_on(rx.recv()) {
                     Some(Ok(bytes)) => {
-                        hasher.update(&bytes);
                         if let Err(e) = sink(at, &bytes) {
                             pump.abort();
                             return Err(e);
@@ -653,7 +648,7 @@ impl Remote {
                 }
             };
             if at >= size {
-                return Ok(Some((Hash::from_digest(hasher), at)));
+                return Ok(Some(at));
             }
             let why = broke.unwrap_or_else(|| format!("ended at {at} of {size} bytes"));
             if since.elapsed() >= self.patience {
@@ -672,8 +667,13 @@ impl Remote {
 
     /// What the object of `hash` actually hashes to (streamed, nothing kept).
     pub fn rehash(&self, hash: &Hash) -> io::Result<Hash> {
-        match self.fetch(hash, &mut |_, _| Ok(()))? {
-            Some((h, _)) => Ok(h),
+        let mut hasher = Sha256::new();
+        let got = self.fetch(hash, &mut |_, bytes| {
+            hasher.update(bytes);
+            Ok(())
+        })?;
+        match got {
+            Some(_) => Ok(Hash::from_digest(hasher)),
             None => Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{}: no object {hash}", self.url),

@@ -32,8 +32,12 @@ use super::db::Db;
 use super::{MODELS_INO, ROOT_INO, RUNS_INO};
 
 /// The PostgreSQL schema's version, in `meta`. 2: the triggers that announce changes
-/// ([`NOTIFY_SCHEMA`]); a daemon upgrades an index of version 1 by adding them.
-pub const SCHEMA_VERSION: i64 = 2;
+/// ([`NOTIFY_SCHEMA`]); 3: the piece states of large contents ([`PIECE_STATES`]). A daemon
+/// upgrades an index of an earlier version by adding what it lacks.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The table of piece states (see `crate::store::pieces`).
+const PIECE_STATES: &str = "CREATE TABLE piece_states (hash TEXT PRIMARY KEY, piece BIGINT NOT NULL, states BYTEA NOT NULL);";
 
 /// The channel the index's triggers announce changes on: one per schema, so that stores in
 /// other schemas of the same database (the index's unit tests) do not hear each other's (a
@@ -162,24 +166,28 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
         )?;
         return match version {
             Some(SCHEMA_VERSION) => Ok(()),
-            // Version 1 lacks only the triggers that announce changes: a daemon adds them.
-            Some(1) if create.is_some() => {
-                db.batch(NOTIFY_SCHEMA)?;
-                db.batch(&functions_schema())?;
-                db.batch(INLINE_STORAGE)?;
+            // Version 1 lacks the triggers that announce changes, and 2 the piece states: a
+            // daemon adds them.
+            Some(v @ (1 | 2)) if create.is_some() => {
+                if v == 1 {
+                    db.batch(NOTIFY_SCHEMA)?;
+                    db.batch(&functions_schema())?;
+                    db.batch(INLINE_STORAGE)?;
+                }
+                db.batch(PIECE_STATES)?;
                 db.exec(
                     "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
                     params![SCHEMA_VERSION],
                 )?;
-                log::info!("index schema upgraded from version 1 to {SCHEMA_VERSION}");
+                log::info!("index schema upgraded from version {v} to {SCHEMA_VERSION}");
                 Ok(())
             }
             Some(v) if v > SCHEMA_VERSION => Err(io::Error::other(format!(
                 "index schema version {v} is newer than this artifactfs ({SCHEMA_VERSION}): \
                  upgrade artifactfs on this machine"
             ))),
-            Some(1) => Err(io::Error::other(format!(
-                "index schema version 1: this artifactfs reads {SCHEMA_VERSION}; the next \
+            Some(v @ (1 | 2)) => Err(io::Error::other(format!(
+                "index schema version {v}: this artifactfs reads {SCHEMA_VERSION}; the next \
                  mount of a daemon upgrades it"
             ))),
             Some(v) => Err(io::Error::other(format!(
@@ -295,6 +303,7 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
          CREATE INDEX history_by_hash ON history (hash);
          CREATE TABLE inline_content (hash TEXT PRIMARY KEY, data BYTEA NOT NULL);
          {INLINE_STORAGE}
+         {PIECE_STATES}
          {NOTIFY_SCHEMA}
          {functions}
          INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION});",
