@@ -674,6 +674,24 @@ if n != r["ContentLength"]:
 print(f"{t:.6f}")
 PY
 }
+# s3_first KEY: seconds until boto3 has the first 4 KiB of a plain GET of object KEY.
+s3_first() {
+    "$ARTIFACTFS_TEST_S3_PYTHON" - "$ARTIFACTFS_TEST_S3" "$BENCH_BUCKET" "$1" <<'PY'
+import sys, time, boto3
+url, bucket, key = sys.argv[1:]
+s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                  aws_access_key_id="bench", aws_secret_access_key="bench")
+t0 = time.perf_counter()
+r = s3.get_object(Bucket=bucket, Key=key)
+n = len(r["Body"].read(4096))
+t = time.perf_counter() - t0
+r["Body"].close()
+if n != 4096:
+    sys.exit(f"s3_first: {n} bytes")
+print(f"{t:.6f}")
+PY
+}
+r_head() { [ "$(head -c 4096 "$1" | wc -c)" = 4096 ]; }
 # log_problems STORE...: shows the warnings and errors the daemons of STOREs logged (the first 5
 # of each), before the stores are removed.
 log_problems() {
@@ -708,6 +726,7 @@ if want 10; then
     row 10b "10 S3: cold read $SZ on a 2nd machine (cat), 1 GET, vs a boto3 GET" s
     row 10b8 "10 S3: cold read $SZ on a 2nd machine (cat), 8 ranged GETs, vs a boto3 GET" s
     row 10c "10 S3: warm read $SZ again on the 2nd machine (cat), vs native cat" s
+    row 10e "10 S3: first 4 KiB of the $SZ file on a cold machine (head -c), vs boto3's first 4 KiB" s
     row 10d "10 S3: cp -r $NFILES files of 4 KiB, vs the embedded store" s
     M2="$WORK/mnt/m2"
     for REP in $(seq 0 "$RUNS"); do
@@ -742,11 +761,19 @@ if want 10; then
         settle; mount_s3 "$S_3" "$M2"
         cold_read 10b8 "$M2"
         unmount_store "$M2" "$S_3" "10b8"
+        # Machine 4: how soon the first bytes come (the rest goes on arriving meanwhile).
+        S_4="$WORK/stores/w10-m4-r$REP"
+        settle; mount_s3 "$S_4" "$M2" ARTIFACTFS_S3_RANGES=1
+        [ "$DROP_OK" = 1 ] && drop_caches 3
+        record 10e native "$(s3_first "$BIG_KEY")"
+        [ "$DROP_OK" = 1 ] && drop_caches 3
+        timed 10e mount r_head "$M2/runs/bench/artifacts/big.bin"
+        unmount_store "$M2" "$S_4" "10e"
 
         drop_bench_db
         drop_bucket
-        log_problems "$S_1" "$S_2" "$S_3"
-        rmtree "$S_1" "$S_2" "$S_3"
+        log_problems "$S_1" "$S_2" "$S_3" "$S_4"
+        rmtree "$S_1" "$S_2" "$S_3" "$S_4"
         # Re-warm the inputs that the next run reads from the page cache.
         if [ "$DROP_OK" = 1 ]; then cat "$SRC_TREE"/*/* > /dev/null; fi
     done
@@ -758,6 +785,7 @@ if want 10; then
     note 10b "machine 2: a fresh store (empty cache) on the same database and bucket, mounted after machine 1 unmounted; daemon with ARTIFACTFS_S3_RANGES=1 (one streamed GET: the fair setting on moto, which serves a ranged GET in time proportional to the whole object); native column: boto3 get_object of the same object, read and discarded, timed in python around the GET alone; $c; target ≤ 1.2×"
     note 10b8 "as 10b on a 3rd fresh machine, ARTIFACTFS_S3_RANGES unset (default: 8 ranged GETs in flight; each costs moto the whole object); target ≤ 1.2×"
     note 10c "cat again on machine 2 (from its cache, passthrough: $PASSTHROUGH); native column: cat of the input file, page cache warm; target: native"
+    note 10e "a 4th fresh machine (ARTIFACTFS_S3_RANGES=1): head -c 4096 of the file, open included; served once the first 8 MiB piece has arrived and was checked against the piece states in the index; native column: boto3 get_object until the first 4 KiB of its body; $c; the whole object used to come first"
     note 10d "on 10a's mounts after 10a; small contents live in the index (no PUT); native column: the embedded store; target ≤ 2×"
     stop_s3
     stop_pg

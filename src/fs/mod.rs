@@ -1377,13 +1377,14 @@ impl ArtifactFs {
     }
 
     /// Whether a read of `size` bytes at `offset` of handle `fh` would wait for content still
-    /// arriving from a bucket (the adapter then answers it off its request threads).
+    /// arriving from a bucket (the adapter then answers it off its request threads). Content
+    /// not opened yet, in a bucket, may have to come first.
     pub fn read_would_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
         match self.handle(fh) {
-            Ok(Handle::Read(h)) => h
-                .file
-                .get()
-                .is_some_and(|c| c.would_wait(offset.saturating_add(size as u64))),
+            Ok(Handle::Read(h)) => match h.file.get() {
+                Some(c) => c.would_wait(offset.saturating_add(size as u64)),
+                None => self.store.blobs.remote().is_some() && h.size > INLINE_MAX,
+            },
             _ => false,
         }
     }
@@ -1509,7 +1510,7 @@ impl ArtifactFs {
     }
 
     /// Asks the kernel to forget inode `ino`'s attributes and pages (from the hook's thread).
-    fn invalidate_inode(&self, ino: u64) {
+    pub fn invalidate_inode(&self, ino: u64) {
         if let Some(hook) = self.vanish_hook.get() {
             hook(Invalidate::Inode(ino));
         }
@@ -1755,10 +1756,13 @@ impl ArtifactFs {
                 .commit_inline(w.ino, &hash, w.size, w.mtime, &bytes, w.session)?
         } else {
             let damaged = self.store.index().is_damaged(&hash)?;
-            let recorded = self.commit_blob(w, &hash, damaged, durable)?;
-            if recorded != Commit::Gone {
-                self.store.keep_pieces(&hash, w.size, &pieces)?;
+            // Before the row: a row another machine can read has its states (if it has none,
+            // that machine fetches the content whole before serving it, so they are not worth
+            // failing the commit for).
+            if let Err(e) = self.store.keep_pieces(&hash, w.size, &pieces) {
+                log::warn!("content {hash}: piece states not recorded: {e}");
             }
+            let recorded = self.commit_blob(w, &hash, damaged, durable)?;
             if damaged && recorded == Commit::Recorded {
                 self.store.retry_busy(
                     || format!("clearing the damage mark of content {hash}"),
