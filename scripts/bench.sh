@@ -655,39 +655,27 @@ mount_s3() {
     DAEMON_PID=$(tr -dc 0-9 < "$store/lock")
     passthrough_of "$store"
 }
-# s3_get KEY: seconds a plain GET of object KEY of BENCH_BUCKET takes with boto3 (its bytes
-# read in 1 MiB pieces and discarded), timed around the GET alone.
+# s3_get KEY [first]: seconds a plain GET of object KEY of BENCH_BUCKET takes with boto3 (its
+# bytes read in 1 MiB pieces and discarded), timed around the GET alone; with `first`, until
+# the first 4 KiB of its body are there.
 s3_get() {
-    "$ARTIFACTFS_TEST_S3_PYTHON" - "$ARTIFACTFS_TEST_S3" "$BENCH_BUCKET" "$1" <<'PY'
+    "$ARTIFACTFS_TEST_S3_PYTHON" - "$ARTIFACTFS_TEST_S3" "$BENCH_BUCKET" "$1" "${2:-all}" <<'PY'
 import sys, time, boto3
-url, bucket, key = sys.argv[1:]
+url, bucket, key, mode = sys.argv[1:]
 s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                   aws_access_key_id="bench", aws_secret_access_key="bench")
 t0 = time.perf_counter()
 r = s3.get_object(Bucket=bucket, Key=key)
-body, n = r["Body"], 0
-while chunk := body.read(1 << 20):
-    n += len(chunk)
+body, n, want = r["Body"], 0, r["ContentLength"]
+if mode == "first":
+    n, want = len(body.read(4096)), 4096
+else:
+    while chunk := body.read(1 << 20):
+        n += len(chunk)
 t = time.perf_counter() - t0
-if n != r["ContentLength"]:
-    sys.exit(f"s3_get: {n} bytes of {r['ContentLength']}")
-print(f"{t:.6f}")
-PY
-}
-# s3_first KEY: seconds until boto3 has the first 4 KiB of a plain GET of object KEY.
-s3_first() {
-    "$ARTIFACTFS_TEST_S3_PYTHON" - "$ARTIFACTFS_TEST_S3" "$BENCH_BUCKET" "$1" <<'PY'
-import sys, time, boto3
-url, bucket, key = sys.argv[1:]
-s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                  aws_access_key_id="bench", aws_secret_access_key="bench")
-t0 = time.perf_counter()
-r = s3.get_object(Bucket=bucket, Key=key)
-n = len(r["Body"].read(4096))
-t = time.perf_counter() - t0
-r["Body"].close()
-if n != 4096:
-    sys.exit(f"s3_first: {n} bytes")
+body.close()
+if n != want:
+    sys.exit(f"s3_get: {n} bytes of {want}")
 print(f"{t:.6f}")
 PY
 }
@@ -765,7 +753,7 @@ if want 10; then
         S_4="$WORK/stores/w10-m4-r$REP"
         settle; mount_s3 "$S_4" "$M2" ARTIFACTFS_S3_RANGES=1
         [ "$DROP_OK" = 1 ] && drop_caches 3
-        record 10e native "$(s3_first "$BIG_KEY")"
+        record 10e native "$(s3_get "$BIG_KEY" first)"
         [ "$DROP_OK" = 1 ] && drop_caches 3
         timed 10e mount r_head "$M2/runs/bench/artifacts/big.bin"
         unmount_store "$M2" "$S_4" "10e"

@@ -908,20 +908,9 @@ pub fn hash_reader_pieces(mut reader: impl Read) -> io::Result<(Hash, Vec<u8>)> 
     Ok(hasher.finish())
 }
 
-/// SHA-256 of everything `reader` yields.
-pub fn hash_reader(mut reader: impl Read) -> io::Result<Hash> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-    }
-    Ok(Hash::from_digest(hasher))
+/// SHA-256 of everything `reader` yields (writing down the piece states costs nothing more).
+pub fn hash_reader(reader: impl Read) -> io::Result<Hash> {
+    hash_reader_pieces(reader).map(|(hash, _)| hash)
 }
 
 #[cfg(test)]
