@@ -792,6 +792,18 @@ struct Fetch {
     map: Arc<Mutex<HashMap<Hash, Weak<Arriving>>>>,
 }
 
+/// Fails an [`Arriving`] content that its fetch left unfinished, when dropped (after a
+/// finished fetch, it changes nothing).
+struct Ends(Arc<Arriving>);
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        if !self.0.ready(self.0.size) {
+            self.0.fail("its fetch stopped".to_string());
+        }
+    }
+}
+
 /// Contents fetched as they arrive at most at once (each with up to `s3::PARALLEL` ranges of
 /// 8 MiB in flight); further ones wait for a turn.
 const MAX_FETCHES: usize = 4;
@@ -824,6 +836,8 @@ impl Fetch {
     fn run(mut self) {
         let _turn = Turn::take();
         let (hash, a) = (self.hash, self.arriving.clone());
+        // Should this thread end any other way than below (a panic), no reader waits forever.
+        let _ends = Ends(a.clone());
         let check = &mut self.check;
         let got = self.remote.fetch(&hash, &mut |at, bytes| {
             a.file.write_all_at(bytes, at)?;
@@ -916,6 +930,56 @@ pub fn hash_reader(reader: impl Read) -> io::Result<Hash> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads of content still arriving wait for checked bytes, and fail (never hang) for bytes
+    /// that cannot come any more; what arrived checked before stays readable.
+    #[test]
+    fn arriving_reads_wait_for_checked_bytes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"0123456789").unwrap();
+        let new = || {
+            Arc::new(Arriving {
+                size: 10,
+                file: Arc::new(File::open(&path).unwrap()),
+                progress: Mutex::new(Progress {
+                    good: 0,
+                    failed: None,
+                }),
+                arrived: Condvar::new(),
+            })
+        };
+        let a = new();
+        assert!(!a.ready(1));
+        let reader = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4];
+                let n = a.read_at(&mut buf, 2).unwrap();
+                buf[..n].to_vec()
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!reader.is_finished(), "read before its bytes were checked");
+        a.advance(4);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!reader.is_finished(), "read with part of its bytes checked");
+        a.advance(8);
+        assert_eq!(reader.join().unwrap(), b"2345");
+        // The fetch ends without the rest (a panic, here the guard of its thread dropped).
+        drop(Ends(a.clone()));
+        assert!(a.ready(10));
+        let mut buf = [0u8; 4];
+        assert_eq!(a.read_at(&mut buf, 4).unwrap(), 4);
+        assert!(a.read_at(&mut buf, 7).is_err());
+        assert!(a.wait_for(10).is_err());
+        // A finished fetch: the guard changes nothing; reads past the end read nothing.
+        let b = new();
+        b.advance(10);
+        drop(Ends(b.clone()));
+        assert_eq!(b.read_at(&mut buf, 8).unwrap(), 2);
+        assert_eq!(b.read_at(&mut buf, 10).unwrap(), 0);
+    }
 
     #[test]
     fn publish_dedups_identical_content() {

@@ -563,11 +563,12 @@ impl Index {
         index.machine = machine.to_owned();
         postgres::prepare_schema(&index.db, Some((owner, now)))?;
         postgres::refuse_unfinished_migration(&index.db)?;
+        let sent = std::time::Instant::now();
         let session = postgres::start_session(&index.db, machine)?;
         index.session.set(session);
         index.pg_cache = true;
-        index.last_heartbeat.set(Some(std::time::Instant::now()));
-        index.alive_at.set(Some(std::time::Instant::now()));
+        index.last_heartbeat.set(Some(sent));
+        index.alive_at.set(Some(sent));
         index.clean_up_after_dead_sessions()?;
         Ok(index)
     }
@@ -1993,13 +1994,17 @@ impl Index {
             return Ok(());
         }
         // (Set first: a failure is tried again at the next heartbeat, not at every tick.)
-        self.last_heartbeat.set(Some(std::time::Instant::now()));
+        let sent = std::time::Instant::now();
+        self.last_heartbeat.set(Some(sent));
         self.heartbeat_failed.set(true);
         if !postgres::heartbeat(&self.db, session)? {
             self.start_new_session(session)?;
         }
         self.heartbeat_failed.set(false);
-        self.alive_at.set(Some(std::time::Instant::now()));
+        // Alive as of when the heartbeat was sent, not when its answer came: a daemon stopped
+        // (SIGSTOP) while it waited for the answer gets it after its lease may have run out and
+        // another machine cleaned up after it; its writers must then ask again, and fail.
+        self.alive_at.set(Some(sent));
         self.clean_up_after_dead_sessions()
     }
 
@@ -2311,11 +2316,24 @@ impl Index {
         // A row committed while open is written again only while it is still this daemon's
         // (on a shared index: stamped with its session; one another daemon sealed after this
         // daemon's lease ran out stays sealed, and the writer's session check fails it).
+        // A sealed row (another handle of the file was released) only while this daemon's
+        // session lives: a daemon that lost its lease without knowing it yet (the answer to its
+        // last heartbeat came after another daemon had cleaned up after it) must not make a
+        // row that cleanup sealed writable again. The session and its rows go in one
+        // transaction, so a session still there had nothing cleaned up.
         let own = self.own_rows();
-        self.db.exec(
+        let alive = if self.db.is_postgres() {
+            format!(
+                " AND EXISTS (SELECT 1 FROM sessions WHERE id = {})",
+                self.session.get()
+            )
+        } else {
+            String::new()
+        };
+        let n = self.db.exec(
             &format!(
                 "UPDATE entries SET state = ?2 WHERE ino = ?1
-                 AND (state = {STATE_LIVE} OR (state = {STATE_COMMITTED_OPEN}{own}))"
+                 AND ((state = {STATE_LIVE}{alive}) OR (state = {STATE_COMMITTED_OPEN}{own}))"
             ),
             params![
                 ino as i64,
@@ -2326,6 +2344,10 @@ impl Index {
                 }
             ],
         )?;
+        let session = self.session.get();
+        if n == 0 && session != 0 && !postgres::session_exists(&self.db, session)? {
+            return Err(lease_lost(session));
+        }
         Ok(())
     }
 
@@ -3486,6 +3508,60 @@ mod tests {
         idx.pieces_remove(&hash).unwrap();
         assert_eq!(idx.pieces_get(&hash).unwrap(), None);
         Index::open_postgres_client(&url).unwrap();
+    }
+
+    /// A daemon whose lease ran out without its knowing it (its last heartbeat's answer came
+    /// after another daemon had cleaned up after it) writes nothing again: a row committed
+    /// while open, which the cleanup sealed, is neither made writable again nor given new
+    /// content; both fail as a lost lease, and the sealed content stays.
+    #[test]
+    fn rows_sealed_by_a_cleanup_stay_sealed_for_the_stalled_daemon() {
+        let Some(url) = db::tests::test_pg_url() else {
+            return;
+        };
+        let a = Index::open_postgres(&url, "ma", (0, 0), 1).unwrap();
+        let ino = a.insert(&new_file(RUNS_INO, b"synced")).unwrap().unwrap();
+        let first = Hash([1; 32]);
+        assert_eq!(
+            a.commit_file(ino, &first, 3, 1, 1, || true).unwrap(),
+            Commit::Recorded
+        );
+        // a stops for longer than its lease; b finds its session gone and cleans up.
+        a.db.exec(
+            "UPDATE sessions SET heartbeat = 0 WHERE id = ?1",
+            params![a.session.get()],
+        )
+        .unwrap();
+        let b = Index::open_postgres(&url, "mb", (0, 0), 2).unwrap();
+        let row = |idx: &Index| {
+            idx.db
+                .row(
+                    "SELECT hash, state FROM entries WHERE ino = ?1",
+                    params![ino as i64],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .unwrap()
+        };
+        assert_eq!(row(&b), (first.to_hex(), STATE_LIVE));
+        // a goes on as if its session were alive.
+        let e = a.mark_rewriting(ino, true).unwrap_err();
+        assert!(e.to_string().contains("lease"), "{e}");
+        let e = a
+            .commit_file(ino, &Hash([2; 32]), 4, 2, 2, || true)
+            .unwrap_err();
+        assert!(e.to_string().contains("lease"), "{e}");
+        let e = a
+            .commit_file_with(
+                ino,
+                &Hash::of(b"more"),
+                4,
+                2,
+                2,
+                Stored::Inline { bytes: b"more" },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("lease"), "{e}");
+        assert_eq!(row(&b), (first.to_hex(), STATE_LIVE));
     }
 
     #[test]
