@@ -718,6 +718,14 @@ impl ArtifactFs {
                         nlink: 0,
                         ..self.attr_of(&e)
                     }),
+                    // Removed by another machine since the kernel looked its name up: as for
+                    // `open`, the kernel is to look the path up again (an `open` that asked
+                    // for the attributes first then meets the tombstone's refusal, and `stat`
+                    // ENOENT, not a stale inode's ENOENT).
+                    _ if self.opts.beside_others() => {
+                        self.store.index().forget_kept();
+                        Err(FsError::Refused(Refusal::Stale))
+                    }
                     _ => Err(FsError::Refused(Refusal::NotFound)),
                 }
             }
