@@ -352,7 +352,7 @@ impl Opener {
                 }
                 None => {
                     *b.cached.entry(ino).or_default() += 1;
-                    b.cached_fh.insert(fh, ino);
+                    b.cached_fh.insert(fh);
                 }
             }
         }
@@ -431,8 +431,8 @@ struct Backing {
     by_fh: HashMap<u64, Arc<BackingId>>,
     by_ino: HashMap<u64, Weak<BackingId>>,
     /// Handles of files large enough for passthrough opened without it (their content was
-    /// still arriving from a bucket), and their inodes with how many such handles each has.
-    cached_fh: HashMap<u64, u64>,
+    /// still arriving from a bucket), and how many such handles each inode has.
+    cached_fh: std::collections::HashSet<u64>,
     cached: HashMap<u64, usize>,
 }
 
@@ -907,16 +907,16 @@ impl Filesystem for FuseAdapter {
                 if b.by_ino.get(&ino.0).is_some_and(|w| w.strong_count() == 0) {
                     b.by_ino.remove(&ino.0);
                 }
-                if let Some(ino) = b.cached_fh.remove(&fh.0)
-                    && let Some(n) = b.cached.get_mut(&ino)
+                if b.cached_fh.remove(&fh.0)
+                    && let Some(n) = b.cached.get_mut(&ino.0)
                 {
                     *n -= 1;
                     if *n == 0 {
-                        b.cached.remove(&ino);
+                        b.cached.remove(&ino.0);
                         // The next open passes reads through: the kernel would drop the pages
                         // these reads left in its cache then, in that open (0.1 s per GiB
                         // here); dropped now, from the notifier's thread, they cost it nothing.
-                        self.fs.invalidate_inode(ino);
+                        self.fs.invalidate_inode(ino.0);
                     }
                 }
             }

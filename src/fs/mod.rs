@@ -1386,12 +1386,16 @@ impl ArtifactFs {
 
     /// Whether a read of `size` bytes at `offset` of handle `fh` would wait for content still
     /// arriving from a bucket (the adapter then answers it off its request threads). Content
-    /// not opened yet, in a bucket, may have to come first.
+    /// not opened yet and not in the cache may have to come first. (Without a bucket: never,
+    /// asked of nothing.)
     pub fn read_would_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
+        if self.store.blobs.remote().is_none() {
+            return false;
+        }
         match self.handle(fh) {
             Ok(Handle::Read(h)) => match h.file.get() {
                 Some(c) => c.would_wait(offset.saturating_add(size as u64)),
-                None => self.store.blobs.remote().is_some() && h.size > INLINE_MAX,
+                None => h.size > INLINE_MAX && !self.store.blobs.cached(&h.hash),
             },
             _ => false,
         }

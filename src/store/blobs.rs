@@ -744,7 +744,7 @@ impl Arriving {
     }
 
     /// Waits until the first `end` bytes have arrived and were checked.
-    pub fn wait_for(&self, end: u64) -> io::Result<()> {
+    fn wait_for(&self, end: u64) -> io::Result<()> {
         let mut p = self.progress();
         while p.good < end.min(self.size) && p.failed.is_none() {
             p = self.arrived.wait(p).unwrap_or_else(|e| e.into_inner());

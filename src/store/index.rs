@@ -58,8 +58,8 @@ pub use registry::{ModelRow, VersionRecord, VersionRow, VersionStatus};
 
 use super::Hash;
 
-/// The table of piece states (both engines; `BLOB` is `BYTEA` in PostgreSQL's).
-pub const PIECE_STATES_TABLE: &str = "CREATE TABLE piece_states (hash TEXT PRIMARY KEY, piece BIGINT NOT NULL, states BLOB NOT NULL);";
+/// The table of piece states (`postgres::PIECE_STATES` is PostgreSQL's, with `BYTEA`).
+const PIECE_STATES_TABLE: &str = "CREATE TABLE piece_states (hash TEXT PRIMARY KEY, piece BIGINT NOT NULL, states BLOB NOT NULL);";
 
 /// Schema version stored in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 7;
