@@ -614,6 +614,57 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     assert!(std::fs::read(&path).unwrap() == good);
 }
 
+/// A fetch that no handle reads any more stops after a grace (here shortened to 0): `head`
+/// of a large cold file does not leave the whole object arriving behind it (nor a temp file,
+/// nor a cache entry of it); the next open fetches again, and reads it whole.
+#[test]
+fn a_fetch_nobody_reads_any_more_stops() {
+    let test = "unread_fetch_stops";
+    let Some((index, bucket, _endpoint)) = new_store(test, None) else {
+        return;
+    };
+    const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let dir = "runs/h/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let content = pseudo_random(11, 24 * PIECE + 12_345);
+    std::fs::write(a.path(&format!("{dir}/shard.bin")), &content).unwrap();
+    let hash = artifactfs::store::Hash::of(&content).to_hex();
+
+    let b = machine(
+        test,
+        &index,
+        &bucket,
+        &[],
+        &[("ARTIFACTFS_TEST_UNREAD_GRACE_MS", "0")],
+    );
+    let path = b.path(&format!("{dir}/shard.bin"));
+    assert!(wait_until(Duration::from_secs(3), || path.exists()));
+    let mut head = vec![0u8; 4096];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(head, content[..4096]);
+    let temps = || std::fs::read_dir(b.store.join("tmp")).unwrap().count();
+    assert!(
+        wait_until(Duration::from_secs(10), || temps() == 0),
+        "the fetch left a temp file"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !cache_of(&b.store).1.contains(&hash),
+        "the whole object was fetched for 4 KiB nobody reads any more"
+    );
+    assert!(std::fs::read(&path).unwrap() == content, "read again");
+    assert!(
+        wait_until(Duration::from_secs(5), || cache_of(&b.store)
+            .1
+            .contains(&hash)),
+        "read whole: kept"
+    );
+}
+
 /// `gc` deletes an object only when no file uses it and it is older than the upload grace.
 #[test]
 fn gc_deletes_unused_objects_past_the_upload_grace_only() {
@@ -882,6 +933,61 @@ fn a_read_only_daemon_keeps_what_it_fetches() {
     );
     assert!(b.log().contains("is damaged: fetched again"), "{}", b.log());
     assert_eq!(std::fs::read(&file).unwrap(), read_before);
+}
+
+/// A rewrite of a sealed file whose content a machine does not have compares its writes with
+/// that content: the content is fetched whole at the open, on the adapter's fetch pool, so
+/// while the bucket is stopped the mount's single request thread stays free (before, the
+/// open answered at once and the first write waited on that thread for the pieces).
+#[test]
+fn a_rewrite_of_cold_content_waits_off_the_request_threads() {
+    let test = "a_rewrite_of_cold_content_waits_off_the_request_threads";
+    let Some(own) = OwnStore::new(test, 20_000) else {
+        return;
+    };
+    let (s3, index, bucket) = (&own.s3, own.index.as_str(), own.bucket.as_str());
+    let env = own.env();
+    const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
+    let a = machine(test, index, bucket, &[], &env);
+    let dir = "runs/rw/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    let content = pseudo_random(12, 2 * PIECE + 777);
+    write_and_close(&a.path(&format!("{dir}/weights.bin")), &content).unwrap();
+
+    let b = machine(test, index, bucket, &["--threads", "1"], &env);
+    let path = b.path(&format!("{dir}/weights.bin"));
+    assert!(wait_until(Duration::from_secs(3), || path.exists()));
+    s3.signal(libc::SIGSTOP);
+    let writer = {
+        let (path, first) = (path.clone(), content[..4096].to_vec());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            f.write_all(&first)?;
+            drop(f);
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let t = Instant::now();
+        let _ = std::fs::metadata(b.path(&format!("runs/nothing{i}")));
+        slowest = slowest.max(t.elapsed());
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s3.signal(libc::SIGCONT);
+    let wrote = writer.join().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "b's lookups took up to {slowest:?} while a rewrite waited for the bucket; log: {}",
+        b.log()
+    );
+    // The same first bytes: the rewrite changed nothing.
+    wrote.unwrap();
+    assert!(std::fs::read(&path).unwrap() == content);
 }
 
 /// A model version whose `MLmodel` is too large to live in the index is validated by a machine

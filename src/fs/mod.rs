@@ -1125,7 +1125,11 @@ impl ArtifactFs {
             && let Ok(Handle::Write(w)) = self.handle(fh)
         {
             // Without it, the hash decides at close() (see `Expected::refuses`).
-            let blob = self.store.open_content(&hash, size).ok().map(Arc::new);
+            let blob = self
+                .store
+                .open_content_whole(&hash, size)
+                .ok()
+                .map(Arc::new);
             if let Some(x) = lock(&w).expect.as_mut() {
                 x.blob = blob;
             }
@@ -1202,7 +1206,7 @@ impl ArtifactFs {
     /// After `O_TRUNC` the kernel has dropped its idea of the size and pages; it is told to ask
     /// again, so other descriptors on this machine never see a truncated file.
     fn open_rewrite(&self, ino: u64, hash: Hash, size: u64, flags: i32) -> FsResult<(u64, Opened)> {
-        let blob = self.store.open_content(&hash, size).map_err(|err| {
+        let blob = self.store.open_content_whole(&hash, size).map_err(|err| {
             log::warn!("content {hash} of inode {ino} cannot be opened: {err}");
             FsError::Io(io::Error::from_raw_os_error(libc::EIO))
         })?;
@@ -1286,7 +1290,7 @@ impl ArtifactFs {
             }
             return Ok(());
         }
-        let blob = self.store.open_content(&hash, e.size)?;
+        let blob = self.store.open_content_whole(&hash, e.size)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut at = 0u64;
         loop {

@@ -20,6 +20,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -633,7 +634,10 @@ impl BlobStore {
             return Err(io::Error::other("no bucket"));
         };
         let mut map = self.arriving.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = map.get(hash).and_then(Weak::upgrade) {
+        // (One whose fetch failed is not joined: this open fetches again.)
+        if let Some(a) = map.get(hash).and_then(Weak::upgrade)
+            && a.progress().failed.is_none()
+        {
             return Ok(a);
         }
         map.retain(|_, w| w.strong_count() > 0);
@@ -794,9 +798,9 @@ struct Fetch {
 
 /// Fails an [`Arriving`] content that its fetch left unfinished, when dropped (after a
 /// finished fetch, it changes nothing).
-struct Ends(Arc<Arriving>);
+struct Ends<'a>(&'a Arriving);
 
-impl Drop for Ends {
+impl Drop for Ends<'_> {
     fn drop(&mut self) {
         if !self.0.ready(self.0.size) {
             self.0.fail("its fetch stopped".to_string());
@@ -835,11 +839,38 @@ impl Drop for Turn {
 impl Fetch {
     fn run(mut self) {
         let _turn = Turn::take();
-        let (hash, a) = (self.hash, self.arriving.clone());
+        let Fetch {
+            hash,
+            check,
+            tmp,
+            arriving,
+            remote,
+            cache,
+            dir,
+            map,
+        } = &mut self;
+        let mut unread = None;
+        if abandoned(arriving, map, hash, &mut unread) {
+            log::debug!("content {hash}: no handle reads it any more; not fetched");
+            return;
+        }
+        let a: &Arriving = arriving;
         // Should this thread end any other way than below (a panic), no reader waits forever.
-        let _ends = Ends(a.clone());
-        let check = &mut self.check;
-        let got = self.remote.fetch(&hash, &mut |at, bytes| {
+        let _ends = Ends(a);
+        let mut gone = false;
+        let got = remote.fetch(hash, &mut |at, bytes| {
+            // The bytes must follow on from what was checked (a range that came back short
+            // would leave a hole the check never saw).
+            if at != check.fed() {
+                return Err(io::Error::other(format!(
+                    "bytes at {at} after {} checked",
+                    check.fed()
+                )));
+            }
+            if abandoned(arriving, map, hash, &mut unread) {
+                gone = true;
+                return Err(io::Error::other("no handle reads it any more"));
+            }
             a.file.write_all_at(bytes, at)?;
             match check.feed(bytes) {
                 Ok(good) => {
@@ -852,20 +883,24 @@ impl Fetch {
                 )),
             }
         });
+        if gone {
+            log::debug!("content {hash}: no handle reads it any more; its fetch stopped");
+            a.fail("its fetch stopped: no handle read it".to_string());
+            return;
+        }
         let size = a.size;
         let outcome = match got {
-            Ok(Some(_)) if self.check.good() == size => Ok(()),
+            Ok(Some(_)) if check.good() == size => Ok(()),
             Ok(Some(n)) => Err(format!("it has {n} bytes, not {size}")),
             Ok(None) => Err("no such object".to_string()),
             Err(e) => Err(e.to_string()),
         };
         match outcome {
             Ok(()) => {
-                if let Some(cache) = &self.cache {
+                if let Some(cache) = cache {
                     // Open content is never evicted: marked so before it counts.
-                    cache.opened(&hash, &a.file);
-                    let tmp = &self.tmp;
-                    if let Err(e) = keep_in(cache, &self.dir, &hash, size, |d| fs::rename(tmp, d)) {
+                    cache.opened(hash, &a.file);
+                    if let Err(e) = keep_in(cache, dir, hash, size, |d| fs::rename(&*tmp, d)) {
                         log::warn!("content {hash} is not kept in the cache: {e}");
                     }
                 }
@@ -875,20 +910,75 @@ impl Fetch {
                 log::error!(
                     "{}: object {hash}: {why}; what did not arrive checked is not served \
                      (run artifactfs fsck --verify)",
-                    self.remote.url()
+                    remote.url()
                 );
-                a.fail(format!("object {hash} of {}: {why}", self.remote.url()));
+                a.fail(format!("object {hash} of {}: {why}", remote.url()));
             }
         }
-        let _ = fs::remove_file(&self.tmp);
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
         if map
-            .get(&hash)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&a)))
+            .get(hash)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(arriving)))
         {
-            map.remove(&hash);
+            map.remove(hash);
         }
     }
+}
+
+impl Drop for Fetch {
+    /// The temp file goes however the fetch ended (kept content was renamed away from it): also
+    /// after a panic, or when its thread could not be started.
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// How long a fetch goes on once no handle reads its content any more: a tool that opens a
+/// file, reads its header and opens it again joins the same fetch, and one that only wanted
+/// the header does not leave a whole object arriving behind it (holding one of the
+/// [`MAX_FETCHES`] turns). Tests shorten it: `ARTIFACTFS_TEST_UNREAD_GRACE_MS`.
+const UNREAD_GRACE: Duration = Duration::from_secs(2);
+
+fn unread_grace() -> Duration {
+    static GRACE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *GRACE.get_or_init(|| {
+        std::env::var("ARTIFACTFS_TEST_UNREAD_GRACE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(UNREAD_GRACE, Duration::from_millis)
+    })
+}
+
+/// Whether no handle has read the content `arriving` (of `hash`, in `map`) for
+/// [`unread_grace`] (`since`: when it was first seen unread). If so it is out of the map, so
+/// no open can join its fetch any more.
+fn abandoned(
+    arriving: &Arc<Arriving>,
+    map: &Mutex<HashMap<Hash, Weak<Arriving>>>,
+    hash: &Hash,
+    since: &mut Option<Instant>,
+) -> bool {
+    // The fetch's own reference is the only one: no handle holds the content.
+    if Arc::strong_count(arriving) > 1 {
+        *since = None;
+        return false;
+    }
+    if since.get_or_insert_with(Instant::now).elapsed() < unread_grace() {
+        return false;
+    }
+    // An open takes its reference only under the map's lock: checked again under it.
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if Arc::strong_count(arriving) > 1 {
+        *since = None;
+        return false;
+    }
+    if map
+        .get(hash)
+        .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(arriving)))
+    {
+        map.remove(hash);
+    }
+    true
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.
@@ -967,7 +1057,7 @@ mod tests {
         a.advance(8);
         assert_eq!(reader.join().unwrap(), b"2345");
         // The fetch ends without the rest (a panic, here the guard of its thread dropped).
-        drop(Ends(a.clone()));
+        drop(Ends(&a));
         assert!(a.ready(10));
         let mut buf = [0u8; 4];
         assert_eq!(a.read_at(&mut buf, 4).unwrap(), 4);
@@ -976,9 +1066,73 @@ mod tests {
         // A finished fetch: the guard changes nothing; reads past the end read nothing.
         let b = new();
         b.advance(10);
-        drop(Ends(b.clone()));
+        drop(Ends(&b));
         assert_eq!(b.read_at(&mut buf, 8).unwrap(), 2);
         assert_eq!(b.read_at(&mut buf, 10).unwrap(), 0);
+    }
+
+    /// A fetch goes on while a handle holds its content, and for the grace after the last
+    /// one let go; then it leaves the map (no open joins it any more). A handle that comes
+    /// back within the grace keeps it going.
+    #[test]
+    fn a_fetch_nobody_reads_is_abandoned_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"0123456789").unwrap();
+        let a = Arc::new(Arriving {
+            size: 10,
+            file: Arc::new(File::open(&path).unwrap()),
+            progress: Mutex::new(Progress {
+                good: 0,
+                failed: None,
+            }),
+            arrived: Condvar::new(),
+        });
+        let hash = Hash([7; 32]);
+        let map = Mutex::new(HashMap::from([(hash, Arc::downgrade(&a))]));
+        let in_map = |map: &Mutex<HashMap<Hash, Weak<Arriving>>>| {
+            map.lock()
+                .unwrap()
+                .get(&hash)
+                .and_then(Weak::upgrade)
+                .is_some()
+        };
+        let reader = a.clone();
+        let mut since = None;
+        assert!(!abandoned(&a, &map, &hash, &mut since), "a handle holds it");
+        drop(reader);
+        assert!(!abandoned(&a, &map, &hash, &mut since), "within the grace");
+        let long_ago = Instant::now() - unread_grace() - Duration::from_millis(1);
+        let back = map
+            .lock()
+            .unwrap()
+            .get(&hash)
+            .and_then(Weak::upgrade)
+            .unwrap();
+        since = Some(long_ago);
+        assert!(
+            !abandoned(&a, &map, &hash, &mut since),
+            "a handle came back"
+        );
+        assert_eq!(since, None);
+        drop(back);
+        since = Some(long_ago);
+        assert!(abandoned(&a, &map, &hash, &mut since));
+        assert!(!in_map(&map), "an abandoned fetch is out of the map");
+        // Another content's entry is left alone.
+        let other = Arc::new(Arriving {
+            size: 10,
+            file: a.file.clone(),
+            progress: Mutex::new(Progress {
+                good: 0,
+                failed: None,
+            }),
+            arrived: Condvar::new(),
+        });
+        map.lock().unwrap().insert(hash, Arc::downgrade(&other));
+        since = Some(long_ago);
+        assert!(abandoned(&a, &map, &hash, &mut since));
+        assert!(in_map(&map), "the entry of a newer fetch stays");
     }
 
     #[test]

@@ -1170,7 +1170,18 @@ impl Store {
     /// Content of more than one piece that a bucket holds and the cache does not, and whose
     /// piece states the index has, is served as its pieces arrive ([`Content::Arriving`]).
     pub fn open_content(&self, hash: &Hash, size: u64) -> io::Result<Content> {
-        let arriving = self.blobs.remote().is_some() && size > pieces::PIECE;
+        self.open_content_as(hash, size, true)
+    }
+
+    /// Opens content `hash` of `size` bytes whole: fetched and verified before this returns,
+    /// never [`Content::Arriving`]. For the handles that compare writes with it, whose
+    /// requests hold the handle while they compare, and should not wait there for pieces.
+    pub fn open_content_whole(&self, hash: &Hash, size: u64) -> io::Result<Content> {
+        self.open_content_as(hash, size, false)
+    }
+
+    fn open_content_as(&self, hash: &Hash, size: u64, as_it_arrives: bool) -> io::Result<Content> {
+        let arriving = as_it_arrives && self.blobs.remote().is_some() && size > pieces::PIECE;
         // (A statement of its own: the guard is dropped before the blob is opened.)
         let (inline, states) = {
             let idx = self.index();

@@ -197,6 +197,11 @@ impl PieceCheck {
         self.size
     }
 
+    /// How many bytes were fed so far.
+    pub fn fed(&self) -> u64 {
+        self.hasher.len()
+    }
+
     /// How many bytes from the start are known good.
     pub fn good(&self) -> u64 {
         let len = self.hasher.len();
