@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -543,9 +543,10 @@ fn a_damaged_object_is_never_served_and_fsck_names_its_paths() {
 /// A large content a machine does not have is served piece by piece as it arrives, each piece
 /// checked against the states its writer recorded in the index: with the object damaged in its
 /// last piece, the first pieces are read (the whole object never verifies), the damaged one
-/// fails with `EIO` and nothing of it is cached; the object repaired, a new open reads it all.
-/// A second open while the first still reads through the daemon is served the same way (the
-/// kernel refuses a passthrough open beside a cached one).
+/// fails with `EIO` and nothing of it is cached; the object repaired, the same handle reads on
+/// (its content is opened again). A second open while the first still reads another content
+/// through the daemon is served the same way (the kernel refuses a passthrough open beside a
+/// cached one).
 #[test]
 fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     let test = "served_piece_by_piece";
@@ -558,6 +559,8 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     std::fs::create_dir_all(a.path(dir)).unwrap();
     let good = pseudo_random(9, 2 * PIECE + 1_000_000);
     std::fs::write(a.path(&format!("{dir}/weights.bin")), &good).unwrap();
+    let other = pseudo_random(10, 2 * PIECE + 500_000);
+    std::fs::write(a.path(&format!("{dir}/other.bin")), &other).unwrap();
     let hash = artifactfs::store::Hash::of(&good);
     let remote = artifactfs::store::s3::Remote::open_with(
         &format!("s3://{bucket}/blobs"),
@@ -581,7 +584,6 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     let mut rest = Vec::new();
     let e = f.read_to_end(&mut rest).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-    drop(f);
     assert!(
         !cache_of(&b.store).1.contains(&hash.to_hex()),
         "a damaged object was cached"
@@ -591,12 +593,24 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
         "{}",
         b.log()
     );
-
+    // Repaired: the handle that got EIO reads on.
     remote.put_raw(&hash, &good).unwrap();
+    f.seek(std::io::SeekFrom::Start(2 * PIECE as u64)).unwrap();
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).unwrap();
+    assert!(
+        tail == good[2 * PIECE..],
+        "read on by the handle that got EIO"
+    );
+    drop(f);
+    assert!(std::fs::read(&path).unwrap() == good, "a new open");
+
+    let path = b.path(&format!("{dir}/other.bin"));
+    let hash = artifactfs::store::Hash::of(&other);
     let mut first = std::fs::File::open(&path).unwrap();
     let mut one = vec![0u8; 4096];
     first.read_exact(&mut one).unwrap();
-    assert_eq!(one, good[..4096]);
+    assert_eq!(one, other[..4096]);
     // The whole content has arrived and is cached, the first handle still open.
     assert!(
         wait_until(Duration::from_secs(20), || cache_of(&b.store)
@@ -605,13 +619,13 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
         "not cached"
     );
     let second = std::fs::read(&path).unwrap();
-    assert!(second == good, "read by a second open");
+    assert!(second == other, "read by a second open");
     let mut all = one;
     first.read_to_end(&mut all).unwrap();
-    assert!(all == good, "read by the first handle");
+    assert!(all == other, "read by the first handle");
     drop(first);
     // Every handle closed: the next open reads from the cache file.
-    assert!(std::fs::read(&path).unwrap() == good);
+    assert!(std::fs::read(&path).unwrap() == other);
 }
 
 /// A fetch that no handle reads any more stops after a grace (here shortened to 0): `head`

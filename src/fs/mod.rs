@@ -296,7 +296,9 @@ struct Sealed {
     ino: u64,
     hash: Hash,
     size: u64,
-    file: std::sync::OnceLock<Arc<Content>>,
+    /// Its content, opened at the first read; opened again at a read after its fetch from a
+    /// bucket failed (a handle outlives an outage).
+    file: RwLock<Option<Arc<Content>>>,
 }
 
 /// The file system.
@@ -1192,7 +1194,7 @@ impl ArtifactFs {
             ino,
             hash,
             size: e.size,
-            file: std::sync::OnceLock::new(),
+            file: RwLock::new(None),
         };
         let fh = self.new_fh();
         self.handles
@@ -1397,7 +1399,7 @@ impl ArtifactFs {
             return false;
         }
         match self.handle(fh) {
-            Ok(Handle::Read(h)) => match h.file.get() {
+            Ok(Handle::Read(h)) => match &*h.file.read().unwrap_or_else(|p| p.into_inner()) {
                 Some(c) => c.would_wait(offset.saturating_add(size as u64)),
                 None => h.size > INLINE_MAX && !self.store.blobs.cached(&h.hash),
             },
@@ -1414,10 +1416,11 @@ impl ArtifactFs {
         }
     }
 
-    /// The content of a sealed handle, opened on first use.
+    /// The content of a sealed handle, opened on first use, and again after its fetch failed.
     fn content_of(&self, h: &Sealed) -> FsResult<Arc<Content>> {
-        if let Some(f) = h.file.get() {
-            return Ok(f.clone());
+        let usable = |slot: &Option<Arc<Content>>| slot.as_ref().filter(|c| !c.failed()).cloned();
+        if let Some(c) = usable(&h.file.read().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(c);
         }
         let content = self.store.open_content(&h.hash, h.size).map_err(|err| {
             log::warn!(
@@ -1427,7 +1430,12 @@ impl ArtifactFs {
             );
             FsError::Io(io::Error::from_raw_os_error(libc::EIO))
         })?;
-        Ok(h.file.get_or_init(|| Arc::new(content)).clone())
+        let mut slot = h.file.write().unwrap_or_else(|p| p.into_inner());
+        // (Another read may have opened it meanwhile.)
+        if let Some(c) = usable(&slot) {
+            return Ok(c);
+        }
+        Ok(slot.insert(Arc::new(content)).clone())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {

@@ -636,7 +636,7 @@ impl BlobStore {
         let mut map = self.arriving.lock().unwrap_or_else(|p| p.into_inner());
         // (One whose fetch failed is not joined: this open fetches again.)
         if let Some(a) = map.get(hash).and_then(Weak::upgrade)
-            && a.progress().failed.is_none()
+            && !a.failed()
         {
             return Ok(a);
         }
@@ -762,6 +762,12 @@ impl Arriving {
     /// The content's size.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether its fetch failed: the bytes that did not arrive never will (an open fetches
+    /// again).
+    pub fn failed(&self) -> bool {
+        self.progress().failed.is_some()
     }
 
     /// Whether bytes `..end` are there now (or will never be): a read of them does not wait.

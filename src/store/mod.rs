@@ -104,9 +104,15 @@ impl Content {
         }
     }
 
-    /// Whether a read of `..end` would wait for bytes still on their way from a bucket.
+    /// Whether a read of `..end` would wait for bytes still on their way from a bucket (or
+    /// for a new fetch, after one that failed).
     pub fn would_wait(&self, end: u64) -> bool {
-        matches!(self, Content::Arriving(a) if !a.ready(end))
+        matches!(self, Content::Arriving(a) if !a.ready(end) || a.failed())
+    }
+
+    /// Whether this is content whose fetch failed: what did not arrive never will through it.
+    pub fn failed(&self) -> bool {
+        matches!(self, Content::Arriving(a) if a.failed())
     }
 
     /// The blob file, for content that is one (kernel passthrough needs a file).
