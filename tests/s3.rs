@@ -628,6 +628,44 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     assert!(std::fs::read(&path).unwrap() == other);
 }
 
+/// An object of the wrong size under a content's key (truncated by some other client, or by
+/// the bucket) is not taken for that content: a writer of the content replaces it, small (one
+/// PUT) or large (in parts), and the other machine reads the right bytes.
+#[test]
+fn an_object_of_the_wrong_size_is_replaced_by_a_writer_of_its_content() {
+    let test = "wrong_size_object_replaced";
+    let Some((index, bucket, endpoint)) = new_store(test, None) else {
+        return;
+    };
+    let remote = artifactfs::store::s3::Remote::open_with(
+        &format!("s3://{bucket}/blobs"),
+        &s3_env_for(&endpoint),
+    )
+    .unwrap();
+    let small = pseudo_random(13, 300_000);
+    let large = pseudo_random(14, 20 << 20);
+    for bytes in [&small, &large] {
+        let hash = artifactfs::store::Hash::of(bytes);
+        remote.put_raw(&hash, &bytes[..1000]).unwrap();
+    }
+    let a = machine(test, &index, &bucket, &[], &[]);
+    let dir = "runs/w/artifacts";
+    std::fs::create_dir_all(a.path(dir)).unwrap();
+    write_and_close(&a.path(&format!("{dir}/small.bin")), &small).unwrap();
+    write_and_close(&a.path(&format!("{dir}/large.bin")), &large).unwrap();
+    let sizes: std::collections::HashMap<String, u64> =
+        list_keys(&endpoint, &bucket).into_iter().collect();
+    assert_eq!(sizes.get(&key_of(&small)), Some(&(small.len() as u64)));
+    assert_eq!(sizes.get(&key_of(&large)), Some(&(large.len() as u64)));
+    assert!(a.log().contains("damaged; stored again"), "{}", a.log());
+
+    let b = machine(test, &index, &bucket, &[], &[]);
+    let path = b.path(&format!("{dir}/small.bin"));
+    assert!(wait_until(Duration::from_secs(3), || path.exists()));
+    assert!(std::fs::read(&path).unwrap() == small);
+    assert!(std::fs::read(b.path(&format!("{dir}/large.bin"))).unwrap() == large);
+}
+
 /// A fetch that no handle reads any more stops after a grace (here shortened to 0): `head`
 /// of a large cold file does not leave the whole object arriving behind it (nor a temp file,
 /// nor a cache entry of it); the next open fetches again, and reads it whole.

@@ -1842,7 +1842,7 @@ impl ArtifactFs {
                 |idx| {
                     idx.check_writer_session(w.session)?;
                     idx.commit_file(w.ino, hash, w.size, w.mtime, now_ns(), || {
-                        blobs.exists(hash)
+                        blobs.exists_as(hash, w.size)
                     })
                 },
             )?;

@@ -456,7 +456,16 @@ impl BlobStore {
     /// briefly: see [`Remote::has_quickly`]).
     pub fn exists(&self, hash: &Hash) -> bool {
         match &self.remote {
-            Some(remote) => remote.has_quickly(hash),
+            Some(remote) => remote.has_quickly(hash, None),
+            None => self.path(hash).exists(),
+        }
+    }
+
+    /// [`BlobStore::exists`] for content of `len` bytes: an object of another size in a
+    /// bucket does not count (it is damaged; the commit stores the content again).
+    pub fn exists_as(&self, hash: &Hash, len: u64) -> bool {
+        match &self.remote {
+            Some(remote) => remote.has_quickly(hash, Some(len)),
             None => self.path(hash).exists(),
         }
     }

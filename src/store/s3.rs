@@ -41,6 +41,21 @@ pub const PART: u64 = 8 << 20;
 pub const ONE_PUT_MAX: u64 = 2 * PART;
 /// Parts in flight at once, per upload, and by default per download (`ARTIFACTFS_S3_RANGES`).
 const PARALLEL: usize = 8;
+/// The most parts one multipart upload may have (S3's limit, also GCS's XML API's).
+const MAX_PARTS: u64 = 10_000;
+
+/// The part size of a multipart upload of `len` bytes: [`PART`], or more for content over
+/// [`MAX_PARTS`] × [`PART`] (78 GiB), in whole MiB, so that the parts never number more
+/// than S3 takes (up to its 5 TiB object limit).
+fn part_size(len: u64) -> u64 {
+    PART.max(len.div_ceil(MAX_PARTS).next_multiple_of(1 << 20))
+}
+
+/// Parts of `part` bytes in flight at once in one upload: [`PARALLEL`] of [`PART`], fewer of
+/// larger ones (the bytes in flight stay within `PARALLEL` × `PART`, at least one part).
+fn parts_in_flight(part: u64) -> usize {
+    ((PARALLEL as u64 * PART) / part).clamp(1, PARALLEL as u64) as usize
+}
 /// How long a call keeps retrying a bucket that is down or answers 5xx.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 /// The longest a commit waits for the bucket with the index's write lock held.
@@ -96,7 +111,26 @@ pub struct Remote {
     patience: Duration,
     /// Ranged GETs one download keeps in flight; 1: one GET, streamed.
     ranges: usize,
+    /// The credentials this process was given, never to be written out: an error's text may
+    /// quote them (a server's `SignatureDoesNotMatch` body holds the access key and the signed
+    /// request, session token included).
+    secrets: Vec<String>,
 }
+
+/// The variables whose values are credentials (or, with them, name one).
+const SECRET_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_TOKEN",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+];
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,10 +156,27 @@ impl Remote {
                 .or_else(|| std::env::var(name).ok())
         };
         let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        let secrets: Vec<String> = SECRET_VARS
+            .iter()
+            .filter_map(|name| var(name))
+            .filter(|v| v.len() >= 4)
+            .collect();
+        let redact = |text: String| {
+            secrets
+                .iter()
+                .fold(text, |t, secret| t.replace(secret.as_str(), "<credential>"))
+        };
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad(format!("--blobs {url}: expected s3://BUCKET[/PREFIX]")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.contains('@') {
+            // (Not echoed: what is before the @ may be a secret.)
+            return Err(bad(format!(
+                "--blobs {scheme}://…: credentials do not belong in the URL; they come from \
+                 the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, …)"
+            )));
+        }
         let prefix = prefix.trim_matches('/');
         if bucket.is_empty() || prefix.split('/').any(|p| p == "." || p == "..") {
             return Err(bad(format!(
@@ -151,7 +202,7 @@ impl Remote {
             (ClientConfigKey::Timeout, "120s"),
         ];
         let base = format!("{scheme}://{bucket}");
-        let fail = |e: object_store::Error| bad(format!("--blobs {url}: {e}"));
+        let fail = |e: object_store::Error| bad(redact(format!("--blobs {url}: {e}")));
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env();
@@ -225,7 +276,15 @@ impl Remote {
                 .and_then(|v| v.parse().ok())
                 .filter(|n| *n >= 1)
                 .unwrap_or(PARALLEL),
+            secrets,
         })
+    }
+
+    /// `text` with every credential this process was given cut out.
+    fn redact(&self, text: String) -> String {
+        self.secrets
+            .iter()
+            .fold(text, |t, secret| t.replace(secret.as_str(), "<credential>"))
     }
 
     pub fn url(&self) -> &str {
@@ -254,6 +313,7 @@ impl Remote {
             _ => io::ErrorKind::Other,
         };
         let on = hash.map_or(String::new(), |h| format!(" of {h}"));
+        let e = self.redact(e.to_string());
         if kind != io::ErrorKind::NotFound {
             log::error!("{}: {what}{on} failed: {e}", self.url);
         }
@@ -272,32 +332,59 @@ impl Remote {
         }
     }
 
-    /// Whether the bucket has the object of `hash`, asked with the index's write lock held (a
-    /// commit's last check against garbage collection): bounded to [`QUICK`], so that a bucket
-    /// that is down holds up no other machine's commits for long. `false` when no answer came.
-    pub fn has_quickly(&self, hash: &Hash) -> bool {
+    /// Whether the bucket has the object of `hash` (of `len` bytes, when given), asked with the
+    /// index's write lock held (a commit's last check against garbage collection): bounded to
+    /// [`QUICK`], so that a bucket that is down holds up no other machine's commits for long.
+    /// `false` when no answer came, or the object has another size (damaged: the commit then
+    /// stores it again, see [`Remote::upload_file`]).
+    pub fn has_quickly(&self, hash: &Hash, len: Option<u64>) -> bool {
         let key = self.key(hash);
         match self.rt.block_on(in_time(QUICK, self.store.head(&key))) {
-            Ok(_) => true,
+            Ok(meta) => len.is_none_or(|len| meta.size == len),
             Err(object_store::Error::NotFound { .. }) => false,
             Err(e) => {
+                let e = self.redact(e.to_string());
                 log::warn!("{}: HEAD of {hash} under the index lock: {e}", self.url);
                 false
             }
         }
     }
 
+    /// Whether `len` bytes of content `hash` must be uploaded: `replace` (the object there is
+    /// known damaged), no object, or one of another size (damaged: a truncated upload of some
+    /// other client, a bucket's fault), which these bytes then replace. One that has the size
+    /// is taken for the content (`fsck --verify` re-hashes objects).
+    fn needs_upload(&self, hash: &Hash, len: u64, replace: &mut bool) -> io::Result<bool> {
+        if *replace {
+            return Ok(true);
+        }
+        match self.head(hash)? {
+            None => Ok(true),
+            Some(o) if o.size == len => Ok(false),
+            Some(o) => {
+                log::warn!(
+                    "{}: object {hash} has {} bytes, not {len}: damaged; stored again",
+                    self.url,
+                    o.size
+                );
+                *replace = true;
+                Ok(true)
+            }
+        }
+    }
+
     /// Uploads the first `len` bytes of `file` as the object of `hash`, unless the bucket has it
     /// already (then `false`). `replace`: the object there is damaged; these bytes take its
-    /// place (the only way an object is ever written twice).
+    /// place (the only way an object is ever written twice; also when the object there has
+    /// another size, see [`Remote::needs_upload`]).
     pub fn upload_file(
         &self,
         file: &File,
         len: u64,
         hash: &Hash,
-        replace: bool,
+        mut replace: bool,
     ) -> io::Result<bool> {
-        if !replace && self.head(hash)?.is_some() {
+        if !self.needs_upload(hash, len, &mut replace)? {
             return Ok(false);
         }
         if len <= ONE_PUT_MAX {
@@ -309,8 +396,8 @@ impl Remote {
     }
 
     /// [`Remote::upload_file`] of bytes in memory.
-    pub fn upload_bytes(&self, bytes: &[u8], hash: &Hash, replace: bool) -> io::Result<bool> {
-        if !replace && self.head(hash)?.is_some() {
+    pub fn upload_bytes(&self, bytes: &[u8], hash: &Hash, mut replace: bool) -> io::Result<bool> {
+        if !self.needs_upload(hash, bytes.len() as u64, &mut replace)? {
             return Ok(false);
         }
         self.put_one(Bytes::copy_from_slice(bytes), hash, replace)
@@ -347,17 +434,18 @@ impl Remote {
         let mut upload = self
             .block(self.store.put_multipart(&key))
             .map_err(|e| self.error("multipart upload", Some(hash), e))?;
+        let (size, parallel) = (part_size(len), parts_in_flight(part_size(len)));
         let result = (|| {
             let mut flying = VecDeque::new();
             let mut at = 0;
             while at < len {
-                let n = PART.min(len - at);
+                let n = size.min(len - at);
                 let mut buf = vec![0u8; n as usize];
                 file.read_exact_at(&mut buf, at)?;
                 at += n;
                 let part = upload.put_part(PutPayload::from(buf));
                 flying.push_back(self.rt.spawn(in_time(self.patience, part)));
-                if flying.len() >= PARALLEL {
+                if flying.len() >= parallel {
                     self.join(flying.pop_front().expect("one in flight"), Some(hash))?;
                 }
             }
@@ -416,6 +504,16 @@ impl Remote {
     /// while [`PARALLEL`] parts are in flight. A failure only marks the upload broken: the
     /// commit then uploads the file as usual.
     pub fn stream_feed(&self, up: &mut StreamUpload, file: &File, end: u64) {
+        // Parts of [`PART`] go up to `MAX_PARTS - 1` of them (the tail is one more part): a
+        // file that grows past that is uploaded at its commit, in larger parts.
+        if !up.broken && end > (MAX_PARTS - 1) * PART {
+            log::info!(
+                "{}: a file over {} GiB is uploaded at its commit, not while it is written",
+                self.url,
+                ((MAX_PARTS - 1) * PART) >> 30
+            );
+            up.broken = true;
+        }
         while !up.broken && end >= up.sent + PART {
             let mut buf = vec![0u8; PART as usize];
             if file.read_exact_at(&mut buf, up.sent).is_err() {
@@ -448,12 +546,13 @@ impl Remote {
         hash: &Hash,
         replace: bool,
     ) -> io::Result<bool> {
-        if !up.broken && !replace && self.head(hash)?.is_some() {
+        let mut replace = replace;
+        if !up.broken && !self.needs_upload(hash, len, &mut replace)? {
             self.stream_abort(up);
             return Ok(false);
         }
         let finished = (|| {
-            if up.broken || len < up.sent {
+            if up.broken || len < up.sent || len.div_ceil(PART) > MAX_PARTS {
                 return Err(io::Error::other("the streamed upload broke off"));
             }
             let mut at = up.sent;
@@ -650,7 +749,8 @@ impl Remote {
             if at >= size {
                 return Ok(Some(at));
             }
-            let why = broke.unwrap_or_else(|| format!("ended at {at} of {size} bytes"));
+            let why =
+                self.redact(broke.unwrap_or_else(|| format!("ended at {at} of {size} bytes")));
             if since.elapsed() >= self.patience {
                 log::error!("{}: GET of {hash}: {why}", self.url);
                 return Err(io::Error::other(format!(
@@ -828,8 +928,9 @@ async fn range(
             Ok(v) => return Ok(v),
             Err(e @ object_store::Error::NotFound { .. }) => return Err(e),
             Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(e) => {
-                log::debug!("{key}: range {start}..{end}: {e}; asking again");
+            Err(_) => {
+                // (The error itself is told if the patience runs out: with credentials cut.)
+                log::debug!("{key}: range {start}..{end} failed; asking again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -993,6 +1094,61 @@ impl BlobCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No credential the process was given reaches a log line or an error's text, whatever
+    /// the server answered (its error body may quote them); a URL with credentials in it is
+    /// refused without being echoed.
+    #[test]
+    fn credentials_are_cut_out_of_errors() {
+        let vars: Vec<(String, String)> = [
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE1234"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t/KEY+value"),
+            ("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let remote = Remote::open_with("s3://bucket/prefix", &vars).unwrap();
+        let body = "<Error><Code>SignatureDoesNotMatch</Code><AWSAccessKeyId>AKIDEXAMPLE1234\
+                    </AWSAccessKeyId><CanonicalRequest>x-amz-security-token:\
+                    FwoGZXIvYXdzEXAMPLETOKEN s3cr3t/KEY+value</CanonicalRequest></Error>";
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: body.into(),
+        };
+        let text = remote.error("PUT", None, e).to_string();
+        for (_, secret) in &vars[..3] {
+            assert!(!text.contains(secret.as_str()), "{text}");
+        }
+        assert!(text.contains("SignatureDoesNotMatch"), "{text}");
+        let e = Remote::open_with("s3://AKIDEXAMPLE1234:s3cr3t@bucket/p", &vars).unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+    }
+
+    /// Every size up to S3's 5 TiB object limit (and so up to the default `--max-file-size`)
+    /// fits in its 10,000 parts of at least 5 MiB, with at most `PARALLEL` × `PART` bytes in
+    /// flight (or one part).
+    #[test]
+    fn parts_never_number_more_than_s3_takes() {
+        let limit = 5u64 << 40;
+        assert!(crate::fs::DEFAULT_MAX_FILE_SIZE <= limit);
+        let mut sizes = vec![1, PART, MAX_PARTS * PART, MAX_PARTS * PART + 1, 100 << 30];
+        sizes.extend((1..=64).map(|i| limit / 64 * i));
+        sizes.push(crate::fs::DEFAULT_MAX_FILE_SIZE);
+        for len in sizes {
+            let part = part_size(len);
+            assert!(len.div_ceil(part) <= MAX_PARTS, "{len}: {part}");
+            assert!((5 << 20..=5 << 30).contains(&part), "{len}: {part}");
+            assert_eq!(part % (1 << 20), 0);
+            let flying = parts_in_flight(part);
+            assert!((1..=PARALLEL).contains(&flying));
+            assert!(flying == 1 || flying as u64 * part <= PARALLEL as u64 * PART);
+        }
+        assert_eq!(part_size(1 << 30), PART);
+        assert_eq!(parts_in_flight(PART), PARALLEL);
+    }
 
     /// The least recently opened content goes first; open content never does.
     #[test]

@@ -526,7 +526,16 @@ impl Db {
             client: None,
             statements: HashMap::new(),
             depth: 0,
-            settings: Vec::new(),
+            // Every check-then-change (a commit's check that its object is there, gc's check
+            // that nothing uses one before it deletes it) is made under the write lock and must
+            // see what was committed before the lock was taken: each statement its own
+            // snapshot. A database or role whose default is `repeatable read` or
+            // `serializable` would give a transaction the snapshot of its first statement, the
+            // lock's, taken before the wait for it.
+            settings: vec![(
+                "default_transaction_isolation".to_owned(),
+                "read committed".to_owned(),
+            )],
             session_lock: None,
             lock_timeout: None,
             applied_lock_timeout: None,
@@ -994,6 +1003,34 @@ pub(crate) mod tests {
              CREATE UNIQUE INDEX t_by_name ON t (name)"
         ))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+
+    /// Transactions are `read committed` whatever the database's or role's default: a check
+    /// made under the write lock sees what was committed before the lock was taken.
+    #[test]
+    fn transactions_read_committed_whatever_the_default() {
+        let Some(url) = test_pg_url() else {
+            return;
+        };
+        let url = url.replace(
+            "options=",
+            "options=-cdefault_transaction_isolation%3Dserializable%20",
+        );
+        let db = Db::postgres(url.parse().unwrap()).unwrap();
+        db.begin_write().unwrap();
+        let level: String = db
+            .row("SHOW transaction_isolation", params![], |r| r.get(0))
+            .unwrap();
+        db.rollback().unwrap();
+        assert_eq!(level, "read committed");
+        // (Without it, a connection made with the same URL would have been serializable.)
+        let config: postgres::Config = url.parse().unwrap();
+        let mut raw = config.connect(postgres::NoTls).unwrap();
+        let default: String = raw
+            .query_one("SHOW transaction_isolation", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(default, "serializable");
     }
 
     #[test]
