@@ -1812,7 +1812,8 @@ impl ArtifactFs {
         w.dirty = false;
         w.committed = true;
         w.synced = durable;
-        w.expect = None;
+        // (`w.expect` stays: a file created again at a tombstone holds its last content until
+        // its release, whatever comes through the descriptor after a commit.)
         Ok(())
     }
 
@@ -2697,6 +2698,17 @@ mod tests {
         fs.release(fh).unwrap();
         let back = fs.lookup(art, b"f").unwrap();
         assert_eq!((back.ino, back.perm, back.sealed), (ino, 0o600, true));
+        assert_eq!(read_all(&fs, ino), b"the content");
+        // Its last content once more, committed, then more bytes through the same descriptor
+        // (`{ echo a; echo b; } > f`): refused; the path keeps its one content.
+        fs.unlink(art, b"f").unwrap();
+        let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"the content").unwrap();
+        fs.flush(fh).unwrap();
+        assert_eq!(refusal(fs.write(fh, 11, b" and more")), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.write(fh, 0, b"THE")), Refusal::NotPermitted);
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, ino), b"the content");
         // Its content gone (gc after the retention): compared by hash at close().
         fs.unlink(art, b"f").unwrap();
