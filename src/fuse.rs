@@ -268,11 +268,7 @@ fn file_type(k: NodeKind) -> FileType {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-    }
+    Caller::of_request(req.uid(), req.gid(), req.pid())
 }
 
 /// The `fuser::Filesystem` implementation.

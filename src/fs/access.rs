@@ -32,15 +32,19 @@ pub struct Credentials {
 impl Credentials {
     /// The caller's credentials: uid and gid from the request, supplementary groups and
     /// capabilities from `/proc/<pid>/status` (`pid` 0: this process). When the process is
-    /// gone or in another user namespace, only uid 0 keeps its privilege and no supplementary
-    /// group counts: a check can only be stricter than the kernel's, never looser.
+    /// gone, cannot be seen ([`super::UNKNOWN_PID`]: outside the daemon's pid namespace) or is
+    /// in another user namespace, only uid 0 keeps its privilege and no supplementary group
+    /// counts: a check can only be stricter than the kernel's, never looser.
     pub fn of(caller: Caller) -> Credentials {
         let proc = if caller.pid == 0 {
             "/proc/self".to_string()
         } else {
             format!("/proc/{}", caller.pid)
         };
-        let status = std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default();
+        let status = match caller.pid {
+            super::UNKNOWN_PID => String::new(),
+            _ => std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default(),
+        };
         let same_userns = match (
             std::fs::read_link(format!("{proc}/ns/user")),
             std::fs::read_link("/proc/self/ns/user"),
@@ -170,5 +174,11 @@ mod tests {
         });
         assert_eq!(gone.groups, Vec::<u32>::new());
         assert!(!gone.reads_all);
+        // A process the daemon cannot see (the kernel said pid 0): not this process, whose
+        // privileges (root's, in the test suite) it must not borrow.
+        let unseen = |uid| Credentials::of(Caller::of_request(uid, 1000, 0));
+        assert_eq!(unseen(1000).groups, Vec::<u32>::new());
+        assert!(!unseen(1000).reads_all);
+        assert!(unseen(0).reads_all, "uid 0 keeps its privilege");
     }
 }

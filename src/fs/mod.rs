@@ -124,8 +124,25 @@ pub enum NodeKind {
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
-    /// The calling process (0: this process), for the permission checks of `access`.
+    /// The calling process (0: this process; [`UNKNOWN_PID`]: one this process cannot see),
+    /// for the permission checks of `access`.
     pub pid: u32,
+}
+
+/// The `pid` of a [`Caller`] whose process the daemon cannot see: the kernel sends pid 0 for
+/// a process outside the daemon's pid namespace (a daemon in a container, callers on the
+/// host), which must not be taken for the daemon itself.
+pub const UNKNOWN_PID: u32 = u32::MAX;
+
+impl Caller {
+    /// The caller of a request as the kernel describes it (its pid 0: [`UNKNOWN_PID`]).
+    pub fn of_request(uid: u32, gid: u32, pid: u32) -> Caller {
+        Caller {
+            uid,
+            gid,
+            pid: if pid == 0 { UNKNOWN_PID } else { pid },
+        }
+    }
 }
 
 /// Attributes of an entry, as `stat` shows them.
@@ -2705,7 +2722,10 @@ mod tests {
         let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
         fs.write(fh, 0, b"the content").unwrap();
         fs.flush(fh).unwrap();
-        assert_eq!(refusal(fs.write(fh, 11, b" and more")), Refusal::NotPermitted);
+        assert_eq!(
+            refusal(fs.write(fh, 11, b" and more")),
+            Refusal::NotPermitted
+        );
         assert_eq!(refusal(fs.write(fh, 0, b"THE")), Refusal::NotPermitted);
         fs.flush(fh).unwrap();
         fs.release(fh).unwrap();
