@@ -278,11 +278,18 @@ struct Expected {
     size: u64,
     /// The content, while the store still has it: writes are compared as they arrive.
     blob: Option<Arc<Content>>,
+    /// Whether the writer could read the removed file (its mode bits, its owner): only then
+    /// is each write compared as it arrives. Anyone else learns whether the whole content is
+    /// the same at `close()`, never a byte or the size by a write's answer.
+    compare_writes: bool,
 }
 
 impl Expected {
     /// Why a write of `data` at `offset` cannot be part of the expected content, if it cannot.
     fn refuses(&self, offset: u64, data: &[u8]) -> Option<String> {
+        if !self.compare_writes {
+            return None;
+        }
         let end = offset.saturating_add(data.len() as u64);
         if end > self.size {
             return Some(format!(
@@ -1064,6 +1071,8 @@ impl ArtifactFs {
                         (Refusal::Busy, why),
                     ));
                 }
+                let compare_writes =
+                    access::Credentials::of(caller).may(&self.attr_of(&t), access::READ);
                 if !idx.recreate_at_tombstone(t.ino, mode & 0o7777, (uid, gid), now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
@@ -1073,6 +1082,7 @@ impl ArtifactFs {
                     hash,
                     size: t.size,
                     blob: None,
+                    compare_writes,
                 });
                 log::info!(
                     "create {}: the path held a file before; accepted if the bytes are the same ({} bytes, {hash})",
@@ -1111,7 +1121,10 @@ impl ArtifactFs {
             self.model_write_activity(unit.model, 1);
         }
         let fh = self.new_fh();
-        let expected = expect.as_ref().map(|x: &Expected| (x.hash, x.size));
+        let expected = expect
+            .as_ref()
+            .filter(|x| x.compare_writes)
+            .map(|x: &Expected| (x.hash, x.size));
         let writer = Writer {
             ino,
             body: body::Body::new(),
@@ -2728,6 +2741,28 @@ mod tests {
         );
         assert_eq!(refusal(fs.write(fh, 0, b"THE")), Refusal::NotPermitted);
         fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, ino), b"the content");
+        // Someone who could not read the removed file (mode 0600, another owner) learns
+        // nothing from a write's answer: not a byte, not the size; the whole content is
+        // compared at close().
+        fs.setattr(
+            ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+        fs.unlink(art, b"f").unwrap();
+        let other = Caller::of_request(2000, 2000, 0);
+        let (_, fh) = fs.create(other, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"X").unwrap();
+        fs.write(fh, 100, b"past its end").unwrap();
+        assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
+        assert_eq!(refusal(fs.lookup(art, b"f")), Refusal::NotFound);
+        let (_, fh) = fs.create(other, art, b"f", 0o644).unwrap();
+        fs.write(fh, 0, b"the content").unwrap();
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, ino), b"the content");
         // Its content gone (gc after the retention): compared by hash at close().
