@@ -144,6 +144,31 @@ fn a_file_sealed_on_one_machine_is_sealed_on_the_other() {
         "{e}"
     );
     assert_eq!(std::fs::read(m[0].path("runs/w/artifacts/a")).ok(), None);
+
+    // A file committed on machine 0 (a close() of a copy of its descriptor) but still open
+    // there for writing does not take a sealed path of the same content on machine 1: its
+    // writer could still change it there.
+    std::fs::write(m[0].path("runs/w/artifacts/s"), b"same").unwrap();
+    let mut t = std::fs::File::create(m[0].path("runs/w/artifacts/t")).unwrap();
+    t.write_all(b"same").unwrap();
+    drop(t.try_clone().unwrap()); // close() of a copy: the commit
+    let t_on_1 = m[1].path("runs/w/artifacts/t");
+    assert!(wait_until(Duration::from_secs(3), || t_on_1.exists()));
+    let e = std::fs::rename(&t_on_1, m[1].path("runs/w/artifacts/s")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{e}");
+    // The writer goes on with its own file; the sealed path keeps its content on both.
+    t.write_all(b" and more").unwrap();
+    drop(t);
+    let t_bytes = |i: usize| std::fs::read(m[i].path("runs/w/artifacts/t")).ok();
+    assert!(wait_until(Duration::from_secs(3), || t_bytes(1).as_deref()
+        == Some(&b"same and more"[..])));
+    assert_eq!(t_bytes(0).as_deref(), Some(&b"same and more"[..]));
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read(m[i].path("runs/w/artifacts/s")).unwrap(),
+            b"same"
+        );
+    }
 }
 
 /// `kill -9` of one machine's daemon while it writes: what its `close()`s returned for stays,

@@ -2167,15 +2167,27 @@ impl ArtifactFs {
                 && e.hash.is_some()
                 && e.hash == existing.hash;
             let open = |ino| lock(&self.writing).contains_key(&ino);
-            if same && (open(e.ino) || open(existing.ino)) && !retried {
+            // (A row committed while its writer on another machine still holds it open is not
+            // sealed: that writer may still change it, so it must not take a sealed path.)
+            let elsewhere = |row: &Entry| !self.is_sealed_row(row);
+            if same
+                && (open(e.ino) || open(existing.ino) || elsewhere(&e) || elsewhere(&existing))
+                && !retried
+            {
                 // A release already on its way (close() returned a moment ago): give it the
                 // same grace as open(), then decide again.
                 drop(idx);
                 self.wait_sealed(e.ino);
                 self.wait_sealed(existing.ino);
+                self.wait_sealed_elsewhere(e.ino);
+                self.wait_sealed_elsewhere(existing.ino);
                 return self.rename_once(parent, name, new_parent, new_name, exchange, true);
             }
-            let identical = same && !open(e.ino) && !open(existing.ino);
+            let identical = same
+                && !open(e.ino)
+                && !open(existing.ino)
+                && !elsewhere(&e)
+                && !elsewhere(&existing);
             if identical {
                 // As POSIX rename: the target name now names the source's inode (which the
                 // kernel's cache already assumes); the path's content is the same as before.
