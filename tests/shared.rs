@@ -163,9 +163,9 @@ fn a_file_sealed_on_one_machine_is_sealed_on_the_other() {
     assert!(wait_until(Duration::from_secs(3), || t_bytes(1).as_deref()
         == Some(&b"same and more"[..])));
     assert_eq!(t_bytes(0).as_deref(), Some(&b"same and more"[..]));
-    for i in 0..2 {
+    for machine in &m {
         assert_eq!(
-            std::fs::read(m[i].path("runs/w/artifacts/s")).unwrap(),
+            std::fs::read(machine.path("runs/w/artifacts/s")).unwrap(),
             b"same"
         );
     }
