@@ -171,6 +171,39 @@ fn a_file_sealed_on_one_machine_is_sealed_on_the_other() {
     }
 }
 
+/// Two machines replacing one rewritable file (`registered_model_meta`), both opened while it
+/// was sealed: the first to write has it; the other's write fails with `EBUSY` at once (its
+/// `close()` used to return 0 with its bytes silently dropped), and the file holds the
+/// first's bytes on both.
+#[test]
+fn two_machines_replacing_one_rewritable_file_do_not_both_succeed() {
+    let Some((m, _shared)) = Mount::machines("two_machines_replacing", 2) else {
+        return;
+    };
+    let rel = "runs/rw/artifacts/registered_model_meta";
+    std::fs::create_dir_all(m[0].path("runs/rw/artifacts")).unwrap();
+    std::fs::write(m[0].path(rel), b"version: 1\n").unwrap();
+    assert!(wait_until(Duration::from_secs(3), || std::fs::read(
+        m[1].path(rel)
+    )
+    .is_ok_and(|b| b == b"version: 1\n")));
+    let open = |i: usize| OpenOptions::new().write(true).open(m[i].path(rel)).unwrap();
+    let (mut a, mut b) = (open(0), open(1));
+    a.write_all(b"version: 2\n").unwrap();
+    let e = b.write_all(b"version: 3\n").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    drop(a);
+    drop(b);
+    for machine in &m {
+        assert!(
+            wait_until(Duration::from_secs(3), || std::fs::read(machine.path(rel))
+                .is_ok_and(|got| got == b"version: 2\n")),
+            "{:?}",
+            std::fs::read(machine.path(rel))
+        );
+    }
+}
+
 /// `kill -9` of one machine's daemon while it writes: what its `close()`s returned for stays,
 /// with its bytes, on the other machine; the file it was still writing is never shown with
 /// its partial bytes there, and is gone (its name free again) once that machine starts again;

@@ -2348,6 +2348,25 @@ impl Index {
         if n == 0 && session != 0 && !postgres::session_exists(&self.db, session)? {
             return Err(lease_lost(session));
         }
+        if n == 0 {
+            // Another daemon's writer has the row (two machines replacing one rewritable file,
+            // both opened while it was sealed): this writer may not change it, and is told so
+            // now rather than find at its commit that the row was never its own.
+            let taken: bool = self.db.row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM entries WHERE ino = ?1 AND state IN \
+                     ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED}, {STATE_COMMITTED_OPEN}))"
+                ),
+                params![ino as i64],
+                |r| r.get(0),
+            )?;
+            if taken {
+                log::warn!(
+                    "inode {ino}: another machine is writing it; this writer's changes are refused [EBUSY]"
+                );
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+        }
         Ok(())
     }
 
