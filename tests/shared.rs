@@ -204,6 +204,68 @@ fn two_machines_replacing_one_rewritable_file_do_not_both_succeed() {
     }
 }
 
+/// Registration by reference on one machine of a run directory a file of which another
+/// machine committed but still holds open for writing: `EBUSY` (it could still change), then,
+/// once that writer closed, registered with the sealed bytes.
+#[test]
+fn registering_a_source_still_written_on_another_machine_is_busy() {
+    let Some((m, _shared)) = Mount::machines("registering_a_source_still_written", 2) else {
+        return;
+    };
+    sh_ok(
+        &m[0].mnt,
+        &format!(
+            "mkdir -p runs/r1 models/x && cp -r '{}' runs/r1/artifacts/model",
+            fixture("sklearn_iris").display()
+        ),
+    );
+    let notes = "runs/r1/artifacts/model/notes.txt";
+    let mut w = std::fs::File::create(m[0].path(notes)).unwrap();
+    w.write_all(b"draft").unwrap();
+    drop(w.try_clone().unwrap()); // close() of a copy: the commit
+    assert!(wait_until(Duration::from_secs(3), || m[1]
+        .path(notes)
+        .exists()));
+    let register = |version: &std::ffi::CStr| {
+        let path =
+            std::ffi::CString::new(m[1].path("models/x").into_os_string().into_encoded_bytes())
+                .unwrap();
+        let source = b"runs/r1/artifacts/model";
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                version.as_ptr(),
+                source.as_ptr().cast(),
+                source.len(),
+                0,
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error().raw_os_error()),
+        }
+    };
+    assert_eq!(
+        register(c"user.artifactfs.register.early"),
+        Err(Some(libc::EBUSY))
+    );
+    assert!(!m[1].path("models/x/early").exists());
+    w.write_all(b" and final").unwrap();
+    drop(w);
+    let mut last = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            last = Some(register(c"user.artifactfs.register.later"));
+            last == Some(Ok(()))
+        }),
+        "not registered once the writer closed: {last:?}"
+    );
+    assert_eq!(
+        std::fs::read(m[1].path("models/x/later/notes.txt")).unwrap(),
+        b"draft and final"
+    );
+}
+
 /// `kill -9` of one machine's daemon while it writes: what its `close()`s returned for stays,
 /// with its bytes, on the other machine; the file it was still writing is never shown with
 /// its partial bytes there, and is gone (its name free again) once that machine starts again;

@@ -911,20 +911,23 @@ impl ArtifactFs {
                         return Ok(Err((Refusal::AccessDenied, why)));
                     }
                 }
-                let busy = {
-                    let writing = lock(&self.writing);
-                    batch.iter().find(|e| {
-                        e.kind == Kind::File
-                            && (e.state != State::Live || writing.contains_key(&e.ino))
-                    })
-                };
+                // (A row committed while still open counts as being written when its writer
+                // is on another machine: `is_sealed_row`, which takes `writing` itself.)
+                let busy = batch.iter().find(|e| {
+                    e.kind == Kind::File
+                        && (!self.is_sealed_row(e) || lock(&self.writing).contains_key(&e.ino))
+                });
                 if let Some(e) = busy {
-                    if waited != Some(e.ino) && lock(&self.writing).contains_key(&e.ino) {
+                    let elsewhere = e.state == State::Live && !self.is_sealed_row(e);
+                    if waited != Some(e.ino)
+                        && (elsewhere || lock(&self.writing).contains_key(&e.ino))
+                    {
                         // A release already on its way (close() returned a moment ago): the
                         // same grace as open(), then this batch again.
                         let ino = e.ino;
                         drop(idx);
                         self.wait_sealed(ino);
+                        self.wait_sealed_elsewhere(ino);
                         waited = Some(ino);
                         continue;
                     }
