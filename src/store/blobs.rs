@@ -652,15 +652,7 @@ impl BlobStore {
         map.retain(|_, w| w.strong_count() > 0);
         let (file, tmp) = self.new_temp()?;
         let size = check.size();
-        let arriving = Arc::new(Arriving {
-            size,
-            file: Arc::new(file),
-            progress: Mutex::new(Progress {
-                good: 0,
-                failed: None,
-            }),
-            arrived: Condvar::new(),
-        });
+        let arriving = Arriving::new(size, Arc::new(file));
         let job = Fetch {
             hash: *hash,
             check,
@@ -741,6 +733,19 @@ struct Progress {
 }
 
 impl Arriving {
+    /// Content of `size` bytes arriving into `file`, nothing of it checked yet.
+    fn new(size: u64, file: Arc<File>) -> Arc<Arriving> {
+        Arc::new(Arriving {
+            size,
+            file,
+            progress: Mutex::new(Progress {
+                good: 0,
+                failed: None,
+            }),
+            arrived: Condvar::new(),
+        })
+    }
+
     fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1043,17 +1048,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         fs::write(&path, b"0123456789").unwrap();
-        let new = || {
-            Arc::new(Arriving {
-                size: 10,
-                file: Arc::new(File::open(&path).unwrap()),
-                progress: Mutex::new(Progress {
-                    good: 0,
-                    failed: None,
-                }),
-                arrived: Condvar::new(),
-            })
-        };
+        let new = || Arriving::new(10, Arc::new(File::open(&path).unwrap()));
         let a = new();
         assert!(!a.ready(1));
         let reader = {
@@ -1094,15 +1089,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         fs::write(&path, b"0123456789").unwrap();
-        let a = Arc::new(Arriving {
-            size: 10,
-            file: Arc::new(File::open(&path).unwrap()),
-            progress: Mutex::new(Progress {
-                good: 0,
-                failed: None,
-            }),
-            arrived: Condvar::new(),
-        });
+        let a = Arriving::new(10, Arc::new(File::open(&path).unwrap()));
         let hash = Hash([7; 32]);
         let map = Mutex::new(HashMap::from([(hash, Arc::downgrade(&a))]));
         let in_map = |map: &Mutex<HashMap<Hash, Weak<Arriving>>>| {
@@ -1135,15 +1122,7 @@ mod tests {
         assert!(abandoned(&a, &map, &hash, &mut since));
         assert!(!in_map(&map), "an abandoned fetch is out of the map");
         // Another content's entry is left alone.
-        let other = Arc::new(Arriving {
-            size: 10,
-            file: a.file.clone(),
-            progress: Mutex::new(Progress {
-                good: 0,
-                failed: None,
-            }),
-            arrived: Condvar::new(),
-        });
+        let other = Arriving::new(10, a.file.clone());
         map.lock().unwrap().insert(hash, Arc::downgrade(&other));
         since = Some(long_ago);
         assert!(abandoned(&a, &map, &hash, &mut since));
