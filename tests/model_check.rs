@@ -545,13 +545,13 @@ impl Model {
         }
     }
 
-    /// A commit of a file created again at a tombstone happens only with its last content.
+    /// A commit of a file created again at a tombstone happens only with its last content
+    /// (which it must keep until its release: the expectation goes only then).
     fn commit_checked(&mut self, node: usize) -> Result<(), &'static str> {
-        if let Some(x) = &self.nodes[node].expect {
-            if *x != self.nodes[node].content {
-                return Err("NotPermitted");
-            }
-            self.nodes[node].expect = None;
+        if let Some(x) = &self.nodes[node].expect
+            && *x != self.nodes[node].content
+        {
+            return Err("NotPermitted");
         }
         self.commit(node);
         Ok(())
@@ -623,6 +623,7 @@ impl Model {
                     self.nodes[id].attached = false;
                     return Err("NotPermitted");
                 }
+                self.nodes[id].expect = None;
                 Ok(Out::Attr(self.attr(id)))
             }
             Op::Open { path, flags } => {
@@ -745,6 +746,7 @@ impl Model {
                         self.nodes[hd.node].attached = false;
                         return Err("NotPermitted");
                     }
+                    self.nodes[hd.node].expect = None;
                 }
                 Ok(Out::Unit)
             }
