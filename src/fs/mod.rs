@@ -1395,6 +1395,10 @@ impl ArtifactFs {
         );
         let ino = r.ino;
         drop(r);
+        // The kernel cut its idea of the size and pages at the `O_TRUNC` open, after that
+        // open's own reply (the invalidation queued there may have come first): told again now
+        // that the open is long through, so that `cat` on this machine shows the sealed bytes.
+        self.invalidate_inode(ino);
         Err(self.deny_ino("close", ino, (Refusal::NotPermitted, why)))
     }
 
@@ -1703,7 +1707,14 @@ impl ArtifactFs {
                 return Ok(());
             }
             Some(Handle::Rewrite(r)) => {
-                let ino = lock(&r).ino;
+                let (ino, cut) = {
+                    let r = lock(&r);
+                    (r.ino, !r.complete())
+                };
+                if cut {
+                    // (As at a refused close: the kernel's truncation came after the open.)
+                    self.invalidate_inode(ino);
+                }
                 self.forget_if_closed(ino);
                 return Ok(());
             }
