@@ -36,15 +36,20 @@ impl Credentials {
     /// in another user namespace, only uid 0 keeps its privilege and no supplementary group
     /// counts: a check can only be stricter than the kernel's, never looser.
     pub fn of(caller: Caller) -> Credentials {
+        if caller.pid == super::UNKNOWN_PID {
+            return Credentials {
+                uid: caller.uid,
+                gid: caller.gid,
+                groups: Vec::new(),
+                reads_all: caller.uid == 0,
+            };
+        }
         let proc = if caller.pid == 0 {
             "/proc/self".to_string()
         } else {
             format!("/proc/{}", caller.pid)
         };
-        let status = match caller.pid {
-            super::UNKNOWN_PID => String::new(),
-            _ => std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default(),
-        };
+        let status = std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default();
         let same_userns = match (
             std::fs::read_link(format!("{proc}/ns/user")),
             std::fs::read_link("/proc/self/ns/user"),

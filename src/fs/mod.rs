@@ -648,6 +648,14 @@ impl ArtifactFs {
         }
     }
 
+    /// A release of `ino` on its way, here ([`Self::wait_sealed`]) or on another daemon
+    /// ([`Self::wait_sealed_elsewhere`]), given its moment; whether a writer here still has it.
+    fn wait_released(&self, ino: u64) -> bool {
+        let busy = self.wait_sealed(ino);
+        self.wait_sealed_elsewhere(ino);
+        busy
+    }
+
     /// On a read-only daemon beside a writer: a file the writer committed but had not released
     /// yet is given the same moment for its seal to reach the index (the writer's release may
     /// follow the `close()` by a few milliseconds, its seal by up to one tick), so `close()` on
@@ -1171,8 +1179,7 @@ impl ArtifactFs {
 
     /// Opens an existing file. Only sealed files can be opened, and only for reading.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
-        let busy = self.wait_sealed(ino);
-        self.wait_sealed_elsewhere(ino);
+        let busy = self.wait_released(ino);
         let idx = self.store.index();
         let (e, damaged) = match idx.get_checked(ino)? {
             Some((e, damaged)) if e.state != State::Tombstone => (e, damaged),
@@ -1707,14 +1714,9 @@ impl ArtifactFs {
                 return Ok(());
             }
             Some(Handle::Rewrite(r)) => {
-                let (ino, cut) = {
-                    let r = lock(&r);
-                    (r.ino, !r.complete())
-                };
-                if cut {
-                    // (As at a refused close: the kernel's truncation came after the open.)
-                    self.invalidate_inode(ino);
-                }
+                // (An incomplete rewrite's last close was refused, and had the kernel's cached
+                // size and pages dropped: see `rewrite_flush`.)
+                let ino = lock(&r).ino;
                 self.forget_if_closed(ino);
                 return Ok(());
             }
@@ -2177,29 +2179,21 @@ impl ArtifactFs {
                 && e.state == State::Live
                 && e.hash.is_some()
                 && e.hash == existing.hash;
-            let open = |ino| lock(&self.writing).contains_key(&ino);
-            // (A row committed while its writer on another machine still holds it open is not
-            // sealed: that writer may still change it, so it must not take a sealed path.)
-            let elsewhere = |row: &Entry| !self.is_sealed_row(row);
-            if same
-                && (open(e.ino) || open(existing.ino) || elsewhere(&e) || elsewhere(&existing))
-                && !retried
-            {
+            // Both sealed: no writer here, nor one on another machine that committed the row
+            // and still holds it open (it could still change it).
+            let sealed = |row: &Entry| {
+                self.is_sealed_row(row) && !lock(&self.writing).contains_key(&row.ino)
+            };
+            let settled = sealed(&e) && sealed(&existing);
+            if same && !settled && !retried {
                 // A release already on its way (close() returned a moment ago): give it the
                 // same grace as open(), then decide again.
                 drop(idx);
-                self.wait_sealed(e.ino);
-                self.wait_sealed(existing.ino);
-                self.wait_sealed_elsewhere(e.ino);
-                self.wait_sealed_elsewhere(existing.ino);
+                self.wait_released(e.ino);
+                self.wait_released(existing.ino);
                 return self.rename_once(parent, name, new_parent, new_name, exchange, true);
             }
-            let identical = same
-                && !open(e.ino)
-                && !open(existing.ino)
-                && !elsewhere(&e)
-                && !elsewhere(&existing);
-            if identical {
+            if same && settled {
                 // As POSIX rename: the target name now names the source's inode (which the
                 // kernel's cache already assumes); the path's content is the same as before.
                 log::info!(
@@ -2310,8 +2304,7 @@ impl ArtifactFs {
             // A RELEASE already on its way (`close()` returned a moment ago) is given the same
             // grace as for `open`: the kernel does not wait for it, so this request may come
             // first (found on a shared store: `echo x > f; getfattr f` answered ENODATA).
-            self.wait_sealed(ino);
-            self.wait_sealed_elsewhere(ino);
+            self.wait_released(ino);
         }
         let idx = self.store.index();
         let e = Self::visible(&idx, ino)?;

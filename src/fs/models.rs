@@ -918,16 +918,16 @@ impl ArtifactFs {
                         && (!self.is_sealed_row(e) || lock(&self.writing).contains_key(&e.ino))
                 });
                 if let Some(e) = busy {
-                    let elsewhere = e.state == State::Live && !self.is_sealed_row(e);
+                    // (A live row is busy only while a release, here or on another machine,
+                    // may be on its way.)
                     if waited != Some(e.ino)
-                        && (elsewhere || lock(&self.writing).contains_key(&e.ino))
+                        && (e.state == State::Live || lock(&self.writing).contains_key(&e.ino))
                     {
                         // A release already on its way (close() returned a moment ago): the
                         // same grace as open(), then this batch again.
                         let ino = e.ino;
                         drop(idx);
-                        self.wait_sealed(ino);
-                        self.wait_sealed_elsewhere(ino);
+                        self.wait_released(ino);
                         waited = Some(ino);
                         continue;
                     }
