@@ -869,11 +869,8 @@ impl Fetch {
             dir,
             map,
         } = &mut self;
+        // (When its handles let go of it is seen as the bytes arrive: see `abandoned`.)
         let mut unread = None;
-        if abandoned(arriving, map, hash, &mut unread) {
-            log::debug!("content {hash}: no handle reads it any more; not fetched");
-            return;
-        }
         let a: &Arriving = arriving;
         // Should this thread end any other way than below (a panic), no reader waits forever.
         let _ends = Ends(a);

@@ -117,6 +117,13 @@ pub struct Remote {
     secrets: Vec<String>,
 }
 
+/// `text` with each of `secrets` cut out.
+fn redact(secrets: &[String], text: String) -> String {
+    secrets
+        .iter()
+        .fold(text, |t, secret| t.replace(secret.as_str(), "<credential>"))
+}
+
 /// The variables whose values are credentials (or, with them, name one).
 const SECRET_VARS: &[&str] = &[
     "AWS_ACCESS_KEY_ID",
@@ -161,11 +168,6 @@ impl Remote {
             .filter_map(|name| var(name))
             .filter(|v| v.len() >= 4)
             .collect();
-        let redact = |text: String| {
-            secrets
-                .iter()
-                .fold(text, |t, secret| t.replace(secret.as_str(), "<credential>"))
-        };
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad(format!("--blobs {url}: expected s3://BUCKET[/PREFIX]")))?;
@@ -202,7 +204,7 @@ impl Remote {
             (ClientConfigKey::Timeout, "120s"),
         ];
         let base = format!("{scheme}://{bucket}");
-        let fail = |e: object_store::Error| bad(redact(format!("--blobs {url}: {e}")));
+        let fail = |e: object_store::Error| bad(redact(&secrets, format!("--blobs {url}: {e}")));
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env();
@@ -280,9 +282,7 @@ impl Remote {
 
     /// `text` with every credential this process was given cut out.
     fn redact(&self, text: String) -> String {
-        self.secrets
-            .iter()
-            .fold(text, |t, secret| t.replace(secret.as_str(), "<credential>"))
+        redact(&self.secrets, text)
     }
 
     pub fn url(&self) -> &str {
@@ -542,9 +542,8 @@ impl Remote {
         file: &File,
         len: u64,
         hash: &Hash,
-        replace: bool,
+        mut replace: bool,
     ) -> io::Result<bool> {
-        let mut replace = replace;
         if !up.broken && !self.needs_upload(hash, len, &mut replace)? {
             self.stream_abort(up);
             return Ok(false);
