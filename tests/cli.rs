@@ -5,7 +5,6 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -100,25 +99,6 @@ impl Drop for Foreground {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
     }
-}
-
-/// `setxattr(2)`.
-fn setxattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    if unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn blob_path(store: &Path, sha: &str) -> PathBuf {

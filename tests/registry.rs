@@ -7,7 +7,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::Duration;
@@ -892,29 +891,14 @@ fn a_draft_pending_at_unmount_is_validated_after_the_remount() {
 fn register_xattr(m: &Mount, model: &str, dir: &str, source: &[u8]) -> String {
     let path = m.path(&format!("models/{model}"));
     let name = format!("user.artifactfs.register.{dir}");
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let rc = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            source.as_ptr().cast(),
-            source.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        "ok".into()
-    } else {
-        let e = std::io::Error::last_os_error().raw_os_error().unwrap();
-        match e {
-            libc::EINVAL => "EINVAL".into(),
-            libc::ENOENT => "ENOENT".into(),
-            libc::EBUSY => "EBUSY".into(),
-            libc::EEXIST => "EEXIST".into(),
-            libc::EACCES => "EACCES".into(),
-            other => format!("errno {other}"),
-        }
+    match setxattr(&path, &name, source).map_err(|e| e.raw_os_error().unwrap()) {
+        Ok(()) => "ok".into(),
+        Err(libc::EINVAL) => "EINVAL".into(),
+        Err(libc::ENOENT) => "ENOENT".into(),
+        Err(libc::EBUSY) => "EBUSY".into(),
+        Err(libc::EEXIST) => "EEXIST".into(),
+        Err(libc::EACCES) => "EACCES".into(),
+        Err(other) => format!("errno {other}"),
     }
 }
 

@@ -31,6 +31,15 @@ fn new_store(test: &str, endpoint: Option<&str>) -> Option<(String, String, Stri
 }
 
 /// A daemon of the store `index` + `s3://bucket/blobs` with `args` and `env` too.
+/// The size of a piece of content served as it arrives (see `artifactfs::store::pieces`).
+const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
+
+/// The test's own handle on `bucket` of the S3 server at `endpoint` (to damage or list objects).
+fn bucket_of(bucket: &str, endpoint: &str) -> artifactfs::store::s3::Remote {
+    artifactfs::store::s3::Remote::open_with(&format!("s3://{bucket}/blobs"), &s3_env_for(endpoint))
+        .unwrap()
+}
+
 fn machine(test: &str, index: &str, bucket: &str, args: &[&str], env: &[(&str, &str)]) -> Mount {
     let blobs = format!("s3://{bucket}/blobs");
     let mut all = vec!["--index", index, "--blobs", blobs.as_str()];
@@ -484,11 +493,7 @@ fn a_damaged_object_is_never_served_and_fsck_names_its_paths() {
     std::fs::write(a.path(&format!("{dir}/model.bin")), &good).unwrap();
     std::fs::write(a.path(&format!("{dir}/other.bin")), &other).unwrap();
     let hash = artifactfs::store::Hash::of(&good);
-    let remote = artifactfs::store::s3::Remote::open_with(
-        &format!("s3://{bucket}/blobs"),
-        &s3_env_for(&endpoint),
-    )
-    .unwrap();
+    let remote = bucket_of(&bucket, &endpoint);
     // Truncated: the first half of the bytes under the same key.
     remote.put_raw(&hash, &good[..100_000]).unwrap();
 
@@ -553,7 +558,6 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     let Some((index, bucket, endpoint)) = new_store(test, None) else {
         return;
     };
-    const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
     let a = machine(test, &index, &bucket, &[], &[]);
     let dir = "runs/p/artifacts";
     std::fs::create_dir_all(a.path(dir)).unwrap();
@@ -562,11 +566,7 @@ fn a_large_content_is_served_piece_by_piece_as_it_arrives() {
     let other = pseudo_random(10, 2 * PIECE + 500_000);
     std::fs::write(a.path(&format!("{dir}/other.bin")), &other).unwrap();
     let hash = artifactfs::store::Hash::of(&good);
-    let remote = artifactfs::store::s3::Remote::open_with(
-        &format!("s3://{bucket}/blobs"),
-        &s3_env_for(&endpoint),
-    )
-    .unwrap();
+    let remote = bucket_of(&bucket, &endpoint);
     let mut damaged = good.clone();
     damaged[2 * PIECE + 500] ^= 1;
     remote.put_raw(&hash, &damaged).unwrap();
@@ -637,11 +637,7 @@ fn an_object_of_the_wrong_size_is_replaced_by_a_writer_of_its_content() {
     let Some((index, bucket, endpoint)) = new_store(test, None) else {
         return;
     };
-    let remote = artifactfs::store::s3::Remote::open_with(
-        &format!("s3://{bucket}/blobs"),
-        &s3_env_for(&endpoint),
-    )
-    .unwrap();
+    let remote = bucket_of(&bucket, &endpoint);
     let small = pseudo_random(13, 300_000);
     let large = pseudo_random(14, 20 << 20);
     for bytes in [&small, &large] {
@@ -675,7 +671,6 @@ fn a_fetch_nobody_reads_any_more_stops() {
     let Some((index, bucket, _endpoint)) = new_store(test, None) else {
         return;
     };
-    const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
     let a = machine(test, &index, &bucket, &[], &[]);
     let dir = "runs/h/artifacts";
     std::fs::create_dir_all(a.path(dir)).unwrap();
@@ -733,11 +728,7 @@ fn gc_deletes_unused_objects_past_the_upload_grace_only() {
     std::fs::write(a.path(&format!("{dir}/removed")), &removed).unwrap();
     std::fs::remove_file(a.path(&format!("{dir}/removed"))).unwrap();
     // An object no row uses yet (an upload whose commit is still to come).
-    let remote = artifactfs::store::s3::Remote::open_with(
-        &format!("s3://{bucket}/blobs"),
-        &s3_env_for(&endpoint),
-    )
-    .unwrap();
+    let remote = bucket_of(&bucket, &endpoint);
     let orphan = b"uploaded, not committed yet".repeat(4000);
     remote
         .upload_bytes(&orphan, &artifactfs::store::Hash::of(&orphan), false)
@@ -999,7 +990,6 @@ fn a_rewrite_of_cold_content_waits_off_the_request_threads() {
     };
     let (s3, index, bucket) = (&own.s3, own.index.as_str(), own.bucket.as_str());
     let env = own.env();
-    const PIECE: usize = artifactfs::store::pieces::PIECE as usize;
     let a = machine(test, index, bucket, &[], &env);
     let dir = "runs/rw/artifacts";
     std::fs::create_dir_all(a.path(dir)).unwrap();

@@ -226,36 +226,22 @@ fn registering_a_source_still_written_on_another_machine_is_busy() {
     assert!(wait_until(Duration::from_secs(3), || m[1]
         .path(notes)
         .exists()));
-    let register = |version: &std::ffi::CStr| {
-        let path =
-            std::ffi::CString::new(m[1].path("models/x").into_os_string().into_encoded_bytes())
-                .unwrap();
-        let source = b"runs/r1/artifacts/model";
-        let rc = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                version.as_ptr(),
-                source.as_ptr().cast(),
-                source.len(),
-                0,
-            )
-        };
-        match rc {
-            0 => Ok(()),
-            _ => Err(std::io::Error::last_os_error().raw_os_error()),
-        }
+    let register = |version: &str| {
+        setxattr(
+            &m[1].path("models/x"),
+            &format!("user.artifactfs.register.{version}"),
+            b"runs/r1/artifacts/model",
+        )
+        .map_err(|e| e.raw_os_error())
     };
-    assert_eq!(
-        register(c"user.artifactfs.register.early"),
-        Err(Some(libc::EBUSY))
-    );
+    assert_eq!(register("early"), Err(Some(libc::EBUSY)));
     assert!(!m[1].path("models/x/early").exists());
     w.write_all(b" and final").unwrap();
     drop(w);
     let mut last = None;
     assert!(
         wait_until(Duration::from_secs(5), || {
-            last = Some(register(c"user.artifactfs.register.later"));
+            last = Some(register("later"));
             last == Some(Ok(()))
         }),
         "not registered once the writer closed: {last:?}"
