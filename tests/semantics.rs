@@ -818,6 +818,14 @@ fn registered_model_meta_may_be_replaced_and_keeps_its_history() {
         lines[2].contains(&sha256_hex(b"model_name: null\n")) && lines[2].ends_with("current"),
         "{text}"
     );
+    // `mv` of a file with the same content onto it (a tool's temp file, renamed into place)
+    // leaves the path its history.
+    fs::write(art.join("meta.tmp"), "model_name: null\n").unwrap();
+    fs::rename(art.join("meta.tmp"), art.join("registered_model_meta")).unwrap();
+    let out = m.cli(&["ls", "--history", "runs/r1/artifacts/registered_model_meta"]);
+    assert!(out.status.success(), "{out:?}");
+    let after = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(after.lines().count(), 3, "{after}");
     // The exception can be turned off.
     m.unmount();
     m.mount(&["--rewritable", "none"]);

@@ -462,9 +462,10 @@ const INSERT_SKIPPING_TAKEN: &str = "INSERT INTO entries
      VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, ?11)
      ON CONFLICT DO NOTHING";
 
-/// Deletes the row of committed file `ino` that a rename onto identical content replaces;
-/// `false` if it is no longer such a file (nothing deleted).
-fn delete_replaced(db: &Db, ino: u64) -> io::Result<bool> {
+/// Deletes the row of committed file `ino` that a rename of file `by` onto identical content
+/// replaces, and gives `by` its history; `false` if it is no longer such a file (nothing
+/// deleted).
+fn delete_replaced(db: &Db, ino: u64, by: u64) -> io::Result<bool> {
     let gone = db.exec(
         &format!(
             "DELETE FROM entries WHERE ino = ?1 AND kind = 2
@@ -472,6 +473,13 @@ fn delete_replaced(db: &Db, ino: u64) -> io::Result<bool> {
         ),
         params![ino as i64],
     )?;
+    if gone == 1 {
+        // The path's earlier contents (a rewritable file's history) stay the path's.
+        db.exec(
+            "UPDATE history SET ino = ?2 WHERE ino = ?1",
+            params![ino as i64, by as i64],
+        )?;
+    }
     Ok(gone == 1)
 }
 
@@ -2490,7 +2498,7 @@ impl Index {
                 row_to_entry,
             )?;
             if let Some(r) = replacing
-                && !delete_replaced(&idx.db, r)?
+                && !delete_replaced(&idx.db, r, ino)?
             {
                 return Ok(false);
             }
@@ -2556,7 +2564,7 @@ impl Index {
         now: i64,
     ) -> io::Result<bool> {
         if let Some(r) = replacing {
-            if !delete_replaced(&self.db, r)? {
+            if !delete_replaced(&self.db, r, ino)? {
                 return Ok(false);
             }
         } else if self.row_at(new_parent, new_name)? {
