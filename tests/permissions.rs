@@ -276,6 +276,61 @@ fn uid_and_gid_options_own_every_entry() {
     }
 }
 
+/// A directory with the setgid bit passes its group on to what is made in it, and the bit to
+/// new directories, exactly as on the local file system beside the mount: files and `mkdir -p`
+/// by a user outside that group, `mkdir` and `cp -r` by root.
+#[test]
+fn setgid_directories_pass_their_group_on_as_on_the_local_file_system() {
+    let Some(mut m) = mount(
+        "setgid_directories_pass_their_group_on_as_on_the_local_file_system",
+        &["--allow-other"],
+    ) else {
+        return;
+    };
+    let local = m.dir.path().join("local");
+    std::fs::create_dir_all(local.join("runs/s/artifacts")).unwrap();
+    sh_ok(&m.mnt, "mkdir runs/s");
+    let mut seen = Vec::new();
+    for root in [&local, &m.mnt] {
+        let a = root.join("runs/s/artifacts");
+        sh_ok(
+            root,
+            &format!("chown 0:{GROUP} runs/s/artifacts && chmod 2777 runs/s/artifacts"),
+        );
+        // NOBODY is not in GROUP: the file still takes GROUP (and loses a setgid bit it asks
+        // for, which the kernel strips).
+        assert_eq!(nobody("create(a[0] + '/f', b'x', 0o644)", &[&a]), "ok");
+        assert_eq!(nobody("create(a[0] + '/g', b'y', 0o2755)", &[&a]), "ok");
+        assert_eq!(nobody("os.mkdir(a[0] + '/d', 0o755)", &[&a]), "ok");
+        assert_eq!(nobody("os.makedirs(a[0] + '/d/e/f', 0o700)", &[&a]), "ok");
+        assert_eq!(
+            nobody("create(a[0] + '/d/e/f/h', b'z', 0o600)", &[&a]),
+            "ok"
+        );
+        // Root's own group is 0: what root makes here takes GROUP too.
+        sh_ok(&a, "mkdir r && echo r > r/x && cp -r r c");
+        seen.push(sh_ok(
+            &a,
+            "stat -c '%n %u %g %A' f g d d/e d/e/f d/e/f/h r r/x c c/x",
+        ));
+    }
+    assert_eq!(seen[0], seen[1], "local file system, then the mount");
+    assert!(
+        seen[1].contains(&format!("f {NOBODY} {GROUP} -rw-r--r--"))
+            && seen[1].contains(&format!("d {NOBODY} {GROUP} drwxr-sr-x")),
+        "{}",
+        seen[1]
+    );
+    // Recorded: the same after a remount.
+    m.unmount();
+    m.mount(&["--allow-other"]);
+    let again = sh_ok(
+        &m.path("runs/s/artifacts"),
+        "stat -c '%n %u %g %A' f g d d/e d/e/f d/e/f/h r r/x c c/x",
+    );
+    assert_eq!(again, seen[1]);
+}
+
 #[test]
 fn the_store_is_private_to_its_owner() {
     let Some(m) = mount("the_store_is_private_to_its_owner", &[]) else {

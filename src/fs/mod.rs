@@ -574,6 +574,17 @@ impl ArtifactFs {
         )
     }
 
+    /// The owner of a new entry in directory `dir`: as [`ArtifactFs::owner`], except that a
+    /// directory with the setgid bit passes its group on (as every local file system does).
+    fn owner_in(&self, caller: Caller, dir: &Entry) -> (u32, u32) {
+        let (uid, gid) = self.owner(caller);
+        let gid = match self.opts.gid {
+            None if dir.mode & libc::S_ISGID != 0 => dir.gid,
+            _ => gid,
+        };
+        (uid, gid)
+    }
+
     fn writer_of(&self, ino: u64) -> Option<Arc<Mutex<Writer>>> {
         let fh = *lock(&self.writing).get(&ino)?;
         match self
@@ -873,11 +884,13 @@ impl ArtifactFs {
     // ----- directories ---------------------------------------------------------------------
 
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &[u8], mode: u32) -> FsResult<Attr> {
-        let (uid, gid) = self.owner(caller);
         let entry = {
             let idx = self.store.index();
             self.read_only(&idx, "mkdir", parent, Some(name))?;
             let pdir = Self::dir(&idx, parent)?;
+            let (uid, gid) = self.owner_in(caller, &pdir);
+            // A directory made in a setgid directory is setgid too.
+            let inherited = pdir.mode & libc::S_ISGID;
             let place = namespace::place_of(pdir.ino, pdir.zone);
             let zone = namespace::mkdir(place, name)
                 .map_err(|r| Self::deny(&idx, "mkdir", parent, Some(name), r))?;
@@ -888,7 +901,7 @@ impl ArtifactFs {
                 parent,
                 name,
                 zone,
-                mode & 0o7777,
+                mode & 0o7777 | inherited,
                 uid,
                 gid,
                 now,
@@ -902,7 +915,7 @@ impl ArtifactFs {
                     ino,
                     namespace::ARTIFACTS,
                     Zone::RunTree,
-                    0o755,
+                    0o755 | inherited,
                     uid,
                     gid,
                     now,
@@ -1041,11 +1054,11 @@ impl ArtifactFs {
         mode: u32,
         retried: bool,
     ) -> FsResult<(Attr, u64)> {
-        let (uid, gid) = self.owner(caller);
         let now = now_ns();
         let idx = self.store.index();
         self.read_only(&idx, "create", parent, Some(name))?;
         let pdir = Self::dir(&idx, parent)?;
+        let (uid, gid) = self.owner_in(caller, &pdir);
         let zone = namespace::create_file(namespace::place_of(pdir.ino, pdir.zone), name)
             .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
         self.model_guard(&idx, "create", &pdir, Some(name))?;

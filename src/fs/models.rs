@@ -771,10 +771,11 @@ impl ArtifactFs {
         dir_name: &[u8],
         source: &[u8],
     ) -> FsResult<Attr> {
-        let (uid, gid) = self.owner(caller);
         let idx = self.store.index();
         self.read_only(&idx, "register", model, Some(dir_name))?;
         let m = Self::dir(&idx, model)?;
+        // (A setgid model directory passes its group and the bit on, as to a `cp -r`.)
+        let (uid, gid) = self.owner_in(caller, &m);
         let place = namespace::place_of(m.ino, m.zone);
         let deny =
             |rule: (Refusal, String)| Self::deny(&idx, "register", model, Some(dir_name), rule);
@@ -827,7 +828,11 @@ impl ArtifactFs {
             return Err(deny((Refusal::AccessDenied, why)));
         }
         let now = now_ns();
-        let owner = (uid, gid);
+        let owner = Owner {
+            uid,
+            gid,
+            setgid: m.mode & libc::S_ISGID,
+        };
         // The version directory, hidden until every row below it is in: the tree is copied in
         // short transactions, other requests are served in between, and nobody ever sees a
         // partial version (a crash drops it at the next start).
@@ -884,7 +889,7 @@ impl ArtifactFs {
         from: u64,
         from_path: &Path,
         to: u64,
-        owner: (u32, u32),
+        owner: Owner,
         now: i64,
     ) -> FsResult<Result<usize, (Refusal, String)>> {
         let mut queue = std::collections::VecDeque::from([(from, to, from_path.to_path_buf())]);
@@ -992,14 +997,9 @@ impl ArtifactFs {
 /// Rows a registration copies per transaction.
 const REGISTER_BATCH: usize = 1000;
 
-/// The row of a registered version's copy of entry `e`: same content and mode, new owner.
-fn copy_of<'a>(
-    parent: u64,
-    name: &'a [u8],
-    e: &Entry,
-    owner: (u32, u32),
-    now: i64,
-) -> NewEntry<'a> {
+/// The row of a registered version's copy of entry `e`: same content and mode (a directory's
+/// with the model directory's setgid bit), new owner.
+fn copy_of<'a>(parent: u64, name: &'a [u8], e: &Entry, owner: Owner, now: i64) -> NewEntry<'a> {
     NewEntry {
         parent,
         name,
@@ -1008,11 +1008,23 @@ fn copy_of<'a>(
         zone: Zone::ModelTree as u8,
         hash: e.hash,
         size: e.size,
-        mode: e.mode,
-        uid: owner.0,
-        gid: owner.1,
+        mode: match e.kind {
+            Kind::Dir => e.mode | owner.setgid,
+            Kind::File => e.mode,
+        },
+        uid: owner.uid,
+        gid: owner.gid,
         time: now,
     }
+}
+
+/// Who owns the entries a registration by reference makes, and the setgid bit its
+/// directories get (that of the model directory).
+#[derive(Clone, Copy)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+    setgid: u32,
 }
 
 /// What [`ArtifactFs::resolve_as`] found.
@@ -1415,6 +1427,32 @@ mod tests {
             .unwrap()
             .unwrap()
             .ino
+    }
+
+    /// Registration by reference into a setgid model directory gives what a `cp -r` into it
+    /// gives: every copied entry takes the directory's group, every directory the bit.
+    #[test]
+    fn registration_into_a_setgid_model_directory_passes_its_group_on() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, _) = store_with_sources(d.path());
+        let y = fs.mkdir(ME, MODELS_INO, b"y", 0o755).unwrap().ino;
+        let change = SetAttr {
+            mode: Some(0o2775),
+            gid: Some(4242),
+            ..SetAttr::default()
+        };
+        fs.setattr(y, change).unwrap();
+        let v = fs
+            .register_from(ME, y, b"v1", b"runs/r1/artifacts/model")
+            .unwrap();
+        assert_eq!((v.gid, v.perm & 0o2000), (4242, 0o2000));
+        let rows = fs.store().index().descendants(v.ino).unwrap();
+        assert!(!rows.is_empty());
+        for (path, e) in rows {
+            let path = String::from_utf8_lossy(&path);
+            assert_eq!(e.gid, 4242, "{path}");
+            assert_eq!(e.mode & libc::S_ISGID != 0, e.kind == Kind::Dir, "{path}");
+        }
     }
 
     #[test]
