@@ -242,8 +242,6 @@ fn the_cache_stays_within_its_size_and_keeps_open_content() {
     assert!(cache_of(&b.store).0 <= 3 << 20);
 }
 
-/// An S3 server of the test's own (moto, from the venv `scripts/test.sh` made), stopped with the
-/// test.
 /// A shared store whose bucket is on an S3 server of the test's own (which it may stop), and
 /// the environment its daemons need: that server's, and a patience of `patience_ms`.
 struct OwnStore {
@@ -255,10 +253,19 @@ struct OwnStore {
 
 impl OwnStore {
     fn new(test: &str, patience_ms: u64) -> Option<OwnStore> {
+        OwnStore::on_server_with(test, patience_ms, &[])
+    }
+
+    /// [`OwnStore::new`] on a server started with `server_env` (moto's settings).
+    fn on_server_with(
+        test: &str,
+        patience_ms: u64,
+        server_env: &[(&str, &str)],
+    ) -> Option<OwnStore> {
         if !fuse_available(test) {
             return None;
         }
-        let s3 = OwnS3::start()?;
+        let s3 = OwnS3::start(server_env)?;
         let (index, bucket, _) = new_store(test, Some(&s3.endpoint))?;
         let mut env = s3_env_for(&s3.endpoint);
         env.push((
@@ -281,13 +288,15 @@ impl OwnStore {
     }
 }
 
+/// An S3 server of the test's own (moto, from the venv `scripts/test.sh` made), stopped with the
+/// test.
 struct OwnS3 {
     child: Child,
     endpoint: String,
 }
 
 impl OwnS3 {
-    fn start() -> Option<OwnS3> {
+    fn start(env: &[(&str, &str)]) -> Option<OwnS3> {
         let python = match std::env::var("ARTIFACTFS_TEST_S3_PYTHON") {
             Ok(p) => PathBuf::from(p),
             Err(_) => {
@@ -302,6 +311,7 @@ impl OwnS3 {
         };
         let child = Command::new(server)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -832,6 +842,48 @@ fn uploads_in_progress(endpoint: &str, bucket: &str) -> usize {
     s3_http(endpoint, "GET", &format!("/{bucket}?uploads"))
         .matches("<Upload>")
         .count()
+}
+
+/// An upload the server will not complete (this moto takes every part under 1 GiB for too
+/// small: `EntityTooSmall` at the completion) fails the close() with EIO, the file is gone, and
+/// no multipart upload is left in the bucket, where it would stay, unseen and billed, until
+/// aborted: neither the one streamed while the file was written nor the one tried again at the
+/// commit.
+#[test]
+fn an_upload_the_server_will_not_complete_leaves_nothing_in_the_bucket() {
+    let test = "an_upload_the_server_will_not_complete";
+    let Some(own) =
+        OwnStore::on_server_with(test, 5000, &[("S3_UPLOAD_PART_MIN_SIZE", "1073741824")])
+    else {
+        return;
+    };
+    let a = machine(
+        test,
+        &own.index,
+        &own.bucket,
+        &["--upload-while-writing"],
+        &own.env(),
+    );
+    let dir = a.path("runs/u/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = std::fs::File::create(dir.join("big")).unwrap();
+    for chunk in pseudo_random(21, 40 << 20).chunks(1 << 20) {
+        f.write_all(chunk).unwrap();
+    }
+    let endpoint = &own.s3.endpoint;
+    assert_eq!(
+        uploads_in_progress(endpoint, &own.bucket),
+        1,
+        "streamed while written"
+    );
+    let closed = unsafe { libc::close(f.into_raw_fd()) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!((closed, errno), (-1, Some(libc::EIO)));
+    assert_eq!(uploads_in_progress(endpoint, &own.bucket), 0);
+    // (Once its release, which close() does not wait for, has dropped the half file.)
+    assert!(wait_until(Duration::from_secs(5), || !dir
+        .join("big")
+        .exists()));
 }
 
 /// `--upload-while-writing`: a large file written sequentially is on its way to the bucket

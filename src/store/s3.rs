@@ -433,8 +433,8 @@ impl Remote {
             .block(self.store.put_multipart(&key))
             .map_err(|e| self.error("multipart upload", Some(hash), e))?;
         let (size, parallel) = (part_size(len), parts_in_flight(part_size(len)));
+        let mut flying = VecDeque::new();
         let result = (|| {
-            let mut flying = VecDeque::new();
             let mut at = 0;
             while at < len {
                 let n = size.min(len - at);
@@ -447,7 +447,7 @@ impl Remote {
                     self.join(flying.pop_front().expect("one in flight"), Some(hash))?;
                 }
             }
-            for part in flying {
+            while let Some(part) = flying.pop_front() {
                 self.join(part, Some(hash))?;
             }
             self.block(upload.complete())
@@ -456,6 +456,10 @@ impl Remote {
         match result {
             Ok(_) => Ok(true),
             Err(e) => {
+                // The parts still travelling are cancelled first, so none lands after the abort.
+                for part in flying {
+                    part.abort();
+                }
                 let _ = self.block(upload.abort());
                 Err(e)
             }
@@ -568,8 +572,12 @@ impl Remote {
             }
             let parts_done = t.elapsed();
             let mut upload = up.upload.take().expect("not finished yet");
-            self.block(upload.complete())
-                .map_err(|e| self.error("completing the upload", Some(hash), e))?;
+            if let Err(e) = self.block(upload.complete()) {
+                // Aborted with the stream below: an upload never completed would stay in the
+                // bucket, unseen and billed, until aborted.
+                up.upload = Some(upload);
+                return Err(self.error("completing the upload", Some(hash), e));
+            }
             let completed = t.elapsed();
             let copied = self.block(self.store.copy(&up.key, &self.key(hash)));
             let copied_at = t.elapsed();
