@@ -78,26 +78,36 @@ pub fn contents_to_fetch(idx: &Index, blobs: &BlobStore, model: u64) -> io::Resu
 
 /// Finds the registered model and candidate version directory of `ino` (an entry below
 /// `models/<name>/`, or `models/<name>` itself). `None` outside `models/`.
+///
+/// A file directly in `models/<name>/` belongs to the model directory itself (a model copied in
+/// directly), as [`crate::fs`] counts a new one. The walk goes all the way up, however deep the
+/// tree: stopping early would take an entry deep below a sealed version for one outside
+/// `models/`. Only a cycle, which a sound index never has, ends it with an error.
 pub fn unit_of(idx: &Index, ino: u64) -> io::Result<Option<Unit>> {
-    let mut child = None;
+    let mut child: Option<(u64, Kind)> = None;
     let mut cur = ino;
-    for _ in 0..4096 {
+    for _ in 0..(1u32 << 24) {
         let Some(e) = idx.get(cur)? else {
             return Ok(None);
         };
         if e.parent == MODELS_INO {
             return Ok(Some(Unit {
                 model: cur,
-                dir: child.unwrap_or(cur),
+                dir: match child {
+                    Some((dir, Kind::Dir)) => dir,
+                    _ => cur,
+                },
             }));
         }
         if e.ino == MODELS_INO || e.parent == 0 {
             return Ok(None);
         }
-        child = Some(cur);
+        child = Some((cur, e.kind));
         cur = e.parent;
     }
-    Ok(None)
+    Err(io::Error::other(format!(
+        "index: the parents of inode {ino} form a cycle"
+    )))
 }
 
 /// Whether the model directory itself holds `MLmodel` (a model copied in directly).

@@ -2105,7 +2105,7 @@ impl ArtifactFs {
                 idx.delete_row(e.ino)?;
                 idx.touch_dir(parent, now_ns())
             })?;
-            self.model_touch(&idx, unit, unit.dir != unit.model)?;
+            self.model_touch(&idx, unit, true)?;
             return Ok(());
         }
         match e.state {
@@ -2183,6 +2183,30 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "rename to", new_parent, Some(new_name), r))?;
         let src_unit = self.model_guard(&idx, "rename", &e, None)?;
         self.model_guard(&idx, "rename to", &dst_dir, Some(new_name))?;
+        // Both sealed: no writer here, nor one on another machine that committed the row and
+        // still holds it open (it could still change it).
+        let sealed =
+            |row: &Entry| self.is_sealed_row(row) && !lock(&self.writing).contains_key(&row.ino);
+        let into_models = self.unit_for_new(&idx, &dst_dir, e.ino)?.is_some();
+        if (into_models || src_unit.is_some()) && !sealed(&e) {
+            // A version never holds a file still being written: its writer, counted for the
+            // model it was created in (or none), could change it after the version is READY.
+            if !retried {
+                drop(idx);
+                self.wait_released(e.ino);
+                return self.rename_once(parent, name, new_parent, new_name, exchange, true);
+            }
+            return Err(Self::deny(
+                &idx,
+                "rename",
+                parent,
+                Some(name),
+                (
+                    Refusal::Busy,
+                    "the file is still open for writing; a file moves into or within models/ once closed".into(),
+                ),
+            ));
+        }
         if let Some(existing) = idx.lookup(new_parent, new_name)? {
             // rsync's temp file renamed onto an identical copy, a retried `mv`: nothing
             // changes at the target; the source goes, as after `rm`.
@@ -2192,11 +2216,6 @@ impl ArtifactFs {
                 && e.state == State::Live
                 && e.hash.is_some()
                 && e.hash == existing.hash;
-            // Both sealed: no writer here, nor one on another machine that committed the row
-            // and still holds it open (it could still change it).
-            let sealed = |row: &Entry| {
-                self.is_sealed_row(row) && !lock(&self.writing).contains_key(&row.ino)
-            };
             let settled = sealed(&e) && sealed(&existing);
             if same && !settled && !retried {
                 // A release already on its way (close() returned a moment ago): give it the
@@ -2261,7 +2280,7 @@ impl ArtifactFs {
             return Err(FsError::Refused(Refusal::Exists));
         }
         if let Some(unit) = src_unit {
-            self.model_touch(&idx, unit, unit.dir != unit.model)?;
+            self.model_touch(&idx, unit, true)?;
         }
         if let Some(unit) = self.unit_for_new(&idx, &dst_dir, e.ino)? {
             self.model_touch(&idx, unit, true)?;

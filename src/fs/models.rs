@@ -1429,6 +1429,97 @@ mod tests {
             .ino
     }
 
+    /// A file still open for writing does not move into a model draft, nor within one (its
+    /// writer, counted for the model it was created in or for none, could change it after the
+    /// version is READY): `Busy`; once closed it moves.
+    #[test]
+    fn a_file_still_being_written_does_not_move_into_a_model() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let run = fs.mkdir(ME, RUNS_INO, b"r1", 0o755).unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        let (_, fh) = fs.create(ME, art, b"x", 0o644).unwrap();
+        fs.write(fh, 0, b"AAAA").unwrap();
+        fs.flush(fh).unwrap();
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"v1");
+        assert_eq!(
+            refusal(fs.rename(art, b"x", v1, b"x", false)),
+            Refusal::Busy
+        );
+        let (_, fh2) = fs.create(ME, v1, b"y", 0o644).unwrap();
+        fs.write(fh2, 0, b"B").unwrap();
+        assert_eq!(refusal(fs.rename(v1, b"y", v1, b"z", false)), Refusal::Busy);
+        fs.release(fh2).unwrap();
+        fs.release(fh).unwrap();
+        fs.rename(art, b"x", v1, b"x", false).unwrap();
+        fs.rename(v1, b"y", v1, b"z", false).unwrap();
+        settle(&fs);
+        assert_eq!(xattr(&fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        assert_eq!(
+            refusal(fs.rename(v1, b"x", iris, b"x", false)),
+            Refusal::NotPermitted
+        );
+    }
+
+    /// However deep below a READY version, nothing is created or removed (the walk up to the
+    /// model once gave up after 4,096 levels and took the entry for one outside `models/`).
+    #[test]
+    fn a_ready_version_is_sealed_however_deep() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let m = fs.mkdir(ME, MODELS_INO, b"deep", 0o755).unwrap().ino;
+        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), m, b"v1");
+        let mut cur = v1;
+        {
+            // (Straight into the index: through `mkdir`, each level would walk up to the
+            // model, and the whole chain would take minutes.)
+            let idx = fs.store().index();
+            for _ in 0..4100 {
+                let zone = Zone::ModelTree as u8;
+                let dir = NewEntry::new_dir(cur, b"a", zone, 0o755, (0, 0), now_ns());
+                cur = idx.insert(&dir).unwrap().unwrap();
+            }
+        }
+        write(&fs, cur, b"bottom", b"b").unwrap();
+        settle(&fs);
+        assert_eq!(xattr(&fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        assert_eq!(
+            refusal(fs.create(ME, cur, b"injected", 0o644)),
+            Refusal::NotPermitted
+        );
+        assert_eq!(refusal(fs.unlink(cur, b"bottom")), Refusal::NotPermitted);
+        assert_eq!(
+            refusal(fs.mkdir(ME, cur, b"b", 0o755)),
+            Refusal::NotPermitted
+        );
+    }
+
+    /// A file put at the top of a model with versions, then removed or renamed away, leaves no
+    /// version row of its own (it was once recorded as a PENDING version that never settled).
+    #[test]
+    fn a_file_at_the_top_of_a_model_leaves_no_version_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"v1");
+        settle(&fs);
+        assert_eq!(xattr(&fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        let run = fs.mkdir(ME, RUNS_INO, b"r1", 0o755).unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        write(&fs, iris, b"notes.txt", b"x").unwrap();
+        write(&fs, iris, b"moved.txt", b"y").unwrap();
+        fs.unlink(iris, b"notes.txt").unwrap();
+        fs.rename(iris, b"moved.txt", art, b"moved.txt", false)
+            .unwrap();
+        settle(&fs);
+        let idx = fs.store().index();
+        let versions = idx.versions_of(iris).unwrap();
+        assert_eq!(versions.len(), 1, "{versions:?}");
+        assert_eq!(versions[0].status, VersionStatus::Ready);
+        assert!(idx.models_with_pending().unwrap().is_empty());
+    }
+
     /// Registration by reference into a setgid model directory gives what a `cp -r` into it
     /// gives: every copied entry takes the directory's group, every directory the bit.
     #[test]
