@@ -2246,6 +2246,8 @@ impl ArtifactFs {
                 )? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
+                // Its descriptors keep reading it, with no link left, as after `unlink`.
+                self.keep_if_open(&existing);
                 return Ok(());
             }
             let why = if existing.state == State::Tombstone {
@@ -3704,6 +3706,25 @@ mod tests {
         );
         assert_eq!(refusal(fs.release(fh)), Refusal::NotPermitted);
         assert_eq!(refusal(fs.lookup(art, b"kept")), Refusal::NotFound);
+    }
+
+    /// A file replaced by a rename of the same content stays usable through the descriptors
+    /// open on it, with no link left, as after `unlink` (POSIX `rename`).
+    #[test]
+    fn a_file_replaced_by_rename_stays_usable_while_open() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r1");
+        let target = write_file(&fs, art, "t", b"hello\n");
+        let source = write_file(&fs, art, "s", b"hello\n");
+        let (fh, _) = fs.open(target, libc::O_RDONLY).unwrap();
+        fs.rename(art, b"s", art, b"t", false).unwrap();
+        assert_eq!(fs.lookup(art, b"t").unwrap().ino, source);
+        let a = fs.getattr(target).unwrap();
+        assert_eq!((a.nlink, a.size), (0, 6));
+        assert_eq!(fs.read(fh, 0, 10).unwrap(), b"hello\n");
+        fs.release(fh).unwrap();
+        assert_eq!(refusal(fs.getattr(target)), Refusal::NotFound);
+        assert!(lock(&fs.removed_open).is_empty());
     }
 
     #[test]
