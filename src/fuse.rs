@@ -199,6 +199,11 @@ pub const SMALL_FILE: u64 = 128 * 1024;
 /// every first write() through the page cache asks (one round trip per file).
 const WRITING: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
 
+/// How a sealed file with a rewritable name is opened for reading (see [`Opened::Sealed`]).
+const REWRITABLE: FopenFlags = FopenFlags::from_bits_truncate(
+    FopenFlags::FOPEN_DIRECT_IO.bits() | FopenFlags::FOPEN_NOFLUSH.bits(),
+);
+
 /// Attributes sent with a negative entry (only its inode number 0 matters).
 const NEGATIVE: Attr = Attr {
     ino: 0,
@@ -304,10 +309,15 @@ impl Opener {
             false => self.fs.open(ino, flags),
         };
         guarded("open", || match open() {
-            Ok((fh, Opened::Sealed { size })) => {
+            Ok((fh, Opened::Sealed { size, cache })) => {
                 if fetch && let Err(e) = self.fs.open_content_now(fh) {
                     let _ = self.fs.release(fh);
                     return reply.error(errno(&e));
+                }
+                if !cache {
+                    // A rewritable file: every read asks the daemon, which serves what this
+                    // handle opened; no page cache or backing file outlives a new content.
+                    return reply.opened(FileHandle(fh), REWRITABLE);
                 }
                 self.opened_sealed(ino, fh, size, reply)
             }

@@ -754,6 +754,44 @@ for name in ["r", "c"]:
     assert_eq!(fs::read(art.join("w")).unwrap(), b"again");
 }
 
+/// A rewritable file's new content is what the next `cat` and `stat` show, even when a
+/// descriptor opened before reads the old one after the change, the new content has the same
+/// size, or crosses the size from which sealed files are read through passthrough.
+#[test]
+fn a_rewritable_files_new_content_is_what_the_next_reader_sees() {
+    let Some(m) = Mount::new("a_rewritable_files_new_content_is_what_the_next_reader_sees") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let meta = art.join("registered_model_meta");
+    let out = py(
+        &art,
+        "import time\n\
+         put('registered_model_meta', b'model_name: bbbb\\n')\n\
+         time.sleep(0.3)\n\
+         fd = os.open('registered_model_meta', os.O_RDONLY)\n\
+         assert os.pread(fd, 100, 0) == b'model_name: bbbb\\n'\n\
+         put('registered_model_meta', b'model_name: cccc\\n')\n\
+         time.sleep(0.3)\n\
+         os.pread(fd, 100, 0)\n\
+         os.close(fd)",
+    );
+    assert_eq!(out, "ok");
+    assert_eq!(fs::read(&meta).unwrap(), b"model_name: cccc\n");
+    // Over 128 KiB and back, with a reader holding each version open.
+    let big = vec![b'y'; 300_000];
+    let held = fs::File::open(&meta).unwrap();
+    fs::write(&meta, &big).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(fs::read(&meta).unwrap() == big);
+    let held_big = fs::File::open(&meta).unwrap();
+    fs::write(&meta, b"model_name: dddd\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(fs::read(&meta).unwrap(), b"model_name: dddd\n");
+    assert_eq!(fs::metadata(&meta).unwrap().len(), 17);
+    drop((held, held_big));
+}
+
 /// MLflow writes `registered_model_meta` into a model's directory on every load, with the
 /// URI's model name and version: the one file name that may take other content. Every earlier
 /// content stays in the index as history (`artifactfs ls --history`); `--rewritable` adds

@@ -211,8 +211,9 @@ pub struct DirEntry {
 /// How an opened file may be cached by the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
-    /// A sealed file of this size: its pages may be kept across opens.
-    Sealed { size: u64 },
+    /// A sealed file of this size: its pages may be kept across opens, unless it has a
+    /// rewritable name (`cache: false`), whose content may change on the same inode.
+    Sealed { size: u64, cache: bool },
     /// A file being written by this handle.
     Writing,
 }
@@ -247,6 +248,10 @@ struct Writer {
     committed: bool,
     /// The last commit was an fsync: that version survives a crash during later writes.
     synced: bool,
+    /// A write, `flush` or `fsync` came through this handle. Every `close()` sends a flush; a
+    /// handle released with none of them was never the caller's: the kernel refused the open
+    /// after the daemon answered it (a large file open through passthrough elsewhere).
+    used: bool,
     /// A write failed (ENOSPC, EIO): nothing more is committed, and at release the file falls
     /// back to its last committed version (or disappears if it never committed).
     failed: Option<i32>,
@@ -614,7 +619,7 @@ impl ArtifactFs {
             ctime: from_ns(e.ctime),
             crtime: from_ns(e.crtime),
             nlink: 1,
-            sealed: self.is_sealed_row(e),
+            sealed: self.is_sealed_row(e) && !self.is_rewritable(e),
             stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
         if e.kind == Kind::File
@@ -1157,6 +1162,7 @@ impl ArtifactFs {
             dirty: true,
             committed: false,
             synced: false,
+            used: false,
             failed: None,
             model: unit.map(|u| u.model),
             expect,
@@ -1234,7 +1240,8 @@ impl ArtifactFs {
             return Err(io::Error::from_raw_os_error(libc::EIO).into());
         }
         drop(idx);
-        if writes && e.zone == Zone::RunTree as u8 && self.opts.rewritable.contains(&e.name) {
+        let rewritable = self.is_rewritable(&e);
+        if writes && rewritable {
             return self.open_replace(&e, hash, flags);
         }
         if writes {
@@ -1251,7 +1258,21 @@ impl ArtifactFs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, Handle::Read(Arc::new(sealed)));
-        Ok((fh, Opened::Sealed { size: e.size }))
+        Ok((
+            fh,
+            Opened::Sealed {
+                size: e.size,
+                cache: !rewritable,
+            },
+        ))
+    }
+
+    /// A file below `runs/` with a rewritable name (`--rewritable`): its content may change
+    /// on the same inode, so the kernel keeps neither its pages nor its attributes for long.
+    fn is_rewritable(&self, e: &Entry) -> bool {
+        e.kind == Kind::File
+            && e.zone == Zone::RunTree as u8
+            && self.opts.rewritable.contains(&e.name)
     }
 
     /// A sealed file opened for writing: a rewrite that must repeat its bytes (see `rewrite`).
@@ -1292,6 +1313,7 @@ impl ArtifactFs {
             committed: true,
             // Its current version survives a crash during the new writes.
             synced: true,
+            used: false,
             failed: None,
             model: None,
             expect: None,
@@ -1521,6 +1543,7 @@ impl ArtifactFs {
             return Err(self.too_big("write", fh, end));
         }
         let mut w = lock(&w);
+        w.used = true;
         if let Some(code) = w.failed {
             return Err(io::Error::from_raw_os_error(code).into());
         }
@@ -1696,7 +1719,11 @@ impl ArtifactFs {
         match self.handle(fh)? {
             Handle::Read(_) => Ok(()),
             Handle::Rewrite(r) => self.rewrite_flush(&r),
-            Handle::Write(w) => self.commit(&mut lock(&w), false),
+            Handle::Write(w) => {
+                let mut w = lock(&w);
+                w.used = true;
+                self.commit(&mut w, false)
+            }
         }
     }
 
@@ -1709,7 +1736,11 @@ impl ArtifactFs {
                 Ok(self.store.index().sync()?)
             }
             Handle::Rewrite(r) => self.rewrite_flush(&r),
-            Handle::Write(w) => self.commit(&mut lock(&w), true),
+            Handle::Write(w) => {
+                let mut w = lock(&w);
+                w.used = true;
+                self.commit(&mut w, true)
+            }
         }
     }
 
@@ -1736,6 +1767,18 @@ impl ArtifactFs {
             None => return Ok(()),
         };
         let mut w = lock(&w);
+        if w.replaces.is_some() && !w.used && w.dirty {
+            // A replacement whose open the kernel refused after the daemon answered it
+            // (before rewritable files were kept out of passthrough, an `O_TRUNC` open of a
+            // large one another process read got `EIO` from the kernel, and the file was
+            // emptied): nothing of it was the caller's, and the file keeps its content.
+            log::info!(
+                "inode {}: a replacement released unused (its open failed): the file keeps its content",
+                w.ino
+            );
+            w.dirty = false;
+            w.committed = false;
+        }
         let mut result = self.commit(&mut w, false);
         if let Err(e) = &result {
             log::warn!("inode {}: commit at release failed: {e}", w.ino);
@@ -2639,6 +2682,25 @@ mod tests {
                 .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// A replacement that the kernel's open refused after the daemon answered it (only a
+    /// release follows, no write or flush) leaves the file as it was; one closed without
+    /// writing (`: > f`: a flush) empties it.
+    #[test]
+    fn a_replacement_released_unused_changes_nothing() {
+        let (_d, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let meta = write_file(&fs, art, DEFAULT_REWRITABLE, b"model_name: null\n");
+        let (fh, _) = fs.open(meta, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, meta), b"model_name: null\n");
+        assert!(fs.store().index().history_of(meta).unwrap().is_empty());
+        let (fh, _) = fs.open(meta, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, meta), b"");
+        assert_eq!(fs.store().index().history_of(meta).unwrap().len(), 1);
     }
 
     #[test]
