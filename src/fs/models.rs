@@ -843,17 +843,42 @@ impl ArtifactFs {
         };
         drop(idx);
         let copied = self.copy_tree(&creds, src.ino, &src_path, vdir, owner, now);
+        #[cfg(test)]
+        if let Some(hook) = tests::AFTER_COPY.with(|h| h.borrow_mut().take()) {
+            hook(self);
+        }
         let idx = self.store.index();
         let source_text = src_path.to_string_lossy().into_owned();
         let finished = match copied {
             Ok(Ok(count)) => idx
                 .write_locked(|idx| {
+                    // The model may have become a READY version itself meanwhile (an `MLmodel`
+                    // copied to its top, validated while this copied), or gone: the tree is
+                    // revealed only where the guard at the start would still let it in.
+                    let gone = idx.get(model)?.is_none_or(|m| m.state == State::Tombstone);
+                    let unit = Unit { model, dir: model };
+                    if gone || registry::sealing_version(idx, unit)?.is_some() {
+                        return Ok(false);
+                    }
                     idx.reveal_dir(vdir)?;
                     idx.version_pending(vdir, model, now)?;
-                    idx.version_source(vdir, &source_text)
+                    idx.version_source(vdir, &source_text)?;
+                    Ok(true)
                 })
-                .map(|()| count)
-                .map_err(FsError::from),
+                .map_err(FsError::from)
+                .and_then(|revealed| match revealed {
+                    true => Ok(count),
+                    false => Err(Self::deny(
+                        &idx,
+                        "register",
+                        model,
+                        Some(dir_name),
+                        (
+                            Refusal::NotPermitted,
+                            "the model became a READY version (or was removed) while the tree was copied".into(),
+                        ),
+                    )),
+                }),
             Ok(Err(rule)) => Err(Self::deny(&idx, "register", model, Some(dir_name), rule)),
             Err(e) => Err(e),
         };
@@ -1091,6 +1116,14 @@ mod tests {
             }
         }
         d
+    }
+
+    type Hook = Box<dyn FnOnce(&ArtifactFs)>;
+
+    thread_local! {
+        /// Run by a registration by reference between its copy and its reveal (once).
+        pub(super) static AFTER_COPY: std::cell::RefCell<Option<Hook>> =
+            const { std::cell::RefCell::new(None) };
     }
 
     fn xattr(fs: &ArtifactFs, ino: u64, name: &str) -> Option<String> {
@@ -1518,6 +1551,35 @@ mod tests {
         assert_eq!(versions.len(), 1, "{versions:?}");
         assert_eq!(versions[0].status, VersionStatus::Ready);
         assert!(idx.models_with_pending().unwrap().is_empty());
+    }
+
+    /// A model that became a READY version itself while a registration into it copied (a
+    /// model copied to its top and validated) does not get the registered tree: `NotPermitted`,
+    /// and the hidden copy is gone.
+    #[test]
+    fn a_registration_is_not_revealed_in_a_model_that_became_ready_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let (fs, _) = store_with_sources(d.path());
+        let m = fs.mkdir(ME, MODELS_INO, b"d", 0o755).unwrap().ino;
+        AFTER_COPY.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |fs: &ArtifactFs| {
+                for e in std::fs::read_dir(fixtures().join("sklearn_iris")).unwrap() {
+                    let e = e.unwrap();
+                    let bytes = std::fs::read(e.path()).unwrap();
+                    write(fs, m, e.file_name().as_bytes(), &bytes).unwrap();
+                }
+                settle(fs);
+                assert_eq!(xattr(fs, m, XATTR_STATUS).as_deref(), Some("READY"));
+            }))
+        });
+        assert_eq!(
+            refusal(fs.register_from(ME, m, b"extra", b"runs/r1/artifacts/model")),
+            Refusal::NotPermitted
+        );
+        assert!(AFTER_COPY.with(|h| h.borrow().is_none()), "the hook ran");
+        assert_eq!(refusal(fs.lookup(m, b"extra")), Refusal::NotFound);
+        let rows = fs.store().index().descendants(m).unwrap();
+        assert!(rows.iter().all(|(_, e)| e.kind == Kind::File), "{rows:?}");
     }
 
     /// Registration by reference into a setgid model directory gives what a `cp -r` into it
