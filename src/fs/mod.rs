@@ -1067,6 +1067,7 @@ impl ArtifactFs {
         let zone = namespace::create_file(namespace::place_of(pdir.ino, pdir.zone), name)
             .map_err(|r| Self::deny(&idx, "create", parent, Some(name), r))?;
         self.model_guard(&idx, "create", &pdir, Some(name))?;
+        self.refuse_mlmodel_over_versions(&idx, "create", &pdir, name)?;
         let new = NewEntry::new_file(parent, name, zone as u8, mode & 0o7777, (uid, gid), now);
         let mut expect = None;
         let ino = match idx.insert_in_dir(&new) {
@@ -2226,6 +2227,7 @@ impl ArtifactFs {
             .map_err(|r| Self::deny(&idx, "rename to", new_parent, Some(new_name), r))?;
         let src_unit = self.model_guard(&idx, "rename", &e, None)?;
         self.model_guard(&idx, "rename to", &dst_dir, Some(new_name))?;
+        self.refuse_mlmodel_over_versions(&idx, "rename to", &dst_dir, new_name)?;
         // Both sealed: no writer here, nor one on another machine that committed the row and
         // still holds it open (it could still change it).
         let sealed =

@@ -172,6 +172,36 @@ impl ArtifactFs {
         Ok(Some(unit))
     }
 
+    /// An `MLmodel` put at the top of a model whose subdirectories hold READY versions would
+    /// make it a model copied in directly and hide those versions (`latest`, the numbers, the
+    /// `@alias` links): refused (`cp -r ./model/. models/<name>/` by mistake).
+    pub(super) fn refuse_mlmodel_over_versions(
+        &self,
+        idx: &Index,
+        op: &str,
+        dir: &Entry,
+        name: &[u8],
+    ) -> FsResult<()> {
+        if dir.zone != Zone::ModelRoot as u8 || dir.ino == MODELS_INO || name != registry::MLMODEL {
+            return Ok(());
+        }
+        let versions = idx.versions_of(dir.ino)?;
+        if versions
+            .iter()
+            .any(|v| v.status == VersionStatus::Ready && v.dir_ino != dir.ino)
+        {
+            let why = "the model has READY versions in its subdirectories: an MLmodel at its top would hide them";
+            return Err(Self::deny(
+                idx,
+                op,
+                dir.ino,
+                Some(name),
+                (Refusal::NotPermitted, why.into()),
+            ));
+        }
+        Ok(())
+    }
+
     /// On a shared store, after `ino` was created as `name` in `dir` below a model: asks
     /// [`ArtifactFs::model_guard`] again, and if another machine made the version READY
     /// meanwhile (between the first guard and the insert), removes the new entry and refuses.
@@ -1551,6 +1581,34 @@ mod tests {
         assert_eq!(versions.len(), 1, "{versions:?}");
         assert_eq!(versions[0].status, VersionStatus::Ready);
         assert!(idx.models_with_pending().unwrap().is_empty());
+    }
+
+    /// An `MLmodel` does not go to the top of a model with READY versions (it would hide
+    /// `latest`, the numbers and the aliases), by create or rename; to a new model's top it
+    /// does (a model copied in directly), and other files go to the top as before.
+    #[test]
+    fn an_mlmodel_does_not_hide_a_models_ready_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = new_fs(d.path());
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"v1");
+        settle(&fs);
+        assert_eq!(xattr(&fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        assert_eq!(
+            refusal(fs.create(ME, iris, b"MLmodel", 0o644)),
+            Refusal::NotPermitted
+        );
+        let run = fs.mkdir(ME, RUNS_INO, b"r1", 0o755).unwrap().ino;
+        let art = fs.lookup(run, b"artifacts").unwrap().ino;
+        write(&fs, art, b"MLmodel", b"flavors: {}\n").unwrap();
+        assert_eq!(
+            refusal(fs.rename(art, b"MLmodel", iris, b"MLmodel", false)),
+            Refusal::NotPermitted
+        );
+        write(&fs, iris, b"README.md", b"notes").unwrap();
+        assert!(fs.readlink(fs.lookup(iris, b"latest").unwrap().ino).is_ok());
+        let direct = fs.mkdir(ME, MODELS_INO, b"direct", 0o755).unwrap().ino;
+        write(&fs, direct, b"MLmodel", b"flavors: {}\n").unwrap();
     }
 
     /// A model that became a READY version itself while a registration into it copied (a
