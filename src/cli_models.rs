@@ -314,8 +314,10 @@ fn wait(
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Target::Local(fs) => {
-            // Nothing is being written to an unmounted store: validate now.
+        Target::Local(fs) => loop {
+            // Nothing is being written to an unmounted embedded store: the first round
+            // validates. A shared store's other machines may still be writing the version, or
+            // validating it: rounds go on until it is decided (or the timeout).
             fs.tick(Instant::now() + Duration::from_secs(3600));
             let idx = fs.store().index();
             let m = model(&idx, name)?;
@@ -329,12 +331,20 @@ fn wait(
             let v = idx.version_of_dir(dir_ino)?.ok_or_else(|| {
                 anyhow!("models/{name}/{dir} is not a model version (no MLmodel)")
             })?;
-            Ok(report(
-                v.status.as_str(),
-                v.version.map(|n| n.to_string()),
-                Some(v.message),
-            ))
-        }
+            if v.status != VersionStatus::Pending {
+                return Ok(report(
+                    v.status.as_str(),
+                    v.version.map(|n| n.to_string()),
+                    Some(v.message),
+                ));
+            }
+            if Instant::now() >= deadline {
+                println!("still PENDING after {timeout:?}");
+                return Ok(ExitCode::from(2));
+            }
+            drop(idx);
+            std::thread::sleep(Duration::from_millis(200));
+        },
     }
 }
 

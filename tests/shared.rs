@@ -880,6 +880,48 @@ fn registry_links(cwd: &std::path::Path, dir: &str) -> std::collections::BTreeMa
         .collect()
 }
 
+/// `models wait` from a machine without a mount of the store (a store directory of its own,
+/// given the shared index and blobs) waits for the verdict on a version another machine's
+/// copy made: READY, not its first PENDING reported as FAILED.
+#[test]
+fn models_wait_without_a_mount_waits_for_the_verdict() {
+    let Some((m, _shared)) =
+        Mount::machines_with("models_wait_without_a_mount", 1, &["--settle", "1"])
+    else {
+        return;
+    };
+    let conf = std::fs::read_to_string(m[0].store.join("shared")).unwrap();
+    let value = |key: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap()
+            .to_owned()
+    };
+    let (index, blobs) = (value("index="), value("blobs="));
+    let blobs = if blobs.contains("://") {
+        blobs
+    } else {
+        format!("file://{blobs}")
+    };
+    sh_ok(
+        &m[0].mnt,
+        &format!(
+            "mkdir models/w && cp -r '{}' models/w/v1",
+            fixture("sklearn_iris").display()
+        ),
+    );
+    let other = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["models", "wait", "w", "v1", "--timeout", "30", "--store"])
+        .arg(other.path().join("store"))
+        .args(["--index", &index, "--blobs", &blobs])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("READY version 1"), "{text}");
+}
+
 /// Two machines copy model versions into the same `models/NAME/` at the same moment, round
 /// after round (one of them, some rounds, slowly: notes of its own a file at a time after the
 /// model's files, so that a machine that only watched its own copy would find the other's
