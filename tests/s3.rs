@@ -880,10 +880,12 @@ fn an_upload_the_server_will_not_complete_leaves_nothing_in_the_bucket() {
     let errno = std::io::Error::last_os_error().raw_os_error();
     assert_eq!((closed, errno), (-1, Some(libc::EIO)));
     // The release, which close() does not wait for, tries the commit once more (another
-    // upload, aborted too) and then drops the half file.
-    assert!(wait_until(Duration::from_secs(60), || !dir
-        .join("big")
-        .exists()));
+    // upload, aborted too): none is left once it is through.
+    assert!(wait_until(Duration::from_secs(60), || uploads_in_progress(
+        endpoint,
+        &own.bucket
+    ) == 0));
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(uploads_in_progress(endpoint, &own.bucket), 0);
 }
 
