@@ -2232,8 +2232,9 @@ impl ArtifactFs {
         // still holds it open (it could still change it).
         let sealed =
             |row: &Entry| self.is_sealed_row(row) && !lock(&self.writing).contains_key(&row.ino);
-        let into_models = self.unit_for_new(&idx, &dst_dir, e.ino)?.is_some();
-        if (into_models || src_unit.is_some()) && !sealed(&e) {
+        // (The unit the file joins: asked once, for this check and the touch at the end.)
+        let dst_unit = self.unit_for_new(&idx, &dst_dir, e.ino)?;
+        if !sealed(&e) && (dst_unit.is_some() || src_unit.is_some()) {
             // A version never holds a file still being written: its writer, counted for the
             // model it was created in (or none), could change it after the version is READY.
             if !retried {
@@ -2329,7 +2330,7 @@ impl ArtifactFs {
         if let Some(unit) = src_unit {
             self.model_touch(&idx, unit, true)?;
         }
-        if let Some(unit) = self.unit_for_new(&idx, &dst_dir, e.ino)? {
+        if let Some(unit) = dst_unit {
             self.model_touch(&idx, unit, true)?;
         }
         Ok(())
