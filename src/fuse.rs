@@ -282,6 +282,7 @@ pub struct FuseAdapter {
     /// Passthrough wanted (command line) and, after `init`, granted by the kernel.
     passthrough: Arc<AtomicBool>,
     backing: Arc<Mutex<Backing>>,
+    truncating: Arc<Mutex<OpenTruncates>>,
     commits: CommitPool,
     /// Opens that fetch content from a bucket first.
     fetches: CommitPool,
@@ -294,12 +295,13 @@ struct Opener {
     fs: Arc<ArtifactFs>,
     passthrough: Arc<AtomicBool>,
     backing: Arc<Mutex<Backing>>,
+    truncating: Arc<Mutex<OpenTruncates>>,
 }
 
 impl Opener {
     /// Answers an `open`; `fetch`: the content comes from a bucket, and this thread (of the
     /// fetch pool) gets it now, so that no read waits for it in a request thread.
-    fn open(&self, ino: u64, flags: i32, fetch: bool, reply: ReplyOpen) {
+    fn open(&self, ino: u64, flags: i32, pid: u32, fetch: bool, reply: ReplyOpen) {
         // An open for reading only reads the index until it makes its handle: run again while
         // the index is busy, as lookups are (one that may write is not).
         let reads_only = flags & libc::O_ACCMODE == libc::O_RDONLY
@@ -321,7 +323,11 @@ impl Opener {
                 }
                 self.opened_sealed(ino, fh, size, reply)
             }
-            Ok((fh, Opened::Writing)) => reply.opened(FileHandle(fh), WRITING),
+            Ok((fh, Opened::Writing)) => {
+                // An `O_TRUNC` of this open, if it had one, comes next (see `setattr`).
+                lock(&self.truncating).opened(ino, pid, fh);
+                reply.opened(FileHandle(fh), WRITING)
+            }
             Err(e) => reply.error(errno(&e)),
         })
     }
@@ -431,6 +437,44 @@ const COMMIT_THREADS: usize = 2;
 /// Threads that open files whose content must first come from a bucket.
 const FETCH_THREADS: usize = 4;
 
+/// Handles just opened for writing, by inode and the opening thread, for the `O_TRUNC` the
+/// kernel sends as a truncate of its own right after the open (the daemon does not ask for
+/// `FUSE_ATOMIC_O_TRUNC`: with it, the kernel cuts its cached size and pages of the file to
+/// zero at every `O_TRUNC` open, and a concurrent reader of a sealed file being rewritten with
+/// its own bytes read it empty). An entry lives until that truncate or the handle's release.
+#[derive(Default)]
+struct OpenTruncates {
+    by_opener: HashMap<(u64, u32), u64>,
+    by_fh: HashMap<u64, (u64, u32)>,
+}
+
+impl OpenTruncates {
+    fn opened(&mut self, ino: u64, pid: u32, fh: u64) {
+        if let Some(older) = self.by_opener.insert((ino, pid), fh) {
+            self.by_fh.remove(&older);
+        }
+        self.by_fh.insert(fh, (ino, pid));
+    }
+
+    /// The handle the thread `pid` opened on `ino` last, if nothing took it since.
+    fn take(&mut self, ino: u64, pid: u32) -> Option<u64> {
+        let fh = self.by_opener.remove(&(ino, pid))?;
+        self.by_fh.remove(&fh);
+        Some(fh)
+    }
+
+    fn released(&mut self, fh: u64) {
+        if let Some(key) = self.by_fh.remove(&fh) {
+            self.by_opener.remove(&key);
+        }
+    }
+}
+
+/// A mutex's value, also after a panic while it was held.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Backing files registered with the kernel: one per inode while any handle has it open.
 #[derive(Default)]
 struct Backing {
@@ -449,6 +493,7 @@ impl FuseAdapter {
             fs,
             passthrough: Arc::new(AtomicBool::new(passthrough)),
             backing: Default::default(),
+            truncating: Default::default(),
             commits: CommitPool::new(COMMIT_THREADS),
             fetches: CommitPool::new(FETCH_THREADS),
             handed: shared.then(Default::default),
@@ -510,6 +555,7 @@ impl FuseAdapter {
             fs: self.fs.clone(),
             passthrough: self.passthrough.clone(),
             backing: self.backing.clone(),
+            truncating: self.truncating.clone(),
         }
     }
 }
@@ -576,8 +622,8 @@ impl CommitPool {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // O_TRUNC reaches open() (and is refused there) instead of arriving as a truncate.
-        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Not FUSE_ATOMIC_O_TRUNC: `O_TRUNC` comes as a truncate after the open (see
+        // `OpenTruncates`).
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // No setuid bits to strip (nosuid): spares a GETXATTR security.capability per write.
@@ -653,7 +699,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -670,6 +716,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         guarded("setattr", || {
+            // `open(O_TRUNC)` of an existing file: the kernel truncates in a request of its
+            // own right after the open, from the same thread, without the file handle (as
+            // `truncate(2)` does). It goes to the handle that thread just opened for writing.
+            let fh = match fh {
+                None if size == Some(0) => lock(&self.truncating)
+                    .take(ino.0, req.pid())
+                    .map(FileHandle),
+                fh => fh,
+            };
             let change = SetAttr {
                 mode,
                 uid,
@@ -828,14 +883,16 @@ impl Filesystem for FuseAdapter {
         })
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let opener = self.opener();
+        let pid = req.pid();
         if self.fs.open_is_heavy(ino.0) {
             // Its content comes from a bucket first: the request threads stay free meanwhile.
-            self.fetches
-                .run(Box::new(move || opener.open(ino.0, flags.0, true, reply)));
+            self.fetches.run(Box::new(move || {
+                opener.open(ino.0, flags.0, pid, true, reply)
+            }));
         } else {
-            opener.open(ino.0, flags.0, false, reply)
+            opener.open(ino.0, flags.0, pid, false, reply)
         }
     }
 
@@ -905,6 +962,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guarded("release", || {
+            lock(&self.truncating).released(fh.0);
             {
                 let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
                 b.by_fh.remove(&fh.0);

@@ -368,8 +368,8 @@ pub type VanishHook = Box<dyn Fn(Invalidate) + Send + Sync>;
 pub enum Invalidate {
     /// Name `.1` in directory `.0` may be gone: its entry, and the directory's listing.
     Entry(u64, Vec<u8>),
-    /// The size, attributes and cached pages of inode `.0` (after an `O_TRUNC` that changed
-    /// nothing, or a new content of a rewritable file).
+    /// The size, attributes and cached pages of inode `.0` (a new content of a rewritable
+    /// file, say).
     Inode(u64),
     /// The attributes of inode `.0` (not its pages: its bytes are the same).
     Attributes(u64),
@@ -1277,8 +1277,8 @@ impl ArtifactFs {
     }
 
     /// A sealed file opened for writing: a rewrite that must repeat its bytes (see `rewrite`).
-    /// After `O_TRUNC` the kernel has dropped its idea of the size and pages; it is told to ask
-    /// again, so other descriptors on this machine never see a truncated file.
+    /// What others see does not change, nor does the kernel's idea of the file: the mount gets
+    /// `O_TRUNC` as a truncate after the open (see `setattr`), whose reply keeps the size.
     fn open_rewrite(&self, ino: u64, hash: Hash, size: u64, flags: i32) -> FsResult<(u64, Opened)> {
         let blob = self.store.open_content_whole(&hash, size).map_err(|err| {
             log::warn!("content {hash} of inode {ino} cannot be opened: {err}");
@@ -1292,9 +1292,6 @@ impl ArtifactFs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, Handle::Rewrite(Arc::new(Mutex::new(r))));
-        if truncated && size > 0 {
-            self.invalidate_inode(ino);
-        }
         Ok((fh, Opened::Writing))
     }
 
@@ -1438,10 +1435,6 @@ impl ArtifactFs {
         );
         let ino = r.ino;
         drop(r);
-        // The kernel cut its idea of the size and pages at the `O_TRUNC` open, after that
-        // open's own reply (the invalidation queued there may have come first): told again now
-        // that the open is long through, so that `cat` on this machine shows the sealed bytes.
-        self.invalidate_inode(ino);
         Err(self.deny_ino("close", ino, (Refusal::NotPermitted, why)))
     }
 
@@ -2051,8 +2044,10 @@ impl ArtifactFs {
                             },
                         );
                     }
-                    // ftruncate(0) of a rewrite: as if opened with O_TRUNC (nothing stored
-                    // changes; the bytes must all be written again before close()).
+                    // ftruncate(0) of a rewrite, or the O_TRUNC of its open (the adapter
+                    // passes that open's handle): every byte must be written again before
+                    // close(). Nothing others see changes, no time either, so the reply has
+                    // the sealed size and the kernel keeps its size and pages of the file.
                     None if size == 0
                         && let Some(Handle::Rewrite(r)) =
                             change.fh.and_then(|fh| self.handle(fh).ok())
@@ -2060,14 +2055,7 @@ impl ArtifactFs {
                     {
                         lock(&r).truncate();
                         drop(idx);
-                        self.invalidate_inode(ino);
-                        return self.setattr(
-                            ino,
-                            SetAttr {
-                                size: None,
-                                ..change
-                            },
-                        );
+                        return self.getattr(ino);
                     }
                     None if size != e.size => {
                         return Err(Self::deny(
