@@ -39,28 +39,33 @@ use crate::fs::{ArtifactFs, Attr, Caller, Invalidate, Lookup, NodeKind, Opened, 
 /// of its own: an invalidation waits for the directory's lock, which a request in flight may
 /// hold. `handed`: what the kernel was handed, forgotten whole on [`Invalidate::Everything`].
 pub fn forward_vanished(
-    fs: &ArtifactFs,
+    fs: &Arc<ArtifactFs>,
     notifier: fuser::Notifier,
     handed: Option<Arc<Mutex<Handed>>>,
 ) -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<Invalidate>();
+    // (Not a strong reference: the file system goes when the session ends.)
+    let weak = Arc::downgrade(fs);
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
+            // What the kernel knows inode `ino` by now (its generation included).
+            let node = |ino: u64| INodeNo(weak.upgrade().map_or(ino, |fs| fs.node(ino)));
             // The entry, and the directory's cached listing and attributes.
             let entry = |parent: u64, name: &[u8]| {
+                let dir = node(parent);
                 notifier
-                    .inval_entry(INodeNo(parent), OsStr::from_bytes(name))
-                    .and_then(|()| notifier.inval_inode(INodeNo(parent), 0, 0))
+                    .inval_entry(dir, OsStr::from_bytes(name))
+                    .and_then(|()| notifier.inval_inode(dir, 0, 0))
             };
             for what in rx {
                 log::debug!("invalidating {what:?}");
                 let r = match &what {
                     Invalidate::Entry(parent, name) => entry(*parent, name),
                     // Attributes (the size) and every cached page.
-                    Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                    Invalidate::Inode(ino) => notifier.inval_inode(node(*ino), 0, 0),
                     // (A negative offset: no page.)
-                    Invalidate::Attributes(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
+                    Invalidate::Attributes(ino) => notifier.inval_inode(node(*ino), -1, 0),
                     Invalidate::Everything => {
                         let (names, inodes) = match &handed {
                             Some(h) => h.lock().unwrap_or_else(|p| p.into_inner()).all(),
@@ -76,7 +81,7 @@ pub fn forward_vanished(
                             let _ = entry(*parent, name);
                         }
                         for ino in inodes.iter().chain(&[crate::store::index::ROOT_INO]) {
-                            let _ = notifier.inval_inode(INodeNo(*ino), 0, 0);
+                            let _ = notifier.inval_inode(node(*ino), 0, 0);
                         }
                         Ok(())
                     }
@@ -207,6 +212,7 @@ const REWRITABLE: FopenFlags = FopenFlags::from_bits_truncate(
 /// Attributes sent with a negative entry (only its inode number 0 matters).
 const NEGATIVE: Attr = Attr {
     ino: 0,
+    generation: 0,
     kind: NodeKind::File,
     size: 0,
     perm: 0,
@@ -223,7 +229,7 @@ const NEGATIVE: Attr = Attr {
 
 fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
-        ino: INodeNo(a.ino),
+        ino: INodeNo(a.node()),
         size: a.size,
         blocks: a.size.div_ceil(512),
         atime: a.atime,
@@ -470,6 +476,11 @@ impl OpenTruncates {
     }
 }
 
+/// The inode number of the kernel's number `node` (see [`Attr::node`]).
+fn ino_of(node: INodeNo) -> u64 {
+    crate::fs::ino_of_node(node.0)
+}
+
 /// A mutex's value, also after a panic while it was held.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -655,9 +666,9 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
             match self.fs.retrying("lookup", || {
-                self.fs.lookup_or_absent(parent.0, name.as_bytes())
+                self.fs.lookup_or_absent(ino_of(parent), name.as_bytes())
             }) {
-                Ok(Lookup::Found(attr)) => self.reply_entry(parent.0, name, reply, Ok(attr)),
+                Ok(Lookup::Found(attr)) => self.reply_entry(ino_of(parent), name, reply, Ok(attr)),
                 Ok(Lookup::Absent { cacheable }) => {
                     let shared = self.fs.options().beside_others();
                     match negative_ttl(cacheable, shared) {
@@ -665,7 +676,7 @@ impl Filesystem for FuseAdapter {
                         Some(t) => {
                             if let Some(h) = &self.handed {
                                 let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-                                h.absent_until(parent.0, name.as_bytes(), Instant::now() + t);
+                                h.absent_until(ino_of(parent), name.as_bytes(), Instant::now() + t);
                             }
                             let mut attr = file_attr(&NEGATIVE);
                             attr.ino = INodeNo(0);
@@ -684,13 +695,21 @@ impl Filesystem for FuseAdapter {
         if let Some(h) = &self.handed {
             h.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .forget(ino.0, nlookup);
+                .forget(ino_of(ino), nlookup);
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         guarded("getattr", || {
-            match self.fs.retrying("getattr", || self.fs.getattr(ino.0)) {
+            match self.fs.retrying("getattr", || self.fs.getattr(ino_of(ino))) {
+                // An inode of an earlier generation (a descriptor of a file removed and
+                // created again since): as after unlink, with no link left; its number stays.
+                Ok(a) if a.node() != ino.0 => {
+                    let mut attr = file_attr(&a);
+                    attr.ino = ino;
+                    attr.nlink = 0;
+                    reply.attr(&self.ttl(&a), &attr)
+                }
                 Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -721,10 +740,23 @@ impl Filesystem for FuseAdapter {
             // `truncate(2)` does). It goes to the handle that thread just opened for writing.
             let fh = match fh {
                 None if size == Some(0) => lock(&self.truncating)
-                    .take(ino.0, req.pid())
+                    .take(ino_of(ino), req.pid())
                     .map(FileHandle),
                 fh => fh,
             };
+            // Not an inode of an earlier generation: its path holds another one now.
+            if self
+                .fs
+                .getattr(ino_of(ino))
+                .is_ok_and(|a| a.node() != ino.0)
+            {
+                log::info!(
+                    "refused setattr of inode {} through a descriptor of an earlier generation: \
+                     its path holds another since [ESTALE]",
+                    ino_of(ino)
+                );
+                return reply.error(Errno::from_i32(libc::ESTALE));
+            }
             let change = SetAttr {
                 mode,
                 uid,
@@ -738,7 +770,7 @@ impl Filesystem for FuseAdapter {
             };
             match self
                 .fs
-                .retrying("setattr", || self.fs.setattr(ino.0, change.clone()))
+                .retrying("setattr", || self.fs.setattr(ino_of(ino), change.clone()))
             {
                 Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
@@ -758,12 +790,12 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("mknod", || {
             self.reply_entry(
-                parent.0,
+                ino_of(parent),
                 name,
                 reply,
                 self.fs.retrying("mknod", || {
                     self.fs
-                        .mknod(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                        .mknod(caller(req), ino_of(parent), name.as_bytes(), mode & !umask)
                 }),
             )
         })
@@ -780,12 +812,12 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("mkdir", || {
             self.reply_entry(
-                parent.0,
+                ino_of(parent),
                 name,
                 reply,
                 self.fs.retrying("mkdir", || {
                     self.fs
-                        .mkdir(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                        .mkdir(caller(req), ino_of(parent), name.as_bytes(), mode & !umask)
                 }),
             )
         })
@@ -796,7 +828,7 @@ impl Filesystem for FuseAdapter {
             reply_empty!(
                 reply,
                 self.fs
-                    .retrying("unlink", || self.fs.unlink(parent.0, name.as_bytes()))
+                    .retrying("unlink", || self.fs.unlink(ino_of(parent), name.as_bytes()))
             )
         })
     }
@@ -806,7 +838,7 @@ impl Filesystem for FuseAdapter {
             reply_empty!(
                 reply,
                 self.fs
-                    .retrying("rmdir", || self.fs.rmdir(parent.0, name.as_bytes()))
+                    .retrying("rmdir", || self.fs.rmdir(ino_of(parent), name.as_bytes()))
             )
         })
     }
@@ -821,13 +853,13 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("symlink", || {
             self.reply_entry(
-                parent.0,
+                ino_of(parent),
                 link_name,
                 reply,
                 self.fs.retrying("symlink", || {
                     self.fs.symlink(
                         caller(req),
-                        parent.0,
+                        ino_of(parent),
                         link_name.as_bytes(),
                         target.as_os_str().as_bytes(),
                     )
@@ -838,7 +870,10 @@ impl Filesystem for FuseAdapter {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         guarded("readlink", || {
-            match self.fs.retrying("readlink", || self.fs.readlink(ino.0)) {
+            match self
+                .fs
+                .retrying("readlink", || self.fs.readlink(ino_of(ino)))
+            {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -859,9 +894,9 @@ impl Filesystem for FuseAdapter {
             reply_empty!(
                 reply,
                 self.fs.retrying("rename", || self.fs.rename(
-                    parent.0,
+                    ino_of(parent),
                     name.as_bytes(),
-                    newparent.0,
+                    ino_of(newparent),
                     newname.as_bytes(),
                     flags.contains(RenameFlags::RENAME_EXCHANGE),
                 ))
@@ -878,7 +913,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         guarded("link", || {
-            let e = self.fs.refuse_link("link", newparent.0, newname.as_bytes());
+            let e = self
+                .fs
+                .refuse_link("link", ino_of(newparent), newname.as_bytes());
             reply.error(errno(&e));
         })
     }
@@ -886,13 +923,13 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let opener = self.opener();
         let pid = req.pid();
-        if self.fs.open_is_heavy(ino.0) {
+        if self.fs.open_is_heavy(ino_of(ino)) {
             // Its content comes from a bucket first: the request threads stay free meanwhile.
             self.fetches.run(Box::new(move || {
-                opener.open(ino.0, flags.0, pid, true, reply)
+                opener.open(ino_of(ino), flags.0, pid, true, reply)
             }));
         } else {
-            opener.open(ino.0, flags.0, pid, false, reply)
+            opener.open(ino_of(ino), flags.0, pid, false, reply)
         }
     }
 
@@ -968,19 +1005,22 @@ impl Filesystem for FuseAdapter {
                 b.by_fh.remove(&fh.0);
                 // The last handle on the inode closed its backing file: forget the inode too,
                 // or the map would grow with every file ever read.
-                if b.by_ino.get(&ino.0).is_some_and(|w| w.strong_count() == 0) {
-                    b.by_ino.remove(&ino.0);
+                if b.by_ino
+                    .get(&ino_of(ino))
+                    .is_some_and(|w| w.strong_count() == 0)
+                {
+                    b.by_ino.remove(&ino_of(ino));
                 }
                 if b.cached_fh.remove(&fh.0)
-                    && let Some(n) = b.cached.get_mut(&ino.0)
+                    && let Some(n) = b.cached.get_mut(&ino_of(ino))
                 {
                     *n -= 1;
                     if *n == 0 {
-                        b.cached.remove(&ino.0);
+                        b.cached.remove(&ino_of(ino));
                         // The next open passes reads through: the kernel would drop the pages
                         // these reads left in its cache then, in that open (0.1 s per GiB
                         // here); dropped now, from the notifier's thread, they cost it nothing.
-                        self.fs.invalidate_inode(ino.0);
+                        self.fs.invalidate_inode(ino_of(ino));
                     }
                 }
             }
@@ -1010,13 +1050,13 @@ impl Filesystem for FuseAdapter {
         guarded("readdir", || {
             match self
                 .fs
-                .retrying("readdir", || self.fs.readdir(ino.0, offset, 256))
+                .retrying("readdir", || self.fs.readdir(ino_of(ino), offset, 256))
             {
                 Ok(entries) => {
                     for e in entries {
                         let kind = file_type(e.attr.kind);
                         let name = OsStr::from_bytes(&e.name);
-                        if reply.add(INodeNo(e.attr.ino), e.cookie, kind, name) {
+                        if reply.add(INodeNo(e.attr.node()), e.cookie, kind, name) {
                             break;
                         }
                     }
@@ -1029,7 +1069,7 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         guarded("opendir", || {
-            match self.fs.opendir(ino.0) {
+            match self.fs.opendir(ino_of(ino)) {
                 // The kernel keeps the listing in its page cache and drops it itself when a create,
                 // mkdir, unlink or rename through this mount changes the directory.
                 Ok(true) if !self.fs.options().beside_others() => reply.opened(
@@ -1053,7 +1093,7 @@ impl Filesystem for FuseAdapter {
         guarded("readdirplus", || {
             match self
                 .fs
-                .retrying("readdirplus", || self.fs.readdir(ino.0, offset, 128))
+                .retrying("readdirplus", || self.fs.readdir(ino_of(ino), offset, 128))
             {
                 Ok(entries) => {
                     for e in entries {
@@ -1063,11 +1103,11 @@ impl Filesystem for FuseAdapter {
                         let t = if e.name == b"." || e.name == b".." {
                             Duration::ZERO
                         } else {
-                            self.handing_out(ino.0, &e.name, e.attr.ino);
+                            self.handing_out(ino_of(ino), &e.name, e.attr.ino);
                             self.ttl(&e.attr)
                         };
                         if reply.add(
-                            INodeNo(e.attr.ino),
+                            INodeNo(e.attr.node()),
                             e.cookie,
                             name,
                             &t,
@@ -1120,7 +1160,8 @@ impl Filesystem for FuseAdapter {
             reply_empty!(
                 reply,
                 self.fs.retrying("setxattr", || {
-                    self.fs.setxattr(caller(req), ino.0, name.as_bytes(), value)
+                    self.fs
+                        .setxattr(caller(req), ino_of(ino), name.as_bytes(), value)
                 })
             )
         })
@@ -1128,10 +1169,9 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", || {
-            match self
-                .fs
-                .retrying("getxattr", || self.fs.getxattr(ino.0, name.as_bytes()))
-            {
+            match self.fs.retrying("getxattr", || {
+                self.fs.getxattr(ino_of(ino), name.as_bytes())
+            }) {
                 Ok(v) => xattr_reply(reply, &v, size),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -1140,7 +1180,10 @@ impl Filesystem for FuseAdapter {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         guarded("listxattr", || {
-            match self.fs.retrying("listxattr", || self.fs.listxattr(ino.0)) {
+            match self
+                .fs
+                .retrying("listxattr", || self.fs.listxattr(ino_of(ino)))
+            {
                 Ok(v) => xattr_reply(reply, &v, size),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -1155,7 +1198,7 @@ impl Filesystem for FuseAdapter {
                     Err(FsError::Refused(Refusal::NotSupported))
                 }
                 n => self.fs.retrying("removexattr", || {
-                    self.fs.setxattr(caller(req), ino.0, n, b"")
+                    self.fs.setxattr(caller(req), ino_of(ino), n, b"")
                 }),
             };
             reply_empty!(reply, res)
@@ -1192,10 +1235,10 @@ impl Filesystem for FuseAdapter {
         guarded("create", || {
             match self.fs.retrying("create", || {
                 self.fs
-                    .create(caller(req), parent.0, name.as_bytes(), mode & !umask)
+                    .create(caller(req), ino_of(parent), name.as_bytes(), mode & !umask)
             }) {
                 Ok((attr, fh)) => {
-                    self.handing_out(parent.0, name.as_bytes(), attr.ino);
+                    self.handing_out(ino_of(parent), name.as_bytes(), attr.ino);
                     reply.created(
                         &self.ttl(&attr),
                         &file_attr(&attr),

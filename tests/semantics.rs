@@ -260,6 +260,73 @@ fn a_sealed_file_being_rewritten_is_never_seen_truncated() {
     }
 }
 
+/// A directory removed and made again, and a file created again at its tombstone, are new
+/// inodes for the kernel, also while a process still holds the old ones (a shell inside the
+/// removed directory, a descriptor of the removed file): the new directory takes new files,
+/// and a large file comes back while its old descriptor reads on.
+#[test]
+fn a_path_made_again_is_a_new_inode_while_the_old_one_is_held() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let Some(m) = Mount::new("a_path_made_again_is_a_new_inode_while_the_old_one_is_held") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let dir = art.join("plots");
+    fs::create_dir(&dir).unwrap();
+    // As a shell `cd`'d into it would, this keeps the kernel's inode of the directory.
+    let held = File::open(&dir).unwrap();
+    fs::remove_dir(&dir).unwrap();
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("loss.png"), b"png").unwrap();
+    assert_eq!(fs::read(dir.join("loss.png")).unwrap(), b"png");
+    assert_ne!(
+        held.metadata().unwrap().ino(),
+        fs::metadata(&dir).unwrap().ino()
+    );
+    // Again, with the first new one held as well.
+    let held_too = File::open(&dir).unwrap();
+    fs::remove_file(dir.join("loss.png")).unwrap();
+    fs::remove_dir(&dir).unwrap();
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("acc.png"), b"png").unwrap();
+    drop((held, held_too));
+    let names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["acc.png"]);
+
+    // A file read through passthrough (128 KiB and more), removed while open, and written
+    // again with the same bytes (write-once: nothing else may come back there).
+    let f = art.join("weights.bin");
+    let bytes: Vec<u8> = (0..300 << 10).map(|i| (i * 13 % 251) as u8).collect();
+    fs::write(&f, &bytes).unwrap();
+    let old = File::open(&f).unwrap();
+    let mut head = [0u8; 4096];
+    old.read_exact_at(&mut head, 0).unwrap();
+    fs::remove_file(&f).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let src = outside.path().join("weights.bin");
+    fs::write(&src, &bytes).unwrap();
+    sh_ok(&art, &format!("cp {} weights.bin", src.display()));
+    assert_eq!(fs::read(&f).unwrap(), bytes);
+    let mut all = vec![0u8; bytes.len()];
+    old.read_exact_at(&mut all, 0).unwrap();
+    assert_eq!(all, bytes);
+    assert_ne!(
+        old.metadata().unwrap().ino(),
+        fs::metadata(&f).unwrap().ino()
+    );
+    // The old one is as after unlink: no link; a change through it does not reach the path.
+    assert_eq!(old.metadata().unwrap().nlink(), 0);
+    let refused = old.set_permissions(fs::Permissions::from_mode(0o600));
+    assert_eq!(errno(&refused.unwrap_err()), libc::ESTALE);
+    assert_eq!(
+        fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+}
+
 #[test]
 fn truncate_by_path_of_a_file_being_written_is_busy() {
     let Some(m) = Mount::new("truncate_by_path_of_a_file_being_written_is_busy") else {

@@ -111,6 +111,7 @@ mod tests {
     fn attr(kind: NodeKind, perm: u16, uid: u32, gid: u32) -> Attr {
         Attr {
             ino: 9,
+            generation: 0,
             kind,
             size: 0,
             perm,

@@ -149,6 +149,9 @@ impl Caller {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
     pub ino: u64,
+    /// See [`Entry::generation`]; with `ino`, what the kernel knows the inode by
+    /// ([`Attr::node`]).
+    pub generation: u32,
     pub kind: NodeKind,
     pub size: u64,
     pub perm: u16,
@@ -167,6 +170,38 @@ pub struct Attr {
     /// below), never by the daemon itself, or a file this daemon is writing: the kernel's own
     /// invalidation keeps its cache true.
     pub stable: bool,
+}
+
+/// Bits of a kernel inode number below the generation: the index's inode numbers stay below
+/// 2^40 (it hands them out one by one; a trillion), and generations count modulo 2^16 in the
+/// bits above, below [`models::VIRT_BASE`]'s numbers (which have none).
+const NODE_GENERATION_SHIFT: u32 = 40;
+
+impl Attr {
+    /// The number the kernel knows this inode by: its inode number with its generation. A
+    /// directory made again where one was removed, or a file created again at its tombstone,
+    /// keeps its row and inode number, but is a new inode for the kernel, which may still
+    /// hold the old, dead one for a process inside the removed directory or a descriptor of
+    /// the removed file (and would otherwise take the new entry for it).
+    pub fn node(&self) -> u64 {
+        node_of(self.ino, self.generation)
+    }
+}
+
+/// The kernel's number for inode `ino` of generation `generation` (see [`Attr::node`]).
+pub fn node_of(ino: u64, generation: u32) -> u64 {
+    if ino >= models::VIRT_BASE {
+        return ino;
+    }
+    ino | u64::from(generation & 0xffff) << NODE_GENERATION_SHIFT
+}
+
+/// The inode number of the kernel's number `node` (see [`Attr::node`]).
+pub fn ino_of_node(node: u64) -> u64 {
+    if node >= models::VIRT_BASE {
+        return node;
+    }
+    node & ((1 << NODE_GENERATION_SHIFT) - 1)
 }
 
 /// A time given to `utimens` (`UTIME_OMIT` is no `SetTime` at all).
@@ -606,6 +641,7 @@ impl ArtifactFs {
     fn attr_of(&self, e: &Entry) -> Attr {
         let mut attr = Attr {
             ino: e.ino,
+            generation: e.generation,
             kind: match e.kind {
                 Kind::Dir => NodeKind::Dir,
                 Kind::File => NodeKind::File,
@@ -1605,6 +1641,18 @@ impl ArtifactFs {
     }
 
     /// Asks the kernel to forget inode `ino`'s attributes and pages (from the hook's thread).
+    /// The number the kernel knows inode `ino` by now (see [`Attr::node`]); for the
+    /// notifications, which name inodes by it.
+    pub fn node(&self, ino: u64) -> u64 {
+        if ino >= models::VIRT_BASE {
+            return ino;
+        }
+        match self.store.index().get(ino) {
+            Ok(Some(e)) => node_of(ino, e.generation),
+            _ => ino,
+        }
+    }
+
     pub fn invalidate_inode(&self, ino: u64) {
         if let Some(hook) = self.vanish_hook.get() {
             hook(Invalidate::Inode(ino));
@@ -3437,7 +3485,8 @@ mod tests {
         }
         let db = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
         db.execute_batch(
-            "DROP TABLE inline_content; DROP TABLE piece_states; PRAGMA user_version = 5;",
+            "DROP TABLE inline_content; DROP TABLE piece_states;
+             ALTER TABLE entries DROP COLUMN generation; PRAGMA user_version = 5;",
         )
         .unwrap();
         drop(db);

@@ -445,6 +445,7 @@ impl ArtifactFs {
     fn link_attr(&self, model: &Entry, name: &[u8], target_len: usize, time: i64) -> Attr {
         Attr {
             ino: self.models.link_ino(model.ino, name),
+            generation: 0,
             kind: NodeKind::Symlink,
             size: target_len as u64,
             perm: 0o777,

@@ -62,7 +62,7 @@ use super::Hash;
 const PIECE_STATES_TABLE: &str = "CREATE TABLE piece_states (hash TEXT PRIMARY KEY, piece BIGINT NOT NULL, states BLOB NOT NULL);";
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 pub const ROOT_INO: u64 = 1;
 pub const RUNS_INO: u64 = 2;
@@ -104,6 +104,10 @@ pub struct Entry {
     /// Last access as `utimens` set it (reads never change it; new entries start at their
     /// creation time).
     pub atime: i64,
+    /// How often the row's inode number was taken again (a directory made again where one was
+    /// removed, a file created again at its tombstone): the kernel must take each for a new
+    /// inode, not for the one it may still hold for the removed entry.
+    pub generation: u32,
     /// Committed by a `close()` while the writing daemon still holds the file open (a dup'd
     /// descriptor may write again): `state` reads `Live`, because the writing daemon knows its
     /// own writers, but any other reader must treat the file as still being written.
@@ -307,8 +311,8 @@ const DAMAGE_RELOAD: Duration = Duration::from_secs(1);
 /// table's sequence.
 const INO_BLOCK: u64 = 1024;
 
-const COLUMNS: &str =
-    "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime";
+const COLUMNS: &str = "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, crtime, atime, \
+     generation";
 
 /// The first inode number no row has used, nor any row deleted since (`AUTOINCREMENT` keeps the
 /// highest number ever used in `sqlite_sequence`).
@@ -453,6 +457,7 @@ fn new_entry_row(e: &NewEntry, ino: u64) -> Entry {
         ctime: e.time,
         crtime: e.time,
         atime: e.time,
+        generation: 0,
         committed_open: false,
     }
 }
@@ -512,6 +517,7 @@ fn row_to_entry(row: &DbRow) -> rusqlite::Result<Entry> {
         ctime: row.get(12)?,
         crtime: row.get(13)?,
         atime: row.get(14)?,
+        generation: row.get::<_, i64>(15)? as u32,
         committed_open: code == STATE_COMMITTED_OPEN,
     })
 }
@@ -639,7 +645,7 @@ impl Index {
             (
                 "entries",
                 "ino, parent, name, kind, state, zone, hash, size, mode, uid, gid, mtime, ctime, \
-                 crtime, atime",
+                 crtime, atime, generation",
             ),
             ("history", "ino, hash, size, mtime, replaced"),
             ("registered_models", "ino, name, next_version, created"),
@@ -844,6 +850,7 @@ impl Index {
             ctime: e.time,
             crtime: e.time,
             atime: e.time,
+            generation: 0,
             committed_open: false,
         };
         let mut r = self.reserved.borrow_mut();
@@ -873,7 +880,7 @@ impl Index {
         self.db.exec(
             &format!(
                 "INSERT INTO entries ({COLUMNS})
-                 VALUES (?1, ?2, ?3, 2, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                 VALUES (?1, ?2, ?3, 2, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             ),
             params![
                 r.ino as i64,
@@ -889,7 +896,8 @@ impl Index {
                 mtime,
                 ctime,
                 r.crtime,
-                r.atime
+                r.atime,
+                r.generation as i64
             ],
         )?;
         self.record_used_inos()
@@ -1042,6 +1050,9 @@ impl Index {
         if version < 7 {
             self.migrate_to_7()?;
         }
+        if version < 8 {
+            self.migrate_to_8()?;
+        }
         Ok(())
     }
 
@@ -1186,6 +1197,16 @@ impl Index {
                  PRAGMA user_version = 7;
                  COMMIT;"
         ))
+    }
+
+    /// Version 8: each row's generation ([`Entry::generation`]), 0 for the rows there are.
+    fn migrate_to_8(&self) -> io::Result<()> {
+        self.db.batch(
+            "BEGIN;
+                 ALTER TABLE entries ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 8;
+                 COMMIT;",
+        )
     }
 
     /// Records the piece states of content `hash` (pieces of `piece` bytes); states already
@@ -1471,7 +1492,7 @@ impl Index {
                      FROM entries WHERE parent = ?1 LIMIT ?2"
                 ),
                 params![parent as i64, cache::LISTING_MAX as i64 + 1],
-                |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)),
+                |r| Ok((row_to_entry(r)?, r.get::<_, bool>(16)?)),
             )?;
             let whole = rows.len() <= cache::LISTING_MAX;
             let named = rows.iter().find(|(e, _)| e.name == name).cloned();
@@ -1489,7 +1510,7 @@ impl Index {
                  FROM entries WHERE parent = ?1 AND name = ?2"
             ),
             params![parent as i64, name],
-            |r| Ok((row_to_entry(r)?, r.get::<_, bool>(15)?)),
+            |r| Ok((row_to_entry(r)?, r.get::<_, bool>(16)?)),
         )?;
         self.cache
             .borrow_mut()
@@ -2240,7 +2261,8 @@ impl Index {
         self.atomically(|| {
             self.db.exec(
                 "UPDATE entries SET state = 0, mode = ?2, uid = ?3, gid = ?4,
-                     mtime = ?5, ctime = ?5, atime = ?5 WHERE ino = ?1 AND kind = 1",
+                     mtime = ?5, ctime = ?5, atime = ?5, crtime = ?5, generation = generation + 1
+                 WHERE ino = ?1 AND kind = 1",
                 params![ino as i64, mode as i64, uid as i64, gid as i64, now],
             )?;
             self.touch_parent_of(ino, now)
@@ -2259,7 +2281,7 @@ impl Index {
         let n = self.db.exec(
             &format!(
                     "UPDATE entries SET state = {STATE_WRITING}, mode = ?2, uid = ?3, gid = ?4,
-                     mtime = ?5, ctime = ?5
+                     mtime = ?5, ctime = ?5, crtime = ?5, generation = generation + 1
                      WHERE ino = ?1 AND kind = 2 AND state = {STATE_TOMBSTONE} AND hash IS NOT NULL"
                 ),
             params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
@@ -3490,7 +3512,7 @@ mod tests {
                  DROP TRIGGER model_versions_notify ON model_versions;
                  DROP TRIGGER model_aliases_notify ON model_aliases;
                  DROP FUNCTION artifactfs_notify_entry(); DROP FUNCTION artifactfs_notify_dirs();
-                 DROP TABLE piece_states;
+                 DROP TABLE piece_states; ALTER TABLE entries DROP COLUMN generation;
                  UPDATE meta SET value = 1 WHERE key = 'schema_version'",
             )
             .unwrap();
@@ -3518,7 +3540,7 @@ mod tests {
         idx.end_session().unwrap();
         idx.db
             .batch(
-                "DROP TABLE piece_states;
+                "DROP TABLE piece_states; ALTER TABLE entries DROP COLUMN generation;
                  UPDATE meta SET value = 2 WHERE key = 'schema_version'",
             )
             .unwrap();
@@ -3534,6 +3556,20 @@ mod tests {
         );
         idx.pieces_remove(&hash).unwrap();
         assert_eq!(idx.pieces_get(&hash).unwrap(), None);
+        Index::open_postgres_client(&url).unwrap();
+
+        // Version 3 lacks only the generations: its rows are of generation 0.
+        idx.end_session().unwrap();
+        idx.db
+            .batch(
+                "ALTER TABLE entries DROP COLUMN generation;
+                 UPDATE meta SET value = 3 WHERE key = 'schema_version'",
+            )
+            .unwrap();
+        let e = Index::open_postgres_client(&url).err().unwrap();
+        assert!(e.to_string().contains("version 3") && e.to_string().contains("upgrades it"));
+        let idx = Index::open_postgres(&url, "m1", (0, 0), 4).unwrap();
+        assert_eq!(idx.get(RUNS_INO).unwrap().unwrap().generation, 0);
         Index::open_postgres_client(&url).unwrap();
     }
 
@@ -3628,7 +3664,8 @@ mod tests {
                 .sqlite()
                 .unwrap()
                 .execute_batch(
-                    "ALTER TABLE entries DROP COLUMN atime; DROP TABLE history;
+                    "ALTER TABLE entries DROP COLUMN atime; ALTER TABLE entries DROP COLUMN generation;
+                     DROP TABLE history;
                      DROP TABLE inline_content; DROP TABLE piece_states; PRAGMA user_version = 3;",
                 )
                 .unwrap();
@@ -3647,8 +3684,8 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         let a = idx.lookup(RUNS_INO, b"a").unwrap().unwrap();
         assert_eq!(
-            (a.state, a.hash, a.size, a.mtime, a.atime),
-            (State::Live, Some(hash), 3, 1_234, 1_234)
+            (a.state, a.hash, a.size, a.mtime, a.atime, a.generation),
+            (State::Live, Some(hash), 3, 1_234, 1_234, 0)
         );
         assert_eq!(idx.get(ROOT_INO).unwrap().unwrap().atime, 5);
         // It keeps working: access and modification times change separately.
@@ -3733,6 +3770,43 @@ mod tests {
         })
         .unwrap();
         assert_eq!(times(idx, d2), (90, 90));
+    }
+
+    /// A directory made again where one was removed, and a file created again at its
+    /// tombstone, keep their inode number with the next generation (which the kernel's
+    /// number of the inode carries); every other change keeps the generation.
+    #[test]
+    fn a_row_taken_again_is_of_the_next_generation() {
+        for engine in engines() {
+            eprintln!("{}", engine.name);
+            let idx = (engine.open)(1);
+            let h = Hash::of(b"x");
+            let d = idx
+                .insert_in_dir(&NewEntry::new_dir(RUNS_INO, b"d", 3, 0o755, (0, 0), 1))
+                .unwrap()
+                .unwrap();
+            let f = idx.insert(&new_file(d, b"f")).unwrap().unwrap();
+            idx.commit_file(f, &h, 1, 1, 2, || true).unwrap();
+            idx.seal_later(f);
+            idx.seal_pending().unwrap();
+            let generation = |ino| idx.get(ino).unwrap().unwrap().generation;
+            assert_eq!((generation(d), generation(f)), (0, 0));
+            idx.tombstone(f, 3).unwrap();
+            assert_eq!(generation(f), 0);
+            assert!(idx.recreate_at_tombstone(f, 0o644, (0, 0), 4).unwrap());
+            assert_eq!(generation(f), 1);
+            assert_eq!(idx.get(f).unwrap().unwrap().crtime, 4, "born again");
+            idx.restore_tombstone(f, 5).unwrap();
+            assert!(idx.recreate_at_tombstone(f, 0o644, (0, 0), 6).unwrap());
+            assert_eq!(generation(f), 2);
+            for (n, t) in [(1, 10), (2, 20)] {
+                idx.tombstone(d, t).unwrap();
+                idx.revive_dir(d, 0o700, 0, 0, t + 1).unwrap();
+                assert_eq!(generation(d), n);
+            }
+            // Other readers see it too (another machine's kernel must take it as new).
+            assert_eq!((engine.other)().get(d).unwrap().unwrap().generation, 2);
+        }
     }
 
     #[test]

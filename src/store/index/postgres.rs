@@ -32,9 +32,13 @@ use super::db::Db;
 use super::{MODELS_INO, ROOT_INO, RUNS_INO};
 
 /// The PostgreSQL schema's version, in `meta`. 2: the triggers that announce changes
-/// ([`NOTIFY_SCHEMA`]); 3: the piece states of large contents ([`PIECE_STATES`]). A daemon
-/// upgrades an index of an earlier version by adding what it lacks.
-pub const SCHEMA_VERSION: i64 = 3;
+/// ([`NOTIFY_SCHEMA`]); 3: the piece states of large contents ([`PIECE_STATES`]); 4: each
+/// entry's generation ([`GENERATIONS`]). A daemon upgrades an index of an earlier version by
+/// adding what it lacks.
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// Each entry's generation (see `Entry::generation`).
+const GENERATIONS: &str = "ALTER TABLE entries ADD COLUMN generation BIGINT NOT NULL DEFAULT 0;";
 
 /// The table of piece states (see `crate::store::pieces`).
 const PIECE_STATES: &str = "CREATE TABLE piece_states (hash TEXT PRIMARY KEY, piece BIGINT NOT NULL, states BYTEA NOT NULL);";
@@ -166,15 +170,18 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
         )?;
         return match version {
             Some(SCHEMA_VERSION) => Ok(()),
-            // Version 1 lacks the triggers that announce changes, and 2 the piece states: a
-            // daemon adds them.
-            Some(v @ (1 | 2)) if create.is_some() => {
+            // Version 1 lacks the triggers that announce changes, 2 the piece states, 3 the
+            // generations: a daemon adds them.
+            Some(v @ (1..=3)) if create.is_some() => {
                 if v == 1 {
                     db.batch(NOTIFY_SCHEMA)?;
                     db.batch(&functions_schema())?;
                     db.batch(INLINE_STORAGE)?;
                 }
-                db.batch(PIECE_STATES)?;
+                if v <= 2 {
+                    db.batch(PIECE_STATES)?;
+                }
+                db.batch(GENERATIONS)?;
                 db.exec(
                     "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
                     params![SCHEMA_VERSION],
@@ -186,7 +193,7 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
                 "index schema version {v} is newer than this artifactfs ({SCHEMA_VERSION}): \
                  upgrade artifactfs on this machine"
             ))),
-            Some(v @ (1 | 2)) => Err(io::Error::other(format!(
+            Some(v @ (1..=3)) => Err(io::Error::other(format!(
                 "index schema version {v}: this artifactfs reads {SCHEMA_VERSION}; the next \
                  mount of a daemon upgrades it"
             ))),
@@ -233,6 +240,7 @@ fn create_or_check(db: &Db, create: Option<((u32, u32), i64)>) -> io::Result<()>
              crtime  BIGINT NOT NULL,
              atime   BIGINT NOT NULL DEFAULT 0,
              session BIGINT,
+             generation BIGINT NOT NULL DEFAULT 0,
              UNIQUE (parent, name)
          );
          CREATE INDEX entries_by_parent ON entries (parent, ino);
