@@ -308,6 +308,21 @@ impl Opener {
     /// Answers an `open`; `fetch`: the content comes from a bucket, and this thread (of the
     /// fetch pool) gets it now, so that no read waits for it in a request thread.
     fn open(&self, ino: u64, flags: i32, pid: u32, fetch: bool, reply: ReplyOpen) {
+        // The kernel refuses (`EIO`) any open of an inode other processes read through
+        // passthrough that is not one too, as a writer's is not: busy, with its reason.
+        if flags & libc::O_ACCMODE != libc::O_RDONLY
+            && lock(&self.backing)
+                .by_ino
+                .get(&ino)
+                .is_some_and(|id| id.strong_count() > 0)
+        {
+            let e = self.fs.refuse_busy(
+                "open for writing",
+                ino,
+                "the file is open for reading (through passthrough) by another process",
+            );
+            return reply.error(errno(&e));
+        }
         // An open for reading only reads the index until it makes its handle: run again while
         // the index is busy, as lookups are (one that may write is not).
         let reads_only = flags & libc::O_ACCMODE == libc::O_RDONLY

@@ -327,6 +327,48 @@ fn a_path_made_again_is_a_new_inode_while_the_old_one_is_held() {
     );
 }
 
+/// A file of 128 KiB or more that another process reads (the kernel reads it straight from
+/// its blob, passthrough) is busy for writers meanwhile: `EBUSY` with a log line, not the
+/// kernel's `EIO`; once the reader is gone, it takes its own bytes again.
+#[test]
+fn a_large_file_being_read_is_busy_for_writers() {
+    use std::os::unix::fs::FileExt;
+    let Some(m) = Mount::new("a_large_file_being_read_is_busy_for_writers") else {
+        return;
+    };
+    let art = setup_run(&m, "r1");
+    let f = art.join("weights.bin");
+    let bytes: Vec<u8> = (0..256 << 10).map(|i| (i * 31 % 251) as u8).collect();
+    fs::write(&f, &bytes).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let src = outside.path().join("weights.bin");
+    fs::write(&src, &bytes).unwrap();
+    let cp = format!("cp {} weights.bin", src.display());
+    let reader = File::open(&f).unwrap();
+    let mut head = [0u8; 4096];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    let out = sh(&art, &cp);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Device or resource busy"),
+        "{out:?}"
+    );
+    assert_eq!(py(&art, "open('weights.bin', 'r+b').close()"), "EBUSY");
+    drop(reader);
+    // (Its release reaches the daemon a moment after close() returned.)
+    assert!(wait_until(std::time::Duration::from_secs(3), || {
+        sh(&art, &cp).status.success()
+    }));
+    assert_eq!(fs::read(&f).unwrap(), bytes);
+    assert!(
+        m.log().contains(
+            "refused open for writing /runs/r1/artifacts/weights.bin: the file is open for reading"
+        ),
+        "{}",
+        m.log()
+    );
+}
+
 #[test]
 fn truncate_by_path_of_a_file_being_written_is_busy() {
     let Some(m) = Mount::new("truncate_by_path_of_a_file_being_written_is_busy") else {

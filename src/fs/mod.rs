@@ -2391,6 +2391,12 @@ impl ArtifactFs {
     }
 
     /// Symbolic and hard links are refused.
+    /// The refusal (`Busy`, one log line) of `op` on inode `ino`, for a reason only the
+    /// adapter sees (what the kernel holds open).
+    pub fn refuse_busy(&self, op: &str, ino: u64, why: &str) -> FsError {
+        self.deny_ino(op, ino, (Refusal::Busy, why.to_string()))
+    }
+
     pub fn refuse_link(&self, op: &str, parent: u64, name: &[u8]) -> FsError {
         let idx = self.store.index();
         if let Err(e) = self.read_only(&idx, op, parent, Some(name)) {
