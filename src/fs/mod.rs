@@ -937,17 +937,31 @@ impl ArtifactFs {
                 .map_err(|r| Self::deny(&idx, "mkdir", parent, Some(name), r))?;
             self.model_guard(&idx, "mkdir", &pdir, Some(name))?;
             let now = now_ns();
-            let ino = self.make_dir(
-                &idx,
-                parent,
-                name,
-                zone,
-                mode & 0o7777 | inherited,
-                uid,
-                gid,
-                now,
-                "mkdir",
-            )?;
+            let ino = if place == Place::Models {
+                // The directory and its model's row in one transaction.
+                let new = NewEntry::new_dir(
+                    parent,
+                    name,
+                    zone as u8,
+                    mode & 0o7777 | inherited,
+                    (uid, gid),
+                    now,
+                );
+                idx.model_dir_create(&new, &String::from_utf8_lossy(name))?
+                    .ok_or(FsError::Refused(Refusal::Exists))?
+            } else {
+                self.make_dir(
+                    &idx,
+                    parent,
+                    name,
+                    zone,
+                    mode & 0o7777 | inherited,
+                    uid,
+                    gid,
+                    now,
+                    "mkdir",
+                )?
+            };
             self.model_guard_after(&idx, "mkdir", &pdir, name, ino)?;
             if place == Place::Runs {
                 // Every run has artifacts/.
@@ -967,11 +981,9 @@ impl ArtifactFs {
                     e => Err(e),
                 })?;
             }
-            if place == Place::Models {
-                self.after_insert(&idx, || {
-                    Ok(idx.model_create(ino, &String::from_utf8_lossy(name), now)?)
-                })?;
-            } else if let Some(unit) = self.unit_for_new(&idx, &pdir, ino)? {
+            if place != Place::Models
+                && let Some(unit) = self.unit_for_new(&idx, &pdir, ino)?
+            {
                 self.after_insert(&idx, || self.model_touch(&idx, unit, true))?;
             }
             idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?
@@ -1050,18 +1062,25 @@ impl ArtifactFs {
         }
         if place == Place::Models || unit.is_some() {
             // A draft below models/ that never became a version: gone, and the name is free.
+            // One transaction: a model's row goes with its directory.
             let remove = |idx: &Index| {
-                idx.delete_row(dir.ino)?;
-                idx.touch_dir(parent, now_ns())?;
-                idx.version_delete(dir.ino)
+                idx.write_locked(|idx| {
+                    idx.delete_row(dir.ino)?;
+                    idx.touch_dir(parent, now_ns())?;
+                    idx.version_delete(dir.ino)?;
+                    if place == Place::Models {
+                        idx.model_delete(dir.ino)?;
+                    }
+                    Ok(())
+                })
             };
             match unit {
                 Some(unit) => self.model_change(&idx, "rmdir", &dir, unit, remove)?,
                 None => remove(&idx)?,
             }
-            if place == Place::Models {
-                idx.model_delete(dir.ino)?;
-            } else if let Some(unit) = self.model_unit(&idx, &pdir)? {
+            if place != Place::Models
+                && let Some(unit) = self.model_unit(&idx, &pdir)?
+            {
                 self.model_touch(&idx, unit, false)?;
             }
             return Ok(());
@@ -3202,6 +3221,42 @@ mod tests {
         fs.release(fh).unwrap();
         assert!(fs.getattr(attr.ino).unwrap().sealed);
         assert_eq!(read_all(&fs, attr.ino), b"committed after the wait");
+    }
+
+    /// `mkdir models/<name>` and `rmdir` of it change the directory and the model's row in one
+    /// transaction: when the row's change fails (as a crash between two would leave it), the
+    /// directory stays as it was.
+    #[test]
+    fn a_models_directory_and_its_row_change_together() {
+        let (dir, fs) = new_fs();
+        let db = rusqlite::Connection::open(dir.path().join("index.sqlite")).unwrap();
+        let fail_on = |event: &str| {
+            db.execute_batch(&format!(
+                "CREATE TRIGGER fail BEFORE {event} ON registered_models
+                 BEGIN SELECT RAISE(FAIL, 'injected'); END;"
+            ))
+            .unwrap()
+        };
+        fail_on("INSERT");
+        assert!(fs.mkdir(ME, MODELS_INO, b"iris", 0o755).is_err());
+        assert_eq!(refusal(fs.lookup(MODELS_INO, b"iris")), Refusal::NotFound);
+        db.execute_batch("DROP TRIGGER fail").unwrap();
+        let m = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        assert_eq!(
+            fs.store
+                .index()
+                .model_by_name("iris")
+                .unwrap()
+                .map(|r| r.ino),
+            Some(m)
+        );
+        fail_on("DELETE");
+        assert!(fs.rmdir(MODELS_INO, b"iris").is_err());
+        assert_eq!(fs.lookup(MODELS_INO, b"iris").unwrap().ino, m);
+        db.execute_batch("DROP TRIGGER fail").unwrap();
+        fs.rmdir(MODELS_INO, b"iris").unwrap();
+        assert_eq!(fs.store.index().model_by_name("iris").unwrap(), None);
+        assert_eq!(refusal(fs.lookup(MODELS_INO, b"iris")), Refusal::NotFound);
     }
 
     /// A file or directory made below `models/` is a row, then the version's PENDING mark:

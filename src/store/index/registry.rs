@@ -6,7 +6,7 @@ use std::io;
 
 use rusqlite::params;
 
-use super::{DbRow, Index};
+use super::{DbRow, Index, NewEntry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VersionStatus {
@@ -125,6 +125,18 @@ impl Index {
             params![ino as i64, name, now],
         )?;
         Ok(())
+    }
+
+    /// Makes directory `models/<name>` (`new`) and its model's row in one transaction: a crash
+    /// leaves both or neither. `None` if the name is taken.
+    pub fn model_dir_create(&self, new: &NewEntry, name: &str) -> io::Result<Option<u64>> {
+        self.write_locked(|idx| {
+            let Some(ino) = idx.insert_in_dir(new)? else {
+                return Ok(None);
+            };
+            idx.model_create(ino, name, new.time)?;
+            Ok(Some(ino))
+        })
     }
 
     /// Forgets a registered model that has no versions (its directory was removed).
