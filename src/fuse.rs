@@ -26,7 +26,7 @@ use fuser::{
 };
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use fuser::BackingId;
@@ -49,11 +49,18 @@ pub fn forward_vanished(
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
-            // What the kernel knows inode `ino` by now (its generation included).
-            let node = |ino: u64| INodeNo(weak.upgrade().map_or(ino, |fs| fs.node(ino)));
+            // The numbers the kernel may hold inode `ino` by (one per generation, see
+            // `Attr::node`): on a shared store, those it was handed (the index, which may be
+            // away, is not asked); otherwise the one of its generation now.
+            let nodes = |ino: u64| -> Vec<INodeNo> {
+                match &handed {
+                    _ if ino == crate::store::index::ROOT_INO => vec![INodeNo(ino)],
+                    Some(h) => lock(h).nodes_of(ino).into_iter().map(INodeNo).collect(),
+                    None => vec![INodeNo(weak.upgrade().map_or(ino, |fs| fs.node(ino)))],
+                }
+            };
             // The entry, and the directory's cached listing and attributes.
-            let entry = |parent: u64, name: &[u8]| {
-                let dir = node(parent);
+            let entry = |dir: INodeNo, name: &[u8]| {
                 notifier
                     .inval_entry(dir, OsStr::from_bytes(name))
                     .and_then(|()| notifier.inval_inode(dir, 0, 0))
@@ -61,11 +68,17 @@ pub fn forward_vanished(
             for what in rx {
                 log::debug!("invalidating {what:?}");
                 let r = match &what {
-                    Invalidate::Entry(parent, name) => entry(*parent, name),
+                    Invalidate::Entry(parent, name) => nodes(*parent)
+                        .into_iter()
+                        .try_for_each(|dir| entry(dir, name)),
                     // Attributes (the size) and every cached page.
-                    Invalidate::Inode(ino) => notifier.inval_inode(node(*ino), 0, 0),
+                    Invalidate::Inode(ino) => nodes(*ino)
+                        .into_iter()
+                        .try_for_each(|n| notifier.inval_inode(n, 0, 0)),
                     // (A negative offset: no page.)
-                    Invalidate::Attributes(ino) => notifier.inval_inode(node(*ino), -1, 0),
+                    Invalidate::Attributes(ino) => nodes(*ino)
+                        .into_iter()
+                        .try_for_each(|n| notifier.inval_inode(n, -1, 0)),
                     Invalidate::Everything => {
                         let (names, inodes) = match &handed {
                             Some(h) => h.lock().unwrap_or_else(|p| p.into_inner()).all(),
@@ -77,11 +90,12 @@ pub fn forward_vanished(
                             names.len(),
                             inodes.len()
                         );
+                        // (Kept as the kernel's numbers: no index to ask, which may be away.)
                         for (parent, name) in &names {
-                            let _ = entry(*parent, name);
+                            let _ = entry(INodeNo(*parent), name);
                         }
-                        for ino in inodes.iter().chain(&[crate::store::index::ROOT_INO]) {
-                            let _ = notifier.inval_inode(node(*ino), 0, 0);
+                        for n in inodes.iter().chain(&[crate::store::index::ROOT_INO]) {
+                            let _ = notifier.inval_inode(INodeNo(*n), 0, 0);
                         }
                         Ok(())
                     }
@@ -288,7 +302,7 @@ pub struct FuseAdapter {
     /// Passthrough wanted (command line) and, after `init`, granted by the kernel.
     passthrough: Arc<AtomicBool>,
     backing: Arc<Mutex<Backing>>,
-    truncating: Arc<Mutex<OpenTruncates>>,
+    truncating: Arc<OpenTruncates>,
     commits: CommitPool,
     /// Opens that fetch content from a bucket first.
     fetches: CommitPool,
@@ -301,19 +315,20 @@ struct Opener {
     fs: Arc<ArtifactFs>,
     passthrough: Arc<AtomicBool>,
     backing: Arc<Mutex<Backing>>,
-    truncating: Arc<Mutex<OpenTruncates>>,
+    truncating: Arc<OpenTruncates>,
 }
 
 impl Opener {
     /// Answers an `open`; `fetch`: the content comes from a bucket, and this thread (of the
     /// fetch pool) gets it now, so that no read waits for it in a request thread.
-    fn open(&self, ino: u64, flags: i32, pid: u32, fetch: bool, reply: ReplyOpen) {
+    fn open(&self, node: INodeNo, flags: i32, pid: u32, fetch: bool, reply: ReplyOpen) {
+        let ino = ino_of(node);
         // The kernel refuses (`EIO`) any open of an inode other processes read through
         // passthrough that is not one too, as a writer's is not: busy, with its reason.
         if flags & libc::O_ACCMODE != libc::O_RDONLY
             && lock(&self.backing)
                 .by_ino
-                .get(&ino)
+                .get(&node.0)
                 .is_some_and(|id| id.strong_count() > 0)
         {
             let e = self.fs.refuse_busy(
@@ -342,26 +357,27 @@ impl Opener {
                     // handle opened; no page cache or backing file outlives a new content.
                     return reply.opened(FileHandle(fh), REWRITABLE);
                 }
-                self.opened_sealed(ino, fh, size, reply)
+                self.opened_sealed(node.0, fh, size, reply)
             }
             Ok((fh, Opened::Writing)) => {
                 // An `O_TRUNC` of this open, if it had one, comes next (see `setattr`).
-                lock(&self.truncating).opened(ino, pid, fh);
+                self.truncating.opened(ino, pid, fh);
                 reply.opened(FileHandle(fh), WRITING)
             }
             Err(e) => reply.error(errno(&e)),
         })
     }
 
-    fn opened_sealed(&self, ino: u64, fh: u64, size: u64, reply: ReplyOpen) {
+    /// (`node`: the kernel's inode, whose backing file it is.)
+    fn opened_sealed(&self, node: u64, fh: u64, size: u64, reply: ReplyOpen) {
         if size >= SMALL_FILE && self.passthrough.load(Ordering::Relaxed) {
             let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
             // The kernel refuses (ETXTBSY) a passthrough open of an inode that is open through
             // its page cache, and the other way round: while a handle reads content still
             // arriving from a bucket (no backing file yet), every open of the inode does so.
-            let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
+            let id = match b.by_ino.get(&node).and_then(Weak::upgrade) {
                 Some(id) => Some(Ok(id)),
-                None if b.cached.contains_key(&ino) => None,
+                None if b.cached.contains_key(&node) => None,
                 None => match self.fs.backing_file(fh) {
                     Ok(Some(file)) => Some(reply.open_backing(&*file).map(Arc::new)),
                     Ok(None) => None,
@@ -374,7 +390,7 @@ impl Opener {
             };
             match id {
                 Some(Ok(id)) => {
-                    b.by_ino.insert(ino, Arc::downgrade(&id));
+                    b.by_ino.insert(node, Arc::downgrade(&id));
                     b.by_fh.insert(fh, id.clone());
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
                     return;
@@ -384,7 +400,7 @@ impl Opener {
                     self.passthrough.store(false, Ordering::Relaxed);
                 }
                 None => {
-                    *b.cached.entry(ino).or_default() += 1;
+                    *b.cached.entry(node).or_default() += 1;
                     b.cached_fh.insert(fh);
                 }
             }
@@ -396,23 +412,27 @@ impl Opener {
     }
 }
 
-/// What the kernel was handed and may cache, on a shared store: each inode with the name it
+/// What the kernel was handed and may cache, on a shared store (by the kernel's numbers, see
+/// [`Attr::node`]): each inode with the name it
 /// was last handed by and how many lookups of it the kernel has not forgotten yet, and the
 /// negative entries whose TTL has not run out. After notifications of changes may have been
 /// missed, the daemon has the kernel forget all of it ([`forward_vanished`]).
 #[derive(Default)]
 pub struct Handed {
     inodes: HashMap<u64, (u64, Vec<u8>, u64)>,
+    /// The kernel's numbers of `inodes` by inode number (each generation it holds).
+    by_ino: HashMap<u64, Vec<u64>>,
     absent: HashMap<(u64, Vec<u8>), Instant>,
 }
 
 impl Handed {
     /// The kernel is handed inode `ino` as `name` in `parent` (one lookup more).
     fn handed(&mut self, parent: u64, name: &[u8], ino: u64) {
-        let known = self
-            .inodes
-            .entry(ino)
-            .or_insert_with(|| (parent, Vec::new(), 0));
+        let known = self.inodes.entry(ino).or_insert_with(|| {
+            let nodes = self.by_ino.entry(ino_of(INodeNo(ino))).or_default();
+            nodes.push(ino);
+            (parent, Vec::new(), 0)
+        });
         if known.0 != parent || known.1 != name {
             *known = (parent, name.to_vec(), known.2);
         }
@@ -434,8 +454,20 @@ impl Handed {
             known.2 = known.2.saturating_sub(nlookup);
             if known.2 == 0 {
                 self.inodes.remove(&ino);
+                let of = ino_of(INodeNo(ino));
+                if let Some(nodes) = self.by_ino.get_mut(&of) {
+                    nodes.retain(|n| *n != ino);
+                    if nodes.is_empty() {
+                        self.by_ino.remove(&of);
+                    }
+                }
             }
         }
+    }
+
+    /// The kernel's numbers of inode `ino` it was handed and has not forgotten.
+    fn nodes_of(&self, ino: u64) -> Vec<u64> {
+        self.by_ino.get(&ino).cloned().unwrap_or_default()
     }
 
     /// Everything the kernel may still cache: the names (entry, negative or not) and inodes.
@@ -462,32 +494,65 @@ const FETCH_THREADS: usize = 4;
 /// kernel sends as a truncate of its own right after the open (the daemon does not ask for
 /// `FUSE_ATOMIC_O_TRUNC`: with it, the kernel cuts its cached size and pages of the file to
 /// zero at every `O_TRUNC` open, and a concurrent reader of a sealed file being rewritten with
-/// its own bytes read it empty). An entry lives until that truncate or the handle's release.
+/// its own bytes read it empty). The kernel strips `O_TRUNC` from the open, and its truncate
+/// has no handle and no other field (as `truncate(2)` by path); it comes from the thread that
+/// opened. An entry lives until that truncate, the handle's first write, flush or fsync, or
+/// its release. Callers from another pid namespace all come as pid 0: their handles wait in
+/// the order they were opened, and a truncate takes the oldest (two `cp` over one file, each
+/// open followed by its own truncate, pair up right).
 #[derive(Default)]
 struct OpenTruncates {
-    by_opener: HashMap<(u64, u32), u64>,
+    /// Entries there are (checked without the lock by every write).
+    count: AtomicUsize,
+    inner: Mutex<OpenTruncatesInner>,
+}
+
+#[derive(Default)]
+struct OpenTruncatesInner {
+    by_opener: HashMap<(u64, u32), std::collections::VecDeque<u64>>,
     by_fh: HashMap<u64, (u64, u32)>,
 }
 
 impl OpenTruncates {
-    fn opened(&mut self, ino: u64, pid: u32, fh: u64) {
-        if let Some(older) = self.by_opener.insert((ino, pid), fh) {
-            self.by_fh.remove(&older);
-        }
-        self.by_fh.insert(fh, (ino, pid));
+    fn opened(&self, ino: u64, pid: u32, fh: u64) {
+        let mut m = lock(&self.inner);
+        m.by_opener.entry((ino, pid)).or_default().push_back(fh);
+        m.by_fh.insert(fh, (ino, pid));
+        self.count.store(m.by_fh.len(), Ordering::Relaxed);
     }
 
-    /// The handle the thread `pid` opened on `ino` last, if nothing took it since.
-    fn take(&mut self, ino: u64, pid: u32) -> Option<u64> {
-        let fh = self.by_opener.remove(&(ino, pid))?;
-        self.by_fh.remove(&fh);
+    /// The oldest handle the thread `pid` opened on `ino` that nothing used since.
+    fn take(&self, ino: u64, pid: u32) -> Option<u64> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let mut m = lock(&self.inner);
+        let fhs = m.by_opener.get_mut(&(ino, pid))?;
+        let fh = fhs.pop_front();
+        if fhs.is_empty() {
+            m.by_opener.remove(&(ino, pid));
+        }
+        let fh = fh?;
+        m.by_fh.remove(&fh);
+        self.count.store(m.by_fh.len(), Ordering::Relaxed);
         Some(fh)
     }
 
-    fn released(&mut self, fh: u64) {
-        if let Some(key) = self.by_fh.remove(&fh) {
-            self.by_opener.remove(&key);
+    /// Handle `fh` was used (written, flushed, synced) or released: no truncate is its now.
+    fn used(&self, fh: u64) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
         }
+        let mut m = lock(&self.inner);
+        if let Some(key) = m.by_fh.remove(&fh)
+            && let Some(fhs) = m.by_opener.get_mut(&key)
+        {
+            fhs.retain(|f| *f != fh);
+            if fhs.is_empty() {
+                m.by_opener.remove(&key);
+            }
+        }
+        self.count.store(m.by_fh.len(), Ordering::Relaxed);
     }
 }
 
@@ -505,6 +570,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 struct Backing {
     by_fh: HashMap<u64, Arc<BackingId>>,
+    /// By the kernel's inode (`Attr::node`): a generation of its own.
     by_ino: HashMap<u64, Weak<BackingId>>,
     /// Handles of files large enough for passthrough opened without it (their content was
     /// still arriving from a bucket), and how many such handles each inode has.
@@ -542,7 +608,7 @@ impl FuseAdapter {
         }
     }
 
-    /// Replies with the entry `name` of directory `parent` (or the error).
+    /// Replies with the entry `name` of directory `parent` (the kernel's number), or the error.
     fn reply_entry(
         &self,
         parent: u64,
@@ -552,20 +618,40 @@ impl FuseAdapter {
     ) {
         match res {
             Ok(attr) => {
-                self.handing_out(parent, name.as_bytes(), attr.ino);
+                self.handing_out(parent, name.as_bytes(), attr.node());
                 reply.entry(&self.ttl(&attr), &file_attr(&attr), Generation(0))
             }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    /// Records that the kernel is handed inode `ino` as `name` in `parent` (on a shared store).
-    fn handing_out(&self, parent: u64, name: &[u8], ino: u64) {
+    /// Records that the kernel is handed inode `node` as `name` in `parent` (on a shared store;
+    /// the kernel's numbers).
+    fn handing_out(&self, parent: u64, name: &[u8], node: u64) {
         if let Some(h) = &self.handed {
             h.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .handed(parent, name, ino);
+                .handed(parent, name, node);
         }
+    }
+
+    /// The refusal (`ESTALE`, one log line) of a change through a descriptor of an inode of
+    /// an earlier generation (a file removed and created again since, a directory removed and
+    /// made again): its path holds another inode now, which the change must not reach.
+    fn stale_refusal(&self, op: &str, node: INodeNo) -> Option<Errno> {
+        let stale = self
+            .fs
+            .getattr(ino_of(node))
+            .is_ok_and(|a| a.node() != node.0);
+        if !stale {
+            return None;
+        }
+        log::info!(
+            "refused {op} of inode {} through a descriptor of an earlier generation: its path \
+             holds another since [ESTALE]",
+            ino_of(node)
+        );
+        Some(Errno::from_i32(libc::ESTALE))
     }
 
     fn ttl(&self, attr: &Attr) -> Duration {
@@ -683,7 +769,7 @@ impl Filesystem for FuseAdapter {
             match self.fs.retrying("lookup", || {
                 self.fs.lookup_or_absent(ino_of(parent), name.as_bytes())
             }) {
-                Ok(Lookup::Found(attr)) => self.reply_entry(ino_of(parent), name, reply, Ok(attr)),
+                Ok(Lookup::Found(attr)) => self.reply_entry(parent.0, name, reply, Ok(attr)),
                 Ok(Lookup::Absent { cacheable }) => {
                     let shared = self.fs.options().beside_others();
                     match negative_ttl(cacheable, shared) {
@@ -691,7 +777,7 @@ impl Filesystem for FuseAdapter {
                         Some(t) => {
                             if let Some(h) = &self.handed {
                                 let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-                                h.absent_until(ino_of(parent), name.as_bytes(), Instant::now() + t);
+                                h.absent_until(parent.0, name.as_bytes(), Instant::now() + t);
                             }
                             let mut attr = file_attr(&NEGATIVE);
                             attr.ino = INodeNo(0);
@@ -710,7 +796,7 @@ impl Filesystem for FuseAdapter {
         if let Some(h) = &self.handed {
             h.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .forget(ino_of(ino), nlookup);
+                .forget(ino.0, nlookup);
         }
     }
 
@@ -718,13 +804,16 @@ impl Filesystem for FuseAdapter {
         guarded("getattr", || {
             match self.fs.retrying("getattr", || self.fs.getattr(ino_of(ino))) {
                 // An inode of an earlier generation (a descriptor of a file removed and
-                // created again since): as after unlink, with no link left; its number stays.
-                Ok(a) if a.node() != ino.0 => {
-                    let mut attr = file_attr(&a);
-                    attr.ino = ino;
-                    attr.nlink = 0;
-                    reply.attr(&self.ttl(&a), &attr)
-                }
+                // created again since): as after unlink, with the size of its content (the
+                // new one may still be being written); its number stays.
+                Ok(a) if a.node() != ino.0 => match self.fs.getattr_earlier(ino_of(ino)) {
+                    Ok(a) => {
+                        let mut attr = file_attr(&a);
+                        attr.ino = ino;
+                        reply.attr(&self.ttl(&a), &attr)
+                    }
+                    Err(e) => reply.error(errno(&e)),
+                },
                 Ok(a) => reply.attr(&self.ttl(&a), &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -754,23 +843,13 @@ impl Filesystem for FuseAdapter {
             // own right after the open, from the same thread, without the file handle (as
             // `truncate(2)` does). It goes to the handle that thread just opened for writing.
             let fh = match fh {
-                None if size == Some(0) => lock(&self.truncating)
-                    .take(ino_of(ino), req.pid())
-                    .map(FileHandle),
+                None if size == Some(0) => {
+                    self.truncating.take(ino_of(ino), req.pid()).map(FileHandle)
+                }
                 fh => fh,
             };
-            // Not an inode of an earlier generation: its path holds another one now.
-            if self
-                .fs
-                .getattr(ino_of(ino))
-                .is_ok_and(|a| a.node() != ino.0)
-            {
-                log::info!(
-                    "refused setattr of inode {} through a descriptor of an earlier generation: \
-                     its path holds another since [ESTALE]",
-                    ino_of(ino)
-                );
-                return reply.error(Errno::from_i32(libc::ESTALE));
+            if let Some(e) = self.stale_refusal("setattr", ino) {
+                return reply.error(e);
             }
             let change = SetAttr {
                 mode,
@@ -805,7 +884,7 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("mknod", || {
             self.reply_entry(
-                ino_of(parent),
+                parent.0,
                 name,
                 reply,
                 self.fs.retrying("mknod", || {
@@ -827,7 +906,7 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("mkdir", || {
             self.reply_entry(
-                ino_of(parent),
+                parent.0,
                 name,
                 reply,
                 self.fs.retrying("mkdir", || {
@@ -868,7 +947,7 @@ impl Filesystem for FuseAdapter {
     ) {
         guarded("symlink", || {
             self.reply_entry(
-                ino_of(parent),
+                parent.0,
                 link_name,
                 reply,
                 self.fs.retrying("symlink", || {
@@ -941,10 +1020,10 @@ impl Filesystem for FuseAdapter {
         if self.fs.open_is_heavy(ino_of(ino)) {
             // Its content comes from a bucket first: the request threads stay free meanwhile.
             self.fetches.run(Box::new(move || {
-                opener.open(ino_of(ino), flags.0, pid, true, reply)
+                opener.open(ino, flags.0, pid, true, reply)
             }));
         } else {
-            opener.open(ino_of(ino), flags.0, pid, false, reply)
+            opener.open(ino, flags.0, pid, false, reply)
         }
     }
 
@@ -986,6 +1065,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.truncating.used(fh.0);
         guarded("write", || match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
@@ -1000,6 +1080,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.truncating.used(fh.0);
         guarded("flush", || self.commit(fh.0, reply, |fs, fh| fs.flush(fh)))
     }
 
@@ -1014,24 +1095,21 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guarded("release", || {
-            lock(&self.truncating).released(fh.0);
+            self.truncating.used(fh.0);
             {
                 let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
                 b.by_fh.remove(&fh.0);
                 // The last handle on the inode closed its backing file: forget the inode too,
                 // or the map would grow with every file ever read.
-                if b.by_ino
-                    .get(&ino_of(ino))
-                    .is_some_and(|w| w.strong_count() == 0)
-                {
-                    b.by_ino.remove(&ino_of(ino));
+                if b.by_ino.get(&ino.0).is_some_and(|w| w.strong_count() == 0) {
+                    b.by_ino.remove(&ino.0);
                 }
                 if b.cached_fh.remove(&fh.0)
-                    && let Some(n) = b.cached.get_mut(&ino_of(ino))
+                    && let Some(n) = b.cached.get_mut(&ino.0)
                 {
                     *n -= 1;
                     if *n == 0 {
-                        b.cached.remove(&ino_of(ino));
+                        b.cached.remove(&ino.0);
                         // The next open passes reads through: the kernel would drop the pages
                         // these reads left in its cache then, in that open (0.1 s per GiB
                         // here); dropped now, from the notifier's thread, they cost it nothing.
@@ -1051,6 +1129,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.truncating.used(fh.0);
         guarded("fsync", || self.commit(fh.0, reply, |fs, fh| fs.fsync(fh)))
     }
 
@@ -1118,7 +1197,7 @@ impl Filesystem for FuseAdapter {
                         let t = if e.name == b"." || e.name == b".." {
                             Duration::ZERO
                         } else {
-                            self.handing_out(ino_of(ino), &e.name, e.attr.ino);
+                            self.handing_out(ino.0, &e.name, e.attr.node());
                             self.ttl(&e.attr)
                         };
                         if reply.add(
@@ -1172,6 +1251,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guarded("setxattr", || {
+            if let Some(e) = self.stale_refusal("setxattr", ino) {
+                return reply.error(e);
+            }
             reply_empty!(
                 reply,
                 self.fs.retrying("setxattr", || {
@@ -1207,6 +1289,9 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("removexattr", || {
+            if let Some(e) = self.stale_refusal("removexattr", ino) {
+                return reply.error(e);
+            }
             // Removing is writing: refused the same way (never a registration).
             let res = match name.as_bytes() {
                 n if n.starts_with(b"user.artifactfs.register.") => {
@@ -1253,7 +1338,7 @@ impl Filesystem for FuseAdapter {
                     .create(caller(req), ino_of(parent), name.as_bytes(), mode & !umask)
             }) {
                 Ok((attr, fh)) => {
-                    self.handing_out(ino_of(parent), name.as_bytes(), attr.ino);
+                    self.handing_out(parent.0, name.as_bytes(), attr.node());
                     reply.created(
                         &self.ttl(&attr),
                         &file_attr(&attr),
@@ -1282,6 +1367,35 @@ fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
 mod tests {
     use super::*;
 
+    /// The kernel's truncate after an `O_TRUNC` open goes to the handle its thread opened, the
+    /// oldest first where threads cannot be told apart (pid 0), and never to a handle already
+    /// used or released.
+    #[test]
+    fn an_open_truncate_finds_its_handle() {
+        let t = OpenTruncates::default();
+        assert_eq!(t.take(5, 100), None);
+        t.opened(5, 100, 1);
+        t.opened(5, 200, 2);
+        t.opened(6, 100, 3);
+        assert_eq!(t.take(5, 200), Some(2));
+        assert_eq!(t.take(5, 200), None);
+        assert_eq!(t.take(5, 100), Some(1));
+        // Two callers the kernel gives as pid 0: each open, then its truncate, in either order.
+        t.opened(7, 0, 10);
+        t.opened(7, 0, 11);
+        assert_eq!(t.take(7, 0), Some(10));
+        assert_eq!(t.take(7, 0), Some(11));
+        // Used (a write, flush or fsync came) or released: no truncate of an open any more.
+        t.opened(7, 0, 12);
+        t.opened(7, 0, 13);
+        t.used(12);
+        t.used(3);
+        assert_eq!(t.take(6, 100), None);
+        assert_eq!(t.take(7, 0), Some(13));
+        assert_eq!(t.count.load(Ordering::Relaxed), 0);
+        assert!(lock(&t.inner).by_opener.is_empty());
+    }
+
     /// What the kernel was handed is remembered until it forgets every lookup of it, by the
     /// name it was last handed by; negative entries until their cache time runs out.
     #[test]
@@ -1309,6 +1423,17 @@ mod tests {
         assert_eq!(h.all().1, vec![10]);
         h.forget(10, 5);
         assert!(h.all().1.is_empty());
+        // Each generation of an inode the kernel holds (a directory made again).
+        let again = (1 << 40) | 12;
+        h.handed(2, b"d", 12);
+        h.handed(2, b"d", again);
+        let mut nodes = h.nodes_of(12);
+        nodes.sort();
+        assert_eq!(nodes, vec![12, again]);
+        h.forget(12, 1);
+        assert_eq!(h.nodes_of(12), vec![again]);
+        h.forget(again, 1);
+        assert!(h.nodes_of(12).is_empty() && h.by_ino.is_empty());
     }
 
     /// What fuser 0.18 hands over for a `utimensat` time, from the kernel's `timespec`.

@@ -325,6 +325,24 @@ fn a_path_made_again_is_a_new_inode_while_the_old_one_is_held() {
         fs::metadata(&f).unwrap().permissions().mode() & 0o777,
         0o644
     );
+
+    // A small file (the kernel's page cache) open while it is created again at its tombstone:
+    // its descriptor shows and reads all of it while the new one is still being written.
+    let g = art.join("config.json");
+    let small: Vec<u8> = (0..4096).map(|i| (i % 97) as u8).collect();
+    fs::write(&g, &small).unwrap();
+    let old = File::open(&g).unwrap();
+    old.read_exact_at(&mut head, 0).unwrap();
+    fs::remove_file(&g).unwrap();
+    let mut new = File::create(&g).unwrap();
+    new.write_all(&small[..100]).unwrap();
+    assert_eq!(old.metadata().unwrap().len(), 4096);
+    let mut all = vec![0u8; 4096];
+    old.read_exact_at(&mut all, 0).unwrap();
+    assert_eq!(all, small);
+    new.write_all(&small[100..]).unwrap();
+    drop(new);
+    assert_eq!(fs::read(&g).unwrap(), small);
 }
 
 /// A file of 128 KiB or more that another process reads (the kernel reads it straight from

@@ -2136,6 +2136,17 @@ impl ArtifactFs {
                             ),
                         ));
                     }
+                    // The size it has, and nothing else: no change (as `truncate(2)` to the
+                    // same size, or the truncate of an `O_TRUNC` open of an empty file).
+                    None if change.mode.is_none()
+                        && change.uid.is_none()
+                        && change.gid.is_none()
+                        && change.mtime.is_none()
+                        && change.atime.is_none() =>
+                    {
+                        drop(idx);
+                        return self.getattr(ino);
+                    }
                     None => {}
                 }
             }
@@ -2410,6 +2421,24 @@ impl ArtifactFs {
     }
 
     /// Symbolic and hard links are refused.
+    /// The attributes of inode `ino` for a descriptor of an earlier generation of it (a file
+    /// removed, then created again at its tombstone, which must have the content it had): the
+    /// size the row keeps for that content, not what a writer of the new one has written so
+    /// far; no link.
+    pub fn getattr_earlier(&self, ino: u64) -> FsResult<Attr> {
+        let e = self
+            .store
+            .index()
+            .get(ino)?
+            .ok_or(FsError::Refused(Refusal::NotFound))?;
+        let mut attr = self.attr_of(&e);
+        if e.kind == Kind::File {
+            attr.size = e.size;
+        }
+        attr.nlink = 0;
+        Ok(attr)
+    }
+
     /// The refusal (`Busy`, one log line) of `op` on inode `ino`, for a reason only the
     /// adapter sees (what the kernel holds open).
     pub fn refuse_busy(&self, op: &str, ino: u64, why: &str) -> FsError {
