@@ -324,12 +324,17 @@ impl Opener {
     fn open(&self, node: INodeNo, flags: i32, pid: u32, fetch: bool, reply: ReplyOpen) {
         let ino = ino_of(node);
         // The kernel refuses (`EIO`) any open of an inode other processes read through
-        // passthrough that is not one too, as a writer's is not: busy, with its reason.
-        if flags & libc::O_ACCMODE != libc::O_RDONLY
-            && lock(&self.backing)
+        // passthrough that is not one too, as a writer's is not: busy, with its reason. (A
+        // reader's release may be on its way: it gets the grace an open gets.)
+        let passed_through = || {
+            lock(&self.backing)
                 .by_ino
                 .get(&node.0)
                 .is_some_and(|id| id.strong_count() > 0)
+        };
+        if flags & libc::O_ACCMODE != libc::O_RDONLY
+            && passed_through()
+            && !crate::fs::wait_a_release(|| !passed_through())
         {
             let e = self.fs.refuse_busy(
                 "open for writing",
@@ -497,9 +502,10 @@ const FETCH_THREADS: usize = 4;
 /// its own bytes read it empty). The kernel strips `O_TRUNC` from the open, and its truncate
 /// has no handle and no other field (as `truncate(2)` by path); it comes from the thread that
 /// opened. An entry lives until that truncate, the handle's first write, flush or fsync, or
-/// its release. Callers from another pid namespace all come as pid 0: their handles wait in
-/// the order they were opened, and a truncate takes the oldest (two `cp` over one file, each
-/// open followed by its own truncate, pair up right).
+/// its release. A thread's truncate takes the handle it opened last (the open and its truncate
+/// are one system call of that thread). Callers from another pid namespace all come as pid 0:
+/// their handles wait in the order they were opened, and a truncate takes the oldest (two `cp`
+/// over one file, each open followed by its own truncate, pair up right).
 #[derive(Default)]
 struct OpenTruncates {
     /// Entries there are (checked without the lock by every write).
@@ -521,14 +527,18 @@ impl OpenTruncates {
         self.count.store(m.by_fh.len(), Ordering::Relaxed);
     }
 
-    /// The oldest handle the thread `pid` opened on `ino` that nothing used since.
+    /// The handle the thread `pid` opened on `ino` last (pid 0: first) that nothing used
+    /// since.
     fn take(&self, ino: u64, pid: u32) -> Option<u64> {
         if self.count.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut m = lock(&self.inner);
         let fhs = m.by_opener.get_mut(&(ino, pid))?;
-        let fh = fhs.pop_front();
+        let fh = match pid {
+            0 => fhs.pop_front(),
+            _ => fhs.pop_back(),
+        };
         if fhs.is_empty() {
             m.by_opener.remove(&(ino, pid));
         }
@@ -1379,6 +1389,9 @@ mod tests {
         t.opened(6, 100, 3);
         assert_eq!(t.take(5, 200), Some(2));
         assert_eq!(t.take(5, 200), None);
+        // One thread: its last open (`exec 3<>f; : > f` in one shell).
+        t.opened(5, 100, 4);
+        assert_eq!(t.take(5, 100), Some(4));
         assert_eq!(t.take(5, 100), Some(1));
         // Two callers the kernel gives as pid 0: each open, then its truncate, in either order.
         t.opened(7, 0, 10);

@@ -51,6 +51,19 @@ const HEAVY_COMMIT: u64 = 64 << 20;
 /// How long `open` of a file being written waits for its release before answering `Busy`.
 const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
+/// Waits up to [`RELEASE_GRACE`] (a release the kernel sent without waiting may be on its
+/// way) for `done`; whether it came.
+pub fn wait_a_release(mut done: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + RELEASE_GRACE;
+    while !done() {
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// How long a further write of a request whose row already went in waits for a busy index
 /// (see `ArtifactFs::after_insert`).
 const AFTER_INSERT_PATIENCE: Duration = Duration::from_secs(5);
@@ -3286,6 +3299,21 @@ mod tests {
         fs.rmdir(MODELS_INO, b"iris").unwrap();
         assert_eq!(fs.store.index().model_by_name("iris").unwrap(), None);
         assert_eq!(refusal(fs.lookup(MODELS_INO, b"iris")), Refusal::NotFound);
+        // A model's row left without its directory (by an earlier version's crash between
+        // the two) does not keep a new directory of that name from its row.
+        db.execute_batch(
+            "INSERT INTO registered_models (ino, name, created) VALUES (999999, 'iris', 0)",
+        )
+        .unwrap();
+        let m = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        assert_eq!(
+            fs.store
+                .index()
+                .model_by_name("iris")
+                .unwrap()
+                .map(|r| r.ino),
+            Some(m)
+        );
     }
 
     /// A file or directory made below `models/` is a row, then the version's PENDING mark:

@@ -134,6 +134,13 @@ impl Index {
             let Some(ino) = idx.insert_in_dir(new)? else {
                 return Ok(None);
             };
+            // A row of that name whose directory is gone (a crash of an earlier version
+            // between its two transactions) would keep the new one from being recorded.
+            idx.db.exec(
+                "DELETE FROM registered_models WHERE name = ?1
+                 AND NOT EXISTS (SELECT 1 FROM entries WHERE ino = registered_models.ino)",
+                params![name],
+            )?;
             idx.model_create(ino, name, new.time)?;
             Ok(Some(ino))
         })
