@@ -3279,25 +3279,22 @@ mod tests {
             ))
             .unwrap()
         };
+        let model_of = |name: &str| {
+            let row = fs.store.index().model_by_name(name).unwrap();
+            row.map(|r| r.ino)
+        };
         fail_on("INSERT");
         assert!(fs.mkdir(ME, MODELS_INO, b"iris", 0o755).is_err());
         assert_eq!(refusal(fs.lookup(MODELS_INO, b"iris")), Refusal::NotFound);
         db.execute_batch("DROP TRIGGER fail").unwrap();
         let m = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
-        assert_eq!(
-            fs.store
-                .index()
-                .model_by_name("iris")
-                .unwrap()
-                .map(|r| r.ino),
-            Some(m)
-        );
+        assert_eq!(model_of("iris"), Some(m));
         fail_on("DELETE");
         assert!(fs.rmdir(MODELS_INO, b"iris").is_err());
         assert_eq!(fs.lookup(MODELS_INO, b"iris").unwrap().ino, m);
         db.execute_batch("DROP TRIGGER fail").unwrap();
         fs.rmdir(MODELS_INO, b"iris").unwrap();
-        assert_eq!(fs.store.index().model_by_name("iris").unwrap(), None);
+        assert_eq!(model_of("iris"), None);
         assert_eq!(refusal(fs.lookup(MODELS_INO, b"iris")), Refusal::NotFound);
         // A model's row left without its directory (by an earlier version's crash between
         // the two) does not keep a new directory of that name from its row.
@@ -3306,14 +3303,7 @@ mod tests {
         )
         .unwrap();
         let m = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
-        assert_eq!(
-            fs.store
-                .index()
-                .model_by_name("iris")
-                .unwrap()
-                .map(|r| r.ino),
-            Some(m)
-        );
+        assert_eq!(model_of("iris"), Some(m));
     }
 
     /// A file or directory made below `models/` is a row, then the version's PENDING mark:
