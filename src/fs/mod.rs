@@ -310,6 +310,10 @@ struct Writer {
     /// A rewritable file opened for writing: its content before (hash, size, mtime), kept as
     /// history by the first commit that changes it.
     replaces: Option<(Hash, u64, i64)>,
+    /// A replacement whose body does not hold the content it replaces yet: it is copied in
+    /// at the first write, read or size change, unless that change is the truncate of the
+    /// open's `O_TRUNC` (which reaches the daemon after the open): then it never is.
+    base_pending: bool,
     /// A new content of an existing inode was committed: the kernel's cached pages and
     /// attributes of it are dropped at release.
     replaced: bool,
@@ -1240,6 +1244,7 @@ impl ArtifactFs {
             released: false,
             session: idx.session(),
             stream: Streaming::Idle,
+            base_pending: false,
         };
         self.handles
             .write()
@@ -1388,6 +1393,7 @@ impl ArtifactFs {
             released: false,
             session: self.store.index().session(),
             stream: Streaming::Idle,
+            base_pending: false,
         };
         // The inode's one writer slot first: a second writer racing this open is Busy before
         // anything about the row changes.
@@ -1399,7 +1405,7 @@ impl ArtifactFs {
             }
             writing.insert(e.ino, fh);
         }
-        let started = self.start_replacement(&mut w, e, hash, flags);
+        let started = self.start_replacement(&mut w, e, flags);
         if let Err(err) = started {
             // Nothing was recorded (a failed mark fails the writer before the row changes).
             w.body.discard(&self.mem);
@@ -1420,8 +1426,9 @@ impl ArtifactFs {
     }
 
     /// The new content's start: empty after `O_TRUNC` (the row then says "being written", its
-    /// current version kept on a crash), else the current bytes (these files are small).
-    fn start_replacement(&self, w: &mut Writer, e: &Entry, hash: Hash, flags: i32) -> FsResult<()> {
+    /// current version kept on a crash), else the current bytes, copied in when first needed
+    /// ([`Writer::base_pending`]).
+    fn start_replacement(&self, w: &mut Writer, e: &Entry, flags: i32) -> FsResult<()> {
         if flags & libc::O_TRUNC != 0 {
             if e.size > 0 {
                 self.begin_change(w)?;
@@ -1430,22 +1437,52 @@ impl ArtifactFs {
             }
             return Ok(());
         }
-        let blob = self.store.open_content_whole(&hash, e.size)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        loop {
-            let n = blob.read_at(&mut buf, at)?;
-            if n == 0 {
-                break;
-            }
-            w.body
-                .write_at(&self.store.blobs, &self.mem, &buf[..n], at)?;
-            w.hasher.update(&buf[..n], at + n as u64);
-            at += n as u64;
-        }
-        w.hashed = at;
-        w.size = at;
+        w.size = e.size;
+        w.base_pending = e.size > 0;
         Ok(())
+    }
+
+    /// Copies a replacement's old content into its body, if it is still pending: before
+    /// anything reads, writes or resizes the body.
+    fn load_base(&self, w: &mut Writer) -> FsResult<()> {
+        if !w.base_pending {
+            return Ok(());
+        }
+        let (hash, size, _) = w
+            .replaces
+            .ok_or_else(|| io::Error::other("a replacement without its old content"))?;
+        let copied = (|| -> io::Result<u64> {
+            let blob = self.store.open_content_whole(&hash, size)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            loop {
+                let n = blob.read_at(&mut buf, at)?;
+                if n == 0 {
+                    return Ok(at);
+                }
+                w.body
+                    .write_at(&self.store.blobs, &self.mem, &buf[..n], at)?;
+                w.hasher.update(&buf[..n], at + n as u64);
+                at += n as u64;
+            }
+        })();
+        match copied {
+            Ok(at) => {
+                w.hashed = at;
+                w.size = at;
+                w.base_pending = false;
+                Ok(())
+            }
+            Err(e) => {
+                // Half copied: this writer never commits; the file keeps its content.
+                w.failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                log::warn!(
+                    "inode {}: its content could not be read for a replacement ({e}); the file keeps it",
+                    w.ino
+                );
+                Err(e.into())
+            }
+        }
     }
 
     /// One write of a rewrite: the sealed bytes at that offset, or `NotPermitted` at once.
@@ -1585,7 +1622,8 @@ impl ArtifactFs {
                 blob.read_at(&mut buf, offset)?
             }
             Handle::Write(w) => {
-                let w = lock(&w);
+                let mut w = lock(&w);
+                self.load_base(&mut w)?;
                 let want = (w.size.saturating_sub(offset)).min(size as u64) as usize;
                 w.body.read_at(&mut buf[..want], offset)?
             }
@@ -1614,6 +1652,7 @@ impl ArtifactFs {
             drop(w);
             return Err(self.deny_ino("write", ino, (Refusal::NotPermitted, why)));
         }
+        self.load_base(&mut w)?;
         if let Err(e) = w.body.write_at(&self.store.blobs, &self.mem, data, offset) {
             // The file now has a hole of unknown bytes: it is never committed again, and falls
             // back to its last committed version at release.
@@ -1906,6 +1945,9 @@ impl ArtifactFs {
         if let Some(code) = w.failed {
             return Err(io::Error::from_raw_os_error(code).into());
         }
+        if w.dirty {
+            self.load_base(w)?;
+        }
         if !w.dirty {
             if durable {
                 self.store.index().sync()?;
@@ -2101,12 +2143,22 @@ impl ArtifactFs {
                             if let Some(code) = w.failed {
                                 return Err(io::Error::from_raw_os_error(code).into());
                             }
-                            let old = w.size;
-                            // A failed set_len (EFBIG, ENOSPC) leaves the bytes as they were.
-                            w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
-                            if size != w.size {
-                                w.hash_ok = false;
-                                self.store.blobs.stream_stop(&mut w.stream);
+                            if w.base_pending && size == 0 {
+                                // A replacement's `O_TRUNC`: its old content is never
+                                // copied, and the hash starts from nothing.
+                                w.base_pending = false;
+                                w.hasher = hashing::RunningHash::new();
+                                w.hashed = 0;
+                            } else {
+                                self.load_base(&mut w)?;
+                                let old = w.size;
+                                // A failed set_len (EFBIG, ENOSPC) leaves the bytes as they
+                                // were.
+                                w.body.set_len(&self.store.blobs, &self.mem, old, size)?;
+                                if size != w.size {
+                                    w.hash_ok = false;
+                                    self.store.blobs.stream_stop(&mut w.stream);
+                                }
                             }
                             w.size = size;
                             w.mtime = now;
@@ -2788,6 +2840,43 @@ mod tests {
                 .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// A replacement opened as the mount opens it (the kernel keeps `O_TRUNC` for a truncate
+    /// after the open) does not read the content it replaces when that truncate comes: here
+    /// that content's blob is gone, and the replacement works all the same. Without the
+    /// truncate, the old bytes are still the start of the new content.
+    #[test]
+    fn a_replacements_old_content_is_read_only_when_needed() {
+        let (dir, fs) = new_fs();
+        let art = run_dir(&fs, "r");
+        let old: Vec<u8> = (0..INLINE_MAX as usize + 4096).map(|i| i as u8).collect();
+        let meta = write_file(&fs, art, DEFAULT_REWRITABLE, &old);
+        let hash = fs.store().index().get(meta).unwrap().unwrap().hash.unwrap();
+        let truncate = |fh| SetAttr {
+            size: Some(0),
+            fh: Some(fh),
+            ..Default::default()
+        };
+        // Without the truncate: a write at 0 keeps the rest of the old bytes.
+        let (fh, _) = fs.open(meta, libc::O_WRONLY).unwrap();
+        fs.write(fh, 0, b"NEW").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        let mut expected = old.clone();
+        expected[..3].copy_from_slice(b"NEW");
+        assert_eq!(read_all(&fs, meta), expected);
+        // The current content's blob gone: an O_TRUNC replacement never needs it.
+        let now = fs.store().index().get(meta).unwrap().unwrap().hash.unwrap();
+        assert_ne!(now, hash);
+        std::fs::remove_file(fs.store().blobs.path(&now)).unwrap();
+        let (fh, _) = fs.open(meta, libc::O_WRONLY).unwrap();
+        fs.setattr(meta, truncate(fh)).unwrap();
+        fs.write(fh, 0, b"model_name: iris\n").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, meta), b"model_name: iris\n");
+        drop(dir);
     }
 
     /// A replacement that the kernel's open refused after the daemon answered it (only a
