@@ -1131,6 +1131,15 @@ mod tests {
     }
 
     /// `cp -r src dir/name` through the file-system logic.
+    /// Model `iris` with a READY version `v1` (a copy of the `sklearn_iris` fixture).
+    fn iris_with_ready_v1(fs: &ArtifactFs) -> (u64, u64) {
+        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
+        let v1 = copy_in(fs, &fixtures().join("sklearn_iris"), iris, b"v1");
+        settle(fs);
+        assert_eq!(xattr(fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        (iris, v1)
+    }
+
     fn copy_in(fs: &ArtifactFs, src: &Path, dir: u64, name: &[u8]) -> u64 {
         let d = fs.mkdir(ME, dir, name, 0o755).unwrap().ino;
         let mut entries: Vec<_> = std::fs::read_dir(src)
@@ -1565,10 +1574,7 @@ mod tests {
     fn a_file_at_the_top_of_a_model_leaves_no_version_behind() {
         let d = tempfile::tempdir().unwrap();
         let fs = new_fs(d.path());
-        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
-        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"v1");
-        settle(&fs);
-        assert_eq!(xattr(&fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        let (iris, _) = iris_with_ready_v1(&fs);
         let run = fs.mkdir(ME, RUNS_INO, b"r1", 0o755).unwrap().ino;
         let art = fs.lookup(run, b"artifacts").unwrap().ino;
         write(&fs, iris, b"notes.txt", b"x").unwrap();
@@ -1591,10 +1597,7 @@ mod tests {
     fn an_mlmodel_does_not_hide_a_models_ready_versions() {
         let d = tempfile::tempdir().unwrap();
         let fs = new_fs(d.path());
-        let iris = fs.mkdir(ME, MODELS_INO, b"iris", 0o755).unwrap().ino;
-        let v1 = copy_in(&fs, &fixtures().join("sklearn_iris"), iris, b"v1");
-        settle(&fs);
-        assert_eq!(xattr(&fs, v1, XATTR_STATUS).as_deref(), Some("READY"));
+        let (iris, _) = iris_with_ready_v1(&fs);
         assert_eq!(
             refusal(fs.create(ME, iris, b"MLmodel", 0o644)),
             Refusal::NotPermitted
