@@ -32,7 +32,9 @@ use std::sync::{Arc, Mutex, Weak};
 use fuser::BackingId;
 
 use crate::error::{FsError, Refusal};
-use crate::fs::{ArtifactFs, Attr, Caller, Invalidate, Lookup, NodeKind, Opened, SetAttr, SetTime};
+use crate::fs::{
+    ArtifactFs, Attr, Caller, Invalidate, Lookup, NodeKind, Opened, SetAttr, SetTime, lock,
+};
 
 /// Passes what the kernel must forget (see [`ArtifactFs::on_vanish`]: names the daemon drops
 /// by itself, and on a shared store every change of the index) on to the kernel, from a thread
@@ -81,7 +83,7 @@ pub fn forward_vanished(
                         .try_for_each(|n| notifier.inval_inode(n, -1, 0)),
                     Invalidate::Everything => {
                         let (names, inodes) = match &handed {
-                            Some(h) => h.lock().unwrap_or_else(|p| p.into_inner()).all(),
+                            Some(h) => lock(h).all(),
                             None => Default::default(),
                         };
                         log::info!(
@@ -107,7 +109,7 @@ pub fn forward_vanished(
         })?;
     let tx = Mutex::new(tx);
     fs.on_vanish(Box::new(move |what| {
-        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(what);
+        let _ = lock(&tx).send(what);
     }));
     Ok(())
 }
@@ -376,7 +378,7 @@ impl Opener {
     /// (`node`: the kernel's inode, whose backing file it is.)
     fn opened_sealed(&self, node: u64, fh: u64, size: u64, reply: ReplyOpen) {
         if size >= SMALL_FILE && self.passthrough.load(Ordering::Relaxed) {
-            let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = lock(&self.backing);
             // The kernel refuses (ETXTBSY) a passthrough open of an inode that is open through
             // its page cache, and the other way round: while a handle reads content still
             // arriving from a bucket (no backing file yet), every open of the inode does so.
@@ -571,11 +573,6 @@ fn ino_of(node: INodeNo) -> u64 {
     crate::fs::ino_of_node(node.0)
 }
 
-/// A mutex's value, also after a panic while it was held.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Backing files registered with the kernel: one per inode while any handle has it open.
 #[derive(Default)]
 struct Backing {
@@ -639,9 +636,7 @@ impl FuseAdapter {
     /// the kernel's numbers).
     fn handing_out(&self, parent: u64, name: &[u8], node: u64) {
         if let Some(h) = &self.handed {
-            h.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .handed(parent, name, node);
+            lock(h).handed(parent, name, node);
         }
     }
 
@@ -719,7 +714,7 @@ impl CommitPool {
                 .name(format!("commit-{i}"))
                 .spawn(move || {
                     loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let job = lock(&rx).recv();
                         match job {
                             Ok(job) => guarded("commit", job),
                             Err(_) => break,
@@ -735,7 +730,7 @@ impl CommitPool {
 
     /// Runs `job` on a commit thread (inline if none could be reached).
     fn run(&self, job: Job) {
-        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+        let sent = lock(&self.tx).send(job);
         if let Err(std::sync::mpsc::SendError(job)) = sent {
             job();
         }
@@ -786,7 +781,7 @@ impl Filesystem for FuseAdapter {
                         // A negative entry: inode 0, remembered for the TTL.
                         Some(t) => {
                             if let Some(h) = &self.handed {
-                                let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+                                let mut h = lock(h);
                                 h.absent_until(parent.0, name.as_bytes(), Instant::now() + t);
                             }
                             let mut attr = file_attr(&NEGATIVE);
@@ -804,9 +799,7 @@ impl Filesystem for FuseAdapter {
     // (fuser's batch_forget calls this for each inode: its type for them is private.)
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         if let Some(h) = &self.handed {
-            h.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .forget(ino.0, nlookup);
+            lock(h).forget(ino.0, nlookup);
         }
     }
 
@@ -1107,7 +1100,7 @@ impl Filesystem for FuseAdapter {
         guarded("release", || {
             self.truncating.used(fh.0);
             {
-                let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+                let mut b = lock(&self.backing);
                 b.by_fh.remove(&fh.0);
                 // The last handle on the inode closed its backing file: forget the inode too,
                 // or the map would grow with every file ever read.

@@ -490,7 +490,8 @@ pub(crate) fn log_path(path: &std::path::Path) -> String {
 /// Longest path a log line shows whole.
 const LOG_PATH_MAX: usize = 4096;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A mutex's value, also after a panic while it was held.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -733,14 +734,7 @@ impl ArtifactFs {
         if !self.opts.beside_others() || (!self.opts.read_only && self.writer_of(ino).is_some()) {
             return;
         }
-        let until = std::time::Instant::now() + RELEASE_GRACE;
-        while std::time::Instant::now() < until {
-            match self.store.index().get(ino) {
-                Ok(Some(e)) if e.committed_open => {}
-                _ => return,
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_a_release(|| !matches!(self.store.index().get(ino), Ok(Some(e)) if e.committed_open));
     }
 
     /// Whether `ino` is still being written, after giving a RELEASE already on its way a moment
