@@ -659,6 +659,32 @@ impl FuseAdapter {
         Some(Errno::from_i32(libc::ESTALE))
     }
 
+    /// A directory that another machine removed and made again since this kernel was handed
+    /// it (a shared store, or a read-only daemon beside the writer): the kernel refuses every
+    /// request in a directory this machine removed itself, but another machine's `rmdir`
+    /// reaches it only as a name dropped from its caches, so a process inside still sends the
+    /// old directory's number, which the new directory's row took over with a new generation.
+    /// The daemon answers as the kernel would for a removed directory: `ENOENT` (one log line
+    /// for a change).
+    fn removed_dir(&self, op: &str, dir: INodeNo) -> Option<Errno> {
+        if !self.fs.options().beside_others() {
+            return None;
+        }
+        match self.fs.getattr(ino_of(dir)) {
+            Ok(a) if a.kind == NodeKind::Dir && a.node() != dir.0 => {
+                if !matches!(op, "lookup" | "readdir" | "readdirplus") {
+                    log::info!(
+                        "refused {op} in directory inode {}: removed and made again by another \
+                         machine since this one was handed it [ENOENT]",
+                        ino_of(dir)
+                    );
+                }
+                Some(Errno::ENOENT)
+            }
+            _ => None,
+        }
+    }
+
     fn ttl(&self, attr: &Attr) -> Duration {
         ttl(attr, self.fs.options().beside_others())
     }
@@ -771,6 +797,9 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
+            if let Some(e) = self.removed_dir("lookup", parent) {
+                return reply.error(e);
+            }
             match self.fs.retrying("lookup", || {
                 self.fs.lookup_or_absent(ino_of(parent), name.as_bytes())
             }) {
@@ -886,6 +915,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         guarded("mknod", || {
+            if let Some(e) = self.removed_dir("mknod", parent) {
+                return reply.error(e);
+            }
             self.reply_entry(
                 parent.0,
                 name,
@@ -908,6 +940,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         guarded("mkdir", || {
+            if let Some(e) = self.removed_dir("mkdir", parent) {
+                return reply.error(e);
+            }
             self.reply_entry(
                 parent.0,
                 name,
@@ -922,6 +957,9 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("unlink", || {
+            if let Some(e) = self.removed_dir("unlink", parent) {
+                return reply.error(e);
+            }
             reply_empty!(
                 reply,
                 self.fs
@@ -932,6 +970,9 @@ impl Filesystem for FuseAdapter {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("rmdir", || {
+            if let Some(e) = self.removed_dir("rmdir", parent) {
+                return reply.error(e);
+            }
             reply_empty!(
                 reply,
                 self.fs
@@ -949,6 +990,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         guarded("symlink", || {
+            if let Some(e) = self.removed_dir("symlink", parent) {
+                return reply.error(e);
+            }
             self.reply_entry(
                 parent.0,
                 link_name,
@@ -988,6 +1032,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guarded("rename", || {
+            if let Some(e) = self
+                .removed_dir("rename", parent)
+                .or_else(|| self.removed_dir("rename", newparent))
+            {
+                return reply.error(e);
+            }
             reply_empty!(
                 reply,
                 self.fs.retrying("rename", || self.fs.rename(
@@ -1145,6 +1195,9 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectory,
     ) {
         guarded("readdir", || {
+            if let Some(e) = self.removed_dir("readdir", ino) {
+                return reply.error(e);
+            }
             match self
                 .fs
                 .retrying("readdir", || self.fs.readdir(ino_of(ino), offset, 256))
@@ -1188,6 +1241,9 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         guarded("readdirplus", || {
+            if let Some(e) = self.removed_dir("readdirplus", ino) {
+                return reply.error(e);
+            }
             match self
                 .fs
                 .retrying("readdirplus", || self.fs.readdir(ino_of(ino), offset, 128))
@@ -1336,6 +1392,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         guarded("create", || {
+            if let Some(e) = self.removed_dir("create", parent) {
+                return reply.error(e);
+            }
             match self.fs.retrying("create", || {
                 self.fs
                     .create(caller(req), ino_of(parent), name.as_bytes(), mode & !umask)

@@ -171,6 +171,165 @@ fn a_file_sealed_on_one_machine_is_sealed_on_the_other() {
     }
 }
 
+/// A process on one machine inside a directory that another machine removes and makes again
+/// is in a removed directory, as it would be after the same `rmdir` on its own machine: what
+/// it creates, removes, renames or lists there fails with `ENOENT`, and nothing reaches the
+/// new directory of the same name. (The kernel itself refuses everything in a directory this
+/// machine removed; another machine's `rmdir` reaches it only as a dropped name, and its
+/// requests came to the daemon with the old inode, which the new row took over.)
+#[test]
+fn a_directory_made_again_on_another_machine_is_not_the_one_a_process_is_in() {
+    let Some((m, _shared)) = Mount::machines("dir_made_again_elsewhere", 2) else {
+        return;
+    };
+    std::fs::create_dir_all(m[0].path("runs/d/artifacts/sub")).unwrap();
+    std::fs::write(m[0].path("runs/d/artifacts/sub/old"), b"old").unwrap();
+    let sub1 = m[1].path("runs/d/artifacts/sub");
+    assert!(wait_until(Duration::from_secs(3), || sub1
+        .join("old")
+        .exists()));
+    // A shell on machine 1 inside `sub`, waiting for a line.
+    let mut child = std::process::Command::new("sh")
+        .current_dir(&sub1)
+        .arg("-c")
+        .arg(
+            "echo ready; read go; \
+             e=$(touch f 2>&1); echo \"create $? ${e##*: }\"; \
+             e=$(mkdir e 2>&1); echo \"mkdir $? ${e##*: }\"; \
+             e=$(rm kept 2>&1); echo \"unlink $? ${e##*: }\"; \
+             e=$(mv new moved 2>&1); echo \"rename $? ${e##*: }\"; \
+             test -e new; echo \"lookup $?\"; \
+             echo \"listed $(ls -A 2>/dev/null)\"",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // Machine 0 removes `sub` and makes it again, with files of its own.
+    std::fs::remove_file(m[0].path("runs/d/artifacts/sub/old")).unwrap();
+    std::fs::remove_dir(m[0].path("runs/d/artifacts/sub")).unwrap();
+    std::fs::create_dir(m[0].path("runs/d/artifacts/sub")).unwrap();
+    std::fs::write(m[0].path("runs/d/artifacts/sub/kept"), b"kept").unwrap();
+    std::fs::write(m[0].path("runs/d/artifacts/sub/new"), b"new").unwrap();
+    // Machine 1 sees the new directory under the name.
+    assert!(wait_until(Duration::from_secs(3), || sub1
+        .join("kept")
+        .exists()));
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let enoent = "1 No such file or directory";
+    assert_eq!(
+        rest.lines().collect::<Vec<_>>(),
+        [
+            &format!("create {enoent}"),
+            &format!("mkdir {enoent}"),
+            &format!("unlink {enoent}"),
+            &format!("rename {enoent}"),
+            "lookup 1",
+            "listed ",
+        ],
+        "{rest}"
+    );
+    // The new directory holds machine 0's files only, on both machines.
+    for machine in &m {
+        let sub = machine.path("runs/d/artifacts/sub");
+        let mut names: Vec<_> = std::fs::read_dir(&sub)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["kept", "new"], "{}", sub.display());
+        assert_eq!(std::fs::read(sub.join("kept")).unwrap(), b"kept");
+    }
+}
+
+/// A file replaced on one machine by a `rename` of a file of the same content: descriptors
+/// another machine holds open on the replaced file go on as on the machine that renamed —
+/// `fstat` answers (no link left, its size) and reads return its bytes — instead of `ESTALE`.
+#[test]
+fn a_file_replaced_by_a_rename_elsewhere_stays_readable_through_open_descriptors() {
+    let Some((m, _shared)) = Mount::machines("replaced_by_rename_elsewhere", 2) else {
+        return;
+    };
+    let dir = "runs/r/artifacts";
+    std::fs::create_dir_all(m[0].path(dir)).unwrap();
+    let small = pseudo_random(7, 4096);
+    let large = pseudo_random(8, 300 << 10);
+    for (name, bytes) in [("s", &small), ("l", &large)] {
+        std::fs::write(m[0].path(&format!("{dir}/{name}")), bytes).unwrap();
+        std::fs::write(m[0].path(&format!("{dir}/{name}.new")), bytes).unwrap();
+    }
+    let on1 = |name: &str| m[1].path(&format!("{dir}/{name}"));
+    assert!(wait_until(Duration::from_secs(3), || on1("l.new").exists()));
+    let ino_of =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let (old_s, new_s, new_l) = (
+        ino_of(&on1("s")),
+        ino_of(&on1("s.new")),
+        ino_of(&on1("l.new")),
+    );
+    // Machine 1 holds both open and has read them once.
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import hashlib, os, sys\n\
+             fds = [os.open(p, os.O_RDONLY) for p in sys.argv[1:]]\n\
+             for fd in fds: os.read(fd, 1 << 20)\n\
+             print('ready', flush=True)\n\
+             sys.stdin.readline()\n\
+             for fd in fds:\n\
+             \x20   try:\n\
+             \x20       st = os.fstat(fd)\n\
+             \x20       data = os.pread(fd, 1 << 20, 0)\n\
+             \x20       print(st.st_nlink, st.st_size, hashlib.sha256(data).hexdigest(), flush=True)\n\
+             \x20   except OSError as e:\n\
+             \x20       print('errno', e.errno, flush=True)",
+        )
+        .arg(on1("s"))
+        .arg(on1("l"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // Machine 0 replaces both by a rename of their twins.
+    for name in ["s", "l"] {
+        std::fs::rename(
+            m[0].path(&format!("{dir}/{name}.new")),
+            m[0].path(&format!("{dir}/{name}")),
+        )
+        .unwrap();
+    }
+    // Machine 1 sees the new files under the names.
+    assert!(wait_until(Duration::from_secs(3), || {
+        ino_of(&on1("s")) == new_s && ino_of(&on1("l")) == new_l
+    }));
+    assert_ne!(old_s, new_s);
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        rest.lines().collect::<Vec<_>>(),
+        [
+            format!("0 4096 {}", sha256_hex(&small)),
+            format!("0 {} {}", large.len(), sha256_hex(&large)),
+        ],
+        "{rest}"
+    );
+    assert_eq!(std::fs::read(on1("s")).unwrap(), small);
+    assert_eq!(std::fs::read(on1("l")).unwrap(), large);
+}
+
 /// Two machines replacing one rewritable file (`registered_model_meta`), both opened while it
 /// was sealed: the first to write has it; the other's write fails with `EBUSY` at once (its
 /// `close()` used to return 0 with its bytes silently dropped), and the file holds the

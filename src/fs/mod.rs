@@ -377,6 +377,11 @@ struct Sealed {
     ino: u64,
     hash: Hash,
     size: u64,
+    /// Its row as of the open, beside other machines or a writer (a shared store, a read-only
+    /// daemon): `fstat` of the descriptor after the row was deleted elsewhere (the file
+    /// removed, or replaced by a `rename`) answers from it, as this machine's own removals
+    /// answer from [`ArtifactFs::removed_open`].
+    row: Option<Box<Entry>>,
     /// Its content, opened at the first read; opened again at a read after its fetch from a
     /// bucket failed (a handle outlives an outage).
     file: RwLock<Option<Arc<Content>>>,
@@ -808,7 +813,10 @@ impl ArtifactFs {
                 let e = match removed {
                     Some(e) if e.kind == Kind::File => Some(e),
                     Some(_) => None,
-                    None => lock(&self.removed_open).get(&ino).cloned(),
+                    None => lock(&self.removed_open)
+                        .get(&ino)
+                        .cloned()
+                        .or_else(|| self.row_held_open(ino)),
                 };
                 match e {
                     Some(e) if self.is_open(ino) => Ok(Attr {
@@ -843,6 +851,19 @@ impl ArtifactFs {
                     Handle::Rewrite(r) => lock(r).ino == ino,
                     Handle::Write(_) => false,
                 })
+    }
+
+    /// The row of sealed file `ino` as a handle open on it saw it (beside other machines or a
+    /// writer: see [`Sealed::row`]).
+    fn row_held_open(&self, ino: u64) -> Option<Entry> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find_map(|h| match h {
+                Handle::Read(s) if s.ino == ino => s.row.as_deref().cloned(),
+                _ => None,
+            })
     }
 
     /// A row is deleted while its file may be open: keeps what `fstat` needs of it.
@@ -1319,6 +1340,7 @@ impl ArtifactFs {
             ino,
             hash,
             size: e.size,
+            row: self.opts.beside_others().then(|| Box::new(e.clone())),
             file: RwLock::new(None),
         };
         let fh = self.new_fh();
