@@ -659,30 +659,13 @@ impl FuseAdapter {
         Some(Errno::from_i32(libc::ESTALE))
     }
 
-    /// A directory that another machine removed and made again since this kernel was handed
-    /// it (a shared store, or a read-only daemon beside the writer): the kernel refuses every
-    /// request in a directory this machine removed itself, but another machine's `rmdir`
-    /// reaches it only as a name dropped from its caches, so a process inside still sends the
-    /// old directory's number, which the new directory's row took over with a new generation.
-    /// The daemon answers as the kernel would for a removed directory: `ENOENT` (one log line
-    /// for a change).
+    /// [`ArtifactFs::check_dir_node`] of the directory a request is in: the error to answer
+    /// when it is a directory removed and made again since the kernel was handed it.
     fn removed_dir(&self, op: &str, dir: INodeNo) -> Option<Errno> {
-        if !self.fs.options().beside_others() {
-            return None;
-        }
-        match self.fs.getattr(ino_of(dir)) {
-            Ok(a) if a.kind == NodeKind::Dir && a.node() != dir.0 => {
-                if !matches!(op, "lookup" | "readdir" | "readdirplus") {
-                    log::info!(
-                        "refused {op} in directory inode {}: removed and made again by another \
-                         machine since this one was handed it [ENOENT]",
-                        ino_of(dir)
-                    );
-                }
-                Some(Errno::ENOENT)
-            }
-            _ => None,
-        }
+        self.fs
+            .retrying(op, || self.fs.check_dir_node(op, dir.0))
+            .err()
+            .map(|e| errno(&e))
     }
 
     fn ttl(&self, attr: &Attr) -> Duration {
@@ -838,7 +821,7 @@ impl Filesystem for FuseAdapter {
                 // An inode of an earlier generation (a descriptor of a file removed and
                 // created again since): as after unlink, with the size of its content (the
                 // new one may still be being written); its number stays.
-                Ok(a) if a.node() != ino.0 => match self.fs.getattr_earlier(ino_of(ino)) {
+                Ok(a) if a.node() != ino.0 => match self.fs.getattr_earlier(ino.0) {
                     Ok(a) => {
                         let mut attr = file_attr(&a);
                         attr.ino = ino;
@@ -1219,6 +1202,9 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         guarded("opendir", || {
+            if let Some(e) = self.removed_dir("opendir", ino) {
+                return reply.error(e);
+            }
             match self.fs.opendir(ino_of(ino)) {
                 // The kernel keeps the listing in its page cache and drops it itself when a create,
                 // mkdir, unlink or rename through this mount changes the directory.

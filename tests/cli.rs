@@ -359,6 +359,37 @@ fn read_only_mount_reads_refuses_every_change_and_sees_new_files() {
         fs::metadata(p("runs/ro/artifacts/b.txt")).map(|m| m.len()),
         open.map(drop)
     );
+
+    // A directory the writer removes and makes again: a path through the name the reader's
+    // kernel still keeps for the old one (for up to its 1 s cache time; a read-only daemon
+    // hears of no change) reaches the new one at once; a descriptor of the old one reaches
+    // nothing in the new one (ESTALE).
+    fs::create_dir(m.path("runs/ro/artifacts/d")).unwrap();
+    fs::write(m.path("runs/ro/artifacts/d/x"), b"x").unwrap();
+    assert!(wait_until(Duration::from_secs(3), || fs::read(p(
+        "runs/ro/artifacts/d/x"
+    ))
+    .is_ok()));
+    let held = File::open(p("runs/ro/artifacts/d")).unwrap();
+    fs::remove_file(m.path("runs/ro/artifacts/d/x")).unwrap();
+    fs::remove_dir(m.path("runs/ro/artifacts/d")).unwrap();
+    fs::create_dir(m.path("runs/ro/artifacts/d")).unwrap();
+    fs::write(m.path("runs/ro/artifacts/d/y"), b"y").unwrap();
+    assert_eq!(fs::read(p("runs/ro/artifacts/d/y")).unwrap(), b"y");
+    let name = std::ffi::CString::new("y").unwrap();
+    let fd = unsafe {
+        libc::openat(
+            std::os::fd::AsRawFd::as_raw_fd(&held),
+            name.as_ptr(),
+            libc::O_RDONLY,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    assert_eq!(
+        fd, -1,
+        "the old directory's descriptor opened the new one's file"
+    );
+    assert_eq!(errno(&e), libc::ESTALE, "{e}");
 }
 
 #[test]

@@ -311,6 +311,37 @@ fn a_path_made_again_is_a_new_inode_while_the_old_one_is_held() {
         .collect();
     assert_eq!(names, ["acc.png"]);
 
+    // A run removed and made again: its `artifacts` directory, removed with it, comes back
+    // with it as a new inode. A process still inside the old one (the kernel knows only of
+    // the run's removal) reaches nothing in the new run (ESTALE, as NFS answers a process in
+    // a directory removed elsewhere).
+    let run = m.path("runs/again");
+    fs::create_dir(&run).unwrap();
+    let held = File::open(run.join("artifacts")).unwrap();
+    fs::remove_dir(&run).unwrap();
+    fs::create_dir(&run).unwrap();
+    let at = |name: &str, mkdir: bool| {
+        let c = std::ffi::CString::new(name).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&held);
+        let r = unsafe {
+            if mkdir {
+                libc::mkdirat(fd, c.as_ptr(), 0o755)
+            } else {
+                libc::openat(fd, c.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644)
+            }
+        };
+        if r < 0 {
+            Err(errno(&std::io::Error::last_os_error()))
+        } else {
+            Ok(())
+        }
+    };
+    assert_eq!(at("f", false), Err(libc::ESTALE));
+    assert_eq!(at("d", true), Err(libc::ESTALE));
+    assert_eq!(fs::read_dir(run.join("artifacts")).unwrap().count(), 0);
+    fs::write(run.join("artifacts/g"), b"g").unwrap();
+    drop(held);
+
     // A file read through passthrough (128 KiB and more), removed while open, and written
     // again with the same bytes (write-once: nothing else may come back there).
     let f = art.join("weights.bin");

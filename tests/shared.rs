@@ -172,11 +172,11 @@ fn a_file_sealed_on_one_machine_is_sealed_on_the_other() {
 }
 
 /// A process on one machine inside a directory that another machine removes and makes again
-/// is in a removed directory, as it would be after the same `rmdir` on its own machine: what
-/// it creates, removes, renames or lists there fails with `ENOENT`, and nothing reaches the
-/// new directory of the same name. (The kernel itself refuses everything in a directory this
-/// machine removed; another machine's `rmdir` reaches it only as a dropped name, and its
-/// requests came to the daemon with the old inode, which the new row took over.)
+/// is in a removed directory: what it creates, removes, renames or lists there fails with
+/// `ESTALE` (as on NFS), and nothing reaches the new directory of the same name. (The kernel
+/// itself refuses everything in a directory this machine removed; another machine's `rmdir`
+/// reaches it only as a dropped name, and its requests came to the daemon with the old
+/// inode's number, which the new row took over with a later generation.)
 #[test]
 fn a_directory_made_again_on_another_machine_is_not_the_one_a_process_is_in() {
     let Some((m, _shared)) = Mount::machines("dir_made_again_elsewhere", 2) else {
@@ -223,14 +223,14 @@ fn a_directory_made_again_on_another_machine_is_not_the_one_a_process_is_in() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert!(child.wait().unwrap().success());
-    let enoent = "1 No such file or directory";
+    let estale = "1 Stale file handle";
     assert_eq!(
         rest.lines().collect::<Vec<_>>(),
         [
-            &format!("create {enoent}"),
-            &format!("mkdir {enoent}"),
-            &format!("unlink {enoent}"),
-            &format!("rename {enoent}"),
+            &format!("create {estale}"),
+            &format!("mkdir {estale}"),
+            &format!("unlink {estale}"),
+            &format!("rename {estale}"),
             "lookup 1",
             "listed ",
         ],

@@ -716,6 +716,37 @@ impl ArtifactFs {
         }
     }
 
+    /// Whether directory `node` (the kernel's number: inode and generation) is still the
+    /// directory its row holds: a row made again since has a later generation. That happens
+    /// to a directory removed and made again by another machine (a shared store, or the writer
+    /// beside a read-only daemon), which reaches this kernel only as a name dropped from its
+    /// caches, and to a run's `artifacts` directory here, removed with its run and revived
+    /// with it (the kernel knows of the run's removal only). A process still inside the old
+    /// directory must reach nothing in the new one: `Stale` (`ESTALE`, as NFS answers a
+    /// process in a directory another client removed; a path walk through an out-of-date
+    /// name is tried again by the kernel, which then looks the name up afresh), one log line
+    /// for a change (`op` other than a lookup or a listing). Anything else (no such row, no
+    /// directory) is left to the request itself.
+    pub fn check_dir_node(&self, op: &str, node: u64) -> FsResult<()> {
+        let ino = ino_of_node(node);
+        if ino >= models::VIRT_BASE {
+            return Ok(());
+        }
+        let Some(e) = self.store.index().get(ino)? else {
+            return Ok(());
+        };
+        if e.kind != Kind::Dir || node_of(ino, e.generation) == node {
+            return Ok(());
+        }
+        if !matches!(op, "lookup" | "opendir" | "readdir" | "readdirplus") {
+            log::info!(
+                "refused {op} in directory inode {ino}: removed since this process entered it, \
+                 and made again [ESTALE]"
+            );
+        }
+        Err(FsError::Refused(Refusal::Stale))
+    }
+
     fn visible(idx: &Index, ino: u64) -> FsResult<Entry> {
         match idx.get(ino)? {
             Some(e) if e.state != State::Tombstone => Ok(e),
@@ -816,7 +847,7 @@ impl ArtifactFs {
                     None => lock(&self.removed_open)
                         .get(&ino)
                         .cloned()
-                        .or_else(|| self.row_held_open(ino)),
+                        .or_else(|| self.row_held_open(ino, None)),
                 };
                 match e {
                     Some(e) if self.is_open(ino) => Ok(Attr {
@@ -855,15 +886,19 @@ impl ArtifactFs {
 
     /// The row of sealed file `ino` as a handle open on it saw it (beside other machines or a
     /// writer: see [`Sealed::row`]).
-    fn row_held_open(&self, ino: u64) -> Option<Entry> {
+    /// Of several (generations of the inode), the latest, or the one of `generation`.
+    fn row_held_open(&self, ino: u64, generation: Option<u32>) -> Option<Entry> {
         self.handles
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .find_map(|h| match h {
-                Handle::Read(s) if s.ino == ino => s.row.as_deref().cloned(),
+            .filter_map(|h| match h {
+                Handle::Read(s) if s.ino == ino => s.row.as_deref(),
                 _ => None,
             })
+            .filter(|e| generation.is_none_or(|g| e.generation == g))
+            .max_by_key(|e| e.generation)
+            .cloned()
     }
 
     /// A row is deleted while its file may be open: keeps what `fstat` needs of it.
@@ -2501,17 +2536,22 @@ impl ArtifactFs {
         self.getattr(attr.ino)
     }
 
-    /// Symbolic and hard links are refused.
-    /// The attributes of inode `ino` for a descriptor of an earlier generation of it (a file
-    /// removed, then created again at its tombstone, which must have the content it had): the
-    /// size the row keeps for that content, not what a writer of the new one has written so
-    /// far; no link.
-    pub fn getattr_earlier(&self, ino: u64) -> FsResult<Attr> {
-        let e = self
-            .store
-            .index()
-            .get(ino)?
-            .ok_or(FsError::Refused(Refusal::NotFound))?;
+    /// The attributes of `node` (the kernel's number), an earlier generation of its inode, for
+    /// a descriptor of it (a file removed, then created again at its tombstone, which must
+    /// have the content it had): as a handle open on that generation saw its row (beside other
+    /// machines: the row may be gone since), else the size the row keeps for that content, not
+    /// what a writer of the new one has written so far; no link.
+    pub fn getattr_earlier(&self, node: u64) -> FsResult<Attr> {
+        let ino = ino_of_node(node);
+        let generation = ((node >> NODE_GENERATION_SHIFT) & 0xffff) as u32;
+        let e = match self.row_held_open(ino, Some(generation)) {
+            Some(e) => e,
+            None => self
+                .store
+                .index()
+                .get(ino)?
+                .ok_or(FsError::Refused(Refusal::NotFound))?,
+        };
         let mut attr = self.attr_of(&e);
         if e.kind == Kind::File {
             attr.size = e.size;
