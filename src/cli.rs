@@ -7,6 +7,7 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -534,9 +535,11 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
         .clone()
         .map(|p| absolute(&p))
         .unwrap_or_else(|| store.join("artifactfs.log"));
+    // (Its lines name paths and hashes: the store's owner's only, like the store.)
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("cannot open log file {}", log_path.display()))?;
 

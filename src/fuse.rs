@@ -323,7 +323,16 @@ struct Opener {
 impl Opener {
     /// Answers an `open`; `fetch`: the content comes from a bucket, and this thread (of the
     /// fetch pool) gets it now, so that no read waits for it in a request thread.
-    fn open(&self, node: INodeNo, flags: i32, pid: u32, fetch: bool, reply: ReplyOpen) {
+    /// `pid`: the kernel's (0 for a caller outside the daemon's pid namespace), for pairing
+    /// an `O_TRUNC` with this open.
+    fn open(
+        &self,
+        node: INodeNo,
+        flags: i32,
+        (caller, pid): (Caller, u32),
+        fetch: bool,
+        reply: ReplyOpen,
+    ) {
         let ino = ino_of(node);
         // The kernel refuses (`EIO`) any open of an inode other processes read through
         // passthrough that is not one too, as a writer's is not: busy, with its reason. (A
@@ -351,7 +360,7 @@ impl Opener {
             && flags & (libc::O_TRUNC | libc::O_APPEND) == 0;
         let open = || match reads_only {
             true => self.fs.retrying("open", || self.fs.open(ino, flags)),
-            false => self.fs.open(ino, flags),
+            false => self.fs.open_by(Some(caller), ino, flags),
         };
         guarded("open", || match open() {
             Ok((fh, Opened::Sealed { size, cache })) => {
@@ -1052,14 +1061,14 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let opener = self.opener();
-        let pid = req.pid();
+        let caller = (caller(req), req.pid());
         if self.fs.open_is_heavy(ino_of(ino)) {
             // Its content comes from a bucket first: the request threads stay free meanwhile.
             self.fetches.run(Box::new(move || {
-                opener.open(ino, flags.0, pid, true, reply)
+                opener.open(ino, flags.0, caller, true, reply)
             }));
         } else {
-            opener.open(ino, flags.0, pid, false, reply)
+            opener.open(ino, flags.0, caller, false, reply)
         }
     }
 

@@ -48,6 +48,22 @@ def read(p):
         return f.read().decode()
 def write_open(p):
     os.close(os.open(p, os.O_WRONLY))
+def writes(p, parts, flags=os.O_WRONLY):
+    fd = os.open(p, flags, 0o644)
+    out = []
+    for off, data in parts:
+        try:
+            os.pwrite(fd, data, off)
+            out.append("ok")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+    try:
+        os.close(fd)
+        out.append("close ok")
+    except OSError as e:
+        out.append("close " + errno.errorcode[e.errno])
+    return " ".join(out)
+NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 "#;
 
 /// Runs one python expression as `who`; returns `ok`, `ok <value>` or the errno's name
@@ -229,6 +245,96 @@ fn with_allow_other_the_kernel_checks_mode_bits() {
     let dir = art.join("d777/dir");
     assert_eq!(nobody("os.mkdir(a[0])", &[&dir]), "ok");
     assert_eq!(stat_owner(&dir), format!("{NOBODY}:{NOBODY}"));
+}
+
+/// Whoever may write a file but not read it learns none of its bytes from which writes are
+/// refused: a rewrite of a sealed file by a writer without read permission (mode 0622), and a
+/// file created again at its tombstone — also on the second attempt after a refused one (the
+/// first had made the row the writer's), and below a directory removed and made again by
+/// another user (whose mode bits had protected the file). Such a writer's writes are all
+/// accepted; its `close()` says only whether its whole content was the file's. A writer who
+/// may read the file is still answered at each write.
+#[test]
+fn writers_who_may_not_read_a_file_learn_none_of_its_bytes() {
+    let Some(m) = mount(
+        "writers_who_may_not_read_a_file_learn_none_of_its_bytes",
+        &["--allow-other"],
+    ) else {
+        return;
+    };
+    sh_ok(
+        &m.mnt,
+        "mkdir runs/r && cd runs/r/artifacts && mkdir -m 777 shared && cd shared \
+         && printf secret > wo && chmod 0622 wo \
+         && printf topsecret > t && chmod 0600 t && rm t \
+         && mkdir -m 700 priv && printf key > priv/k && chmod 0644 priv/k && rm -r priv",
+    );
+    let shared = m.path("runs/r/artifacts/shared");
+    let wo = shared.join("wo");
+    // The sealed file, mode 0622: nobody may write it, not read it.
+    assert_eq!(nobody("read(a[0])", &[&wo]), "EACCES");
+    for (parts, want) in [
+        ("[(0, b'X')]", "ok close EPERM"),
+        ("[(0, b's')]", "ok close EPERM"),
+        ("[(0, b'secreX')]", "ok close EPERM"),
+        ("[(0, b'sec'), (3, b'ret')]", "ok ok close ok"),
+        ("[(0, b'secret!')]", "EPERM close ok"),
+    ] {
+        let got = nobody(&format!("writes(a[0], {parts})"), &[&wo]);
+        assert_eq!(got, format!("ok {want}"), "{parts}");
+    }
+    // With O_TRUNC (the kernel's truncate comes after the open): every byte again.
+    assert_eq!(
+        nobody(
+            "writes(a[0], [(0, b'secret')], os.O_WRONLY | os.O_TRUNC)",
+            &[&wo]
+        ),
+        "ok ok close ok"
+    );
+    // Its owner, who may read it, is answered at the write.
+    assert_eq!(
+        root("writes(a[0], [(0, b'X')])", &[&wo]),
+        "ok EPERM close ok"
+    );
+    assert_eq!(root("read(a[0])", &[&wo]), "ok secret");
+
+    // Created again at its tombstone (root's, 0600): twice, a byte at a time.
+    let t = shared.join("t");
+    for attempt in 0..2 {
+        assert_eq!(
+            nobody("writes(a[0], [(0, b'X')], NEW)", &[&t]),
+            "ok ok close EPERM",
+            "attempt {attempt}"
+        );
+        assert_eq!(
+            nobody("writes(a[0], [(0, b't')], NEW)", &[&t]),
+            "ok ok close EPERM",
+            "attempt {attempt}"
+        );
+    }
+    // (Its whole content is accepted: the path's last content, now nobody's.)
+    assert_eq!(
+        nobody("writes(a[0], [(0, b'topsecret')], NEW)", &[&t]),
+        "ok ok close ok"
+    );
+
+    // Below a directory root had at 0700, removed, and made again by nobody: the file's own
+    // mode (0644) no longer says who could read it.
+    let priv_ = shared.join("priv");
+    assert_eq!(nobody("os.mkdir(a[0])", &[&priv_]), "ok");
+    assert_eq!(
+        nobody("writes(a[0], [(0, b'X')], NEW)", &[&priv_.join("k")]),
+        "ok ok close EPERM"
+    );
+    assert_eq!(
+        nobody("writes(a[0], [(0, b'k')], NEW)", &[&priv_.join("k")]),
+        "ok ok close EPERM"
+    );
+    // Root, who may read everything, is still answered at the write.
+    assert_eq!(
+        root("writes(a[0], [(0, b'X')], NEW)", &[&priv_.join("k")]),
+        "ok EPERM close EPERM"
+    );
 }
 
 #[test]

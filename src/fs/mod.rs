@@ -335,10 +335,13 @@ struct Expected {
     size: u64,
     /// The content, while the store still has it: writes are compared as they arrive.
     blob: Option<Arc<Content>>,
-    /// Whether the writer could read the removed file (its mode bits, its owner): only then
-    /// is each write compared as it arrives. Anyone else learns whether the whole content is
-    /// the same at `close()`, never a byte or the size by a write's answer.
+    /// Whether the writer could have read the removed file (see [`ArtifactFs::create`]): only
+    /// then is each write compared as it arrives. Anyone else learns whether the whole content
+    /// is the same at `close()`, never a byte or the size by a write's answer.
     compare_writes: bool,
+    /// The tombstone as it was: it gets its mode, owner and times back if this attempt fails
+    /// (the row takes the new writer's meanwhile).
+    was: Entry,
 }
 
 impl Expected {
@@ -745,6 +748,21 @@ impl ArtifactFs {
             );
         }
         Err(FsError::Refused(Refusal::Stale))
+    }
+
+    /// Whether directory `dir` or one above it was removed and made again after `when` (its
+    /// birth time is then later): what it protected before, its mode bits then, is not known.
+    fn made_again_since(idx: &Index, mut dir: u64, when: i64) -> FsResult<bool> {
+        while let Some(d) = idx.get(dir)? {
+            if d.crtime > when {
+                return Ok(true);
+            }
+            if d.parent == dir || d.parent == 0 {
+                break;
+            }
+            dir = d.parent;
+        }
+        Ok(false)
     }
 
     fn visible(idx: &Index, ino: u64) -> FsResult<Entry> {
@@ -1220,8 +1238,19 @@ impl ArtifactFs {
                         (Refusal::Busy, why),
                     ));
                 }
-                let compare_writes =
-                    access::Credentials::of(caller).may(&self.attr_of(&t), access::READ);
+                // Who could have read the removed file: anyone root lets read everything; its
+                // owner (who may chmod it); anyone its mode bits let read, unless a directory
+                // above it was removed and made again since (whose mode bits then are not
+                // known). A tombstone born at its removal was put back by a crash's clean-up
+                // from an attempt like this one, which had made the row this writer's: its
+                // mode and owner are not the removed file's.
+                let creds = access::Credentials::of(caller);
+                let genuine = t.crtime < t.ctime;
+                let compare_writes = creds.reads_all
+                    || (genuine
+                        && (creds.uid == t.uid
+                            || (creds.may(&self.attr_of(&t), access::READ)
+                                && !Self::made_again_since(&idx, t.parent, t.ctime)?)));
                 if !idx.recreate_at_tombstone(t.ino, mode & 0o7777, (uid, gid), now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
@@ -1232,6 +1261,7 @@ impl ArtifactFs {
                     size: t.size,
                     blob: None,
                     compare_writes,
+                    was: t.clone(),
                 });
                 log::info!(
                     "create {}: the path held a file before; accepted if the bytes are the same ({} bytes, {hash})",
@@ -1322,6 +1352,13 @@ impl ArtifactFs {
 
     /// Opens an existing file. Only sealed files can be opened, and only for reading.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
+        self.open_by(None, ino, flags)
+    }
+
+    /// [`ArtifactFs::open`] by `caller` (`None`: one who may read the file): a caller who may
+    /// not read a sealed file it opens for writing gets its writes compared only as a whole
+    /// (see `Rewrite::compare_writes`).
+    pub fn open_by(&self, caller: Option<Caller>, ino: u64, flags: i32) -> FsResult<(u64, Opened)> {
         let busy = self.wait_released(ino);
         let idx = self.store.index();
         let (e, damaged) = match idx.get_checked(ino)? {
@@ -1369,7 +1406,9 @@ impl ArtifactFs {
             return self.open_replace(&e, hash, flags);
         }
         if writes {
-            return self.open_rewrite(ino, hash, e.size, flags);
+            let reads = caller
+                .is_none_or(|c| access::Credentials::of(c).may(&self.attr_of(&e), access::READ));
+            return self.open_rewrite(ino, hash, e.size, flags, reads);
         }
         let sealed = Sealed {
             ino,
@@ -1403,7 +1442,14 @@ impl ArtifactFs {
     /// A sealed file opened for writing: a rewrite that must repeat its bytes (see `rewrite`).
     /// What others see does not change, nor does the kernel's idea of the file: the mount gets
     /// `O_TRUNC` as a truncate after the open (see `setattr`), whose reply keeps the size.
-    fn open_rewrite(&self, ino: u64, hash: Hash, size: u64, flags: i32) -> FsResult<(u64, Opened)> {
+    fn open_rewrite(
+        &self,
+        ino: u64,
+        hash: Hash,
+        size: u64,
+        flags: i32,
+        compare_writes: bool,
+    ) -> FsResult<(u64, Opened)> {
         let blob = self.store.open_content_whole(&hash, size).map_err(|err| {
             log::warn!("content {hash} of inode {ino} cannot be opened: {err}");
             FsError::Io(io::Error::from_raw_os_error(libc::EIO))
@@ -1411,6 +1457,7 @@ impl ArtifactFs {
         let truncated = flags & libc::O_TRUNC != 0;
         let mut r = rewrite::Rewrite::new(ino, size, Arc::new(blob), truncated);
         r.append = flags & libc::O_APPEND != 0;
+        r.compare_writes = compare_writes;
         let fh = self.new_fh();
         self.handles
             .write()
@@ -1545,6 +1592,7 @@ impl ArtifactFs {
     ) -> FsResult<u32> {
         let mut r = lock(r);
         let end = offset.saturating_add(data.len() as u64);
+        // (Refused at once whoever writes: `stat` shows anyone the size.)
         let why = if data.is_empty() {
             return Ok(0);
         } else if r.append {
@@ -1555,16 +1603,27 @@ impl ArtifactFs {
                 r.size
             ))
         } else {
-            rewrite::differs_at(&r.blob, offset, data)?.map(|at| {
-                format!("the file is sealed: this write differs from its content at byte {at}")
-            })
+            r.wrote = true;
+            match rewrite::differs_at(&r.blob, offset, data)? {
+                None => {
+                    r.cover(offset, end);
+                    None
+                }
+                Some(at) if r.compare_writes => Some(format!(
+                    "the file is sealed: this write differs from its content at byte {at}"
+                )),
+                // Answered at close(), for the whole (see `Rewrite::compare_writes`).
+                Some(_) => {
+                    r.differed = true;
+                    None
+                }
+            }
         };
         if let Some(why) = why {
             let ino = r.ino;
             drop(r);
             return Err(self.deny_ino("write", ino, (Refusal::NotPermitted, why)));
         }
-        r.cover(offset, end);
         Ok(data.len() as u32)
     }
 
@@ -1583,12 +1642,21 @@ impl ArtifactFs {
         if r.complete() {
             return Ok(());
         }
-        let why = format!(
-            "the file is sealed at {} bytes; truncated and written again only up to byte {}, \
-             it would change (its content stays as it was)",
-            r.size,
-            r.missing_from()
-        );
+        let why = if !r.compare_writes && r.wrote {
+            format!(
+                "the file is sealed at {} bytes, and the writer may not read it: a rewrite \
+                 must write all of its bytes again, the same; these are not (its content stays \
+                 as it was)",
+                r.size
+            )
+        } else {
+            format!(
+                "the file is sealed at {} bytes; truncated and written again only up to byte \
+                 {}, it would change (its content stays as it was)",
+                r.size,
+                r.missing_from()
+            )
+        };
         let ino = r.ino;
         drop(r);
         Err(self.deny_ino("close", ino, (Refusal::NotPermitted, why)))
@@ -1947,10 +2015,10 @@ impl ArtifactFs {
         if let Err(e) = &result {
             log::warn!("inode {}: commit at release failed: {e}", w.ino);
         }
-        if w.expect.is_some() {
+        if let Some(x) = &w.expect {
             // Created again at a tombstone, and never with the path's last content: the path
             // stays a tombstone.
-            let restored = self.store.index().restore_tombstone(w.ino, now_ns());
+            let restored = self.store.index().restore_tombstone(&x.was, now_ns());
             if let Err(e) = restored {
                 log::warn!("inode {}: cannot restore its tombstone ({e})", w.ino);
                 result = Err(e.into());

@@ -35,6 +35,16 @@ pub(super) struct Rewrite {
     pub truncated: bool,
     /// Opened with `O_APPEND`: any non-empty write would add bytes.
     pub append: bool,
+    /// Whether the writer may read the file (its mode bits): only then is each write's
+    /// comparison answered at once. A writer who may only write (a mode such as 0620) would
+    /// otherwise learn the bytes one by one from which writes are refused; such a writer's
+    /// writes are all accepted, and `close()` succeeds only if they wrote every byte again,
+    /// the same: it learns whether its whole content was the file's, nothing less.
+    pub compare_writes: bool,
+    /// A write differed from the sealed bytes (recorded, not answered: see `compare_writes`).
+    pub differed: bool,
+    /// Any byte was written through this handle.
+    pub wrote: bool,
     /// Byte ranges written and found equal, merged and in order.
     covered: Vec<(u64, u64)>,
 }
@@ -47,6 +57,9 @@ impl Rewrite {
             blob,
             truncated,
             append: false,
+            compare_writes: true,
+            differed: false,
+            wrote: false,
             covered: Vec::new(),
         }
     }
@@ -74,9 +87,14 @@ impl Rewrite {
         self.covered.clear();
     }
 
-    /// Whether the file, as this handle leaves it, has exactly its sealed content.
+    /// Whether the file, as this handle leaves it, has exactly its sealed content (for a writer
+    /// who may not read it: it wrote nothing, or every byte again, the same).
     pub fn complete(&self) -> bool {
-        !self.truncated || self.size == 0 || self.covered.first() == Some(&(0, self.size))
+        let whole = self.size == 0 || self.covered.first() == Some(&(0, self.size));
+        if !self.compare_writes && self.wrote {
+            return !self.differed && whole;
+        }
+        !self.truncated || whole
     }
 
     /// The first byte not written again after a truncation (for the log line).
@@ -113,6 +131,23 @@ mod tests {
         r.cover(2, 6);
         assert!(r.complete());
         r.truncate();
+        assert!(!r.complete());
+    }
+
+    #[test]
+    fn a_writer_who_may_not_read_must_write_every_byte_the_same() {
+        let mut r = rewrite(10, false);
+        r.compare_writes = false;
+        assert!(r.complete(), "nothing written: nothing changes");
+        r.wrote = true;
+        r.cover(0, 4);
+        assert!(
+            !r.complete(),
+            "a part, even the same bytes, answers nothing"
+        );
+        r.cover(4, 10);
+        assert!(r.complete());
+        r.differed = true;
         assert!(!r.complete());
     }
 

@@ -2294,18 +2294,29 @@ impl Index {
     }
 
     /// A file created again at its tombstone that never got the path's last content: the
-    /// tombstone again.
-    pub fn restore_tombstone(&self, ino: u64, now: i64) -> io::Result<()> {
+    /// tombstone again, as it was (`was`: its row before; the removed file's mode, owner and
+    /// times decide who may compare a later attempt's writes as they come).
+    pub fn restore_tombstone(&self, was: &Entry, now: i64) -> io::Result<()> {
+        let ino = was.ino;
         if self.reserved(ino).is_some() {
             return self.tombstone(ino, now);
         }
         let own = self.own_rows();
         self.db.exec(
             &format!(
-                "UPDATE entries SET state = {STATE_TOMBSTONE}, ctime = ?2
+                "UPDATE entries SET state = {STATE_TOMBSTONE}, mode = ?2, uid = ?3, gid = ?4,
+                     mtime = ?5, ctime = ?6, crtime = ?7
                      WHERE ino = ?1 AND state IN ({STATE_WRITING}, {STATE_WRITING_KEEP_SYNCED}){own}"
             ),
-            params![ino as i64, now],
+            params![
+                ino as i64,
+                was.mode as i64,
+                was.uid as i64,
+                was.gid as i64,
+                was.mtime,
+                was.ctime,
+                was.crtime
+            ],
         )?;
         // The name is gone from its directory again.
         self.touch_parent_of(ino, now)?;
@@ -3796,7 +3807,21 @@ mod tests {
             assert!(idx.recreate_at_tombstone(f, 0o644, (0, 0), 4).unwrap());
             assert_eq!(generation(f), 1);
             assert_eq!(idx.get(f).unwrap().unwrap().crtime, 4, "born again");
-            idx.restore_tombstone(f, 5).unwrap();
+            let was = idx.get(f).unwrap().unwrap();
+            let was = Entry {
+                mode: 0o600,
+                uid: 7,
+                crtime: 1,
+                ctime: 3,
+                ..was
+            };
+            idx.restore_tombstone(&was, 5).unwrap();
+            let back = idx.get(f).unwrap().unwrap();
+            assert_eq!(
+                (back.state, back.mode, back.uid, back.crtime, back.ctime),
+                (State::Tombstone, 0o600, 7, 1, 3),
+                "as it was before the attempt"
+            );
             assert!(idx.recreate_at_tombstone(f, 0o644, (0, 0), 6).unwrap());
             assert_eq!(generation(f), 2);
             for (n, t) in [(1, 10), (2, 20)] {

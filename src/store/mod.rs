@@ -16,7 +16,7 @@ pub mod s3;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -1277,9 +1277,32 @@ impl Drop for Store {
     }
 }
 
-/// Creates the store directory (mode 0700) if it does not exist yet.
+/// Creates the store directory (mode 0700) if it does not exist yet, and makes one that does
+/// private: its index holds the bytes of every small file, which only the mount's mode bits
+/// may give out (`mkdir /var/lib/artifactfs` before the first mount leaves it 0755).
 pub fn create_store_dir(root: &Path) -> io::Result<()> {
-    if root.is_dir() {
+    if let Ok(meta) = fs::metadata(root)
+        && meta.is_dir()
+    {
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            fs::set_permissions(root, fs::Permissions::from_mode(mode & 0o7700)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "store {} is open to other users (mode {mode:o}) and cannot be made \
+                         private ({e}): its index holds the bytes of small files; chmod 700 it",
+                        root.display()
+                    ),
+                )
+            })?;
+            log::warn!(
+                "store {}: mode {mode:o} made {:o}: other users could read the index, which holds \
+                 the bytes of small files",
+                root.display(),
+                mode & 0o7700
+            );
+        }
         return Ok(());
     }
     fs::DirBuilder::new()
@@ -1397,6 +1420,23 @@ fn test_file_with(store: &Store, name: &[u8], bytes: &[u8], stored: index::Store
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store directory made beforehand by hand (`mkdir`, mode 0755) becomes private at the
+    /// first open: its index holds the bytes of small files.
+    #[test]
+    fn a_store_directory_made_beforehand_becomes_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2755)).unwrap();
+        drop(Store::open_writable(&root).unwrap());
+        let mode = fs::metadata(&root).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o2700, "{mode:o}");
+        let new = dir.path().join("new");
+        create_store_dir(&new).unwrap();
+        let mode = fs::metadata(&new).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
 
     #[test]
     fn hash_hex_round_trips() {
