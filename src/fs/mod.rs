@@ -3689,6 +3689,51 @@ mod tests {
         assert_eq!(read_all(&fs, synced), b"durable");
     }
 
+    /// A re-create at a tombstone makes the row its writer's (mode, owner); a crash before
+    /// its release leaves the clean-up to put the tombstone back with them. The removed file's
+    /// owner is then unknown: that writer's next attempt must not be answered write by write
+    /// (which would give a file it could not read away a byte at a time); root still is.
+    #[test]
+    fn a_tombstone_a_crash_put_back_is_compared_at_close_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = Caller {
+            uid: 65534,
+            gid: 65534,
+            pid: UNKNOWN_PID,
+        };
+        let art = {
+            let fs = ArtifactFs::new(
+                Store::open_writable(dir.path()).unwrap(),
+                FsOptions::default(),
+            );
+            let art = run_dir(&fs, "r1");
+            let (_, fh) = fs.create(ME, art, b"f", 0o600).unwrap();
+            fs.write(fh, 0, b"topsecret").unwrap();
+            fs.flush(fh).unwrap();
+            fs.release(fh).unwrap();
+            fs.unlink(art, b"f").unwrap();
+            let (_, fh) = fs.create(other, art, b"f", 0o644).unwrap();
+            fs.write(fh, 0, b"X").unwrap();
+            // The daemon dies here: no release ever comes.
+            art
+        };
+        let fs = ArtifactFs::new(
+            Store::open_writable(dir.path()).unwrap(),
+            FsOptions::default(),
+        );
+        assert_eq!(refusal(fs.lookup(art, b"f")), Refusal::NotFound);
+        for byte in [b"X", b"t"] {
+            let (_, fh) = fs.create(other, art, b"f", 0o644).unwrap();
+            assert!(fs.write(fh, 0, byte).is_ok(), "answered at the write");
+            assert!(fs.flush(fh).is_err());
+            // (Its release reports the refusal again; the kernel drops it.)
+            let _ = fs.release(fh);
+        }
+        let (_, fh) = fs.create(ME, art, b"f", 0o644).unwrap();
+        assert_eq!(refusal(fs.write(fh, 0, b"X")), Refusal::NotPermitted);
+        let _ = fs.release(fh);
+    }
+
     #[test]
     fn identical_content_is_stored_once() {
         let (d, fs) = new_fs();
