@@ -7,7 +7,7 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -542,6 +542,8 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
         .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+    // (One made before, by an earlier version or by hand, too, if it is this user's.)
+    let _ = log.set_permissions(std::fs::Permissions::from_mode(0o600));
 
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("mount")

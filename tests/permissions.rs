@@ -64,6 +64,17 @@ def writes(p, parts, flags=os.O_WRONLY):
         out.append("close " + errno.errorcode[e.errno])
     return " ".join(out)
 NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+def attempt_then(then, *paths):
+    fd = os.open(paths[0], NEW, 0o644)
+    os.pwrite(fd, b"X", 0)
+    out = []
+    for what, f in (("then", lambda: then(*paths)), ("close", lambda: os.close(fd))):
+        try:
+            f()
+            out.append(what + " ok")
+        except OSError as e:
+            out.append(what + " " + errno.errorcode[e.errno])
+    return " ".join(out)
 "#;
 
 /// Runs one python expression as `who`; returns `ok`, `ok <value>` or the errno's name
@@ -310,6 +321,24 @@ fn writers_who_may_not_read_a_file_learn_none_of_its_bytes() {
             nobody("writes(a[0], [(0, b't')], NEW)", &[&t]),
             "ok ok close EPERM",
             "attempt {attempt}"
+        );
+    }
+    // An attempt removed or renamed while open leaves the tombstone root's as well.
+    let t2 = shared.join("t2");
+    assert_eq!(
+        nobody("attempt_then(os.unlink, a[0])", &[&t]),
+        "ok then ok close EPERM"
+    );
+    assert_eq!(
+        nobody("attempt_then(os.rename, a[0], a[1])", &[&t, &t2]),
+        "ok then ok close EPERM"
+    );
+    for path in [&t, &t2] {
+        assert_eq!(
+            nobody("writes(a[0], [(0, b't')], NEW)", &[path]),
+            "ok ok close EPERM",
+            "{}",
+            path.display()
         );
     }
     // (Its whole content is accepted: the path's last content, now nobody's.)

@@ -26,7 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{FsError, FsResult, Refusal};
 use crate::namespace::{self, Place, Zone};
-use crate::store::index::{Commit, Entry, Index, Kind, MetaChange, NewEntry, ROOT_INO, State};
+use crate::store::index::{
+    Commit, Entry, Index, Kind, MODELS_INO, MetaChange, NewEntry, ROOT_INO, State,
+};
 use crate::store::s3::Streaming;
 use crate::store::{Content, Hash, INLINE_MAX, Store, now_ns, to_ns};
 
@@ -401,6 +403,10 @@ pub struct ArtifactFs {
     /// them here, never waiting for a writer busy with a write or a long commit, and never
     /// getting a stale size (the kernel would take it for the file's).
     writer_attrs: Mutex<HashMap<u64, (u64, i64)>>,
+    /// Files created again at their tombstone, until they have the path's last content: the
+    /// mode, owner and birth the writer gave them, which `stat` shows while the row keeps the
+    /// removed file's (see [`Index::recreate_at_tombstone`]).
+    recreated: Mutex<HashMap<u64, (u32, u32, u32, i64)>>,
     /// Signalled whenever an inode leaves `writing` (its file was sealed).
     sealed: Condvar,
     next_fh: AtomicU64,
@@ -511,6 +517,7 @@ impl ArtifactFs {
             handles: RwLock::new(HashMap::new()),
             writing: Mutex::new(HashMap::new()),
             writer_attrs: Mutex::new(HashMap::new()),
+            recreated: Mutex::new(HashMap::new()),
             sealed: Condvar::new(),
             next_fh: AtomicU64::new(1),
             mem: body::MemBudget::default(),
@@ -684,14 +691,22 @@ impl ArtifactFs {
             sealed: self.is_sealed_row(e) && !self.is_rewritable(e),
             stable: e.kind == Kind::Dir && changes_only_through_mount(e),
         };
+        let writing = lock(&self.writer_attrs).get(&e.ino).copied();
         if e.kind == Kind::File
-            && let Some(&(size, mtime)) = lock(&self.writer_attrs).get(&e.ino)
+            && let Some((size, mtime)) = writing
         {
             attr.sealed = false;
             attr.size = size;
             attr.mtime = from_ns(mtime);
             // Written here: only this mount changes it until it is sealed.
             attr.stable = true;
+            let recreated = lock(&self.recreated).get(&e.ino).copied();
+            if let Some((mode, uid, gid, birth)) = recreated {
+                attr.perm = mode as u16;
+                attr.uid = self.opts.uid.unwrap_or(uid);
+                attr.gid = self.opts.gid.unwrap_or(gid);
+                attr.crtime = from_ns(birth);
+            }
         }
         attr
     }
@@ -750,15 +765,17 @@ impl ArtifactFs {
         Err(FsError::Refused(Refusal::Stale))
     }
 
-    /// Whether directory `dir` or one above it was removed and made again after `when` (its
-    /// birth time is then later): what it protected before, its mode bits then, is not known.
+    /// Whether directory `dir` or one above it was removed and made again after `when`, the
+    /// birth of a file in it (a directory holding a file cannot be removed, so a birth later
+    /// than the file's is a directory made again after the file was removed): what it
+    /// protected before, its mode bits then, is not known. (The fixed directories, `/`,
+    /// `runs/` and `models/`, are never removed.)
     fn made_again_since(idx: &Index, mut dir: u64, when: i64) -> FsResult<bool> {
-        while let Some(d) = idx.get(dir)? {
+        while dir > MODELS_INO
+            && let Some(d) = idx.get(dir)?
+        {
             if d.crtime > when {
                 return Ok(true);
-            }
-            if d.parent == dir || d.parent == 0 {
-                break;
             }
             dir = d.parent;
         }
@@ -1240,20 +1257,18 @@ impl ArtifactFs {
                 }
                 // Who could have read the removed file: anyone root lets read everything; its
                 // owner (who may chmod it); anyone its mode bits let read, unless a directory
-                // above it was removed and made again since (whose mode bits then are not
-                // known). A tombstone born at its removal was put back by a crash's clean-up
-                // from an attempt like this one, which had made the row this writer's: its
-                // mode and owner are not the removed file's.
+                // above it was removed and made again since it was made (whose mode bits then
+                // are not known). The row keeps the removed file's mode, owner and times until
+                // the path's last content is written again, so no attempt changes them.
                 let creds = access::Credentials::of(caller);
-                let genuine = t.crtime < t.ctime;
                 let compare_writes = creds.reads_all
-                    || (genuine
-                        && (creds.uid == t.uid
-                            || (creds.may(&self.attr_of(&t), access::READ)
-                                && !Self::made_again_since(&idx, t.parent, t.ctime)?)));
-                if !idx.recreate_at_tombstone(t.ino, mode & 0o7777, (uid, gid), now)? {
+                    || creds.uid == t.uid
+                    || (creds.may(&self.attr_of(&t), access::READ)
+                        && !Self::made_again_since(&idx, t.parent, t.crtime)?);
+                if !idx.recreate_at_tombstone(t.ino, now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
+                lock(&self.recreated).insert(t.ino, (mode & 0o7777, uid, gid, now));
                 // (Its blob is opened once the index is let go: from a bucket it may be
                 // fetched first.)
                 expect = Some(Expected {
@@ -2049,6 +2064,7 @@ impl ArtifactFs {
         }
         w.body.discard(&self.mem);
         w.released = true;
+        lock(&self.recreated).remove(&w.ino);
         lock(&self.writer_attrs).remove(&w.ino);
         lock(&self.writing).remove(&w.ino);
         self.forget_if_closed(w.ino);
@@ -2139,6 +2155,18 @@ impl ArtifactFs {
         }
         if recorded == Commit::Healed {
             log::info!("damaged content {hash} was stored again with the right bytes");
+        }
+        let recreated = lock(&self.recreated).get(&w.ino).copied();
+        if matches!(recorded, Commit::Recorded | Commit::Healed)
+            && w.expect.is_some()
+            && let Some((mode, uid, gid, birth)) = recreated
+        {
+            // The path's last content again: the file is its new writer's now.
+            self.store.retry_busy(
+                || format!("giving inode {} to its new writer", w.ino),
+                |idx| idx.own_recreated(w.ino, mode, (uid, gid), birth),
+            )?;
+            lock(&self.recreated).remove(&w.ino);
         }
         if durable {
             self.store.index().sync()?;
@@ -2339,12 +2367,28 @@ impl ArtifactFs {
                 SetTime::At(t) => to_ns(t),
             };
             let mtime = change.mtime.map(ns);
+            let (mut mode, mut uid, mut gid) =
+                (change.mode.map(|m| m & 0o7777), change.uid, change.gid);
+            if let Some(r) = lock(&self.recreated).get_mut(&ino) {
+                // Created again at its tombstone, without its last content yet: the row keeps
+                // the removed file's mode and owner (see `recreate_at_tombstone`); the writer's
+                // are kept beside it until then.
+                if let Some(m) = mode.take() {
+                    r.0 = m;
+                }
+                if let Some(u) = uid.take() {
+                    r.1 = u;
+                }
+                if let Some(g) = gid.take() {
+                    r.2 = g;
+                }
+            }
             idx.change_meta(
                 ino,
                 &MetaChange {
-                    mode: change.mode.map(|m| m & 0o7777),
-                    uid: change.uid,
-                    gid: change.gid,
+                    mode,
+                    uid,
+                    gid,
                     mtime,
                     atime: change.atime.map(ns),
                     ctime: now,

@@ -2270,27 +2270,46 @@ impl Index {
     }
 
     /// A file created again at its tombstone: the row is being written again (a crash turns it
-    /// back into the tombstone, since its hash is kept). `false` if it is no tombstone.
-    pub fn recreate_at_tombstone(
-        &self,
-        ino: u64,
-        mode: u32,
-        owner: (u32, u32),
-        now: i64,
-    ) -> io::Result<bool> {
+    /// back into the tombstone, since its hash is kept), the next generation of its inode. Its
+    /// mode, owner and times stay the removed file's until the path's last content is written
+    /// again ([`Index::own_recreated`]): whatever becomes of this attempt (refused, removed,
+    /// renamed, a crash), the tombstone keeps them, and they say who could have read the
+    /// content. `false` if it is no tombstone.
+    pub fn recreate_at_tombstone(&self, ino: u64, now: i64) -> io::Result<bool> {
         let n = self.db.exec(
             &format!(
-                    "UPDATE entries SET state = {STATE_WRITING}, mode = ?2, uid = ?3, gid = ?4,
-                     mtime = ?5, ctime = ?5, crtime = ?5, generation = generation + 1
+                "UPDATE entries SET state = {STATE_WRITING}, generation = generation + 1
                      WHERE ino = ?1 AND kind = 2 AND state = {STATE_TOMBSTONE} AND hash IS NOT NULL"
-                ),
-            params![ino as i64, mode as i64, owner.0 as i64, owner.1 as i64, now],
+            ),
+            params![ino as i64],
         )?;
         if n == 1 {
             // The name is back in its directory.
             self.touch_parent_of(ino, now)?;
         }
         Ok(n == 1)
+    }
+
+    /// A file created again at its tombstone that has the path's last content again: it is its
+    /// new writer's now, born at `birth`.
+    pub fn own_recreated(
+        &self,
+        ino: u64,
+        mode: u32,
+        owner: (u32, u32),
+        birth: i64,
+    ) -> io::Result<()> {
+        self.db.exec(
+            "UPDATE entries SET mode = ?2, uid = ?3, gid = ?4, crtime = ?5 WHERE ino = ?1",
+            params![
+                ino as i64,
+                mode as i64,
+                owner.0 as i64,
+                owner.1 as i64,
+                birth
+            ],
+        )?;
+        Ok(())
     }
 
     /// A file created again at its tombstone that never got the path's last content: the
@@ -3804,9 +3823,15 @@ mod tests {
             assert_eq!((generation(d), generation(f)), (0, 0));
             idx.tombstone(f, 3).unwrap();
             assert_eq!(generation(f), 0);
-            assert!(idx.recreate_at_tombstone(f, 0o644, (0, 0), 4).unwrap());
+            let before = idx.get(f).unwrap().unwrap();
+            assert!(idx.recreate_at_tombstone(f, 4).unwrap());
             assert_eq!(generation(f), 1);
-            assert_eq!(idx.get(f).unwrap().unwrap().crtime, 4, "born again");
+            let during = idx.get(f).unwrap().unwrap();
+            assert_eq!(
+                (during.mode, during.uid, during.crtime, during.ctime),
+                (before.mode, before.uid, before.crtime, before.ctime),
+                "the removed file's until its content is written again"
+            );
             let was = idx.get(f).unwrap().unwrap();
             let was = Entry {
                 mode: 0o600,
@@ -3822,7 +3847,7 @@ mod tests {
                 (State::Tombstone, 0o600, 7, 1, 3),
                 "as it was before the attempt"
             );
-            assert!(idx.recreate_at_tombstone(f, 0o644, (0, 0), 6).unwrap());
+            assert!(idx.recreate_at_tombstone(f, 6).unwrap());
             assert_eq!(generation(f), 2);
             for (n, t) in [(1, 10), (2, 20)] {
                 idx.tombstone(d, t).unwrap();

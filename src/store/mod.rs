@@ -651,6 +651,7 @@ impl Store {
         durability: Durability,
     ) -> io::Result<Store> {
         create_store_dir(root)?;
+        make_private(root);
         let locations = Locations::for_store(root, locations.clone())?;
         if !locations.is_embedded() && root.join("index.sqlite").exists() {
             return Err(io::Error::new(
@@ -1277,32 +1278,36 @@ impl Drop for Store {
     }
 }
 
-/// Creates the store directory (mode 0700) if it does not exist yet, and makes one that does
-/// private: its index holds the bytes of every small file, which only the mount's mode bits
-/// may give out (`mkdir /var/lib/artifactfs` before the first mount leaves it 0755).
+/// Makes a store directory made beforehand private if it is this user's (at a writable open):
+/// its index holds the bytes of every small file, which only the mount's mode bits may give
+/// out (`mkdir /var/lib/artifactfs` before the first mount leaves it 0755). One of another
+/// owner (a group's directory) is left as it is, with a warning.
+fn make_private(root: &Path) {
+    let Ok(meta) = fs::metadata(root) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    let private = mode & 0o7700;
+    match fs::set_permissions(root, fs::Permissions::from_mode(private)) {
+        Ok(()) => log::info!(
+            "store {}: mode {mode:o} made {private:o}: other users could read its index, which \
+             holds the bytes of small files",
+            root.display()
+        ),
+        Err(e) => log::warn!(
+            "store {} is open to other users (mode {mode:o}) and cannot be made private ({e}): \
+             they can read its index, which holds the bytes of small files",
+            root.display()
+        ),
+    }
+}
+
+/// Creates the store directory (mode 0700) if it does not exist yet.
 pub fn create_store_dir(root: &Path) -> io::Result<()> {
-    if let Ok(meta) = fs::metadata(root)
-        && meta.is_dir()
-    {
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            fs::set_permissions(root, fs::Permissions::from_mode(mode & 0o7700)).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "store {} is open to other users (mode {mode:o}) and cannot be made \
-                         private ({e}): its index holds the bytes of small files; chmod 700 it",
-                        root.display()
-                    ),
-                )
-            })?;
-            log::warn!(
-                "store {}: mode {mode:o} made {:o}: other users could read the index, which holds \
-                 the bytes of small files",
-                root.display(),
-                mode & 0o7700
-            );
-        }
+    if root.is_dir() {
         return Ok(());
     }
     fs::DirBuilder::new()
