@@ -543,7 +543,12 @@ fn mount_detached(args: &MountArgs) -> Result<()> {
         .open(&log_path)
         .with_context(|| format!("cannot open log file {}", log_path.display()))?;
     // (One made before, by an earlier version or by hand, too, if it is this user's.)
-    let _ = log.set_permissions(std::fs::Permissions::from_mode(0o600));
+    if log
+        .metadata()
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == unsafe { libc::geteuid() })
+    {
+        let _ = log.set_permissions(std::fs::Permissions::from_mode(0o600));
+    }
 
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("mount")

@@ -323,28 +323,37 @@ fn writers_who_may_not_read_a_file_learn_none_of_its_bytes() {
             "attempt {attempt}"
         );
     }
-    // An attempt removed or renamed while open leaves the tombstone root's as well.
-    let t2 = shared.join("t2");
+    // An attempt removed while open leaves the tombstone root's as well; one is not moved
+    // elsewhere, where the tombstone would follow it (into a directory of the writer's).
+    let mine = shared.join("mine");
+    assert_eq!(nobody("os.mkdir(a[0])", &[&mine]), "ok");
+    let t2 = mine.join("t2");
     assert_eq!(
         nobody("attempt_then(os.unlink, a[0])", &[&t]),
         "ok then ok close EPERM"
     );
     assert_eq!(
         nobody("attempt_then(os.rename, a[0], a[1])", &[&t, &t2]),
-        "ok then ok close EPERM"
+        "ok then EBUSY close EPERM"
     );
-    for path in [&t, &t2] {
-        assert_eq!(
-            nobody("writes(a[0], [(0, b't')], NEW)", &[path]),
-            "ok ok close EPERM",
-            "{}",
-            path.display()
-        );
-    }
-    // (Its whole content is accepted: the path's last content, now nobody's.)
+    assert!(!t2.exists());
     assert_eq!(
-        nobody("writes(a[0], [(0, b'topsecret')], NEW)", &[&t]),
-        "ok ok close ok"
+        nobody("writes(a[0], [(0, b't')], NEW)", &[&t]),
+        "ok ok close EPERM"
+    );
+    // Its whole content is accepted (the path's last content): nobody's now, with the mode
+    // of its chmod while it was written.
+    assert_eq!(
+        nobody(
+            "(lambda fd: (os.write(fd, b'topsecret'), os.fchmod(fd, 0o640), os.close(fd)))(os.open(a[0], NEW, 0o644))",
+            &[&t]
+        ),
+        "ok (9, None, None)"
+    );
+    assert_eq!(stat_owner(&t), format!("{NOBODY}:{NOBODY}"));
+    assert_eq!(
+        std::fs::metadata(&t).unwrap().permissions().mode() & 0o7777,
+        0o640
     );
 
     // Below a directory root had at 0700, removed, and made again by nobody: the file's own

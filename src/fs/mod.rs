@@ -331,6 +331,18 @@ struct Writer {
     stream: Streaming,
 }
 
+/// A file created again at its tombstone, while it is written: the mode, owner and birth its
+/// writer gave it, which `stat` shows, and whether its row has them yet (from its first commit
+/// with the path's last content on; until then the row keeps the removed file's).
+#[derive(Debug, Clone, Copy)]
+struct Recreated {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    birth: i64,
+    owned: bool,
+}
+
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
 struct Expected {
     hash: Hash,
@@ -406,7 +418,7 @@ pub struct ArtifactFs {
     /// Files created again at their tombstone, until they have the path's last content: the
     /// mode, owner and birth the writer gave them, which `stat` shows while the row keeps the
     /// removed file's (see [`Index::recreate_at_tombstone`]).
-    recreated: Mutex<HashMap<u64, (u32, u32, u32, i64)>>,
+    recreated: Mutex<HashMap<u64, Recreated>>,
     /// Signalled whenever an inode leaves `writing` (its file was sealed).
     sealed: Condvar,
     next_fh: AtomicU64,
@@ -672,6 +684,22 @@ impl ArtifactFs {
     }
 
     fn attr_of(&self, e: &Entry) -> Attr {
+        let mut attr = self.attr_of_row(e);
+        if attr.stable && e.kind == Kind::File {
+            let recreated = lock(&self.recreated).get(&e.ino).copied();
+            if let Some(r) = recreated {
+                attr.perm = r.mode as u16;
+                attr.uid = self.opts.uid.unwrap_or(r.uid);
+                attr.gid = self.opts.gid.unwrap_or(r.gid);
+                attr.crtime = from_ns(r.birth);
+            }
+        }
+        attr
+    }
+
+    /// [`ArtifactFs::attr_of`] with the mode, owner and birth of the row itself, also while a
+    /// file created again at its tombstone is written (see [`Recreated`]).
+    fn attr_of_row(&self, e: &Entry) -> Attr {
         let mut attr = Attr {
             ino: e.ino,
             generation: e.generation,
@@ -700,13 +728,6 @@ impl ArtifactFs {
             attr.mtime = from_ns(mtime);
             // Written here: only this mount changes it until it is sealed.
             attr.stable = true;
-            let recreated = lock(&self.recreated).get(&e.ino).copied();
-            if let Some((mode, uid, gid, birth)) = recreated {
-                attr.perm = mode as u16;
-                attr.uid = self.opts.uid.unwrap_or(uid);
-                attr.gid = self.opts.gid.unwrap_or(gid);
-                attr.crtime = from_ns(birth);
-            }
         }
         attr
     }
@@ -1260,15 +1281,28 @@ impl ArtifactFs {
                 // above it was removed and made again since it was made (whose mode bits then
                 // are not known). The row keeps the removed file's mode, owner and times until
                 // the path's last content is written again, so no attempt changes them.
+                // (A tombstone born at its removal is one an earlier version's crash clean-up
+                // put back from such an attempt, which had made it the attempt's writer's.)
                 let creds = access::Credentials::of(caller);
+                let genuine = t.crtime < t.ctime;
                 let compare_writes = creds.reads_all
-                    || creds.uid == t.uid
-                    || (creds.may(&self.attr_of(&t), access::READ)
-                        && !Self::made_again_since(&idx, t.parent, t.crtime)?);
+                    || (genuine
+                        && (creds.uid == t.uid
+                            || (creds.may(&self.attr_of_row(&t), access::READ)
+                                && !Self::made_again_since(&idx, t.parent, t.crtime)?)));
                 if !idx.recreate_at_tombstone(t.ino, now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
-                lock(&self.recreated).insert(t.ino, (mode & 0o7777, uid, gid, now));
+                lock(&self.recreated).insert(
+                    t.ino,
+                    Recreated {
+                        mode: mode & 0o7777,
+                        uid,
+                        gid,
+                        birth: now,
+                        owned: false,
+                    },
+                );
                 // (Its blob is opened once the index is let go: from a bucket it may be
                 // fetched first.)
                 expect = Some(Expected {
@@ -2156,17 +2190,30 @@ impl ArtifactFs {
         if recorded == Commit::Healed {
             log::info!("damaged content {hash} was stored again with the right bytes");
         }
-        let recreated = lock(&self.recreated).get(&w.ino).copied();
-        if matches!(recorded, Commit::Recorded | Commit::Healed)
-            && w.expect.is_some()
-            && let Some((mode, uid, gid, birth)) = recreated
-        {
-            // The path's last content again: the file is its new writer's now.
-            self.store.retry_busy(
-                || format!("giving inode {} to its new writer", w.ino),
-                |idx| idx.own_recreated(w.ino, mode, (uid, gid), birth),
-            )?;
-            lock(&self.recreated).remove(&w.ino);
+        if matches!(recorded, Commit::Recorded | Commit::Healed) && w.expect.is_some() {
+            // The path's last content again: the file is its new writer's now. (Under the
+            // index's lock, which a `chmod` of it takes too; a failure leaves the file its
+            // removed owner's, with its own content: nothing is refused for it.)
+            let ino = w.ino;
+            let owned = self.store.retry_busy(
+                || format!("giving inode {ino} to its new writer"),
+                |idx| {
+                    let r = lock(&self.recreated).get(&ino).copied();
+                    if let Some(r) = r.filter(|r| !r.owned) {
+                        idx.own_recreated(ino, r.mode, (r.uid, r.gid), r.birth)?;
+                        if let Some(r) = lock(&self.recreated).get_mut(&ino) {
+                            r.owned = true;
+                        }
+                    }
+                    Ok(())
+                },
+            );
+            if let Err(e) = owned {
+                log::warn!(
+                    "inode {ino}: created again with its content, but still its removed \
+                     owner's ({e}); tried again at its next commit"
+                );
+            }
         }
         if durable {
             self.store.index().sync()?;
@@ -2370,17 +2417,14 @@ impl ArtifactFs {
             let (mut mode, mut uid, mut gid) =
                 (change.mode.map(|m| m & 0o7777), change.uid, change.gid);
             if let Some(r) = lock(&self.recreated).get_mut(&ino) {
-                // Created again at its tombstone, without its last content yet: the row keeps
-                // the removed file's mode and owner (see `recreate_at_tombstone`); the writer's
-                // are kept beside it until then.
-                if let Some(m) = mode.take() {
-                    r.0 = m;
-                }
-                if let Some(u) = uid.take() {
-                    r.1 = u;
-                }
-                if let Some(g) = gid.take() {
-                    r.2 = g;
+                // Created again at its tombstone and still written: `stat` shows these. Until
+                // it has the path's last content, the row keeps the removed file's mode and
+                // owner (see `recreate_at_tombstone`).
+                r.mode = mode.unwrap_or(r.mode);
+                r.uid = uid.unwrap_or(r.uid);
+                r.gid = gid.unwrap_or(r.gid);
+                if !r.owned {
+                    (mode, uid, gid) = (None, None, None);
                 }
             }
             idx.change_meta(
@@ -2502,6 +2546,21 @@ impl ArtifactFs {
         };
         if parent == new_parent && name == new_name {
             return Ok(());
+        }
+        if lock(&self.recreated).get(&e.ino).is_some_and(|r| !r.owned) {
+            // Its row is the tombstone's until then, which must stay where it is.
+            return Err(Self::deny(
+                &idx,
+                "rename",
+                parent,
+                Some(name),
+                (
+                    Refusal::Busy,
+                    "created again at a tombstone, it moves only once it has the path's last \
+                     content"
+                        .into(),
+                ),
+            ));
         }
         if e.kind == Kind::Dir {
             return Err(Self::deny(
@@ -2664,7 +2723,7 @@ impl ArtifactFs {
                 .get(ino)?
                 .ok_or(FsError::Refused(Refusal::NotFound))?,
         };
-        let mut attr = self.attr_of(&e);
+        let mut attr = self.attr_of_row(&e);
         if e.kind == Kind::File {
             attr.size = e.size;
         }

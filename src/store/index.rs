@@ -2300,7 +2300,10 @@ impl Index {
         birth: i64,
     ) -> io::Result<()> {
         self.db.exec(
-            "UPDATE entries SET mode = ?2, uid = ?3, gid = ?4, crtime = ?5 WHERE ino = ?1",
+            &format!(
+                "UPDATE entries SET mode = ?2, uid = ?3, gid = ?4, crtime = ?5
+                     WHERE ino = ?1 AND state != {STATE_TOMBSTONE}"
+            ),
             params![
                 ino as i64,
                 mode as i64,

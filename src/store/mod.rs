@@ -1291,7 +1291,13 @@ fn make_private(root: &Path) {
         return;
     }
     let private = mode & 0o7700;
-    match fs::set_permissions(root, fs::Permissions::from_mode(private)) {
+    let mine = std::os::unix::fs::MetadataExt::uid(&meta) == unsafe { libc::geteuid() };
+    let made = if mine {
+        fs::set_permissions(root, fs::Permissions::from_mode(private))
+    } else {
+        Err(io::Error::other("it is another user's"))
+    };
+    match made {
         Ok(()) => log::info!(
             "store {}: mode {mode:o} made {private:o}: other users could read its index, which \
              holds the bytes of small files",
