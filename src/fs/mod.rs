@@ -332,15 +332,14 @@ struct Writer {
 }
 
 /// A file created again at its tombstone, while it is written: the mode, owner and birth its
-/// writer gave it, which `stat` shows, and whether its row has them yet (from its first commit
-/// with the path's last content on; until then the row keeps the removed file's).
+/// writer gave it, which `stat` shows. Its row keeps the removed file's until it takes these
+/// with the path's last content ([`Index::owner_at_commit`]).
 #[derive(Debug, Clone, Copy)]
 struct Recreated {
     mode: u32,
     uid: u32,
     gid: u32,
     birth: i64,
-    owned: bool,
 }
 
 /// The content a file created again at a tombstone must have (see [`ArtifactFs::create`]).
@@ -1248,6 +1247,7 @@ impl ArtifactFs {
         self.refuse_mlmodel_over_versions(&idx, "create", &pdir, name)?;
         let new = NewEntry::new_file(parent, name, zone as u8, mode & 0o7777, (uid, gid), now);
         let mut expect = None;
+        let mut recreated = None;
         let ino = match idx.insert_in_dir(&new) {
             Ok(Some(ino)) => ino,
             // A tombstone of a file (`rm`, then the same file copied again; `tar -x` twice):
@@ -1293,16 +1293,12 @@ impl ArtifactFs {
                 if !idx.recreate_at_tombstone(t.ino, now)? {
                     return Err(FsError::Refused(Refusal::Exists));
                 }
-                lock(&self.recreated).insert(
-                    t.ino,
-                    Recreated {
-                        mode: mode & 0o7777,
-                        uid,
-                        gid,
-                        birth: now,
-                        owned: false,
-                    },
-                );
+                recreated = Some(Recreated {
+                    mode: mode & 0o7777,
+                    uid,
+                    gid,
+                    birth: now,
+                });
                 // (Its blob is opened once the index is let go: from a bucket it may be
                 // fetched first.)
                 expect = Some(Expected {
@@ -1381,6 +1377,10 @@ impl ArtifactFs {
             .insert(fh, Handle::Write(Arc::new(Mutex::new(writer))));
         lock(&self.writer_attrs).insert(ino, (0, now));
         lock(&self.writing).insert(ino, fh);
+        if let Some(r) = recreated {
+            idx.owner_at_commit(ino, Some((r.mode, r.uid, r.gid, r.birth)));
+            lock(&self.recreated).insert(ino, r);
+        }
         let entry = idx.get(ino)?.ok_or(FsError::Refused(Refusal::NotFound))?;
         drop(idx);
         if let Some((hash, size)) = expected
@@ -2099,6 +2099,7 @@ impl ArtifactFs {
         w.body.discard(&self.mem);
         w.released = true;
         lock(&self.recreated).remove(&w.ino);
+        self.store.index().owner_at_commit(w.ino, None);
         lock(&self.writer_attrs).remove(&w.ino);
         lock(&self.writing).remove(&w.ino);
         self.forget_if_closed(w.ino);
@@ -2189,31 +2190,6 @@ impl ArtifactFs {
         }
         if recorded == Commit::Healed {
             log::info!("damaged content {hash} was stored again with the right bytes");
-        }
-        if matches!(recorded, Commit::Recorded | Commit::Healed) && w.expect.is_some() {
-            // The path's last content again: the file is its new writer's now. (Under the
-            // index's lock, which a `chmod` of it takes too; a failure leaves the file its
-            // removed owner's, with its own content: nothing is refused for it.)
-            let ino = w.ino;
-            let owned = self.store.retry_busy(
-                || format!("giving inode {ino} to its new writer"),
-                |idx| {
-                    let r = lock(&self.recreated).get(&ino).copied();
-                    if let Some(r) = r.filter(|r| !r.owned) {
-                        idx.own_recreated(ino, r.mode, (r.uid, r.gid), r.birth)?;
-                        if let Some(r) = lock(&self.recreated).get_mut(&ino) {
-                            r.owned = true;
-                        }
-                    }
-                    Ok(())
-                },
-            );
-            if let Err(e) = owned {
-                log::warn!(
-                    "inode {ino}: created again with its content, but still its removed \
-                     owner's ({e}); tried again at its next commit"
-                );
-            }
         }
         if durable {
             self.store.index().sync()?;
@@ -2419,11 +2395,12 @@ impl ArtifactFs {
             if let Some(r) = lock(&self.recreated).get_mut(&ino) {
                 // Created again at its tombstone and still written: `stat` shows these. Until
                 // it has the path's last content, the row keeps the removed file's mode and
-                // owner (see `recreate_at_tombstone`).
+                // owner, and takes these with that content (see `recreate_at_tombstone`).
                 r.mode = mode.unwrap_or(r.mode);
                 r.uid = uid.unwrap_or(r.uid);
                 r.gid = gid.unwrap_or(r.gid);
-                if !r.owned {
+                if idx.owner_pending(ino) {
+                    idx.owner_at_commit(ino, Some((r.mode, r.uid, r.gid, r.birth)));
                     (mode, uid, gid) = (None, None, None);
                 }
             }
@@ -2547,7 +2524,7 @@ impl ArtifactFs {
         if parent == new_parent && name == new_name {
             return Ok(());
         }
-        if lock(&self.recreated).get(&e.ino).is_some_and(|r| !r.owned) {
+        if idx.owner_pending(e.ino) {
             // Its row is the tombstone's until then, which must stay where it is.
             return Err(Self::deny(
                 &idx,

@@ -220,6 +220,10 @@ pub struct Index {
     /// Files released since their last commit, still `STATE_COMMITTED_OPEN` in the table: sealed
     /// in the next commit's transaction or by [`Index::seal_pending`], whichever comes first.
     pending_seals: RefCell<Vec<u64>>,
+    /// Files created again at their tombstone: the mode, owner and birth their writer gave
+    /// them, which their row takes in the same transaction as the path's last content (see
+    /// [`Index::recreate_at_tombstone`]).
+    owners_at_commit: RefCell<HashMap<u64, (u32, u32, u32, i64)>>,
     /// New files being written, which have no row yet (see the module doc).
     reserved: RefCell<Reservations>,
     /// The next inode number to hand out, to a row or a reservation; 0 until first needed.
@@ -552,6 +556,7 @@ impl Index {
             heartbeat_failed: Cell::new(false),
             db,
             pending_seals: Default::default(),
+            owners_at_commit: Default::default(),
             reserved: Default::default(),
             next_ino: Cell::new(0),
             recorded_seq: Cell::new(0),
@@ -1746,9 +1751,11 @@ impl Index {
         now: i64,
         content: Stored,
     ) -> io::Result<Commit> {
+        let owner = self.owners_at_commit.borrow().get(&ino).copied();
         if let Stored::Inline { bytes } = content
             && self.db.is_postgres()
             && !self.db.in_transaction()
+            && owner.is_none()
         {
             return self.commit_inline_call(ino, hash, size, mtime, now, bytes);
         }
@@ -1782,6 +1789,14 @@ impl Index {
                     }
                     // Removed while open: nothing to record, no content to keep.
                     return Ok(Commit::Gone);
+                }
+                if let Some((mode, uid, gid, birth)) = owner {
+                    // Created again at its tombstone, with its last content: its writer's now.
+                    idx.db.exec(
+                        "UPDATE entries SET mode = ?2, uid = ?3, gid = ?4, crtime = ?5
+                         WHERE ino = ?1",
+                        params![ino as i64, mode as i64, uid as i64, gid as i64, birth],
+                    )?;
                 }
             }
             if let Stored::Inline { bytes } = content {
@@ -1819,6 +1834,9 @@ impl Index {
         }
         if reserved.is_some() && matches!(result, Ok(Commit::Recorded | Commit::Healed)) {
             self.forget_reservation(ino);
+        }
+        if owner.is_some() && matches!(result, Ok(Commit::Recorded | Commit::Healed)) {
+            self.owners_at_commit.borrow_mut().remove(&ino);
         }
         result
     }
@@ -2272,7 +2290,7 @@ impl Index {
     /// A file created again at its tombstone: the row is being written again (a crash turns it
     /// back into the tombstone, since its hash is kept), the next generation of its inode. Its
     /// mode, owner and times stay the removed file's until the path's last content is written
-    /// again ([`Index::own_recreated`]): whatever becomes of this attempt (refused, removed,
+    /// again ([`Index::owner_at_commit`]): whatever becomes of this attempt (refused, removed,
     /// renamed, a crash), the tombstone keeps them, and they say who could have read the
     /// content. `false` if it is no tombstone.
     pub fn recreate_at_tombstone(&self, ino: u64, now: i64) -> io::Result<bool> {
@@ -2290,29 +2308,21 @@ impl Index {
         Ok(n == 1)
     }
 
-    /// A file created again at its tombstone that has the path's last content again: it is its
-    /// new writer's now, born at `birth`.
-    pub fn own_recreated(
-        &self,
-        ino: u64,
-        mode: u32,
-        owner: (u32, u32),
-        birth: i64,
-    ) -> io::Result<()> {
-        self.db.exec(
-            &format!(
-                "UPDATE entries SET mode = ?2, uid = ?3, gid = ?4, crtime = ?5
-                     WHERE ino = ?1 AND state != {STATE_TOMBSTONE}"
-            ),
-            params![
-                ino as i64,
-                mode as i64,
-                owner.0 as i64,
-                owner.1 as i64,
-                birth
-            ],
-        )?;
-        Ok(())
+    /// The mode, owner and birth the writer of file `ino`, created again at its tombstone,
+    /// gave it (again, after a `chmod`): its row takes them with the path's last content, in
+    /// the same transaction ([`Index::commit_file_with`]); `None`: forget them (released).
+    /// Whether file `ino` was created again at its tombstone and its row does not have its
+    /// writer's mode and owner yet (see [`Index::owner_at_commit`]).
+    pub fn owner_pending(&self, ino: u64) -> bool {
+        self.owners_at_commit.borrow().contains_key(&ino)
+    }
+
+    pub fn owner_at_commit(&self, ino: u64, owner: Option<(u32, u32, u32, i64)>) {
+        let mut owners = self.owners_at_commit.borrow_mut();
+        match owner {
+            Some(o) => owners.insert(ino, o),
+            None => owners.remove(&ino),
+        };
     }
 
     /// A file created again at its tombstone that never got the path's last content: the
@@ -3852,6 +3862,17 @@ mod tests {
             );
             assert!(idx.recreate_at_tombstone(f, 6).unwrap());
             assert_eq!(generation(f), 2);
+            // The path's last content again: the row takes its writer's mode, owner and birth
+            // in the same transaction.
+            idx.owner_at_commit(f, Some((0o640, 9, 8, 7)));
+            assert!(idx.owner_pending(f));
+            idx.commit_file(f, &h, 1, 8, 8, || true).unwrap();
+            let owned = idx.get(f).unwrap().unwrap();
+            assert_eq!(
+                (owned.mode, owned.uid, owned.gid, owned.crtime),
+                (0o640, 9, 8, 7)
+            );
+            assert!(!idx.owner_pending(f));
             for (n, t) in [(1, 10), (2, 20)] {
                 idx.tombstone(d, t).unwrap();
                 idx.revive_dir(d, 0o700, 0, 0, t + 1).unwrap();
