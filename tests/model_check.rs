@@ -840,6 +840,12 @@ impl Model {
                 if sdir == ddir && sname == dname {
                     return Ok(Out::Unit);
                 }
+                if self.nodes[id].expect.is_some() && !self.nodes[id].committed {
+                    // Created again at a tombstone, without its last content yet: its row is
+                    // the tombstone's, which stays where it is.
+                    self.events.push("rename-of-a-re-create");
+                    return Err("Busy");
+                }
                 if self.nodes[id].dir {
                     return Err("NotPermitted");
                 }
