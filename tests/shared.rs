@@ -1193,7 +1193,17 @@ fn registry_races_across_machines_decide_each_version_once() {
     assert_eq!(
         decided.iter().sum::<usize>(),
         expected.len(),
-        "each version decided exactly once"
+        "each version decided exactly once; the decisions:\n{}",
+        m.iter()
+            .enumerate()
+            .flat_map(|(k, machine)| machine
+                .log()
+                .lines()
+                .filter(|l| l.contains("registry:") || l.contains("refused") || l.contains("error"))
+                .map(|l| format!("machine {k}: {l}"))
+                .collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // Version numbers: unique, 1..=N without gaps, the same on both machines.
     let ready: Vec<&String> = expected
