@@ -189,26 +189,17 @@ fn a_directory_made_again_on_another_machine_is_not_the_one_a_process_is_in() {
         .join("old")
         .exists()));
     // A shell on machine 1 inside `sub`, waiting for a line.
-    let mut child = std::process::Command::new("sh")
-        .current_dir(&sub1)
-        .arg("-c")
-        .arg(
-            "echo ready; read go; \
+    let mut cmd = std::process::Command::new("sh");
+    cmd.current_dir(&sub1).arg("-c").arg(
+        "echo ready; read go; \
              e=$(touch f 2>&1); echo \"create $? ${e##*: }\"; \
              e=$(mkdir e 2>&1); echo \"mkdir $? ${e##*: }\"; \
              e=$(rm kept 2>&1); echo \"unlink $? ${e##*: }\"; \
              e=$(mv new moved 2>&1); echo \"rename $? ${e##*: }\"; \
              test -e new; echo \"lookup $?\"; \
              echo \"listed $(ls -A 2>/dev/null)\"",
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    );
+    let (mut child, mut out) = ready_child(cmd);
     // Machine 0 removes `sub` and makes it again, with files of its own.
     std::fs::remove_file(m[0].path("runs/d/artifacts/sub/old")).unwrap();
     std::fs::remove_dir(m[0].path("runs/d/artifacts/sub")).unwrap();
@@ -275,8 +266,8 @@ fn a_file_replaced_by_a_rename_elsewhere_stays_readable_through_open_descriptors
         ino_of(&on1("l.new")),
     );
     // Machine 1 holds both open and has read them once.
-    let mut child = std::process::Command::new("python3")
-        .arg("-c")
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg("-c")
         .arg(
             "import hashlib, os, sys\n\
              fds = [os.open(p, os.O_RDONLY) for p in sys.argv[1:]]\n\
@@ -292,15 +283,8 @@ fn a_file_replaced_by_a_rename_elsewhere_stays_readable_through_open_descriptors
              \x20       print('errno', e.errno, flush=True)",
         )
         .arg(on1("s"))
-        .arg(on1("l"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+        .arg(on1("l"));
+    let (mut child, mut out) = ready_child(cmd);
     // Machine 0 replaces both by a rename of their twins.
     for name in ["s", "l"] {
         std::fs::rename(
@@ -1293,6 +1277,26 @@ fn paused_writer(path: &std::path::Path, first: usize, sync: bool) -> std::proce
     .unwrap();
     assert_eq!(line.trim(), "ready", "{}", path.display());
     child
+}
+
+/// Starts `cmd` with piped stdin and stdout and waits for its first line, `ready`; the child
+/// and the rest of its output.
+fn ready_child(
+    mut cmd: std::process::Command,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    (child, out)
 }
 
 /// Lets a [`paused_writer`] go on; what its write and close returned.

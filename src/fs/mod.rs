@@ -2863,8 +2863,13 @@ mod tests {
 
     fn new_fs() -> (tempfile::TempDir, ArtifactFs) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_writable(dir.path()).unwrap();
-        (dir, ArtifactFs::new(store, FsOptions::default()))
+        let fs = fs_at(dir.path());
+        (dir, fs)
+    }
+
+    /// The file system of the store in `dir`, opened (again) with the default options.
+    fn fs_at(dir: &std::path::Path) -> ArtifactFs {
+        ArtifactFs::new(Store::open_writable(dir).unwrap(), FsOptions::default())
     }
 
     fn refusal<T: std::fmt::Debug>(r: FsResult<T>) -> Refusal {
@@ -3668,10 +3673,7 @@ mod tests {
         assert_eq!(refusal(fs.getattr(never.ino)), Refusal::NotFound);
         assert_eq!(refusal(fs.lookup(art, b"never")), Refusal::NotFound);
         drop(fs);
-        let fs = ArtifactFs::new(
-            Store::open_writable(dir.path()).unwrap(),
-            FsOptions::default(),
-        );
+        let fs = fs_at(dir.path());
         let ino = fs.lookup(art, b"kept").unwrap().ino;
         assert_eq!(read_all(&fs, ino), b"v1", "after a restart");
     }
@@ -3681,10 +3683,7 @@ mod tests {
         // open(O_CREAT|O_EXCL), write, dup, close the first fd (a commit), then a change through
         // the dup fails: the file must stay as committed, sealable, and survive a restart.
         let dir = tempfile::tempdir().unwrap();
-        let fs = ArtifactFs::new(
-            Store::open_writable(dir.path()).unwrap(),
-            FsOptions::default(),
-        );
+        let fs = fs_at(dir.path());
         let art = run_dir(&fs, "r1");
         let (truncated, fh_t) = fs.create(ME, art, b"truncated", 0o644).unwrap();
         fs.write(fh_t, 0, b"keep").unwrap();
@@ -3725,10 +3724,7 @@ mod tests {
             );
         }
         drop(fs);
-        let fs = ArtifactFs::new(
-            Store::open_writable(dir.path()).unwrap(),
-            FsOptions::default(),
-        );
+        let fs = fs_at(dir.path());
         for name in [&b"truncated"[..], b"written"] {
             let ino = fs.lookup(art, name).unwrap().ino;
             assert_eq!(read_all(&fs, ino), b"keep", "after a restart");
@@ -3739,10 +3735,7 @@ mod tests {
     fn a_file_written_again_after_a_commit_does_not_survive_a_crash_unless_fsynced() {
         let dir = tempfile::tempdir().unwrap();
         let (art, early, synced) = {
-            let fs = ArtifactFs::new(
-                Store::open_writable(dir.path()).unwrap(),
-                FsOptions::default(),
-            );
+            let fs = fs_at(dir.path());
             let art = run_dir(&fs, "r1");
             // dd / shell redirect: the first close commits the empty file, then the writes.
             let (early, fh) = fs.create(ME, art, b"dd-out", 0o644).unwrap();
@@ -3756,10 +3749,7 @@ mod tests {
             // The daemon dies here: no release ever comes.
             (art, early.ino, synced.ino)
         };
-        let fs = ArtifactFs::new(
-            Store::open_writable(dir.path()).unwrap(),
-            FsOptions::default(),
-        );
+        let fs = fs_at(dir.path());
         assert_eq!(
             refusal(fs.getattr(early)),
             Refusal::NotFound,
@@ -3782,10 +3772,7 @@ mod tests {
             pid: UNKNOWN_PID,
         };
         let art = {
-            let fs = ArtifactFs::new(
-                Store::open_writable(dir.path()).unwrap(),
-                FsOptions::default(),
-            );
+            let fs = fs_at(dir.path());
             let art = run_dir(&fs, "r1");
             let (_, fh) = fs.create(ME, art, b"f", 0o600).unwrap();
             fs.write(fh, 0, b"topsecret").unwrap();
@@ -3797,10 +3784,7 @@ mod tests {
             // The daemon dies here: no release ever comes.
             art
         };
-        let fs = ArtifactFs::new(
-            Store::open_writable(dir.path()).unwrap(),
-            FsOptions::default(),
-        );
+        let fs = fs_at(dir.path());
         assert_eq!(refusal(fs.lookup(art, b"f")), Refusal::NotFound);
         for byte in [b"X", b"t"] {
             let (_, fh) = fs.create(other, art, b"f", 0o644).unwrap();
@@ -4463,10 +4447,7 @@ mod tests {
     fn read_only_refuses_every_change() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let fs = ArtifactFs::new(
-                Store::open_writable(dir.path()).unwrap(),
-                FsOptions::default(),
-            );
+            let fs = fs_at(dir.path());
             let art = run_dir(&fs, "r1");
             write_file(&fs, art, "a", b"1");
         }
